@@ -1,0 +1,22 @@
+//! What the XDP program (`lb-ebpf`) and the control plane (`lb-userspace`) agree on.
+//!
+//! * [`maps`]: the keys and values of every BPF map, with their byte orders and sizes pinned
+//!   by compile-time assertions, and the map names both sides use.
+//! * [`reason`]: why a packet was forwarded, passed or dropped — one list, used as the
+//!   data path's verdict and as the metric label.
+//! * [`csum`] and [`hash`]: the checksum and flow-hash math the data path runs, kept here
+//!   as plain functions so host tests and the reference model use the very same code.
+//! * [`maglev`] (userspace only): the weighted Maglev table builder.
+//! * [`packet`] (userspace only): a reference model of the IPv4 NAT rewrite, and a packet
+//!   builder that computes checksums from scratch, for tests to compare against.
+#![cfg_attr(not(feature = "std"), no_std)]
+
+pub mod csum;
+pub mod hash;
+pub mod maps;
+pub mod reason;
+
+#[cfg(feature = "std")]
+pub mod maglev;
+#[cfg(feature = "std")]
+pub mod packet;

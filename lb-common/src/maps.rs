@@ -1,0 +1,228 @@
+//! Keys and values of the BPF maps, shared by the XDP program and userspace.
+//!
+//! Rules every type here follows, so both sides read the same bytes:
+//! * `#[repr(C)]`, explicit padding fields, no `bool`/`Option`/enums inside;
+//! * addresses and ports are byte arrays in **network byte order**; every other integer is
+//!   in host byte order (the XDP program and userspace run on the same host);
+//! * the size is pinned by a `const` assertion, so a layout change fails to compile instead
+//!   of silently disagreeing with the other side.
+//!
+//! Addresses are 16 bytes wide for both families: an IPv4 address is stored IPv4-mapped
+//! (`::ffff:a.b.c.d`), so IPv6 can use the same maps and the same code paths.
+
+use core::net::{Ipv4Addr, SocketAddrV4};
+
+/// Map names, as declared in lb-ebpf and looked up by lb-userspace.
+pub mod names {
+    /// `HashMap<ServiceKey, Service>`: the services, by VIP, port and protocol.
+    pub const SERVICES: &str = "SERVICES";
+    /// `Array<u32>` of `max_services × maglev_size` backend ids: service `s` owns the slice
+    /// starting at `s × maglev_size`. [`NO_BACKEND`](super::NO_BACKEND) marks an empty table.
+    pub const MAGLEV: &str = "MAGLEV";
+    /// `Array<Backend>`: backend endpoints by backend id.
+    pub const BACKENDS: &str = "BACKENDS";
+    /// `LruHashMap<FlowKey, NatEntry>`: connection tracking, both directions of every flow.
+    pub const CONNTRACK: &str = "CONNTRACK";
+    /// `Array<Config>` with one entry: data-path settings.
+    pub const CONFIG: &str = "CONFIG";
+    /// `DevMapHash` keyed by ifindex: the interfaces xlb may redirect to.
+    pub const DEVMAP: &str = "DEVMAP";
+    /// `PerCpuArray<u64>`, indexed by [`Reason`](crate::reason::Reason): packets per verdict.
+    pub const REASONS: &str = "REASONS";
+    /// `PerCpuArray<FlowStats>` by service id.
+    pub const SERVICE_STATS: &str = "SERVICE_STATS";
+    /// `PerCpuArray<FlowStats>` by backend id.
+    pub const BACKEND_STATS: &str = "BACKEND_STATS";
+}
+
+/// Default map capacities, used by the XDP program's declarations; userspace resizes the
+/// big ones at load time from the config (`aya::EbpfLoader::set_max_entries`).
+pub const DEFAULT_MAX_SERVICES: u32 = 64;
+pub const DEFAULT_MAX_BACKENDS: u32 = 4096;
+pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 1 << 20;
+pub const DEFAULT_MAGLEV_SIZE: u32 = 65537;
+/// Interfaces xlb can redirect between.
+pub const MAX_INTERFACES: u32 = 64;
+
+/// Marks a Maglev slot that has no backend (the service has none that takes new flows).
+pub const NO_BACKEND: u32 = u32::MAX;
+
+/// IP protocol numbers used in keys.
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// An IP address and a port, both in network byte order. IPv4 is stored IPv4-mapped.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Endpoint {
+    pub addr: [u8; 16],
+    pub port: [u8; 2],
+}
+const _: () = assert!(size_of::<Endpoint>() == 18);
+
+impl Endpoint {
+    /// An IPv4 endpoint; `octets` and `port` are in network byte order.
+    #[inline(always)]
+    pub const fn v4(octets: [u8; 4], port: [u8; 2]) -> Self {
+        Endpoint {
+            addr: [
+                0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, octets[0], octets[1], octets[2],
+                octets[3],
+            ],
+            port,
+        }
+    }
+
+    /// The IPv4 address, if this is an IPv4-mapped endpoint.
+    #[inline(always)]
+    pub fn v4_octets(&self) -> [u8; 4] {
+        [self.addr[12], self.addr[13], self.addr[14], self.addr[15]]
+    }
+
+    pub fn from_socket_v4(sa: SocketAddrV4) -> Self {
+        Self::v4(sa.ip().octets(), sa.port().to_be_bytes())
+    }
+
+    pub fn to_socket_v4(&self) -> SocketAddrV4 {
+        SocketAddrV4::new(
+            Ipv4Addr::from(self.v4_octets()),
+            u16::from_be_bytes(self.port),
+        )
+    }
+}
+
+/// Identifies one direction of a flow: the addresses and ports as they appear in the packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src: Endpoint,
+    pub dst: Endpoint,
+    /// IP protocol number ([`PROTO_TCP`], [`PROTO_UDP`]).
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<FlowKey>() == 38);
+
+/// [`NatEntry::direction`] of a packet going from the client to the backend.
+pub const DIR_TO_BACKEND: u32 = 0;
+/// [`NatEntry::direction`] of a reply going from the backend to the client.
+pub const DIR_TO_CLIENT: u32 = 1;
+
+/// Conntrack value: how to rewrite a packet of this flow direction. Every flow has two
+/// entries, one per direction, so both directions take the same lookup-and-rewrite path:
+///
+/// | key (as received)            | `src` (rewrite to) | `dst` (rewrite to) |
+/// |------------------------------|--------------------|--------------------|
+/// | client → VIP                 | SNAT:port          | backend            |
+/// | backend → SNAT:port          | VIP                | client             |
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NatEntry {
+    pub src: Endpoint,
+    pub dst: Endpoint,
+    /// Index into `SERVICE_STATS`.
+    pub service_id: u32,
+    /// Index into `BACKENDS` and `BACKEND_STATS`.
+    pub backend_id: u32,
+    /// [`DIR_TO_BACKEND`] or [`DIR_TO_CLIENT`].
+    pub direction: u32,
+}
+const _: () = assert!(size_of::<NatEntry>() == 48);
+
+/// Key of `SERVICES`: what a client sends to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    pub vip: Endpoint,
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<ServiceKey>() == 20);
+
+/// [`Service::mode`]: full NAT — rewrite the destination to the backend and the source to
+/// the service's SNAT address and an allocated port.
+pub const MODE_FULLNAT: u32 = 1;
+
+/// Value of `SERVICES`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Service {
+    /// Source address toward backends (network byte order, IPv4-mapped).
+    pub snat: [u8; 16],
+    /// Index of this service's Maglev slice and of its `SERVICE_STATS` entry.
+    pub id: u32,
+    /// One of the `MODE_*` constants.
+    pub mode: u32,
+}
+const _: () = assert!(size_of::<Service>() == 24);
+
+/// Value of `BACKENDS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    pub endpoint: Endpoint,
+    pub _pad: [u8; 2],
+    /// The service this backend belongs to.
+    pub service_id: u32,
+}
+const _: () = assert!(size_of::<Backend>() == 24);
+
+/// The single entry of `CONFIG`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// Slots per service in `MAGLEV` (a prime; 65537 by default).
+    pub maglev_size: u32,
+    /// Seed of the flow hash. Nodes that share traffic behind ECMP must use the same seed.
+    pub hash_seed: u32,
+    /// First SNAT source port handed out (host byte order).
+    pub snat_port_first: u32,
+    /// How many SNAT source ports, starting at `snat_port_first`.
+    pub snat_port_count: u32,
+}
+const _: () = assert!(size_of::<Config>() == 16);
+
+/// How many SNAT ports a new flow tries before it is dropped with
+/// [`Reason::DropSnatPortsExhausted`](crate::reason::Reason::DropSnatPortsExhausted).
+pub const SNAT_PORT_PROBES: u32 = 16;
+
+/// Value of `SERVICE_STATS` and `BACKEND_STATS` (per CPU; userspace sums the CPUs).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowStats {
+    /// Packets and bytes (whole frames) client → backend.
+    pub packets_in: u64,
+    pub bytes_in: u64,
+    /// Packets and bytes (whole frames) backend → client.
+    pub packets_out: u64,
+    pub bytes_out: u64,
+    /// Flows created (new conntrack entry pairs).
+    pub flows: u64,
+}
+const _: () = assert!(size_of::<FlowStats>() == 40);
+
+impl FlowStats {
+    pub fn add(&mut self, other: &FlowStats) {
+        self.packets_in += other.packets_in;
+        self.bytes_in += other.bytes_in;
+        self.packets_out += other.packets_out;
+        self.bytes_out += other.bytes_out;
+        self.flows += other.flows;
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: every type is repr(C), made only of integers and byte arrays, with explicit
+    // padding fields and size assertions above, so any bit pattern is valid and no byte is
+    // uninitialised.
+    unsafe impl aya::Pod for Endpoint {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for NatEntry {}
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for Service {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for FlowStats {}
+}

@@ -1,0 +1,147 @@
+//! Every packet the XDP program sees ends with exactly one [`Reason`]; the program counts it
+//! in the per-CPU `REASONS` array, indexed by the reason's number. Userspace prints the same
+//! names, so a counter in `xlb stats` reads like the code path that produced it.
+
+/// What happened to a packet, and why. The discriminant is the index into `REASONS`.
+///
+/// Numbers are part of the map ABI: append new reasons, never renumber.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// Rewritten and sent back out of the interface it came in on (XDP_TX).
+    ForwardTx = 0,
+    /// Rewritten and redirected to another interface through the devmap (XDP_REDIRECT).
+    ForwardRedirect = 1,
+    /// Not IPv4 (ARP, IPv6, VLAN-tagged, ...): handed to the kernel untouched.
+    PassNotIpv4 = 2,
+    /// IPv4 but neither TCP nor UDP: handed to the kernel untouched.
+    PassNotTcpUdp = 3,
+    /// TCP/UDP that matches no service and no tracked flow: handed to the kernel untouched.
+    PassNoService = 4,
+    /// A non-first IPv4 fragment (no L4 header to match on): handed to the kernel.
+    PassFragment = 5,
+    /// Rewritten, but the FIB has no neighbour entry for the next hop yet: handed to the
+    /// kernel, which forwards it and resolves the neighbour for the packets after it.
+    PassNoNeighbour = 6,
+    /// Rewritten, but the next hop is not one xlb can send to directly (local delivery,
+    /// an interface not in the devmap, ...): handed to the kernel to route.
+    PassFibOther = 7,
+    /// TTL would expire here: handed to the kernel untouched so it answers with ICMP.
+    PassTtlExpired = 8,
+    /// The frame ends before the Ethernet, IPv4 or L4 header it announces.
+    DropTruncated = 9,
+    /// IPv4 header that is not valid: version != 4, IHL < 5, or total length inconsistent.
+    DropBadIpv4Header = 10,
+    /// First fragment of a fragmented packet to a service: xlb does not reassemble.
+    DropFragment = 11,
+    /// The service has no backend that takes new flows (all weights 0, or none configured).
+    DropNoBackend = 12,
+    /// Every SNAT source port tried for a new flow was already in use.
+    DropSnatPortsExhausted = 13,
+    /// The conntrack map refused an insert (it should evict instead: a kernel-side error).
+    DropConntrackInsert = 14,
+    /// The FIB says the destination is unreachable, blackholed or prohibited.
+    DropUnreachable = 15,
+    /// The devmap redirect failed.
+    DropRedirectFailed = 16,
+    /// A map lookup that cannot fail did (a control-plane bug: inconsistent tables).
+    DropInternal = 17,
+}
+
+impl Reason {
+    /// Number of reasons; the size of the `REASONS` array.
+    pub const COUNT: u32 = 18;
+
+    /// All reasons, in index order.
+    pub const ALL: [Reason; Self::COUNT as usize] = [
+        Reason::ForwardTx,
+        Reason::ForwardRedirect,
+        Reason::PassNotIpv4,
+        Reason::PassNotTcpUdp,
+        Reason::PassNoService,
+        Reason::PassFragment,
+        Reason::PassNoNeighbour,
+        Reason::PassFibOther,
+        Reason::PassTtlExpired,
+        Reason::DropTruncated,
+        Reason::DropBadIpv4Header,
+        Reason::DropFragment,
+        Reason::DropNoBackend,
+        Reason::DropSnatPortsExhausted,
+        Reason::DropConntrackInsert,
+        Reason::DropUnreachable,
+        Reason::DropRedirectFailed,
+        Reason::DropInternal,
+    ];
+
+    /// The metric label: `verdict/why`, e.g. `drop/truncated`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Reason::ForwardTx => "forward/tx",
+            Reason::ForwardRedirect => "forward/redirect",
+            Reason::PassNotIpv4 => "pass/not_ipv4",
+            Reason::PassNotTcpUdp => "pass/not_tcp_udp",
+            Reason::PassNoService => "pass/no_service",
+            Reason::PassFragment => "pass/fragment",
+            Reason::PassNoNeighbour => "pass/no_neighbour",
+            Reason::PassFibOther => "pass/fib_other",
+            Reason::PassTtlExpired => "pass/ttl_expired",
+            Reason::DropTruncated => "drop/truncated",
+            Reason::DropBadIpv4Header => "drop/bad_ipv4_header",
+            Reason::DropFragment => "drop/fragment",
+            Reason::DropNoBackend => "drop/no_backend",
+            Reason::DropSnatPortsExhausted => "drop/snat_ports_exhausted",
+            Reason::DropConntrackInsert => "drop/conntrack_insert",
+            Reason::DropUnreachable => "drop/unreachable",
+            Reason::DropRedirectFailed => "drop/redirect_failed",
+            Reason::DropInternal => "drop/internal",
+        }
+    }
+
+    /// The XDP action a packet with this reason gets (values of `enum xdp_action`).
+    pub const fn xdp_action(self) -> u32 {
+        const XDP_DROP: u32 = 1;
+        const XDP_PASS: u32 = 2;
+        const XDP_TX: u32 = 3;
+        const XDP_REDIRECT: u32 = 4;
+        match self {
+            Reason::ForwardTx => XDP_TX,
+            Reason::ForwardRedirect => XDP_REDIRECT,
+            Reason::PassNotIpv4
+            | Reason::PassNotTcpUdp
+            | Reason::PassNoService
+            | Reason::PassFragment
+            | Reason::PassNoNeighbour
+            | Reason::PassFibOther
+            | Reason::PassTtlExpired => XDP_PASS,
+            Reason::DropTruncated
+            | Reason::DropBadIpv4Header
+            | Reason::DropFragment
+            | Reason::DropNoBackend
+            | Reason::DropSnatPortsExhausted
+            | Reason::DropConntrackInsert
+            | Reason::DropUnreachable
+            | Reason::DropRedirectFailed
+            | Reason::DropInternal => XDP_DROP,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_is_in_index_order_and_names_are_unique() {
+        for (i, r) in Reason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i, "{r:?} is out of order in Reason::ALL");
+        }
+        for a in Reason::ALL {
+            for b in Reason::ALL {
+                if a != b {
+                    assert_ne!(a.name(), b.name());
+                }
+            }
+        }
+    }
+}
