@@ -1,1 +1,116 @@
-fn main(){}
+//! The xlb XDP program: IPv4 TCP/UDP full NAT with Maglev backend selection.
+//!
+//! One packet's path, top to bottom:
+//! 1. [`parse::parse`] bounds-checks Ethernet, IPv4 (IHL-sized) and the L4 ports, and builds
+//!    the packet's [`FlowKey`](lb_common::maps::FlowKey);
+//! 2. [`conntrack::lookup`] finds how this flow direction is rewritten, or, for the first
+//!    packet to a service, [`conntrack::create`] picks a backend from the service's Maglev
+//!    slice and a SNAT port, and stores both directions;
+//! 3. [`forward::route`] asks the kernel FIB for the next hop of the rewritten packet;
+//! 4. [`nat::rewrite`] rewrites addresses, ports, TTL and checksums, and the MACs;
+//! 5. the packet leaves by XDP_TX or a devmap redirect, or goes to the kernel.
+//!
+//! Every packet ends with one [`Reason`], counted in `REASONS`; its XDP action follows from it.
+#![no_std]
+#![no_main]
+
+mod conntrack;
+mod forward;
+mod nat;
+mod parse;
+mod stats;
+
+use aya_ebpf::{
+    macros::{map, xdp},
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    programs::XdpContext,
+};
+use lb_common::{
+    maps::{
+        Backend, Config, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAGLEV_SIZE, DEFAULT_MAX_BACKENDS,
+        DEFAULT_MAX_SERVICES, FlowKey, FlowStats, MAX_INTERFACES, NatEntry, Service, ServiceKey,
+    },
+    reason::Reason,
+};
+
+// Map names are the statics' names; lb_common::maps::names lists them for userspace.
+// The capacities below are defaults: userspace resizes SERVICES, MAGLEV, BACKENDS,
+// CONNTRACK and the stats arrays at load time from the config.
+
+#[map]
+static SERVICES: HashMap<ServiceKey, Service> = HashMap::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+
+#[map]
+static MAGLEV: Array<u32> = Array::with_max_entries(DEFAULT_MAX_SERVICES * DEFAULT_MAGLEV_SIZE, 0);
+
+#[map]
+static BACKENDS: Array<Backend> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+#[map]
+static CONNTRACK: LruHashMap<FlowKey, NatEntry> =
+    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_ENTRIES, 0);
+
+#[map]
+static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+#[map]
+static DEVMAP: DevMapHash = DevMapHash::with_max_entries(MAX_INTERFACES, 0);
+
+#[map]
+static REASONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Reason::COUNT, 0);
+
+#[map]
+static SERVICE_STATS: PerCpuArray<FlowStats> =
+    PerCpuArray::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+
+#[map]
+static BACKEND_STATS: PerCpuArray<FlowStats> =
+    PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+#[xdp]
+pub fn xlb(ctx: XdpContext) -> u32 {
+    let reason = match process(&ctx) {
+        Ok(reason) | Err(reason) => reason,
+    };
+    stats::count_reason(reason);
+    reason.xdp_action()
+}
+
+/// Decides one packet's fate. `Err` is an early exit (not for us, malformed, no backend);
+/// `Ok` carries how a rewritten packet left.
+#[inline(always)]
+fn process(ctx: &XdpContext) -> Result<Reason, Reason> {
+    let pkt = parse::parse(ctx)?;
+
+    let entry = match conntrack::lookup(&pkt.key) {
+        Some(entry) => entry,
+        None => {
+            let service = conntrack::service(&pkt.key).ok_or(Reason::PassNoService)?;
+            if pkt.fragmented {
+                return Err(Reason::DropFragment);
+            }
+            conntrack::create(&pkt.key, &service)?
+        }
+    };
+    // A tracked flow's fragments cannot be rewritten consistently either (later fragments
+    // carry no ports).
+    if pkt.fragmented {
+        return Err(Reason::DropFragment);
+    }
+    if pkt.ttl <= 1 {
+        return Err(Reason::PassTtlExpired);
+    }
+
+    stats::count_flow_packet(&entry, pkt.frame_len);
+
+    let hop = forward::route(ctx, &pkt, &entry)?;
+    nat::rewrite(ctx, &pkt, &entry)?;
+    forward::send(ctx, hop)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any program that could reach a panic; this is never called.
+    loop {}
+}

@@ -1,0 +1,141 @@
+//! Bounds-checked packet access and the IPv4/TCP/UDP parser.
+
+use aya_ebpf::programs::XdpContext;
+use lb_common::{
+    maps::{Endpoint, FlowKey, PROTO_TCP, PROTO_UDP},
+    reason::Reason,
+};
+use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+
+/// EtherType of IPv4, as it sits in the frame (network byte order read as native u16).
+const ETH_P_IP_BE: u16 = u16::from_ne_bytes([0x08, 0x00]);
+/// Flags/offset field bits (host order after `u16::from_be_bytes`).
+const IP_MF: u16 = 0x2000;
+const IP_OFFSET_MASK: u16 = 0x1fff;
+
+pub const ETH_LEN: usize = EthHdr::LEN;
+/// Offset of the checksum field inside the TCP and UDP headers.
+pub const TCP_CHECK_OFF: usize = 16;
+pub const UDP_CHECK_OFF: usize = 6;
+const TCP_MIN_LEN: usize = 20;
+const UDP_LEN: usize = 8;
+
+/// The only way the program touches packet bytes: a pointer to a `T` at `offset`, returned
+/// only when all `size_of::<T>()` bytes lie inside the frame.
+#[inline(always)]
+pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, Reason> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + size_of::<T>() > end {
+        return Err(Reason::DropTruncated);
+    }
+    Ok((start + offset) as *mut T)
+}
+
+/// What the rest of the program needs to know about a TCP/UDP-over-IPv4 packet.
+pub struct Packet {
+    /// Addresses, ports and protocol as received.
+    pub key: FlowKey,
+    /// Offset of the L4 header: Ethernet + IHL × 4 (options included). Read it through
+    /// [`Packet::l4_off`].
+    l4_off: usize,
+    /// Offset of the L4 checksum field. Read it through [`Packet::l4_check_off`].
+    l4_check_off: usize,
+    pub ttl: u8,
+    /// IPv4 total length (host byte order).
+    pub tot_len: u16,
+    /// First fragment of a fragmented datagram (MF set, offset 0).
+    pub fragmented: bool,
+    /// Whole frame length, for byte counters.
+    pub frame_len: u64,
+}
+
+/// Upper bound of any offset into the headers we touch: Ethernet (14) + IPv4 with options
+/// (at most 60) + the TCP checksum offset (16) = 90 < 128.
+const HEADER_OFF_MASK: usize = 0x7f;
+
+impl Packet {
+    // The verifier forgets a scalar's range when the compiler spills it to the stack as 32
+    // bits; offsets stored here are re-bounded at every use with a mask that cannot change a
+    // valid value, so the packet-pointer arithmetic in ptr_at stays provably bounded.
+    #[inline(always)]
+    pub fn l4_off(&self) -> usize {
+        self.l4_off & HEADER_OFF_MASK
+    }
+
+    #[inline(always)]
+    pub fn l4_check_off(&self) -> usize {
+        self.l4_check_off & HEADER_OFF_MASK
+    }
+}
+
+/// Parses Ethernet + IPv4 + the first bytes of TCP/UDP.
+///
+/// Errors: `PassNotIpv4` / `PassNotTcpUdp` / `PassFragment` (non-first fragments) for what
+/// the kernel should handle; `DropTruncated` / `DropBadIpv4Header` for malformed frames.
+#[inline(always)]
+pub fn parse(ctx: &XdpContext) -> Result<Packet, Reason> {
+    let eth: *const EthHdr = ptr_at(ctx, 0)?;
+    // SAFETY: ptr_at checked that a whole EthHdr is inside the frame.
+    if unsafe { (*eth).ether_type } != ETH_P_IP_BE {
+        return Err(Reason::PassNotIpv4);
+    }
+
+    let ip: *const Ipv4Hdr = ptr_at(ctx, ETH_LEN)?;
+    // SAFETY: ptr_at checked that the fixed 20-byte IPv4 header is inside the frame.
+    let ip = unsafe { &*ip };
+    if ip.version() != 4 {
+        return Err(Reason::DropBadIpv4Header);
+    }
+    // IHL counts 32-bit words; the mask keeps the verifier's range for it at 0..=60.
+    let ihl = ((ip.vihl & 0x0f) as usize) << 2;
+    if ihl < Ipv4Hdr::LEN {
+        return Err(Reason::DropBadIpv4Header);
+    }
+    let tot_len = u16::from_be_bytes(ip.tot_len);
+    if (tot_len as usize) < ihl {
+        return Err(Reason::DropBadIpv4Header);
+    }
+    let frame_len = (ctx.data_end() - ctx.data()) as u64;
+    // Frames may be padded past tot_len (Ethernet minimum size), never shorter.
+    if ETH_LEN as u64 + tot_len as u64 > frame_len {
+        return Err(Reason::DropTruncated);
+    }
+
+    let (l4_min, check_off) = match ip.proto {
+        PROTO_TCP => (TCP_MIN_LEN, TCP_CHECK_OFF),
+        PROTO_UDP => (UDP_LEN, UDP_CHECK_OFF),
+        _ => return Err(Reason::PassNotTcpUdp),
+    };
+    let frags = u16::from_be_bytes(ip.frags);
+    if frags & IP_OFFSET_MASK != 0 {
+        return Err(Reason::PassFragment);
+    }
+    let fragmented = frags & IP_MF != 0;
+    if (tot_len as usize) < ihl + l4_min {
+        return Err(Reason::DropTruncated);
+    }
+
+    // tot_len >= IHL + the minimal L4 header, and the frame holds tot_len: so the whole
+    // minimal header (ports and checksum) is inside the frame. Each access below still goes
+    // through ptr_at, which is what the verifier checks.
+    let l4_off = ETH_LEN + ihl;
+    let ports: *const [u8; 4] = ptr_at(ctx, l4_off)?;
+    // SAFETY: ptr_at checked the four port bytes are inside the frame.
+    let ports = unsafe { *ports };
+
+    Ok(Packet {
+        key: FlowKey {
+            src: Endpoint::v4(ip.src_addr, [ports[0], ports[1]]),
+            dst: Endpoint::v4(ip.dst_addr, [ports[2], ports[3]]),
+            proto: ip.proto,
+            _pad: 0,
+        },
+        l4_off,
+        l4_check_off: l4_off + check_off,
+        ttl: ip.ttl,
+        tot_len,
+        fragmented,
+        frame_len,
+    })
+}

@@ -1,0 +1,147 @@
+//! The `xlb` command line: `xlb run` and `xlb check`.
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::{
+    config::{Checked, Config, XdpModeConfig},
+    loader, stats, tables,
+};
+
+/// xlb — an XDP load balancer: full NAT to backends chosen by weighted Maglev.
+#[derive(Debug, Parser)]
+#[command(name = "xlb", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Load the XDP program, attach it, fill its maps from the config, and balance until
+    /// Ctrl-C or SIGTERM; then print the counters and detach.
+    Run {
+        /// The TOML config file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Attach to this interface instead of dataplane.interfaces (repeat for several).
+        #[arg(long = "iface", short = 'i')]
+        interfaces: Vec<String>,
+        /// Override dataplane.xdp_mode.
+        #[arg(long, value_enum)]
+        xdp_mode: Option<XdpModeConfig>,
+        /// Also print the counters every this many seconds.
+        #[arg(long, value_name = "SECONDS")]
+        stats_interval: Option<u64>,
+    },
+    /// Validate a config file and exit: 0 if it is good, 1 with every problem listed if not.
+    Check {
+        /// The TOML config file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+/// Reads, merges command-line overrides into, and validates a config.
+pub fn load_config(
+    path: &std::path::Path,
+    interfaces: Vec<String>,
+    xdp_mode: Option<XdpModeConfig>,
+) -> anyhow::Result<Checked> {
+    let mut config = Config::from_file(path)?;
+    if !interfaces.is_empty() {
+        config.dataplane.interfaces = interfaces;
+    }
+    if let Some(mode) = xdp_mode {
+        config.dataplane.xdp_mode = mode;
+    }
+    config
+        .validate()
+        .map_err(|e| anyhow::anyhow!("config {} is not valid:\n{e}", path.display()))
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Check { config } => {
+            let cfg = load_config(&config, Vec::new(), None)?;
+            let backends: usize = cfg.services.iter().map(|s| s.backends.len()).sum();
+            println!(
+                "config {} is valid: {} service(s), {backends} backend(s), interfaces {:?}",
+                config.display(),
+                cfg.services.len(),
+                cfg.interfaces
+            );
+            Ok(())
+        }
+        Command::Run {
+            config,
+            interfaces,
+            xdp_mode,
+            stats_interval,
+        } => {
+            let cfg = load_config(&config, interfaces, xdp_mode)?;
+            serve(&cfg, stats_interval.map(Duration::from_secs)).await
+        }
+    }
+}
+
+async fn serve(cfg: &Checked, stats_interval: Option<Duration>) -> anyhow::Result<()> {
+    // Signals are hooked before anything is attached, so a signal never leaves the program
+    // attached behind a killed process.
+    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+
+    let mut ebpf = loader::load(cfg)?;
+    // Fill the maps before attaching: the first packet already sees every service.
+    let layout = tables::write(&mut ebpf, cfg)?;
+    let mut loaded = loader::attach(ebpf, cfg)?;
+    if let Err(e) = aya_log::EbpfLogger::init(&mut loaded.ebpf) {
+        log::debug!("no eBPF log events: {e}");
+    }
+    for a in &loaded.attached {
+        println!(
+            "attached to {} (ifindex {}) in {} mode",
+            a.interface, a.ifindex, a.mode
+        );
+    }
+    let backends: usize = cfg.services.iter().map(|s| s.backends.len()).sum();
+    println!(
+        "ready: {} service(s), {backends} backend(s) on {} interface(s)",
+        cfg.services.len(),
+        loaded.attached.len()
+    );
+
+    let mut ticker = stats_interval.map(tokio::time::interval);
+    loop {
+        let tick = async {
+            match ticker.as_mut() {
+                Some(t) => {
+                    t.tick().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+            () = tick => {
+                let snap = stats::read(&loaded.ebpf, &layout)?;
+                print!("{}", stats::format(cfg, &snap));
+            }
+        }
+    }
+
+    let snap = stats::read(&loaded.ebpf, &layout)?;
+    print!("{}", stats::format(cfg, &snap));
+    let names: Vec<String> = loaded
+        .attached
+        .iter()
+        .map(|a| a.interface.clone())
+        .collect();
+    drop(loaded);
+    println!("detached from {}", names.join(", "));
+    Ok(())
+}

@@ -1,0 +1,142 @@
+//! Loads the embedded XDP object with map sizes from the config, attaches it to the
+//! configured interfaces, and detaches when dropped.
+
+use anyhow::{Context as _, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::DevMapHash,
+    programs::{Xdp, XdpMode},
+};
+use lb_common::{maps::names, reason::Reason};
+
+use crate::config::{Checked, XdpModeConfig};
+
+/// The XDP object built by build.rs from lb-ebpf.
+pub static XDP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xlb"));
+
+/// The program's name in the object.
+pub const PROGRAM: &str = "xlb";
+
+/// A loaded program and the interfaces it is attached to. Dropping it detaches the program
+/// and frees its maps.
+pub struct Loaded {
+    pub ebpf: Ebpf,
+    pub attached: Vec<Attachment>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Attachment {
+    pub interface: String,
+    pub ifindex: u32,
+    /// "native" or "generic".
+    pub mode: &'static str,
+}
+
+/// Loads the object and the program into the kernel, sized for `cfg`; attaches nothing.
+pub fn load(cfg: &Checked) -> anyhow::Result<Ebpf> {
+    let mut ebpf = EbpfLoader::new()
+        .map_max_entries(names::SERVICES, cfg.max_services)
+        .map_max_entries(names::MAGLEV, cfg.max_services * cfg.maglev_table_size)
+        .map_max_entries(names::BACKENDS, cfg.max_backends)
+        .map_max_entries(names::CONNTRACK, cfg.conntrack_entries)
+        .map_max_entries(names::SERVICE_STATS, cfg.max_services)
+        .map_max_entries(names::BACKEND_STATS, cfg.max_backends)
+        .map_max_entries(names::REASONS, Reason::COUNT)
+        .load(XDP_OBJECT)
+        .context("loading the XDP object (are you root, with bpf() allowed?)")?;
+    let program: &mut Xdp = ebpf
+        .program_mut(PROGRAM)
+        .context("the XDP object has no program named xlb")?
+        .try_into()?;
+    program
+        .load()
+        .context("the kernel verifier rejected the XDP program")?;
+    Ok(ebpf)
+}
+
+/// Attaches the loaded program to every interface in `cfg` and adds each to the devmap,
+/// so the program can redirect between them. On error, what was attached is detached again
+/// when `ebpf` is dropped.
+pub fn attach(mut ebpf: Ebpf, cfg: &Checked) -> anyhow::Result<Loaded> {
+    let mut attached = Vec::new();
+    for interface in &cfg.interfaces {
+        let ifindex = ifindex(interface)?;
+        check_forwarding(interface)?;
+        let program: &mut Xdp = ebpf
+            .program_mut(PROGRAM)
+            .context("program xlb")?
+            .try_into()?;
+        let mode = attach_one(program, interface, cfg.xdp_mode)?;
+        attached.push(Attachment {
+            interface: interface.clone(),
+            ifindex,
+            mode,
+        });
+    }
+    let mut devmap: DevMapHash<_> = ebpf
+        .map_mut(names::DEVMAP)
+        .context("map DEVMAP")?
+        .try_into()?;
+    for a in &attached {
+        devmap
+            .insert(a.ifindex, a.ifindex, None, 0)
+            .with_context(|| format!("adding {} to the devmap", a.interface))?;
+    }
+    Ok(Loaded { ebpf, attached })
+}
+
+fn attach_one(
+    program: &mut Xdp,
+    interface: &str,
+    mode: XdpModeConfig,
+) -> anyhow::Result<&'static str> {
+    match mode {
+        XdpModeConfig::Native => {
+            program_attach(program, interface, XdpMode::Driver).map(|()| "native")
+        }
+        XdpModeConfig::Generic => {
+            program_attach(program, interface, XdpMode::Skb).map(|()| "generic")
+        }
+        XdpModeConfig::Auto => match program_attach(program, interface, XdpMode::Driver) {
+            Ok(()) => Ok("native"),
+            Err(native_err) => {
+                log::warn!("{interface}: native XDP failed ({native_err:#}); trying generic");
+                program_attach(program, interface, XdpMode::Skb)
+                    .map(|()| "generic")
+                    .with_context(|| format!("native mode failed too: {native_err:#}"))
+            }
+        },
+    }
+}
+
+fn program_attach(program: &mut Xdp, interface: &str, mode: XdpMode) -> anyhow::Result<()> {
+    program
+        .attach(interface, mode)
+        .map(|_| ())
+        .with_context(|| format!("attaching XDP to {interface} in {mode:?} mode"))
+}
+
+fn ifindex(interface: &str) -> anyhow::Result<u32> {
+    let name = std::ffi::CString::new(interface)?;
+    // SAFETY: `name` is a valid NUL-terminated string for the duration of the call.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if index == 0 {
+        bail!("interface {interface:?} does not exist (see `ip link`)");
+    }
+    Ok(index)
+}
+
+/// bpf_fib_lookup refuses to route packets that arrive on an interface with IPv4 forwarding
+/// off (BPF_FIB_LKUP_RET_FWD_DISABLED), and so would the kernel: say so up front.
+fn check_forwarding(interface: &str) -> anyhow::Result<()> {
+    let path = format!("/proc/sys/net/ipv4/conf/{interface}/forwarding");
+    let value = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    if value.trim() != "1" {
+        bail!(
+            "IPv4 forwarding is off on {interface}; xlb forwards packets between its \
+             interfaces. Enable it with: sysctl -w net.ipv4.conf.{interface}.forwarding=1 \
+             (or net.ipv4.ip_forward=1)"
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,102 @@
+//! Reads the per-CPU counters and prints them, one `key=value` record per line:
+//! `service ...`, `backend ...` and `reason ...` lines (the integration tests parse these).
+
+use std::fmt::Write as _;
+
+use anyhow::Context as _;
+use aya::{
+    Ebpf,
+    maps::{MapData, PerCpuArray},
+};
+use lb_common::{
+    maps::{FlowStats, names},
+    reason::Reason,
+};
+
+use crate::{config::Checked, tables::Layout};
+
+/// Counters summed over CPUs.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// By service, config order.
+    pub services: Vec<FlowStats>,
+    /// By service, then backend, config order.
+    pub backends: Vec<Vec<FlowStats>>,
+    /// By [`Reason`] index.
+    pub reasons: Vec<u64>,
+}
+
+pub fn read(ebpf: &Ebpf, layout: &Layout) -> anyhow::Result<Snapshot> {
+    let flow_stats = |name: &str| -> anyhow::Result<PerCpuArray<&MapData, FlowStats>> {
+        Ok(ebpf
+            .map(name)
+            .with_context(|| format!("map {name}"))?
+            .try_into()?)
+    };
+    let sum = |array: &PerCpuArray<&MapData, FlowStats>, index: u32| -> anyhow::Result<FlowStats> {
+        let mut total = FlowStats::default();
+        for cpu in array.get(&index, 0)?.iter() {
+            total.add(cpu);
+        }
+        Ok(total)
+    };
+    let service_stats = flow_stats(names::SERVICE_STATS)?;
+    let backend_stats = flow_stats(names::BACKEND_STATS)?;
+    let mut snap = Snapshot::default();
+    for (sid, ids) in layout.backend_ids.iter().enumerate() {
+        snap.services.push(sum(&service_stats, sid as u32)?);
+        snap.backends.push(
+            ids.iter()
+                .map(|id| sum(&backend_stats, *id))
+                .collect::<Result<_, _>>()?,
+        );
+    }
+    let reasons: PerCpuArray<&MapData, u64> = ebpf
+        .map(names::REASONS)
+        .context("map REASONS")?
+        .try_into()?;
+    for reason in Reason::ALL {
+        snap.reasons
+            .push(reasons.get(&(reason as u32), 0)?.iter().sum());
+    }
+    Ok(snap)
+}
+
+/// The `service`/`backend`/`reason` lines; reasons that never happened are left out.
+pub fn format(cfg: &Checked, snap: &Snapshot) -> String {
+    let mut out = String::new();
+    let counters = |s: &FlowStats| {
+        format!(
+            "flows={} packets_in={} bytes_in={} packets_out={} bytes_out={}",
+            s.flows, s.packets_in, s.bytes_in, s.packets_out, s.bytes_out
+        )
+    };
+    for (service, (stats, backends)) in cfg
+        .services
+        .iter()
+        .zip(snap.services.iter().zip(&snap.backends))
+    {
+        let _ = writeln!(
+            out,
+            "service vip={} proto={} {}",
+            service.vip,
+            service.protocol,
+            counters(stats)
+        );
+        for (b, stats) in service.backends.iter().zip(backends) {
+            let _ = writeln!(
+                out,
+                "backend service={service} address={} weight={} {}",
+                b.address,
+                b.weight,
+                counters(stats)
+            );
+        }
+    }
+    for (reason, packets) in Reason::ALL.iter().zip(&snap.reasons) {
+        if *packets > 0 {
+            let _ = writeln!(out, "reason name={} packets={packets}", reason.name());
+        }
+    }
+    out
+}
