@@ -1,0 +1,119 @@
+//! `cargo xtask setup`: makes a bare Debian machine able to build and test xlb. Every step
+//! checks first and does nothing when already done, so a second run takes a second or two.
+
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+
+use crate::run;
+
+/// Debian packages: LLVM 22 for bpf-linker (the LLVM of our rustc), and the tools the tests
+/// and the demo drive (ip, nstat, ethtool, ping).
+const APT_PACKAGES: &[&str] = &["llvm-22-dev", "iproute2", "ethtool", "iputils-ping"];
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+/// The toolchain the eBPF crate builds with (`-Z build-std=core` needs nightly + rust-src).
+const EBPF_TOOLCHAIN: &str = "nightly";
+
+pub fn ensure() -> anyhow::Result<()> {
+    apt_packages()?;
+    rust_src()?;
+    bpf_linker()?;
+    bpffs()?;
+    Ok(())
+}
+
+fn apt_packages() -> anyhow::Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !dpkg_installed(p))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("setup: installing Debian packages {missing:?}");
+    run(Command::new("apt-get").arg("update").arg("-q"))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+fn dpkg_installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+fn rust_src() -> anyhow::Result<()> {
+    let installed = Command::new("rustup")
+        .args([
+            "component",
+            "list",
+            "--installed",
+            "--toolchain",
+            EBPF_TOOLCHAIN,
+        ])
+        .output()
+        .context("running rustup (is Rust installed with rustup?)")?;
+    if !installed.status.success() {
+        bail!(
+            "the {EBPF_TOOLCHAIN} toolchain is not installed; the eBPF crate needs it \
+             (rustup toolchain install {EBPF_TOOLCHAIN} --component rust-src)"
+        );
+    }
+    if String::from_utf8_lossy(&installed.stdout)
+        .lines()
+        .any(|l| l.starts_with("rust-src"))
+    {
+        return Ok(());
+    }
+    eprintln!("setup: adding rust-src to {EBPF_TOOLCHAIN}");
+    run(Command::new("rustup").args([
+        "component",
+        "add",
+        "rust-src",
+        "--toolchain",
+        EBPF_TOOLCHAIN,
+    ]))
+}
+
+fn bpf_linker() -> anyhow::Result<()> {
+    let works = Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if works {
+        return Ok(());
+    }
+    // The default build wants a newer LLVM than Debian has and finds LLVM 14 first; build it
+    // against LLVM 22 explicitly (see shared/toolchain.md).
+    eprintln!("setup: installing bpf-linker against LLVM 22 (takes a minute or two)");
+    run(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args([
+                "install",
+                "bpf-linker",
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ])
+            .env("LLVM_PREFIX", LLVM_PREFIX),
+    )
+}
+
+/// bpffs is not always mounted on a fresh machine; xlb's roadmap pins maps there.
+fn bpffs() -> anyhow::Result<()> {
+    let mounts = std::fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
+    if mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf "))
+    {
+        return Ok(());
+    }
+    eprintln!("setup: mounting bpffs on /sys/fs/bpf");
+    run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
+}
