@@ -10,7 +10,7 @@
 /// One's complement sum, not yet folded, of the big-endian 16-bit words of `bytes`.
 #[inline(always)]
 pub fn sum_words<const N: usize>(bytes: &[u8; N]) -> u32 {
-    const { assert!(N % 2 == 0, "sum_words takes whole 16-bit words") };
+    const { assert!(N.is_multiple_of(2), "sum_words takes whole 16-bit words") };
     let mut sum = 0u32;
     let mut i = 0;
     while i < N {

@@ -27,13 +27,19 @@ pub struct Entry<'a> {
 /// backends). Each slot holds an index into `backends`, or [`NO_BACKEND`] when no backend has
 /// a weight above zero.
 pub fn build(backends: &[Entry<'_>], size: u32) -> Vec<u32> {
-    assert!(size >= 2, "the Maglev table size must be a prime, got {size}");
+    assert!(
+        size >= 2,
+        "the Maglev table size must be a prime, got {size}"
+    );
     let m = size as u64;
     let mut table = std::vec![NO_BACKEND; size as usize];
 
     // Turn order must not depend on the order of the config file: sort by name.
-    let mut live: Vec<(usize, &Entry<'_>)> =
-        backends.iter().enumerate().filter(|(_, b)| b.weight > 0).collect();
+    let mut live: Vec<(usize, &Entry<'_>)> = backends
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| b.weight > 0)
+        .collect();
     if live.is_empty() {
         return table;
     }
@@ -109,7 +115,7 @@ pub fn is_prime(n: u32) -> bool {
     let n = n as u64;
     let mut d = 2u64;
     while d * d <= n {
-        if n % d == 0 {
+        if n.is_multiple_of(d) {
             return false;
         }
         d += 1;
@@ -131,7 +137,10 @@ mod tests {
         names
             .iter()
             .zip(weights)
-            .map(|(n, &weight)| Entry { name: n.as_bytes(), weight })
+            .map(|(n, &weight)| Entry {
+                name: n.as_bytes(),
+                weight,
+            })
             .collect()
     }
 
@@ -202,7 +211,10 @@ mod tests {
             .count();
         // Maglev's guarantee is "close to minimal": slots of the removed backend move, and
         // only a small fraction of the others (the paper reports a few percent).
-        assert!(moved < 65537 / 20, "{moved} slots of surviving backends moved");
+        assert!(
+            moved < 65537 / 20,
+            "{moved} slots of surviving backends moved"
+        );
         assert!(after.iter().all(|&s| s != 3));
     }
 

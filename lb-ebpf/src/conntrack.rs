@@ -1,6 +1,10 @@
 //! Connection tracking: one `CONNTRACK` entry per flow direction, created together on a
 //! flow's first packet, so a flow keeps its backend and SNAT port even when the Maglev table
 //! changes under it.
+#![expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "by-value keys would be copied on the 512-byte BPF stack, already ~400 bytes deep"
+)]
 
 use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
 use lb_common::{

@@ -108,7 +108,12 @@ fn process(ctx: &XdpContext) -> Result<Reason, Reason> {
     forward::send(ctx, hop)
 }
 
-#[cfg(not(test))]
+// On the host (clippy, rust-analyzer) std supplies the panic handler — it is linked there
+// anyway through workspace feature unification — so only the BPF build defines one.
+#[cfg(not(target_arch = "bpf"))]
+extern crate std;
+
+#[cfg(target_arch = "bpf")]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     // The verifier rejects any program that could reach a panic; this is never called.
