@@ -35,6 +35,18 @@ pub enum Hop {
     Kernel(Reason),
 }
 
+impl Hop {
+    /// How much the rewrite lowers the TTL: by one when xlb forwards the packet itself, not
+    /// at all when the kernel does, since the kernel decrements it when it forwards.
+    #[inline(always)]
+    pub fn ttl_decrement(&self) -> u8 {
+        match self {
+            Hop::Direct { .. } => 1,
+            Hop::Kernel(_) => 0,
+        }
+    }
+}
+
 /// Looks up the next hop for the packet as it will be after `entry`'s rewrite.
 ///
 /// Errors: `DropUnreachable` when the FIB says blackhole, unreachable or prohibit.

@@ -83,29 +83,38 @@ fn process(ctx: &XdpContext) -> Result<Reason, Reason> {
     let pkt = parse::parse(ctx)?;
 
     let entry = match conntrack::lookup(&pkt.key) {
-        Some(entry) => entry,
+        Some(entry) => {
+            forwardable(&pkt)?;
+            entry
+        }
         None => {
             let service = conntrack::service(&pkt.key).ok_or(Reason::PassNoService)?;
-            if pkt.fragmented {
-                return Err(Reason::DropFragment);
-            }
+            // Checked before the flow is created, so a packet we will not forward (a
+            // traceroute probe with TTL 1, say) does not take a SNAT port.
+            forwardable(&pkt)?;
             conntrack::create(&pkt.key, &service)?
         }
     };
-    // A tracked flow's fragments cannot be rewritten consistently either (later fragments
-    // carry no ports).
+
+    stats::count_flow_packet(&entry, pkt.frame_len);
+
+    let hop = forward::route(ctx, &pkt, &entry)?;
+    nat::rewrite(ctx, &pkt, &entry, hop.ttl_decrement())?;
+    forward::send(ctx, hop)
+}
+
+/// Whether a packet of ours can be rewritten and forwarded: its fragments cannot (later
+/// fragments carry no ports, so they could not follow the rewrite), and a TTL about to expire
+/// goes to the kernel untouched so it answers with ICMP time-exceeded.
+#[inline(always)]
+fn forwardable(pkt: &parse::Packet) -> Result<(), Reason> {
     if pkt.fragmented {
         return Err(Reason::DropFragment);
     }
     if pkt.ttl <= 1 {
         return Err(Reason::PassTtlExpired);
     }
-
-    stats::count_flow_packet(&entry, pkt.frame_len);
-
-    let hop = forward::route(ctx, &pkt, &entry)?;
-    nat::rewrite(ctx, &pkt, &entry)?;
-    forward::send(ctx, hop)
+    Ok(())
 }
 
 // On the host (clippy, rust-analyzer) std supplies the panic handler — it is linked there

@@ -11,11 +11,16 @@ use network_types::ip::Ipv4Hdr;
 
 use crate::parse::{ETH_LEN, Packet, ptr_at};
 
-/// Rewrites the packet's source to `entry.src` and destination to `entry.dst`, and
-/// decrements the TTL. Precondition: `pkt` came from `parse` on this same frame, and
-/// `pkt.ttl > 1`.
+/// Rewrites the packet's source to `entry.src` and destination to `entry.dst`, and lowers
+/// the TTL by `ttl_decrement`. Precondition: `pkt` came from `parse` on this same frame, and
+/// `pkt.ttl > ttl_decrement`.
 #[inline(always)]
-pub fn rewrite(ctx: &XdpContext, pkt: &Packet, entry: &NatEntry) -> Result<(), Reason> {
+pub fn rewrite(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    entry: &NatEntry,
+    ttl_decrement: u8,
+) -> Result<(), Reason> {
     let old_src = pkt.key.src.v4_octets();
     let old_dst = pkt.key.dst.v4_octets();
     let new_src = entry.src.v4_octets();
@@ -28,7 +33,7 @@ pub fn rewrite(ctx: &XdpContext, pkt: &Packet, entry: &NatEntry) -> Result<(), R
     let ip = unsafe { &mut *ip };
     // TTL shares a checksum word with the protocol byte.
     let old_ttl = [pkt.ttl, ip.proto];
-    let new_ttl = [pkt.ttl - 1, ip.proto];
+    let new_ttl = [pkt.ttl - ttl_decrement, ip.proto];
     let check = replace(
         u16::from_be_bytes(ip.check),
         old_addrs + sum_words(&old_ttl),
