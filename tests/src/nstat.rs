@@ -1,0 +1,71 @@
+//! Kernel SNMP counters of a namespace, read with `nstat -asz`: absolute values (`-a`),
+//! without touching nstat's history file (`-s`), zero counters included (`-z`). Tests take
+//! a snapshot before and after the traffic and compare, so whatever history file an earlier
+//! run left behind does not matter.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, Result};
+
+use crate::netns::NetNs;
+
+/// Counters that must not move while traffic goes through xlb: a receiver found a bad
+/// TCP, UDP or IPv4 header checksum, i.e. the XDP rewrite got a checksum wrong.
+pub const CHECKSUM_COUNTERS: [&str; 3] =
+    ["TcpInCsumErrors", "UdpInCsumErrors", "IpExtInCsumErrors"];
+
+/// One snapshot of a namespace's counters.
+#[derive(Debug, Clone, Default)]
+pub struct Counters {
+    values: BTreeMap<String, u64>,
+}
+
+impl Counters {
+    /// Reads the counters of `ns`.
+    pub fn read(ns: &NetNs) -> Result<Counters> {
+        let out = ns
+            .exec("nstat", &["-asz"])
+            .context("reading SNMP counters (is iproute2's nstat installed?)")?;
+        Ok(Counters::parse(&out.stdout))
+    }
+
+    /// Parses nstat output: `#kernel` header, then `Name  value  rate` lines.
+    pub fn parse(text: &str) -> Counters {
+        let values = text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let mut words = l.split_whitespace();
+                let name = words.next()?;
+                let value = words.next()?.parse().ok()?;
+                Some((name.to_string(), value))
+            })
+            .collect();
+        Counters { values }
+    }
+
+    /// The counter's value; 0 if the kernel does not report it.
+    pub fn get(&self, name: &str) -> u64 {
+        self.values.get(name).copied().unwrap_or(0)
+    }
+
+    /// How much `name` grew from `before` to `self`.
+    pub fn delta(&self, before: &Counters, name: &str) -> u64 {
+        self.get(name).saturating_sub(before.get(name))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_diffs() {
+        let before = Counters::parse("#kernel\nTcpInCsumErrors   3   0.0\nUdpInCsumErrors 0 0.0\n");
+        let after = Counters::parse("#kernel\nTcpInCsumErrors   5   0.0\nIpInReceives 100 0.0\n");
+        assert_eq!(after.delta(&before, "TcpInCsumErrors"), 2);
+        assert_eq!(after.delta(&before, "UdpInCsumErrors"), 0);
+        assert_eq!(after.get("IpInReceives"), 100);
+        assert_eq!(after.get("Missing"), 0);
+    }
+}

@@ -1,0 +1,298 @@
+//! The test network: one client, the load balancer, three backends, each in its own
+//! network namespace, wired with veth pairs.
+//!
+//! ```text
+//!  ns client                 ns lb (xlb attaches XDP to all four)          ns b1 / b2 / b3
+//!  cli0 10.10.1.2/24 ─── xlb-c  10.10.1.1/24
+//!                            xlb-b1 10.20.1.1/24 ───────────────────── bk0 10.20.1.2/24
+//!                            xlb-b2 10.20.2.1/24 ───────────────────── bk0 10.20.2.2/24
+//!                            xlb-b3 10.20.3.1/24 ───────────────────── bk0 10.20.3.2/24
+//! ```
+//!
+//! * The VIP 10.10.0.100 and the SNAT address 10.20.0.1 are assigned to no interface. The
+//!   client's default route sends VIP traffic to the load balancer, and each backend's
+//!   default route sends replies to the SNAT address back to the load balancer, where XDP
+//!   catches both directions.
+//! * No interface is ever created in the root namespace: each veth pair is created inside
+//!   the load balancer namespace with its peer placed straight into the other namespace.
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+
+use anyhow::{Context, Result};
+
+use crate::cmd;
+use crate::netns::{self, NetNs};
+
+/// The service address clients connect to.
+pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 100);
+/// Source address xlb gives packets toward backends. Assigned nowhere.
+pub const SNAT: Ipv4Addr = Ipv4Addr::new(10, 20, 0, 1);
+/// The client's address (on `cli0`).
+pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(10, 10, 1, 2);
+/// The load balancer's own address on the client side (`xlb-c`); the client's gateway.
+pub const LB_CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(10, 10, 1, 1);
+/// Port the backends' servers listen on (TCP and UDP).
+pub const BACKEND_PORT: u16 = 8080;
+/// The TCP service port on the VIP.
+pub const VIP_TCP_PORT: u16 = 80;
+/// The UDP service port on the VIP.
+pub const VIP_UDP_PORT: u16 = 53;
+/// The load balancer's interfaces, in the order of the config's `interfaces` list.
+pub const LB_INTERFACES: [&str; 4] = ["xlb-c", "xlb-b1", "xlb-b2", "xlb-b3"];
+/// Client-side interface name, in the client namespace.
+pub const CLIENT_IFACE: &str = "cli0";
+/// Interface name in every backend namespace.
+pub const BACKEND_IFACE: &str = "bk0";
+/// Backend names; backend `bN` lives in 10.20.N.0/24.
+pub const BACKEND_NAMES: [&str; 3] = ["b1", "b2", "b3"];
+
+/// `VIP:80`.
+pub fn vip_tcp() -> SocketAddr {
+    SocketAddr::V4(SocketAddrV4::new(VIP, VIP_TCP_PORT))
+}
+
+/// `VIP:53`.
+pub fn vip_udp() -> SocketAddr {
+    SocketAddr::V4(SocketAddrV4::new(VIP, VIP_UDP_PORT))
+}
+
+/// One backend host.
+#[derive(Debug)]
+pub struct BackendNode {
+    /// `b1`, `b2` or `b3`; also what its servers answer with.
+    pub name: String,
+    pub ns: NetNs,
+    /// 10.20.N.2, on `bk0`.
+    pub addr: Ipv4Addr,
+    /// 10.20.N.1: the load balancer's address on the link, the backend's default gateway.
+    pub gateway: Ipv4Addr,
+    /// The load balancer side of the link: `xlb-bN`.
+    pub lb_iface: String,
+}
+
+impl BackendNode {
+    /// `10.20.N.2:8080`, as written in the xlb config.
+    pub fn service_addr(&self) -> SocketAddr {
+        SocketAddr::V4(SocketAddrV4::new(self.addr, BACKEND_PORT))
+    }
+}
+
+/// The whole network. Dropping it kills every process in its namespaces and deletes them.
+#[derive(Debug)]
+pub struct Topology {
+    pub client: NetNs,
+    pub lb: NetNs,
+    pub backends: Vec<BackendNode>,
+}
+
+impl Topology {
+    /// Builds the network with namespaces named `<prefix>-<pid>-<n>-<role>`. On error the
+    /// namespaces created so far are deleted again (their guards drop).
+    pub fn new(prefix: &str) -> Result<Topology> {
+        cmd::require_tool("ip", "iproute2")?;
+        cmd::require_tool("sysctl", "procps")?;
+        cmd::require_tool("ethtool", "ethtool")?;
+
+        let base = netns::unique_base(prefix);
+        let client = NetNs::create(&format!("{base}-client"))?;
+        let lb = NetNs::create(&format!("{base}-lb"))?;
+        let mut backends = Vec::new();
+        for (i, name) in BACKEND_NAMES.iter().enumerate() {
+            let n = i as u8 + 1;
+            backends.push(BackendNode {
+                name: name.to_string(),
+                ns: NetNs::create(&format!("{base}-{name}"))?,
+                addr: Ipv4Addr::new(10, 20, n, 2),
+                gateway: Ipv4Addr::new(10, 20, n, 1),
+                lb_iface: format!("xlb-{name}"),
+            });
+        }
+        let topo = Topology {
+            client,
+            lb,
+            backends,
+        };
+        topo.configure()
+            .with_context(|| format!("building the test topology {base}-*"))?;
+        Ok(topo)
+    }
+
+    fn configure(&self) -> Result<()> {
+        for ns in self.namespaces() {
+            // IPv6 is off so router/neighbour solicitations and MLD reports don't pass
+            // through the XDP program and show up in its counters; the test is IPv4 only.
+            // Set before creating links so new interfaces inherit it from `default`.
+            sysctl(ns, "net.ipv6.conf.all.disable_ipv6=1")?;
+            sysctl(ns, "net.ipv6.conf.default.disable_ipv6=1")?;
+            ns.ip(&["link", "set", "lo", "up"])?;
+        }
+
+        // The load balancer forwards what XDP hands back to the kernel (first packets whose
+        // next hop has no neighbour entry yet). Reverse-path filtering is off because those
+        // rewritten packets arrive on xlb-c with the SNAT address as source, which is not
+        // routed via xlb-c.
+        let lb = &self.lb;
+        sysctl(lb, "net.ipv4.ip_forward=1")?;
+        sysctl(lb, "net.ipv4.conf.all.rp_filter=0")?;
+        sysctl(lb, "net.ipv4.conf.default.rp_filter=0")?;
+
+        // Client link.
+        veth(lb, LB_INTERFACES[0], &self.client, CLIENT_IFACE)?;
+        lb.ip(&[
+            "addr",
+            "add",
+            &format!("{LB_CLIENT_ADDR}/24"),
+            "dev",
+            LB_INTERFACES[0],
+        ])?;
+        lb.ip(&["link", "set", LB_INTERFACES[0], "up"])?;
+        let c = &self.client;
+        c.ip(&[
+            "addr",
+            "add",
+            &format!("{CLIENT_ADDR}/24"),
+            "dev",
+            CLIENT_IFACE,
+        ])?;
+        c.ip(&["link", "set", CLIENT_IFACE, "up"])?;
+        c.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            &LB_CLIENT_ADDR.to_string(),
+        ])?;
+        peer_offloads(c, CLIENT_IFACE)?;
+
+        // Backend links.
+        for b in &self.backends {
+            veth(lb, &b.lb_iface, &b.ns, BACKEND_IFACE)?;
+            lb.ip(&[
+                "addr",
+                "add",
+                &format!("{}/24", b.gateway),
+                "dev",
+                &b.lb_iface,
+            ])?;
+            lb.ip(&["link", "set", &b.lb_iface, "up"])?;
+            b.ns.ip(&[
+                "addr",
+                "add",
+                &format!("{}/24", b.addr),
+                "dev",
+                BACKEND_IFACE,
+            ])?;
+            b.ns.ip(&["link", "set", BACKEND_IFACE, "up"])?;
+            b.ns.ip(&["route", "add", "default", "via", &b.gateway.to_string()])?;
+            peer_offloads(&b.ns, BACKEND_IFACE)?;
+        }
+
+        for iface in LB_INTERFACES {
+            // Interfaces inherit `default`, but the effective value is max(all, iface):
+            // set it explicitly so nothing depends on the inheritance rules.
+            sysctl(lb, &format!("net.ipv4.conf.{iface}.rp_filter=0"))?;
+            // See `peer_offloads` for why checksums must be complete on the wire.
+            lb.exec("ethtool", &["-K", iface, "tx", "off"])?;
+        }
+        Ok(())
+    }
+
+    /// Pings the load balancer from the client and each backend's gateway from the backend,
+    /// so a broken topology is reported as such and not as an xlb failure.
+    pub fn check_connectivity(&self) -> Result<()> {
+        cmd::require_tool("ping", "iputils-ping")?;
+        ping(&self.client, LB_CLIENT_ADDR).context("client cannot reach the load balancer")?;
+        for b in &self.backends {
+            ping(&b.ns, b.gateway)
+                .with_context(|| format!("backend {} cannot reach the load balancer", b.name))?;
+        }
+        Ok(())
+    }
+
+    /// The backend called `name` (`b1`, `b2`, `b3`).
+    pub fn backend(&self, name: &str) -> Option<&BackendNode> {
+        self.backends.iter().find(|b| b.name == name)
+    }
+
+    /// All namespaces: client, lb, then the backends.
+    pub fn namespaces(&self) -> Vec<&NetNs> {
+        let mut v = vec![&self.client, &self.lb];
+        v.extend(self.backends.iter().map(|b| &b.ns));
+        v
+    }
+
+    /// Names of all namespaces, e.g. to check after the drop that they are gone.
+    pub fn namespace_names(&self) -> Vec<String> {
+        self.namespaces()
+            .iter()
+            .map(|ns| ns.name().to_string())
+            .collect()
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        // First stop everything running anywhere in the network, then take it apart, so no
+        // process sees its links disappear under it.
+        for ns in self.namespaces() {
+            ns.kill_processes();
+        }
+        for ns in self.namespaces() {
+            if let Err(e) = ns.delete() {
+                eprintln!("warning: {e:#}");
+            }
+        }
+    }
+}
+
+/// `ping -c 1 -W 2 addr` from inside `ns`.
+pub fn ping(ns: &NetNs, addr: Ipv4Addr) -> Result<()> {
+    ns.exec("ping", &["-c", "1", "-W", "2", &addr.to_string()])?;
+    Ok(())
+}
+
+fn sysctl(ns: &NetNs, setting: &str) -> Result<()> {
+    ns.exec("sysctl", &["-q", "-w", setting])?;
+    Ok(())
+}
+
+/// Creates a veth pair with `a_if` in `a` and `b_if` in `b`. The peer is created directly
+/// in `b` (`peer ... netns b`), so neither end ever exists in the root namespace.
+fn veth(a: &NetNs, a_if: &str, b: &NetNs, b_if: &str) -> Result<()> {
+    a.ip(&[
+        "link",
+        "add",
+        a_if,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b_if,
+        "netns",
+        b.name(),
+    ])
+    .with_context(|| {
+        format!(
+            "creating veth {a_if} ({}) <-> {b_if} ({})",
+            a.name(),
+            b.name()
+        )
+    })?;
+    Ok(())
+}
+
+/// Offloads on the non-XDP end of a veth pair.
+///
+/// * GRO on: a veth only receives frames that its peer's XDP program sends with XDP_TX or
+///   XDP_REDIRECT if it runs NAPI, which it does when it has GRO enabled (or an XDP program
+///   of its own). Without it those frames are dropped silently.
+/// * TX checksum offload off: otherwise the kernel hands veth packets with only the
+///   pseudo-header checksum filled in (CHECKSUM_PARTIAL), XDP would update that unfinished
+///   value incrementally, and the result would be wrong. With it off, packets carry real
+///   checksums, and the receivers verify them (their nstat checksum error counters would
+///   show any mistake of the XDP rewrite).
+fn peer_offloads(ns: &NetNs, iface: &str) -> Result<()> {
+    ns.exec("ethtool", &["-K", iface, "tx", "off"])?;
+    ns.exec("ethtool", &["-K", iface, "gro", "on"])?;
+    Ok(())
+}

@@ -1,0 +1,327 @@
+//! Runs the real `xlb` binary inside the load balancer namespace.
+//!
+//! xlb prints a line starting with `ready:` on stdout once its XDP program is attached and
+//! its maps are filled, and prints its counters on stdout when it exits after SIGTERM (see
+//! [`stats`](crate::stats)). Its stderr (logs) is forwarded to this process's stderr with
+//! an `[xlb]` prefix, which the test harness shows for failing tests, and the last lines
+//! are kept for error messages.
+
+use std::fs::OpenOptions;
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+
+use crate::netns::NetNs;
+
+/// How long xlb may take to load, attach and print `ready:`. Loading a BPF program with
+/// a 65537-slot Maglev table per service takes a moment, especially in debug builds.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long xlb may take to detach and print its counters after SIGTERM.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Last stderr lines kept for error messages.
+const STDERR_TAIL: usize = 200;
+
+static NEXT_CONFIG: AtomicU32 = AtomicU32::new(0);
+
+/// The `xlb` binary: `$XLB_BIN` if set, else `<workspace>/target/debug/xlb`.
+pub fn xlb_binary() -> Result<PathBuf> {
+    let path = match std::env::var_os("XLB_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/xlb"),
+    };
+    if !path.is_file() {
+        bail!(
+            "xlb binary not found at {} (set XLB_BIN to override): build it first with \
+             cargo build -p lb-userspace, or run cargo xtask test",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// A running xlb. Dropping it kills xlb if it still runs; use [`stop`](Self::stop) for an
+/// orderly shutdown that returns xlb's final output.
+#[derive(Debug)]
+pub struct XlbProcess {
+    child: Child,
+    ns_name: String,
+    config_path: PathBuf,
+    /// The `ready:` line.
+    ready_line: String,
+    /// Stdout lines, from the reader thread. Disconnects when xlb closes stdout (exits).
+    stdout: Receiver<String>,
+    stderr_tail: Arc<Mutex<Vec<String>>>,
+    /// Set once the child has been waited for.
+    exited: Option<ExitStatus>,
+}
+
+impl XlbProcess {
+    /// Writes `config_toml` to a fresh temp file, starts
+    /// `ip netns exec <ns> <xlb> run --config <file>`, and waits until xlb prints `ready:`.
+    /// Fails with xlb's output if it exits or stays silent for [`READY_TIMEOUT`].
+    ///
+    /// xlb's stdout and stderr are echoed to this process's stderr (prefixed `[xlb stdout]`
+    /// and `[xlb]`), which the test harness captures and shows for failing tests.
+    pub fn start(ns: &NetNs, config_toml: &str) -> Result<XlbProcess> {
+        Self::start_with(ns, config_toml, true)
+    }
+
+    /// Like [`start`](Self::start), but without echoing xlb's output (for the demo, which
+    /// prints its own report). Errors still include xlb's output.
+    pub fn start_quiet(ns: &NetNs, config_toml: &str) -> Result<XlbProcess> {
+        Self::start_with(ns, config_toml, false)
+    }
+
+    fn start_with(ns: &NetNs, config_toml: &str, echo: bool) -> Result<XlbProcess> {
+        let bin = xlb_binary()?;
+        remove_stale_configs();
+        let config_path = write_config(config_toml)?;
+
+        // `ip netns exec` execs the command in place (no fork), so the child's pid is xlb's
+        // and signals reach xlb directly.
+        let spawned = Command::new("ip")
+            .args(["netns", "exec", ns.name()])
+            .arg(&bin)
+            .arg("run")
+            .arg("--config")
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn();
+        let mut child = match spawned {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = std::fs::remove_file(&config_path);
+                return Err(e)
+                    .with_context(|| format!("starting {} in {}", bin.display(), ns.name()));
+            }
+        };
+
+        let (tx, stdout) = mpsc::channel();
+        let out = child.stdout.take().expect("stdout is piped");
+        thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if echo {
+                    eprintln!("[xlb stdout] {line}");
+                }
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr_tail = Arc::new(Mutex::new(Vec::new()));
+        let err = child.stderr.take().expect("stderr is piped");
+        let tail = stderr_tail.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(err).lines() {
+                let Ok(line) = line else { break };
+                if echo {
+                    eprintln!("[xlb] {line}");
+                }
+                let mut t = tail.lock().unwrap_or_else(|e| e.into_inner());
+                if t.len() == STDERR_TAIL {
+                    t.remove(0);
+                }
+                t.push(line);
+            }
+        });
+
+        let mut xlb = XlbProcess {
+            child,
+            ns_name: ns.name().to_string(),
+            config_path,
+            ready_line: String::new(),
+            stdout,
+            stderr_tail,
+            exited: None,
+        };
+        xlb.wait_ready()?;
+        Ok(xlb)
+    }
+
+    fn wait_ready(&mut self) -> Result<()> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let mut before_ready = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stdout.recv_timeout(left) {
+                Ok(line) if line.starts_with("ready:") => {
+                    self.ready_line = line;
+                    return Ok(());
+                }
+                Ok(line) => before_ready.push(line),
+                Err(RecvTimeoutError::Timeout) => {
+                    self.kill();
+                    bail!(
+                        "xlb in {} printed no `ready:` line within {READY_TIMEOUT:?}\n{}",
+                        self.ns_name,
+                        self.describe_output(&before_ready)
+                    );
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    // Stdout closed: xlb is exiting or gone.
+                    let status = self.wait_exit(Duration::from_secs(5));
+                    bail!(
+                        "xlb in {} exited before it was ready ({})\n{}",
+                        self.ns_name,
+                        status.map_or_else(|| "still running".to_string(), |s| s.to_string()),
+                        self.describe_output(&before_ready)
+                    );
+                }
+            }
+        }
+    }
+
+    /// The `ready:` line xlb printed.
+    pub fn ready_line(&self) -> &str {
+        &self.ready_line
+    }
+
+    /// xlb's pid (that of the `ip netns exec` it replaced).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM, waits up to [`STOP_TIMEOUT`] for xlb to exit, and returns everything
+    /// it printed on stdout after `ready:` (its counters). Fails if it has to be killed or
+    /// exits with a status other than 0; the error includes its output.
+    pub fn stop(mut self) -> Result<String> {
+        if self.exited.is_none() {
+            // SAFETY: kill has no memory-safety preconditions; the pid is our child, which
+            // has not been waited for, so it cannot have been reused.
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        }
+        let status = self.wait_exit(STOP_TIMEOUT);
+        let lines = self.drain_stdout(Duration::from_secs(5));
+        let Some(status) = status else {
+            self.kill();
+            bail!(
+                "xlb did not exit within {STOP_TIMEOUT:?} of SIGTERM and was killed\n{}",
+                self.describe_output(&lines)
+            );
+        };
+        if !status.success() {
+            bail!(
+                "xlb exited with {status} after SIGTERM (expected 0)\n{}",
+                self.describe_output(&lines)
+            );
+        }
+        let mut text = lines.join("\n");
+        text.push('\n');
+        Ok(text)
+    }
+
+    /// Collects stdout lines until the reader thread finishes (EOF) or `timeout` passes.
+    fn drain_stdout(&self, timeout: Duration) -> Vec<String> {
+        let deadline = Instant::now() + timeout;
+        let mut lines = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stdout.recv_timeout(left) {
+                Ok(line) => lines.push(line),
+                Err(_) => return lines,
+            }
+        }
+    }
+
+    /// Polls for the exit status for up to `timeout`; `None` if still running.
+    fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.exited.is_some() {
+                return self.exited;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                self.exited = Some(status);
+                return self.exited;
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGKILL and reap, if still running.
+    fn kill(&mut self) {
+        if self.exited.is_none() {
+            let _ = self.child.kill();
+            if let Ok(status) = self.child.wait() {
+                self.exited = Some(status);
+            }
+        }
+    }
+
+    fn describe_output(&self, stdout: &[String]) -> String {
+        let tail = self.stderr_tail.lock().unwrap_or_else(|e| e.into_inner());
+        format!(
+            "--- xlb stdout ---\n{}\n--- xlb stderr (last {} lines) ---\n{}",
+            stdout.join("\n"),
+            tail.len(),
+            tail.join("\n")
+        )
+    }
+}
+
+impl Drop for XlbProcess {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_file(&self.config_path);
+    }
+}
+
+/// Config files are named `xlb-test-<pid>-<n>-<nanos>.toml`.
+const CONFIG_FILE_PREFIX: &str = "xlb-test-";
+
+/// Removes config files left by runs that were killed before `Drop` could delete them
+/// (their pid no longer exists). Best effort: errors are ignored.
+fn remove_stale_configs() {
+    let Ok(dir) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in dir.flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(CONFIG_FILE_PREFIX))
+        else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if !rest.ends_with(".toml") || PathBuf::from(format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let _ = std::fs::remove_file(entry.path());
+    }
+}
+
+/// Writes the config to a new file under the temp dir; the name is unique per process,
+/// call and time, and the file must not exist yet.
+fn write_config(config_toml: &str) -> Result<PathBuf> {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let n = NEXT_CONFIG.fetch_add(1, Ordering::Relaxed);
+    let path =
+        std::env::temp_dir().join(format!("xlb-test-{}-{n}-{nanos}.toml", std::process::id()));
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .with_context(|| format!("creating config file {}", path.display()))?;
+    file.write_all(config_toml.as_bytes())
+        .with_context(|| format!("writing config file {}", path.display()))?;
+    Ok(path)
+}

@@ -1,0 +1,426 @@
+//! End to end: real xlb, real kernel, real sockets.
+//!
+//! Builds the [`Topology`] (client, load balancer, three backends in network namespaces),
+//! starts line servers on the backends, runs `xlb` with [`CONFIG_TOML`] in the load
+//! balancer namespace, and checks from the client that TCP and UDP to the VIP are balanced
+//! by weight, full-NATed (backends see the SNAT address, clients see the VIP), carry correct
+//! checksums, leave the load balancer's own traffic alone, and are counted by xlb.
+//!
+//! Needs root, the `xlb` binary (`cargo build -p lb-userspace`, or `$XLB_BIN`), and
+//! `ip`, `ethtool`, `nstat`, `ping`. Run it with `cargo xtask test`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use lb_common::reason::Reason;
+use xlb_tests::client::{self, TcpReply, UdpReply};
+use xlb_tests::demo_config::{CONFIG_TOML, TCP_BACKENDS, TCP_SERVICE, UDP_SERVICE, expected_share};
+use xlb_tests::netns::{self, NetNs};
+use xlb_tests::nstat::{CHECKSUM_COUNTERS, Counters};
+use xlb_tests::servers::{BackendServers, LineServer};
+use xlb_tests::stats::Stats;
+use xlb_tests::topology::{
+    self, BACKEND_NAMES, CLIENT_ADDR, LB_CLIENT_ADDR, LB_INTERFACES, SNAT, Topology,
+};
+use xlb_tests::xlb::XlbProcess;
+
+/// Namespace name prefix of this test: `xlbt-<pid>-<n>-<role>`.
+const PREFIX: &str = "xlbt";
+const TCP_CONNECTIONS: usize = 300;
+/// Parallel TCP clients: enough to have several flows in flight, few enough to stay far
+/// from any backlog or conntrack limit.
+const TCP_CONCURRENCY: usize = 8;
+const UDP_REQUESTS: usize = 50;
+/// Per-datagram reply timeout. veth does not lose packets, so a missing reply is a bug.
+const UDP_TIMEOUT: Duration = Duration::from_secs(2);
+/// The TCP server the test runs in the load balancer namespace, on its own address.
+const LB_LOCAL_PORT: u16 = 9000;
+
+/// Namespace tests must not overlap (they would compete for nothing in particular, but
+/// their logs and timings would); every test in this file takes this lock.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+#[test]
+fn xlb_balances_tcp_and_udp_with_full_nat() {
+    if let Err(e) = xlb_tests::require_root() {
+        panic!("{e}");
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    match netns::cleanup_stale(PREFIX) {
+        Ok(stale) if !stale.is_empty() => eprintln!("removed stale namespaces: {stale:?}"),
+        Ok(_) => {}
+        Err(e) => panic!("cleaning up stale namespaces: {e:#}"),
+    }
+
+    // Everything that lives in the namespaces (servers, xlb, the topology itself) is owned
+    // inside this block, so it is torn down by the guards' Drop before the checks below, and
+    // also when anything in `scenario` panics.
+    let (names, result) = {
+        let topo = Topology::new(PREFIX).expect("building the namespace topology");
+        let names = topo.namespace_names();
+        let result = scenario(&topo);
+        drop(topo);
+        (names, result)
+    };
+
+    let leftover = remaining_namespaces(&names);
+    if let Err(e) = result {
+        panic!("{e:#}\n(namespaces still present after cleanup: {leftover:?})");
+    }
+    assert!(
+        leftover.is_empty(),
+        "namespaces still present after the topology was dropped: {leftover:?}"
+    );
+}
+
+/// The test proper. Returns an error (instead of panicking) for every failed check, so the
+/// caller still gets to verify the cleanup.
+fn scenario(topo: &Topology) -> Result<()> {
+    topo.check_connectivity()?;
+    // The pings above taught the load balancer its neighbours' MACs. Forget them, so the
+    // first packets of the test take the real first-packet path: bpf_fib_lookup finds no
+    // neighbour, xlb hands the rewritten packet to the kernel, and the kernel resolves it.
+    topo.lb
+        .ip(&["neigh", "flush", "all"])
+        .context("flushing the load balancer's neighbour table")?;
+
+    let servers = BackendServers::start(topo).context("starting the backend servers")?;
+    let lb_local: SocketAddr = (LB_CLIENT_ADDR, LB_LOCAL_PORT).into();
+    let lb_server = LineServer::start(&topo.lb, "lb", Some(lb_local), None)
+        .context("starting the TCP server on the load balancer's own address")?;
+
+    let before = read_checksum_counters(topo)?;
+
+    let xlb = XlbProcess::start(&topo.lb, CONFIG_TOML).context("starting xlb")?;
+    eprintln!("xlb is ready: {}", xlb.ready_line());
+
+    let tcp = check_tcp(topo, &servers)?;
+    let udp = check_udp(topo, &servers)?;
+
+    // Backends must only ever have seen the SNAT address as source.
+    let peers = servers.all_peer_ips();
+    ensure!(
+        peers == BTreeSet::from([IpAddr::V4(SNAT)]),
+        "backends saw source addresses {peers:?}, expected only the SNAT address {SNAT}"
+    );
+
+    check_lb_local_traffic(topo, lb_local, &lb_server)?;
+
+    let after = read_checksum_counters(topo)?;
+    check_no_checksum_errors(&before, &after)?;
+
+    let output = xlb.stop().context("stopping xlb")?;
+    let stats = Stats::parse(&output).context("parsing xlb's counters")?;
+    check_xlb_counters(&stats, &servers, &tcp, &udp)?;
+
+    check_no_xdp_left(&topo.lb)?;
+    Ok(())
+}
+
+/// 300 TCP connections to VIP:80; checks every answer and the weighted distribution.
+fn check_tcp(topo: &Topology, servers: &BackendServers) -> Result<Vec<TcpReply>> {
+    let vip = topology::vip_tcp();
+    let results = client::tcp_requests(&topo.client, vip, TCP_CONNECTIONS, TCP_CONCURRENCY)?;
+    let replies = client::all_ok("TCP connections to the VIP", results)?;
+
+    for r in &replies {
+        // The client connected to the VIP, and it got an answer: TCP only accepts segments
+        // from the address and port it connected to, so the reply came from VIP:80.
+        ensure!(
+            r.peer == vip,
+            "{}: socket peer is {}, not the VIP {vip}",
+            r.local,
+            r.peer
+        );
+        ensure!(
+            BACKEND_NAMES.contains(&r.answer.server.as_str()),
+            "{}: answered by unknown server {:?}",
+            r.local,
+            r.answer.server
+        );
+        ensure!(
+            r.answer.seen_peer.ip() == IpAddr::V4(SNAT),
+            "{}: backend {} saw source {}, expected the SNAT address {SNAT}",
+            r.local,
+            r.answer.server,
+            r.answer.seen_peer
+        );
+    }
+    // Every connection must be a new flow; the kernel picks a new source port each time.
+    let ports: BTreeSet<u16> = replies.iter().map(|r| r.local.port()).collect();
+    ensure!(
+        ports.len() == replies.len(),
+        "only {} distinct client source ports for {} connections",
+        ports.len(),
+        replies.len()
+    );
+
+    let per_backend = count_by_server(replies.iter().map(|r| r.answer.server.as_str()));
+    eprintln!("TCP connections per backend (client's view): {per_backend:?}");
+    for b in TCP_BACKENDS {
+        let served = servers.stats(b.name).map_or(0, |s| s.tcp_connections);
+        let answered = per_backend.get(b.name).copied().unwrap_or(0) as u64;
+        ensure!(
+            served == answered,
+            "backend {}: server accepted {served} connections, clients got {answered} answers",
+            b.name
+        );
+    }
+    check_distribution(&per_backend, replies.len())?;
+    Ok(replies)
+}
+
+/// Checks that TCP connections are spread over the backends in proportion to their weights.
+///
+/// Each connection has a new source port, which the flow hash maps pseudo-randomly onto
+/// the Maglev table, so each connection independently lands on backend `i` with probability
+/// `p_i = w_i / Σw` (0.5, 0.25, 0.25 here; a 65537-slot weighted Maglev table matches the
+/// weights to well under a percent). The count on backend `i` is then Binomial(n, p_i):
+/// mean `n·p_i`, standard deviation `σ_i = sqrt(n·p_i·(1−p_i))`, i.e. 150 ± 8.66 for b1 and
+/// 75 ± 7.5 for b2 and b3 at n = 300. The check allows 4.5 σ (±39 and ±34): a correct
+/// balancer fails it with probability ≈ 7e-6 per backend (two-sided normal tail), < 1e-4
+/// overall, while one that ignores the weights (100 each, 50 off for b1) is usually caught.
+fn check_distribution(per_backend: &BTreeMap<String, usize>, n: usize) -> Result<()> {
+    const SIGMAS: f64 = 4.5;
+    let n_f = n as f64;
+    for b in TCP_BACKENDS {
+        let p = expected_share(&b);
+        let expected = n_f * p;
+        let sigma = (n_f * p * (1.0 - p)).sqrt();
+        let tolerance = (SIGMAS * sigma).ceil();
+        let got = per_backend.get(b.name).copied().unwrap_or(0) as f64;
+        ensure!(
+            (got - expected).abs() <= tolerance,
+            "backend {} (weight {}) served {got} of {n} connections, expected {expected} ± \
+             {tolerance} ({SIGMAS} σ); all: {per_backend:?}",
+            b.name,
+            b.weight
+        );
+    }
+    Ok(())
+}
+
+/// 50 UDP datagrams to VIP:53, each from a fresh socket; checks every answer.
+fn check_udp(topo: &Topology, servers: &BackendServers) -> Result<Vec<UdpReply>> {
+    let vip = topology::vip_udp();
+    let results = client::udp_requests(&topo.client, vip, UDP_REQUESTS, UDP_TIMEOUT)?;
+    let replies = client::all_ok("UDP requests to the VIP", results)?;
+    for r in &replies {
+        ensure!(
+            r.from == vip,
+            "{}: reply came from {}, expected the VIP {vip}",
+            r.local,
+            r.from
+        );
+        ensure!(
+            BACKEND_NAMES.contains(&r.answer.server.as_str()),
+            "{}: answered by unknown server {:?}",
+            r.local,
+            r.answer.server
+        );
+        ensure!(
+            r.answer.seen_peer.ip() == IpAddr::V4(SNAT),
+            "{}: backend {} saw source {}, expected the SNAT address {SNAT}",
+            r.local,
+            r.answer.server,
+            r.answer.seen_peer
+        );
+    }
+    let answered = servers.total_udp_datagrams();
+    ensure!(
+        answered == UDP_REQUESTS as u64,
+        "backends answered {answered} datagrams, clients sent {UDP_REQUESTS}"
+    );
+    let per_backend = count_by_server(replies.iter().map(|r| r.answer.server.as_str()));
+    eprintln!("UDP requests per backend (client's view): {per_backend:?}");
+    Ok(replies)
+}
+
+/// Traffic to the load balancer's own address must still reach its kernel while xlb is
+/// attached: TCP to a local server (no service matches: XDP passes it) and ICMP.
+fn check_lb_local_traffic(topo: &Topology, target: SocketAddr, server: &LineServer) -> Result<()> {
+    let reply = topo
+        .client
+        .enter(|| client::tcp_request(target))?
+        .with_context(|| format!("TCP to the load balancer's own address {target}"))?;
+    ensure!(
+        reply.answer.server == "lb",
+        "{target} answered as {:?}",
+        reply.answer.server
+    );
+    ensure!(
+        reply.answer.seen_peer.ip() == IpAddr::V4(CLIENT_ADDR),
+        "the load balancer's own server saw source {}, expected the client {CLIENT_ADDR} \
+         (traffic to the host itself must not be NATed)",
+        reply.answer.seen_peer
+    );
+    ensure!(
+        server.stats().tcp_connections == 1,
+        "lb server: {:?}",
+        server.stats()
+    );
+    topology::ping(&topo.client, LB_CLIENT_ADDR)
+        .context("ping from the client to the load balancer's own address")?;
+    Ok(())
+}
+
+fn read_checksum_counters(topo: &Topology) -> Result<Vec<(String, Counters)>> {
+    topo.namespaces()
+        .into_iter()
+        .map(|ns| Ok((ns.name().to_string(), Counters::read(ns)?)))
+        .collect()
+}
+
+/// Receivers verify every checksum (TX offload is off on all veths, see the topology), so
+/// a single wrong checksum from the XDP rewrite shows up in one of these counters.
+fn check_no_checksum_errors(
+    before: &[(String, Counters)],
+    after: &[(String, Counters)],
+) -> Result<()> {
+    let mut errors = Vec::new();
+    for ((ns, b), (_, a)) in before.iter().zip(after) {
+        for counter in CHECKSUM_COUNTERS {
+            let delta = a.delta(b, counter);
+            if delta != 0 {
+                errors.push(format!("{ns}: {counter} +{delta}"));
+            }
+        }
+    }
+    ensure!(
+        errors.is_empty(),
+        "checksum errors during the test: {errors:?}"
+    );
+    Ok(())
+}
+
+fn check_xlb_counters(
+    stats: &Stats,
+    servers: &BackendServers,
+    tcp: &[TcpReply],
+    udp: &[UdpReply],
+) -> Result<()> {
+    // TCP: one flow per connection each backend accepted.
+    let mut tcp_flows = 0;
+    for b in TCP_BACKENDS {
+        let flows = stats
+            .backend_flows(TCP_SERVICE, b.address)
+            .with_context(|| {
+                format!(
+                    "xlb printed no counters for {TCP_SERVICE} backend {}",
+                    b.address
+                )
+            })?;
+        let served = servers.stats(b.name).map_or(0, |s| s.tcp_connections);
+        ensure!(
+            flows == served,
+            "{TCP_SERVICE} backend {} ({}): xlb counted {flows} flows, the server accepted \
+             {served} connections",
+            b.address,
+            b.name
+        );
+        tcp_flows += flows;
+    }
+    ensure!(
+        tcp_flows == tcp.len() as u64,
+        "TCP flows {tcp_flows} != {} connections",
+        tcp.len()
+    );
+    let (vip, proto) = split_service(TCP_SERVICE);
+    ensure!(
+        stats.service_flows(vip, proto) == Some(tcp.len() as u64),
+        "service {TCP_SERVICE}: xlb counted {:?} flows, expected {}",
+        stats.service_flows(vip, proto),
+        tcp.len()
+    );
+
+    // UDP: a flow per distinct client source port. Fresh sockets get random ports, which
+    // can repeat; a repeated port is the same flow again (and the same backend).
+    let mut udp_flows: BTreeMap<&str, BTreeSet<u16>> = BTreeMap::new();
+    for r in udp {
+        udp_flows
+            .entry(r.answer.server.as_str())
+            .or_default()
+            .insert(r.local.port());
+    }
+    for b in TCP_BACKENDS {
+        let expected = udp_flows.get(b.name).map_or(0, |p| p.len()) as u64;
+        let flows = stats.backend_flows(UDP_SERVICE, b.address).unwrap_or(0);
+        ensure!(
+            flows == expected,
+            "{UDP_SERVICE} backend {}: xlb counted {flows} flows, clients saw {expected} \
+             distinct flows answered by {}",
+            b.address,
+            b.name
+        );
+    }
+
+    let drops = stats.nonzero_reasons("drop/");
+    ensure!(drops.is_empty(), "xlb dropped packets: {drops:?}");
+    let known: BTreeSet<&str> = Reason::ALL.iter().map(|r| r.name()).collect();
+    let unknown: Vec<&String> = stats
+        .reasons
+        .keys()
+        .filter(|n| !known.contains(n.as_str()))
+        .collect();
+    ensure!(
+        unknown.is_empty(),
+        "xlb printed reasons lb-common does not define: {unknown:?}"
+    );
+    ensure!(
+        stats.reason(Reason::PassNoNeighbour.name()) > 0,
+        "no packet was counted as {} although the neighbour table was flushed; reasons: {:?}",
+        Reason::PassNoNeighbour.name(),
+        stats.reasons
+    );
+    ensure!(
+        stats.reason(Reason::ForwardRedirect.name()) > 0,
+        "no packet was counted as {}; reasons: {:?}",
+        Reason::ForwardRedirect.name(),
+        stats.reasons
+    );
+    Ok(())
+}
+
+/// After xlb exits, none of the load balancer's interfaces may still have an XDP program.
+fn check_no_xdp_left(lb: &NetNs) -> Result<()> {
+    for iface in LB_INTERFACES {
+        let out = lb.ip(&["-d", "link", "show", iface])?;
+        ensure!(
+            !out.stdout.contains("xdp"),
+            "XDP program still attached to {iface} after xlb exited:\n{}",
+            out.stdout
+        );
+    }
+    Ok(())
+}
+
+fn count_by_server<'a>(names: impl Iterator<Item = &'a str>) -> BTreeMap<String, usize> {
+    let mut counts: BTreeMap<String, usize> =
+        BACKEND_NAMES.iter().map(|n| (n.to_string(), 0)).collect();
+    for n in names {
+        *counts.entry(n.to_string()).or_default() += 1;
+    }
+    counts
+}
+
+/// `10.10.0.100:80/tcp` → (`10.10.0.100:80`, `tcp`).
+fn split_service(label: &str) -> (&str, &str) {
+    label
+        .split_once('/')
+        .expect("service labels are <vip>/<proto>")
+}
+
+/// Which of `names` `ip netns list` still shows.
+fn remaining_namespaces(names: &[String]) -> Vec<String> {
+    match netns::list() {
+        Ok(present) => names
+            .iter()
+            .filter(|n| present.contains(n))
+            .cloned()
+            .collect(),
+        Err(e) => vec![format!("(cannot list namespaces: {e:#})")],
+    }
+}
