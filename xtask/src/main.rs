@@ -84,8 +84,10 @@ fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
 
+/// Builds the default members: everything but lb-ebpf, which only links for the BPF target
+/// and which lb-userspace's build.rs builds (and embeds) as part of this.
 fn build() -> anyhow::Result<()> {
-    run(cargo().args(["build", "--workspace", "--all-targets"]))
+    run(cargo().args(["build", "--all-targets"]))
 }
 
 fn require_root(what: &str) -> anyhow::Result<()> {
@@ -113,13 +115,51 @@ fn test(root: &Path) -> anyhow::Result<()> {
         "warnings",
     ]))?;
     build()?;
-    // Host unit tests in parallel; the namespace and BPF tests are each one test binary and
-    // serialise themselves. lb-common's std-only modules need the `user` feature.
-    run(cargo()
-        .args(["test", "--workspace", "--all-targets"])
-        .env("XLB_BIN", root.join("target/debug/xlb")))?;
-    run(cargo().args(["test", "-p", "lb-common", "--features", "user"]))?;
+    // One run covers every crate: host unit tests (lb-common gets its `user` feature through
+    // lb-userspace), the BPF_PROG_TEST_RUN fixtures and the namespace tests, which are each
+    // one test binary and serialise themselves.
+    let (passed, failed) = cargo_test(
+        cargo()
+            .args(["test", "--all-targets"])
+            .env("XLB_BIN", root.join("target/debug/xlb")),
+    )?;
+    println!("xtask: {passed} passed, {failed} failed");
     Ok(())
+}
+
+/// Runs `cargo test`, passing its output through, and adds up its `test result:` lines.
+fn cargo_test(cmd: &mut Command) -> anyhow::Result<(u64, u64)> {
+    use std::io::{BufRead as _, BufReader};
+    eprintln!("+ {}", show(cmd));
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {}", show(cmd)))?;
+    let (mut passed, mut failed) = (0, 0);
+    for line in BufReader::new(child.stdout.take().context("cargo test stdout")?).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            passed += count_before(rest, " passed");
+            failed += count_before(rest, " failed");
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!(
+            "{} failed: {status} ({passed} passed, {failed} failed)",
+            show(cmd)
+        );
+    }
+    Ok((passed, failed))
+}
+
+/// In `ok. 16 passed; 0 failed; ...`, the number before `word`.
+fn count_before(text: &str, word: &str) -> u64 {
+    text.split(';')
+        .find_map(|part| part.trim().strip_suffix(word))
+        .and_then(|n| n.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0)
 }
 
 fn demo(root: &Path) -> anyhow::Result<()> {
@@ -127,4 +167,18 @@ fn demo(root: &Path) -> anyhow::Result<()> {
     run(cargo().args(["build", "-p", "lb-userspace", "-p", "xlb-tests", "--bins"]))?;
     run(Command::new(root.join("target/debug/xlb-demo"))
         .env("XLB_BIN", root.join("target/debug/xlb")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::count_before;
+
+    #[test]
+    fn reads_cargo_test_result_lines() {
+        let line =
+            "ok. 16 passed; 2 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.4s";
+        assert_eq!(count_before(line, " passed"), 16);
+        assert_eq!(count_before(line, " failed"), 2);
+        assert_eq!(count_before("garbage", " passed"), 0);
+    }
 }
