@@ -94,6 +94,7 @@ async fn serve(cfg: &Checked, stats_interval: Option<Duration>) -> anyhow::Resul
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
 
+    loader::check_interfaces(cfg)?;
     let mut ebpf = loader::load(cfg)?;
     // Fill the maps before attaching: the first packet already sees every service.
     let layout = tables::write(&mut ebpf, cfg)?;

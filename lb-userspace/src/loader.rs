@@ -61,7 +61,6 @@ pub fn attach(mut ebpf: Ebpf, cfg: &Checked) -> anyhow::Result<Loaded> {
     let mut attached = Vec::new();
     for interface in &cfg.interfaces {
         let ifindex = ifindex(interface)?;
-        check_forwarding(interface)?;
         let program: &mut Xdp = ebpf
             .program_mut(PROGRAM)
             .context("program xlb")?
@@ -83,6 +82,16 @@ pub fn attach(mut ebpf: Ebpf, cfg: &Checked) -> anyhow::Result<Loaded> {
             .with_context(|| format!("adding {} to the devmap", a.interface))?;
     }
     Ok(Loaded { ebpf, attached })
+}
+
+/// Checks, before anything is loaded, that every configured interface exists and forwards
+/// IPv4, so a typo fails in milliseconds with the interface's name.
+pub fn check_interfaces(cfg: &Checked) -> anyhow::Result<()> {
+    for interface in &cfg.interfaces {
+        ifindex(interface)?;
+        check_forwarding(interface)?;
+    }
+    Ok(())
 }
 
 fn attach_one(

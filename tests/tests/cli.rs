@@ -1,0 +1,116 @@
+//! The `xlb` command line on bad input: every mistake gets a clear message naming what is
+//! wrong and a non-zero exit, never a panic. `xlb check` needs no root; the `xlb run` cases
+//! fail before anything is loaded.
+
+use std::process::{Command, Output};
+
+use xlb_tests::{demo_config::CONFIG_TOML, xlb::xlb_binary};
+
+fn xlb(args: &[&str]) -> Output {
+    Command::new(xlb_binary().expect("the xlb binary"))
+        .args(args)
+        .output()
+        .expect("running xlb")
+}
+
+fn config_file(name: &str, text: &str) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("xlb-cli-{}-{name}.toml", std::process::id()));
+    std::fs::write(&path, text).expect("writing a temp config");
+    path
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn check_accepts_the_demo_config() {
+    let path = config_file("good", CONFIG_TOML);
+    let out = xlb(&["check", "--config", path.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&path);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("is valid: 2 service(s), 6 backend(s)"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn check_lists_every_problem_with_its_field() {
+    let bad = CONFIG_TOML
+        .replacen("vip = \"10.10.0.100:80\"", "vip = \"10.10.0.100\"", 1)
+        .replacen("snat = \"10.20.0.1\"", "snat = \"10.20.0.300\"", 1)
+        .replacen(
+            "address = \"10.20.1.2:8080\"",
+            "address = \"10.20.1.2:0\"",
+            1,
+        );
+    let path = config_file("bad", &bad);
+    let out = xlb(&["check", "--config", path.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    for field in [
+        "service[0].vip:",
+        "service[0].snat:",
+        "service[0].backend[0].address:",
+    ] {
+        assert!(err.contains(field), "no {field:?} in:\n{err}");
+    }
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn syntax_errors_and_unknown_keys_name_the_place() {
+    let path = config_file("syntax", "[dataplane]\ninterfaces = [\"a\"\n");
+    let out = xlb(&["check", "--config", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("line 2"), "{}", stderr(&out));
+
+    let path2 = config_file("unknown", "[dataplane]\ninterfacez = [\"a\"]\n");
+    let out = xlb(&["check", "--config", path2.to_str().unwrap()]);
+    for p in [path, path2] {
+        let _ = std::fs::remove_file(p);
+    }
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("interfacez"), "{}", stderr(&out));
+}
+
+#[test]
+fn a_missing_file_and_bad_arguments_are_clear_errors() {
+    let out = xlb(&["check", "--config", "/nonexistent/xlb.toml"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("/nonexistent/xlb.toml"),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = xlb(&["run"]);
+    assert_eq!(out.status.code(), Some(2), "clap's usage error");
+    assert!(stderr(&out).contains("--config"), "{}", stderr(&out));
+
+    let out = xlb(&["run", "--config", "x.toml", "--xdp-mode", "turbo"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("turbo"), "{}", stderr(&out));
+}
+
+#[test]
+fn run_on_a_missing_interface_fails_before_loading_anything() {
+    let path = config_file("noiface", CONFIG_TOML);
+    let out = xlb(&[
+        "run",
+        "--config",
+        path.to_str().unwrap(),
+        "--iface",
+        "xlb-nosuch0",
+    ]);
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("interface \"xlb-nosuch0\" does not exist"),
+        "{}",
+        stderr(&out)
+    );
+}
