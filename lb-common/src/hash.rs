@@ -43,10 +43,56 @@ pub fn flow_hash(key: &FlowKey, seed: u32) -> u64 {
     fmix64(h ^ ports)
 }
 
+/// The SNAT port a new flow with `hash` tries on its `probe`-th attempt, in
+/// `[first, first + count)`.
+///
+/// Every probe is an independent mix of the whole 64-bit flow hash. The simpler orders
+/// cluster: with next-port probing, taken ports grow into runs every later flow must walk
+/// past, and 16 probes failed with one backend's ports only 44% taken (the benchmark found
+/// it); with a fixed step, two flows that collide once collide on every probe (68%).
+#[inline(always)]
+pub fn snat_port(hash: u64, probe: u32, first: u32, count: u32) -> u16 {
+    let h = fmix64(hash.wrapping_add((probe as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)));
+    (first + ((h >> 32) as u32) % count) as u16
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::maps::Endpoint;
+    use crate::maps::{Endpoint, SNAT_PORT_PROBES};
+
+    /// Fills one backend's SNAT ports with flows of random hashes, as the XDP program
+    /// would, and checks how full they get before the first flow finds no free port in
+    /// SNAT_PORT_PROBES tries. With independent probes the first failure is expected near
+    /// occupancy ((probes + 1) / ports)^(1/(probes + 1)) — about 80% for 32 probes and
+    /// 64,512 ports; next-port probing failed at 44%.
+    #[test]
+    fn snat_ports_fill_up_before_probes_fail() {
+        let (first, count) = (1024u32, 64512u32);
+        let mut taken = std::vec![false; count as usize];
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut flows = 0u32;
+        'flows: loop {
+            state = fmix64(state.wrapping_add(0x9e37_79b9_7f4a_7c15));
+            for probe in 0..SNAT_PORT_PROBES {
+                let port = snat_port(state, probe, first, count);
+                assert!((first..first + count).contains(&(port as u32)));
+                let slot = &mut taken[(port as u32 - first) as usize];
+                if !*slot {
+                    *slot = true;
+                    flows += 1;
+                    continue 'flows;
+                }
+            }
+            break;
+        }
+        let occupancy = flows as f64 / count as f64;
+        assert!(
+            occupancy > 0.70,
+            "first failure at {:.1}% occupancy",
+            occupancy * 100.0
+        );
+    }
 
     #[test]
     fn client_ports_spread_evenly_over_buckets() {

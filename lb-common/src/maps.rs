@@ -182,9 +182,10 @@ pub struct Config {
 }
 const _: () = assert!(size_of::<Config>() == 16);
 
-/// How many SNAT ports a new flow tries before it is dropped with
+/// How many SNAT ports a new flow tries (in the order of
+/// [`hash::snat_port`](crate::hash::snat_port)) before it is dropped with
 /// [`Reason::DropSnatPortsExhausted`](crate::reason::Reason::DropSnatPortsExhausted).
-pub const SNAT_PORT_PROBES: u32 = 16;
+pub const SNAT_PORT_PROBES: u32 = 32;
 
 /// Value of `SERVICE_STATS` and `BACKEND_STATS` (per CPU; userspace sums the CPUs).
 #[repr(C)]

@@ -8,7 +8,7 @@
 
 use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
 use lb_common::{
-    hash::flow_hash,
+    hash::{flow_hash, snat_port},
     maps::{
         DIR_TO_BACKEND, DIR_TO_CLIENT, Endpoint, FlowKey, NO_BACKEND, NatEntry, SNAT_PORT_PROBES,
         Service, ServiceKey,
@@ -43,7 +43,7 @@ pub fn service(key: &FlowKey) -> Option<Service> {
 /// Creates both directions of a new flow to `service` and returns the forward rewrite.
 ///
 /// The backend comes from the service's Maglev slice at `hash % maglev_size`. The SNAT port
-/// is probed from `hash >> 32`: the reverse entry (backend → SNAT:port) is inserted with
+/// is probed in the order of `lb_common::hash::snat_port`: the reverse entry (backend → SNAT:port) is inserted with
 /// `BPF_NOEXIST`, which is atomic, so two CPUs can never hand out the same port to two flows.
 ///
 /// Errors: `DropNoBackend`, `DropSnatPortsExhausted`, `DropConntrackInsert`, and
@@ -81,9 +81,8 @@ pub fn create(key: &FlowKey, service: &Service) -> Result<NatEntry, Reason> {
         direction: DIR_TO_CLIENT,
     };
 
-    let first = (hash >> 32) as u32;
     for probe in 0..SNAT_PORT_PROBES {
-        let port = (cfg.snat_port_first + first.wrapping_add(probe) % cfg.snat_port_count) as u16;
+        let port = snat_port(hash, probe, cfg.snat_port_first, cfg.snat_port_count);
         forward.src.port = port.to_be_bytes();
         let reverse_key = FlowKey {
             src: forward.dst,

@@ -6,6 +6,7 @@
 //!   a namespace) and [`cleanup_stale`](netns::cleanup_stale) for leftovers of killed runs.
 //! * [`topology`]: the client / load balancer / three backends network, and its addresses.
 //! * [`demo_config`]: the xlb config the end-to-end test and the demo both run.
+//! * [`lab`]: the one-namespace lab where the fixtures and the benchmark run the program.
 //! * [`servers`]: the backends' line-answering TCP and UDP servers.
 //! * [`client`]: the clients that talk to the VIP from the client namespace.
 //! * [`xlb`]: starting and stopping the `xlb` process inside the load balancer namespace.
@@ -20,6 +21,7 @@
 pub mod client;
 pub mod cmd;
 pub mod demo_config;
+pub mod lab;
 pub mod netns;
 pub mod nstat;
 pub mod servers;

@@ -4,16 +4,8 @@
 //!
 //! Fixtures come in suites (see [`SUITES`]): one per config. For each, the program is loaded
 //! (not attached) and its maps filled from the suite's TOML by the control plane's own code,
-//! inside a network namespace of its own that holds two veth pairs, so `bpf_fib_lookup`
-//! sees a real routing table and real neighbours:
-//!
-//! ```text
-//!   client side: fx0 10.10.1.1/24 (peer fx0p)   neigh 10.10.1.2 → 02:00:00:00:0c:01
-//!                                               neigh 10.10.1.3 → 02:00:00:00:0c:03
-//!   backend side: fx1 10.20.1.1/24 (peer fx1p)  neigh 10.20.1.2 → 02:00:00:00:0b:01
-//!                                               (10.20.1.9 has no neighbour entry)
-//!   blackhole 10.99.0.0/16
-//! ```
+//! inside the one-namespace lab of `xlb_tests::lab` (two veth pairs, static neighbours, a
+//! blackhole route), so `bpf_fib_lookup` sees a real routing table and real neighbours.
 //!
 //! A suite's fixtures run in order against one loaded program, so later ones see the
 //! conntrack entries earlier ones created (a reply after its SYN, a second packet of a flow). Expected
@@ -25,14 +17,14 @@
 use std::collections::HashSet;
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf,
     maps::{DevMapHash, HashMap, MapData, PerCpuArray},
     programs::{TestRun, TestRunOptions, Xdp},
 };
 use lb_common::{
-    hash::flow_hash,
+    hash::{flow_hash, snat_port},
     maps::{
         self, DIR_TO_BACKEND, DIR_TO_CLIENT, Endpoint, FlowKey, NatEntry, PROTO_TCP, PROTO_UDP,
         SNAT_PORT_PROBES, names,
@@ -44,7 +36,13 @@ use lb_common::{
     reason::Reason,
 };
 use lb_userspace::config::{Checked, Config};
-use xlb_tests::netns::{self, NetNs};
+use xlb_tests::{
+    lab::{
+        self, BACKEND, BACKEND_MAC, CLIENT, CLIENT_MAC, FX0, FX0_MAC, FX1, FX1_MAC, NEAR_BACKEND,
+        NEAR_BACKEND_MAC, UNRESOLVED_BACKEND, ifindex,
+    },
+    netns::{self, NetNs},
+};
 
 const PREFIX: &str = "xlbfx";
 
@@ -52,22 +50,6 @@ const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
 const XDP_REDIRECT: u32 = 4;
-
-/// Client side: the LB's interface, its MAC, and the client's.
-const FX0: &str = "fx0";
-const FX0_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xaa, 0x00];
-const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 10, 1, 2);
-const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x0c, 0x01];
-/// A backend on the client side's subnet (for XDP_TX).
-const NEAR_BACKEND: Ipv4Addr = Ipv4Addr::new(10, 10, 1, 3);
-const NEAR_BACKEND_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x0c, 0x03];
-/// Backend side.
-const FX1: &str = "fx1";
-const FX1_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xaa, 0x01];
-const BACKEND: Ipv4Addr = Ipv4Addr::new(10, 20, 1, 2);
-const BACKEND_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x0b, 0x01];
-/// On fx1's subnet, but with no neighbour entry.
-const UNRESOLVED_BACKEND: Ipv4Addr = Ipv4Addr::new(10, 20, 1, 9);
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 100);
 const VIP_NO_BACKEND: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 101);
@@ -178,7 +160,7 @@ fn xdp_program_fixtures() {
         .collect();
 
     let ns = NetNs::create(&netns::unique_base(PREFIX)).expect("creating the namespace");
-    setup_namespace(&ns).expect("setting up the fixtures' namespace");
+    lab::setup(&ns).expect("setting up the fixtures' namespace");
     let reports = ns
         .enter(|| {
             SUITES
@@ -231,62 +213,11 @@ const SUITES: &[Suite] = &[
     },
 ];
 
-/// Two veth pairs with both ends in `ns`, addresses, static neighbours, forwarding on.
-fn setup_namespace(ns: &NetNs) -> Result<()> {
-    let mac = |m: [u8; 6]| {
-        m.iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<Vec<_>>()
-            .join(":")
-    };
-    ns.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
-    for (name, m, addr) in [
-        (FX0, FX0_MAC, "10.10.1.1/24"),
-        (FX1, FX1_MAC, "10.20.1.1/24"),
-    ] {
-        let peer = format!("{name}p");
-        let m = mac(m);
-        ns.ip(&[
-            "link", "add", name, "address", &m, "type", "veth", "peer", "name", &peer,
-        ])?;
-        ns.ip(&["addr", "add", addr, "dev", name])?;
-        ns.ip(&["link", "set", name, "up"])?;
-        ns.ip(&["link", "set", &peer, "up"])?;
-    }
-    for (addr, m, dev) in [
-        (CLIENT, CLIENT_MAC, FX0),
-        (NEAR_BACKEND, NEAR_BACKEND_MAC, FX0),
-        (BACKEND, BACKEND_MAC, FX1),
-    ] {
-        ns.ip(&[
-            "neigh",
-            "replace",
-            &addr.to_string(),
-            "lladdr",
-            &mac(m),
-            "dev",
-            dev,
-            "nud",
-            "permanent",
-        ])?;
-    }
-    ns.ip(&["route", "add", "blackhole", "10.99.0.0/16"])?;
-    Ok(())
-}
-
 /// An interface of the namespace, as the program sees it.
 #[derive(Clone, Copy, Debug)]
 struct Iface {
     ifindex: u32,
     mac: [u8; 6],
-}
-
-fn ifindex(name: &str) -> Result<u32> {
-    let c = std::ffi::CString::new(name)?;
-    // SAFETY: `c` is a valid NUL-terminated string for the duration of the call.
-    let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    ensure!(index != 0, "no interface {name} in the fixtures' namespace");
-    Ok(index)
 }
 
 /// What a fixture's output frame must be.
@@ -355,8 +286,12 @@ impl Model {
             proto,
             _pad: 0,
         };
-        let first = (flow_hash(&key, self.cfg.hash_seed) >> 32) as u32;
-        (self.cfg.snat_port_first + first.wrapping_add(probe) % self.cfg.snat_port_count) as u16
+        snat_port(
+            flow_hash(&key, self.cfg.hash_seed),
+            probe,
+            self.cfg.snat_port_first,
+            self.cfg.snat_port_count,
+        )
     }
 
     /// The flow a first packet client → vip creates toward `backend`, SNATed to `snat`.
@@ -1023,19 +958,10 @@ fn run_one(ebpf: &mut Ebpf, f: &Fixture) -> Result<()> {
         .program(lb_userspace::loader::PROGRAM)
         .context("program xlb")?
         .try_into()?;
-    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
-    // egress_ifindex. No metadata (data = data_meta = 0); data_end = the linear part.
-    let ctx: Vec<u8> = [
-        0,
+    let ctx = lab::xdp_md(
         f.linear_len.unwrap_or(f.input.len()) as u32,
-        0,
         f.ingress.ifindex,
-        0,
-        0,
-    ]
-    .iter()
-    .flat_map(|w| w.to_ne_bytes())
-    .collect();
+    );
     let mut out = vec![0u8; 4096];
 
     let before = reasons(ebpf)?;

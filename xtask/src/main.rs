@@ -31,6 +31,8 @@ enum Task {
     Test,
     /// Build a small network in namespaces, balance traffic through xlb, print the result.
     Demo,
+    /// Per-packet cost of the XDP program's paths, side by side (needs root).
+    Bench,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -49,6 +51,11 @@ fn main() -> anyhow::Result<()> {
         Task::Demo => {
             setup::ensure()?;
             demo(&root)
+        }
+        Task::Bench => {
+            setup::ensure()?;
+            require_root("cargo xtask bench")?;
+            run(cargo().args(["bench", "-p", "xlb-tests", "--bench", "xdp"]))
         }
     }
 }

@@ -1,0 +1,228 @@
+//! Per-packet cost of the XDP program's paths, measured in the kernel with
+//! BPF_PROG_TEST_RUN (`cargo xtask bench`).
+//!
+//! Every scenario runs the real program on a fresh copy of its frame (repeat = 1: XDP
+//! does not restore a frame between repeats), and the kernel reports how long the program
+//! ran. Scenarios take turns in rounds, so machine noise falls on all of them alike; the
+//! table gives each path's cost and its ratio to the cheapest path, measured side by side.
+//!
+//! Under `cargo test` (no `--bench` argument) it runs a few iterations as a smoke test, so
+//! the suite keeps the benchmark working.
+
+use std::{net::Ipv4Addr, time::Duration};
+
+use anyhow::{Context as _, Result, ensure};
+use aya::{
+    Ebpf,
+    maps::DevMapHash,
+    programs::{TestRun, TestRunOptions, Xdp},
+};
+use lb_common::{
+    maps::names,
+    packet::{Frame, TCP_ACK, TCP_SYN, arp_request},
+    reason::Reason,
+};
+use lb_userspace::config::Config;
+use xlb_tests::{
+    lab::{self, CLIENT, CLIENT_MAC, FX0, FX0_MAC, FX1},
+    netns::{self, NetNs},
+};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 100);
+const CONFIG: &str = r#"
+[dataplane]
+interfaces = ["fx0", "fx1"]
+conntrack_entries = 1048576
+[[service]]
+vip = "10.10.0.100:80"
+protocol = "tcp"
+snat = "10.20.0.1"
+[[service.backend]]
+address = "10.20.1.2:8080"
+"#;
+
+struct Scenario {
+    name: &'static str,
+    /// The reason every run of this scenario must end with.
+    reason: Reason,
+    /// The frame for run `i`, and the interface it arrives on.
+    frame: Box<dyn Fn(u32) -> (Vec<u8>, u32)>,
+    nanos: Vec<u64>,
+}
+
+fn main() -> Result<()> {
+    let bench = std::env::args().any(|a| a == "--bench");
+    // The new-flow path keeps every flow it creates: 20 × 1,500 = 30,000 flows stay well
+    // under the 64,512 SNAT ports one SNAT address has per backend, so no probe runs out.
+    let (rounds, per_round) = if bench { (20, 1_500) } else { (2, 50) };
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    ensure!(
+        unsafe { libc::geteuid() } == 0,
+        "BPF_PROG_TEST_RUN needs root: run cargo xtask bench"
+    );
+    netns::cleanup_stale("xlbbench")?;
+    let ns = NetNs::create(&netns::unique_base("xlbbench"))?;
+    lab::setup(&ns)?;
+    let table = ns.enter(|| run(rounds, per_round))??;
+    drop(ns);
+    if bench {
+        println!("{}", machine());
+        println!("{table}");
+    } else {
+        println!("bench smoke: every scenario ended with its expected reason");
+    }
+    Ok(())
+}
+
+fn run(rounds: u32, per_round: u32) -> Result<String> {
+    let checked = Config::parse(CONFIG)?
+        .validate()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut ebpf = lb_userspace::loader::load(&checked)?;
+    lb_userspace::tables::write(&mut ebpf, &checked)?;
+    let (fx0, fx1) = (lab::ifindex(FX0)?, lab::ifindex(FX1)?);
+    let mut devmap: DevMapHash<_> = ebpf.map_mut(names::DEVMAP).context("DEVMAP")?.try_into()?;
+    for i in [fx0, fx1] {
+        devmap.insert(i, i, None, 0)?;
+    }
+
+    let from_client = move |f: Frame| f.with_macs(CLIENT_MAC, FX0_MAC).build();
+    let mut scenarios = [
+        Scenario {
+            name: "ARP (not IPv4)",
+            reason: Reason::PassNotIpv4,
+            frame: Box::new(move |_| (arp_request(CLIENT_MAC, CLIENT, VIP), fx0)),
+            nanos: Vec::new(),
+        },
+        Scenario {
+            name: "TCP to a non-service address",
+            reason: Reason::PassNoService,
+            frame: Box::new(move |_| {
+                let f = Frame::tcp((CLIENT, 40000), (Ipv4Addr::new(10, 10, 1, 1), 22), TCP_ACK);
+                (from_client(f), fx0)
+            }),
+            nanos: Vec::new(),
+        },
+        Scenario {
+            // The first run creates the flow; every later one is a conntrack hit.
+            name: "TCP, tracked flow (conntrack hit, rewrite, redirect)",
+            reason: Reason::ForwardRedirect,
+            frame: Box::new(move |_| {
+                (
+                    from_client(Frame::tcp((CLIENT, 40000), (VIP, 80), TCP_ACK)),
+                    fx0,
+                )
+            }),
+            nanos: Vec::new(),
+        },
+        Scenario {
+            name: "TCP SYN, new flow (Maglev, SNAT port, two inserts)",
+            reason: Reason::ForwardRedirect,
+            frame: Box::new(move |i| {
+                // A different client for every run: 2^16 ports × 256 addresses.
+                let client = Ipv4Addr::new(10, 11, (i >> 16) as u8, 1);
+                let port = (i & 0xffff) as u16;
+                (
+                    from_client(Frame::tcp((client, port), (VIP, 80), TCP_SYN)),
+                    fx0,
+                )
+            }),
+            nanos: Vec::new(),
+        },
+    ];
+
+    let mut run_index = 0u32;
+    for _ in 0..rounds {
+        for s in &mut scenarios {
+            for _ in 0..per_round {
+                let (frame, ingress) = (s.frame)(run_index);
+                run_index += 1;
+                let (action, took) = run_once(&ebpf, &frame, ingress)?;
+                ensure!(
+                    action == s.reason.xdp_action(),
+                    "{}, run {}: expected action {} ({}), got {action}; reasons: {:?}",
+                    s.name,
+                    s.nanos.len(),
+                    s.reason.xdp_action(),
+                    s.reason.name(),
+                    reason_counts(&ebpf)
+                );
+                s.nanos.push(took.as_nanos() as u64);
+            }
+        }
+    }
+
+    let floor = median(&mut scenarios[0].nanos.clone()).max(1);
+    let mut table =
+        String::from("| path | reason | median ns | mean ns | × ARP |\n|---|---|---:|---:|---:|\n");
+    for s in &mut scenarios {
+        let mean = s.nanos.iter().sum::<u64>() / s.nanos.len() as u64;
+        let med = median(&mut s.nanos);
+        table.push_str(&format!(
+            "| {} | {} | {med} | {mean} | {:.2} |\n",
+            s.name,
+            s.reason.name(),
+            med as f64 / floor as f64
+        ));
+    }
+    table.push_str(&format!(
+        "\n{rounds} rounds × {per_round} runs per path, interleaved; one BPF_PROG_TEST_RUN \
+         (repeat = 1) per run.\n"
+    ));
+    Ok(table)
+}
+
+fn run_once(ebpf: &Ebpf, frame: &[u8], ingress: u32) -> Result<(u32, Duration)> {
+    let prog: &Xdp = ebpf
+        .program(lb_userspace::loader::PROGRAM)
+        .context("program")?
+        .try_into()?;
+    let ctx = lab::xdp_md(frame.len() as u32, ingress);
+    let mut out = vec![0u8; frame.len() + 256];
+    let r = prog.test_run(TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        ctx_in: Some(&ctx),
+        repeat: 1,
+        ..Default::default()
+    })?;
+    Ok((r.return_value, r.duration))
+}
+
+/// Non-zero reason counters, for error messages.
+fn reason_counts(ebpf: &Ebpf) -> Vec<(&'static str, u64)> {
+    let Some(map) = ebpf.map(names::REASONS) else {
+        return Vec::new();
+    };
+    let Ok(array) = aya::maps::PerCpuArray::<_, u64>::try_from(map) else {
+        return Vec::new();
+    };
+    Reason::ALL
+        .iter()
+        .filter_map(|r| {
+            let n: u64 = array.get(&(*r as u32), 0).ok()?.iter().sum();
+            (n > 0).then_some((r.name(), n))
+        })
+        .collect()
+}
+
+fn median(v: &mut [u64]) -> u64 {
+    v.sort_unstable();
+    v[v.len() / 2]
+}
+
+/// What the numbers were measured on.
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("machine: {cpu}, {cores} cores, Linux {}", kernel.trim())
+}

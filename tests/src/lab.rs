@@ -1,0 +1,101 @@
+//! A one-namespace lab for running the XDP program through BPF_PROG_TEST_RUN: two veth
+//! pairs with both ends inside the namespace, addresses, static neighbours with fixed MACs,
+//! a blackhole route, and forwarding on, so `bpf_fib_lookup` sees a real routing table.
+//! The fixtures (tests/fixtures.rs) and the benchmark (benches/xdp.rs) both run in it.
+//!
+//! ```text
+//!   client side:  fx0 10.10.1.1/24 (peer fx0p)  neigh 10.10.1.2 → 02:00:00:00:0c:01
+//!                                               neigh 10.10.1.3 → 02:00:00:00:0c:03
+//!   backend side: fx1 10.20.1.1/24 (peer fx1p)  neigh 10.20.1.2 → 02:00:00:00:0b:01
+//!                                               (10.20.1.9 has no neighbour entry)
+//!   blackhole 10.99.0.0/16
+//! ```
+
+use std::net::Ipv4Addr;
+
+use anyhow::{Result, ensure};
+
+use crate::netns::NetNs;
+
+pub const FX0: &str = "fx0";
+pub const FX0_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xaa, 0x00];
+pub const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 10, 1, 2);
+pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x0c, 0x01];
+/// A backend on the client side, so the program answers out of the same interface (XDP_TX).
+pub const NEAR_BACKEND: Ipv4Addr = Ipv4Addr::new(10, 10, 1, 3);
+pub const NEAR_BACKEND_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x0c, 0x03];
+
+pub const FX1: &str = "fx1";
+pub const FX1_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xaa, 0x01];
+pub const BACKEND: Ipv4Addr = Ipv4Addr::new(10, 20, 1, 2);
+pub const BACKEND_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x0b, 0x01];
+/// On fx1's subnet, with no neighbour entry.
+pub const UNRESOLVED_BACKEND: Ipv4Addr = Ipv4Addr::new(10, 20, 1, 9);
+
+/// Builds the lab inside `ns` (a fresh namespace).
+pub fn setup(ns: &NetNs) -> Result<()> {
+    ns.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+    for (name, mac, addr) in [
+        (FX0, FX0_MAC, "10.10.1.1/24"),
+        (FX1, FX1_MAC, "10.20.1.1/24"),
+    ] {
+        let peer = format!("{name}p");
+        ns.ip(&[
+            "link",
+            "add",
+            name,
+            "address",
+            &mac_string(mac),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &peer,
+        ])?;
+        ns.ip(&["addr", "add", addr, "dev", name])?;
+        ns.ip(&["link", "set", name, "up"])?;
+        ns.ip(&["link", "set", &peer, "up"])?;
+    }
+    for (addr, mac, dev) in [
+        (CLIENT, CLIENT_MAC, FX0),
+        (NEAR_BACKEND, NEAR_BACKEND_MAC, FX0),
+        (BACKEND, BACKEND_MAC, FX1),
+    ] {
+        ns.ip(&[
+            "neigh",
+            "replace",
+            &addr.to_string(),
+            "lladdr",
+            &mac_string(mac),
+            "dev",
+            dev,
+            "nud",
+            "permanent",
+        ])?;
+    }
+    ns.ip(&["route", "add", "blackhole", "10.99.0.0/16"])?;
+    Ok(())
+}
+
+fn mac_string(mac: [u8; 6]) -> String {
+    mac.map(|b| format!("{b:02x}")).join(":")
+}
+
+/// The ifindex of an interface in the calling thread's namespace.
+pub fn ifindex(name: &str) -> Result<u32> {
+    let c = std::ffi::CString::new(name)?;
+    // SAFETY: `c` is a valid NUL-terminated string for the duration of the call.
+    let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    ensure!(index != 0, "no interface {name} in this namespace");
+    Ok(index)
+}
+
+/// A `struct xdp_md` for BPF_PROG_TEST_RUN's ctx_in: data, data_end, data_meta,
+/// ingress_ifindex, rx_queue_index, egress_ifindex, as native-endian u32s. No metadata
+/// (data = data_meta = 0); `data_end` is the length of the linear part.
+pub fn xdp_md(data_end: u32, ingress_ifindex: u32) -> Vec<u8> {
+    [0, data_end, 0, ingress_ifindex, 0, 0]
+        .iter()
+        .flat_map(|w: &u32| w.to_ne_bytes())
+        .collect()
+}
