@@ -72,7 +72,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 "config {} is valid: {} service(s), {backends} backend(s), interfaces {:?}",
                 config.display(),
                 cfg.services.len(),
-                cfg.interfaces
+                cfg.dataplane.interfaces
             );
             Ok(())
         }

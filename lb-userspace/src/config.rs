@@ -27,7 +27,7 @@ pub struct Config {
 }
 
 /// `[dataplane]`
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Dataplane {
     /// Interfaces the program attaches to; `xlb run --iface` replaces this list.
@@ -145,16 +145,22 @@ fn default_weight() -> u32 {
 /// A config that passed [`Config::validate`]: addresses parsed, limits checked.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Checked {
-    pub interfaces: Vec<String>,
-    pub xdp_mode: XdpModeConfig,
-    pub conntrack_entries: u32,
-    pub maglev_table_size: u32,
-    pub max_services: u32,
-    pub max_backends: u32,
-    pub snat_port_first: u16,
-    pub snat_port_last: u16,
-    pub hash_seed: u32,
+    pub dataplane: Dataplane,
     pub services: Vec<Service>,
+}
+
+impl Checked {
+    /// The data path's settings, as the XDP program reads them from `CONFIG`.
+    pub fn map_config(&self) -> lb_common::maps::Config {
+        let dp = &self.dataplane;
+        let [first, last] = dp.snat_port_range;
+        lb_common::maps::Config {
+            maglev_size: dp.maglev_table_size,
+            hash_seed: dp.hash_seed,
+            snat_port_first: first as u32,
+            snat_port_count: (last - first) as u32 + 1,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -366,15 +372,7 @@ impl Config {
             return Err(ConfigErrors(errors));
         }
         Ok(Checked {
-            interfaces: dp.interfaces.clone(),
-            xdp_mode: dp.xdp_mode,
-            conntrack_entries: dp.conntrack_entries,
-            maglev_table_size: dp.maglev_table_size,
-            max_services: dp.max_services,
-            max_backends: dp.max_backends,
-            snat_port_first: first,
-            snat_port_last: last,
-            hash_seed: dp.hash_seed,
+            dataplane: dp.clone(),
             services,
         })
     }
@@ -439,8 +437,8 @@ address = "10.20.0.12:8080"
     #[test]
     fn the_readme_example_is_valid() {
         let c = Config::parse(GOOD).unwrap().validate().unwrap();
-        assert_eq!(c.interfaces, ["xlb-lb0"]);
-        assert_eq!(c.maglev_table_size, 65537);
+        assert_eq!(c.dataplane.interfaces, ["xlb-lb0"]);
+        assert_eq!(c.dataplane.maglev_table_size, 65537);
         let s = &c.services[0];
         assert_eq!(s.vip, "10.10.0.100:80".parse().unwrap());
         assert_eq!(s.backends[0].weight, 2);

@@ -35,12 +35,15 @@ pub struct Attachment {
 /// Loads the object and the program into the kernel, sized for `cfg`; attaches nothing.
 pub fn load(cfg: &Checked) -> anyhow::Result<Ebpf> {
     let mut ebpf = EbpfLoader::new()
-        .map_max_entries(names::SERVICES, cfg.max_services)
-        .map_max_entries(names::MAGLEV, cfg.max_services * cfg.maglev_table_size)
-        .map_max_entries(names::BACKENDS, cfg.max_backends)
-        .map_max_entries(names::CONNTRACK, cfg.conntrack_entries)
-        .map_max_entries(names::SERVICE_STATS, cfg.max_services)
-        .map_max_entries(names::BACKEND_STATS, cfg.max_backends)
+        .map_max_entries(names::SERVICES, cfg.dataplane.max_services)
+        .map_max_entries(
+            names::MAGLEV,
+            cfg.dataplane.max_services * cfg.dataplane.maglev_table_size,
+        )
+        .map_max_entries(names::BACKENDS, cfg.dataplane.max_backends)
+        .map_max_entries(names::CONNTRACK, cfg.dataplane.conntrack_entries)
+        .map_max_entries(names::SERVICE_STATS, cfg.dataplane.max_services)
+        .map_max_entries(names::BACKEND_STATS, cfg.dataplane.max_backends)
         .map_max_entries(names::REASONS, Reason::COUNT)
         .load(XDP_OBJECT)
         .context("loading the XDP object (are you root, with bpf() allowed?)")?;
@@ -59,13 +62,13 @@ pub fn load(cfg: &Checked) -> anyhow::Result<Ebpf> {
 /// when `ebpf` is dropped.
 pub fn attach(mut ebpf: Ebpf, cfg: &Checked) -> anyhow::Result<Loaded> {
     let mut attached = Vec::new();
-    for interface in &cfg.interfaces {
+    for interface in &cfg.dataplane.interfaces {
         let ifindex = ifindex(interface)?;
         let program: &mut Xdp = ebpf
             .program_mut(PROGRAM)
             .context("program xlb")?
             .try_into()?;
-        let mode = attach_one(program, interface, cfg.xdp_mode)?;
+        let mode = attach_one(program, interface, cfg.dataplane.xdp_mode)?;
         attached.push(Attachment {
             interface: interface.clone(),
             ifindex,
@@ -87,7 +90,7 @@ pub fn attach(mut ebpf: Ebpf, cfg: &Checked) -> anyhow::Result<Loaded> {
 /// Checks, before anything is loaded, that every configured interface exists and forwards
 /// IPv4, so a typo fails in milliseconds with the interface's name.
 pub fn check_interfaces(cfg: &Checked) -> anyhow::Result<()> {
-    for interface in &cfg.interfaces {
+    for interface in &cfg.dataplane.interfaces {
         ifindex(interface)?;
         check_forwarding(interface)?;
     }

@@ -22,16 +22,7 @@ pub struct Layout {
 
 pub fn write(ebpf: &mut Ebpf, cfg: &Checked) -> anyhow::Result<Layout> {
     let mut config: Array<&mut MapData, maps::Config> = array(ebpf, names::CONFIG)?;
-    config.set(
-        0,
-        maps::Config {
-            maglev_size: cfg.maglev_table_size,
-            hash_seed: cfg.hash_seed,
-            snat_port_first: cfg.snat_port_first as u32,
-            snat_port_count: (cfg.snat_port_last - cfg.snat_port_first) as u32 + 1,
-        },
-        0,
-    )?;
+    config.set(0, cfg.map_config(), 0)?;
 
     let mut layout = Layout::default();
     let mut next_backend = 0u32;
@@ -68,9 +59,9 @@ pub fn write(ebpf: &mut Ebpf, cfg: &Checked) -> anyhow::Result<Layout> {
                 weight: b.weight,
             })
             .collect();
-        let table = maglev::build(&entries, cfg.maglev_table_size);
+        let table = maglev::build(&entries, cfg.dataplane.maglev_table_size);
         let mut maglev_map: Array<&mut MapData, u32> = array(ebpf, names::MAGLEV)?;
-        let base = sid * cfg.maglev_table_size;
+        let base = sid * cfg.dataplane.maglev_table_size;
         for (slot, index) in table.iter().enumerate() {
             let id = if *index == NO_BACKEND {
                 NO_BACKEND

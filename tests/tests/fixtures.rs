@@ -264,12 +264,7 @@ struct Flow {
 impl Model {
     fn new(checked: &Checked) -> Model {
         Model {
-            cfg: maps::Config {
-                maglev_size: checked.maglev_table_size,
-                hash_seed: checked.hash_seed,
-                snat_port_first: checked.snat_port_first as u32,
-                snat_port_count: (checked.snat_port_last - checked.snat_port_first) as u32 + 1,
-            },
+            cfg: checked.map_config(),
             taken: HashSet::new(),
         }
     }
