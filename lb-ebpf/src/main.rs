@@ -73,6 +73,11 @@ pub fn xlb(ctx: XdpContext) -> u32 {
         Ok(reason) | Err(reason) => reason,
     };
     stats::count_reason(reason);
+    // These mean the control plane wrote inconsistent tables or the kernel refused an
+    // insert: rare, and worth a line in xlb's log on top of the counter.
+    if matches!(reason, Reason::DropInternal | Reason::DropConntrackInsert) {
+        aya_log_ebpf::error!(&ctx, "dropped a packet: {}", reason.name());
+    }
     reason.xdp_action()
 }
 

@@ -88,6 +88,24 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// Passes the XDP program's log lines (aya-log) on to xlb's own log, from a background task.
+fn forward_ebpf_logs(ebpf: &mut aya::Ebpf) -> anyhow::Result<()> {
+    let logger = aya_log::EbpfLogger::init(ebpf).context("reading the XDP program's log")?;
+    // SAFETY: the logger owns its ring buffer's fd, and keeps it open and unchanged until it
+    // is dropped together with the AsyncFd.
+    let mut logger = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| anyhow::anyhow!("watching the XDP program's log: {e}"))?;
+    tokio::spawn(async move {
+        while let Ok(mut guard) = logger.readable_mut().await {
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+    Ok(())
+}
+
 async fn serve(cfg: &Checked, stats_interval: Option<Duration>) -> anyhow::Result<()> {
     // Signals are hooked before anything is attached, so a signal never leaves the program
     // attached behind a killed process.
@@ -99,9 +117,7 @@ async fn serve(cfg: &Checked, stats_interval: Option<Duration>) -> anyhow::Resul
     // Fill the maps before attaching: the first packet already sees every service.
     let layout = tables::write(&mut ebpf, cfg)?;
     let mut loaded = loader::attach(ebpf, cfg)?;
-    if let Err(e) = aya_log::EbpfLogger::init(&mut loaded.ebpf) {
-        log::debug!("no eBPF log events: {e}");
-    }
+    forward_ebpf_logs(&mut loaded.ebpf)?;
     for a in &loaded.attached {
         println!(
             "attached to {} (ifindex {}) in {} mode",
