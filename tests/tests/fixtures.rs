@@ -20,14 +20,14 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf,
-    maps::{DevMapHash, HashMap, MapData, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray},
     programs::{TestRun, TestRunOptions, Xdp},
 };
 use lb_common::{
     hash::{flow_hash, snat_port},
     maps::{
-        self, DIR_TO_BACKEND, DIR_TO_CLIENT, Endpoint, FlowKey, NatEntry, PROTO_TCP, PROTO_UDP,
-        SNAT_PORT_PROBES, names,
+        self, DIR_TO_BACKEND, DIR_TO_CLIENT, Endpoint, FlowKey, NO_BACKEND, NatEntry, PROTO_TCP,
+        PROTO_UDP, SNAT_PORT_PROBES, names,
     },
     packet::{
         Frame, IP_MF, L4, PROTO_ICMP, TCP_ACK, TCP_PSH, TCP_SYN, arp_request, hex_diff, icmp_echo,
@@ -869,6 +869,42 @@ fn fixtures(model: &mut Model, fx0: Iface, fx1: Iface) -> Vec<Fixture> {
         XDP_DROP,
         Output::Unchanged,
         Reason::DropUnreachable,
+    ));
+    // 16: the Maglev table changes under a tracked flow (fixtures 01-03): the flow keeps its
+    // backend and SNAT port through conntrack, while a new flow sees the new table.
+    let maglev_size = model.cfg.maglev_size;
+    let data = from_client(Frame {
+        payload: b"still here".to_vec(),
+        ..Frame::tcp((CLIENT, 40000), (VIP, 80), TCP_ACK)
+    });
+    v.push(Fixture {
+        setup: Some(Box::new(move |ebpf: &mut Ebpf| {
+            // Service 0 (the config's first, VIP:80/tcp) loses every backend.
+            let mut maglev: Array<&mut MapData, u32> = ebpf
+                .map_mut(names::MAGLEV)
+                .context("map MAGLEV")?
+                .try_into()?;
+            for slot in 0..maglev_size {
+                maglev.set(slot, NO_BACKEND, 0)?;
+            }
+            Ok(())
+        })),
+        ..fx(
+            "16 Maglev table emptied under a tracked flow: it keeps its backend and SNAT port",
+            fx0,
+            data.build(),
+            XDP_REDIRECT,
+            rewritten(&data, &flow.to_backend, to_backend_macs),
+            Reason::ForwardRedirect,
+        )
+    });
+    v.push(fx(
+        "16b ...while a new flow to that service now finds no backend",
+        fx0,
+        from_client(Frame::tcp((CLIENT, 40160), (VIP, 80), TCP_SYN)).build(),
+        XDP_DROP,
+        Output::Unchanged,
+        Reason::DropNoBackend,
     ));
     v
 }
