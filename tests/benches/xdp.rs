@@ -14,7 +14,6 @@ use std::{net::Ipv4Addr, time::Duration};
 use anyhow::{Context as _, Result, ensure};
 use aya::{
     Ebpf,
-    maps::DevMapHash,
     programs::{TestRun, TestRunOptions, Xdp},
 };
 use lb_common::{
@@ -24,7 +23,7 @@ use lb_common::{
 };
 use lb_userspace::config::Config;
 use xlb_tests::{
-    lab::{self, CLIENT, CLIENT_MAC, FX0, FX0_MAC, FX1},
+    lab::{self, CLIENT, CLIENT_MAC, FX0_MAC},
     netns::{self, NetNs},
 };
 
@@ -78,13 +77,8 @@ fn run(rounds: u32, per_round: u32) -> Result<String> {
     let checked = Config::parse(CONFIG)?
         .validate()
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut ebpf = lb_userspace::loader::load(&checked)?;
-    lb_userspace::tables::write(&mut ebpf, &checked)?;
-    let (fx0, fx1) = (lab::ifindex(FX0)?, lab::ifindex(FX1)?);
-    let mut devmap: DevMapHash<_> = ebpf.map_mut(names::DEVMAP).context("DEVMAP")?.try_into()?;
-    for i in [fx0, fx1] {
-        devmap.insert(i, i, None, 0)?;
-    }
+    let lab::Program { ebpf, fx0, .. } = lab::load(&checked)?;
+    let fx0 = fx0.ifindex;
 
     let from_client = move |f: Frame| f.with_macs(CLIENT_MAC, FX0_MAC).build();
     let mut scenarios = [

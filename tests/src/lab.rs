@@ -13,7 +13,10 @@
 
 use std::net::Ipv4Addr;
 
-use anyhow::{Result, ensure};
+use anyhow::{Context as _, Result, ensure};
+use aya::{Ebpf, maps::DevMapHash};
+use lb_common::maps::names;
+use lb_userspace::config::Checked;
 
 use crate::netns::NetNs;
 
@@ -98,4 +101,42 @@ pub fn xdp_md(data_end: u32, ingress_ifindex: u32) -> Vec<u8> {
         .iter()
         .flat_map(|w: &u32| w.to_ne_bytes())
         .collect()
+}
+
+/// An interface of the lab, as the program sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct Iface {
+    pub ifindex: u32,
+    pub mac: [u8; 6],
+}
+
+/// The program loaded (not attached) in the calling thread's lab namespace, its maps filled
+/// from `checked` by the control plane's own code, and fx0 and fx1 in its devmap.
+pub struct Program {
+    pub ebpf: Ebpf,
+    pub fx0: Iface,
+    pub fx1: Iface,
+}
+
+/// Loads the program for BPF_PROG_TEST_RUN. Call it on a thread inside the lab's namespace
+/// (`NetNs::enter`): ifindexes, the devmap and the FIB are per namespace.
+pub fn load(checked: &Checked) -> Result<Program> {
+    let fx0 = Iface {
+        ifindex: ifindex(FX0)?,
+        mac: FX0_MAC,
+    };
+    let fx1 = Iface {
+        ifindex: ifindex(FX1)?,
+        mac: FX1_MAC,
+    };
+    let mut ebpf = lb_userspace::loader::load(checked).context("loading the XDP program")?;
+    lb_userspace::tables::write(&mut ebpf, checked).context("filling the maps")?;
+    let mut devmap: DevMapHash<_> = ebpf
+        .map_mut(names::DEVMAP)
+        .context("map DEVMAP")?
+        .try_into()?;
+    for i in [fx0, fx1] {
+        devmap.insert(i.ifindex, i.ifindex, None, 0)?;
+    }
+    Ok(Program { ebpf, fx0, fx1 })
 }

@@ -20,7 +20,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf,
-    maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap, MapData, PerCpuArray},
     programs::{TestRun, TestRunOptions, Xdp},
 };
 use lb_common::{
@@ -38,8 +38,8 @@ use lb_common::{
 use lb_userspace::config::{Checked, Config};
 use xlb_tests::{
     lab::{
-        self, BACKEND, BACKEND_MAC, CLIENT, CLIENT_MAC, FX0, FX0_MAC, FX1, FX1_MAC, NEAR_BACKEND,
-        NEAR_BACKEND_MAC, UNRESOLVED_BACKEND, ifindex,
+        self, BACKEND, BACKEND_MAC, CLIENT, CLIENT_MAC, Iface, NEAR_BACKEND, NEAR_BACKEND_MAC,
+        UNRESOLVED_BACKEND,
     },
     netns::{self, NetNs},
 };
@@ -212,13 +212,6 @@ const SUITES: &[Suite] = &[
         fixtures: one_port_fixtures,
     },
 ];
-
-/// An interface of the namespace, as the program sees it.
-#[derive(Clone, Copy, Debug)]
-struct Iface {
-    ifindex: u32,
-    mac: [u8; 6],
-}
 
 /// What a fixture's output frame must be.
 enum Output {
@@ -918,25 +911,9 @@ struct Report {
 /// Loads the program with the config's maps, then runs every fixture. Runs on a thread
 /// inside the fixtures' namespace: ifindexes, the devmap and the FIB are per namespace.
 fn run_suite(suite: &Suite, checked: &Checked) -> Result<Report> {
-    let fx0 = Iface {
-        ifindex: ifindex(FX0)?,
-        mac: FX0_MAC,
-    };
-    let fx1 = Iface {
-        ifindex: ifindex(FX1)?,
-        mac: FX1_MAC,
-    };
-    let mut ebpf = lb_userspace::loader::load(checked).context("loading the XDP program")?;
-    lb_userspace::tables::write(&mut ebpf, checked).context("filling the maps")?;
-    {
-        let mut devmap: DevMapHash<_> = ebpf
-            .map_mut(names::DEVMAP)
-            .context("map DEVMAP")?
-            .try_into()?;
-        for i in [fx0, fx1] {
-            devmap.insert(i.ifindex, i.ifindex, None, 0)?;
-        }
-    }
+    let lab::Program {
+        mut ebpf, fx0, fx1, ..
+    } = lab::load(checked)?;
 
     let mut model = Model::new(checked);
     let fixtures = (suite.fixtures)(&mut model, fx0, fx1);
