@@ -35,6 +35,13 @@ pub const BACKEND_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x0b, 0x01];
 /// On fx1's subnet, with no neighbour entry.
 pub const UNRESOLVED_BACKEND: Ipv4Addr = Ipv4Addr::new(10, 20, 1, 9);
 
+/// The static neighbours: address, MAC, and the interface they sit behind.
+pub const NEIGHBOURS: [(Ipv4Addr, [u8; 6], &str); 3] = [
+    (CLIENT, CLIENT_MAC, FX0),
+    (NEAR_BACKEND, NEAR_BACKEND_MAC, FX0),
+    (BACKEND, BACKEND_MAC, FX1),
+];
+
 /// Builds the lab inside `ns` (a fresh namespace).
 pub fn setup(ns: &NetNs) -> Result<()> {
     ns.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
@@ -59,11 +66,7 @@ pub fn setup(ns: &NetNs) -> Result<()> {
         ns.ip(&["link", "set", name, "up"])?;
         ns.ip(&["link", "set", &peer, "up"])?;
     }
-    for (addr, mac, dev) in [
-        (CLIENT, CLIENT_MAC, FX0),
-        (NEAR_BACKEND, NEAR_BACKEND_MAC, FX0),
-        (BACKEND, BACKEND_MAC, FX1),
-    ] {
+    for (addr, mac, dev) in NEIGHBOURS {
         ns.ip(&[
             "neigh",
             "replace",
@@ -104,7 +107,7 @@ pub fn xdp_md(data_end: u32, ingress_ifindex: u32) -> Vec<u8> {
 }
 
 /// An interface of the lab, as the program sees it.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Iface {
     pub ifindex: u32,
     pub mac: [u8; 6],
