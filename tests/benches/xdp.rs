@@ -17,7 +17,6 @@ use aya::{
     programs::{TestRun, TestRunOptions, Xdp},
 };
 use lb_common::{
-    maps::names,
     packet::{Frame, TCP_ACK, TCP_SYN, arp_request},
     reason::Reason,
 };
@@ -185,18 +184,12 @@ fn run_once(ebpf: &Ebpf, frame: &[u8], ingress: u32) -> Result<(u32, Duration)> 
 
 /// Non-zero reason counters, for error messages.
 fn reason_counts(ebpf: &Ebpf) -> Vec<(&'static str, u64)> {
-    let Some(map) = ebpf.map(names::REASONS) else {
-        return Vec::new();
-    };
-    let Ok(array) = aya::maps::PerCpuArray::<_, u64>::try_from(map) else {
-        return Vec::new();
-    };
+    let counts = lab::reasons(ebpf).unwrap_or_default();
     Reason::ALL
         .iter()
-        .filter_map(|r| {
-            let n: u64 = array.get(&(*r as u32), 0).ok()?.iter().sum();
-            (n > 0).then_some((r.name(), n))
-        })
+        .zip(counts)
+        .filter(|(_, n)| *n > 0)
+        .map(|(r, n)| (r.name(), n))
         .collect()
 }
 

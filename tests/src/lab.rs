@@ -14,8 +14,11 @@
 use std::net::Ipv4Addr;
 
 use anyhow::{Context as _, Result, ensure};
-use aya::{Ebpf, maps::DevMapHash};
-use lb_common::maps::names;
+use aya::{
+    Ebpf,
+    maps::{DevMapHash, MapData, PerCpuArray},
+};
+use lb_common::{maps::names, reason::Reason};
 use lb_userspace::config::Checked;
 
 use crate::netns::NetNs;
@@ -142,4 +145,16 @@ pub fn load(checked: &Checked) -> Result<Program> {
         devmap.insert(i.ifindex, i.ifindex, None, 0)?;
     }
     Ok(Program { ebpf, fx0, fx1 })
+}
+
+/// The `REASONS` counters, summed over CPUs, in [`Reason::ALL`] order.
+pub fn reasons(ebpf: &Ebpf) -> Result<Vec<u64>> {
+    let map: PerCpuArray<&MapData, u64> = ebpf
+        .map(names::REASONS)
+        .context("map REASONS")?
+        .try_into()?;
+    Reason::ALL
+        .iter()
+        .map(|r| Ok(map.get(&(*r as u32), 0)?.iter().sum()))
+        .collect()
 }

@@ -20,7 +20,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap, MapData},
     programs::{TestRun, TestRunOptions, Xdp},
 };
 use lb_common::{
@@ -935,17 +935,6 @@ fn run_suite(suite: &Suite, checked: &Checked) -> Result<Report> {
     })
 }
 
-fn reasons(ebpf: &Ebpf) -> Result<Vec<u64>> {
-    let map: PerCpuArray<&MapData, u64> = ebpf
-        .map(names::REASONS)
-        .context("map REASONS")?
-        .try_into()?;
-    Reason::ALL
-        .iter()
-        .map(|r| Ok(map.get(&(*r as u32), 0)?.iter().sum()))
-        .collect()
-}
-
 fn action_name(action: u32) -> String {
     match action {
         0 => "XDP_ABORTED".into(),
@@ -972,7 +961,7 @@ fn run_one(ebpf: &mut Ebpf, f: &Fixture) -> Result<()> {
     );
     let mut out = vec![0u8; 4096];
 
-    let before = reasons(ebpf)?;
+    let before = lab::reasons(ebpf)?;
     let result = prog
         .test_run(TestRunOptions {
             data_in: Some(&f.input),
@@ -983,7 +972,7 @@ fn run_one(ebpf: &mut Ebpf, f: &Fixture) -> Result<()> {
             ..Default::default()
         })
         .context("BPF_PROG_TEST_RUN")?;
-    let after = reasons(ebpf)?;
+    let after = lab::reasons(ebpf)?;
     out.truncate(result.data_size_out as usize);
 
     let mut problems = Vec::new();

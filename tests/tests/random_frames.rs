@@ -18,7 +18,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 use anyhow::{Context as _, Result, bail, ensure};
 use aya::{
     Ebpf,
-    maps::{HashMap, MapData, PerCpuArray},
+    maps::{HashMap, MapData},
     programs::{TestRun, TestRunOptions, Xdp},
 };
 use lb_common::{
@@ -273,7 +273,7 @@ fn run_and_check(
         .try_into()?;
     let ctx = lab::xdp_md(input.len() as u32, ingress.ifindex);
     let mut out = vec![0u8; input.len() + 256];
-    let before = reasons(ebpf)?;
+    let before = lab::reasons(ebpf)?;
     let r = prog.test_run(TestRunOptions {
         data_in: Some(input),
         data_out: Some(&mut out),
@@ -281,7 +281,7 @@ fn run_and_check(
         repeat: 1,
         ..Default::default()
     })?;
-    let after = reasons(ebpf)?;
+    let after = lab::reasons(ebpf)?;
     out.truncate(r.data_size_out as usize);
 
     let counted: Vec<Reason> = Reason::ALL
@@ -398,15 +398,4 @@ fn conntrack(ebpf: &Ebpf, key: &FlowKey) -> Result<Option<NatEntry>> {
         Err(aya::maps::MapError::KeyNotFound) => Ok(None),
         Err(e) => Err(e.into()),
     }
-}
-
-fn reasons(ebpf: &Ebpf) -> Result<Vec<u64>> {
-    let map: PerCpuArray<&MapData, u64> = ebpf
-        .map(names::REASONS)
-        .context("map REASONS")?
-        .try_into()?;
-    Reason::ALL
-        .iter()
-        .map(|r| Ok(map.get(&(*r as u32), 0)?.iter().sum()))
-        .collect()
 }
