@@ -111,6 +111,8 @@ fn attach_one(
         }
         XdpModeConfig::Auto => match program_attach(program, interface, XdpMode::Driver) {
             Ok(()) => Ok("native"),
+            // Busy is not "no native support": generic would fail the same way, less clearly.
+            Err(native_err) if is_busy(&native_err) => Err(native_err),
             Err(native_err) => {
                 log::warn!("{interface}: native XDP failed ({native_err:#}); trying generic");
                 program_attach(program, interface, XdpMode::Skb)
@@ -122,10 +124,24 @@ fn attach_one(
 }
 
 fn program_attach(program: &mut Xdp, interface: &str, mode: XdpMode) -> anyhow::Result<()> {
-    program
+    let result = program
         .attach(interface, mode)
         .map(|_| ())
-        .with_context(|| format!("attaching XDP to {interface} in {mode:?} mode"))
+        .with_context(|| format!("attaching XDP to {interface} in {mode:?} mode"));
+    match result {
+        Err(e) if is_busy(&e) => Err(e.context(format!(
+            "{interface} already has an XDP program attached (another xlb?); see \
+             `ip link show {interface}`"
+        ))),
+        other => other,
+    }
+}
+
+/// The kernel's answer when the interface already has an XDP program.
+fn is_busy(err: &anyhow::Error) -> bool {
+    err.chain()
+        .filter_map(|e| e.downcast_ref::<std::io::Error>())
+        .any(|e| e.raw_os_error() == Some(libc::EBUSY))
 }
 
 fn ifindex(interface: &str) -> anyhow::Result<u32> {

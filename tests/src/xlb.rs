@@ -55,6 +55,8 @@ pub struct XlbProcess {
     config_path: PathBuf,
     /// The `ready:` line.
     ready_line: String,
+    /// What xlb printed on stdout before `ready:` (which interface, which XDP mode).
+    startup: Vec<String>,
     /// Stdout lines, from the reader thread. Disconnects when xlb closes stdout (exits).
     stdout: Receiver<String>,
     stderr_tail: Arc<Mutex<Vec<String>>>,
@@ -140,6 +142,7 @@ impl XlbProcess {
             ns_name: ns.name().to_string(),
             config_path,
             ready_line: String::new(),
+            startup: Vec::new(),
             stdout,
             stderr_tail,
             exited: None,
@@ -156,6 +159,7 @@ impl XlbProcess {
             match self.stdout.recv_timeout(left) {
                 Ok(line) if line.starts_with("ready:") => {
                     self.ready_line = line;
+                    self.startup = before_ready;
                     return Ok(());
                 }
                 Ok(line) => before_ready.push(line),
@@ -184,6 +188,12 @@ impl XlbProcess {
     /// The `ready:` line xlb printed.
     pub fn ready_line(&self) -> &str {
         &self.ready_line
+    }
+
+    /// The stdout lines xlb printed before `ready:`, e.g.
+    /// `attached to xlb-c (ifindex 2) in native mode`.
+    pub fn startup_lines(&self) -> &[String] {
+        &self.startup
     }
 
     /// xlb's pid (that of the `ip netns exec` it replaced).

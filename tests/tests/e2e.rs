@@ -43,8 +43,19 @@ const LB_LOCAL_PORT: u16 = 9000;
 /// their logs and timings would); every test in this file takes this lock.
 static SERIAL: Mutex<()> = Mutex::new(());
 
+/// `xdp_mode = "auto"`: veth has native XDP, so xlb must say it attached natively.
 #[test]
 fn xlb_balances_tcp_and_udp_with_full_nat() {
+    run_e2e("auto", "native");
+}
+
+/// The same in generic (skb) mode, the fallback for drivers without native XDP.
+#[test]
+fn xlb_balances_tcp_and_udp_in_generic_mode() {
+    run_e2e("generic", "generic");
+}
+
+fn run_e2e(xdp_mode: &str, expect_mode: &str) {
     if let Err(e) = xlb_tests::require_root() {
         panic!("{e}");
     }
@@ -61,7 +72,7 @@ fn xlb_balances_tcp_and_udp_with_full_nat() {
     let (names, result) = {
         let topo = Topology::new(PREFIX).expect("building the namespace topology");
         let names = topo.namespace_names();
-        let result = scenario(&topo);
+        let result = scenario(&topo, xdp_mode, expect_mode);
         drop(topo);
         (names, result)
     };
@@ -78,7 +89,7 @@ fn xlb_balances_tcp_and_udp_with_full_nat() {
 
 /// The test proper. Returns an error (instead of panicking) for every failed check, so the
 /// caller still gets to verify the cleanup.
-fn scenario(topo: &Topology) -> Result<()> {
+fn scenario(topo: &Topology, xdp_mode: &str, expect_mode: &str) -> Result<()> {
     topo.check_connectivity()?;
     // The pings above taught the load balancer its neighbours' MACs. Forget them, so the
     // first packets of the test take the real first-packet path: bpf_fib_lookup finds no
@@ -94,8 +105,25 @@ fn scenario(topo: &Topology) -> Result<()> {
 
     let before = read_checksum_counters(topo)?;
 
-    let xlb = XlbProcess::start(&topo.lb, CONFIG_TOML).context("starting xlb")?;
+    let config = CONFIG_TOML.replace("xdp_mode = \"auto\"", &format!("xdp_mode = \"{xdp_mode}\""));
+    ensure!(
+        config.contains(&format!("xdp_mode = \"{xdp_mode}\"")),
+        "the demo config has no xdp_mode line to set"
+    );
+    let xlb = XlbProcess::start(&topo.lb, &config).context("starting xlb")?;
     eprintln!("xlb is ready: {}", xlb.ready_line());
+    for iface in LB_INTERFACES {
+        let said = format!("attached to {iface} ");
+        let line = xlb
+            .startup_lines()
+            .iter()
+            .find(|l| l.starts_with(&said))
+            .with_context(|| format!("xlb did not say it attached to {iface}"))?;
+        ensure!(
+            line.ends_with(&format!("in {expect_mode} mode")),
+            "xdp_mode {xdp_mode}: expected {expect_mode} mode, xlb said {line:?}"
+        );
+    }
 
     let tcp = check_tcp(topo, &servers)?;
     let udp = check_udp(topo, &servers)?;
@@ -107,6 +135,16 @@ fn scenario(topo: &Topology) -> Result<()> {
         "backends saw source addresses {peers:?}, expected only the SNAT address {SNAT}"
     );
 
+    // An operator starting a second xlb on the same interfaces gets a clear refusal, and
+    // the running one is not disturbed (the checks below still pass through it).
+    let second = XlbProcess::start_quiet(&topo.lb, &config);
+    let refusal = format!("{:#}", second.err().context("a second xlb started")?);
+    ensure!(
+        refusal.contains("already has an XDP program attached"),
+        "the second xlb failed, but not saying why: {refusal}"
+    );
+    check_xdp_attached(&topo.lb, true)?;
+
     check_lb_local_traffic(topo, lb_local, &lb_server)?;
 
     let after = read_checksum_counters(topo)?;
@@ -116,7 +154,7 @@ fn scenario(topo: &Topology) -> Result<()> {
     let stats = Stats::parse(&output).context("parsing xlb's counters")?;
     check_xlb_counters(&stats, &servers, &tcp, &udp)?;
 
-    check_no_xdp_left(&topo.lb)?;
+    check_xdp_attached(&topo.lb, false)?;
     Ok(())
 }
 
@@ -384,13 +422,14 @@ fn check_xlb_counters(
     Ok(())
 }
 
-/// After xlb exits, none of the load balancer's interfaces may still have an XDP program.
-fn check_no_xdp_left(lb: &NetNs) -> Result<()> {
+/// Every load balancer interface has an XDP program (`attached`) or none (`!attached`).
+fn check_xdp_attached(lb: &NetNs, attached: bool) -> Result<()> {
     for iface in LB_INTERFACES {
         let out = lb.ip(&["-d", "link", "show", iface])?;
         ensure!(
-            !out.stdout.contains("xdp"),
-            "XDP program still attached to {iface} after xlb exited:\n{}",
+            out.stdout.contains("xdp") == attached,
+            "{iface}: expected {}an XDP program:\n{}",
+            if attached { "" } else { "no " },
             out.stdout
         );
     }
