@@ -45,16 +45,18 @@ fn main() -> anyhow::Result<()> {
             build()
         }
         Task::Test => {
+            require_root("cargo xtask test")?;
             setup::ensure()?;
             test(&root)
         }
         Task::Demo => {
+            require_root("cargo xtask demo")?;
             setup::ensure()?;
             demo(&root)
         }
         Task::Bench => {
-            setup::ensure()?;
             require_root("cargo xtask bench")?;
+            setup::ensure()?;
             run(cargo().args(["bench", "-p", "xlb-tests", "--bench", "xdp"]))
         }
     }
@@ -100,7 +102,10 @@ fn build() -> anyhow::Result<()> {
 fn require_root(what: &str) -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc_geteuid() } != 0 {
-        bail!("{what} needs root (it loads XDP programs and creates network namespaces)");
+        bail!(
+            "{what} needs root: it installs what is missing, loads XDP programs and creates \
+             network namespaces"
+        );
     }
     Ok(())
 }
@@ -111,7 +116,6 @@ unsafe extern "C" {
 }
 
 fn test(root: &Path) -> anyhow::Result<()> {
-    require_root("cargo xtask test")?;
     run(cargo().args(["fmt", "--all", "--check"]))?;
     run(cargo().args([
         "clippy",
@@ -170,7 +174,6 @@ fn count_before(text: &str, word: &str) -> u64 {
 }
 
 fn demo(root: &Path) -> anyhow::Result<()> {
-    require_root("cargo xtask demo")?;
     run(cargo().args(["build", "-p", "lb-userspace", "-p", "xlb-tests", "--bins"]))?;
     run(Command::new(root.join("target/debug/xlb-demo"))
         .env("XLB_BIN", root.join("target/debug/xlb")))
