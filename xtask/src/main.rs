@@ -100,19 +100,14 @@ fn build() -> anyhow::Result<()> {
 }
 
 fn require_root(what: &str) -> anyhow::Result<()> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc_geteuid() } != 0 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
         bail!(
             "{what} needs root: it installs what is missing, loads XDP programs and creates \
              network namespaces"
         );
     }
     Ok(())
-}
-
-unsafe extern "C" {
-    #[link_name = "geteuid"]
-    fn libc_geteuid() -> u32;
 }
 
 fn test(root: &Path) -> anyhow::Result<()> {
