@@ -101,11 +101,13 @@ fn process(ctx: &XdpContext) -> Result<Reason, Reason> {
         }
     };
 
-    stats::count_flow_packet(&entry, pkt.frame_len);
-
     let hop = forward::route(ctx, &pkt, &entry)?;
     nat::rewrite(ctx, &pkt, &entry, hop.ttl_decrement())?;
-    forward::send(ctx, hop)
+    let sent = forward::send(ctx, hop)?;
+    // Counted once the packet has left (or gone to the kernel rewritten), so a packet
+    // dropped as unreachable does not show up as service traffic.
+    stats::count_flow_packet(&entry, pkt.frame_len);
+    Ok(sent)
 }
 
 /// Whether a packet of ours can be rewritten and forwarded: its fragments cannot (later
