@@ -8,7 +8,9 @@
 //! * leave every frame it does not rewrite byte for byte as it was;
 //! * rewrite every frame it forwards exactly as `nat_rewrite_v4` does with the conntrack
 //!   entry the flow got, with the right MACs, and with valid checksums when the input's
-//!   were valid.
+//!   were valid;
+//! * and, in the end, have counted in its service and backend counters exactly the packets
+//!   and bytes that left rewritten.
 //!
 //! The seed is fixed so a failure reproduces; `XLB_RANDOM_SEED` and `XLB_RANDOM_FRAMES`
 //! change it and the count.
@@ -18,11 +20,11 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 use anyhow::{Context as _, Result, bail, ensure};
 use aya::{
     Ebpf,
-    maps::{HashMap, MapData},
+    maps::{HashMap, MapData, PerCpuArray},
     programs::{TestRun, TestRunOptions, Xdp},
 };
 use lb_common::{
-    maps::{Endpoint, FlowKey, NatEntry, names},
+    maps::{Endpoint, FlowKey, FlowStats, NatEntry, names},
     packet::{ETH_HLEN, Frame, IP_MF, L4, hex_diff, nat_rewrite_v4, summary, verify_checksums_v4},
     reason::Reason,
 };
@@ -143,6 +145,9 @@ fn run(seed: u64, frames: u64) -> Result<BTreeMap<&'static str, u64>> {
     // Inputs of flows the program forwarded, to send again (conntrack hits) and to answer.
     let mut tracked: Vec<Frame> = Vec::new();
     let mut histogram = BTreeMap::new();
+    // Packets and bytes of the frames that left rewritten: what the service and backend
+    // counters must add up to.
+    let (mut rewritten, mut rewritten_bytes) = (0u64, 0u64);
 
     for i in 0..frames {
         let (frame, ingress) = random_frame(&mut rng, &tracked, &ebpf, fx0, fx1)?;
@@ -153,11 +158,56 @@ fn run(seed: u64, frames: u64) -> Result<BTreeMap<&'static str, u64>> {
         let reason = run_and_check(&ebpf, &input, ingress, fx0, fx1)
             .with_context(|| format!("frame {i}: {}", summary(&input)))?;
         *histogram.entry(reason.name()).or_insert(0) += 1;
+        if matches!(
+            reason,
+            Reason::ForwardTx
+                | Reason::ForwardRedirect
+                | Reason::PassNoNeighbour
+                | Reason::PassFibOther
+        ) {
+            rewritten += 1;
+            rewritten_bytes += input.len() as u64;
+        }
         if matches!(reason, Reason::ForwardTx | Reason::ForwardRedirect) && ingress == fx0 {
             tracked.push(frame);
         }
     }
+    let services = checked.services.len() as u32;
+    let backends: u32 = checked
+        .services
+        .iter()
+        .map(|s| s.backends.len() as u32)
+        .sum();
+    for (map, count) in [
+        (names::SERVICE_STATS, services),
+        (names::BACKEND_STATS, backends),
+    ] {
+        let (packets, bytes) = flow_stats_total(&ebpf, map, count)?;
+        ensure!(
+            (packets, bytes) == (rewritten, rewritten_bytes),
+            "{map} counts {packets} packets / {bytes} bytes, but {rewritten} frames / \
+             {rewritten_bytes} bytes left rewritten"
+        );
+    }
     Ok(histogram)
+}
+
+/// Packets and bytes, both directions, summed over the first `count` entries and all CPUs.
+fn flow_stats_total(ebpf: &Ebpf, map: &str, count: u32) -> Result<(u64, u64)> {
+    let stats: PerCpuArray<&MapData, FlowStats> = ebpf
+        .map(map)
+        .with_context(|| format!("map {map}"))?
+        .try_into()?;
+    let mut total = FlowStats::default();
+    for i in 0..count {
+        for cpu in stats.get(&i, 0)?.iter() {
+            total.add(cpu);
+        }
+    }
+    Ok((
+        total.packets_in + total.packets_out,
+        total.bytes_in + total.bytes_out,
+    ))
 }
 
 /// A frame and the interface it arrives on.
