@@ -126,8 +126,23 @@ pub struct NatEntry {
     pub backend_id: u32,
     /// [`DIR_TO_BACKEND`] or [`DIR_TO_CLIENT`].
     pub direction: u32,
+    /// When this direction last carried a packet (`bpf_ktime_get_ns`, CLOCK_MONOTONIC).
+    /// A flow idle past its protocol's timeout gives its SNAT port up to a new flow.
+    pub last_seen_ns: u64,
 }
-const _: () = assert!(size_of::<NatEntry>() == 48);
+const _: () = assert!(size_of::<NatEntry>() == 56);
+
+impl NatEntry {
+    /// Same rewrite (addresses, ports, service, backend, direction), whatever the time.
+    #[inline(always)]
+    pub fn same_rewrite(&self, other: &NatEntry) -> bool {
+        self.src == other.src
+            && self.dst == other.dst
+            && self.service_id == other.service_id
+            && self.backend_id == other.backend_id
+            && self.direction == other.direction
+    }
+}
 
 /// Key of `SERVICES`: what a client sends to.
 #[repr(C)]
@@ -179,8 +194,25 @@ pub struct Config {
     pub snat_port_first: u32,
     /// How many SNAT source ports, starting at `snat_port_first`.
     pub snat_port_count: u32,
+    /// Seconds a TCP flow may stay idle before its SNAT port can go to a new flow.
+    pub tcp_idle_timeout_s: u32,
+    /// The same for UDP.
+    pub udp_idle_timeout_s: u32,
 }
-const _: () = assert!(size_of::<Config>() == 16);
+const _: () = assert!(size_of::<Config>() == 24);
+
+impl Config {
+    /// The idle timeout of protocol `proto`, in nanoseconds.
+    #[inline(always)]
+    pub fn idle_timeout_ns(&self, proto: u8) -> u64 {
+        let seconds = if proto == PROTO_TCP {
+            self.tcp_idle_timeout_s
+        } else {
+            self.udp_idle_timeout_s
+        };
+        seconds as u64 * 1_000_000_000
+    }
+}
 
 /// How many SNAT ports a new flow tries (in the order of
 /// [`hash::snat_port`](crate::hash::snat_port)) before it is dropped with

@@ -3,7 +3,7 @@
 //! changes under it.
 #![expect(
     clippy::needless_borrows_for_generic_args,
-    reason = "by-value keys would be copied on the 512-byte BPF stack, already ~400 bytes deep"
+    reason = "by-value keys would be copied onto the 512-byte BPF stack, which is nearly full"
 )]
 
 use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
@@ -16,16 +16,44 @@ use lb_common::{
     reason::Reason,
 };
 
-use crate::{BACKENDS, CONFIG, CONNTRACK, MAGLEV, SERVICES};
+use crate::{BACKENDS, CONFIG, CONNTRACK, CREATE_SCRATCH, MAGLEV, SERVICES};
+
+/// `create`'s working space, one per CPU (see `CREATE_SCRATCH` in main.rs).
+#[repr(C)]
+pub struct Scratch {
+    forward: NatEntry,
+    reverse: NatEntry,
+    reverse_key: FlowKey,
+}
 
 const EEXIST: i32 = 17;
 
-/// The rewrite for a tracked flow direction, copied out of the map.
+/// The rewrite for a tracked flow direction, copied out of the map, after marking the
+/// entry as seen at `now`.
 #[inline(always)]
-pub fn lookup(key: &FlowKey) -> Option<NatEntry> {
-    // SAFETY: the value is copied out at once; an LRU eviction racing with the copy can at
-    // worst give a stale entry for this one packet, never an invalid read (preallocated map).
+pub fn lookup(key: &FlowKey, now: u64) -> Option<NatEntry> {
+    let entry = CONNTRACK.get_ptr_mut(key)?;
+    // SAFETY: the pointer is into a preallocated map value, valid for this program run; an
+    // LRU eviction racing with us can at worst give a stale entry for this one packet. The
+    // timestamp store is one aligned u64 write; CPUs racing on it all write "about now".
+    unsafe {
+        (*entry).last_seen_ns = now;
+        Some(*entry)
+    }
+}
+
+/// The entry for `key`, without touching its timestamp.
+#[inline(always)]
+fn peek(key: &FlowKey) -> Option<NatEntry> {
+    // SAFETY: copied out at once, as in `lookup`.
     unsafe { CONNTRACK.get(key).copied() }
+}
+
+/// Idle for longer than `timeout_ns` at `now`. A timestamp a hair ahead of `now` (written
+/// by another CPU) is not idle.
+#[inline(always)]
+fn idle(entry: &NatEntry, now: u64, timeout_ns: u64) -> bool {
+    now > entry.last_seen_ns && now - entry.last_seen_ns > timeout_ns
 }
 
 /// The service a packet's destination and protocol address, if any.
@@ -48,8 +76,11 @@ pub fn service(key: &FlowKey) -> Option<Service> {
 ///
 /// Errors: `DropNoBackend`, `DropSnatPortsExhausted`, `DropConntrackInsert`, and
 /// `DropInternal` when the control plane's tables disagree.
-#[inline(always)]
-pub fn create(key: &FlowKey, service: &Service) -> Result<NatEntry, Reason> {
+///
+/// Not inlined: a flow's first packet is the cold path, and as a BPF subprogram its locals
+/// get a frame of their own instead of adding to the hot path's share of the 512-byte stack.
+#[inline(never)]
+pub fn create(key: &FlowKey, service: &Service, now: u64) -> Result<NatEntry, Reason> {
     let cfg = CONFIG.get(0).ok_or(Reason::DropInternal)?;
     if cfg.maglev_size == 0 || cfg.snat_port_count == 0 {
         return Err(Reason::DropInternal);
@@ -63,7 +94,15 @@ pub fn create(key: &FlowKey, service: &Service) -> Result<NatEntry, Reason> {
     }
     let backend = BACKENDS.get(backend_id).ok_or(Reason::DropInternal)?;
 
-    let mut forward = NatEntry {
+    let scratch = CREATE_SCRATCH.get_ptr_mut(0).ok_or(Reason::DropInternal)?;
+    // SAFETY: this CPU's slot of a one-entry per-CPU array. An XDP program runs to
+    // completion on its CPU (softirq), so no other run touches the slot meanwhile.
+    let Scratch {
+        forward,
+        reverse,
+        reverse_key,
+    } = unsafe { &mut *scratch };
+    *forward = NatEntry {
         src: Endpoint {
             addr: service.snat,
             port: [0; 2],
@@ -72,40 +111,86 @@ pub fn create(key: &FlowKey, service: &Service) -> Result<NatEntry, Reason> {
         service_id: service.id,
         backend_id,
         direction: DIR_TO_BACKEND,
+        last_seen_ns: now,
     };
-    let reverse = NatEntry {
+    *reverse = NatEntry {
         src: key.dst,
         dst: key.src,
         service_id: service.id,
         backend_id,
         direction: DIR_TO_CLIENT,
+        last_seen_ns: now,
     };
+    let timeout_ns = cfg.idle_timeout_ns(key.proto);
 
     for probe in 0..SNAT_PORT_PROBES {
         let port = snat_port(hash, probe, cfg.snat_port_first, cfg.snat_port_count);
         forward.src.port = port.to_be_bytes();
-        let reverse_key = FlowKey {
+        *reverse_key = FlowKey {
             src: forward.dst,
             dst: forward.src,
             proto: key.proto,
             _pad: 0,
         };
-        match CONNTRACK.insert(&reverse_key, &reverse, BPF_NOEXIST as u64) {
-            Ok(()) => return insert_forward(key, &forward, &reverse_key),
+        match CONNTRACK.insert(&*reverse_key, &*reverse, BPF_NOEXIST as u64) {
+            Ok(()) => return insert_forward(key, forward, reverse_key),
             Err(e) if e == -EEXIST => {
-                // Taken — unless by this very flow, whose forward entry the LRU evicted
-                // while its reverse one survived: then keep the port the backend knows.
-                if lookup(&reverse_key) == Some(reverse) {
+                let Some(held) = CONNTRACK.get_ptr(&*reverse_key) else {
+                    continue;
+                };
+                // SAFETY: a preallocated map value, read in place (a copy would cost 56
+                // bytes of the 512-byte stack); a racing eviction can only make the read
+                // stale, which the inserts below settle (they are atomic).
+                let held = unsafe { &*held };
+                // Taken by this very flow, whose forward entry the LRU evicted while its
+                // reverse one survived: keep the port the backend knows.
+                if held.same_rewrite(reverse) {
                     return CONNTRACK
-                        .insert(key, &forward, BPF_ANY as u64)
-                        .map(|()| forward)
+                        .insert(key, &*forward, BPF_ANY as u64)
+                        .map(|()| *forward)
                         .map_err(|_| Reason::DropConntrackInsert);
+                }
+                // Taken by a flow idle past its timeout: free the port and try it again.
+                if idle(held, now, timeout_ns)
+                    && reclaim(held, reverse_key, now, timeout_ns)
+                    && CONNTRACK
+                        .insert(&*reverse_key, &*reverse, BPF_NOEXIST as u64)
+                        .is_ok()
+                {
+                    return insert_forward(key, forward, reverse_key);
                 }
             }
             Err(_) => return Err(Reason::DropConntrackInsert),
         }
     }
     Err(Reason::DropSnatPortsExhausted)
+}
+
+/// Removes an idle flow that holds the SNAT port of `reverse_key`: its reverse entry
+/// (`held`) and, if it still points at this port and is idle too, its forward entry.
+/// Returns false, leaving both, when the forward direction is still active.
+#[inline(always)]
+fn reclaim(held: &NatEntry, reverse_key: &FlowKey, now: u64, timeout_ns: u64) -> bool {
+    // The old flow's forward key: client → VIP, which its reverse entry rewrites back to.
+    let old_forward_key = FlowKey {
+        src: held.dst,
+        dst: held.src,
+        proto: reverse_key.proto,
+        _pad: 0,
+    };
+    if let Some(old) = CONNTRACK.get_ptr(&old_forward_key) {
+        // SAFETY: read in place, as `held` in `create`.
+        let old = unsafe { &*old };
+        // The client may have started a new flow (another port) since: leave that one.
+        if old.src == reverse_key.dst && old.dst == reverse_key.src {
+            if !idle(old, now, timeout_ns) {
+                return false;
+            }
+            let _ = CONNTRACK.remove(&old_forward_key);
+        }
+    }
+    let _ = CONNTRACK.remove(reverse_key);
+    true
 }
 
 /// Inserts the forward entry once its reverse entry is in place. If another CPU created the
@@ -124,7 +209,7 @@ fn insert_forward(
         }
         Err(_) => {
             let _ = CONNTRACK.remove(reverse_key);
-            lookup(key).ok_or(Reason::DropConntrackInsert)
+            peek(key).ok_or(Reason::DropConntrackInsert)
         }
     }
 }

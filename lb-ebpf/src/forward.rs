@@ -50,7 +50,10 @@ impl Hop {
 /// Looks up the next hop for the packet as it will be after `entry`'s rewrite.
 ///
 /// Errors: `DropUnreachable` when the FIB says blackhole, unreachable or prohibit.
-#[inline(always)]
+///
+/// Not inlined: its 64-byte FIB parameter block then lives in a frame of its own, which is
+/// never on the stack at the same time as `conntrack::create`'s.
+#[inline(never)]
 pub fn route(ctx: &XdpContext, pkt: &Packet, entry: &NatEntry) -> Result<Hop, Reason> {
     // SAFETY: bpf_fib_lookup is plain data; all-zero is its documented initial state.
     let mut params: FibParams = unsafe { core::mem::zeroed() };

@@ -53,6 +53,11 @@ static CONNTRACK: LruHashMap<FlowKey, NatEntry> =
 #[map]
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 
+/// Working space of `conntrack::create`, one slot per CPU: its entries and keys do not fit
+/// on the 512-byte BPF stack next to the hot path's frame.
+#[map]
+static CREATE_SCRATCH: PerCpuArray<conntrack::Scratch> = PerCpuArray::with_max_entries(1, 0);
+
 #[map]
 static DEVMAP: DevMapHash = DevMapHash::with_max_entries(MAX_INTERFACES, 0);
 
@@ -86,8 +91,10 @@ pub fn xlb(ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn process(ctx: &XdpContext) -> Result<Reason, Reason> {
     let pkt = parse::parse(ctx)?;
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
 
-    let entry = match conntrack::lookup(&pkt.key) {
+    let entry = match conntrack::lookup(&pkt.key, now) {
         Some(entry) => {
             forwardable(&pkt)?;
             entry
@@ -97,7 +104,7 @@ fn process(ctx: &XdpContext) -> Result<Reason, Reason> {
             // Checked before the flow is created, so a packet we will not forward (a
             // traceroute probe with TTL 1, say) does not take a SNAT port.
             forwardable(&pkt)?;
-            conntrack::create(&pkt.key, &service)?
+            conntrack::create(&pkt.key, &service, now)?
         }
     };
 

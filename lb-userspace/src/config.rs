@@ -46,6 +46,11 @@ pub struct Dataplane {
     pub snat_port_range: [u16; 2],
     /// Seed of the flow hash; nodes sharing traffic behind ECMP must use the same one.
     pub hash_seed: u32,
+    /// Seconds a TCP flow may be idle before its SNAT port may go to a new flow (the flow
+    /// itself keeps working until then, and after, unless its port was taken).
+    pub tcp_idle_timeout: u32,
+    /// The same for UDP, where every new client port is a new flow.
+    pub udp_idle_timeout: u32,
 }
 
 impl Default for Dataplane {
@@ -59,6 +64,8 @@ impl Default for Dataplane {
             max_backends: DEFAULT_MAX_BACKENDS,
             snat_port_range: [1024, 65535],
             hash_seed: 0x786c_6221,
+            tcp_idle_timeout: 7200,
+            udp_idle_timeout: 60,
         }
     }
 }
@@ -159,6 +166,8 @@ impl Checked {
             hash_seed: dp.hash_seed,
             snat_port_first: first as u32,
             snat_port_count: (last - first) as u32 + 1,
+            tcp_idle_timeout_s: dp.tcp_idle_timeout,
+            udp_idle_timeout_s: dp.udp_idle_timeout,
         }
     }
 }
@@ -292,6 +301,18 @@ impl Config {
                 "dataplane.snat_port_range".into(),
                 format!("must be [first, last] with 1 <= first <= last, got [{first}, {last}]"),
             );
+        }
+
+        for (field, value) in [
+            ("tcp_idle_timeout", dp.tcp_idle_timeout),
+            ("udp_idle_timeout", dp.udp_idle_timeout),
+        ] {
+            if value == 0 {
+                err(
+                    format!("dataplane.{field}"),
+                    "must be at least 1 second".into(),
+                );
+            }
         }
 
         if self.services.len() > dp.max_services as usize {
@@ -488,6 +509,12 @@ address = "10.20.0.12:8080"
             problems(&GOOD.replace("[dataplane]", "[dataplane]\nsnat_port_range = [2000, 1000]"));
         assert!(
             p.iter().any(|p| p.starts_with("dataplane.snat_port_range")),
+            "{p:?}"
+        );
+        let p = problems(&GOOD.replace("[dataplane]", "[dataplane]\nudp_idle_timeout = 0"));
+        assert!(
+            p.iter()
+                .any(|p| p.starts_with("dataplane.udp_idle_timeout")),
             "{p:?}"
         );
         let p = problems(&GOOD.replace("10.20.0.11:8080", "[::1]:8080"));

@@ -133,6 +133,8 @@ max_services = 1
 max_backends = 1
 snat_port_range = [30000, 30000]
 hash_seed = 7
+# Long enough that no fixture goes idle by itself; the idle ones are aged by their set-up.
+tcp_idle_timeout = 30
 
 [[service]]
 vip = "10.10.0.100:80"
@@ -238,6 +240,22 @@ struct Fixture {
 }
 
 type Setup = Box<dyn Fn(&mut Ebpf) -> Result<()>>;
+
+/// A set-up that makes the conntrack entries of `keys` look idle since boot.
+fn age(keys: Vec<FlowKey>) -> Setup {
+    Box::new(move |ebpf: &mut Ebpf| {
+        let mut ct: HashMap<&mut MapData, FlowKey, NatEntry> = ebpf
+            .map_mut(names::CONNTRACK)
+            .context("map CONNTRACK")?
+            .try_into()?;
+        for key in &keys {
+            let mut entry = ct.get(key, 0).context("aging an entry that is not there")?;
+            entry.last_seen_ns = 1;
+            ct.insert(key, entry, 0)?;
+        }
+        Ok(())
+    })
+}
 
 /// Predicts what the program's conntrack does: which SNAT port a new flow gets (the
 /// program's flow hash and probe order, skipping ports an earlier fixture's flow holds).
@@ -1105,6 +1123,51 @@ fn one_port_fixtures(model: &mut Model, fx0: Iface, fx1: Iface) -> Vec<Fixture> 
         "05 second flow still finds no SNAT port",
         fx0,
         from_client(Frame::tcp((CLIENT, 40001), (VIP, 80), TCP_ACK)).build(),
+        XDP_DROP,
+        Output::Unchanged,
+        Reason::DropSnatPortsExhausted,
+    ));
+    // 06-08: idle flows give their SNAT port up. Set-ups age entries by writing a
+    // last-seen time of 1 ns after boot, idle for as long as the machine has been up.
+    let reverse_key_a = FlowKey {
+        src: Endpoint::from_socket_v4(sa(BACKEND, 8080)),
+        dst: Endpoint::from_socket_v4(sa(SNAT, 30000)),
+        proto: PROTO_TCP,
+        _pad: 0,
+    };
+    v.push(Fixture {
+        setup: Some(age(vec![reverse_key_a])),
+        ..fx(
+            "06 first flow's reply direction idle, its client direction not: port stays taken",
+            fx0,
+            syn_b.build(),
+            XDP_DROP,
+            Output::Unchanged,
+            Reason::DropSnatPortsExhausted,
+        )
+    });
+    let b = NatEntry {
+        src: Endpoint::from_socket_v4(sa(SNAT, 30000)),
+        dst: Endpoint::from_socket_v4(sa(BACKEND, 8080)),
+        direction: DIR_TO_BACKEND,
+        ..NatEntry::default()
+    };
+    v.push(Fixture {
+        setup: Some(age(vec![forward_key, reverse_key_a])),
+        ..fx(
+            "07 first flow idle both ways past tcp_idle_timeout: second flow takes port 30000",
+            fx0,
+            syn_b.build(),
+            XDP_REDIRECT,
+            rewritten(&syn_b, &b, Some((fx1.mac, BACKEND_MAC))),
+            Reason::ForwardRedirect,
+        )
+    });
+    v.push(fx(
+        "08 the first flow's entries went with its port: its next packet is a new flow, and \
+         finds no port (not the second flow's)",
+        fx0,
+        ack_a.build(),
         XDP_DROP,
         Output::Unchanged,
         Reason::DropSnatPortsExhausted,
