@@ -29,10 +29,12 @@ pub struct Scratch {
 const EEXIST: i32 = 17;
 
 /// The rewrite for a tracked flow direction, copied out of the map, after marking the
-/// entry as seen at `now`.
+/// entry as seen now.
 #[inline(always)]
-pub fn lookup(key: &FlowKey, now: u64) -> Option<NatEntry> {
+pub fn lookup(key: &FlowKey) -> Option<NatEntry> {
     let entry = CONNTRACK.get_ptr_mut(key)?;
+    // Read the clock only on a hit: most packets that miss are not ours.
+    let now = now();
     // SAFETY: the pointer is into a preallocated map value, valid for this program run; an
     // LRU eviction racing with us can at worst give a stale entry for this one packet. The
     // timestamp store is one aligned u64 write; CPUs racing on it all write "about now".
@@ -40,6 +42,13 @@ pub fn lookup(key: &FlowKey, now: u64) -> Option<NatEntry> {
         (*entry).last_seen_ns = now;
         Some(*entry)
     }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds, the clock of `NatEntry::last_seen_ns`.
+#[inline(always)]
+fn now() -> u64 {
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() }
 }
 
 /// The entry for `key`, without touching its timestamp.
@@ -80,7 +89,7 @@ pub fn service(key: &FlowKey) -> Option<Service> {
 /// Not inlined: a flow's first packet is the cold path, and as a BPF subprogram its locals
 /// get a frame of their own instead of adding to the hot path's share of the 512-byte stack.
 #[inline(never)]
-pub fn create(key: &FlowKey, service: &Service, now: u64) -> Result<NatEntry, Reason> {
+pub fn create(key: &FlowKey, service: &Service) -> Result<NatEntry, Reason> {
     let cfg = CONFIG.get(0).ok_or(Reason::DropInternal)?;
     if cfg.maglev_size == 0 || cfg.snat_port_count == 0 {
         return Err(Reason::DropInternal);
@@ -93,6 +102,7 @@ pub fn create(key: &FlowKey, service: &Service, now: u64) -> Result<NatEntry, Re
         return Err(Reason::DropNoBackend);
     }
     let backend = BACKENDS.get(backend_id).ok_or(Reason::DropInternal)?;
+    let now = now();
 
     let scratch = CREATE_SCRATCH.get_ptr_mut(0).ok_or(Reason::DropInternal)?;
     // SAFETY: this CPU's slot of a one-entry per-CPU array. An XDP program runs to

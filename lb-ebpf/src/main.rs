@@ -91,10 +91,8 @@ pub fn xlb(ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn process(ctx: &XdpContext) -> Result<Reason, Reason> {
     let pkt = parse::parse(ctx)?;
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
 
-    let entry = match conntrack::lookup(&pkt.key, now) {
+    let entry = match conntrack::lookup(&pkt.key) {
         Some(entry) => {
             forwardable(&pkt)?;
             entry
@@ -104,7 +102,7 @@ fn process(ctx: &XdpContext) -> Result<Reason, Reason> {
             // Checked before the flow is created, so a packet we will not forward (a
             // traceroute probe with TTL 1, say) does not take a SNAT port.
             forwardable(&pkt)?;
-            conntrack::create(&pkt.key, &service, now)?
+            conntrack::create(&pkt.key, &service)?
         }
     };
 
