@@ -56,6 +56,12 @@ fn xlb_balances_tcp_and_udp_in_generic_mode() {
 }
 
 fn run_e2e(xdp_mode: &str, expect_mode: &str) {
+    with_topology(|topo| scenario(topo, xdp_mode, expect_mode));
+}
+
+/// Runs `test` on a fresh topology, one test at a time, then checks that every namespace
+/// is gone, also when `test` failed or panicked.
+fn with_topology(test: impl FnOnce(&Topology) -> Result<()>) {
     if let Err(e) = xlb_tests::require_root() {
         panic!("{e}");
     }
@@ -68,11 +74,11 @@ fn run_e2e(xdp_mode: &str, expect_mode: &str) {
 
     // Everything that lives in the namespaces (servers, xlb, the topology itself) is owned
     // inside this block, so it is torn down by the guards' Drop before the checks below, and
-    // also when anything in `scenario` panics.
+    // also when anything in `test` panics.
     let (names, result) = {
         let topo = Topology::new(PREFIX).expect("building the namespace topology");
         let names = topo.namespace_names();
-        let result = scenario(&topo, xdp_mode, expect_mode);
+        let result = test(&topo);
         drop(topo);
         (names, result)
     };
@@ -85,6 +91,58 @@ fn run_e2e(xdp_mode: &str, expect_mode: &str) {
         leftover.is_empty(),
         "namespaces still present after the topology was dropped: {leftover:?}"
     );
+}
+
+/// A DNS-like UDP service, where every query is a new flow, must not run out of SNAT ports
+/// for good: a flow idle past `udp_idle_timeout` gives its port up. With one backend and a
+/// single SNAT port the outcome is deterministic: the first query takes the port, a second
+/// one right away finds none (and is dropped, counted), and after the timeout a third one
+/// reclaims it.
+#[test]
+fn idle_udp_flows_give_their_snat_port_up() {
+    with_topology(|topo| {
+        topo.check_connectivity()?;
+        let _servers = BackendServers::start(topo).context("starting the backend servers")?;
+        let config = format!(
+            "[dataplane]\ninterfaces = {LB_INTERFACES:?}\nsnat_port_range = [40000, 40000]\n\
+             udp_idle_timeout = 1\n\n[[service]]\nvip = \"{vip}\"\nprotocol = \"udp\"\n\
+             snat = \"{SNAT}\"\n[[service.backend]]\naddress = \"{backend}\"\n",
+            vip = topology::vip_udp(),
+            backend = TCP_BACKENDS[0].address,
+        );
+        let xlb = XlbProcess::start(&topo.lb, &config).context("starting xlb")?;
+        let query = || {
+            topo.client
+                .enter(|| client::udp_request(topology::vip_udp(), UDP_TIMEOUT))?
+        };
+
+        let first = query().context("the first query")?;
+        ensure!(
+            first.answer.seen_peer.port() == 40000,
+            "SNAT port {}",
+            first.answer.seen_peer
+        );
+        ensure!(
+            query().is_err(),
+            "a second query got an answer while the only SNAT port was held by an active flow"
+        );
+        // Both directions of the first flow go idle; the timeout is 1 s.
+        std::thread::sleep(Duration::from_millis(2500));
+        let third = query().context("a query after the first flow went idle")?;
+        ensure!(
+            third.answer.seen_peer.port() == 40000,
+            "SNAT port {}",
+            third.answer.seen_peer
+        );
+
+        let stats = Stats::parse(&xlb.stop()?).context("parsing xlb's counters")?;
+        ensure!(
+            stats.reason(Reason::DropSnatPortsExhausted.name()) == 1,
+            "expected exactly one query dropped for want of a SNAT port: {:?}",
+            stats.reasons
+        );
+        Ok(())
+    });
 }
 
 /// The test proper. Returns an error (instead of panicking) for every failed check, so the
