@@ -22,11 +22,10 @@ use lb_common::{
 };
 use lb_userspace::config::Config;
 use xlb_tests::{
-    lab::{self, CLIENT, CLIENT_MAC, FX0_MAC},
+    lab::{self, CLIENT, CLIENT_MAC, FX0_MAC, VIP},
     netns::{self, NetNs},
 };
 
-const VIP: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 100);
 const CONFIG: &str = r#"
 [dataplane]
 interfaces = ["fx0", "fx1"]

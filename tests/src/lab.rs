@@ -38,6 +38,13 @@ pub const BACKEND_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x0b, 0x01];
 /// On fx1's subnet, with no neighbour entry.
 pub const UNRESOLVED_BACKEND: Ipv4Addr = Ipv4Addr::new(10, 20, 1, 9);
 
+/// The VIP the lab's configs put their main services on; clients reach it through fx0.
+pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 100);
+/// The VIP of a service whose only backend is [`UNRESOLVED_BACKEND`].
+pub const VIP_UNRESOLVED: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 103);
+/// The SNAT address toward the backends behind fx1 (assigned nowhere, as in production).
+pub const SNAT: Ipv4Addr = Ipv4Addr::new(10, 20, 0, 1);
+
 /// The static neighbours: address, MAC, and the interface they sit behind.
 pub const NEIGHBOURS: [(Ipv4Addr, [u8; 6], &str); 3] = [
     (CLIENT, CLIENT_MAC, FX0),

@@ -39,7 +39,7 @@ use lb_userspace::config::{Checked, Config};
 use xlb_tests::{
     lab::{
         self, BACKEND, BACKEND_MAC, CLIENT, CLIENT_MAC, Iface, NEAR_BACKEND, NEAR_BACKEND_MAC,
-        UNRESOLVED_BACKEND,
+        SNAT, UNRESOLVED_BACKEND, VIP, VIP_UNRESOLVED,
     },
     netns::{self, NetNs},
 };
@@ -51,13 +51,10 @@ const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
 const XDP_REDIRECT: u32 = 4;
 
-const VIP: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 100);
 const VIP_NO_BACKEND: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 101);
 const VIP_NEAR: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 102);
-const VIP_UNRESOLVED: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 103);
 const VIP_LOCAL: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 104);
 const VIP_BLACKHOLE: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 105);
-const SNAT: Ipv4Addr = Ipv4Addr::new(10, 20, 0, 1);
 const SNAT_NEAR: Ipv4Addr = Ipv4Addr::new(10, 10, 1, 1);
 
 /// The maps' contents. Service order = service id; one backend per service, so the Maglev

@@ -30,12 +30,10 @@ use lb_common::{
 };
 use lb_userspace::config::Config;
 use xlb_tests::{
-    lab::{self, BACKEND_MAC, CLIENT, CLIENT_MAC, FX0_MAC, FX1_MAC, Iface},
+    lab::{self, BACKEND_MAC, CLIENT, CLIENT_MAC, FX0_MAC, FX1_MAC, Iface, VIP, VIP_UNRESOLVED},
     netns::{self, NetNs},
 };
 
-const VIP: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 100);
-const VIP_UNRESOLVED: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 103);
 const CONFIG: &str = r#"
 [dataplane]
 interfaces = ["fx0", "fx1"]
