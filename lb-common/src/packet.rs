@@ -10,7 +10,7 @@ use std::{fmt::Write as _, net::Ipv4Addr, string::String, vec::Vec};
 
 use crate::{
     csum::{checksum, fold, sum_slice},
-    maps::{NatEntry, PROTO_TCP, PROTO_UDP},
+    maps::{Endpoint, FlowKey, NatEntry, PROTO_TCP, PROTO_UDP},
 };
 
 /// Length of an Ethernet header (no VLAN tag).
@@ -290,17 +290,36 @@ pub fn arp_request(src_mac: [u8; 6], sender: Ipv4Addr, target: Ipv4Addr) -> Vec<
     f
 }
 
-/// Where the parts of a TCP/UDP-over-IPv4 frame are, after the same checks the XDP
-/// program makes. `None` for anything it would not rewrite.
-struct Layout {
-    ihl: usize,
-    tot_len: usize,
-    proto: u8,
-    l4_off: usize,
-    check_off: usize,
+/// Where the parts of a TCP/UDP-over-IPv4 frame are.
+pub struct Layout {
+    /// IPv4 header length in bytes (options included).
+    pub ihl: usize,
+    /// IPv4 total length.
+    pub tot_len: usize,
+    pub proto: u8,
+    /// Offset of the L4 header in the frame.
+    pub l4_off: usize,
+    /// Offset of the L4 checksum in the frame.
+    pub check_off: usize,
 }
 
-fn layout_v4(frame: &[u8]) -> Option<Layout> {
+impl Layout {
+    /// The flow key of `frame` (the frame this layout was read from).
+    pub fn flow_key(&self, frame: &[u8]) -> FlowKey {
+        let addr = |at: usize| [frame[at], frame[at + 1], frame[at + 2], frame[at + 3]];
+        let port = |at: usize| [frame[at], frame[at + 1]];
+        FlowKey {
+            src: Endpoint::v4(addr(ETH_HLEN + 12), port(self.l4_off)),
+            dst: Endpoint::v4(addr(ETH_HLEN + 16), port(self.l4_off + 2)),
+            proto: self.proto,
+            _pad: 0,
+        }
+    }
+}
+
+/// The layout of a TCP/UDP-over-IPv4 frame, after the same checks the XDP program makes
+/// (IHL-aware). `None` for anything it would not rewrite.
+pub fn layout_v4(frame: &[u8]) -> Option<Layout> {
     if frame.len() < ETH_HLEN + IPV4_HLEN || frame[12..14] != ETH_P_IP.to_be_bytes() {
         return None;
     }

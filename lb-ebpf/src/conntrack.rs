@@ -65,7 +65,7 @@ fn idle(entry: &NatEntry, now: u64, timeout_ns: u64) -> bool {
     now > entry.last_seen_ns && now - entry.last_seen_ns > timeout_ns
 }
 
-/// The service a packet's destination and protocol address, if any.
+/// The service a packet is addressed to (its destination and protocol), if any.
 #[inline(always)]
 pub fn service(key: &FlowKey) -> Option<Service> {
     let skey = ServiceKey {
