@@ -16,14 +16,12 @@ use aya::{
     Ebpf,
     programs::{TestRun, TestRunOptions, Xdp},
 };
-use lb_common::{
-    packet::{Frame, TCP_ACK, TCP_SYN, arp_request},
-    reason::Reason,
-};
+use lb_common::reason::Reason;
 use lb_userspace::config::Config;
 use xlb_tests::{
     lab::{self, CLIENT, CLIENT_MAC, FX0_MAC, VIP},
     netns::{self, NetNs},
+    packet::{Frame, TCP_ACK, TCP_SYN, arp_request},
 };
 
 const CONFIG: &str = r#"
@@ -126,6 +124,7 @@ fn run(rounds: u32, per_round: u32) -> Result<String> {
     let mut run_index = 0u32;
     for _ in 0..rounds {
         for s in &mut scenarios {
+            let before = lab::reasons(&ebpf)?;
             for _ in 0..per_round {
                 let (frame, ingress) = (s.frame)(run_index);
                 run_index += 1;
@@ -141,6 +140,22 @@ fn run(rounds: u32, per_round: u32) -> Result<String> {
                 );
                 s.nanos.push(took.as_nanos() as u64);
             }
+            // Every run of the batch, and nothing else, must have counted the scenario's
+            // reason: the action alone does not tell, e.g., forward/redirect from a drop
+            // that happens to return the same action.
+            let after = lab::reasons(&ebpf)?;
+            let counted: Vec<(&str, u64)> = Reason::ALL
+                .iter()
+                .zip(before.iter().zip(&after))
+                .filter(|(_, (b, a))| a != b)
+                .map(|(r, (b, a))| (r.name(), a - b))
+                .collect();
+            ensure!(
+                counted == [(s.reason.name(), u64::from(per_round))],
+                "{}: {per_round} runs should each count {}, counted {counted:?}",
+                s.name,
+                s.reason.name()
+            );
         }
     }
 

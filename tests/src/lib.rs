@@ -12,6 +12,8 @@
 //! * [`xlb`]: starting and stopping the `xlb` process inside the load balancer namespace.
 //! * [`stats`]: parsing the counters xlb prints when it exits.
 //! * [`nstat`]: kernel SNMP counters (checksum errors) of a namespace.
+//! * [`packet`]: frames built from scratch, checksums, layouts and hex diffs.
+//! * [`model`]: the reference model of the XDP program's rewrite.
 //! * [`cmd`]: running a command with a time limit and an error that shows its stderr.
 //!
 //! Safety: nothing here touches the root namespace's interfaces. Every interface is created
@@ -22,8 +24,10 @@ pub mod client;
 pub mod cmd;
 pub mod demo_config;
 pub mod lab;
+pub mod model;
 pub mod netns;
 pub mod nstat;
+pub mod packet;
 pub mod servers;
 pub mod stats;
 pub mod topology;

@@ -44,14 +44,18 @@ impl Counters {
         Counters { values }
     }
 
-    /// The counter's value; 0 if the kernel does not report it.
-    pub fn get(&self, name: &str) -> u64 {
-        self.values.get(name).copied().unwrap_or(0)
+    /// The counter's value. A counter the kernel does not report is an error, not 0: a
+    /// misspelt name would otherwise make every check on it pass.
+    pub fn get(&self, name: &str) -> Result<u64> {
+        self.values
+            .get(name)
+            .copied()
+            .with_context(|| format!("nstat reports no counter {name:?}"))
     }
 
-    /// How much `name` grew from `before` to `self`.
-    pub fn delta(&self, before: &Counters, name: &str) -> u64 {
-        self.get(name).saturating_sub(before.get(name))
+    /// How much `name` grew from `before` to `self`; an error if either lacks it.
+    pub fn delta(&self, before: &Counters, name: &str) -> Result<u64> {
+        Ok(self.get(name)?.saturating_sub(before.get(name)?))
     }
 }
 
@@ -63,9 +67,10 @@ mod tests {
     fn parses_and_diffs() {
         let before = Counters::parse("#kernel\nTcpInCsumErrors   3   0.0\nUdpInCsumErrors 0 0.0\n");
         let after = Counters::parse("#kernel\nTcpInCsumErrors   5   0.0\nIpInReceives 100 0.0\n");
-        assert_eq!(after.delta(&before, "TcpInCsumErrors"), 2);
-        assert_eq!(after.delta(&before, "UdpInCsumErrors"), 0);
-        assert_eq!(after.get("IpInReceives"), 100);
-        assert_eq!(after.get("Missing"), 0);
+        assert_eq!(after.delta(&before, "TcpInCsumErrors").unwrap(), 2);
+        assert_eq!(after.get("IpInReceives").unwrap(), 100);
+        // Missing on either side: an error, never a silent 0.
+        assert!(after.delta(&before, "UdpInCsumErrors").is_err());
+        assert!(after.get("Missing").is_err());
     }
 }

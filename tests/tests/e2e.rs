@@ -379,7 +379,9 @@ fn check_no_checksum_errors(
     let mut errors = Vec::new();
     for ((ns, b), (_, a)) in before.iter().zip(after) {
         for counter in CHECKSUM_COUNTERS {
-            let delta = a.delta(b, counter);
+            let delta = a
+                .delta(b, counter)
+                .with_context(|| format!("checksum counters of {ns}"))?;
             if delta != 0 {
                 errors.push(format!("{ns}: {counter} +{delta}"));
             }

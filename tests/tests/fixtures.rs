@@ -9,7 +9,7 @@
 //!
 //! A suite's fixtures run in order against one loaded program, so later ones see the
 //! conntrack entries earlier ones created (a reply after its SYN, a second packet of a flow). Expected
-//! frames are built from scratch with `lb_common::packet::Frame` and, for rewritten frames,
+//! frames are built from scratch with `xlb_tests::packet::Frame` and, for rewritten frames,
 //! also computed with the reference rewrite `nat_rewrite_v4`; the expected SNAT port is
 //! predicted with the program's own flow hash. Every fixture runs even when an earlier one
 //! fails; the test then fails listing all of them, with hex diffs.
@@ -29,10 +29,6 @@ use lb_common::{
         self, DIR_TO_BACKEND, DIR_TO_CLIENT, Endpoint, FlowKey, NO_BACKEND, NatEntry, PROTO_TCP,
         PROTO_UDP, SNAT_PORT_PROBES, names,
     },
-    packet::{
-        Frame, IP_MF, L4, PROTO_ICMP, TCP_ACK, TCP_PSH, TCP_SYN, arp_request, hex_diff, icmp_echo,
-        nat_rewrite_v4, summary, verify_checksums_v4,
-    },
     reason::Reason,
 };
 use lb_userspace::config::{Checked, Config};
@@ -41,7 +37,12 @@ use xlb_tests::{
         self, BACKEND, BACKEND_MAC, CLIENT, CLIENT_MAC, Iface, NEAR_BACKEND, NEAR_BACKEND_MAC,
         SNAT, UNRESOLVED_BACKEND, VIP, VIP_UNRESOLVED,
     },
+    model::nat_rewrite_v4,
     netns::{self, NetNs},
+    packet::{
+        Frame, IP_MF, L4, PROTO_ICMP, TCP_ACK, TCP_PSH, TCP_SYN, arp_request, hex_diff, icmp_echo,
+        summary, verify_checksums_v4,
+    },
 };
 
 const PREFIX: &str = "xlbfx";

@@ -1,4 +1,5 @@
-//! Random frames through the real XDP program, checked against lb-common's reference model.
+//! Random frames through the real XDP program, checked against the reference model
+//! (`xlb_tests::model`).
 //!
 //! Tens of thousands of frames go through BPF_PROG_TEST_RUN: well-formed TCP and UDP to the
 //! VIPs and elsewhere, packets and replies of flows already tracked, and frames with a
@@ -25,16 +26,14 @@ use aya::{
 };
 use lb_common::{
     maps::{Endpoint, FlowKey, FlowStats, NatEntry, names},
-    packet::{
-        ETH_HLEN, Frame, IP_MF, L4, hex_diff, layout_v4, nat_rewrite_v4, summary,
-        verify_checksums_v4,
-    },
     reason::Reason,
 };
 use lb_userspace::config::Config;
 use xlb_tests::{
     lab::{self, BACKEND_MAC, CLIENT, CLIENT_MAC, FX0_MAC, FX1_MAC, Iface, VIP, VIP_UNRESOLVED},
+    model::nat_rewrite_v4,
     netns::{self, NetNs},
+    packet::{ETH_HLEN, Frame, IP_MF, L4, hex_diff, layout_v4, summary, verify_checksums_v4},
 };
 
 const CONFIG: &str = r#"

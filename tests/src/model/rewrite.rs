@@ -1,0 +1,253 @@
+//! The reference NAT rewrite: what the XDP program must make of a frame, given the rewrite
+//! its conntrack chose, computed from scratch (checksums recomputed over the whole header and
+//! segment) rather than incrementally as the program does.
+
+use lb_common::{
+    csum::checksum,
+    maps::{NatEntry, PROTO_UDP},
+};
+
+use crate::packet::{
+    checksum::l4_checksum,
+    frame::ETH_HLEN,
+    layout::{is_fragment, layout_v4},
+};
+
+/// The reference NAT rewrite: `frame` with its source set to `entry.src`, its destination
+/// to `entry.dst` (addresses and ports), the TTL lowered by `ttl_decrement` (1 when xlb
+/// forwards the frame itself, 0 when it hands it to the kernel), and the IPv4 and L4 checksums
+/// recomputed from scratch (a UDP checksum of 0 stays 0). MACs, IPv4 options, payload and
+/// Ethernet padding are left as they are.
+///
+/// `None` when the XDP program would not rewrite the frame at all: not a complete
+/// TCP/UDP-over-IPv4 frame (IHL-aware), a fragment, or a TTL of 0 or 1.
+pub fn nat_rewrite_v4(frame: &[u8], entry: &NatEntry, ttl_decrement: u8) -> Option<Vec<u8>> {
+    let l = layout_v4(frame)?;
+    if is_fragment(frame) || frame[ETH_HLEN + 8] <= 1 {
+        return None;
+    }
+    let mut out = frame.to_vec();
+    let (src, dst) = (entry.src.v4_octets(), entry.dst.v4_octets());
+
+    let ip = ETH_HLEN;
+    out[ip + 8] -= ttl_decrement;
+    out[ip + 12..ip + 16].copy_from_slice(&src);
+    out[ip + 16..ip + 20].copy_from_slice(&dst);
+    out[ip + 10..ip + 12].copy_from_slice(&[0, 0]);
+    let check = checksum(&out[ip..ip + l.ihl]);
+    out[ip + 10..ip + 12].copy_from_slice(&check.to_be_bytes());
+
+    out[l.l4_off..l.l4_off + 2].copy_from_slice(&entry.src.port);
+    out[l.l4_off + 2..l.l4_off + 4].copy_from_slice(&entry.dst.port);
+    let udp_without_checksum = l.proto == PROTO_UDP && out[l.check_off..l.check_off + 2] == [0, 0];
+    if !udp_without_checksum {
+        out[l.check_off..l.check_off + 2].copy_from_slice(&[0, 0]);
+        let seg = &out[l.l4_off..ETH_HLEN + l.tot_len];
+        let check = l4_checksum(src, dst, l.proto, seg);
+        out[l.check_off..l.check_off + 2].copy_from_slice(&check.to_be_bytes());
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use lb_common::{
+        csum::{replace, replace_udp, sum_words},
+        maps::Endpoint,
+    };
+
+    use super::*;
+    use crate::packet::{
+        checksum::verify_checksums_v4,
+        diff::hex_diff,
+        frame::{Frame, IP_MF, L4, PROTO_ICMP, TCP_ACK, TCP_SYN},
+    };
+
+    fn entry(src: ([u8; 4], u16), dst: ([u8; 4], u16)) -> NatEntry {
+        NatEntry {
+            src: Endpoint::v4(src.0, src.1.to_be_bytes()),
+            dst: Endpoint::v4(dst.0, dst.1.to_be_bytes()),
+            ..NatEntry::default()
+        }
+    }
+
+    #[test]
+    fn reference_rewrite_output_verifies_and_changes_only_what_it_should() {
+        let mut f = Frame::tcp(
+            (Ipv4Addr::new(10, 10, 1, 2), 40000),
+            (Ipv4Addr::new(10, 10, 0, 100), 80),
+            TCP_SYN | TCP_ACK,
+        );
+        f.ip_options = vec![1, 1, 1, 0];
+        f.payload = b"GET / HTTP/1.0\r\n\r\n".to_vec();
+        f.pad_to = Some(128);
+        let e = entry(([10, 20, 0, 1], 23456), ([10, 20, 1, 2], 8080));
+        let out = nat_rewrite_v4(&f.build(), &e, 1).unwrap();
+        verify_checksums_v4(&out).unwrap();
+
+        // The same frame built from scratch with the new addresses is byte-identical.
+        let expected = Frame {
+            src: Ipv4Addr::new(10, 20, 0, 1),
+            sport: 23456,
+            dst: Ipv4Addr::new(10, 20, 1, 2),
+            dport: 8080,
+            ttl: 63,
+            ..f.clone()
+        }
+        .build();
+        assert!(out == expected, "{}", hex_diff(&expected, &out));
+
+        // UDP without checksum keeps 0.
+        let mut u = Frame::udp(
+            (Ipv4Addr::new(10, 10, 1, 2), 5000),
+            (Ipv4Addr::new(10, 10, 0, 100), 53),
+            b"q",
+        );
+        u.l4 = L4::Udp { checksum: false };
+        let out = nat_rewrite_v4(&u.build(), &e, 1).unwrap();
+        assert_eq!(&out[40..42], &[0, 0]);
+        verify_checksums_v4(&out).unwrap();
+
+        // What the XDP program leaves alone, the model refuses.
+        assert!(
+            nat_rewrite_v4(
+                &Frame {
+                    ttl: 1,
+                    ..f.clone()
+                }
+                .build(),
+                &e,
+                1
+            )
+            .is_none()
+        );
+        assert!(
+            nat_rewrite_v4(
+                &Frame {
+                    frags: IP_MF,
+                    ..f.clone()
+                }
+                .build(),
+                &e,
+                1
+            )
+            .is_none()
+        );
+        let short = Frame {
+            truncate_to: Some(40),
+            ..f.clone()
+        };
+        assert!(nat_rewrite_v4(&short.build(), &e, 1).is_none());
+        let icmp = Frame {
+            l4: L4::Other { proto: PROTO_ICMP },
+            ..f.clone()
+        };
+        assert!(nat_rewrite_v4(&icmp.build(), &e, 1).is_none());
+    }
+
+    /// The XDP program's rewrite (lb-ebpf/src/nat.rs), restated on a byte slice with the
+    /// same incremental math.
+    fn incremental_rewrite(frame: &[u8], entry: &NatEntry) -> Vec<u8> {
+        let l = layout_v4(frame).unwrap();
+        let mut out = frame.to_vec();
+        let ip = ETH_HLEN;
+        let old_src: [u8; 4] = frame[ip + 12..ip + 16].try_into().unwrap();
+        let old_dst: [u8; 4] = frame[ip + 16..ip + 20].try_into().unwrap();
+        let (new_src, new_dst) = (entry.src.v4_octets(), entry.dst.v4_octets());
+        let old_addrs = sum_words(&old_src) + sum_words(&old_dst);
+        let new_addrs = sum_words(&new_src) + sum_words(&new_dst);
+        let ttl = frame[ip + 8];
+        let check = replace(
+            u16::from_be_bytes([frame[ip + 10], frame[ip + 11]]),
+            old_addrs + sum_words(&[ttl, l.proto]),
+            new_addrs + sum_words(&[ttl - 1, l.proto]),
+        );
+        out[ip + 8] = ttl - 1;
+        out[ip + 10..ip + 12].copy_from_slice(&check.to_be_bytes());
+        out[ip + 12..ip + 16].copy_from_slice(&new_src);
+        out[ip + 16..ip + 20].copy_from_slice(&new_dst);
+
+        let old_ports: [u8; 4] = frame[l.l4_off..l.l4_off + 4].try_into().unwrap();
+        let new_ports = [
+            entry.src.port[0],
+            entry.src.port[1],
+            entry.dst.port[0],
+            entry.dst.port[1],
+        ];
+        let old_l4 = old_addrs + sum_words(&old_ports);
+        let new_l4 = new_addrs + sum_words(&new_ports);
+        let old_check = u16::from_be_bytes([frame[l.check_off], frame[l.check_off + 1]]);
+        let new_check = if l.proto == PROTO_UDP {
+            replace_udp(old_check, old_l4, new_l4)
+        } else {
+            replace(old_check, old_l4, new_l4)
+        };
+        out[l.check_off..l.check_off + 2].copy_from_slice(&new_check.to_be_bytes());
+        out[l.l4_off..l.l4_off + 4].copy_from_slice(&new_ports);
+        out
+    }
+
+    struct Lcg(u64);
+    impl Lcg {
+        fn next(&mut self) -> u32 {
+            self.0 = self
+                .0
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (self.0 >> 32) as u32
+        }
+        fn addr(&mut self) -> Ipv4Addr {
+            Ipv4Addr::from(self.next())
+        }
+        fn port(&mut self) -> u16 {
+            self.next() as u16
+        }
+    }
+
+    #[test]
+    fn reference_rewrite_matches_incremental_checksum_math() {
+        let mut rng = Lcg(0x786c_6221);
+        for i in 0..20_000 {
+            let l4 = match rng.next() % 3 {
+                0 => L4::Tcp {
+                    flags: rng.next() as u8,
+                    seq: rng.next(),
+                    ack: rng.next(),
+                },
+                1 => L4::Udp { checksum: true },
+                _ => L4::Udp { checksum: false },
+            };
+            let f = Frame {
+                src: rng.addr(),
+                dst: rng.addr(),
+                sport: rng.port(),
+                dport: rng.port(),
+                ttl: 2 + (rng.next() % 254) as u8,
+                id: rng.next() as u16,
+                tos: rng.next() as u8,
+                ip_options: (0..4 * (rng.next() % 11))
+                    .map(|_| rng.next() as u8)
+                    .collect(),
+                payload: (0..rng.next() % 64).map(|_| rng.next() as u8).collect(),
+                l4,
+                ..Frame::default()
+            };
+            let frame = f.build();
+            verify_checksums_v4(&frame).unwrap();
+            let e = entry(
+                (rng.addr().octets(), rng.port()),
+                (rng.addr().octets(), rng.port()),
+            );
+            let reference = nat_rewrite_v4(&frame, &e, 1).unwrap();
+            let incremental = incremental_rewrite(&frame, &e);
+            assert!(
+                reference == incremental,
+                "case {i}: {f:?}\n{}",
+                hex_diff(&reference, &incremental)
+            );
+            verify_checksums_v4(&reference).unwrap();
+        }
+    }
+}

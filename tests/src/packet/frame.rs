@@ -1,0 +1,322 @@
+//! A builder for Ethernet + IPv4 + TCP/UDP frames that computes every checksum from scratch,
+//! with knobs for making malformed frames on purpose.
+
+use std::net::Ipv4Addr;
+
+use lb_common::{
+    csum::checksum,
+    maps::{PROTO_TCP, PROTO_UDP},
+};
+
+use super::checksum::l4_checksum;
+
+/// Length of an Ethernet header (no VLAN tag).
+pub const ETH_HLEN: usize = 14;
+/// EtherTypes.
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_ARP: u16 = 0x0806;
+/// IP protocol number of ICMP.
+pub const PROTO_ICMP: u8 = 1;
+/// IPv4 flags/fragment-offset bits (host order).
+pub const IP_DF: u16 = 0x4000;
+pub const IP_MF: u16 = 0x2000;
+pub const IP_OFFSET_MASK: u16 = 0x1fff;
+/// TCP flag bits.
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_PSH: u8 = 0x08;
+pub const TCP_ACK: u8 = 0x10;
+
+pub const IPV4_HLEN: usize = 20;
+pub const TCP_HLEN: usize = 20;
+pub const UDP_HLEN: usize = 8;
+
+/// What follows the IPv4 header.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum L4 {
+    /// A 20-byte TCP header (no options) with these flags, sequence and ack numbers.
+    Tcp { flags: u8, seq: u32, ack: u32 },
+    /// An 8-byte UDP header; `checksum: false` sends checksum 0 ("none").
+    Udp { checksum: bool },
+    /// No L4 header of ours: `Frame::payload` follows the IPv4 header as is, and the IPv4
+    /// protocol field is `proto`. For ICMP, build the message with [`icmp_echo`].
+    Other { proto: u8 },
+}
+
+impl L4 {
+    pub const fn proto(&self) -> u8 {
+        match self {
+            L4::Tcp { .. } => PROTO_TCP,
+            L4::Udp { .. } => PROTO_UDP,
+            L4::Other { proto } => *proto,
+        }
+    }
+}
+
+/// An Ethernet + IPv4 + TCP/UDP frame, described field by field. Start from
+/// [`Frame::tcp`] / [`Frame::udp`] (or `Default`, a TCP SYN), change the public fields,
+/// then [`build`](Frame::build) it. Every checksum is computed from scratch; the `*_override`
+/// and `truncate_to` knobs make malformed frames on purpose.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frame {
+    pub dst_mac: [u8; 6],
+    pub src_mac: [u8; 6],
+    pub ethertype: u16,
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    /// Ports (host order); unused for [`L4::Other`].
+    pub sport: u16,
+    pub dport: u16,
+    pub tos: u8,
+    pub ttl: u8,
+    /// IPv4 identification.
+    pub id: u16,
+    /// IPv4 flags and fragment offset (in 8-byte units), host order: e.g. [`IP_DF`],
+    /// [`IP_MF`], `IP_MF | 3`.
+    pub frags: u16,
+    /// IPv4 options, placed after the fixed header; IHL counts them. Must be a multiple of 4
+    /// bytes and at most 40.
+    pub ip_options: Vec<u8>,
+    pub l4: L4,
+    pub payload: Vec<u8>,
+    /// Written into the version nibble instead of 4.
+    pub version_override: Option<u8>,
+    /// Written into the IHL nibble instead of the real header length / 4.
+    pub ihl_override: Option<u8>,
+    /// Written into the IPv4 total length instead of the real one (the checksums still
+    /// cover the bytes actually built).
+    pub tot_len_override: Option<u16>,
+    /// Zero bytes appended after the IPv4 datagram up to this frame length (Ethernet
+    /// padding; not counted in the total length).
+    pub pad_to: Option<usize>,
+    /// Cut the finished frame to this many bytes.
+    pub truncate_to: Option<usize>,
+}
+
+impl Default for Frame {
+    /// A TCP SYN 10.0.0.1:40000 → 10.0.0.2:80, TTL 64, DF, no payload.
+    fn default() -> Self {
+        Frame {
+            dst_mac: [0x02, 0, 0, 0, 0, 0x02],
+            src_mac: [0x02, 0, 0, 0, 0, 0x01],
+            ethertype: ETH_P_IP,
+            src: Ipv4Addr::new(10, 0, 0, 1),
+            dst: Ipv4Addr::new(10, 0, 0, 2),
+            sport: 40000,
+            dport: 80,
+            tos: 0,
+            ttl: 64,
+            id: 0x1234,
+            frags: IP_DF,
+            ip_options: Vec::new(),
+            l4: L4::Tcp {
+                flags: TCP_SYN,
+                seq: 1000,
+                ack: 0,
+            },
+            payload: Vec::new(),
+            version_override: None,
+            ihl_override: None,
+            tot_len_override: None,
+            pad_to: None,
+            truncate_to: None,
+        }
+    }
+}
+
+impl Frame {
+    /// A TCP segment with `flags` between two endpoints.
+    pub fn tcp(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), flags: u8) -> Frame {
+        Frame {
+            src: src.0,
+            sport: src.1,
+            dst: dst.0,
+            dport: dst.1,
+            l4: L4::Tcp {
+                flags,
+                seq: 1000,
+                ack: if flags & TCP_ACK != 0 { 2000 } else { 0 },
+            },
+            ..Frame::default()
+        }
+    }
+
+    /// A UDP datagram with a checksum, carrying `payload`.
+    pub fn udp(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), payload: &[u8]) -> Frame {
+        Frame {
+            src: src.0,
+            sport: src.1,
+            dst: dst.0,
+            dport: dst.1,
+            l4: L4::Udp { checksum: true },
+            payload: payload.to_vec(),
+            ..Frame::default()
+        }
+    }
+
+    /// The same frame with other MACs (builder style).
+    pub fn with_macs(mut self, src_mac: [u8; 6], dst_mac: [u8; 6]) -> Frame {
+        self.src_mac = src_mac;
+        self.dst_mac = dst_mac;
+        self
+    }
+
+    /// The frame's bytes.
+    ///
+    /// # Panics
+    /// If `ip_options` is not a multiple of 4 bytes or longer than 40.
+    pub fn build(&self) -> Vec<u8> {
+        assert!(
+            self.ip_options.len().is_multiple_of(4) && self.ip_options.len() <= 40,
+            "IPv4 options must be a multiple of 4 bytes, at most 40: got {}",
+            self.ip_options.len()
+        );
+        let ihl = IPV4_HLEN + self.ip_options.len();
+        let l4 = self.l4_segment();
+        let tot_len = (ihl + l4.len()) as u16;
+
+        let mut ip = Vec::with_capacity(ihl);
+        let version = self.version_override.unwrap_or(4);
+        let ihl_words = self.ihl_override.unwrap_or((ihl / 4) as u8);
+        ip.push(version << 4 | (ihl_words & 0x0f));
+        ip.push(self.tos);
+        ip.extend_from_slice(&self.tot_len_override.unwrap_or(tot_len).to_be_bytes());
+        ip.extend_from_slice(&self.id.to_be_bytes());
+        ip.extend_from_slice(&self.frags.to_be_bytes());
+        ip.push(self.ttl);
+        ip.push(self.l4.proto());
+        ip.extend_from_slice(&[0, 0]);
+        ip.extend_from_slice(&self.src.octets());
+        ip.extend_from_slice(&self.dst.octets());
+        ip.extend_from_slice(&self.ip_options);
+        let check = checksum(&ip);
+        ip[10..12].copy_from_slice(&check.to_be_bytes());
+
+        let mut frame = Vec::with_capacity(ETH_HLEN + tot_len as usize);
+        frame.extend_from_slice(&self.dst_mac);
+        frame.extend_from_slice(&self.src_mac);
+        frame.extend_from_slice(&self.ethertype.to_be_bytes());
+        frame.extend_from_slice(&ip);
+        frame.extend_from_slice(&l4);
+        if let Some(len) = self.pad_to
+            && frame.len() < len
+        {
+            frame.resize(len, 0);
+        }
+        if let Some(len) = self.truncate_to {
+            frame.truncate(len);
+        }
+        frame
+    }
+
+    /// The L4 header and payload, with the L4 checksum computed over the pseudo header.
+    fn l4_segment(&self) -> Vec<u8> {
+        let mut seg = Vec::new();
+        let check_off = match self.l4 {
+            L4::Tcp { flags, seq, ack } => {
+                seg.extend_from_slice(&self.sport.to_be_bytes());
+                seg.extend_from_slice(&self.dport.to_be_bytes());
+                seg.extend_from_slice(&seq.to_be_bytes());
+                seg.extend_from_slice(&ack.to_be_bytes());
+                seg.push(((TCP_HLEN / 4) as u8) << 4);
+                seg.push(flags);
+                seg.extend_from_slice(&64240u16.to_be_bytes()); // window
+                seg.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent pointer
+                Some(16)
+            }
+            L4::Udp { checksum } => {
+                seg.extend_from_slice(&self.sport.to_be_bytes());
+                seg.extend_from_slice(&self.dport.to_be_bytes());
+                seg.extend_from_slice(&((UDP_HLEN + self.payload.len()) as u16).to_be_bytes());
+                seg.extend_from_slice(&[0, 0]);
+                checksum.then_some(6)
+            }
+            L4::Other { .. } => None,
+        };
+        seg.extend_from_slice(&self.payload);
+        if let Some(off) = check_off {
+            let check = l4_checksum(self.src.octets(), self.dst.octets(), self.l4.proto(), &seg);
+            seg[off..off + 2].copy_from_slice(&check.to_be_bytes());
+        }
+        seg
+    }
+}
+
+/// An ICMP echo request (type 8) with a valid checksum: put it in [`Frame::payload`] with
+/// `l4: L4::Other { proto: PROTO_ICMP }`.
+pub fn icmp_echo(id: u16, seq: u16, data: &[u8]) -> Vec<u8> {
+    let mut msg = vec![8, 0, 0, 0];
+    msg.extend_from_slice(&id.to_be_bytes());
+    msg.extend_from_slice(&seq.to_be_bytes());
+    msg.extend_from_slice(data);
+    let check = checksum(&msg);
+    msg[2..4].copy_from_slice(&check.to_be_bytes());
+    msg
+}
+
+/// A broadcast ARP request "who has `target`? tell `sender`".
+pub fn arp_request(src_mac: [u8; 6], sender: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
+    let mut f = Vec::with_capacity(42);
+    f.extend_from_slice(&[0xff; 6]);
+    f.extend_from_slice(&src_mac);
+    f.extend_from_slice(&ETH_P_ARP.to_be_bytes());
+    f.extend_from_slice(&[0, 1, 0x08, 0x00, 6, 4, 0, 1]); // Ethernet/IPv4, request
+    f.extend_from_slice(&src_mac);
+    f.extend_from_slice(&sender.octets());
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&target.octets());
+    f
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::packet::checksum::verify_checksums_v4;
+
+    #[test]
+    fn built_frames_have_valid_checksums_and_layout() {
+        let syn = Frame::tcp(
+            (Ipv4Addr::new(10, 10, 1, 2), 40000),
+            (Ipv4Addr::new(10, 10, 0, 100), 80),
+            TCP_SYN,
+        )
+        .build();
+        assert_eq!(syn.len(), 14 + 20 + 20);
+        assert_eq!(syn[14], 0x45);
+        assert_eq!(u16::from_be_bytes([syn[16], syn[17]]), 40);
+        assert_eq!(&syn[34..36], &40000u16.to_be_bytes());
+        verify_checksums_v4(&syn).unwrap();
+
+        let mut udp = Frame::udp(
+            (Ipv4Addr::new(10, 10, 1, 2), 5000),
+            (Ipv4Addr::new(10, 10, 0, 100), 53),
+            b"odd-length payload",
+        );
+        verify_checksums_v4(&udp.build()).unwrap();
+        udp.l4 = L4::Udp { checksum: false };
+        let f = udp.build();
+        assert_eq!(&f[40..42], &[0, 0]);
+        verify_checksums_v4(&f).unwrap();
+
+        let opts = Frame {
+            ip_options: vec![1, 1, 1, 1, 0x94, 4, 0, 0], // NOPs, Router Alert
+            payload: b"hello".to_vec(),
+            pad_to: Some(100),
+            ..Frame::default()
+        }
+        .build();
+        assert_eq!(opts[14], 0x47);
+        assert_eq!(opts.len(), 100);
+        assert_eq!(u16::from_be_bytes([opts[16], opts[17]]), 28 + 20 + 5);
+        verify_checksums_v4(&opts).unwrap();
+
+        let icmp = Frame {
+            l4: L4::Other { proto: PROTO_ICMP },
+            payload: icmp_echo(7, 1, b"ping"),
+            ..Frame::default()
+        }
+        .build();
+        verify_checksums_v4(&icmp).unwrap();
+    }
+}
