@@ -2,6 +2,8 @@
 //!
 //! * [`maps`]: the keys and values of every BPF map, with their byte orders and sizes pinned
 //!   by compile-time assertions, and the map names both sides use.
+//! * [`conntrack`]: what a packet tells about its flow, the flow's TCP/UDP state and its
+//!   timeouts, shared by the XDP program, the sweeper and the tests.
 //! * [`reason`]: why a packet was forwarded, passed or dropped — one list, used as the
 //!   data path's verdict and as the metric label.
 //! * [`csum`] and [`hash`]: the checksum and flow-hash math the data path runs, kept here
@@ -13,6 +15,7 @@
 #[cfg(all(test, not(feature = "std")))]
 extern crate std;
 
+pub mod conntrack;
 pub mod csum;
 pub mod hash;
 pub mod maps;

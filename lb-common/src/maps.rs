@@ -12,6 +12,8 @@
 
 use core::net::{Ipv4Addr, SocketAddrV4};
 
+use crate::conntrack::FlowSeen;
+
 /// Map names, as declared in lb-ebpf and looked up by lb-userspace.
 pub mod names {
     /// `HashMap<ServiceKey, Service>`: the services, by VIP, port and protocol.
@@ -21,7 +23,10 @@ pub mod names {
     pub const MAGLEV: &str = "MAGLEV";
     /// `Array<Backend>`: backend endpoints by backend id.
     pub const BACKENDS: &str = "BACKENDS";
-    /// `LruHashMap<FlowKey, NatEntry>`: connection tracking, both directions of every flow.
+    /// `HashMap<FlowKey, NatEntry>`: connection tracking, both directions of every flow. A
+    /// plain hash map, not an LRU one, and not preallocated: nothing is ever evicted to
+    /// make room; when it is full, new flows are refused. The control plane's sweeper
+    /// removes expired flows.
     pub const CONNTRACK: &str = "CONNTRACK";
     /// `Array<Config>` with one entry: data-path settings.
     pub const CONFIG: &str = "CONFIG";
@@ -33,6 +38,18 @@ pub mod names {
     pub const SERVICE_STATS: &str = "SERVICE_STATS";
     /// `PerCpuArray<FlowStats>` by backend id.
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
+    /// `PerCpuArray<u64>`, indexed by [`Handoff`](super::Handoff): what the tc program did
+    /// with frames the XDP program handed it.
+    pub const HANDOFFS: &str = "HANDOFFS";
+}
+
+/// Program names, as declared in lb-ebpf.
+pub mod programs {
+    /// The XDP program every frame goes through.
+    pub const XDP: &str = "xlb";
+    /// The tc ingress program that sends frames the XDP program handed to the kernel with
+    /// a [`HandoffMeta`](super::HandoffMeta).
+    pub const TC_HANDOFF: &str = "xlb_handoff";
 }
 
 /// Default map capacities, used by the XDP program's declarations; userspace resizes the
@@ -43,6 +60,12 @@ pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 1 << 20;
 pub const DEFAULT_MAGLEV_SIZE: u32 = 65537;
 /// Interfaces xlb can redirect between.
 pub const MAX_INTERFACES: u32 = 64;
+
+/// How many SNAT ports a new flow tries before it is dropped with
+/// [`Reason::DropSnatPortsExhausted`](crate::reason::Reason::DropSnatPortsExhausted) (fewer
+/// when the range is smaller: every port once). The order is
+/// [`hash::snat_port`](crate::hash::snat_port)'s.
+pub const SNAT_PORT_PROBES: u32 = 64;
 
 /// Marks a Maglev slot that has no backend (the service has none that takes new flows).
 pub const NO_BACKEND: u32 = u32::MAX;
@@ -103,21 +126,23 @@ pub struct FlowKey {
 }
 const _: () = assert!(size_of::<FlowKey>() == 38);
 
-/// [`NatEntry::direction`] of a packet going from the client to the backend.
-pub const DIR_TO_BACKEND: u32 = 0;
-/// [`NatEntry::direction`] of a reply going from the backend to the client.
-pub const DIR_TO_CLIENT: u32 = 1;
+/// [`Rewrite::direction`] of a packet going from the client to the backend.
+pub const DIR_TO_BACKEND: u8 = 0;
+/// [`Rewrite::direction`] of a reply going from the backend to the client.
+pub const DIR_TO_CLIENT: u8 = 1;
 
-/// Conntrack value: how to rewrite a packet of this flow direction. Every flow has two
+/// How to rewrite the packets of one direction of a flow. Every flow has two conntrack
 /// entries, one per direction, so both directions take the same lookup-and-rewrite path:
 ///
 /// | key (as received)            | `src` (rewrite to) | `dst` (rewrite to) |
 /// |------------------------------|--------------------|--------------------|
 /// | client → VIP                 | SNAT:port          | backend            |
 /// | backend → SNAT:port          | VIP                | client             |
+///
+/// The rewrite of an entry never changes; only its [`NatEntry`] bookkeeping does.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct NatEntry {
+pub struct Rewrite {
     pub src: Endpoint,
     pub dst: Endpoint,
     /// Index into `SERVICE_STATS`.
@@ -125,22 +150,40 @@ pub struct NatEntry {
     /// Index into `BACKENDS` and `BACKEND_STATS`.
     pub backend_id: u32,
     /// [`DIR_TO_BACKEND`] or [`DIR_TO_CLIENT`].
-    pub direction: u32,
-    /// When this direction last carried a packet (`bpf_ktime_get_ns`, CLOCK_MONOTONIC).
-    /// A flow idle past its protocol's timeout gives its SNAT port up to a new flow.
+    pub direction: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<Rewrite>() == 48);
+
+/// Conntrack value: one direction of a flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NatEntry {
+    pub rewrite: Rewrite,
+    /// What both directions of the flow have carried; both entries hold the same, which
+    /// gives the flow's state ([`FlowState`](crate::conntrack::FlowState)).
+    pub seen: FlowSeen,
+    /// The interface this direction's packets arrive on. A packet of the flow that arrives
+    /// elsewhere is taken only if the source routes back out of that interface (the
+    /// strict reverse-path rule), so a host on the wrong side cannot inject into the flow.
+    pub ifindex: u32,
+    pub _pad: u32,
+    /// When the flow last carried a packet, either way (`bpf_ktime_get_ns`,
+    /// CLOCK_MONOTONIC), to within [`REFRESH_NS`](crate::conntrack::REFRESH_NS).
     pub last_seen_ns: u64,
 }
-const _: () = assert!(size_of::<NatEntry>() == 56);
+const _: () = assert!(size_of::<NatEntry>() == 72);
 
 impl NatEntry {
-    /// Same rewrite (addresses, ports, service, backend, direction), whatever the time.
+    /// The key of the flow's other entry: what a packet of the other direction carries.
     #[inline(always)]
-    pub fn same_rewrite(&self, other: &NatEntry) -> bool {
-        self.src == other.src
-            && self.dst == other.dst
-            && self.service_id == other.service_id
-            && self.backend_id == other.backend_id
-            && self.direction == other.direction
+    pub fn twin_key(&self, proto: u8) -> FlowKey {
+        FlowKey {
+            src: self.rewrite.dst,
+            dst: self.rewrite.src,
+            proto,
+            _pad: 0,
+        }
     }
 }
 
@@ -194,30 +237,8 @@ pub struct Config {
     pub snat_port_first: u32,
     /// How many SNAT source ports, starting at `snat_port_first`.
     pub snat_port_count: u32,
-    /// Seconds a TCP flow may stay idle before its SNAT port can go to a new flow.
-    pub tcp_idle_timeout_s: u32,
-    /// The same for UDP.
-    pub udp_idle_timeout_s: u32,
 }
-const _: () = assert!(size_of::<Config>() == 24);
-
-impl Config {
-    /// The idle timeout of protocol `proto`, in nanoseconds.
-    #[inline(always)]
-    pub fn idle_timeout_ns(&self, proto: u8) -> u64 {
-        let seconds = if proto == PROTO_TCP {
-            self.tcp_idle_timeout_s
-        } else {
-            self.udp_idle_timeout_s
-        };
-        seconds as u64 * 1_000_000_000
-    }
-}
-
-/// How many SNAT ports a new flow tries (in the order of
-/// [`hash::snat_port`](crate::hash::snat_port)) before it is dropped with
-/// [`Reason::DropSnatPortsExhausted`](crate::reason::Reason::DropSnatPortsExhausted).
-pub const SNAT_PORT_PROBES: u32 = 32;
+const _: () = assert!(size_of::<Config>() == 16);
 
 /// Value of `SERVICE_STATS` and `BACKEND_STATS` (per CPU; userspace sums the CPUs).
 #[repr(C)]
@@ -244,6 +265,51 @@ impl FlowStats {
     }
 }
 
+/// What the XDP program puts in front of a frame (XDP metadata, `bpf_xdp_adjust_meta`) it
+/// hands to the kernel for the tc program to send: the frame is rewritten and its TTL
+/// lowered, but the MACs are not known (the next hop is not resolved yet) or the egress
+/// interface has no XDP program of ours. The tc program sends it with `bpf_redirect_neigh`,
+/// through the kernel's neighbour output, which resolves the MAC and queues the frame
+/// meanwhile. That path skips the kernel's input route checks, which drop a forwarded frame
+/// whose source is one of the host's own addresses (a SNAT address or a VIP on the host).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HandoffMeta {
+    /// [`HANDOFF_MAGIC`]: this metadata is ours.
+    pub magic: u32,
+    /// Interface to send the frame out of.
+    pub ifindex: u32,
+    /// The next hop's address (IPv4-mapped), whose MAC the kernel resolves.
+    pub next_hop: [u8; 16],
+}
+const _: () = assert!(size_of::<HandoffMeta>() == 24);
+// XDP metadata is at most 32 bytes, in 4-byte units.
+const _: () = assert!(size_of::<HandoffMeta>() <= 32 && size_of::<HandoffMeta>().is_multiple_of(4));
+
+/// [`HandoffMeta::magic`]: "xlbH".
+pub const HANDOFF_MAGIC: u32 = u32::from_be_bytes(*b"xlbH");
+
+/// Indexes of `HANDOFFS`: what the tc program did with handed-off frames.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Handoff {
+    /// Sent with `bpf_redirect_neigh`.
+    Sent = 0,
+    /// `bpf_redirect_neigh` refused it (dropped).
+    Failed = 1,
+}
+
+impl Handoff {
+    pub const COUNT: u32 = 2;
+    pub const ALL: [Handoff; 2] = [Handoff::Sent, Handoff::Failed];
+    pub const fn name(self) -> &'static str {
+        match self {
+            Handoff::Sent => "sent",
+            Handoff::Failed => "failed",
+        }
+    }
+}
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -253,6 +319,8 @@ mod pod {
     unsafe impl aya::Pod for Endpoint {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for NatEntry {}
+    unsafe impl aya::Pod for Rewrite {}
+    unsafe impl aya::Pod for HandoffMeta {}
     unsafe impl aya::Pod for ServiceKey {}
     unsafe impl aya::Pod for Service {}
     unsafe impl aya::Pod for Backend {}

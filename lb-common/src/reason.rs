@@ -20,11 +20,12 @@ pub enum Reason {
     PassNoService = 4,
     /// A non-first IPv4 fragment (no L4 header to match on): handed to the kernel.
     PassFragment = 5,
-    /// Rewritten, but the FIB has no neighbour entry for the next hop yet: handed to the
-    /// kernel, which forwards it and resolves the neighbour for the packets after it.
-    PassNoNeighbour = 6,
-    /// Rewritten, but the next hop is not one xlb can send to directly (local delivery,
-    /// an interface not in the devmap, ...): handed to the kernel to route.
+    /// Rewritten, but the FIB has no neighbour entry for the next hop yet: handed to the tc
+    /// program ([`HandoffMeta`](crate::maps::HandoffMeta)), which sends it through the
+    /// kernel's neighbour output; that resolves the MAC and holds the frame meanwhile.
+    ForwardResolveNeighbour = 6,
+    /// Rewritten, but the FIB says the kernel must deal with it (local delivery, forwarding
+    /// disabled, the packet is larger than the egress MTU): handed to the kernel to route.
     PassFibOther = 7,
     /// TTL would expire here: handed to the kernel untouched so it answers with ICMP.
     PassTtlExpired = 8,
@@ -38,7 +39,8 @@ pub enum Reason {
     DropNoBackend = 12,
     /// Every SNAT source port tried for a new flow was already in use.
     DropSnatPortsExhausted = 13,
-    /// The conntrack map refused an insert (it should evict instead: a kernel-side error).
+    /// The conntrack map refused an insert for another reason than being full (a
+    /// kernel-side error).
     DropConntrackInsert = 14,
     /// The FIB says the destination is unreachable, blackholed or prohibited.
     DropUnreachable = 15,
@@ -46,11 +48,25 @@ pub enum Reason {
     DropRedirectFailed = 16,
     /// A map lookup that cannot fail did (a control-plane bug: inconsistent tables).
     DropInternal = 17,
+    /// Rewritten for an egress interface that has no xlb XDP program (not in the devmap):
+    /// handed to the tc program, which sends it out of that interface through the kernel.
+    ForwardKernelOutput = 18,
+    /// A new flow, but the conntrack table holds `[conntrack] entries` flows already. No
+    /// tracked flow is ever evicted to make room.
+    DropConntrackFull = 19,
+    /// A packet of a tracked flow arrived on another interface than the flow's packets do,
+    /// and its source does not route back out of that interface: forged, or misrouted.
+    DropWrongInterface = 20,
+    /// A TCP RST to a service with no tracked flow: there is no connection to reset, and it
+    /// must not open one.
+    DropRstNoFlow = 21,
+    /// A frame for the tc program, but the driver refused XDP metadata to carry it.
+    DropHandoffFailed = 22,
 }
 
 impl Reason {
     /// Number of reasons; the size of the `REASONS` array.
-    pub const COUNT: u32 = 18;
+    pub const COUNT: u32 = 23;
 
     /// All reasons, in index order.
     pub const ALL: [Reason; Self::COUNT as usize] = [
@@ -60,7 +76,7 @@ impl Reason {
         Reason::PassNotTcpUdp,
         Reason::PassNoService,
         Reason::PassFragment,
-        Reason::PassNoNeighbour,
+        Reason::ForwardResolveNeighbour,
         Reason::PassFibOther,
         Reason::PassTtlExpired,
         Reason::DropTruncated,
@@ -72,6 +88,11 @@ impl Reason {
         Reason::DropUnreachable,
         Reason::DropRedirectFailed,
         Reason::DropInternal,
+        Reason::ForwardKernelOutput,
+        Reason::DropConntrackFull,
+        Reason::DropWrongInterface,
+        Reason::DropRstNoFlow,
+        Reason::DropHandoffFailed,
     ];
 
     /// The metric label: `verdict/why`, e.g. `drop/truncated`.
@@ -83,7 +104,7 @@ impl Reason {
             Reason::PassNotTcpUdp => "pass/not_tcp_udp",
             Reason::PassNoService => "pass/no_service",
             Reason::PassFragment => "pass/fragment",
-            Reason::PassNoNeighbour => "pass/no_neighbour",
+            Reason::ForwardResolveNeighbour => "forward/resolve_neighbour",
             Reason::PassFibOther => "pass/fib_other",
             Reason::PassTtlExpired => "pass/ttl_expired",
             Reason::DropTruncated => "drop/truncated",
@@ -95,6 +116,11 @@ impl Reason {
             Reason::DropUnreachable => "drop/unreachable",
             Reason::DropRedirectFailed => "drop/redirect_failed",
             Reason::DropInternal => "drop/internal",
+            Reason::ForwardKernelOutput => "forward/kernel_output",
+            Reason::DropConntrackFull => "drop/conntrack_full",
+            Reason::DropWrongInterface => "drop/wrong_interface",
+            Reason::DropRstNoFlow => "drop/rst_no_flow",
+            Reason::DropHandoffFailed => "drop/handoff_failed",
         }
     }
 
@@ -111,7 +137,8 @@ impl Reason {
             | Reason::PassNotTcpUdp
             | Reason::PassNoService
             | Reason::PassFragment
-            | Reason::PassNoNeighbour
+            | Reason::ForwardResolveNeighbour
+            | Reason::ForwardKernelOutput
             | Reason::PassFibOther
             | Reason::PassTtlExpired => XDP_PASS,
             Reason::DropTruncated
@@ -122,7 +149,11 @@ impl Reason {
             | Reason::DropConntrackInsert
             | Reason::DropUnreachable
             | Reason::DropRedirectFailed
-            | Reason::DropInternal => XDP_DROP,
+            | Reason::DropInternal
+            | Reason::DropConntrackFull
+            | Reason::DropWrongInterface
+            | Reason::DropRstNoFlow
+            | Reason::DropHandoffFailed => XDP_DROP,
         }
     }
 }

@@ -1,22 +1,44 @@
-//! Connection tracking: one `CONNTRACK` entry per flow direction, created together on a
-//! flow's first packet, so a flow keeps its backend and SNAT port even when the Maglev table
-//! changes under it.
+//! Connection tracking: two `CONNTRACK` entries per flow, one per direction, created together
+//! on a flow's first packet and removed together by the control plane's sweeper when the flow
+//! expires. A flow so keeps its backend and SNAT port for its whole life, even when the
+//! Maglev table changes under it. The rules (what a packet tells, the flow's state) are
+//! lb-common's [`conntrack`](lb_common::conntrack), shared with the sweeper and the tests.
+//!
+//! The XDP program deletes only what it inserted itself a moment before (a reverse entry
+//! whose forward twin could not be stored); everything else is the sweeper's. No insert
+//! ever evicts anything: `CONNTRACK` is a plain hash map.
 #![expect(
     clippy::needless_borrows_for_generic_args,
     reason = "by-value keys would be copied onto the 512-byte BPF stack, which is nearly full"
 )]
 
-use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
+use aya_ebpf::{bindings::BPF_NOEXIST, programs::XdpContext};
 use lb_common::{
+    conntrack::{FlowSeen, REFRESH_NS, Seen, starts_anew},
     hash::{flow_hash, snat_port},
     maps::{
-        DIR_TO_BACKEND, DIR_TO_CLIENT, Endpoint, FlowKey, NO_BACKEND, NatEntry, SNAT_PORT_PROBES,
-        Service, ServiceKey,
+        Backend, DIR_TO_BACKEND, DIR_TO_CLIENT, FlowKey, NO_BACKEND, NatEntry, Rewrite,
+        SNAT_PORT_PROBES, Service, ServiceKey,
     },
     reason::Reason,
 };
 
-use crate::{BACKENDS, CONFIG, CONNTRACK, CREATE_SCRATCH, MAGLEV, SERVICES};
+use crate::{
+    BACKENDS, CONFIG, CONNTRACK, CREATE_SCRATCH, MAGLEV, SERVICES, forward, parse::Packet,
+};
+
+/// What `create` needs to know about a new flow besides its first packet (references into
+/// the maps, valid for the program run).
+pub struct NewFlow<'a> {
+    pub service: &'a Service,
+    pub backend_id: u32,
+    pub backend: &'a Backend,
+    /// The flow's hash (`lb_common::hash::flow_hash`), which picked the backend and picks
+    /// the SNAT port.
+    pub hash: u64,
+    /// The interface the backend's replies will come in on: where packets to it leave.
+    pub reply_ifindex: u32,
+}
 
 /// `create`'s working space, one per CPU (see `CREATE_SCRATCH` in main.rs).
 #[repr(C)]
@@ -26,22 +48,85 @@ pub struct Scratch {
     reverse_key: FlowKey,
 }
 
+const E2BIG: i32 = 7;
 const EEXIST: i32 = 17;
 
-/// The rewrite for a tracked flow direction, copied out of the map, after marking the
-/// entry as seen now.
-#[inline(always)]
-pub fn lookup(key: &FlowKey) -> Option<NatEntry> {
-    let entry = CONNTRACK.get_ptr_mut(key)?;
+/// Whether the packet belongs to a tracked flow direction; if so, writes its rewrite to
+/// `rewrite`, after recording what the packet tells about the flow.
+///
+/// Errors: `DropWrongInterface` when the packet arrived on another interface than its
+/// flow direction's packets do, and its source does not route back out of it.
+///
+/// Not inlined: a frame of its own, off the hot path's (see `process` in main.rs).
+#[inline(never)]
+pub fn lookup(ctx: &XdpContext, pkt: &Packet, rewrite: &mut Rewrite) -> Result<bool, Reason> {
+    let Some(entry) = CONNTRACK.get_ptr_mut(&pkt.key) else {
+        return Ok(false);
+    };
+    // SAFETY: a map value of this run's lookup, valid for the program run. Fields written
+    // below are independent aligned stores of "now" or of 1 (or a full reset on a restart),
+    // which racing CPUs can only repeat, never undo.
+    let entry = unsafe { &mut *entry };
+    let ingress = ctx.ingress_ifindex() as u32;
+    if entry.ifindex != ingress {
+        if !forward::source_routes_back(ctx, pkt) {
+            return Err(Reason::DropWrongInterface);
+        }
+        // The route moved: the flow's packets come in here now.
+        entry.ifindex = ingress;
+    }
     // Read the clock only on a hit: most packets that miss are not ours.
     let now = now();
-    // SAFETY: the pointer is into a preallocated map value, valid for this program run; an
-    // LRU eviction racing with us can at worst give a stale entry for this one packet. The
-    // timestamp store is one aligned u64 write; CPUs racing on it all write "about now".
-    unsafe {
-        (*entry).last_seen_ns = now;
-        Some(*entry)
+    let dir = entry.rewrite.direction;
+    let facts = Seen::of_packet(pkt.key.proto, pkt.tcp_flags);
+    let anew = starts_anew(pkt.key.proto, dir, pkt.tcp_flags, &entry.seen);
+    if anew || entry.seen.dir(dir).lacks(&facts) || stale(entry.last_seen_ns, now) {
+        record(entry, dir, &facts, anew, now);
+        // The twin carries the same record, so either entry tells the flow's state and age.
+        if let Some(twin) = CONNTRACK.get_ptr_mut(&entry.twin_key(pkt.key.proto)) {
+            // SAFETY: as for `entry`.
+            record(unsafe { &mut *twin }, dir, &facts, anew, now);
+        }
     }
+    *rewrite = entry.rewrite;
+    Ok(true)
+}
+
+/// Older than the refresh interval (a timestamp a hair ahead of `now`, written by another
+/// CPU, is not).
+#[inline(always)]
+fn stale(last_seen_ns: u64, now: u64) -> bool {
+    now > last_seen_ns && now - last_seen_ns >= REFRESH_NS
+}
+
+/// Records `facts` of a packet going in direction `dir` into one of its flow's entries; on a
+/// restart (`anew`), the flow's record starts over from this packet.
+#[inline(always)]
+fn record(entry: &mut NatEntry, dir: u8, facts: &Seen, anew: bool, now: u64) {
+    if anew {
+        entry.seen = FlowSeen::first(dir, *facts);
+    } else {
+        let seen = if dir == DIR_TO_BACKEND {
+            &mut entry.seen.to_backend
+        } else {
+            &mut entry.seen.to_client
+        };
+        // One byte store per new fact: a CPU recording another fact of the same flow at the
+        // same moment writes other bytes.
+        if facts.syn > seen.syn {
+            seen.syn = 1;
+        }
+        if facts.non_syn > seen.non_syn {
+            seen.non_syn = 1;
+        }
+        if facts.fin > seen.fin {
+            seen.fin = 1;
+        }
+        if facts.rst > seen.rst {
+            seen.rst = 1;
+        }
+    }
+    entry.last_seen_ns = now;
 }
 
 /// CLOCK_MONOTONIC in nanoseconds, the clock of `NatEntry::last_seen_ns`.
@@ -51,57 +136,65 @@ fn now() -> u64 {
     unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() }
 }
 
-/// The entry for `key`, without touching its timestamp.
-#[inline(always)]
-fn peek(key: &FlowKey) -> Option<NatEntry> {
-    // SAFETY: copied out at once, as in `lookup`.
-    unsafe { CONNTRACK.get(key).copied() }
-}
-
-/// Idle for longer than `timeout_ns` at `now`. A timestamp a hair ahead of `now` (written
-/// by another CPU) is not idle.
-#[inline(always)]
-fn idle(entry: &NatEntry, now: u64, timeout_ns: u64) -> bool {
-    now > entry.last_seen_ns && now - entry.last_seen_ns > timeout_ns
-}
-
 /// The service a packet is addressed to (its destination and protocol), if any.
 #[inline(always)]
-pub fn service(key: &FlowKey) -> Option<Service> {
+pub fn service(key: &FlowKey) -> Option<&'static Service> {
     let skey = ServiceKey {
         vip: key.dst,
         proto: key.proto,
         _pad: 0,
     };
-    // SAFETY: copied out at once; services are only replaced whole by userspace.
-    unsafe { SERVICES.get(&skey).copied() }
+    // SAFETY: a map value, valid for the program run; userspace replaces services whole.
+    unsafe { SERVICES.get(&skey) }
 }
 
-/// Creates both directions of a new flow to `service` and returns the forward rewrite.
+/// The backend a new flow to `service` goes to: the service's Maglev slice at
+/// `hash % maglev_size`. Returns its id, the backend, and the flow's hash.
 ///
-/// The backend comes from the service's Maglev slice at `hash % maglev_size`. The SNAT port
-/// is probed in the order of `lb_common::hash::snat_port`: the reverse entry (backend → SNAT:port) is inserted with
-/// `BPF_NOEXIST`, which is atomic, so two CPUs can never hand out the same port to two flows.
-///
-/// Errors: `DropNoBackend`, `DropSnatPortsExhausted`, `DropConntrackInsert`, and
-/// `DropInternal` when the control plane's tables disagree.
-///
-/// Not inlined: a flow's first packet is the cold path, and as a BPF subprogram its locals
-/// get a frame of their own instead of adding to the hot path's share of the 512-byte stack.
-#[inline(never)]
-pub fn create(key: &FlowKey, service: &Service) -> Result<NatEntry, Reason> {
+/// Errors: `DropNoBackend`, and `DropInternal` when the control plane's tables disagree.
+#[inline(always)]
+pub fn backend(key: &FlowKey, service: &Service) -> Result<(u32, &'static Backend, u64), Reason> {
     let cfg = CONFIG.get(0).ok_or(Reason::DropInternal)?;
-    if cfg.maglev_size == 0 || cfg.snat_port_count == 0 {
+    if cfg.maglev_size == 0 {
         return Err(Reason::DropInternal);
     }
     let hash = flow_hash(key, cfg.hash_seed);
-
     let slot = service.id * cfg.maglev_size + (hash as u32) % cfg.maglev_size;
     let backend_id = *MAGLEV.get(slot).ok_or(Reason::DropInternal)?;
     if backend_id == NO_BACKEND {
         return Err(Reason::DropNoBackend);
     }
     let backend = BACKENDS.get(backend_id).ok_or(Reason::DropInternal)?;
+    Ok((backend_id, backend, hash))
+}
+
+/// Creates both directions of a new flow (`flow` says where to) and writes the forward
+/// rewrite to `rewrite`.
+///
+/// The SNAT port is probed in the order of `lb_common::hash::snat_port`, whose first
+/// candidate is the flow's own hash. The reverse entry (backend → SNAT:port) is the port's
+/// lock: it is inserted with `BPF_NOEXIST`, which is atomic, so two CPUs can never hand out
+/// one port to two flows, and a failed insert costs no one anything (the map never evicts).
+///
+/// Errors: `DropSnatPortsExhausted`, `DropConntrackFull`, `DropConntrackInsert`, and
+/// `DropInternal` when the control plane's tables disagree.
+///
+/// Not inlined: a flow's first packet is the cold path, and as a BPF subprogram its locals
+/// get a frame of their own. The entries are built in place in `CREATE_SCRATCH`, field by
+/// field: a struct literal would be built on the stack first.
+#[inline(never)]
+pub fn create(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    flow: &NewFlow,
+    rewrite: &mut Rewrite,
+) -> Result<(), Reason> {
+    let cfg = CONFIG.get(0).ok_or(Reason::DropInternal)?;
+    if cfg.snat_port_count == 0 {
+        return Err(Reason::DropInternal);
+    }
+    let key = &pkt.key;
+    let hash = flow.hash;
     let now = now();
 
     let scratch = CREATE_SCRATCH.get_ptr_mut(0).ok_or(Reason::DropInternal)?;
@@ -112,114 +205,100 @@ pub fn create(key: &FlowKey, service: &Service) -> Result<NatEntry, Reason> {
         reverse,
         reverse_key,
     } = unsafe { &mut *scratch };
-    *forward = NatEntry {
-        src: Endpoint {
-            addr: service.snat,
-            port: [0; 2],
-        },
-        dst: backend.endpoint,
-        service_id: service.id,
-        backend_id,
-        direction: DIR_TO_BACKEND,
-        last_seen_ns: now,
-    };
-    *reverse = NatEntry {
-        src: key.dst,
-        dst: key.src,
-        service_id: service.id,
-        backend_id,
-        direction: DIR_TO_CLIENT,
-        last_seen_ns: now,
-    };
-    let timeout_ns = cfg.idle_timeout_ns(key.proto);
+    let seen = FlowSeen::first(DIR_TO_BACKEND, Seen::of_packet(key.proto, pkt.tcp_flags));
+    forward.rewrite.src.addr = flow.service.snat;
+    forward.rewrite.dst = flow.backend.endpoint;
+    forward.rewrite.service_id = flow.service.id;
+    forward.rewrite.backend_id = flow.backend_id;
+    forward.rewrite.direction = DIR_TO_BACKEND;
+    forward.rewrite._pad = [0; 3];
+    forward.seen = seen;
+    forward.ifindex = ctx.ingress_ifindex() as u32;
+    forward._pad = 0;
+    forward.last_seen_ns = now;
+    reverse.rewrite.src = key.dst;
+    reverse.rewrite.dst = key.src;
+    reverse.rewrite.service_id = flow.service.id;
+    reverse.rewrite.backend_id = flow.backend_id;
+    reverse.rewrite.direction = DIR_TO_CLIENT;
+    reverse.rewrite._pad = [0; 3];
+    reverse.seen = seen;
+    reverse.ifindex = flow.reply_ifindex;
+    reverse._pad = 0;
+    reverse.last_seen_ns = now;
 
     for probe in 0..SNAT_PORT_PROBES {
+        // A range smaller than the probe budget is searched once through.
+        if probe >= cfg.snat_port_count {
+            break;
+        }
         let port = snat_port(hash, probe, cfg.snat_port_first, cfg.snat_port_count);
-        forward.src.port = port.to_be_bytes();
-        *reverse_key = FlowKey {
-            src: forward.dst,
-            dst: forward.src,
-            proto: key.proto,
-            _pad: 0,
-        };
+        forward.rewrite.src.port = port.to_be_bytes();
+        reverse_key.src = forward.rewrite.dst;
+        reverse_key.dst = forward.rewrite.src;
+        reverse_key.proto = key.proto;
+        reverse_key._pad = 0;
         match CONNTRACK.insert(&*reverse_key, &*reverse, BPF_NOEXIST as u64) {
-            Ok(()) => return insert_forward(key, forward, reverse_key),
+            Ok(()) => return insert_forward(key, forward, reverse_key, rewrite),
             Err(e) if e == -EEXIST => {
-                let Some(held) = CONNTRACK.get_ptr(&*reverse_key) else {
-                    continue;
-                };
-                // SAFETY: a preallocated map value, read in place (a copy would cost 56
-                // bytes of the 512-byte stack); a racing eviction can only make the read
-                // stale, which the inserts below settle (they are atomic).
-                let held = unsafe { &*held };
-                // Taken by this very flow, whose forward entry the LRU evicted while its
-                // reverse one survived: keep the port the backend knows.
-                if held.same_rewrite(reverse) {
-                    return CONNTRACK
-                        .insert(key, &*forward, BPF_ANY as u64)
-                        .map(|()| *forward)
-                        .map_err(|_| Reason::DropConntrackInsert);
-                }
-                // Taken by a flow idle past its timeout: free the port and try it again.
-                if idle(held, now, timeout_ns)
-                    && reclaim(held, reverse_key, now, timeout_ns)
-                    && CONNTRACK
-                        .insert(&*reverse_key, &*reverse, BPF_NOEXIST as u64)
-                        .is_ok()
-                {
-                    return insert_forward(key, forward, reverse_key);
+                // Held by this very flow: another CPU is creating it at this moment, or its
+                // forward entry was lost while its reverse one lived on. Keep the port the
+                // backend knows.
+                if let Some(held) = CONNTRACK.get_ptr_mut(&*reverse_key) {
+                    // SAFETY: a map value, valid for the program run.
+                    let held = unsafe { &mut *held };
+                    if held.rewrite == reverse.rewrite {
+                        // The flow goes on: its record, plus this packet.
+                        let facts = Seen::of_packet(key.proto, pkt.tcp_flags);
+                        record(held, DIR_TO_BACKEND, &facts, false, now);
+                        forward.seen = held.seen;
+                        return insert_forward(key, forward, reverse_key, rewrite);
+                    }
                 }
             }
+            Err(e) if e == -E2BIG => return Err(Reason::DropConntrackFull),
             Err(_) => return Err(Reason::DropConntrackInsert),
         }
     }
     Err(Reason::DropSnatPortsExhausted)
 }
 
-/// Removes an idle flow that holds the SNAT port of `reverse_key`: its reverse entry
-/// (`held`) and, if it still points at this port and is idle too, its forward entry.
-/// Returns false, leaving both, when the forward direction is still active.
-#[inline(always)]
-fn reclaim(held: &NatEntry, reverse_key: &FlowKey, now: u64, timeout_ns: u64) -> bool {
-    // The old flow's forward key: client → VIP, which its reverse entry rewrites back to.
-    let old_forward_key = FlowKey {
-        src: held.dst,
-        dst: held.src,
-        proto: reverse_key.proto,
-        _pad: 0,
-    };
-    if let Some(old) = CONNTRACK.get_ptr(&old_forward_key) {
-        // SAFETY: read in place, as `held` in `create`.
-        let old = unsafe { &*old };
-        // The client may have started a new flow (another port) since: leave that one.
-        if old.src == reverse_key.dst && old.dst == reverse_key.src {
-            if !idle(old, now, timeout_ns) {
-                return false;
-            }
-            let _ = CONNTRACK.remove(&old_forward_key);
-        }
-    }
-    let _ = CONNTRACK.remove(reverse_key);
-    true
-}
-
-/// Inserts the forward entry once its reverse entry is in place. If another CPU created the
-/// same flow in the meantime (two packets of a new flow at once), its entries win and ours
-/// is withdrawn.
+/// Inserts the forward entry once its reverse entry (at `reverse_key`) is in place, and
+/// writes the flow's forward rewrite to `rewrite`. If the forward entry exists already
+/// (another CPU created the same flow at the same moment), that one wins, and our reverse
+/// entry is withdrawn only if the winner took another port (if it took the same one, the
+/// reverse entry is the winner's too and must stay).
 #[inline(always)]
 fn insert_forward(
     key: &FlowKey,
     forward: &NatEntry,
     reverse_key: &FlowKey,
-) -> Result<NatEntry, Reason> {
-    match CONNTRACK.insert(key, forward, BPF_NOEXIST as u64) {
+    rewrite: &mut Rewrite,
+) -> Result<(), Reason> {
+    let e = match CONNTRACK.insert(key, forward, BPF_NOEXIST as u64) {
         Ok(()) => {
-            crate::stats::count_new_flow(forward);
-            Ok(*forward)
+            crate::stats::count_new_flow(&forward.rewrite);
+            *rewrite = forward.rewrite;
+            return Ok(());
         }
-        Err(_) => {
+        Err(e) => e,
+    };
+    // SAFETY: a map value, read in place and copied out at once.
+    match unsafe { CONNTRACK.get(key) } {
+        Some(winner) => {
+            if winner.rewrite != forward.rewrite {
+                let _ = CONNTRACK.remove(reverse_key);
+            }
+            *rewrite = winner.rewrite;
+            Ok(())
+        }
+        None => {
             let _ = CONNTRACK.remove(reverse_key);
-            peek(key).ok_or(Reason::DropConntrackInsert)
+            Err(if e == -E2BIG {
+                Reason::DropConntrackFull
+            } else {
+                Reason::DropConntrackInsert
+            })
         }
     }
 }

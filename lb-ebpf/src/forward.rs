@@ -1,6 +1,7 @@
 //! Where a rewritten packet goes: the kernel FIB picks the egress interface and both MACs;
-//! XDP_TX when that is the interface the packet came in on, a devmap redirect otherwise,
-//! and the kernel's own stack when the FIB cannot tell us enough.
+//! XDP_TX when that is the interface the packet came in on, a devmap redirect to another
+//! interface of ours, a handoff to the tc program when the FIB cannot give us the MACs yet
+//! or the interface is not ours, and the kernel's own stack for what only it can handle.
 
 use core::ffi::c_void;
 
@@ -9,10 +10,13 @@ use aya_ebpf::{
         BPF_FIB_LKUP_RET_BLACKHOLE, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_PROHIBIT,
         BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LKUP_RET_UNREACHABLE, bpf_fib_lookup as FibParams,
     },
-    helpers::generated::bpf_fib_lookup,
+    helpers::{bpf_xdp_adjust_meta, generated::bpf_fib_lookup},
     programs::XdpContext,
 };
-use lb_common::{maps::NatEntry, reason::Reason};
+use lb_common::{
+    maps::{Endpoint, HANDOFF_MAGIC, HandoffMeta},
+    reason::Reason,
+};
 use network_types::eth::EthHdr;
 
 use crate::{
@@ -30,41 +34,54 @@ pub enum Hop {
         smac: [u8; 6],
         dmac: [u8; 6],
     },
-    /// Hand it to the kernel (MACs untouched, so the kernel still takes it as addressed to
-    /// this host), for the given reason.
-    Kernel(Reason),
+    /// Hand it to the tc program, which sends it out of `ifindex` to `next_hop` through the
+    /// kernel's neighbour output; `reason` says why we could not send it ourselves.
+    Handoff {
+        ifindex: u32,
+        next_hop: [u8; 16],
+        reason: Reason,
+    },
+    /// Leave it to the kernel's stack (MACs untouched, so the kernel still takes it as
+    /// addressed to this host), for the given reason. `ifindex` is what the FIB said.
+    Kernel { ifindex: u32, reason: Reason },
 }
 
 impl Hop {
-    /// How much the rewrite lowers the TTL: by one when xlb forwards the packet itself, not
-    /// at all when the kernel does, since the kernel decrements it when it forwards.
+    /// How much the rewrite lowers the TTL: by one when xlb or the tc program sends the
+    /// packet, not at all when the kernel's stack forwards it (it lowers it itself).
     #[inline(always)]
     pub fn ttl_decrement(&self) -> u8 {
         match self {
-            Hop::Direct { .. } => 1,
-            Hop::Kernel(_) => 0,
+            Hop::Direct { .. } | Hop::Handoff { .. } => 1,
+            Hop::Kernel { .. } => 0,
+        }
+    }
+
+    /// The interface the packet leaves by, as the FIB says.
+    #[inline(always)]
+    pub fn ifindex(&self) -> u32 {
+        match self {
+            Hop::Direct { ifindex, .. }
+            | Hop::Handoff { ifindex, .. }
+            | Hop::Kernel { ifindex, .. } => *ifindex,
         }
     }
 }
 
-/// Looks up the next hop for the packet as it will be after `entry`'s rewrite.
-///
-/// Errors: `DropUnreachable` when the FIB says blackhole, unreachable or prohibit.
-///
-/// Not inlined: its 64-byte FIB parameter block then lives in a frame of its own, which is
-/// never on the stack at the same time as `conntrack::create`'s.
-#[inline(never)]
-pub fn route(ctx: &XdpContext, pkt: &Packet, entry: &NatEntry) -> Result<Hop, Reason> {
+/// A FIB lookup for a packet from `src` to `dst` that came in on the packet's interface.
+/// Returns the helper's code and the filled-in parameters.
+#[inline(always)]
+fn fib(ctx: &XdpContext, pkt: &Packet, src: &Endpoint, dst: &Endpoint) -> (u32, FibParams) {
     // SAFETY: bpf_fib_lookup is plain data; all-zero is its documented initial state.
     let mut params: FibParams = unsafe { core::mem::zeroed() };
     params.family = AF_INET;
     params.l4_protocol = pkt.key.proto;
-    params.sport = u16::from_ne_bytes(entry.src.port);
-    params.dport = u16::from_ne_bytes(entry.dst.port);
+    params.sport = u16::from_ne_bytes(src.port);
+    params.dport = u16::from_ne_bytes(dst.port);
     params.__bindgen_anon_1.tot_len = pkt.tot_len;
     params.ifindex = ctx.ingress_ifindex() as u32;
-    params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(entry.src.v4_octets());
-    params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(entry.dst.v4_octets());
+    params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src.v4_octets());
+    params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst.v4_octets());
 
     // SAFETY: `params` is a valid, initialised struct of the size passed.
     let rc = unsafe {
@@ -75,12 +92,29 @@ pub fn route(ctx: &XdpContext, pkt: &Packet, entry: &NatEntry) -> Result<Hop, Re
             0,
         )
     };
-    match rc as u32 {
+    (rc as u32, params)
+}
+
+/// Looks up the next hop for the packet as it will be after its rewrite to `src` → `dst`.
+///
+/// Errors: `DropUnreachable` when the FIB says blackhole, unreachable or prohibit.
+///
+/// Not inlined: its 64-byte FIB parameter block then lives in a frame of its own, which is
+/// never on the stack at the same time as `conntrack::create`'s.
+#[inline(never)]
+pub fn route(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    src: &Endpoint,
+    dst: &Endpoint,
+) -> Result<Hop, Reason> {
+    let (rc, params) = fib(ctx, pkt, src, dst);
+    match rc {
         BPF_FIB_LKUP_RET_SUCCESS => {
-            // Only interfaces xlb attached to are in the devmap; anything else is the
-            // kernel's to route.
+            // Only interfaces xlb attached to are in the devmap; the tc program sends to
+            // the others through the kernel.
             if DEVMAP.get(params.ifindex).is_none() {
-                return Ok(Hop::Kernel(Reason::PassFibOther));
+                return Ok(handoff(&params, Reason::ForwardKernelOutput));
             }
             Ok(Hop::Direct {
                 ifindex: params.ifindex,
@@ -88,20 +122,51 @@ pub fn route(ctx: &XdpContext, pkt: &Packet, entry: &NatEntry) -> Result<Hop, Re
                 dmac: params.dmac,
             })
         }
-        BPF_FIB_LKUP_RET_NO_NEIGH => Ok(Hop::Kernel(Reason::PassNoNeighbour)),
+        // The kernel fills in the egress interface and the next hop (the gateway, or the
+        // destination itself) also when the neighbour is missing (since Linux 5.10).
+        BPF_FIB_LKUP_RET_NO_NEIGH => Ok(handoff(&params, Reason::ForwardResolveNeighbour)),
         BPF_FIB_LKUP_RET_BLACKHOLE | BPF_FIB_LKUP_RET_UNREACHABLE | BPF_FIB_LKUP_RET_PROHIBIT => {
             Err(Reason::DropUnreachable)
         }
         // Local delivery, forwarding disabled, fragmentation needed, ...: the kernel decides.
-        _ => Ok(Hop::Kernel(Reason::PassFibOther)),
+        _ => Ok(Hop::Kernel {
+            ifindex: params.ifindex,
+            reason: Reason::PassFibOther,
+        }),
     }
+}
+
+#[inline(always)]
+fn handoff(params: &FibParams, reason: Reason) -> Hop {
+    // SAFETY: reading the IPv4 member of the union the lookup filled in.
+    let next_hop = unsafe { params.__bindgen_anon_4.ipv4_dst }.to_ne_bytes();
+    Hop::Handoff {
+        ifindex: params.ifindex,
+        next_hop: Endpoint::v4(next_hop, [0; 2]).addr,
+        reason,
+    }
+}
+
+/// Whether the packet's source routes back out of the interface it came in on: the strict
+/// reverse-path rule (rp_filter = 1), asked only when a tracked flow's packet arrives on
+/// another interface than the flow's packets did.
+#[inline(never)]
+pub fn source_routes_back(ctx: &XdpContext, pkt: &Packet) -> bool {
+    let (rc, params) = fib(ctx, pkt, &pkt.key.dst, &pkt.key.src);
+    matches!(rc, BPF_FIB_LKUP_RET_SUCCESS | BPF_FIB_LKUP_RET_NO_NEIGH)
+        && params.ifindex == ctx.ingress_ifindex() as u32
 }
 
 /// Sends a rewritten packet to `hop`.
 #[inline(always)]
 pub fn send(ctx: &XdpContext, hop: Hop) -> Result<Reason, Reason> {
     let (ifindex, smac, dmac) = match hop {
-        Hop::Kernel(reason) => return Ok(reason),
+        Hop::Kernel { reason, .. } => return Ok(reason),
+        Hop::Handoff {
+            ifindex,
+            next_hop,
+            reason,
+        } => return hand_off(ctx, ifindex, next_hop).map(|()| reason),
         Hop::Direct {
             ifindex,
             smac,
@@ -121,4 +186,31 @@ pub fn send(ctx: &XdpContext, hop: Hop) -> Result<Reason, Reason> {
         .redirect(ifindex, 0)
         .map(|_| Reason::ForwardRedirect)
         .map_err(|_| Reason::DropRedirectFailed)
+}
+
+/// Puts a [`HandoffMeta`] in front of the frame for the tc program (the frame then goes to
+/// the kernel with XDP_PASS).
+#[inline(always)]
+fn hand_off(ctx: &XdpContext, ifindex: u32, next_hop: [u8; 16]) -> Result<(), Reason> {
+    const LEN: usize = size_of::<HandoffMeta>();
+    // SAFETY: the helper only moves data_meta, within the headroom; it fails cleanly.
+    if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -(LEN as i32)) } != 0 {
+        return Err(Reason::DropHandoffFailed);
+    }
+    // The helper invalidated every packet pointer: derive them again and check the
+    // metadata fits before the packet data.
+    let meta = ctx.metadata();
+    if meta + LEN > ctx.metadata_end() {
+        return Err(Reason::DropHandoffFailed);
+    }
+    // SAFETY: the check above keeps the whole struct inside the metadata area, which is
+    // 4-byte aligned (the helper only accepts multiples of 4) as HandoffMeta needs.
+    unsafe {
+        *(meta as *mut HandoffMeta) = HandoffMeta {
+            magic: HANDOFF_MAGIC,
+            ifindex,
+            next_hop,
+        };
+    }
+    Ok(())
 }

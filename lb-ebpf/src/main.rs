@@ -1,14 +1,19 @@
-//! The xlb XDP program: IPv4 TCP/UDP full NAT with Maglev backend selection.
+//! The xlb XDP program: IPv4 TCP/UDP full NAT with Maglev backend selection, and the small
+//! tc program that sends what the XDP program cannot send itself.
 //!
 //! One packet's path, top to bottom:
-//! 1. [`parse::parse`] bounds-checks Ethernet, IPv4 (IHL-sized) and the L4 ports, and builds
-//!    the packet's [`FlowKey`](lb_common::maps::FlowKey);
-//! 2. [`conntrack::lookup`] finds how this flow direction is rewritten, or, for the first
-//!    packet to a service, [`conntrack::create`] picks a backend from the service's Maglev
-//!    slice and a SNAT port, and stores both directions;
+//! 1. [`parse::parse`] bounds-checks Ethernet, IPv4 (IHL-sized) and the L4 ports and TCP
+//!    flags, and builds the packet's [`FlowKey`](lb_common::maps::FlowKey);
+//! 2. [`conntrack::lookup`] finds how this flow direction is rewritten and records what the
+//!    packet tells about the flow (TCP flags, time); or, for a new flow to a service,
+//!    [`conntrack::backend`] picks a backend from the service's Maglev slice,
+//!    [`forward::route`] finds the way to it, and [`conntrack::create`] stores both
+//!    directions with a SNAT port;
 //! 3. [`forward::route`] asks the kernel FIB for the next hop of the rewritten packet;
-//! 4. [`nat::rewrite`] rewrites addresses, ports, TTL and checksums, and the MACs;
-//! 5. the packet leaves by XDP_TX or a devmap redirect, or goes to the kernel.
+//! 4. [`nat::rewrite`] rewrites addresses, ports, TTL and checksums;
+//! 5. [`forward::send`] sets the MACs and sends by XDP_TX or a devmap redirect, or hands the
+//!    frame to [`handoff`]'s tc program (next hop not resolved yet, or an interface without
+//!    our XDP program), or leaves it to the kernel.
 //!
 //! Every packet ends with one [`Reason`], counted in `REASONS`; its XDP action follows from it.
 #![no_std]
@@ -16,19 +21,24 @@
 
 mod conntrack;
 mod forward;
+mod handoff;
 mod nat;
 mod parse;
 mod stats;
 
 use aya_ebpf::{
-    macros::{map, xdp},
-    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
-    programs::XdpContext,
+    bindings::BPF_F_NO_PREALLOC,
+    macros::{classifier, map, xdp},
+    maps::{Array, DevMapHash, HashMap, PerCpuArray},
+    programs::{TcContext, XdpContext},
 };
+use forward::Hop;
 use lb_common::{
+    conntrack::TCP_RST,
     maps::{
         Backend, Config, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAGLEV_SIZE, DEFAULT_MAX_BACKENDS,
-        DEFAULT_MAX_SERVICES, FlowKey, FlowStats, MAX_INTERFACES, NatEntry, Service, ServiceKey,
+        DEFAULT_MAX_SERVICES, Endpoint, FlowKey, FlowStats, Handoff, MAX_INTERFACES, NatEntry,
+        Rewrite, Service, ServiceKey,
     },
     reason::Reason,
 };
@@ -46,9 +56,11 @@ static MAGLEV: Array<u32> = Array::with_max_entries(DEFAULT_MAX_SERVICES * DEFAU
 #[map]
 static BACKENDS: Array<Backend> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 
+/// Not an LRU map: nothing is evicted to make room. Not preallocated: memory follows the
+/// flows in use.
 #[map]
-static CONNTRACK: LruHashMap<FlowKey, NatEntry> =
-    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_ENTRIES, 0);
+static CONNTRACK: HashMap<FlowKey, NatEntry> =
+    HashMap::with_max_entries(DEFAULT_CONNTRACK_ENTRIES, BPF_F_NO_PREALLOC);
 
 #[map]
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
@@ -72,6 +84,9 @@ static SERVICE_STATS: PerCpuArray<FlowStats> =
 static BACKEND_STATS: PerCpuArray<FlowStats> =
     PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 
+#[map]
+static HANDOFFS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Handoff::COUNT, 0);
+
 #[xdp]
 pub fn xlb(ctx: XdpContext) -> u32 {
     let reason = match process(&ctx) {
@@ -86,33 +101,65 @@ pub fn xlb(ctx: XdpContext) -> u32 {
     reason.xdp_action()
 }
 
+/// Sends the frames the XDP program handed over (see [`handoff`]); lets everything else
+/// through to the next tc program or the stack.
+#[classifier]
+pub fn xlb_handoff(ctx: TcContext) -> i32 {
+    handoff::send(&ctx)
+}
+
 /// Decides one packet's fate. `Err` is an early exit (not for us, malformed, no backend);
 /// `Ok` carries how a rewritten packet left.
+///
+/// The BPF stack is 512 bytes for a whole chain of calls, so what this frame holds is kept
+/// small (the packet, its rewrite, its next hop) and the two conntrack paths are separate
+/// subprograms with frames of their own.
 #[inline(always)]
 fn process(ctx: &XdpContext) -> Result<Reason, Reason> {
     let pkt = parse::parse(ctx)?;
-
-    let entry = match conntrack::lookup(&pkt.key) {
-        Some(entry) => {
-            forwardable(&pkt)?;
-            entry
-        }
-        None => {
-            let service = conntrack::service(&pkt.key).ok_or(Reason::PassNoService)?;
-            // Checked before the flow is created, so a packet we will not forward (a
-            // traceroute probe with TTL 1, say) does not take a SNAT port.
-            forwardable(&pkt)?;
-            conntrack::create(&pkt.key, &service)?
-        }
+    let mut rewrite = Rewrite::default();
+    let hop = if conntrack::lookup(ctx, &pkt, &mut rewrite)? {
+        forwardable(&pkt)?;
+        forward::route(ctx, &pkt, &rewrite.src, &rewrite.dst)?
+    } else {
+        new_flow(ctx, &pkt, &mut rewrite)?
     };
-
-    let hop = forward::route(ctx, &pkt, &entry)?;
-    nat::rewrite(ctx, &pkt, &entry, hop.ttl_decrement())?;
+    nat::rewrite(ctx, &pkt, &rewrite, hop.ttl_decrement())?;
     let sent = forward::send(ctx, hop)?;
     // Counted once the packet has left (or gone to the kernel rewritten), so a packet
     // dropped as unreachable does not show up as service traffic.
-    stats::count_flow_packet(&entry, pkt.frame_len);
+    stats::count_flow_packet(&rewrite, pkt.frame_len);
     Ok(sent)
+}
+
+/// The first packet of a flow, if it is addressed to a service: picks the backend, routes
+/// to it, and creates the flow, whose forward rewrite it writes to `rewrite`.
+#[inline(never)]
+fn new_flow(ctx: &XdpContext, pkt: &parse::Packet, rewrite: &mut Rewrite) -> Result<Hop, Reason> {
+    let service = conntrack::service(&pkt.key).ok_or(Reason::PassNoService)?;
+    // Checked before the flow is created, so a packet we will not forward (a traceroute
+    // probe with TTL 1, say) does not take a SNAT port.
+    forwardable(pkt)?;
+    if pkt.tcp_flags & TCP_RST != 0 {
+        return Err(Reason::DropRstNoFlow);
+    }
+    let (backend_id, backend, hash) = conntrack::backend(&pkt.key, service)?;
+    // Routed before the flow is created: an unreachable backend takes no port, and the flow
+    // learns which interface the backend's replies come in on.
+    let snat = Endpoint {
+        addr: service.snat,
+        port: [0; 2],
+    };
+    let hop = forward::route(ctx, pkt, &snat, &backend.endpoint)?;
+    let flow = conntrack::NewFlow {
+        service,
+        backend_id,
+        backend,
+        hash,
+        reply_ifindex: hop.ifindex(),
+    };
+    conntrack::create(ctx, pkt, &flow, rewrite)?;
+    Ok(hop)
 }
 
 /// Whether a packet of ours can be rewritten and forwarded: its fragments cannot (later

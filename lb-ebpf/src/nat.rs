@@ -4,7 +4,7 @@
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
     csum::{replace, replace_udp, sum_words},
-    maps::{NatEntry, PROTO_UDP},
+    maps::{PROTO_UDP, Rewrite},
     reason::Reason,
 };
 use network_types::ip::Ipv4Hdr;
@@ -14,11 +14,14 @@ use crate::parse::{ETH_LEN, Packet, ptr_at};
 /// Rewrites the packet's source to `entry.src` and destination to `entry.dst`, and lowers
 /// the TTL by `ttl_decrement`. Precondition: `pkt` came from `parse` on this same frame, and
 /// `pkt.ttl > ttl_decrement`.
-#[inline(always)]
+///
+/// Not inlined: its checksum arithmetic would otherwise spill into the hot path's frame,
+/// which the 512-byte BPF stack cannot spare (see `process` in main.rs).
+#[inline(never)]
 pub fn rewrite(
     ctx: &XdpContext,
     pkt: &Packet,
-    entry: &NatEntry,
+    entry: &Rewrite,
     ttl_decrement: u8,
 ) -> Result<(), Reason> {
     let old_src = pkt.key.src.v4_octets();

@@ -16,16 +16,33 @@ const IP_OFFSET_MASK: u16 = 0x1fff;
 pub const ETH_LEN: usize = EthHdr::LEN;
 /// Offset of the checksum field inside the TCP and UDP headers.
 pub const TCP_CHECK_OFF: usize = 16;
+/// Offset of the flags byte (FIN, SYN, RST, PSH, ACK, ...) inside the TCP header.
+const TCP_FLAGS_OFF: usize = 13;
 pub const UDP_CHECK_OFF: usize = 6;
 const TCP_MIN_LEN: usize = 20;
 const UDP_LEN: usize = 8;
+
+/// The frame's start and end. Read with volatile loads so that LLVM cannot hoist the loads
+/// out of a non-inlined function into its callers and pass the values instead of `ctx`
+/// (argument promotion): the verifier then sees packet pointers handled as plain integers
+/// (`pointer arithmetic on pkt_end prohibited`) and rejects the program.
+#[inline(always)]
+pub fn frame_bounds(ctx: &XdpContext) -> (usize, usize) {
+    // SAFETY: `ctx.ctx` is the program's context, valid for the run; reading its fields is
+    // what the verifier expects (it rewrites these loads).
+    unsafe {
+        (
+            core::ptr::read_volatile(&(*ctx.ctx).data) as usize,
+            core::ptr::read_volatile(&(*ctx.ctx).data_end) as usize,
+        )
+    }
+}
 
 /// The only way the program touches packet bytes: a pointer to a `T` at `offset`, returned
 /// only when all `size_of::<T>()` bytes lie inside the frame.
 #[inline(always)]
 pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, Reason> {
-    let start = ctx.data();
-    let end = ctx.data_end();
+    let (start, end) = frame_bounds(ctx);
     if start + offset + size_of::<T>() > end {
         return Err(Reason::DropTruncated);
     }
@@ -42,6 +59,8 @@ pub struct Packet {
     /// Offset of the L4 checksum field. Read it through [`Packet::l4_check_off`].
     l4_check_off: usize,
     pub ttl: u8,
+    /// The TCP flags byte; 0 for UDP.
+    pub tcp_flags: u8,
     /// IPv4 total length (host byte order).
     pub tot_len: u16,
     /// First fragment of a fragmented datagram (MF set, offset 0).
@@ -73,7 +92,9 @@ impl Packet {
 ///
 /// Errors: `PassNotIpv4` / `PassNotTcpUdp` / `PassFragment` (non-first fragments) for what
 /// the kernel should handle; `DropTruncated` / `DropBadIpv4Header` for malformed frames.
-#[inline(always)]
+///
+/// Not inlined, for the same reason as `nat::rewrite`.
+#[inline(never)]
 pub fn parse(ctx: &XdpContext) -> Result<Packet, Reason> {
     let eth: *const EthHdr = ptr_at(ctx, 0)?;
     // SAFETY: ptr_at checked that a whole EthHdr is inside the frame.
@@ -96,7 +117,8 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Reason> {
     if (tot_len as usize) < ihl {
         return Err(Reason::DropBadIpv4Header);
     }
-    let frame_len = (ctx.data_end() - ctx.data()) as u64;
+    let (start, end) = frame_bounds(ctx);
+    let frame_len = (end - start) as u64;
     // Frames may be padded past tot_len (Ethernet minimum size), never shorter.
     if ETH_LEN as u64 + tot_len as u64 > frame_len {
         return Err(Reason::DropTruncated);
@@ -123,6 +145,13 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Reason> {
     let ports: *const [u8; 4] = ptr_at(ctx, l4_off)?;
     // SAFETY: ptr_at checked the four port bytes are inside the frame.
     let ports = unsafe { *ports };
+    let tcp_flags = if ip.proto == PROTO_TCP {
+        let flags: *const u8 = ptr_at(ctx, l4_off + TCP_FLAGS_OFF)?;
+        // SAFETY: ptr_at checked the flags byte is inside the frame.
+        unsafe { *flags }
+    } else {
+        0
+    };
 
     Ok(Packet {
         key: FlowKey {
@@ -134,6 +163,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Reason> {
         l4_off,
         l4_check_off: l4_off + check_off,
         ttl: ip.ttl,
+        tcp_flags,
         tot_len,
         fragmented,
         frame_len,

@@ -3,7 +3,7 @@
 
 use aya_ebpf::maps::PerCpuArray;
 use lb_common::{
-    maps::{DIR_TO_BACKEND, FlowStats, NatEntry},
+    maps::{DIR_TO_BACKEND, FlowStats, Rewrite},
     reason::Reason,
 };
 
@@ -19,7 +19,7 @@ pub fn count_reason(reason: Reason) {
 
 /// Counts one packet of a tracked flow against its service and its backend.
 #[inline(always)]
-pub fn count_flow_packet(entry: &NatEntry, frame_len: u64) {
+pub fn count_flow_packet(entry: &Rewrite, frame_len: u64) {
     let to_backend = entry.direction == DIR_TO_BACKEND;
     let add = |s: &mut FlowStats| {
         if to_backend {
@@ -36,7 +36,7 @@ pub fn count_flow_packet(entry: &NatEntry, frame_len: u64) {
 
 /// Counts a flow created for `entry`'s service and backend.
 #[inline(always)]
-pub fn count_new_flow(entry: &NatEntry) {
+pub fn count_new_flow(entry: &Rewrite) {
     let add = |s: &mut FlowStats| s.flows += 1;
     update(&SERVICE_STATS, entry.service_id, add);
     update(&BACKEND_STATS, entry.backend_id, add);

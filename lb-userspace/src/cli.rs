@@ -1,13 +1,19 @@
 //! The `xlb` command line: `xlb run` and `xlb check`.
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use tokio::signal::unix::{SignalKind, signal};
 
+use lb_common::reason::Reason;
+
 use crate::{
-    config::{Checked, Config, XdpModeConfig},
+    config::{Checked, Config, HostFacts, XdpModeConfig},
+    conntrack::{self, SweepReport},
     loader, stats, tables,
 };
 
@@ -34,7 +40,7 @@ pub enum Command {
         #[arg(long, value_enum)]
         xdp_mode: Option<XdpModeConfig>,
         /// Also print the counters every this many seconds.
-        #[arg(long, value_name = "SECONDS")]
+        #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
         stats_interval: Option<u64>,
     },
     /// Validate a config file and exit: 0 if it is good, 1 with every problem listed if not.
@@ -45,7 +51,8 @@ pub enum Command {
     },
 }
 
-/// Reads, merges command-line overrides into, and validates a config.
+/// Reads, merges command-line overrides into, and validates a config, then fits it to this
+/// host (see [`Checked::fit_to_host`]).
 pub fn load_config(
     path: &std::path::Path,
     interfaces: Vec<String>,
@@ -58,9 +65,12 @@ pub fn load_config(
     if let Some(mode) = xdp_mode {
         config.dataplane.xdp_mode = mode;
     }
-    config
-        .validate()
-        .map_err(|e| anyhow::anyhow!("config {} is not valid:\n{e}", path.display()))
+    let invalid = |e| anyhow::anyhow!("config {} is not valid:\n{e}", path.display());
+    let mut checked = config.validate().map_err(invalid)?;
+    checked
+        .fit_to_host(&HostFacts::read()?)
+        .map_err(|e| anyhow::anyhow!("config {} does not fit this host:\n{e}", path.display()))?;
+    Ok(checked)
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -69,10 +79,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let cfg = load_config(&config, Vec::new(), None)?;
             let backends: usize = cfg.services.iter().map(|s| s.backends.len()).sum();
             println!(
-                "config {} is valid: {} service(s), {backends} backend(s), interfaces {:?}",
+                "config {} is valid: {} service(s), {backends} backend(s), interfaces {:?}, \
+                 SNAT ports {}",
                 config.display(),
                 cfg.services.len(),
-                cfg.dataplane.interfaces
+                cfg.dataplane.interfaces,
+                cfg.snat_ports
             );
             Ok(())
         }
@@ -126,12 +138,17 @@ async fn serve(cfg: &Checked, stats_interval: Option<Duration>) -> anyhow::Resul
     }
     let backends: usize = cfg.services.iter().map(|s| s.backends.len()).sum();
     println!(
-        "ready: {} service(s), {backends} backend(s) on {} interface(s)",
+        "ready: {} service(s), {backends} backend(s) on {} interface(s); SNAT ports {}; \
+         conntrack capacity {} flows",
         cfg.services.len(),
-        loaded.attached.len()
+        loaded.attached.len(),
+        cfg.snat_ports,
+        cfg.conntrack.entries
     );
 
     let mut ticker = stats_interval.map(tokio::time::interval);
+    let mut sweeper = Sweeper::new(cfg);
+    let mut housekeeping = tokio::time::interval(Sweeper::TICK);
     loop {
         let tick = async {
             match ticker.as_mut() {
@@ -144,14 +161,19 @@ async fn serve(cfg: &Checked, stats_interval: Option<Duration>) -> anyhow::Resul
         tokio::select! {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
+            _ = housekeeping.tick() => sweeper.tick(&mut loaded.ebpf)?,
             () = tick => {
-                let snap = stats::read(&loaded.ebpf, &layout)?;
+                let mut snap = stats::read(&loaded.ebpf, &layout)?;
+                snap.conntrack = sweeper.last.clone();
                 print!("{}", stats::format(cfg, &snap));
             }
         }
     }
 
-    let snap = stats::read(&loaded.ebpf, &layout)?;
+    // A last sweep, so the final counts are current.
+    sweeper.sweep(&mut loaded.ebpf, false)?;
+    let mut snap = stats::read(&loaded.ebpf, &layout)?;
+    snap.conntrack = sweeper.last.clone();
     print!("{}", stats::format(cfg, &snap));
     let names: Vec<String> = loaded
         .attached
@@ -161,4 +183,79 @@ async fn serve(cfg: &Checked, stats_interval: Option<Duration>) -> anyhow::Resul
     drop(loaded);
     println!("detached from {}", names.join(", "));
     Ok(())
+}
+
+/// When the sweeper runs: every second or so (less often when a sweep takes long, so it
+/// uses a small share of a core), and every [`Sweeper::TICK`] while new flows are being
+/// refused for want of room (conntrack full or SNAT ports exhausted), pruning idle `New`
+/// flows as well — what a SYN flood leaves.
+struct Sweeper {
+    timeouts: lb_common::conntrack::Timeouts,
+    next: Instant,
+    /// Refusals counted so far (`drop/conntrack_full` + `drop/snat_ports_exhausted`).
+    refused: u64,
+    /// Pressure mode lasts this long after the last refusal.
+    pressure_until: Option<Instant>,
+    last: Option<SweepReport>,
+}
+
+impl Sweeper {
+    const TICK: Duration = Duration::from_millis(100);
+    const INTERVAL: Duration = Duration::from_secs(1);
+    /// A sweep may take at most this share of the time between sweeps.
+    const MAX_SHARE: u32 = 20;
+    const PRESSURE_FOR: Duration = Duration::from_secs(2);
+
+    fn new(cfg: &Checked) -> Sweeper {
+        Sweeper {
+            timeouts: cfg.conntrack.timeouts(),
+            next: Instant::now() + Self::INTERVAL,
+            refused: 0,
+            pressure_until: None,
+            last: None,
+        }
+    }
+
+    fn tick(&mut self, ebpf: &mut aya::Ebpf) -> anyhow::Result<()> {
+        let now = Instant::now();
+        let reasons = stats::reasons(ebpf)?;
+        let refused = reasons[Reason::DropConntrackFull as usize]
+            + reasons[Reason::DropSnatPortsExhausted as usize];
+        if refused > self.refused {
+            if self.pressure_until.is_none() {
+                log::warn!(
+                    "new flows are being refused (conntrack full or SNAT ports exhausted): \
+                     sweeping every {:?} and pruning idle new flows",
+                    Self::TICK
+                );
+            }
+            self.refused = refused;
+            self.pressure_until = Some(now + Self::PRESSURE_FOR);
+        }
+        let pressure = self.pressure_until.is_some_and(|until| now < until);
+        if !pressure {
+            self.pressure_until = None;
+        }
+        if pressure || now >= self.next {
+            self.sweep(ebpf, pressure)?;
+        }
+        Ok(())
+    }
+
+    fn sweep(&mut self, ebpf: &mut aya::Ebpf, pressure: bool) -> anyhow::Result<()> {
+        let report = conntrack::sweep(ebpf, &self.timeouts, pressure)?;
+        if report.expired + report.pruned + report.orphans > 0 {
+            log::debug!(
+                "sweep: {} flows expired, {} pruned, {} orphan entries, {} flows left, {:?}",
+                report.expired,
+                report.pruned,
+                report.orphans,
+                report.total_flows(),
+                report.took
+            );
+        }
+        self.next = Instant::now() + Self::INTERVAL.max(report.took * Self::MAX_SHARE);
+        self.last = Some(report);
+        Ok(())
+    }
 }

@@ -8,9 +8,12 @@ use std::{
     path::Path,
 };
 
-use lb_common::maps::{
-    DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAGLEV_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES,
-    MAX_INTERFACES, PROTO_TCP, PROTO_UDP,
+use lb_common::{
+    conntrack::Timeouts,
+    maps::{
+        DEFAULT_MAGLEV_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, MAX_INTERFACES, PROTO_TCP,
+        PROTO_UDP,
+    },
 };
 use serde::Deserialize;
 
@@ -21,6 +24,9 @@ pub struct Config {
     /// Where and how the XDP program runs.
     #[serde(default)]
     pub dataplane: Dataplane,
+    /// Connection tracking: capacity and idle timeouts.
+    #[serde(default)]
+    pub conntrack: ConntrackConfig,
     /// The services to balance (`[[service]]` tables).
     #[serde(default, rename = "service")]
     pub services: Vec<ServiceConfig>,
@@ -34,23 +40,25 @@ pub struct Dataplane {
     pub interfaces: Vec<String>,
     /// `auto` (native, falling back to generic), `native` or `generic`.
     pub xdp_mode: XdpModeConfig,
-    /// Capacity of the connection-tracking LRU map; each flow takes two entries.
-    pub conntrack_entries: u32,
     /// Slots per service in the Maglev table; must be a prime.
     pub maglev_table_size: u32,
     /// Most services the maps can hold.
     pub max_services: u32,
     /// Most backends, over all services, the maps can hold.
     pub max_backends: u32,
-    /// SNAT source ports handed out to flows, `[first, last]` inclusive.
-    pub snat_port_range: [u16; 2],
+    /// SNAT source ports handed out to flows, `[first, last]` inclusive. Unset: 1024-65535,
+    /// or, when a SNAT address is one of the host's own, the larger part of that outside
+    /// the host's ephemeral ports (see [`Checked::fit_to_host`]).
+    pub snat_port_range: Option<[u16; 2]>,
     /// Seed of the flow hash; nodes sharing traffic behind ECMP must use the same one.
     pub hash_seed: u32,
-    /// Seconds a TCP flow may be idle before its SNAT port may go to a new flow (the flow
-    /// itself keeps working until then, and after, unless its port was taken).
-    pub tcp_idle_timeout: u32,
-    /// The same for UDP, where every new client port is a new flow.
-    pub udp_idle_timeout: u32,
+    /// Moved to `[conntrack] entries` (which counts flows, not map entries). Kept only to
+    /// say so when an old config has it.
+    pub conntrack_entries: Option<u32>,
+    /// Moved to `[conntrack] tcp_established_timeout` (and the other TCP timeouts).
+    pub tcp_idle_timeout: Option<u32>,
+    /// Moved to `[conntrack] udp_timeout`.
+    pub udp_idle_timeout: Option<u32>,
 }
 
 impl Default for Dataplane {
@@ -58,15 +66,64 @@ impl Default for Dataplane {
         Dataplane {
             interfaces: Vec::new(),
             xdp_mode: XdpModeConfig::Auto,
-            conntrack_entries: DEFAULT_CONNTRACK_ENTRIES,
             maglev_table_size: DEFAULT_MAGLEV_SIZE,
             max_services: DEFAULT_MAX_SERVICES,
             max_backends: DEFAULT_MAX_BACKENDS,
-            snat_port_range: [1024, 65535],
+            snat_port_range: None,
             hash_seed: 0x786c_6221,
-            tcp_idle_timeout: 7200,
-            udp_idle_timeout: 60,
+            conntrack_entries: None,
+            tcp_idle_timeout: None,
+            udp_idle_timeout: None,
         }
+    }
+}
+
+/// `[conntrack]`: how many flows xlb tracks, and how long each state may stay idle (seconds).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConntrackConfig {
+    /// Flows tracked at most (each takes two map entries, one per direction). When the table
+    /// is full, new flows are refused (`drop/conntrack_full`); no tracked flow is evicted.
+    pub entries: u32,
+    /// A TCP flow whose handshake has not completed.
+    pub tcp_syn_timeout: u32,
+    pub tcp_established_timeout: u32,
+    /// After one side's FIN, or an RST.
+    pub tcp_closing_timeout: u32,
+    /// After both sides' FINs: a closed flow keeps its SNAT port this long, since the
+    /// backend may be in TIME_WAIT for it.
+    pub tcp_time_wait_timeout: u32,
+    pub udp_timeout: u32,
+}
+
+impl Default for ConntrackConfig {
+    fn default() -> Self {
+        let t = Timeouts::default();
+        ConntrackConfig {
+            entries: 1 << 20,
+            tcp_syn_timeout: t.tcp_syn,
+            tcp_established_timeout: t.tcp_established,
+            tcp_closing_timeout: t.tcp_closing,
+            tcp_time_wait_timeout: t.tcp_time_wait,
+            udp_timeout: t.udp,
+        }
+    }
+}
+
+impl ConntrackConfig {
+    pub fn timeouts(&self) -> Timeouts {
+        Timeouts {
+            tcp_syn: self.tcp_syn_timeout,
+            tcp_established: self.tcp_established_timeout,
+            tcp_closing: self.tcp_closing_timeout,
+            tcp_time_wait: self.tcp_time_wait_timeout,
+            udp: self.udp_timeout,
+        }
+    }
+
+    /// Entries of the `CONNTRACK` map: two per flow.
+    pub fn map_entries(&self) -> u32 {
+        self.entries * 2
     }
 }
 
@@ -153,22 +210,178 @@ fn default_weight() -> u32 {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Checked {
     pub dataplane: Dataplane,
+    pub conntrack: ConntrackConfig,
     pub services: Vec<Service>,
+    /// The SNAT port range in force: `dataplane.snat_port_range`, or its default.
+    pub snat_ports: SnatPorts,
+}
+
+/// The SNAT source ports new flows get, `first..=last`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SnatPorts {
+    pub first: u16,
+    pub last: u16,
+    /// Set in the config, rather than the default.
+    pub explicit: bool,
+}
+
+impl SnatPorts {
+    /// Used when the config sets no range and no SNAT address is the host's own.
+    pub const DEFAULT: SnatPorts = SnatPorts {
+        first: 1024,
+        last: 65535,
+        explicit: false,
+    };
+
+    pub fn count(&self) -> u32 {
+        (self.last - self.first) as u32 + 1
+    }
+
+    fn overlaps(&self, first: u16, last: u16) -> bool {
+        self.first <= last && first <= self.last
+    }
+}
+
+impl fmt::Display for SnatPorts {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "[{}, {}]", self.first, self.last)
+    }
+}
+
+/// What [`Checked::fit_to_host`] needs to know about the host xlb runs on.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HostFacts {
+    /// The host's own addresses (all interfaces of this network namespace).
+    pub addresses: Vec<IpAddr>,
+    /// `net.ipv4.ip_local_port_range`: the ports the host's own connections use.
+    pub ephemeral_ports: [u16; 2],
+}
+
+impl HostFacts {
+    /// Reads them from this network namespace.
+    pub fn read() -> anyhow::Result<HostFacts> {
+        use anyhow::Context as _;
+        const RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
+        let text = std::fs::read_to_string(RANGE).with_context(|| format!("reading {RANGE}"))?;
+        let ports: Vec<u16> = text
+            .split_whitespace()
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("{RANGE}: {text:?} is not two ports"))?;
+        let [lo, hi] = ports[..] else {
+            anyhow::bail!("{RANGE}: {text:?} is not two ports");
+        };
+        Ok(HostFacts {
+            addresses: local_addresses()?,
+            ephemeral_ports: [lo, hi],
+        })
+    }
+}
+
+/// Every address of this network namespace's interfaces (getifaddrs).
+fn local_addresses() -> anyhow::Result<Vec<IpAddr>> {
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `list` with a linked list it allocates, freed below.
+    if unsafe { libc::getifaddrs(&mut list) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .map_err(|e| anyhow::anyhow!("getifaddrs: {e}"));
+    }
+    let mut out = Vec::new();
+    let mut cur = list;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list getifaddrs returned, not freed yet.
+        let ifa = unsafe { &*cur };
+        if !ifa.ifa_addr.is_null() {
+            // SAFETY: ifa_addr points to a sockaddr whose family says its real type.
+            let family = unsafe { (*ifa.ifa_addr).sa_family } as i32;
+            if family == libc::AF_INET {
+                // SAFETY: an AF_INET sockaddr is a sockaddr_in.
+                let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+                out.push(IpAddr::V4(Ipv4Addr::from(u32::from_be(
+                    sin.sin_addr.s_addr,
+                ))));
+            } else if family == libc::AF_INET6 {
+                // SAFETY: an AF_INET6 sockaddr is a sockaddr_in6.
+                let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
+                out.push(IpAddr::V6(sin6.sin6_addr.s6_addr.into()));
+            }
+        }
+        cur = ifa.ifa_next;
+    }
+    // SAFETY: `list` came from getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(list) };
+    Ok(out)
 }
 
 impl Checked {
     /// The data path's settings, as the XDP program reads them from `CONFIG`.
     pub fn map_config(&self) -> lb_common::maps::Config {
         let dp = &self.dataplane;
-        let [first, last] = dp.snat_port_range;
         lb_common::maps::Config {
             maglev_size: dp.maglev_table_size,
             hash_seed: dp.hash_seed,
-            snat_port_first: first as u32,
-            snat_port_count: (last - first) as u32 + 1,
-            tcp_idle_timeout_s: dp.tcp_idle_timeout,
-            udp_idle_timeout_s: dp.udp_idle_timeout,
+            snat_port_first: self.snat_ports.first as u32,
+            snat_port_count: self.snat_ports.count(),
         }
+    }
+
+    /// Checks the config against the host it runs on. When a SNAT address is one of the
+    /// host's own, the host's own connections use it too, with ports from its ephemeral
+    /// range: a SNAT port in that range would make the replies to the host's connections look
+    /// like a client's. So an explicit `snat_port_range` that overlaps it is refused, and the
+    /// default becomes the larger part of 1024-65535 outside it.
+    pub fn fit_to_host(&mut self, host: &HostFacts) -> Result<(), ConfigErrors> {
+        let [lo, hi] = host.ephemeral_ports;
+        let own: Vec<&Service> = self
+            .services
+            .iter()
+            .filter(|s| host.addresses.contains(&IpAddr::V4(s.snat)))
+            .collect();
+        let Some(first_own) = own.first() else {
+            return Ok(());
+        };
+        if !self.snat_ports.overlaps(lo, hi) {
+            return Ok(());
+        }
+        if self.snat_ports.explicit {
+            return Err(ConfigErrors(vec![FieldError {
+                field: "dataplane.snat_port_range".into(),
+                problem: format!(
+                    "{} overlaps the host's ephemeral ports {lo}-{hi}                      (net.ipv4.ip_local_port_range), and service {first_own}'s snat {} is an                      address of this host: replies to the host's own connections would be                      taken for a client's. Use a range outside {lo}-{hi}, or a SNAT address                      the host does not own",
+                    self.snat_ports, first_own.snat
+                ),
+            }]));
+        }
+        let below = (lo > 1024).then(|| SnatPorts {
+            first: 1024,
+            last: lo - 1,
+            explicit: false,
+        });
+        let above = (hi < 65535).then(|| SnatPorts {
+            first: hi + 1,
+            last: 65535,
+            explicit: false,
+        });
+        self.snat_ports = match (below, above) {
+            (Some(b), Some(a)) => {
+                if a.count() > b.count() {
+                    a
+                } else {
+                    b
+                }
+            }
+            (Some(r), None) | (None, Some(r)) => r,
+            (None, None) => {
+                return Err(ConfigErrors(vec![FieldError {
+                    field: "dataplane.snat_port_range".into(),
+                    problem: format!(
+                        "the host's ephemeral ports {lo}-{hi} leave no SNAT ports for {}, an                          address of this host: narrow net.ipv4.ip_local_port_range or use                          another SNAT address",
+                        first_own.snat
+                    ),
+                }]));
+            }
+        };
+        Ok(())
     }
 }
 
@@ -264,14 +477,53 @@ impl Config {
                 );
             }
         }
-        if dp.conntrack_entries < 2 {
+        let moved = [
+            (
+                "conntrack_entries",
+                dp.conntrack_entries.is_some(),
+                "[conntrack] entries, which counts flows (each flow took two of the old map \
+                 entries: halve the old value)",
+            ),
+            (
+                "tcp_idle_timeout",
+                dp.tcp_idle_timeout.is_some(),
+                "[conntrack] tcp_established_timeout (and tcp_syn_timeout, \
+                 tcp_closing_timeout, tcp_time_wait_timeout)",
+            ),
+            (
+                "udp_idle_timeout",
+                dp.udp_idle_timeout.is_some(),
+                "[conntrack] udp_timeout",
+            ),
+        ];
+        for (old, set, new) in moved {
+            if set {
+                err(
+                    format!("dataplane.{old}"),
+                    format!("this setting moved: use {new}"),
+                );
+            }
+        }
+        let ct = &self.conntrack;
+        if ct.entries == 0 || ct.entries > u32::MAX / 2 {
             err(
-                "dataplane.conntrack_entries".into(),
-                format!(
-                    "must be at least 2 (each flow takes two), got {}",
-                    dp.conntrack_entries
-                ),
+                "conntrack.entries".into(),
+                format!("must be between 1 and {}, got {}", u32::MAX / 2, ct.entries),
             );
+        }
+        for (field, value) in [
+            ("tcp_syn_timeout", ct.tcp_syn_timeout),
+            ("tcp_established_timeout", ct.tcp_established_timeout),
+            ("tcp_closing_timeout", ct.tcp_closing_timeout),
+            ("tcp_time_wait_timeout", ct.tcp_time_wait_timeout),
+            ("udp_timeout", ct.udp_timeout),
+        ] {
+            if value == 0 {
+                err(
+                    format!("conntrack.{field}"),
+                    "must be at least 1 second".into(),
+                );
+            }
         }
         if !lb_common::maglev::is_prime(dp.maglev_table_size) {
             err(
@@ -295,25 +547,24 @@ impl Config {
                 ),
             );
         }
-        let [first, last] = dp.snat_port_range;
-        if first == 0 || first > last {
-            err(
-                "dataplane.snat_port_range".into(),
-                format!("must be [first, last] with 1 <= first <= last, got [{first}, {last}]"),
-            );
-        }
-
-        for (field, value) in [
-            ("tcp_idle_timeout", dp.tcp_idle_timeout),
-            ("udp_idle_timeout", dp.udp_idle_timeout),
-        ] {
-            if value == 0 {
-                err(
-                    format!("dataplane.{field}"),
-                    "must be at least 1 second".into(),
-                );
+        let snat_ports = match dp.snat_port_range {
+            None => SnatPorts::DEFAULT,
+            Some([first, last]) => {
+                if first == 0 || first > last {
+                    err(
+                        "dataplane.snat_port_range".into(),
+                        format!(
+                            "must be [first, last] with 1 <= first <= last, got [{first}, {last}]"
+                        ),
+                    );
+                }
+                SnatPorts {
+                    first,
+                    last,
+                    explicit: true,
+                }
             }
-        }
+        };
 
         if self.services.len() > dp.max_services as usize {
             err(
@@ -394,7 +645,9 @@ impl Config {
         }
         Ok(Checked {
             dataplane: dp.clone(),
+            conntrack: self.conntrack.clone(),
             services,
+            snat_ports,
         })
     }
 }
@@ -432,7 +685,9 @@ mod tests {
 [dataplane]
 interfaces = ["xlb-lb0"]
 xdp_mode = "auto"
-conntrack_entries = 1048576
+
+[conntrack]
+entries = 1048576
 
 [[service]]
 vip = "10.10.0.100:80"
@@ -472,7 +727,7 @@ address = "10.20.0.12:8080"
             .replace("10.10.0.100:80", "10.10.0.100")
             .replace("snat = \"10.20.0.1\"", "snat = \"ten\"")
             .replace("10.20.0.12:8080", "10.20.0.11:8080")
-            .replace("conntrack_entries = 1048576", "maglev_table_size = 65536");
+            .replace("xdp_mode = \"auto\"", "maglev_table_size = 65536");
         let p = problems(&text);
         let expect = [
             "service[0].vip: \"10.10.0.100\" is not \"address:port\"",
@@ -511,10 +766,14 @@ address = "10.20.0.12:8080"
             p.iter().any(|p| p.starts_with("dataplane.snat_port_range")),
             "{p:?}"
         );
-        let p = problems(&GOOD.replace("[dataplane]", "[dataplane]\nudp_idle_timeout = 0"));
+        let p = problems(&GOOD.replace("[conntrack]", "[conntrack]\nudp_timeout = 0"));
         assert!(
-            p.iter()
-                .any(|p| p.starts_with("dataplane.udp_idle_timeout")),
+            p.iter().any(|p| p.starts_with("conntrack.udp_timeout")),
+            "{p:?}"
+        );
+        let p = problems(&GOOD.replace("entries = 1048576", "entries = 0"));
+        assert!(
+            p.iter().any(|p| p.starts_with("conntrack.entries")),
             "{p:?}"
         );
         let p = problems(&GOOD.replace("10.20.0.11:8080", "[::1]:8080"));
@@ -528,5 +787,80 @@ address = "10.20.0.12:8080"
                 .replace("snat = \"10.20.0.1\"", ""),
         );
         assert!(p.iter().any(|p| p.starts_with("service[0].snat")), "{p:?}");
+    }
+
+    /// The keys that moved to [conntrack] are refused with their new name, not silently
+    /// ignored or reported as unknown.
+    #[test]
+    fn moved_keys_name_their_new_place() {
+        for (old, new) in [
+            ("conntrack_entries = 1000", "[conntrack] entries"),
+            (
+                "tcp_idle_timeout = 10",
+                "[conntrack] tcp_established_timeout",
+            ),
+            ("udp_idle_timeout = 10", "[conntrack] udp_timeout"),
+        ] {
+            let p = problems(&GOOD.replace("[dataplane]", &format!("[dataplane]\n{old}")));
+            let key = old.split(' ').next().unwrap();
+            assert!(
+                p.iter()
+                    .any(|p| p
+                        .starts_with(&format!("dataplane.{key}: this setting moved: use {new}"))),
+                "{old}: {p:?}"
+            );
+        }
+    }
+
+    fn host(addr: &str, lo: u16, hi: u16) -> HostFacts {
+        HostFacts {
+            addresses: vec![addr.parse().unwrap()],
+            ephemeral_ports: [lo, hi],
+        }
+    }
+
+    /// With the SNAT address one of the host's own, the default range moves out of the
+    /// host's ephemeral ports and an explicit overlapping range is refused.
+    #[test]
+    fn snat_ports_keep_clear_of_the_hosts_ephemeral_ports() {
+        let checked = || Config::parse(GOOD).unwrap().validate().unwrap();
+        // Not the host's address: the full default range stays.
+        let mut c = checked();
+        c.fit_to_host(&host("10.99.0.1", 32768, 60999)).unwrap();
+        assert_eq!(c.snat_ports, SnatPorts::DEFAULT);
+        // The host's own: Linux's default ephemeral range leaves 1024-32767 (31,744 ports)
+        // below and 61000-65535 above: the larger is taken.
+        let mut c = checked();
+        c.fit_to_host(&host("10.20.0.1", 32768, 60999)).unwrap();
+        assert_eq!((c.snat_ports.first, c.snat_ports.last), (1024, 32767));
+        let mut c = checked();
+        c.fit_to_host(&host("10.20.0.1", 2000, 40000)).unwrap();
+        assert_eq!((c.snat_ports.first, c.snat_ports.last), (40001, 65535));
+        // Nothing left.
+        let mut c = checked();
+        assert!(c.fit_to_host(&host("10.20.0.1", 1024, 65535)).is_err());
+        // Explicit and overlapping: refused, naming the field, the range and the sysctl.
+        let explicit = GOOD.replace(
+            "[dataplane]",
+            "[dataplane]\nsnat_port_range = [30000, 40000]",
+        );
+        let mut c = Config::parse(&explicit).unwrap().validate().unwrap();
+        let e = c
+            .fit_to_host(&host("10.20.0.1", 32768, 60999))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("dataplane.snat_port_range: [30000, 40000] overlaps"),
+            "{e}"
+        );
+        assert!(e.contains("ip_local_port_range"), "{e}");
+        // Explicit, not overlapping: kept.
+        let ok = GOOD.replace(
+            "[dataplane]",
+            "[dataplane]\nsnat_port_range = [61000, 65535]",
+        );
+        let mut c = Config::parse(&ok).unwrap().validate().unwrap();
+        c.fit_to_host(&host("10.20.0.1", 32768, 60999)).unwrap();
+        assert_eq!((c.snat_ports.first, c.snat_ports.last), (61000, 65535));
     }
 }

@@ -4,10 +4,12 @@
 //! * [`config`]: the TOML file, parsed and validated;
 //! * [`loader`]: the embedded XDP object, loading and attaching it;
 //! * [`tables`]: writing services, backends and Maglev tables into the maps;
+//! * [`conntrack`]: reading the conntrack table and the sweeper that expires flows;
 //! * [`stats`]: reading and printing the counters;
 //! * [`cli`]: the `xlb` commands.
 pub mod cli;
 pub mod config;
+pub mod conntrack;
 pub mod loader;
 pub mod stats;
 pub mod tables;

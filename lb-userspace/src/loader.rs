@@ -1,21 +1,25 @@
-//! Loads the embedded XDP object with map sizes from the config, attaches it to the
-//! configured interfaces, and detaches when dropped.
+//! Loads the embedded object (the XDP program and the tc handoff program) with map sizes
+//! from the config, attaches both to the configured interfaces, and detaches when dropped.
 
 use anyhow::{Context as _, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::DevMapHash,
-    programs::{Xdp, XdpMode},
+    programs::{SchedClassifier, TcAttachType, Xdp, XdpMode, tc},
+    util::KernelVersion,
 };
-use lb_common::{maps::names, reason::Reason};
+use lb_common::{
+    maps::{names, programs},
+    reason::Reason,
+};
 
 use crate::config::{Checked, XdpModeConfig};
 
 /// The XDP object built by build.rs from lb-ebpf.
 pub static XDP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xlb"));
 
-/// The program's name in the object.
-pub const PROGRAM: &str = "xlb";
+/// The XDP program's name in the object.
+pub const PROGRAM: &str = programs::XDP;
 
 /// A loaded program and the interfaces it is attached to. Dropping it detaches the program
 /// and frees its maps.
@@ -41,7 +45,7 @@ pub fn load(cfg: &Checked) -> anyhow::Result<Ebpf> {
             cfg.dataplane.max_services * cfg.dataplane.maglev_table_size,
         )
         .map_max_entries(names::BACKENDS, cfg.dataplane.max_backends)
-        .map_max_entries(names::CONNTRACK, cfg.dataplane.conntrack_entries)
+        .map_max_entries(names::CONNTRACK, cfg.conntrack.map_entries())
         .map_max_entries(names::SERVICE_STATS, cfg.dataplane.max_services)
         .map_max_entries(names::BACKEND_STATS, cfg.dataplane.max_backends)
         .map_max_entries(names::REASONS, Reason::COUNT)
@@ -54,6 +58,13 @@ pub fn load(cfg: &Checked) -> anyhow::Result<Ebpf> {
     program
         .load()
         .context("the kernel verifier rejected the XDP program")?;
+    let handoff: &mut SchedClassifier = ebpf
+        .program_mut(programs::TC_HANDOFF)
+        .context("the object has no tc program named xlb_handoff")?
+        .try_into()?;
+    handoff
+        .load()
+        .context("the kernel verifier rejected the tc handoff program")?;
     Ok(ebpf)
 }
 
@@ -69,6 +80,7 @@ pub fn attach(mut ebpf: Ebpf, cfg: &Checked) -> anyhow::Result<Loaded> {
             .context("program xlb")?
             .try_into()?;
         let mode = attach_one(program, interface, cfg.dataplane.xdp_mode)?;
+        attach_handoff(&mut ebpf, interface)?;
         attached.push(Attachment {
             interface: interface.clone(),
             ifindex,
@@ -94,6 +106,24 @@ pub fn check_interfaces(cfg: &Checked) -> anyhow::Result<()> {
         ifindex(interface)?;
         check_forwarding(interface)?;
     }
+    Ok(())
+}
+
+/// Attaches the tc program that sends what the XDP program hands over, at the interface's
+/// ingress (TCX on Linux 6.6 and later; a clsact qdisc before that).
+fn attach_handoff(ebpf: &mut Ebpf, interface: &str) -> anyhow::Result<()> {
+    let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
+    if !tcx {
+        // Fails harmlessly when the qdisc exists already.
+        let _ = tc::qdisc_add_clsact(interface);
+    }
+    let handoff: &mut SchedClassifier = ebpf
+        .program_mut(programs::TC_HANDOFF)
+        .context("program xlb_handoff")?
+        .try_into()?;
+    handoff
+        .attach(interface, TcAttachType::Ingress)
+        .with_context(|| format!("attaching the tc handoff program to {interface}"))?;
     Ok(())
 }
 

@@ -1,5 +1,6 @@
 //! Reads the per-CPU counters and prints them, one `key=value` record per line:
-//! `service ...`, `backend ...` and `reason ...` lines (the integration tests parse these).
+//! `service ...`, `backend ...`, `reason ...`, `handoff ...` and `conntrack ...` lines (the
+//! integration tests parse these).
 
 use std::fmt::Write as _;
 
@@ -9,11 +10,12 @@ use aya::{
     maps::{MapData, PerCpuArray},
 };
 use lb_common::{
-    maps::{FlowStats, names},
+    conntrack::FlowState,
+    maps::{FlowStats, Handoff, names},
     reason::Reason,
 };
 
-use crate::{config::Checked, tables::Layout};
+use crate::{config::Checked, conntrack::SweepReport, tables::Layout};
 
 /// Counters summed over CPUs.
 #[derive(Debug, Clone, Default)]
@@ -24,6 +26,25 @@ pub struct Snapshot {
     pub backends: Vec<Vec<FlowStats>>,
     /// By [`Reason`] index.
     pub reasons: Vec<u64>,
+    /// By [`Handoff`] index: what the tc program did with frames handed to it.
+    pub handoffs: Vec<u64>,
+    /// Flows per state, from the sweeper's latest pass.
+    pub conntrack: Option<SweepReport>,
+}
+
+/// The `REASONS` counters, summed over CPUs, in [`Reason::ALL`] order.
+pub fn reasons(ebpf: &Ebpf) -> anyhow::Result<Vec<u64>> {
+    per_cpu_sums(ebpf, names::REASONS, Reason::COUNT)
+}
+
+fn per_cpu_sums(ebpf: &Ebpf, name: &str, count: u32) -> anyhow::Result<Vec<u64>> {
+    let map: PerCpuArray<&MapData, u64> = ebpf
+        .map(name)
+        .with_context(|| format!("map {name}"))?
+        .try_into()?;
+    (0..count)
+        .map(|i| Ok(map.get(&i, 0)?.iter().sum()))
+        .collect()
 }
 
 pub fn read(ebpf: &Ebpf, layout: &Layout) -> anyhow::Result<Snapshot> {
@@ -51,14 +72,8 @@ pub fn read(ebpf: &Ebpf, layout: &Layout) -> anyhow::Result<Snapshot> {
                 .collect::<Result<_, _>>()?,
         );
     }
-    let reasons: PerCpuArray<&MapData, u64> = ebpf
-        .map(names::REASONS)
-        .context("map REASONS")?
-        .try_into()?;
-    for reason in Reason::ALL {
-        snap.reasons
-            .push(reasons.get(&(reason as u32), 0)?.iter().sum());
-    }
+    snap.reasons = reasons(ebpf)?;
+    snap.handoffs = per_cpu_sums(ebpf, names::HANDOFFS, Handoff::COUNT)?;
     Ok(snap)
 }
 
@@ -96,6 +111,30 @@ pub fn format(cfg: &Checked, snap: &Snapshot) -> String {
     for (reason, packets) in Reason::ALL.iter().zip(&snap.reasons) {
         if *packets > 0 {
             let _ = writeln!(out, "reason name={} packets={packets}", reason.name());
+        }
+    }
+    for (handoff, packets) in Handoff::ALL.iter().zip(&snap.handoffs) {
+        if *packets > 0 {
+            let _ = writeln!(out, "handoff name={} packets={packets}", handoff.name());
+        }
+    }
+    if let Some(ct) = &snap.conntrack {
+        let _ = writeln!(
+            out,
+            "conntrack flows={} capacity={} expired={} pruned={} sweep_ms={:.1}",
+            ct.total_flows(),
+            cfg.conntrack.entries,
+            ct.expired,
+            ct.pruned,
+            ct.took.as_secs_f64() * 1000.0
+        );
+        for state in FlowState::ALL {
+            let _ = writeln!(
+                out,
+                "conntrack_state name={} flows={}",
+                state.name(),
+                ct.flows[state as usize]
+            );
         }
     }
     out

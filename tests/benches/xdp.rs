@@ -11,11 +11,8 @@
 
 use std::{net::Ipv4Addr, time::Duration};
 
-use anyhow::{Context as _, Result, ensure};
-use aya::{
-    Ebpf,
-    programs::{TestRun, TestRunOptions, Xdp},
-};
+use anyhow::{Result, ensure};
+use aya::Ebpf;
 use lb_common::reason::Reason;
 use lb_userspace::config::Config;
 use xlb_tests::{
@@ -27,7 +24,8 @@ use xlb_tests::{
 const CONFIG: &str = r#"
 [dataplane]
 interfaces = ["fx0", "fx1"]
-conntrack_entries = 1048576
+[conntrack]
+entries = 524288
 [[service]]
 vip = "10.10.0.100:80"
 protocol = "tcp"
@@ -180,20 +178,8 @@ fn run(rounds: u32, per_round: u32) -> Result<String> {
 }
 
 fn run_once(ebpf: &Ebpf, frame: &[u8], ingress: u32) -> Result<(u32, Duration)> {
-    let prog: &Xdp = ebpf
-        .program(lb_userspace::loader::PROGRAM)
-        .context("program")?
-        .try_into()?;
-    let ctx = lab::xdp_md(frame.len() as u32, ingress);
-    let mut out = vec![0u8; frame.len() + 256];
-    let r = prog.test_run(TestRunOptions {
-        data_in: Some(frame),
-        data_out: Some(&mut out),
-        ctx_in: Some(&ctx),
-        repeat: 1,
-        ..Default::default()
-    })?;
-    Ok((r.return_value, r.duration))
+    let run = lab::run(ebpf, frame, ingress, None)?;
+    Ok((run.action, run.duration))
 }
 
 /// Non-zero reason counters, for error messages.

@@ -7,7 +7,9 @@
 pub const CONFIG_TOML: &str = r#"[dataplane]
 interfaces = ["xlb-c", "xlb-b1", "xlb-b2", "xlb-b3"]
 xdp_mode = "auto"
-conntrack_entries = 65536
+
+[conntrack]
+entries = 32768
 
 [[service]]
 vip = "10.10.0.100:80"

@@ -13,12 +13,17 @@
 
 use std::net::Ipv4Addr;
 
-use anyhow::{Context as _, Result, ensure};
+use anyhow::{Context as _, Result, bail, ensure};
 use aya::{
     Ebpf,
-    maps::{DevMapHash, MapData, PerCpuArray},
+    maps::{DevMapHash, HashMap, MapData},
+    programs::{TestRun, TestRunOptions, Xdp},
 };
-use lb_common::{maps::names, reason::Reason};
+use lb_common::{
+    conntrack::REFRESH_NS,
+    maps::{FlowKey, HANDOFF_MAGIC, HandoffMeta, NatEntry, names},
+    reason::Reason,
+};
 use lb_userspace::config::Checked;
 
 use crate::netns::NetNs;
@@ -51,6 +56,16 @@ pub const NEIGHBOURS: [(Ipv4Addr, [u8; 6], &str); 3] = [
     (NEAR_BACKEND, NEAR_BACKEND_MAC, FX0),
     (BACKEND, BACKEND_MAC, FX1),
 ];
+
+/// The interface each of the lab's /24 subnets is on: where the FIB sends a packet to an
+/// address in it.
+pub fn subnet_interface(addr: Ipv4Addr) -> Option<&'static str> {
+    match addr.octets() {
+        [10, 10, 1, _] => Some(FX0),
+        [10, 20, 1, _] => Some(FX1),
+        _ => None,
+    }
+}
 
 /// Builds the lab inside `ns` (a fresh namespace).
 pub fn setup(ns: &NetNs) -> Result<()> {
@@ -156,12 +171,151 @@ pub fn load(checked: &Checked) -> Result<Program> {
 
 /// The `REASONS` counters, summed over CPUs, in [`Reason::ALL`] order.
 pub fn reasons(ebpf: &Ebpf) -> Result<Vec<u64>> {
-    let map: PerCpuArray<&MapData, u64> = ebpf
-        .map(names::REASONS)
-        .context("map REASONS")?
+    lb_userspace::stats::reasons(ebpf)
+}
+
+/// What one BPF_PROG_TEST_RUN of the XDP program did with a frame.
+#[derive(Debug, Clone)]
+pub struct Run {
+    /// The XDP action it returned.
+    pub action: u32,
+    /// The frame as it left (without the metadata in front of it).
+    pub frame: Vec<u8>,
+    /// The handoff metadata the program put in front of the frame, if any.
+    pub meta: Option<HandoffMeta>,
+    /// The `REASONS` counters that moved, and by how much.
+    pub counted: Vec<(Reason, u64)>,
+    /// How long the program ran, as the kernel measured it.
+    pub duration: std::time::Duration,
+}
+
+/// Runs the XDP program once on `input` arriving on `ingress` (an ifindex). With
+/// `linear_len`, the program sees only that many bytes (the kernel puts the rest in a
+/// fragment): the only way to feed it less than the 14 bytes BPF_PROG_TEST_RUN requires.
+pub fn run(ebpf: &Ebpf, input: &[u8], ingress: u32, linear_len: Option<usize>) -> Result<Run> {
+    let prog: &Xdp = ebpf
+        .program(lb_userspace::loader::PROGRAM)
+        .context("program xlb")?
         .try_into()?;
-    Reason::ALL
+    let ctx = xdp_md(linear_len.unwrap_or(input.len()) as u32, ingress);
+    let mut ctx_out = vec![0u8; ctx.len()];
+    // Room for the frame and the metadata the program may add in front of it.
+    let mut out = vec![0u8; input.len() + 256];
+    let before = reasons(ebpf)?;
+    let result = prog
+        .test_run(TestRunOptions {
+            data_in: Some(input),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            ctx_out: Some(&mut ctx_out),
+            // Always 1: for XDP the kernel does not restore the frame between repeats.
+            repeat: 1,
+            ..Default::default()
+        })
+        .context("BPF_PROG_TEST_RUN")?;
+    let after = reasons(ebpf)?;
+    out.truncate(result.data_size_out as usize);
+    // The output starts at the metadata; the returned xdp_md says where the frame starts.
+    let word = |i: usize| u32::from_ne_bytes(ctx_out[4 * i..4 * i + 4].try_into().unwrap());
+    let frame_at = word(0) as usize;
+    ensure!(
+        frame_at <= out.len(),
+        "the returned xdp_md puts the frame at {frame_at}, past the {} bytes returned",
+        out.len()
+    );
+    let meta = match frame_at {
+        0 => None,
+        n if n == size_of::<HandoffMeta>() => {
+            // SAFETY: HandoffMeta is plain old data of exactly these n bytes.
+            let m: HandoffMeta = unsafe { std::ptr::read_unaligned(out.as_ptr().cast()) };
+            ensure!(
+                m.magic == HANDOFF_MAGIC,
+                "metadata without our magic: {m:?}"
+            );
+            Some(m)
+        }
+        n => bail!("{n} bytes of metadata: not a HandoffMeta"),
+    };
+    let counted = Reason::ALL
         .iter()
-        .map(|r| Ok(map.get(&(*r as u32), 0)?.iter().sum()))
-        .collect()
+        .zip(before.iter().zip(&after))
+        .filter(|(_, (b, a))| a != b)
+        .map(|(r, (b, a))| (*r, a.wrapping_sub(*b)))
+        .collect();
+    Ok(Run {
+        action: result.return_value,
+        frame: out[frame_at..].to_vec(),
+        meta,
+        counted,
+        duration: result.duration,
+    })
+}
+
+/// Every conntrack entry.
+pub fn conntrack(ebpf: &Ebpf) -> Result<Vec<(FlowKey, NatEntry)>> {
+    let map: HashMap<&MapData, FlowKey, NatEntry> = ebpf
+        .map(names::CONNTRACK)
+        .context("map CONNTRACK")?
+        .try_into()?;
+    map.iter().map(|r| r.context("reading CONNTRACK")).collect()
+}
+
+/// The conntrack entry at `key`, if any.
+pub fn conntrack_entry(ebpf: &Ebpf, key: &FlowKey) -> Result<Option<NatEntry>> {
+    let map: HashMap<&MapData, FlowKey, NatEntry> = ebpf
+        .map(names::CONNTRACK)
+        .context("map CONNTRACK")?
+        .try_into()?;
+    match map.get(key, 0) {
+        Ok(entry) => Ok(Some(entry)),
+        Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Empties the conntrack table.
+pub fn clear_conntrack(ebpf: &mut Ebpf) -> Result<()> {
+    let keys: Vec<FlowKey> = conntrack(ebpf)?.into_iter().map(|(k, _)| k).collect();
+    let mut map: HashMap<&mut MapData, FlowKey, NatEntry> = ebpf
+        .map_mut(names::CONNTRACK)
+        .context("map CONNTRACK")?
+        .try_into()?;
+    for key in keys {
+        map.remove(&key).context("removing a conntrack entry")?;
+    }
+    Ok(())
+}
+
+/// Checks that the conntrack table is made of whole flows: every entry's twin (the entry at
+/// the key its rewrite points to) exists and points back, so no SNAT port serves two flows
+/// and no flow has lost a half; and both halves carry the same record of the flow.
+pub fn check_whole_flows(entries: &[(FlowKey, NatEntry)]) -> Result<()> {
+    let table: std::collections::HashMap<FlowKey, NatEntry> = entries.iter().copied().collect();
+    for (key, entry) in entries {
+        let twin_key = entry.twin_key(key.proto);
+        let Some(twin) = table.get(&twin_key) else {
+            bail!("{key:?} has no twin at {twin_key:?}: a flow with one half");
+        };
+        ensure!(
+            twin.twin_key(key.proto) == *key,
+            "{key:?}'s twin {twin_key:?} points at {:?}: one SNAT port, two flows",
+            twin.twin_key(key.proto)
+        );
+        ensure!(
+            twin.rewrite.direction != entry.rewrite.direction,
+            "{key:?} and its twin go the same way"
+        );
+        ensure!(
+            twin.seen == entry.seen,
+            "{key:?} records {:?}, its twin {:?}",
+            entry.seen,
+            twin.seen
+        );
+        ensure!(
+            twin.last_seen_ns.abs_diff(entry.last_seen_ns) <= REFRESH_NS,
+            "{key:?} and its twin were last seen {} ns apart",
+            twin.last_seen_ns.abs_diff(entry.last_seen_ns)
+        );
+    }
+    Ok(())
 }

@@ -94,7 +94,7 @@ fn with_topology(test: impl FnOnce(&Topology) -> Result<()>) {
 }
 
 /// A DNS-like UDP service, where every query is a new flow, must not run out of SNAT ports
-/// for good: a flow idle past `udp_idle_timeout` gives its port up. With one backend and a
+/// for good: a flow idle past `udp_timeout` expires and gives its port up. With one backend and a
 /// single SNAT port the outcome is deterministic: the first query takes the port, a second
 /// one right away finds none (and is dropped, counted), and after the timeout a third one
 /// reclaims it.
@@ -105,7 +105,7 @@ fn idle_udp_flows_give_their_snat_port_up() {
         let _servers = BackendServers::start(topo).context("starting the backend servers")?;
         let config = format!(
             "[dataplane]\ninterfaces = {LB_INTERFACES:?}\nsnat_port_range = [40000, 40000]\n\
-             udp_idle_timeout = 1\n\n[[service]]\nvip = \"{vip}\"\nprotocol = \"udp\"\n\
+             [conntrack]\nudp_timeout = 1\n\n[[service]]\nvip = \"{vip}\"\nprotocol = \"udp\"\n\
              snat = \"{SNAT}\"\n[[service.backend]]\naddress = \"{backend}\"\n",
             vip = topology::vip_udp(),
             backend = TCP_BACKENDS[0].address,
@@ -126,8 +126,9 @@ fn idle_udp_flows_give_their_snat_port_up() {
             query().is_err(),
             "a second query got an answer while the only SNAT port was held by an active flow"
         );
-        // Both directions of the first flow go idle; the timeout is 1 s.
-        std::thread::sleep(Duration::from_millis(2500));
+        // The first flow goes idle. Its timeout is 1 s; the sweeper may remove it up to half
+        // a second (the refresh interval) plus one sweep interval (1 s) later.
+        std::thread::sleep(Duration::from_millis(3500));
         let third = query().context("a query after the first flow went idle")?;
         ensure!(
             third.answer.seen_peer.port() == 40000,
@@ -468,9 +469,9 @@ fn check_xlb_counters(
         "xlb printed reasons lb-common does not define: {unknown:?}"
     );
     ensure!(
-        stats.reason(Reason::PassNoNeighbour.name()) > 0,
+        stats.reason(Reason::ForwardResolveNeighbour.name()) > 0,
         "no packet was counted as {} although the neighbour table was flushed; reasons: {:?}",
-        Reason::PassNoNeighbour.name(),
+        Reason::ForwardResolveNeighbour.name(),
         stats.reasons
     );
     ensure!(

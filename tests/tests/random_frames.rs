@@ -2,16 +2,20 @@
 //! (`xlb_tests::model`).
 //!
 //! Tens of thousands of frames go through BPF_PROG_TEST_RUN: well-formed TCP and UDP to the
-//! VIPs and elsewhere, packets and replies of flows already tracked, and frames with a
-//! random version, IHL, total length, TTL, options, fragment bits or ethertype, or cut
-//! short. Whatever comes in, the program must:
+//! VIPs and elsewhere, packets and replies of flows already tracked, with random TCP flags
+//! (so flows open, close, reset and start anew), and frames with a random version, IHL, total
+//! length, TTL, options, fragment bits or ethertype, or cut short. Whatever comes in, the
+//! program must:
 //! * never abort (XDP_ABORTED), and count exactly one reason whose action it returns;
 //! * leave every frame it does not rewrite byte for byte as it was;
-//! * rewrite every frame it forwards exactly as `nat_rewrite_v4` does with the conntrack
-//!   entry the flow got, with the right MACs, and with valid checksums when the input's
-//!   were valid;
-//! * and, in the end, have counted in its service and backend counters exactly the packets
-//!   and bytes that left rewritten.
+//! * rewrite what it forwards as the flow model says, which learns flows only from the
+//!   config and from what the program sent out (never from its maps): a new flow leaves from
+//!   its service's SNAT address toward one of its backends, keeps its backend and port, owns
+//!   its (backend, SNAT address, port) alone, and its replies go from the VIP to its client;
+//!   with the right MACs, TTL and handoff metadata, and valid checksums when the input's were;
+//! * and, in the end, hold whole flows only, each in the state the model reached by applying
+//!   lb-common's rules to the packets it saw, and have counted in its service and backend
+//!   counters exactly the packets and bytes that left rewritten.
 //!
 //! The seed is fixed so a failure reproduces; `XLB_RANDOM_SEED` and `XLB_RANDOM_FRAMES`
 //! change it and the count.
@@ -21,17 +25,17 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 use anyhow::{Context as _, Result, bail, ensure};
 use aya::{
     Ebpf,
-    maps::{HashMap, MapData, PerCpuArray},
-    programs::{TestRun, TestRunOptions, Xdp},
+    maps::{MapData, PerCpuArray},
 };
 use lb_common::{
-    maps::{Endpoint, FlowKey, FlowStats, NatEntry, names},
+    conntrack::FlowState,
+    maps::{Endpoint, FlowKey, FlowStats, HANDOFF_MAGIC, HandoffMeta, names},
     reason::Reason,
 };
 use lb_userspace::config::Config;
 use xlb_tests::{
     lab::{self, BACKEND_MAC, CLIENT, CLIENT_MAC, FX0_MAC, FX1_MAC, Iface, VIP, VIP_UNRESOLVED},
-    model::nat_rewrite_v4,
+    model::{FlowModel, nat_rewrite_v4},
     netns::{self, NetNs},
     packet::{ETH_HLEN, Frame, IP_MF, L4, hex_diff, layout_v4, summary, verify_checksums_v4},
 };
@@ -39,8 +43,9 @@ use xlb_tests::{
 const CONFIG: &str = r#"
 [dataplane]
 interfaces = ["fx0", "fx1"]
-conntrack_entries = 262144
 maglev_table_size = 251
+[conntrack]
+entries = 131072
 [[service]]
 vip = "10.10.0.100:80"
 protocol = "tcp"
@@ -94,7 +99,7 @@ fn random_frames_match_the_reference_model() {
     netns::cleanup_stale("xlbrnd").expect("cleaning up stale namespaces");
     let ns = NetNs::create(&netns::unique_base("xlbrnd")).expect("creating the namespace");
     lab::setup(&ns).expect("setting up the lab");
-    let histogram = ns
+    let (histogram, states) = ns
         .enter(|| run(seed, frames))
         .expect("entering the namespace")
         .unwrap_or_else(|e| panic!("seed {seed:#x}: {e:#}"));
@@ -104,10 +109,11 @@ fn random_frames_match_the_reference_model() {
     for (name, n) in &histogram {
         println!("  {name:28} {n}");
     }
+    println!("flows by state at the end: {states:?}");
     // The generator must reach every path worth testing, or the test proves little.
     for reason in [
         Reason::ForwardRedirect,
-        Reason::PassNoNeighbour,
+        Reason::ForwardResolveNeighbour,
         Reason::PassNotIpv4,
         Reason::PassNotTcpUdp,
         Reason::PassNoService,
@@ -116,6 +122,7 @@ fn random_frames_match_the_reference_model() {
         Reason::DropTruncated,
         Reason::DropBadIpv4Header,
         Reason::DropFragment,
+        Reason::DropRstNoFlow,
     ] {
         let n = histogram.get(reason.name()).copied().unwrap_or(0);
         assert!(
@@ -124,24 +131,33 @@ fn random_frames_match_the_reference_model() {
             reason.name()
         );
     }
+    for state in FlowState::ALL {
+        let n = states.get(state.name()).copied().unwrap_or(0);
+        // Time-wait needs a FIN each way on one flow: the rarest.
+        assert!(n >= frames / 4000, "only {n} flows ended {}", state.name());
+    }
 }
 
+/// A number from the environment: decimal, or hexadecimal with a `0x` prefix.
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
-        .and_then(|v| {
-            let v = v.trim_start_matches("0x");
-            u64::from_str_radix(v, 16).ok()
+        .and_then(|v| match v.strip_prefix("0x") {
+            Some(hex) => u64::from_str_radix(hex, 16).ok(),
+            None => v.parse().ok(),
         })
         .unwrap_or(default)
 }
 
-fn run(seed: u64, frames: u64) -> Result<BTreeMap<&'static str, u64>> {
+type Histogram = BTreeMap<&'static str, u64>;
+
+fn run(seed: u64, frames: u64) -> Result<(Histogram, Histogram)> {
     let checked = Config::parse(CONFIG)?
         .validate()
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let lab::Program { ebpf, fx0, fx1 } = lab::load(&checked)?;
     let mut rng = Rng(seed | 1);
+    let mut model = FlowModel::new(&checked);
     // Inputs of flows the program forwarded, to send again (conntrack hits) and to answer.
     let mut tracked: Vec<Frame> = Vec::new();
     let mut histogram = BTreeMap::new();
@@ -150,19 +166,19 @@ fn run(seed: u64, frames: u64) -> Result<BTreeMap<&'static str, u64>> {
     let (mut rewritten, mut rewritten_bytes) = (0u64, 0u64);
 
     for i in 0..frames {
-        let (frame, ingress) = random_frame(&mut rng, &tracked, &ebpf, fx0, fx1)?;
+        let (frame, ingress) = random_frame(&mut rng, &tracked, &model, fx0, fx1);
         let input = frame.build();
         if input.len() < ETH_HLEN {
             continue; // BPF_PROG_TEST_RUN refuses frames shorter than an Ethernet header.
         }
-        let reason = run_and_check(&ebpf, &input, ingress, fx0, fx1)
+        let reason = run_and_check(&ebpf, &mut model, &input, ingress, fx0, fx1)
             .with_context(|| format!("frame {i}: {}", summary(&input)))?;
         *histogram.entry(reason.name()).or_insert(0) += 1;
         if matches!(
             reason,
             Reason::ForwardTx
                 | Reason::ForwardRedirect
-                | Reason::PassNoNeighbour
+                | Reason::ForwardResolveNeighbour
                 | Reason::PassFibOther
         ) {
             rewritten += 1;
@@ -172,6 +188,33 @@ fn run(seed: u64, frames: u64) -> Result<BTreeMap<&'static str, u64>> {
             tracked.push(frame);
         }
     }
+
+    // The table holds whole flows, the model's and no others, each in the model's state.
+    let entries = lab::conntrack(&ebpf)?;
+    lab::check_whole_flows(&entries)?;
+    ensure!(
+        entries.len() == 2 * model.len(),
+        "{} conntrack entries for the model's {} flows",
+        entries.len(),
+        model.len()
+    );
+    let mut states = BTreeMap::new();
+    for flow in model.flows() {
+        let key = flow.forward_key();
+        let entry = lab::conntrack_entry(&ebpf, &key)?
+            .with_context(|| format!("the model's flow {flow:?} has no entry"))?;
+        let state = FlowState::of(key.proto, &entry.seen);
+        ensure!(
+            state == flow.state(),
+            "flow {flow:?}: the program says {state:?}, the model {:?} ({:?} against the \
+             model's {:?})",
+            flow.state(),
+            entry.seen,
+            flow.seen
+        );
+        *states.entry(state.name()).or_insert(0) += 1;
+    }
+
     let services = checked.services.len() as u32;
     let backends: u32 = checked
         .services
@@ -189,7 +232,7 @@ fn run(seed: u64, frames: u64) -> Result<BTreeMap<&'static str, u64>> {
              {rewritten_bytes} bytes left rewritten"
         );
     }
-    Ok(histogram)
+    Ok((histogram, states))
 }
 
 /// Packets and bytes, both directions, summed over the first `count` entries and all CPUs.
@@ -214,27 +257,29 @@ fn flow_stats_total(ebpf: &Ebpf, map: &str, count: u32) -> Result<(u64, u64)> {
 fn random_frame(
     rng: &mut Rng,
     tracked: &[Frame],
-    ebpf: &Ebpf,
+    model: &FlowModel,
     fx0: Iface,
     fx1: Iface,
-) -> Result<(Frame, Iface)> {
+) -> (Frame, Iface) {
     let roll = rng.below(100);
     let (mut frame, ingress) = if roll < 20 && !tracked.is_empty() {
-        // Another packet of a tracked flow.
-        let f = tracked[rng.below(tracked.len() as u64) as usize].clone();
+        // Another packet of a tracked flow, with random flags.
+        let mut f = tracked[rng.below(tracked.len() as u64) as usize].clone();
+        f.l4 = random_l4(rng, &f.l4);
         (f, fx0)
     } else if roll < 35 && !tracked.is_empty() {
-        // The backend's reply to a tracked flow.
+        // The backend's reply to a tracked flow, with random flags: to the SNAT port the
+        // model says the flow has.
         let f = &tracked[rng.below(tracked.len() as u64) as usize];
-        let entry = conntrack(ebpf, &key_of(f))?.context("a tracked flow lost its entry")?;
-        let (src, dst) = (entry.dst.to_socket_v4(), entry.src.to_socket_v4());
-        let l4 = f.l4.clone();
+        let (snat, backend) = model
+            .rewrite(&key_of(f))
+            .expect("tracked frames are the model's flows");
         let reply = Frame {
-            src: *src.ip(),
-            sport: src.port(),
-            dst: *dst.ip(),
-            dport: dst.port(),
-            l4,
+            src: *backend.ip(),
+            sport: backend.port(),
+            dst: *snat.ip(),
+            dport: snat.port(),
+            l4: random_l4(rng, &f.l4),
             ..Frame::default()
         };
         (reply.with_macs(BACKEND_MAC, FX1_MAC), fx1)
@@ -252,7 +297,18 @@ fn random_frame(
             _ => Ipv4Addr::new(10, 10, rng.below(3) as u8, rng.below(256) as u8),
         };
         let frame = if rng.chance(60) {
-            Frame::tcp((client, sport), (dst, 80), rng.next() as u8)
+            let l4 = random_l4(
+                rng,
+                &L4::Tcp {
+                    flags: 0,
+                    seq: 1000,
+                    ack: 0,
+                },
+            );
+            Frame {
+                l4,
+                ..Frame::tcp((client, sport), (dst, 80), 0)
+            }
         } else {
             let mut f = Frame::udp((client, sport), (dst, 53), &[]);
             f.l4 = L4::Udp {
@@ -306,83 +362,139 @@ fn random_frame(
     if rng.chance(6) {
         frame.truncate_to = Some(ETH_HLEN + rng.below(70) as usize);
     }
-    Ok((frame, ingress))
+    (frame, ingress)
 }
 
-/// Runs one frame and checks it; returns the reason it was counted under.
+/// TCP with flags weighted toward a connection's life (SYN, SYN-ACK, ACK, FIN, RST, and now
+/// and then anything); UDP as it was.
+fn random_l4(rng: &mut Rng, l4: &L4) -> L4 {
+    const SYN: u8 = 0x02;
+    const ACK: u8 = 0x10;
+    const FIN: u8 = 0x01;
+    const RST: u8 = 0x04;
+    let L4::Tcp { seq, ack, .. } = *l4 else {
+        return l4.clone();
+    };
+    let flags = match rng.below(12) {
+        0..=1 => SYN,
+        2 => SYN | ACK,
+        3..=6 => ACK,
+        7..=8 => FIN | ACK,
+        9 => RST,
+        10 => RST | ACK,
+        _ => rng.next() as u8,
+    };
+    L4::Tcp { flags, seq, ack }
+}
+
+/// The TCP flags byte of a TCP frame that parses; 0 otherwise.
+fn tcp_flags(input: &[u8], layout: &xlb_tests::packet::Layout) -> u8 {
+    if layout.proto == lb_common::maps::PROTO_TCP {
+        input[layout.l4_off + 13]
+    } else {
+        0
+    }
+}
+
+/// Runs one frame and checks it against the model; returns the reason it was counted under.
 fn run_and_check(
     ebpf: &Ebpf,
+    model: &mut FlowModel,
     input: &[u8],
     ingress: Iface,
     fx0: Iface,
     fx1: Iface,
 ) -> Result<Reason> {
-    let prog: &Xdp = ebpf
-        .program(lb_userspace::loader::PROGRAM)
-        .context("program xlb")?
-        .try_into()?;
-    let ctx = lab::xdp_md(input.len() as u32, ingress.ifindex);
-    let mut out = vec![0u8; input.len() + 256];
-    let before = lab::reasons(ebpf)?;
-    let r = prog.test_run(TestRunOptions {
-        data_in: Some(input),
-        data_out: Some(&mut out),
-        ctx_in: Some(&ctx),
-        repeat: 1,
-        ..Default::default()
-    })?;
-    let after = lab::reasons(ebpf)?;
-    out.truncate(r.data_size_out as usize);
-
-    let counted: Vec<Reason> = Reason::ALL
-        .iter()
-        .zip(before.iter().zip(&after))
-        .filter(|(_, (b, a))| a != b)
-        .map(|(reason, _)| *reason)
-        .collect();
-    let [reason] = counted[..] else {
-        bail!("counted under {counted:?}, not exactly one reason");
+    let run = lab::run(ebpf, input, ingress.ifindex, None)?;
+    let [(reason, 1)] = run.counted[..] else {
+        bail!(
+            "counted under {:?}, not exactly one reason once",
+            run.counted
+        );
     };
-    let idx = reason as usize;
     ensure!(
-        after[idx] == before[idx] + 1,
-        "{} counted more than once",
-        reason.name()
-    );
-    ensure!(
-        r.return_value == reason.xdp_action(),
+        run.action == reason.xdp_action(),
         "returned action {} for reason {} (action {})",
-        r.return_value,
+        run.action,
         reason.name(),
         reason.xdp_action()
     );
 
-    let (ttl_decrement, macs) = match reason {
-        Reason::ForwardTx | Reason::ForwardRedirect => (1, true),
-        Reason::PassNoNeighbour | Reason::PassFibOther => (0, false),
+    // Whatever reached conntrack and found a tracked flow was recorded there, whatever
+    // became of the packet after (TTL about to expire, first fragment, ...).
+    let layout = layout_v4(input);
+    let key = layout.as_ref().map(|l| l.flow_key(input));
+    let reached_conntrack = !matches!(
+        reason,
+        Reason::PassNotIpv4
+            | Reason::PassNotTcpUdp
+            | Reason::PassFragment
+            | Reason::DropTruncated
+            | Reason::DropBadIpv4Header
+            | Reason::DropWrongInterface
+    );
+    let was_tracked = key.as_ref().is_some_and(|k| model.flow(k).is_some());
+    if reached_conntrack
+        && was_tracked
+        && let (Some(l), Some(k)) = (&layout, &key)
+    {
+        model.observe(k, tcp_flags(input, l));
+    }
+
+    let (ttl_decrement, macs, handoff) = match reason {
+        Reason::ForwardTx | Reason::ForwardRedirect => (1, true, false),
+        Reason::ForwardResolveNeighbour => (1, false, true),
+        Reason::PassFibOther => (0, false, false),
         _ => {
             ensure!(
-                out == input,
+                run.frame == input,
                 "{} must leave the frame alone:\n{}",
                 reason.name(),
-                hex_diff(input, &out)
+                hex_diff(input, &run.frame)
+            );
+            ensure!(
+                run.meta.is_none(),
+                "{}: handoff metadata {:?}",
+                reason.name(),
+                run.meta
             );
             return Ok(reason);
         }
     };
 
-    let layout = layout_v4(input).context("a rewritten frame must parse")?;
-    let key = layout.flow_key(input);
-    let entry =
-        conntrack(ebpf, &key)?.context("a rewritten frame's flow has no conntrack entry")?;
-    let mut expected =
-        nat_rewrite_v4(input, &entry, ttl_decrement).context("the reference refuses the frame")?;
+    // Rewritten: to what the model says for a tracked flow, or, for a new one, to what the
+    // model accepts as a new flow of the frame's service.
+    let layout = layout.context("a rewritten frame must parse")?;
+    let key = key.context("a rewritten frame has a flow key")?;
+    let out = layout_v4(&run.frame).context("the output must parse")?;
+    let out_key = out.flow_key(&run.frame);
+    let (src, dst) = (out_key.src.to_socket_v4(), out_key.dst.to_socket_v4());
+    if !was_tracked {
+        model
+            .learn(&key, tcp_flags(input, &layout), src, dst)
+            .context("the new flow the program created")?;
+    }
+    let (want_src, want_dst) = model.rewrite(&key).context("the model tracks the flow")?;
+    ensure!(
+        (src, dst) == (want_src, want_dst),
+        "rewritten to {src} → {dst}; the model says {want_src} → {want_dst}"
+    );
+    let mut expected = nat_rewrite_v4(input, want_src, want_dst, ttl_decrement)
+        .context("the reference refuses the frame")?;
+    let neighbour = lab::NEIGHBOURS.iter().find(|(a, ..)| a == want_dst.ip());
+    let egress = match lab::subnet_interface(*want_dst.ip()) {
+        Some(lab::FX0) => fx0,
+        Some(_) => fx1,
+        None => bail!("rewritten toward {want_dst}, outside the lab's subnets"),
+    };
     if macs {
-        let dst = *entry.dst.to_socket_v4().ip();
-        let Some((_, neighbour, dev)) = lab::NEIGHBOURS.iter().find(|(a, ..)| *a == dst) else {
-            bail!("forwarded to {dst}, which has no static neighbour in the lab");
+        let Some((_, mac, dev)) = neighbour else {
+            bail!("sent to {want_dst}, which has no neighbour in the lab");
         };
-        let egress = if *dev == lab::FX0 { fx0 } else { fx1 };
+        ensure!(
+            lab::subnet_interface(*want_dst.ip()) == Some(*dev),
+            "the lab's neighbour {want_dst} is not on its subnet's interface"
+        );
         ensure!(
             (reason == Reason::ForwardTx) == (egress.ifindex == ingress.ifindex),
             "{} but egress ifindex {} vs ingress {}",
@@ -390,11 +502,27 @@ fn run_and_check(
             egress.ifindex,
             ingress.ifindex
         );
-        expected[0..6].copy_from_slice(neighbour);
+        expected[0..6].copy_from_slice(mac);
         expected[6..12].copy_from_slice(&egress.mac);
     }
+    let want_meta = handoff.then(|| HandoffMeta {
+        magic: HANDOFF_MAGIC,
+        ifindex: egress.ifindex,
+        next_hop: Endpoint::from_socket_v4(want_dst).addr,
+    });
+    ensure!(
+        run.meta == want_meta,
+        "handoff metadata {:?}, expected {want_meta:?}",
+        run.meta
+    );
+    if handoff {
+        ensure!(
+            neighbour.is_none(),
+            "handed off toward {want_dst}, which has a neighbour"
+        );
+    }
     if verify_checksums_v4(input).is_ok() {
-        verify_checksums_v4(&out).map_err(|e| anyhow::anyhow!("output checksum: {e}"))?;
+        verify_checksums_v4(&run.frame).map_err(|e| anyhow::anyhow!("output checksum: {e}"))?;
     } else {
         // A wrong checksum stays wrong under an incremental update, while the reference
         // recomputes it: compare everything else.
@@ -402,13 +530,13 @@ fn run_and_check(
             ETH_HLEN + 10..ETH_HLEN + 12,
             layout.check_off..layout.check_off + 2,
         ] {
-            expected[range.clone()].copy_from_slice(&out[range]);
+            expected[range.clone()].copy_from_slice(&run.frame[range]);
         }
     }
     ensure!(
-        out == expected,
+        run.frame == expected,
         "differs from the reference:\n{}",
-        hex_diff(&expected, &out)
+        hex_diff(&expected, &run.frame)
     );
     Ok(reason)
 }
@@ -419,17 +547,5 @@ fn key_of(f: &Frame) -> FlowKey {
         dst: Endpoint::v4(f.dst.octets(), f.dport.to_be_bytes()),
         proto: f.l4.proto(),
         _pad: 0,
-    }
-}
-
-fn conntrack(ebpf: &Ebpf, key: &FlowKey) -> Result<Option<NatEntry>> {
-    let map: HashMap<&MapData, FlowKey, NatEntry> = ebpf
-        .map(names::CONNTRACK)
-        .context("map CONNTRACK")?
-        .try_into()?;
-    match map.get(key, 0) {
-        Ok(entry) => Ok(Some(entry)),
-        Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-        Err(e) => Err(e.into()),
     }
 }

@@ -1,6 +1,10 @@
-//! The reference model the XDP program is checked against: what it must make of a frame.
-//! * [`rewrite`]: the NAT rewrite, with checksums recomputed from scratch.
+//! The reference model the XDP program is checked against:
+//! * [`rewrite`]: what a NAT rewrite must make of a frame, checksums recomputed from scratch;
+//! * [`flows`]: which flow a frame belongs to, what it must be rewritten to, and the flow's
+//!   state, learned from the config and the program's outputs, never from its maps.
 
+pub mod flows;
 pub mod rewrite;
 
+pub use flows::FlowModel;
 pub use rewrite::nat_rewrite_v4;

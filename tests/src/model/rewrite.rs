@@ -2,10 +2,9 @@
 //! its conntrack chose, computed from scratch (checksums recomputed over the whole header and
 //! segment) rather than incrementally as the program does.
 
-use lb_common::{
-    csum::checksum,
-    maps::{NatEntry, PROTO_UDP},
-};
+use std::net::SocketAddrV4;
+
+use lb_common::{csum::checksum, maps::PROTO_UDP};
 
 use crate::packet::{
     checksum::l4_checksum,
@@ -13,21 +12,27 @@ use crate::packet::{
     layout::{is_fragment, layout_v4},
 };
 
-/// The reference NAT rewrite: `frame` with its source set to `entry.src`, its destination
-/// to `entry.dst` (addresses and ports), the TTL lowered by `ttl_decrement` (1 when xlb
+/// The reference NAT rewrite: `frame` with its source set to `src`, its destination to `dst`
+/// (addresses and ports), the TTL lowered by `ttl_decrement` (1 when xlb
 /// forwards the frame itself, 0 when it hands it to the kernel), and the IPv4 and L4 checksums
 /// recomputed from scratch (a UDP checksum of 0 stays 0). MACs, IPv4 options, payload and
 /// Ethernet padding are left as they are.
 ///
 /// `None` when the XDP program would not rewrite the frame at all: not a complete
 /// TCP/UDP-over-IPv4 frame (IHL-aware), a fragment, or a TTL of 0 or 1.
-pub fn nat_rewrite_v4(frame: &[u8], entry: &NatEntry, ttl_decrement: u8) -> Option<Vec<u8>> {
+pub fn nat_rewrite_v4(
+    frame: &[u8],
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    ttl_decrement: u8,
+) -> Option<Vec<u8>> {
     let l = layout_v4(frame)?;
     if is_fragment(frame) || frame[ETH_HLEN + 8] <= 1 {
         return None;
     }
     let mut out = frame.to_vec();
-    let (src, dst) = (entry.src.v4_octets(), entry.dst.v4_octets());
+    let (sport, dport) = (src.port().to_be_bytes(), dst.port().to_be_bytes());
+    let (src, dst) = (src.ip().octets(), dst.ip().octets());
 
     let ip = ETH_HLEN;
     out[ip + 8] -= ttl_decrement;
@@ -37,8 +42,8 @@ pub fn nat_rewrite_v4(frame: &[u8], entry: &NatEntry, ttl_decrement: u8) -> Opti
     let check = checksum(&out[ip..ip + l.ihl]);
     out[ip + 10..ip + 12].copy_from_slice(&check.to_be_bytes());
 
-    out[l.l4_off..l.l4_off + 2].copy_from_slice(&entry.src.port);
-    out[l.l4_off + 2..l.l4_off + 4].copy_from_slice(&entry.dst.port);
+    out[l.l4_off..l.l4_off + 2].copy_from_slice(&sport);
+    out[l.l4_off + 2..l.l4_off + 4].copy_from_slice(&dport);
     let udp_without_checksum = l.proto == PROTO_UDP && out[l.check_off..l.check_off + 2] == [0, 0];
     if !udp_without_checksum {
         out[l.check_off..l.check_off + 2].copy_from_slice(&[0, 0]);
@@ -53,10 +58,7 @@ pub fn nat_rewrite_v4(frame: &[u8], entry: &NatEntry, ttl_decrement: u8) -> Opti
 mod tests {
     use std::net::Ipv4Addr;
 
-    use lb_common::{
-        csum::{replace, replace_udp, sum_words},
-        maps::Endpoint,
-    };
+    use lb_common::csum::{replace, replace_udp, sum_words};
 
     use super::*;
     use crate::packet::{
@@ -65,11 +67,17 @@ mod tests {
         frame::{Frame, IP_MF, L4, PROTO_ICMP, TCP_ACK, TCP_SYN},
     };
 
-    fn entry(src: ([u8; 4], u16), dst: ([u8; 4], u16)) -> NatEntry {
-        NatEntry {
-            src: Endpoint::v4(src.0, src.1.to_be_bytes()),
-            dst: Endpoint::v4(dst.0, dst.1.to_be_bytes()),
-            ..NatEntry::default()
+    /// A rewrite to `src` → `dst`.
+    #[derive(Clone, Copy)]
+    struct To {
+        src: SocketAddrV4,
+        dst: SocketAddrV4,
+    }
+
+    fn entry(src: ([u8; 4], u16), dst: ([u8; 4], u16)) -> To {
+        To {
+            src: SocketAddrV4::new(src.0.into(), src.1),
+            dst: SocketAddrV4::new(dst.0.into(), dst.1),
         }
     }
 
@@ -84,7 +92,7 @@ mod tests {
         f.payload = b"GET / HTTP/1.0\r\n\r\n".to_vec();
         f.pad_to = Some(128);
         let e = entry(([10, 20, 0, 1], 23456), ([10, 20, 1, 2], 8080));
-        let out = nat_rewrite_v4(&f.build(), &e, 1).unwrap();
+        let out = nat_rewrite_v4(&f.build(), e.src, e.dst, 1).unwrap();
         verify_checksums_v4(&out).unwrap();
 
         // The same frame built from scratch with the new addresses is byte-identical.
@@ -106,7 +114,7 @@ mod tests {
             b"q",
         );
         u.l4 = L4::Udp { checksum: false };
-        let out = nat_rewrite_v4(&u.build(), &e, 1).unwrap();
+        let out = nat_rewrite_v4(&u.build(), e.src, e.dst, 1).unwrap();
         assert_eq!(&out[40..42], &[0, 0]);
         verify_checksums_v4(&out).unwrap();
 
@@ -118,7 +126,8 @@ mod tests {
                     ..f.clone()
                 }
                 .build(),
-                &e,
+                e.src,
+                e.dst,
                 1
             )
             .is_none()
@@ -130,7 +139,8 @@ mod tests {
                     ..f.clone()
                 }
                 .build(),
-                &e,
+                e.src,
+                e.dst,
                 1
             )
             .is_none()
@@ -139,23 +149,23 @@ mod tests {
             truncate_to: Some(40),
             ..f.clone()
         };
-        assert!(nat_rewrite_v4(&short.build(), &e, 1).is_none());
+        assert!(nat_rewrite_v4(&short.build(), e.src, e.dst, 1).is_none());
         let icmp = Frame {
             l4: L4::Other { proto: PROTO_ICMP },
             ..f.clone()
         };
-        assert!(nat_rewrite_v4(&icmp.build(), &e, 1).is_none());
+        assert!(nat_rewrite_v4(&icmp.build(), e.src, e.dst, 1).is_none());
     }
 
     /// The XDP program's rewrite (lb-ebpf/src/nat.rs), restated on a byte slice with the
     /// same incremental math.
-    fn incremental_rewrite(frame: &[u8], entry: &NatEntry) -> Vec<u8> {
+    fn incremental_rewrite(frame: &[u8], entry: &To) -> Vec<u8> {
         let l = layout_v4(frame).unwrap();
         let mut out = frame.to_vec();
         let ip = ETH_HLEN;
         let old_src: [u8; 4] = frame[ip + 12..ip + 16].try_into().unwrap();
         let old_dst: [u8; 4] = frame[ip + 16..ip + 20].try_into().unwrap();
-        let (new_src, new_dst) = (entry.src.v4_octets(), entry.dst.v4_octets());
+        let (new_src, new_dst) = (entry.src.ip().octets(), entry.dst.ip().octets());
         let old_addrs = sum_words(&old_src) + sum_words(&old_dst);
         let new_addrs = sum_words(&new_src) + sum_words(&new_dst);
         let ttl = frame[ip + 8];
@@ -170,12 +180,11 @@ mod tests {
         out[ip + 16..ip + 20].copy_from_slice(&new_dst);
 
         let old_ports: [u8; 4] = frame[l.l4_off..l.l4_off + 4].try_into().unwrap();
-        let new_ports = [
-            entry.src.port[0],
-            entry.src.port[1],
-            entry.dst.port[0],
-            entry.dst.port[1],
-        ];
+        let (sp, dp) = (
+            entry.src.port().to_be_bytes(),
+            entry.dst.port().to_be_bytes(),
+        );
+        let new_ports = [sp[0], sp[1], dp[0], dp[1]];
         let old_l4 = old_addrs + sum_words(&old_ports);
         let new_l4 = new_addrs + sum_words(&new_ports);
         let old_check = u16::from_be_bytes([frame[l.check_off], frame[l.check_off + 1]]);
@@ -240,7 +249,7 @@ mod tests {
                 (rng.addr().octets(), rng.port()),
                 (rng.addr().octets(), rng.port()),
             );
-            let reference = nat_rewrite_v4(&frame, &e, 1).unwrap();
+            let reference = nat_rewrite_v4(&frame, e.src, e.dst, 1).unwrap();
             let incremental = incremental_rewrite(&frame, &e);
             assert!(
                 reference == incremental,

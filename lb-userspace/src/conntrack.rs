@@ -1,0 +1,278 @@
+//! The conntrack table from userspace: reading it in batches, and the sweeper, which is the
+//! only thing that removes flows from it. The rules (a flow's state, its timeout) are
+//! lb-common's [`conntrack`](lb_common::conntrack), the same the XDP program and the tests use.
+//!
+//! Why a sweeper in userspace, and nothing in the data path: the map is a plain hash map
+//! that never evicts, so a flow leaves only when the sweeper removes both of its entries. A
+//! single remover means two CPUs can never race to free one port. A sweep reads every entry
+//! (`BPF_MAP_LOOKUP_BATCH`, thousands per system call), decides on each flow from its forward
+//! entry alone (both entries carry the flow's record), and deletes the expired flows: the
+//! reverse entry first (that frees the SNAT port), then the forward one.
+
+use std::{
+    os::fd::{AsFd as _, AsRawFd as _},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use aya::{
+    Ebpf,
+    maps::{HashMap, Map, MapData},
+};
+use lb_common::{
+    conntrack::{FlowState, Timeouts, remaining_ns},
+    maps::{DIR_TO_BACKEND, FlowKey, NatEntry, names},
+};
+
+/// Under pressure (new flows refused: the table is full or SNAT ports ran out), flows that
+/// are still `New` and have been idle this long are removed early. A SYN flood's flows are
+/// `New` forever; a real client whose flow is removed this way carries on, since its next
+/// packet recreates the flow (with the same SNAT port, its first choice, when it is free).
+pub const PRESSURE_NEW_IDLE: Duration = Duration::from_millis(250);
+
+/// What one sweep found and did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    /// Flows left, by [`FlowState`] (index = the state's number).
+    pub flows: [u64; 5],
+    /// Map entries read (two per flow, unless one is being created or removed).
+    pub entries: u64,
+    /// Flows removed because their state's timeout passed.
+    pub expired: u64,
+    /// `New` flows removed early because of pressure.
+    pub pruned: u64,
+    /// Entries removed because their flow's other entry was gone.
+    pub orphans: u64,
+    pub took: Duration,
+}
+
+impl SweepReport {
+    pub fn total_flows(&self) -> u64 {
+        self.flows.iter().sum()
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`, which the XDP program
+/// stamps entries with.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec, which `ts` is.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Removes expired flows (and, when `pressure` is set, idle `New` ones) from `CONNTRACK`.
+pub fn sweep(ebpf: &mut Ebpf, timeouts: &Timeouts, pressure: bool) -> anyhow::Result<SweepReport> {
+    let started = Instant::now();
+    let mut report = SweepReport::default();
+    let fd = match ebpf.map(names::CONNTRACK).context("map CONNTRACK")? {
+        Map::HashMap(data) => data.fd().as_fd().as_raw_fd(),
+        _ => bail!("map CONNTRACK is not a hash map"),
+    };
+    let mut table: HashMap<&mut MapData, FlowKey, NatEntry> = ebpf
+        .map_mut(names::CONNTRACK)
+        .context("map CONNTRACK")?
+        .try_into()?;
+    let now = monotonic_ns();
+    let mut doomed: Vec<(FlowKey, Verdict)> = Vec::new();
+    for_each_batch(fd, |keys, entries| {
+        report.entries += keys.len() as u64;
+        for (key, entry) in keys.iter().zip(entries) {
+            let verdict = judge(key, entry, timeouts, now, pressure);
+            if entry.rewrite.direction == DIR_TO_BACKEND {
+                report.flows[FlowState::of(key.proto, &entry.seen) as usize] += 1;
+            }
+            if verdict != Verdict::Keep {
+                doomed.push((*key, verdict));
+            }
+        }
+    })?;
+    for (key, verdict) in doomed {
+        let removed = remove_flow(&mut table, &key, timeouts, pressure)?;
+        match (removed, verdict) {
+            (Removed::Flow(state), Verdict::Expired) => {
+                report.expired += 1;
+                report.flows[state as usize] = report.flows[state as usize].saturating_sub(1);
+            }
+            (Removed::Flow(state), Verdict::Pruned) => {
+                report.pruned += 1;
+                report.flows[state as usize] = report.flows[state as usize].saturating_sub(1);
+            }
+            (Removed::Orphan, _) => report.orphans += 1,
+            _ => {}
+        }
+    }
+    report.took = started.elapsed();
+    Ok(report)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Verdict {
+    Keep,
+    Expired,
+    Pruned,
+}
+
+/// What becomes of the flow of an entry read at `now`.
+fn judge(
+    key: &FlowKey,
+    entry: &NatEntry,
+    timeouts: &Timeouts,
+    now: u64,
+    pressure: bool,
+) -> Verdict {
+    if remaining_ns(entry, key.proto, timeouts, now) == 0 {
+        return Verdict::Expired;
+    }
+    let idle = now.saturating_sub(entry.last_seen_ns);
+    if pressure
+        && FlowState::of(key.proto, &entry.seen) == FlowState::New
+        && idle >= PRESSURE_NEW_IDLE.as_nanos() as u64
+    {
+        return Verdict::Pruned;
+    }
+    Verdict::Keep
+}
+
+enum Removed {
+    /// Both entries of a flow that was in this state.
+    Flow(FlowState),
+    /// An entry whose twin was gone.
+    Orphan,
+    /// Nothing: gone already, or no longer doomed (a packet refreshed it meanwhile).
+    Nothing,
+}
+
+/// Removes the flow of the entry at `key`, if it is still doomed when read again now: the
+/// reverse entry first, so the SNAT port is free only once nothing can send to it, then the
+/// forward one. An entry whose twin is missing (or belongs to another flow) is removed alone.
+fn remove_flow(
+    table: &mut HashMap<&mut MapData, FlowKey, NatEntry>,
+    key: &FlowKey,
+    timeouts: &Timeouts,
+    pressure: bool,
+) -> anyhow::Result<Removed> {
+    let Some(entry) = get(table, key)? else {
+        return Ok(Removed::Nothing);
+    };
+    // Judged again on a fresh read, at a fresh time: the batch may be a little old.
+    if judge(key, &entry, timeouts, monotonic_ns(), pressure) == Verdict::Keep {
+        return Ok(Removed::Nothing);
+    }
+    let twin_key = entry.twin_key(key.proto);
+    let twin = get(table, &twin_key)?.filter(|t| t.twin_key(key.proto) == *key);
+    let state = FlowState::of(key.proto, &entry.seen);
+    let (first, second) = if entry.rewrite.direction == DIR_TO_BACKEND {
+        (twin_key, *key)
+    } else {
+        (*key, twin_key)
+    };
+    if twin.is_none() {
+        delete(table, key)?;
+        return Ok(Removed::Orphan);
+    }
+    delete(table, &first)?;
+    delete(table, &second)?;
+    Ok(Removed::Flow(state))
+}
+
+fn get(
+    table: &HashMap<&mut MapData, FlowKey, NatEntry>,
+    key: &FlowKey,
+) -> anyhow::Result<Option<NatEntry>> {
+    match table.get(key, 0) {
+        Ok(e) => Ok(Some(e)),
+        Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+        Err(e) => Err(e).context("reading a conntrack entry"),
+    }
+}
+
+fn delete(
+    table: &mut HashMap<&mut MapData, FlowKey, NatEntry>,
+    key: &FlowKey,
+) -> anyhow::Result<()> {
+    match table.remove(key) {
+        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(e) => Err(e).context("removing a conntrack entry"),
+    }
+}
+
+/// Entries read per `BPF_MAP_LOOKUP_BATCH` call.
+const BATCH: usize = 4096;
+
+/// The `batch` member of `union bpf_attr`, for BPF_MAP_LOOKUP_BATCH.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+
+/// Calls `f` with every entry of the hash map `fd`, a batch at a time. Entries added or
+/// removed meanwhile may or may not be seen; none is seen twice.
+pub fn for_each_batch(fd: i32, mut f: impl FnMut(&[FlowKey], &[NatEntry])) -> anyhow::Result<()> {
+    let mut keys = vec![FlowKey::default(); BATCH];
+    let mut values = vec![NatEntry::default(); BATCH];
+    // The kernel's cursor for hash maps is a bucket number (u32); a u64 leaves room.
+    let mut cursor = 0u64;
+    let mut first = true;
+    loop {
+        let mut out = 0u64;
+        let mut attr = BatchAttr {
+            in_batch: if first {
+                0
+            } else {
+                &cursor as *const u64 as u64
+            },
+            out_batch: &mut out as *mut u64 as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: keys.len() as u32,
+            map_fd: fd as u32,
+            ..BatchAttr::default()
+        };
+        // SAFETY: `attr` points at buffers of `count` keys and values of the map's key and
+        // value sizes (FlowKey and NatEntry, the map's declared types), and at two cursors,
+        // all alive for the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &mut attr as *mut BatchAttr,
+                size_of::<BatchAttr>(),
+            )
+        };
+        let err = (rc != 0).then(std::io::Error::last_os_error);
+        let n = attr.count as usize;
+        match err.as_ref().and_then(|e| e.raw_os_error()) {
+            None | Some(libc::ENOENT) => {}
+            // A bucket holds more entries than the buffer: retry the same bucket, larger.
+            Some(libc::ENOSPC) => {
+                keys.resize(keys.len() * 2, FlowKey::default());
+                values.resize(values.len() * 2, NatEntry::default());
+                continue;
+            }
+            Some(_) => {
+                return Err(err.unwrap_or_else(std::io::Error::last_os_error))
+                    .context("BPF_MAP_LOOKUP_BATCH on CONNTRACK");
+            }
+        }
+        f(&keys[..n], &values[..n]);
+        if err.is_some() {
+            return Ok(()); // ENOENT: that was the last batch.
+        }
+        cursor = out;
+        first = false;
+    }
+}

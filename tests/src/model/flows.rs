@@ -1,0 +1,275 @@
+//! The reference model of connection tracking: which flow a frame belongs to, what it must be
+//! rewritten to, and what state the flow is in. It learns flows only from what the program
+//! sent out (the backend and SNAT port it chose) and from the config, never from the
+//! program's maps, and holds the program to the rules a full NAT must keep:
+//! * a new flow's packets leave from its service's SNAT address, with a port in the range,
+//!   toward one of its service's backends;
+//! * a flow keeps its backend and SNAT port;
+//! * each (backend, SNAT address, SNAT port) belongs to one flow at a time;
+//! * a reply goes from the VIP to the client whose flow owns the port it came to.
+//!
+//! The state follows lb-common's rules ([`FlowState::of`], [`starts_anew`]): the same rules
+//! the program runs, applied here to the packets the model saw, so a program that records a
+//! flag in the wrong place, or in one entry only, disagrees with the model.
+
+use std::{
+    collections::HashMap,
+    net::{Ipv4Addr, SocketAddrV4},
+};
+
+use anyhow::{Result, bail, ensure};
+use lb_common::{
+    conntrack::{FlowSeen, FlowState, Seen, starts_anew},
+    maps::{DIR_TO_BACKEND, DIR_TO_CLIENT, FlowKey},
+};
+use lb_userspace::config::Checked;
+
+/// One service, as the config says.
+#[derive(Clone, Debug)]
+pub struct ServiceSpec {
+    pub vip: SocketAddrV4,
+    pub proto: u8,
+    pub snat: Ipv4Addr,
+    pub backends: Vec<SocketAddrV4>,
+}
+
+/// A tracked flow, as the model knows it.
+#[derive(Clone, Debug)]
+pub struct ModelFlow {
+    pub client: SocketAddrV4,
+    pub vip: SocketAddrV4,
+    pub proto: u8,
+    pub backend: SocketAddrV4,
+    pub snat: SocketAddrV4,
+    pub seen: FlowSeen,
+}
+
+impl ModelFlow {
+    pub fn state(&self) -> FlowState {
+        FlowState::of(self.proto, &self.seen)
+    }
+
+    /// The key of the flow's forward direction, client → VIP.
+    pub fn forward_key(&self) -> FlowKey {
+        key(self.client, self.vip, self.proto)
+    }
+}
+
+/// A flow key from addresses.
+pub fn key(src: SocketAddrV4, dst: SocketAddrV4, proto: u8) -> FlowKey {
+    FlowKey {
+        src: lb_common::maps::Endpoint::from_socket_v4(src),
+        dst: lb_common::maps::Endpoint::from_socket_v4(dst),
+        proto,
+        _pad: 0,
+    }
+}
+
+type Tuple = (SocketAddrV4, SocketAddrV4, u8);
+
+fn tuple(k: &FlowKey) -> Tuple {
+    (k.src.to_socket_v4(), k.dst.to_socket_v4(), k.proto)
+}
+
+/// The model: services from the config, flows from what the program did.
+#[derive(Debug)]
+pub struct FlowModel {
+    services: Vec<ServiceSpec>,
+    ports: (u16, u16),
+    /// By forward tuple (client, VIP, protocol).
+    flows: HashMap<Tuple, ModelFlow>,
+    /// Reverse tuple (backend, SNAT address:port, protocol) → forward tuple.
+    owners: HashMap<Tuple, Tuple>,
+}
+
+impl FlowModel {
+    pub fn new(checked: &Checked) -> FlowModel {
+        FlowModel {
+            services: checked
+                .services
+                .iter()
+                .map(|s| ServiceSpec {
+                    vip: s.vip,
+                    proto: s.protocol.number(),
+                    snat: s.snat,
+                    backends: s.backends.iter().map(|b| b.address).collect(),
+                })
+                .collect(),
+            ports: (checked.snat_ports.first, checked.snat_ports.last),
+            flows: HashMap::new(),
+            owners: HashMap::new(),
+        }
+    }
+
+    /// The service a frame with `key` is addressed to.
+    pub fn service(&self, key: &FlowKey) -> Option<&ServiceSpec> {
+        let (_, dst, proto) = tuple(key);
+        self.services
+            .iter()
+            .find(|s| s.vip == dst && s.proto == proto)
+    }
+
+    /// The tracked flow a frame with `key` belongs to, and the direction it goes.
+    pub fn flow(&self, key: &FlowKey) -> Option<(&ModelFlow, u8)> {
+        let t = tuple(key);
+        if let Some(f) = self.flows.get(&t) {
+            return Some((f, DIR_TO_BACKEND));
+        }
+        let forward = self.owners.get(&t)?;
+        Some((&self.flows[forward], DIR_TO_CLIENT))
+    }
+
+    /// What a frame with `key` of a tracked flow must be rewritten to: (source, destination).
+    pub fn rewrite(&self, key: &FlowKey) -> Option<(SocketAddrV4, SocketAddrV4)> {
+        let (f, dir) = self.flow(key)?;
+        Some(if dir == DIR_TO_BACKEND {
+            (f.snat, f.backend)
+        } else {
+            (f.vip, f.client)
+        })
+    }
+
+    /// Records a frame with `key` and TCP flags `tcp_flags` (0 for UDP) that reached a
+    /// tracked flow, as the program records it.
+    pub fn observe(&mut self, key: &FlowKey, tcp_flags: u8) {
+        let Some((_, dir)) = self.flow(key) else {
+            return;
+        };
+        let t = tuple(key);
+        let forward = if dir == DIR_TO_BACKEND {
+            t
+        } else {
+            self.owners[&t]
+        };
+        let flow = self.flows.get_mut(&forward).expect("owners point at flows");
+        let facts = Seen::of_packet(key.proto, tcp_flags);
+        if starts_anew(key.proto, dir, tcp_flags, &flow.seen) {
+            flow.seen = FlowSeen::first(dir, facts);
+            return;
+        }
+        let d = if dir == DIR_TO_BACKEND {
+            &mut flow.seen.to_backend
+        } else {
+            &mut flow.seen.to_client
+        };
+        d.syn |= facts.syn;
+        d.non_syn |= facts.non_syn;
+        d.fin |= facts.fin;
+        d.rst |= facts.rst;
+    }
+
+    /// Learns the flow the program created for a first frame with `key` (and `tcp_flags`),
+    /// which it sent out as `src` → `dst`; fails if that choice breaks a rule of full NAT.
+    pub fn learn(
+        &mut self,
+        key: &FlowKey,
+        tcp_flags: u8,
+        src: SocketAddrV4,
+        dst: SocketAddrV4,
+    ) -> Result<()> {
+        let t = tuple(key);
+        ensure!(!self.flows.contains_key(&t), "{t:?} is tracked already");
+        let Some(service) = self.service(key) else {
+            bail!("a new flow for {t:?}, which is addressed to no service");
+        };
+        ensure!(
+            *src.ip() == service.snat,
+            "a new flow to {} leaves from {src}, not from the service's SNAT address {}",
+            service.vip,
+            service.snat
+        );
+        ensure!(
+            (self.ports.0..=self.ports.1).contains(&src.port()),
+            "SNAT port {} is outside {:?}",
+            src.port(),
+            self.ports
+        );
+        ensure!(
+            service.backends.contains(&dst),
+            "a new flow to {} goes to {dst}, not one of its backends {:?}",
+            service.vip,
+            service.backends
+        );
+        let reverse = (dst, src, key.proto);
+        if let Some(owner) = self.owners.get(&reverse) {
+            bail!("{src} toward {dst} is handed to {t:?}, but {owner:?} holds it");
+        }
+        self.owners.insert(reverse, t);
+        let facts = Seen::of_packet(key.proto, tcp_flags);
+        self.flows.insert(
+            t,
+            ModelFlow {
+                client: t.0,
+                vip: t.1,
+                proto: key.proto,
+                backend: dst,
+                snat: src,
+                seen: FlowSeen::first(DIR_TO_BACKEND, facts),
+            },
+        );
+        Ok(())
+    }
+
+    pub fn flows(&self) -> impl Iterator<Item = &ModelFlow> {
+        self.flows.values()
+    }
+
+    pub fn len(&self) -> usize {
+        self.flows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.flows.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lb_common::conntrack::{TCP_ACK, TCP_SYN};
+    use lb_common::maps::PROTO_TCP;
+    use lb_userspace::config::Config;
+
+    const CONFIG: &str = r#"
+[dataplane]
+interfaces = ["x"]
+snat_port_range = [1000, 1999]
+[[service]]
+vip = "10.10.0.100:80"
+protocol = "tcp"
+snat = "10.20.0.1"
+[[service.backend]]
+address = "10.20.1.2:8080"
+"#;
+
+    fn sa(s: &str) -> SocketAddrV4 {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn holds_the_program_to_the_rules_of_full_nat() {
+        let checked = Config::parse(CONFIG).unwrap().validate().unwrap();
+        let mut m = FlowModel::new(&checked);
+        let k = key(sa("10.10.1.2:40000"), sa("10.10.0.100:80"), PROTO_TCP);
+        let (snat, backend) = (sa("10.20.0.1:1500"), sa("10.20.1.2:8080"));
+        // Wrong source address, port out of range, a backend of no service.
+        assert!(m.learn(&k, TCP_SYN, sa("10.20.0.2:1500"), backend).is_err());
+        assert!(m.learn(&k, TCP_SYN, sa("10.20.0.1:2500"), backend).is_err());
+        assert!(m.learn(&k, TCP_SYN, snat, sa("10.20.1.3:8080")).is_err());
+        m.learn(&k, TCP_SYN, snat, backend).unwrap();
+        // A second flow on the same port toward the same backend.
+        let k2 = key(sa("10.10.1.2:40001"), sa("10.10.0.100:80"), PROTO_TCP);
+        assert!(m.learn(&k2, TCP_SYN, snat, backend).is_err());
+        // The reply is the client's.
+        let reply = key(backend, snat, PROTO_TCP);
+        assert_eq!(
+            m.rewrite(&reply),
+            Some((sa("10.10.0.100:80"), sa("10.10.1.2:40000")))
+        );
+        assert_eq!(m.rewrite(&k), Some((snat, backend)));
+        m.observe(&reply, TCP_SYN | TCP_ACK);
+        assert_eq!(m.flow(&k).unwrap().0.state(), FlowState::New);
+        m.observe(&k, TCP_ACK);
+        assert_eq!(m.flow(&k).unwrap().0.state(), FlowState::Established);
+    }
+}
