@@ -5,9 +5,11 @@
 //! * [`loader`]: the embedded XDP object, loading and attaching it;
 //! * [`tables`]: writing services, backends and Maglev tables into the maps;
 //! * [`stats`]: reading and printing the counters;
+//! * [`neighbours`]: kernel-managed neighbour entries that keep the backends' next hops resolved;
 //! * [`cli`]: the `xlb` commands.
 pub mod cli;
 pub mod config;
 pub mod loader;
+pub mod neighbours;
 pub mod stats;
 pub mod tables;
