@@ -6,10 +6,12 @@
 //! * [`tables`]: writing services, backends and Maglev tables into the maps;
 //! * [`conntrack`]: reading the conntrack table and the sweeper that expires flows;
 //! * [`stats`]: reading and printing the counters;
+//! * [`neighbours`]: kernel-managed neighbour entries that keep the backends' next hops resolved;
 //! * [`cli`]: the `xlb` commands.
 pub mod cli;
 pub mod config;
 pub mod conntrack;
 pub mod loader;
+pub mod neighbours;
 pub mod stats;
 pub mod tables;
