@@ -1,20 +1,32 @@
 //! The start-up check of the veth interfaces xlb sends through.
 //!
-//! Two veth rules cost an XDP load balancer packets without any error:
+//! Frames that XDP sends out of a veth skip the stack: they go straight into the *peer's*
+//! receive ring, and only the peer's NAPI takes them out. What that needs, as measured by
+//! sending frames on Linux 6.18 (`tests/veth.rs` does it again on every run):
 //!
-//! * A frame that XDP sends out of a veth (XDP_TX, or XDP_REDIRECT into it) is put straight
-//!   into the *peer's* receive ring, which exists only while the peer runs NAPI: when the
-//!   peer has an XDP program of its own in native (driver) mode, or has GRO on. Otherwise
-//!   the kernel drops the frame (`veth_xdp_xmit` in `drivers/net/veth.c`); XDP in generic
-//!   mode on the peer does not count.
-//! * When the peer offloads TX checksums, what it sends arrives with only the
-//!   pseudo-header sum in the checksum field (CHECKSUM_PARTIAL). XDP sees that unfinished
-//!   value, the NAT rewrite updates it incrementally, and the packet leaves with a wrong
-//!   checksum.
+//! | peer has | XDP_REDIRECT into the veth | XDP_TX out of the veth |
+//! | --- | --- | --- |
+//! | neither GRO nor XDP, or XDP in generic mode | dropped | dropped |
+//! | GRO on | delivered | never delivered: the first 256 frames wait in the peer's ring, the rest are dropped |
+//! | an XDP program in native mode | delivered | delivered |
+//!
+//! The kernel's reasons (`drivers/net/veth.c`): a veth advertises that it can take
+//! redirected frames (`NETDEV_XDP_ACT_NDO_XMIT`) only while its peer has GRO or an XDP
+//! program, and the redirect core refuses the frame otherwise; after an XDP_TX the veth
+//! wakes the peer's NAPI only if the peer has an XDP program (`veth_xdp_flush`). Where the
+//! losses are counted: see [`ethtool::xdp_send_errors`].
+//!
+//! The other rule is about what the peer sends: with TX checksum offload on, its packets
+//! arrive with only the pseudo-header sum in the checksum field (CHECKSUM_PARTIAL); XDP
+//! sees that unfinished value, the NAT rewrite updates it incrementally, and the packet
+//! leaves with a wrong checksum.
 //!
 //! [`check`] looks at each interface, and when it is a veth, at its peer, also in another
 //! network namespace. It runs once, at start-up: it reads state that the operator may
 //! change later, and it scans `/proc` to find the peer's namespace.
+//!
+//! Not checked: a peer that is down (the veth then has no carrier, and every frame sent
+//! through it is lost, counted only in its `tx_dropped`).
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -50,45 +62,55 @@ pub struct VethProblem {
     pub kind: VethProblemKind,
 }
 
+/// What is wrong with a veth's peer, in the order [`check`] reports them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum VethProblemKind {
-    /// The peer has neither GRO on nor a native XDP program: the frames xlb sends out of
-    /// `iface` with XDP_TX or XDP_REDIRECT are dropped.
+    /// The peer has neither GRO on nor a native XDP program: frames that xlb redirects
+    /// into `iface` (from another interface) are dropped. Fixed by GRO on the peer.
     DropsRedirects,
+    /// The peer has no native XDP program: frames that xlb sends back out of `iface` with
+    /// XDP_TX (answers towards a backend behind the interface they came in on) never reach
+    /// it. GRO does not help here; any native XDP program on the peer that passes
+    /// everything does.
+    LosesXdpTx,
     /// The peer offloads TX checksums: packets from it reach xlb with unfinished
-    /// checksums, and xlb's rewrite makes them wrong.
+    /// checksums, and xlb's rewrite makes them wrong. Fixed by TX checksum offload off.
     TxChecksumOffload,
 }
 
 impl VethProblem {
-    /// A shell command that fixes the problem, run where `check` ran: enabling GRO on the
-    /// peer, or turning its TX checksum offload off.
+    /// A shell command that fixes the problem, run where `check` ran.
+    ///
+    /// For [`VethProblemKind::LosesXdpTx`] the command attaches `xdp_pass.o`, which stands
+    /// for an object file the operator provides: any XDP program that returns XDP_PASS
+    /// (`SEC("xdp") int pass(struct xdp_md *ctx) { return XDP_PASS; }`) in section `xdp`.
     pub fn fix_command(&self) -> String {
-        let ethtool = match self.kind {
-            VethProblemKind::DropsRedirects => {
-                format!("ethtool -K {} gro on", shell_word(&self.peer))
+        let peer = shell_word(&self.peer);
+        let command = match self.kind {
+            VethProblemKind::DropsRedirects => format!("ethtool -K {peer} gro on"),
+            VethProblemKind::LosesXdpTx => {
+                format!("ip link set dev {peer} xdpdrv obj xdp_pass.o sec xdp")
             }
-            VethProblemKind::TxChecksumOffload => {
-                format!("ethtool -K {} tx off", shell_word(&self.peer))
-            }
+            VethProblemKind::TxChecksumOffload => format!("ethtool -K {peer} tx off"),
         };
         match self.peer_namespace.as_deref() {
-            None => ethtool,
+            None => command,
             Some(ns) => match pid_namespace(ns) {
-                Some(pid) => format!("nsenter --target {pid} --net {ethtool}"),
-                None => format!("ip netns exec {} {ethtool}", shell_word(ns)),
+                Some(pid) => format!("nsenter --target {pid} --net {command}"),
+                None => format!("ip netns exec {} {command}", shell_word(ns)),
             },
         }
     }
+}
 
-    fn peer_place(&self) -> String {
-        match self.peer_namespace.as_deref() {
-            None => "in this namespace".to_string(),
-            Some(ns) => match pid_namespace(ns) {
-                Some(pid) => format!("in the namespace of pid {pid}"),
-                None => format!("in namespace {ns}"),
-            },
-        }
+/// "in namespace NAME", for a [`VethProblem::peer_namespace`].
+fn place(namespace: Option<&str>) -> String {
+    match namespace {
+        None => "in this namespace".to_string(),
+        Some(ns) => match pid_namespace(ns) {
+            Some(pid) => format!("in the namespace of pid {pid}"),
+            None => format!("in namespace {ns}"),
+        },
     }
 }
 
@@ -97,15 +119,20 @@ impl fmt::Display for VethProblem {
         let (iface, peer, place, fix) = (
             &self.iface,
             &self.peer,
-            self.peer_place(),
+            place(self.peer_namespace.as_deref()),
             self.fix_command(),
         );
         match self.kind {
             VethProblemKind::DropsRedirects => write!(
                 f,
-                "{iface}: frames sent out of it with XDP_TX or XDP_REDIRECT will be dropped, \
-                 because its veth peer {peer} ({place}) has neither GRO on nor a native XDP \
-                 program; fix: {fix}"
+                "{iface}: frames redirected into it will be dropped, because its veth peer \
+                 {peer} ({place}) has neither GRO on nor a native XDP program; fix: {fix}"
+            ),
+            VethProblemKind::LosesXdpTx => write!(
+                f,
+                "{iface}: frames sent back out of it with XDP_TX will never arrive, because \
+                 its veth peer {peer} ({place}) has no native XDP program (GRO is not \
+                 enough); fix: attach one that returns XDP_PASS, e.g. {fix}"
             ),
             VethProblemKind::TxChecksumOffload => write!(
                 f,
@@ -231,13 +258,8 @@ async fn check_with(mut handle: Handle, here: File, ifaces: &[String]) -> Vec<Ve
                 }
             }
             Err(err) => warn!(
-                "veth check: cannot read peers {ifindexes:?} {}: {err:#}",
-                namespace
-                    .label
-                    .as_deref()
-                    .map_or("in this namespace".to_string(), |l| format!(
-                        "in namespace {l}"
-                    )),
+                "veth check: cannot read the peers with ifindex {ifindexes:?} {}: {err:#}",
+                place(namespace.label.as_deref()),
             ),
         }
     }
@@ -271,6 +293,9 @@ fn problems_of(peer: &PeerState) -> Vec<VethProblemKind> {
     let mut kinds = Vec::new();
     if !peer.gro && !peer.native_xdp {
         kinds.push(VethProblemKind::DropsRedirects);
+    }
+    if !peer.native_xdp {
+        kinds.push(VethProblemKind::LosesXdpTx);
     }
     if peer.tx_checksum {
         kinds.push(VethProblemKind::TxChecksumOffload);
@@ -557,6 +582,10 @@ mod tests {
             "nsenter --target 4242 --net ethtool -K bk0 tx off"
         );
         assert_eq!(
+            problem(Some("ns-b"), LosesXdpTx).fix_command(),
+            "ip netns exec ns-b ip link set dev bk0 xdpdrv obj xdp_pass.o sec xdp"
+        );
+        assert_eq!(
             problem(Some("it's"), TxChecksumOffload).fix_command(),
             r"ip netns exec 'it'\''s' ethtool -K bk0 tx off"
         );
@@ -567,9 +596,9 @@ mod tests {
         let text = problem(Some("ns-b"), VethProblemKind::DropsRedirects).to_string();
         assert_eq!(
             text,
-            "lb0: frames sent out of it with XDP_TX or XDP_REDIRECT will be dropped, because \
-             its veth peer bk0 (in namespace ns-b) has neither GRO on nor a native XDP \
-             program; fix: ip netns exec ns-b ethtool -K bk0 gro on"
+            "lb0: frames redirected into it will be dropped, because its veth peer bk0 (in \
+             namespace ns-b) has neither GRO on nor a native XDP program; fix: ip netns exec \
+             ns-b ethtool -K bk0 gro on"
         );
         let text = problem(Some("pid 7"), VethProblemKind::TxChecksumOffload).to_string();
         assert!(text.contains("(in the namespace of pid 7)"), "{text}");
@@ -591,11 +620,19 @@ mod tests {
         };
         assert_eq!(
             problems_of(&peer(false, false, true)),
-            [DropsRedirects, TxChecksumOffload]
+            [DropsRedirects, LosesXdpTx, TxChecksumOffload]
         );
-        assert_eq!(problems_of(&peer(false, false, false)), [DropsRedirects]);
-        assert_eq!(problems_of(&peer(true, false, true)), [TxChecksumOffload]);
+        assert_eq!(
+            problems_of(&peer(false, false, false)),
+            [DropsRedirects, LosesXdpTx]
+        );
+        assert_eq!(
+            problems_of(&peer(true, false, true)),
+            [LosesXdpTx, TxChecksumOffload]
+        );
+        assert_eq!(problems_of(&peer(true, false, false)), [LosesXdpTx]);
         assert_eq!(problems_of(&peer(false, true, false)), []);
+        assert_eq!(problems_of(&peer(true, true, true)), [TxChecksumOffload]);
     }
 
     fn link(attributes: Vec<LinkAttribute>) -> LinkMessage {
