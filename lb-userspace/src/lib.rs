@@ -5,13 +5,17 @@
 //! * [`loader`]: the embedded XDP object, loading and attaching it;
 //! * [`tables`]: writing services, backends and Maglev tables into the maps;
 //! * [`conntrack`]: reading the conntrack table and the sweeper that expires flows;
-//! * [`stats`]: reading and printing the counters;
 //! * [`neighbours`]: kernel-managed neighbour entries that keep the backends' next hops resolved;
+//! * [`veth`]: the start-up check that veth peers will not drop or corrupt what xlb sends;
+//! * [`ethtool`]: an interface's `ethtool -S` counters and offload flags (SIOCETHTOOL);
+//! * [`stats`]: reading and printing the counters;
 //! * [`cli`]: the `xlb` commands.
 pub mod cli;
 pub mod config;
 pub mod conntrack;
+pub mod ethtool;
 pub mod loader;
 pub mod neighbours;
 pub mod stats;
 pub mod tables;
+pub mod veth;
