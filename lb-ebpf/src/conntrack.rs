@@ -80,6 +80,10 @@ pub fn lookup(ctx: &XdpContext, pkt: &Packet, rewrite: &mut Rewrite) -> Result<b
     let dir = entry.rewrite.direction;
     let facts = Seen::of_packet(pkt.key.proto, pkt.tcp_flags);
     let anew = starts_anew(pkt.key.proto, dir, pkt.tcp_flags, &entry.seen);
+    if anew {
+        // A new connection on the old flow's addresses: a flow for the counters.
+        crate::stats::count_new_flow(&entry.rewrite);
+    }
     if anew || entry.seen.dir(dir).lacks(&facts) || stale(entry.last_seen_ns, now) {
         record(entry, dir, &facts, anew, now);
         // The twin carries the same record, so either entry tells the flow's state and age.

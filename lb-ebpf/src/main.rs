@@ -116,7 +116,8 @@ pub fn xlb_handoff(ctx: TcContext) -> i32 {
 /// subprograms with frames of their own.
 #[inline(always)]
 fn process(ctx: &XdpContext) -> Result<Reason, Reason> {
-    let pkt = parse::parse(ctx)?;
+    let mut pkt = parse::Packet::default();
+    parse::parse(ctx, &mut pkt)?;
     let mut rewrite = Rewrite::default();
     let hop = if conntrack::lookup(ctx, &pkt, &mut rewrite)? {
         forwardable(&pkt)?;

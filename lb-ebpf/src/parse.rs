@@ -50,6 +50,7 @@ pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, Reason> {
 }
 
 /// What the rest of the program needs to know about a TCP/UDP-over-IPv4 packet.
+#[derive(Default)]
 pub struct Packet {
     /// Addresses, ports and protocol as received.
     pub key: FlowKey,
@@ -93,9 +94,11 @@ impl Packet {
 /// Errors: `PassNotIpv4` / `PassNotTcpUdp` / `PassFragment` (non-first fragments) for what
 /// the kernel should handle; `DropTruncated` / `DropBadIpv4Header` for malformed frames.
 ///
-/// Not inlined, for the same reason as `nat::rewrite`.
+/// Not inlined, for the same reason as `nat::rewrite`. Writes to `pkt` rather than returning
+/// `Result<Packet, _>`: bpf-linker describes such a niche-packed enum with a union member at
+/// a non-zero offset, which the kernel's BTF check refuses (aya then loads without BTF).
 #[inline(never)]
-pub fn parse(ctx: &XdpContext) -> Result<Packet, Reason> {
+pub fn parse(ctx: &XdpContext, pkt: &mut Packet) -> Result<(), Reason> {
     let eth: *const EthHdr = ptr_at(ctx, 0)?;
     // SAFETY: ptr_at checked that a whole EthHdr is inside the frame.
     if unsafe { (*eth).ether_type } != ETH_P_IP_BE {
@@ -153,7 +156,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Reason> {
         0
     };
 
-    Ok(Packet {
+    *pkt = Packet {
         key: FlowKey {
             src: Endpoint::v4(ip.src_addr, [ports[0], ports[1]]),
             dst: Endpoint::v4(ip.dst_addr, [ports[2], ports[3]]),
@@ -167,5 +170,6 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Reason> {
         tot_len,
         fragmented,
         frame_len,
-    })
+    };
+    Ok(())
 }

@@ -14,7 +14,9 @@ use lb_common::reason::Reason;
 use crate::{
     config::{Checked, Config, HostFacts, XdpModeConfig},
     conntrack::{self, SweepReport},
-    loader, stats, tables,
+    ethtool, loader,
+    neighbours::ManagedNeighbours,
+    stats, tables, veth,
 };
 
 /// xlb — an XDP load balancer: full NAT to backends chosen by weighted Maglev.
@@ -136,6 +138,11 @@ async fn serve(cfg: &Checked, stats_interval: Option<Duration>) -> anyhow::Resul
             a.interface, a.ifindex, a.mode
         );
     }
+    for problem in veth::check(&cfg.dataplane.interfaces).await? {
+        println!("warning: {problem}");
+    }
+    let neighbours = keep_backends_resolved(cfg).await?;
+    let send_errors = SendErrors::new(&cfg.dataplane.interfaces);
     let backends: usize = cfg.services.iter().map(|s| s.backends.len()).sum();
     println!(
         "ready: {} service(s), {backends} backend(s) on {} interface(s); SNAT ports {}; \
@@ -165,6 +172,7 @@ async fn serve(cfg: &Checked, stats_interval: Option<Duration>) -> anyhow::Resul
             () = tick => {
                 let mut snap = stats::read(&loaded.ebpf, &layout)?;
                 snap.conntrack = sweeper.last.clone();
+                snap.interfaces = send_errors.read();
                 print!("{}", stats::format(cfg, &snap));
             }
         }
@@ -174,7 +182,11 @@ async fn serve(cfg: &Checked, stats_interval: Option<Duration>) -> anyhow::Resul
     sweeper.sweep(&mut loaded.ebpf, false)?;
     let mut snap = stats::read(&loaded.ebpf, &layout)?;
     snap.conntrack = sweeper.last.clone();
+    snap.interfaces = send_errors.read();
     print!("{}", stats::format(cfg, &snap));
+    if let Err(e) = neighbours.remove().await {
+        log::warn!("removing the managed neighbour entries: {e:#}");
+    }
     let names: Vec<String> = loaded
         .attached
         .iter()
@@ -183,6 +195,59 @@ async fn serve(cfg: &Checked, stats_interval: Option<Duration>) -> anyhow::Resul
     drop(loaded);
     println!("detached from {}", names.join(", "));
     Ok(())
+}
+
+/// Installs kernel-managed neighbour entries for every backend's next hop, so the first
+/// packet of a flow finds its MAC (see [`neighbours`]), and waits briefly for them to resolve.
+/// An unroutable or silent backend is reported, not fatal.
+async fn keep_backends_resolved(cfg: &Checked) -> anyhow::Result<ManagedNeighbours> {
+    let addrs: Vec<std::net::Ipv4Addr> = cfg
+        .services
+        .iter()
+        .flat_map(|s| s.backends.iter().map(|b| *b.address.ip()))
+        .collect();
+    let managed = ManagedNeighbours::install(&addrs)
+        .await
+        .context("installing neighbour entries for the backends")?;
+    for u in managed.unroutable() {
+        println!("warning: backend {} has no route: {}", u.address, u.reason);
+    }
+    for hop in managed
+        .wait_resolved(Duration::from_secs(1))
+        .await
+        .context("waiting for the backends' next hops")?
+    {
+        println!("warning: next hop not resolved yet (the kernel keeps trying): {hop}");
+    }
+    Ok(managed)
+}
+
+/// The interfaces' counters of frames the kernel failed to send for XDP (see
+/// [`ethtool::xdp_send_errors`]), as they grew since start-up: what xlb counted as sent but
+/// the kernel dropped.
+struct SendErrors {
+    baseline: Vec<(String, u64)>,
+}
+
+impl SendErrors {
+    fn new(interfaces: &[String]) -> SendErrors {
+        SendErrors {
+            baseline: interfaces
+                .iter()
+                .map(|i| (i.clone(), ethtool::xdp_send_errors(i).unwrap_or(0)))
+                .collect(),
+        }
+    }
+
+    fn read(&self) -> Vec<(String, u64)> {
+        self.baseline
+            .iter()
+            .map(|(iface, base)| {
+                let now = ethtool::xdp_send_errors(iface).unwrap_or(*base);
+                (iface.clone(), now.saturating_sub(*base))
+            })
+            .collect()
+    }
 }
 
 /// When the sweeper runs: every second or so (less often when a sweep takes long, so it

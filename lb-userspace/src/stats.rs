@@ -1,6 +1,6 @@
 //! Reads the per-CPU counters and prints them, one `key=value` record per line:
-//! `service ...`, `backend ...`, `reason ...`, `handoff ...` and `conntrack ...` lines (the
-//! integration tests parse these).
+//! `service ...`, `backend ...`, `reason ...`, `handoff ...`, `interface ...` and
+//! `conntrack ...` lines (the integration tests parse these).
 
 use std::fmt::Write as _;
 
@@ -30,6 +30,8 @@ pub struct Snapshot {
     pub handoffs: Vec<u64>,
     /// Flows per state, from the sweeper's latest pass.
     pub conntrack: Option<SweepReport>,
+    /// Per interface: frames the kernel failed to send for XDP since xlb started.
+    pub interfaces: Vec<(String, u64)>,
 }
 
 /// The `REASONS` counters, summed over CPUs, in [`Reason::ALL`] order.
@@ -117,6 +119,9 @@ pub fn format(cfg: &Checked, snap: &Snapshot) -> String {
         if *packets > 0 {
             let _ = writeln!(out, "handoff name={} packets={packets}", handoff.name());
         }
+    }
+    for (iface, errors) in &snap.interfaces {
+        let _ = writeln!(out, "interface name={iface} xdp_send_errors={errors}");
     }
     if let Some(ct) = &snap.conntrack {
         let _ = writeln!(

@@ -127,14 +127,13 @@ impl Topology {
             ns.ip(&["link", "set", "lo", "up"])?;
         }
 
-        // The load balancer forwards what XDP hands back to the kernel (first packets whose
-        // next hop has no neighbour entry yet). Reverse-path filtering is off because those
-        // rewritten packets arrive on xlb-c with the SNAT address as source, which is not
-        // routed via xlb-c.
+        // Strict reverse-path filtering, as many distributions set it: xlb must work with it
+        // (what it hands to the kernel goes through the tc program's neighbour output,
+        // which the filter does not see).
         let lb = &self.lb;
         sysctl(lb, "net.ipv4.ip_forward=1")?;
-        sysctl(lb, "net.ipv4.conf.all.rp_filter=0")?;
-        sysctl(lb, "net.ipv4.conf.default.rp_filter=0")?;
+        sysctl(lb, "net.ipv4.conf.all.rp_filter=1")?;
+        sysctl(lb, "net.ipv4.conf.default.rp_filter=1")?;
 
         // Client link.
         veth(lb, LB_INTERFACES[0], &self.client, CLIENT_IFACE)?;
@@ -190,7 +189,7 @@ impl Topology {
         for iface in LB_INTERFACES {
             // Interfaces inherit `default`, but the effective value is max(all, iface):
             // set it explicitly so nothing depends on the inheritance rules.
-            sysctl(lb, &format!("net.ipv4.conf.{iface}.rp_filter=0"))?;
+            sysctl(lb, &format!("net.ipv4.conf.{iface}.rp_filter=1"))?;
             // See `peer_offloads` for why checksums must be complete on the wire.
             lb.exec("ethtool", &["-K", iface, "tx", "off"])?;
         }

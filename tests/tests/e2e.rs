@@ -246,15 +246,21 @@ fn check_tcp(topo: &Topology, servers: &BackendServers) -> Result<Vec<TcpReply>>
             r.answer.seen_peer
         );
     }
-    // Every connection must be a new flow; the kernel picks a new source port each time.
-    let ports: BTreeSet<u16> = replies.iter().map(|r| r.local.port()).collect();
-    ensure!(
-        ports.len() == replies.len(),
-        "only {} distinct client source ports for {} connections",
-        ports.len(),
-        replies.len()
-    );
-
+    // The client's kernel may reuse a source port once its connection is closed (the
+    // backend closes first, so the client side does not wait in TIME_WAIT). xlb then starts
+    // the closed flow anew: same backend, same SNAT port, which the backend's TIME_WAIT
+    // accepts for a new connection.
+    let mut by_port: BTreeMap<u16, (&str, SocketAddr)> = BTreeMap::new();
+    for r in &replies {
+        let seen = (r.answer.server.as_str(), r.answer.seen_peer);
+        if let Some(first) = by_port.insert(r.local.port(), seen) {
+            ensure!(
+                first == seen,
+                "client port {} reached {first:?} once and {seen:?} later",
+                r.local.port()
+            );
+        }
+    }
     let per_backend = count_by_server(replies.iter().map(|r| r.answer.server.as_str()));
     eprintln!("TCP connections per backend (client's view): {per_backend:?}");
     for b in TCP_BACKENDS {
