@@ -32,6 +32,9 @@ pub mod names {
     pub const CONFIG: &str = "CONFIG";
     /// `DevMapHash` keyed by ifindex: the interfaces xlb may redirect to.
     pub const DEVMAP: &str = "DEVMAP";
+    /// `HashMap<u32, u8>` keyed by ifindex: interfaces where a frame going back out of the
+    /// interface it came in on is redirected rather than sent with XDP_TX (veths).
+    pub const NO_XDP_TX: &str = "NO_XDP_TX";
     /// `PerCpuArray<u64>`, indexed by [`Reason`](crate::reason::Reason): packets per verdict.
     pub const REASONS: &str = "REASONS";
     /// `PerCpuArray<FlowStats>` by service id.

@@ -1,6 +1,6 @@
 //! Where a rewritten packet goes: the kernel FIB picks the egress interface and both MACs;
-//! XDP_TX when that is the interface the packet came in on, a devmap redirect to another
-//! interface of ours, a handoff to the tc program when the FIB cannot give us the MACs yet
+//! XDP_TX when that is the interface the packet came in on (unless `NO_XDP_TX` says it is a
+//! veth), a devmap redirect to another interface of ours, a handoff to the tc program when the FIB cannot give us the MACs yet
 //! or the interface is not ours, and the kernel's own stack for what only it can handle.
 
 use core::ffi::c_void;
@@ -20,7 +20,7 @@ use lb_common::{
 use network_types::eth::EthHdr;
 
 use crate::{
-    DEVMAP,
+    DEVMAP, NO_XDP_TX,
     parse::{Packet, ptr_at},
 };
 
@@ -179,7 +179,8 @@ pub fn send(ctx: &XdpContext, hop: Hop) -> Result<Reason, Reason> {
         (*eth).dst_addr = dmac;
         (*eth).src_addr = smac;
     }
-    if ifindex == ctx.ingress_ifindex() as u32 {
+    // SAFETY: a presence check; the value is not read.
+    if ifindex == ctx.ingress_ifindex() as u32 && unsafe { NO_XDP_TX.get(&ifindex) }.is_none() {
         return Ok(Reason::ForwardTx);
     }
     DEVMAP

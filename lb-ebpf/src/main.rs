@@ -73,6 +73,12 @@ static CREATE_SCRATCH: PerCpuArray<conntrack::Scratch> = PerCpuArray::with_max_e
 #[map]
 static DEVMAP: DevMapHash = DevMapHash::with_max_entries(MAX_INTERFACES, 0);
 
+/// Interfaces (by ifindex) out of which a frame that came in on them is sent by devmap
+/// redirect, not XDP_TX: veths, whose XDP_TX frames reach the peer only when it has an XDP
+/// program of its own (redirected ones need only GRO).
+#[map]
+static NO_XDP_TX: HashMap<u32, u8> = HashMap::with_max_entries(MAX_INTERFACES, 0);
+
 #[map]
 static REASONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Reason::COUNT, 0);
 

@@ -96,7 +96,24 @@ pub fn attach(mut ebpf: Ebpf, cfg: &Checked) -> anyhow::Result<Loaded> {
             .insert(a.ifindex, a.ifindex, None, 0)
             .with_context(|| format!("adding {} to the devmap", a.interface))?;
     }
+    for a in &attached {
+        if crate::ethtool::driver(&a.interface)?.as_deref() == Some("veth") {
+            no_xdp_tx(&mut ebpf, a.ifindex)?;
+        }
+    }
     Ok(Loaded { ebpf, attached })
+}
+
+/// Makes the program send frames back out of interface `ifindex` by devmap redirect instead
+/// of XDP_TX. A veth delivers XDP_TX frames to its peer only when the peer has an XDP
+/// program of its own; redirected frames need only GRO on the peer.
+pub fn no_xdp_tx(ebpf: &mut Ebpf, ifindex: u32) -> anyhow::Result<()> {
+    let mut map: aya::maps::HashMap<_, u32, u8> = ebpf
+        .map_mut(names::NO_XDP_TX)
+        .context("map NO_XDP_TX")?
+        .try_into()?;
+    map.insert(ifindex, 1, 0)
+        .with_context(|| format!("marking ifindex {ifindex} for redirect instead of XDP_TX"))
 }
 
 /// Checks, before anything is loaded, that every configured interface exists and forwards

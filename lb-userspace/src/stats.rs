@@ -1,6 +1,7 @@
 //! Reads the per-CPU counters and prints them, one `key=value` record per line:
 //! `service ...`, `backend ...`, `reason ...`, `handoff ...`, `interface ...` and
-//! `conntrack ...` lines (the integration tests parse these).
+//! `conntrack ...` lines, between a `stats begin` and a `stats end` line (the integration
+//! tests parse these). Counters count from start-up, so the last snapshot has them all.
 
 use std::fmt::Write as _;
 
@@ -81,7 +82,7 @@ pub fn read(ebpf: &Ebpf, layout: &Layout) -> anyhow::Result<Snapshot> {
 
 /// The `service`/`backend`/`reason` lines; reasons that never happened are left out.
 pub fn format(cfg: &Checked, snap: &Snapshot) -> String {
-    let mut out = String::new();
+    let mut out = String::from("stats begin\n");
     let counters = |s: &FlowStats| {
         format!(
             "flows={} packets_in={} bytes_in={} packets_out={} bytes_out={}",
@@ -126,8 +127,9 @@ pub fn format(cfg: &Checked, snap: &Snapshot) -> String {
     if let Some(ct) = &snap.conntrack {
         let _ = writeln!(
             out,
-            "conntrack flows={} capacity={} expired={} pruned={} sweep_ms={:.1}",
+            "conntrack flows={} entries={} capacity={} expired={} pruned={} sweep_ms={:.1}",
             ct.total_flows(),
+            ct.entries,
             cfg.conntrack.entries,
             ct.expired,
             ct.pruned,
@@ -142,5 +144,6 @@ pub fn format(cfg: &Checked, snap: &Snapshot) -> String {
             );
         }
     }
+    out.push_str("stats end\n");
     out
 }

@@ -16,6 +16,10 @@
 //! wakes the peer's NAPI only if the peer has an XDP program (`veth_xdp_flush`). Where the
 //! losses are counted: see [`ethtool::xdp_send_errors`].
 //!
+//! So xlb never uses XDP_TX on a veth: a frame that leaves by the veth it came in on is
+//! redirected instead (the loader marks veths in the `NO_XDP_TX` map), and only GRO on the
+//! peer is needed.
+//!
 //! The other rule is about what the peer sends: with TX checksum offload on, its packets
 //! arrive with only the pseudo-header sum in the checksum field (CHECKSUM_PARTIAL); XDP
 //! sees that unfinished value, the NAT rewrite updates it incrementally, and the packet
@@ -66,13 +70,8 @@ pub struct VethProblem {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum VethProblemKind {
     /// The peer has neither GRO on nor a native XDP program: frames that xlb redirects
-    /// into `iface` (from another interface) are dropped. Fixed by GRO on the peer.
+    /// into `iface` are dropped. Fixed by GRO on the peer.
     DropsRedirects,
-    /// The peer has no native XDP program: frames that xlb sends back out of `iface` with
-    /// XDP_TX (answers towards a backend behind the interface they came in on) never reach
-    /// it. GRO does not help here; any native XDP program on the peer that passes
-    /// everything does.
-    LosesXdpTx,
     /// The peer offloads TX checksums: packets from it reach xlb with unfinished
     /// checksums, and xlb's rewrite makes them wrong. Fixed by TX checksum offload off.
     TxChecksumOffload,
@@ -80,17 +79,10 @@ pub enum VethProblemKind {
 
 impl VethProblem {
     /// A shell command that fixes the problem, run where `check` ran.
-    ///
-    /// For [`VethProblemKind::LosesXdpTx`] the command attaches `xdp_pass.o`, which stands
-    /// for an object file the operator provides: any XDP program that returns XDP_PASS
-    /// (`SEC("xdp") int pass(struct xdp_md *ctx) { return XDP_PASS; }`) in section `xdp`.
     pub fn fix_command(&self) -> String {
         let peer = shell_word(&self.peer);
         let command = match self.kind {
             VethProblemKind::DropsRedirects => format!("ethtool -K {peer} gro on"),
-            VethProblemKind::LosesXdpTx => {
-                format!("ip link set dev {peer} xdpdrv obj xdp_pass.o sec xdp")
-            }
             VethProblemKind::TxChecksumOffload => format!("ethtool -K {peer} tx off"),
         };
         match self.peer_namespace.as_deref() {
@@ -127,12 +119,6 @@ impl fmt::Display for VethProblem {
                 f,
                 "{iface}: frames redirected into it will be dropped, because its veth peer \
                  {peer} ({place}) has neither GRO on nor a native XDP program; fix: {fix}"
-            ),
-            VethProblemKind::LosesXdpTx => write!(
-                f,
-                "{iface}: frames sent back out of it with XDP_TX will never arrive, because \
-                 its veth peer {peer} ({place}) has no native XDP program (GRO is not \
-                 enough); fix: attach one that returns XDP_PASS, e.g. {fix}"
             ),
             VethProblemKind::TxChecksumOffload => write!(
                 f,
@@ -293,9 +279,6 @@ fn problems_of(peer: &PeerState) -> Vec<VethProblemKind> {
     let mut kinds = Vec::new();
     if !peer.gro && !peer.native_xdp {
         kinds.push(VethProblemKind::DropsRedirects);
-    }
-    if !peer.native_xdp {
-        kinds.push(VethProblemKind::LosesXdpTx);
     }
     if peer.tx_checksum {
         kinds.push(VethProblemKind::TxChecksumOffload);
@@ -582,10 +565,6 @@ mod tests {
             "nsenter --target 4242 --net ethtool -K bk0 tx off"
         );
         assert_eq!(
-            problem(Some("ns-b"), LosesXdpTx).fix_command(),
-            "ip netns exec ns-b ip link set dev bk0 xdpdrv obj xdp_pass.o sec xdp"
-        );
-        assert_eq!(
             problem(Some("it's"), TxChecksumOffload).fix_command(),
             r"ip netns exec 'it'\''s' ethtool -K bk0 tx off"
         );
@@ -620,17 +599,11 @@ mod tests {
         };
         assert_eq!(
             problems_of(&peer(false, false, true)),
-            [DropsRedirects, LosesXdpTx, TxChecksumOffload]
+            [DropsRedirects, TxChecksumOffload]
         );
-        assert_eq!(
-            problems_of(&peer(false, false, false)),
-            [DropsRedirects, LosesXdpTx]
-        );
-        assert_eq!(
-            problems_of(&peer(true, false, true)),
-            [LosesXdpTx, TxChecksumOffload]
-        );
-        assert_eq!(problems_of(&peer(true, false, false)), [LosesXdpTx]);
+        assert_eq!(problems_of(&peer(false, false, false)), [DropsRedirects]);
+        assert_eq!(problems_of(&peer(true, false, true)), [TxChecksumOffload]);
+        assert_eq!(problems_of(&peer(true, false, false)), []);
         assert_eq!(problems_of(&peer(false, true, false)), []);
         assert_eq!(problems_of(&peer(true, true, true)), [TxChecksumOffload]);
     }

@@ -273,6 +273,22 @@ pub fn conntrack_entry(ebpf: &Ebpf, key: &FlowKey) -> Result<Option<NatEntry>> {
     }
 }
 
+/// Puts the program's maps back as `lab::load` left them: no flows, the tables as `checked`
+/// says, XDP_TX allowed on every interface.
+pub fn reset(ebpf: &mut Ebpf, checked: &Checked) -> Result<()> {
+    clear_conntrack(ebpf)?;
+    lb_userspace::tables::write(ebpf, checked).context("rewriting the tables")?;
+    let mut no_tx: HashMap<&mut MapData, u32, u8> = ebpf
+        .map_mut(names::NO_XDP_TX)
+        .context("map NO_XDP_TX")?
+        .try_into()?;
+    let keys: Vec<u32> = no_tx.keys().collect::<Result<_, _>>()?;
+    for k in keys {
+        no_tx.remove(&k)?;
+    }
+    Ok(())
+}
+
 /// Empties the conntrack table.
 pub fn clear_conntrack(ebpf: &mut Ebpf) -> Result<()> {
     let keys: Vec<FlowKey> = conntrack(ebpf)?.into_iter().map(|(k, _)| k).collect();

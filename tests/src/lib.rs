@@ -7,6 +7,8 @@
 //! * [`topology`]: the client / load balancer / three backends network, and its addresses.
 //! * [`demo_config`]: the xlb config the end-to-end test and the demo both run.
 //! * [`lab`]: the one-namespace lab where the fixtures and the benchmark run the program.
+//! * [`echo`]: long-lived TCP connections: an echo server and its client.
+//! * [`flood`]: a SYN flood from spoofed sources of the client's own subnet.
 //! * [`servers`]: the backends' line-answering TCP and UDP servers.
 //! * [`client`]: the clients that talk to the VIP from the client namespace.
 //! * [`xlb`]: starting and stopping the `xlb` process inside the load balancer namespace.
@@ -23,6 +25,8 @@
 pub mod client;
 pub mod cmd;
 pub mod demo_config;
+pub mod echo;
+pub mod flood;
 pub mod lab;
 pub mod model;
 pub mod netns;

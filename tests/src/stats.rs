@@ -1,18 +1,31 @@
-//! Parses the counters xlb prints on exit. One record per line, a leading word, then
-//! space-separated `key=value` fields:
+//! Parses the counters xlb prints (on exit, and every N seconds with `--stats-interval`).
+//! Each snapshot sits between a `stats begin` and a `stats end` line, one record per line, a
+//! leading word, then space-separated `key=value` fields:
 //!
 //! ```text
+//! stats begin
 //! service vip=10.10.0.100:80 proto=tcp flows=300 packets_in=1800 bytes_in=123 packets_out=1500 bytes_out=456
 //! backend service=10.10.0.100:80/tcp address=10.20.1.2:8080 weight=2 flows=150 packets_in=900 bytes_in=1 packets_out=700 bytes_out=2
 //! reason name=forward/redirect packets=3300
+//! handoff name=sent packets=12
+//! interface name=xlb-b1 xdp_send_errors=0
+//! conntrack flows=2 entries=4 capacity=1024 expired=298 pruned=0 sweep_ms=0.4
+//! conntrack_state name=established flows=2
+//! stats end
 //! ```
 //!
-//! A line is a record when its leading word is `service`, `backend` or `reason` and every
-//! other word is `key=value`; anything else (log lines, the `ready:` line, blank lines) is
-//! ignored. A record that lacks a field or has a non-numeric counter is an error: that is a
-//! format mismatch between xlb and this parser, which should fail loudly.
+//! Counters count from xlb's start, so only the last snapshot is parsed. A line is a record
+//! when its leading word is one of the above and every other word is `key=value`; anything
+//! else (log lines, the `ready:` line, blank lines) is ignored. A record that lacks a field or
+//! has a non-numeric counter is an error: that is a format mismatch between xlb and this
+//! parser, which should fail loudly.
 
 use std::collections::{BTreeMap, HashMap};
+
+/// The first line of each snapshot xlb prints.
+pub const SNAPSHOT_START: &str = "stats begin";
+/// Its last line.
+pub const SNAPSHOT_END: &str = "stats end";
 
 use anyhow::{Context, Result, anyhow};
 
@@ -64,16 +77,38 @@ pub struct Stats {
     pub backends: Vec<BackendStats>,
     /// Packets per reason name (`forward/redirect`, `drop/truncated`, ...).
     pub reasons: BTreeMap<String, u64>,
+    /// Frames per handoff outcome (`sent`, `failed`).
+    pub handoffs: BTreeMap<String, u64>,
+    /// Frames the kernel failed to send for XDP, per interface, since xlb started.
+    pub send_errors: BTreeMap<String, u64>,
+    /// The `conntrack` record's fields (`flows`, `entries`, `capacity`, `expired`, ...).
+    pub conntrack: BTreeMap<String, u64>,
+    /// Flows per state name.
+    pub states: BTreeMap<String, u64>,
 }
 
 impl Stats {
     /// Parses xlb's output; see the module docs for the format.
     pub fn parse(text: &str) -> Result<Stats> {
         let mut stats = Stats::default();
-        for (n, line) in text.lines().enumerate() {
+        let lines: Vec<&str> = text.lines().collect();
+        let start = lines
+            .iter()
+            .rposition(|l| l.starts_with(SNAPSHOT_START))
+            .unwrap_or(0);
+        for (n, line) in lines.iter().enumerate().skip(start) {
             let mut words = line.split_whitespace();
             let Some(kind) = words.next() else { continue };
-            if !matches!(kind, "service" | "backend" | "reason") {
+            if !matches!(
+                kind,
+                "service"
+                    | "backend"
+                    | "reason"
+                    | "handoff"
+                    | "interface"
+                    | "conntrack"
+                    | "conntrack_state"
+            ) {
                 continue;
             }
             let Some(fields) = words
@@ -89,9 +124,19 @@ impl Stats {
             let parsed = match kind {
                 "service" => record.service().map(|s| stats.services.push(s)),
                 "backend" => record.backend().map(|b| stats.backends.push(b)),
-                _ => record.reason().map(|(name, packets)| {
-                    *stats.reasons.entry(name).or_default() += packets;
+                "reason" => record.named("packets").map(|(name, n)| {
+                    stats.reasons.insert(name, n);
                 }),
+                "handoff" => record.named("packets").map(|(name, n)| {
+                    stats.handoffs.insert(name, n);
+                }),
+                "interface" => record.named("xdp_send_errors").map(|(name, n)| {
+                    stats.send_errors.insert(name, n);
+                }),
+                "conntrack_state" => record.named("flows").map(|(name, n)| {
+                    stats.states.insert(name, n);
+                }),
+                _ => record.numbers().map(|fields| stats.conntrack = fields),
             };
             parsed.with_context(|| format!("xlb stats line {}: {line:?}", n + 1))?;
         }
@@ -187,8 +232,25 @@ impl Record<'_> {
         })
     }
 
-    fn reason(&self) -> Result<(String, u64)> {
-        Ok((self.text("name")?, self.number("packets")?))
+    /// A `name=... <counter>=N` record.
+    fn named(&self, counter: &str) -> Result<(String, u64)> {
+        Ok((self.text("name")?, self.number(counter)?))
+    }
+
+    /// Every field, as a number.
+    fn numbers(&self) -> Result<BTreeMap<String, u64>> {
+        self.fields
+            .keys()
+            .map(|k| {
+                // sweep_ms and the like may have a fraction: keep the whole part.
+                let v = self.fields[k];
+                let whole = v.split('.').next().unwrap_or(v);
+                whole
+                    .parse()
+                    .map(|n| (k.to_string(), n))
+                    .with_context(|| format!("field `{k}={v}` is not a number"))
+            })
+            .collect()
     }
 }
 
@@ -198,6 +260,10 @@ mod tests {
 
     const SAMPLE: &str = "\
 ready: attached to xlb-c xlb-b1 xlb-b2 xlb-b3
+stats begin
+reason name=forward/redirect packets=1
+stats end
+stats begin
 some log line, ignored
 service vip=10.10.0.100:80 proto=tcp flows=300 packets_in=1800 bytes_in=123 packets_out=1500 bytes_out=456
 service vip=10.10.0.100:53 proto=udp flows=50 packets_in=50 bytes_in=10 packets_out=50 bytes_out=20
@@ -208,6 +274,11 @@ backend service=10.10.0.100:53/udp address=10.20.1.2:8080 weight=1 flows=17 pack
 reason name=forward/redirect packets=3300
 reason name=drop/truncated packets=0
 reason name=pass/no_service packets=12
+handoff name=sent packets=7
+interface name=xlb-b1 xdp_send_errors=3
+conntrack flows=2 entries=4 capacity=1024 expired=298 pruned=0 sweep_ms=0.4
+conntrack_state name=established flows=2
+stats end
 ";
 
     #[test]
@@ -250,6 +321,22 @@ reason name=pass/no_service packets=12
         let b = s.backend("10.10.0.100:80/tcp", "10.20.1.2:8080").unwrap();
         assert_eq!(b.weight, 2);
         assert_eq!(b.traffic.packets_out, 700);
+    }
+
+    #[test]
+    fn the_last_snapshot_counts() {
+        let s = Stats::parse(SAMPLE).unwrap();
+        assert_eq!(
+            s.reason("forward/redirect"),
+            3300,
+            "not 3301: snapshots are not added"
+        );
+        assert_eq!(s.handoffs["sent"], 7);
+        assert_eq!(s.send_errors["xlb-b1"], 3);
+        assert_eq!(s.conntrack["flows"], 2);
+        assert_eq!(s.conntrack["expired"], 298);
+        assert_eq!(s.conntrack["sweep_ms"], 0);
+        assert_eq!(s.states["established"], 2);
     }
 
     #[test]

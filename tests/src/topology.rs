@@ -1,6 +1,7 @@
 //! The test network: one client, the load balancer, three backends, each in its own
-//! network namespace, wired with veth pairs.
+//! network namespace, wired with veth pairs. Two layouts:
 //!
+//! [`Layout::Routed`] (the default): each backend on a link and subnet of its own.
 //! ```text
 //!  ns client                 ns lb (xlb attaches XDP to all four)          ns b1 / b2 / b3
 //!  cli0 10.10.1.2/24 ─── xlb-c  10.10.1.1/24
@@ -8,15 +9,27 @@
 //!                            xlb-b2 10.20.2.1/24 ───────────────────── bk0 10.20.2.2/24
 //!                            xlb-b3 10.20.3.1/24 ───────────────────── bk0 10.20.3.2/24
 //! ```
-//!
 //! * The VIP 10.10.0.100 and the SNAT address 10.20.0.1 are assigned to no interface. The
 //!   client's default route sends VIP traffic to the load balancer, and each backend's
 //!   default route sends replies to the SNAT address back to the load balancer, where XDP
 //!   catches both directions.
-//! * No interface is ever created in the root namespace: each veth pair is created inside
-//!   the load balancer namespace with its peer placed straight into the other namespace.
+//!
+//! [`Layout::Flat`]: the backends share one subnet with the load balancer, behind a bridge
+//! in a namespace of its own, as a Kubernetes node's pods or a rack's servers do.
+//! ```text
+//!  ns client                 ns lb (XDP on both)        ns switch (bridge br0)     ns b1 / b2 / b3
+//!  cli0 10.10.1.2/24 ─── xlb-c 10.10.1.1/24
+//!                            xlb-s 10.20.0.1/24 ─────── sw-lb ┐
+//!                                                             br0 ── sw-bN ─────── bk0 10.20.0.1N/24
+//! ```
+//! * There the SNAT address is naturally the load balancer's own 10.20.0.1, as kube-proxy's
+//!   NodePort does: backends reach it on the link, with no route at all.
+//!
+//! Either way no interface is ever created in the root namespace: each veth pair is created
+//! inside one of the test's namespaces with its peer placed straight into another.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::Mutex;
 
 use anyhow::{Context, Result};
 
@@ -37,8 +50,41 @@ pub const BACKEND_PORT: u16 = 8080;
 pub const VIP_TCP_PORT: u16 = 80;
 /// The UDP service port on the VIP.
 pub const VIP_UDP_PORT: u16 = 53;
-/// The load balancer's interfaces, in the order of the config's `interfaces` list.
+/// The load balancer's interfaces in the routed layout, in the order of the config's
+/// `interfaces` list.
 pub const LB_INTERFACES: [&str; 4] = ["xlb-c", "xlb-b1", "xlb-b2", "xlb-b3"];
+/// The load balancer's interfaces in the flat layout.
+pub const FLAT_LB_INTERFACES: [&str; 2] = ["xlb-c", "xlb-s"];
+/// The load balancer's own address toward the backends in the flat layout: its SNAT address.
+pub const FLAT_LB_ADDR: Ipv4Addr = Ipv4Addr::new(10, 20, 0, 1);
+
+/// How the backends are wired to the load balancer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Layout {
+    /// A link and subnet per backend.
+    #[default]
+    Routed,
+    /// One subnet behind a bridge.
+    Flat,
+}
+
+/// What to build.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Options {
+    pub layout: Layout,
+    /// Set the veth offloads the README asks for (GRO on and TX checksum offload off on
+    /// the peers); off, to test that xlb notices.
+    pub veth_rules: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            layout: Layout::Routed,
+            veth_rules: true,
+        }
+    }
+}
 /// Client-side interface name, in the client namespace.
 pub const CLIENT_IFACE: &str = "cli0";
 /// Interface name in every backend namespace.
@@ -62,11 +108,12 @@ pub struct BackendNode {
     /// `b1`, `b2` or `b3`; also what its servers answer with.
     pub name: String,
     pub ns: NetNs,
-    /// 10.20.N.2, on `bk0`.
+    /// 10.20.N.2 (flat: 10.20.0.1N), on `bk0`.
     pub addr: Ipv4Addr,
-    /// 10.20.N.1: the load balancer's address on the link, the backend's default gateway.
+    /// The load balancer's address on the link, the backend's default gateway: 10.20.N.1
+    /// (flat: 10.20.0.1).
     pub gateway: Ipv4Addr,
-    /// The load balancer side of the link: `xlb-bN`.
+    /// The load balancer side of the link: `xlb-bN` (flat: `xlb-s`).
     pub lb_iface: String,
 }
 
@@ -83,12 +130,20 @@ pub struct Topology {
     pub client: NetNs,
     pub lb: NetNs,
     pub backends: Vec<BackendNode>,
+    /// The flat layout's bridge.
+    pub switch: Option<NetNs>,
+    pub options: Options,
 }
 
 impl Topology {
+    /// Builds the routed network with the README's veth settings (see [`Topology::build`]).
+    pub fn new(prefix: &str) -> Result<Topology> {
+        Self::build(prefix, Options::default())
+    }
+
     /// Builds the network with namespaces named `<prefix>-<pid>-<n>-<role>`. On error the
     /// namespaces created so far are deleted again (their guards drop).
-    pub fn new(prefix: &str) -> Result<Topology> {
+    pub fn build(prefix: &str, options: Options) -> Result<Topology> {
         cmd::require_tool("ip", "iproute2")?;
         cmd::require_tool("sysctl", "procps")?;
         cmd::require_tool("ethtool", "ethtool")?;
@@ -96,25 +151,52 @@ impl Topology {
         let base = netns::unique_base(prefix);
         let client = NetNs::create(&format!("{base}-client"))?;
         let lb = NetNs::create(&format!("{base}-lb"))?;
+        let flat = options.layout == Layout::Flat;
+        let switch = flat
+            .then(|| NetNs::create(&format!("{base}-switch")))
+            .transpose()?;
         let mut backends = Vec::new();
         for (i, name) in BACKEND_NAMES.iter().enumerate() {
             let n = i as u8 + 1;
             backends.push(BackendNode {
                 name: name.to_string(),
                 ns: NetNs::create(&format!("{base}-{name}"))?,
-                addr: Ipv4Addr::new(10, 20, n, 2),
-                gateway: Ipv4Addr::new(10, 20, n, 1),
-                lb_iface: format!("xlb-{name}"),
+                addr: if flat {
+                    Ipv4Addr::new(10, 20, 0, 10 + n)
+                } else {
+                    Ipv4Addr::new(10, 20, n, 2)
+                },
+                gateway: if flat {
+                    FLAT_LB_ADDR
+                } else {
+                    Ipv4Addr::new(10, 20, n, 1)
+                },
+                lb_iface: if flat {
+                    FLAT_LB_INTERFACES[1].to_string()
+                } else {
+                    format!("xlb-{name}")
+                },
             });
         }
         let topo = Topology {
             client,
             lb,
             backends,
+            switch,
+            options,
         };
         topo.configure()
             .with_context(|| format!("building the test topology {base}-*"))?;
         Ok(topo)
+    }
+
+    /// The load balancer's interfaces, as xlb's config lists them.
+    pub fn lb_interfaces(&self) -> Vec<String> {
+        let names: &[&str] = match self.options.layout {
+            Layout::Routed => &LB_INTERFACES,
+            Layout::Flat => &FLAT_LB_INTERFACES,
+        };
+        names.iter().map(|s| s.to_string()).collect()
     }
 
     fn configure(&self) -> Result<()> {
@@ -161,19 +243,35 @@ impl Topology {
             "via",
             &LB_CLIENT_ADDR.to_string(),
         ])?;
-        peer_offloads(c, CLIENT_IFACE)?;
+        self.peer_offloads(c, CLIENT_IFACE)?;
 
         // Backend links.
+        if let Some(sw) = &self.switch {
+            sw.ip(&["link", "add", "br0", "type", "bridge"])?;
+            sw.ip(&["link", "set", "br0", "up"])?;
+            let lb_if = FLAT_LB_INTERFACES[1];
+            veth(lb, lb_if, sw, "sw-lb")?;
+            lb.ip(&["addr", "add", &format!("{FLAT_LB_ADDR}/24"), "dev", lb_if])?;
+            lb.ip(&["link", "set", lb_if, "up"])?;
+            sw.ip(&["link", "set", "sw-lb", "master", "br0", "up"])?;
+            self.peer_offloads(sw, "sw-lb")?;
+        }
         for b in &self.backends {
-            veth(lb, &b.lb_iface, &b.ns, BACKEND_IFACE)?;
-            lb.ip(&[
-                "addr",
-                "add",
-                &format!("{}/24", b.gateway),
-                "dev",
-                &b.lb_iface,
-            ])?;
-            lb.ip(&["link", "set", &b.lb_iface, "up"])?;
+            if let Some(sw) = &self.switch {
+                let port = format!("sw-{}", b.name);
+                veth(sw, &port, &b.ns, BACKEND_IFACE)?;
+                sw.ip(&["link", "set", &port, "master", "br0", "up"])?;
+            } else {
+                veth(lb, &b.lb_iface, &b.ns, BACKEND_IFACE)?;
+                lb.ip(&[
+                    "addr",
+                    "add",
+                    &format!("{}/24", b.gateway),
+                    "dev",
+                    &b.lb_iface,
+                ])?;
+                lb.ip(&["link", "set", &b.lb_iface, "up"])?;
+            }
             b.ns.ip(&[
                 "addr",
                 "add",
@@ -183,15 +281,28 @@ impl Topology {
             ])?;
             b.ns.ip(&["link", "set", BACKEND_IFACE, "up"])?;
             b.ns.ip(&["route", "add", "default", "via", &b.gateway.to_string()])?;
-            peer_offloads(&b.ns, BACKEND_IFACE)?;
+            if self.switch.is_none() {
+                self.peer_offloads(&b.ns, BACKEND_IFACE)?;
+            }
         }
 
-        for iface in LB_INTERFACES {
+        for iface in self.lb_interfaces() {
             // Interfaces inherit `default`, but the effective value is max(all, iface):
             // set it explicitly so nothing depends on the inheritance rules.
             sysctl(lb, &format!("net.ipv4.conf.{iface}.rp_filter=1"))?;
             // See `peer_offloads` for why checksums must be complete on the wire.
-            lb.exec("ethtool", &["-K", iface, "tx", "off"])?;
+            if self.options.veth_rules {
+                lb.exec("ethtool", &["-K", &iface, "tx", "off"])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The README's veth settings on the peer of one of the load balancer's interfaces,
+    /// unless the options leave them out (see the free function [`peer_offloads`]).
+    fn peer_offloads(&self, ns: &NetNs, iface: &str) -> Result<()> {
+        if self.options.veth_rules {
+            peer_offloads(ns, iface)?;
         }
         Ok(())
     }
@@ -213,9 +324,10 @@ impl Topology {
         self.backends.iter().find(|b| b.name == name)
     }
 
-    /// All namespaces: client, lb, then the backends.
+    /// All namespaces: client, lb, the switch (flat layout), then the backends.
     pub fn namespaces(&self) -> Vec<&NetNs> {
         let mut v = vec![&self.client, &self.lb];
+        v.extend(&self.switch);
         v.extend(self.backends.iter().map(|b| &b.ns));
         v
     }
@@ -294,4 +406,55 @@ fn peer_offloads(ns: &NetNs, iface: &str) -> Result<()> {
     ns.exec("ethtool", &["-K", iface, "tx", "off"])?;
     ns.exec("ethtool", &["-K", iface, "gro", "on"])?;
     Ok(())
+}
+
+/// Namespace tests must not overlap in one test binary (their logs and timings would); every
+/// test that builds a topology takes this lock through [`with_topology`].
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Runs `test` on a fresh topology built with `options` and namespaces named
+/// `<prefix>-<pid>-<n>-<role>`, one test at a time; then checks that every namespace is
+/// gone, also when `test` failed or panicked. Panics with `test`'s error.
+pub fn with_topology(prefix: &str, options: Options, test: impl FnOnce(&Topology) -> Result<()>) {
+    if let Err(e) = crate::require_root() {
+        panic!("{e}");
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    match netns::cleanup_stale(prefix) {
+        Ok(stale) if !stale.is_empty() => eprintln!("removed stale namespaces: {stale:?}"),
+        Ok(_) => {}
+        Err(e) => panic!("cleaning up stale namespaces: {e:#}"),
+    }
+
+    // Everything that lives in the namespaces (servers, xlb, the topology itself) is owned
+    // inside this block, so it is torn down by the guards' Drop before the checks below, and
+    // also when anything in `test` panics.
+    let (names, result) = {
+        let topo = Topology::build(prefix, options).expect("building the namespace topology");
+        let names = topo.namespace_names();
+        let result = test(&topo);
+        drop(topo);
+        (names, result)
+    };
+
+    let leftover = remaining_namespaces(&names);
+    if let Err(e) = result {
+        panic!("{e:#}\n(namespaces still present after cleanup: {leftover:?})");
+    }
+    assert!(
+        leftover.is_empty(),
+        "namespaces still present after the topology was dropped: {leftover:?}"
+    );
+}
+
+/// Which of `names` `ip netns list` still shows.
+fn remaining_namespaces(names: &[String]) -> Vec<String> {
+    match netns::list() {
+        Ok(present) => names
+            .iter()
+            .filter(|n| present.contains(n))
+            .cloned()
+            .collect(),
+        Err(e) => vec![format!("(cannot list namespaces: {e:#})")],
+    }
 }

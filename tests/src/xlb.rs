@@ -59,6 +59,9 @@ pub struct XlbProcess {
     startup: Vec<String>,
     /// Stdout lines, from the reader thread. Disconnects when xlb closes stdout (exits).
     stdout: Receiver<String>,
+    /// Lines after `ready:` that [`wait_for`](Self::wait_for) read already; `stop` returns
+    /// them with the rest.
+    seen: Vec<String>,
     stderr_tail: Arc<Mutex<Vec<String>>>,
     /// Set once the child has been waited for.
     exited: Option<ExitStatus>,
@@ -72,16 +75,22 @@ impl XlbProcess {
     /// xlb's stdout and stderr are echoed to this process's stderr (prefixed `[xlb stdout]`
     /// and `[xlb]`), which the test harness captures and shows for failing tests.
     pub fn start(ns: &NetNs, config_toml: &str) -> Result<XlbProcess> {
-        Self::start_with(ns, config_toml, true)
+        Self::start_with(ns, config_toml, &[], true)
+    }
+
+    /// Like [`start`](Self::start), with more arguments after `run --config FILE` (e.g.
+    /// `--stats-interval 1`).
+    pub fn start_args(ns: &NetNs, config_toml: &str, args: &[&str]) -> Result<XlbProcess> {
+        Self::start_with(ns, config_toml, args, true)
     }
 
     /// Like [`start`](Self::start), but without echoing xlb's output (for the demo, which
     /// prints its own report). Errors still include xlb's output.
     pub fn start_quiet(ns: &NetNs, config_toml: &str) -> Result<XlbProcess> {
-        Self::start_with(ns, config_toml, false)
+        Self::start_with(ns, config_toml, &[], false)
     }
 
-    fn start_with(ns: &NetNs, config_toml: &str, echo: bool) -> Result<XlbProcess> {
+    fn start_with(ns: &NetNs, config_toml: &str, args: &[&str], echo: bool) -> Result<XlbProcess> {
         let bin = xlb_binary()?;
         remove_stale_configs();
         let config_path = write_config(config_toml)?;
@@ -94,6 +103,7 @@ impl XlbProcess {
             .arg("run")
             .arg("--config")
             .arg(&config_path)
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -144,6 +154,7 @@ impl XlbProcess {
             ready_line: String::new(),
             startup: Vec::new(),
             stdout,
+            seen: Vec::new(),
             stderr_tail,
             exited: None,
         };
@@ -196,6 +207,48 @@ impl XlbProcess {
         &self.startup
     }
 
+    /// Reads xlb's stdout until a line for which `wanted` holds, and returns it; fails if
+    /// none comes within `timeout` or xlb exits. The lines read stay part of what
+    /// [`stop`](Self::stop) returns.
+    pub fn wait_for(&mut self, timeout: Duration, wanted: impl Fn(&str) -> bool) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stdout.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if wanted(&line) {
+                        return Ok(line);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    bail!(
+                        "xlb printed no line we waited for within {timeout:?}\n{}",
+                        self.describe_output(&self.seen)
+                    );
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    bail!(
+                        "xlb exited while we waited for a line\n{}",
+                        self.describe_output(&self.seen)
+                    );
+                }
+            }
+        }
+    }
+
+    /// Reads xlb's stdout until the end of the next complete stats snapshot (printed with
+    /// `--stats-interval`), and returns it.
+    pub fn next_stats(&mut self, timeout: Duration) -> Result<String> {
+        self.wait_for(timeout, |l| l.starts_with(crate::stats::SNAPSHOT_END))?;
+        let start = self
+            .seen
+            .iter()
+            .rposition(|l| l.starts_with(crate::stats::SNAPSHOT_START))
+            .context("a stats snapshot without its first line")?;
+        Ok(self.seen[start..].join("\n"))
+    }
+
     /// xlb's pid (that of the `ip netns exec` it replaced).
     pub fn pid(&self) -> u32 {
         self.child.id()
@@ -211,7 +264,8 @@ impl XlbProcess {
             unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         }
         let status = self.wait_exit(STOP_TIMEOUT);
-        let lines = self.drain_stdout(Duration::from_secs(5));
+        let mut lines = std::mem::take(&mut self.seen);
+        lines.extend(self.drain_stdout(Duration::from_secs(5)));
         let Some(status) = status else {
             self.kill();
             bail!(

@@ -11,19 +11,19 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use lb_common::reason::Reason;
 use xlb_tests::client::{self, TcpReply, UdpReply};
 use xlb_tests::demo_config::{CONFIG_TOML, TCP_BACKENDS, TCP_SERVICE, UDP_SERVICE, expected_share};
-use xlb_tests::netns::{self, NetNs};
+use xlb_tests::netns::NetNs;
 use xlb_tests::nstat::{CHECKSUM_COUNTERS, Counters};
 use xlb_tests::servers::{BackendServers, LineServer};
 use xlb_tests::stats::Stats;
 use xlb_tests::topology::{
-    self, BACKEND_NAMES, CLIENT_ADDR, LB_CLIENT_ADDR, LB_INTERFACES, SNAT, Topology,
+    self, BACKEND_NAMES, CLIENT_ADDR, LB_CLIENT_ADDR, LB_INTERFACES, Options, SNAT, Topology,
+    with_topology,
 };
 use xlb_tests::xlb::XlbProcess;
 
@@ -39,10 +39,6 @@ const UDP_TIMEOUT: Duration = Duration::from_secs(2);
 /// The TCP server the test runs in the load balancer namespace, on its own address.
 const LB_LOCAL_PORT: u16 = 9000;
 
-/// Namespace tests must not overlap (they would compete for nothing in particular, but
-/// their logs and timings would); every test in this file takes this lock.
-static SERIAL: Mutex<()> = Mutex::new(());
-
 /// `xdp_mode = "auto"`: veth has native XDP, so xlb must say it attached natively.
 #[test]
 fn xlb_balances_tcp_and_udp_with_full_nat() {
@@ -56,41 +52,9 @@ fn xlb_balances_tcp_and_udp_in_generic_mode() {
 }
 
 fn run_e2e(xdp_mode: &str, expect_mode: &str) {
-    with_topology(|topo| scenario(topo, xdp_mode, expect_mode));
-}
-
-/// Runs `test` on a fresh topology, one test at a time, then checks that every namespace
-/// is gone, also when `test` failed or panicked.
-fn with_topology(test: impl FnOnce(&Topology) -> Result<()>) {
-    if let Err(e) = xlb_tests::require_root() {
-        panic!("{e}");
-    }
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    match netns::cleanup_stale(PREFIX) {
-        Ok(stale) if !stale.is_empty() => eprintln!("removed stale namespaces: {stale:?}"),
-        Ok(_) => {}
-        Err(e) => panic!("cleaning up stale namespaces: {e:#}"),
-    }
-
-    // Everything that lives in the namespaces (servers, xlb, the topology itself) is owned
-    // inside this block, so it is torn down by the guards' Drop before the checks below, and
-    // also when anything in `test` panics.
-    let (names, result) = {
-        let topo = Topology::new(PREFIX).expect("building the namespace topology");
-        let names = topo.namespace_names();
-        let result = test(&topo);
-        drop(topo);
-        (names, result)
-    };
-
-    let leftover = remaining_namespaces(&names);
-    if let Err(e) = result {
-        panic!("{e:#}\n(namespaces still present after cleanup: {leftover:?})");
-    }
-    assert!(
-        leftover.is_empty(),
-        "namespaces still present after the topology was dropped: {leftover:?}"
-    );
+    with_topology(PREFIX, Options::default(), |topo| {
+        scenario(topo, xdp_mode, expect_mode)
+    });
 }
 
 /// A DNS-like UDP service, where every query is a new flow, must not run out of SNAT ports
@@ -100,7 +64,7 @@ fn with_topology(test: impl FnOnce(&Topology) -> Result<()>) {
 /// reclaims it.
 #[test]
 fn idle_udp_flows_give_their_snat_port_up() {
-    with_topology(|topo| {
+    with_topology(PREFIX, Options::default(), |topo| {
         topo.check_connectivity()?;
         let _servers = BackendServers::start(topo).context("starting the backend servers")?;
         let config = format!(
@@ -517,16 +481,4 @@ fn split_service(label: &str) -> (&str, &str) {
     label
         .split_once('/')
         .expect("service labels are <vip>/<proto>")
-}
-
-/// Which of `names` `ip netns list` still shows.
-fn remaining_namespaces(names: &[String]) -> Vec<String> {
-    match netns::list() {
-        Ok(present) => names
-            .iter()
-            .filter(|n| present.contains(n))
-            .cloned()
-            .collect(),
-        Err(e) => vec![format!("(cannot list namespaces: {e:#})")],
-    }
 }

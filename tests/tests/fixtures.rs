@@ -800,6 +800,24 @@ fn services_cases(lab: &Lab) -> Vec<Case> {
         ),
     ));
 
+    v.push(Case {
+        tamper: Some(Box::new(move |ebpf: &mut Ebpf| {
+            lb_userspace::loader::no_xdp_tx(ebpf, fx0.ifindex)
+        })),
+        ..case(
+            "06a the same on a veth marked NO_XDP_TX: redirected back out instead",
+            vec![],
+            pkt(&near_syn, fx0),
+            forwarded(
+                &near_syn,
+                near.to_backend,
+                XDP_REDIRECT,
+                Some((fx0.mac, NEAR_BACKEND_MAC)),
+                FlowState::New,
+            ),
+        )
+    });
+
     // Not for us.
     let not_ours = [
         (
@@ -1376,8 +1394,7 @@ fn key_of(input: &[u8]) -> Option<FlowKey> {
 
 fn run_case(ebpf: &mut Ebpf, lab: &Lab, c: &Case) -> Result<()> {
     // The same state for every case: no flows, tables as the config says.
-    lab::clear_conntrack(ebpf)?;
-    lb_userspace::tables::write(ebpf, &lab.checked).context("rewriting the tables")?;
+    lab::reset(ebpf, &lab.checked)?;
     for (i, (p, reason)) in c.given.iter().enumerate() {
         let run = lab::run(ebpf, &p.input, p.ingress.ifindex, p.linear_len)
             .with_context(|| format!("given packet {i}"))?;

@@ -13,7 +13,9 @@ use anyhow::{Context, Result, ensure};
 use xlb_tests::client;
 use xlb_tests::netns::{self, NetNs};
 use xlb_tests::servers::BackendServers;
-use xlb_tests::topology::{BACKEND_IFACE, CLIENT_ADDR, CLIENT_IFACE, LB_INTERFACES, Topology};
+use xlb_tests::topology::{
+    BACKEND_IFACE, CLIENT_ADDR, CLIENT_IFACE, Layout, Options, Topology, with_topology,
+};
 
 const PREFIX: &str = "xlbt";
 
@@ -31,30 +33,34 @@ fn setup() -> std::sync::MutexGuard<'static, ()> {
 
 #[test]
 fn routed_topology_without_xlb() {
-    let _serial = setup();
-    let (names, result) = {
-        let topo = Topology::new(PREFIX).expect("building the namespace topology");
-        let names = topo.namespace_names();
-        let result = routed_scenario(&topo);
-        drop(topo);
-        (names, result)
-    };
-    let present = netns::list().expect("listing namespaces");
-    let leftover: Vec<_> = names.iter().filter(|n| present.contains(n)).collect();
-    if let Err(e) = result {
-        panic!("{e:#}\n(namespaces still present after cleanup: {leftover:?})");
-    }
-    assert!(leftover.is_empty(), "namespaces left behind: {leftover:?}");
+    with_topology(PREFIX, Options::default(), scenario);
 }
 
-fn routed_scenario(topo: &Topology) -> Result<()> {
+#[test]
+fn flat_topology_without_xlb() {
+    with_topology(
+        PREFIX,
+        Options {
+            layout: Layout::Flat,
+            ..Options::default()
+        },
+        scenario,
+    );
+}
+
+fn scenario(topo: &Topology) -> Result<()> {
     topo.check_connectivity()?;
     check_offloads(&topo.client, CLIENT_IFACE)?;
-    for b in &topo.backends {
-        check_offloads(&b.ns, BACKEND_IFACE)?;
+    match &topo.switch {
+        Some(sw) => check_offloads(sw, "sw-lb")?,
+        None => {
+            for b in &topo.backends {
+                check_offloads(&b.ns, BACKEND_IFACE)?;
+            }
+        }
     }
-    for iface in LB_INTERFACES {
-        let out = topo.lb.exec("ethtool", &["-k", iface])?;
+    for iface in topo.lb_interfaces() {
+        let out = topo.lb.exec("ethtool", &["-k", &iface])?;
         ensure!(
             out.stdout.contains("tx-checksumming: off"),
             "{iface}: TX checksum offload still on:\n{}",
