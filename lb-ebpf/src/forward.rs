@@ -180,7 +180,7 @@ pub fn send(ctx: &XdpContext, hop: Hop) -> Result<Reason, Reason> {
         (*eth).src_addr = smac;
     }
     // SAFETY: a presence check; the value is not read.
-    if ifindex == ctx.ingress_ifindex() as u32 && unsafe { NO_XDP_TX.get(&ifindex) }.is_none() {
+    if ifindex == ctx.ingress_ifindex() as u32 && unsafe { NO_XDP_TX.get(ifindex) }.is_none() {
         return Ok(Reason::ForwardTx);
     }
     DEVMAP
