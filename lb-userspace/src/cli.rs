@@ -155,6 +155,9 @@ async fn serve(cfg: &Checked, stats_interval: Option<Duration>) -> anyhow::Resul
 
     let mut ticker = stats_interval.map(tokio::time::interval);
     let mut sweeper = Sweeper::new(cfg);
+    // A first sweep (of an empty table, or of what an earlier run left), so the counts
+    // are there from the first report on.
+    sweeper.sweep(&mut loaded.ebpf, false)?;
     let mut housekeeping = tokio::time::interval(Sweeper::TICK);
     loop {
         let tick = async {
@@ -307,8 +310,9 @@ impl Sweeper {
         Ok(())
     }
 
+    /// Sweeps now. The report's `expired`, `pruned` and `orphans` count since start-up.
     fn sweep(&mut self, ebpf: &mut aya::Ebpf, pressure: bool) -> anyhow::Result<()> {
-        let report = conntrack::sweep(ebpf, &self.timeouts, pressure)?;
+        let mut report = conntrack::sweep(ebpf, &self.timeouts, pressure)?;
         if report.expired + report.pruned + report.orphans > 0 {
             log::debug!(
                 "sweep: {} flows expired, {} pruned, {} orphan entries, {} flows left, {:?}",
@@ -320,6 +324,11 @@ impl Sweeper {
             );
         }
         self.next = Instant::now() + Self::INTERVAL.max(report.took * Self::MAX_SHARE);
+        if let Some(last) = &self.last {
+            report.expired += last.expired;
+            report.pruned += last.pruned;
+            report.orphans += last.orphans;
+        }
         self.last = Some(report);
         Ok(())
     }

@@ -28,7 +28,7 @@ use lb_common::{
 /// are still `New` and have been idle this long are removed early. A SYN flood's flows are
 /// `New` forever; a real client whose flow is removed this way carries on, since its next
 /// packet recreates the flow (with the same SNAT port, its first choice, when it is free).
-pub const PRESSURE_NEW_IDLE: Duration = Duration::from_millis(250);
+pub const PRESSURE_NEW_IDLE: Duration = Duration::from_millis(100);
 
 /// What one sweep found and did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
