@@ -34,7 +34,7 @@ pub const TCP_ACK: u8 = 0x10;
 pub struct Seen {
     /// A TCP segment with SYN.
     pub syn: u8,
-    /// A TCP segment without SYN, or any UDP datagram.
+    /// A TCP segment with neither SYN nor RST, or any UDP datagram.
     pub non_syn: u8,
     /// A TCP segment with FIN.
     pub fin: u8,
@@ -57,11 +57,14 @@ impl Seen {
             };
         }
         let syn = (tcp_flags & TCP_SYN != 0) as u8;
+        let rst = (tcp_flags & TCP_RST != 0) as u8;
         Seen {
             syn,
-            non_syn: 1 - syn,
+            // An RST proves no handshake: a client answers with one the stray ACK that a
+            // backend's TIME_WAIT socket sends to a SYN it does not accept.
+            non_syn: (syn | rst) ^ 1,
             fin: (tcp_flags & TCP_FIN != 0) as u8,
-            rst: (tcp_flags & TCP_RST != 0) as u8,
+            rst,
         }
     }
 
@@ -91,6 +94,13 @@ pub struct FlowSeen {
 const _: () = assert!(size_of::<FlowSeen>() == 8);
 
 impl FlowSeen {
+    /// Whether the flow's TCP handshake completed: the client sent a segment without SYN
+    /// (or RST) to a backend that had answered. For UDP: the backend answered.
+    #[inline(always)]
+    pub const fn handshake_done(&self) -> bool {
+        self.to_backend.non_syn != 0 && (self.to_client.syn | self.to_client.non_syn) != 0
+    }
+
     /// The direction `dir` ([`DIR_TO_BACKEND`] or the other).
     #[inline(always)]
     pub fn dir(&self, dir: u8) -> &Seen {
@@ -166,7 +176,7 @@ impl FlowState {
             FlowState::TimeWait
         } else if (fwd.fin | rev.fin) != 0 {
             FlowState::Closing
-        } else if fwd.non_syn != 0 && (rev.syn | rev.non_syn) != 0 {
+        } else if seen.handshake_done() {
             FlowState::Established
         } else {
             FlowState::New
@@ -364,6 +374,19 @@ mod tests {
             &[(C, SYN), (B, RST), (C, SYN), (B, SYN_ACK), (C, ACK)],
         );
         assert_eq!(FlowState::of(PROTO_TCP, &again), FlowState::Established);
+    }
+
+    /// A backend's TIME_WAIT socket answers a SYN on a reused 4-tuple with a plain ACK, the
+    /// client resets and sends its SYN again: the flow starts anew, but no connection had
+    /// been made.
+    #[test]
+    fn a_reset_attempt_was_no_connection() {
+        let reset = play(PROTO_TCP, &[(C, SYN), (B, ACK), (C, RST)]);
+        assert_eq!(FlowState::of(PROTO_TCP, &reset), FlowState::Closed);
+        assert!(!reset.handshake_done());
+        assert!(starts_anew(PROTO_TCP, C, SYN, &reset));
+        let done = play(PROTO_TCP, &[(C, SYN), (B, SYN_ACK), (C, ACK), (C, RST)]);
+        assert!(done.handshake_done());
     }
 
     #[test]

@@ -80,8 +80,9 @@ pub fn lookup(ctx: &XdpContext, pkt: &Packet, rewrite: &mut Rewrite) -> Result<b
     let dir = entry.rewrite.direction;
     let facts = Seen::of_packet(pkt.key.proto, pkt.tcp_flags);
     let anew = starts_anew(pkt.key.proto, dir, pkt.tcp_flags, &entry.seen);
-    if anew {
-        // A new connection on the old flow's addresses: a flow for the counters.
+    if anew && entry.seen.handshake_done() {
+        // A new connection on the addresses of one that was made and is over: a flow for
+        // the counters. (Not so a SYN sent again after a reset attempt.)
         crate::stats::count_new_flow(&entry.rewrite);
     }
     if anew || entry.seen.dir(dir).lacks(&facts) || stale(entry.last_seen_ns, now) {

@@ -35,7 +35,7 @@ pub const PRESSURE_NEW_IDLE: Duration = Duration::from_millis(100);
 pub struct SweepReport {
     /// Flows left, by [`FlowState`] (index = the state's number).
     pub flows: [u64; 5],
-    /// Map entries read (two per flow, unless one is being created or removed).
+    /// Map entries left (two per flow, unless one is being created or removed).
     pub entries: u64,
     /// Flows removed because their state's timeout passed.
     pub expired: u64,
@@ -92,6 +92,12 @@ pub fn sweep(ebpf: &mut Ebpf, timeouts: &Timeouts, pressure: bool) -> anyhow::Re
     })?;
     for (key, verdict) in doomed {
         let removed = remove_flow(&mut table, &key, timeouts, pressure)?;
+        report.entries -= match removed {
+            Removed::Flow(_) => 2,
+            Removed::Orphan => 1,
+            Removed::Nothing => 0,
+        }
+        .min(report.entries);
         match (removed, verdict) {
             (Removed::Flow(state), Verdict::Expired) => {
                 report.expired += 1;

@@ -132,7 +132,7 @@ fn tcp_loop(listener: TcpListener, name: &str, stats: &Arc<Mutex<ServerStats>>, 
                 }));
                 handlers.retain(|h| !h.is_finished());
             }
-            Err(e) if e.kind() == ErrorKind::WouldBlock => thread::sleep(POLL),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => wait_readable(&listener, POLL),
             Err(e) => {
                 eprintln!("server {name}: accept: {e}");
                 thread::sleep(POLL);
@@ -235,4 +235,17 @@ impl BackendServers {
     pub fn total_udp_datagrams(&self) -> u64 {
         self.servers.iter().map(|s| s.stats().udp_datagrams).sum()
     }
+}
+
+/// Waits until `listener` has a connection to accept, or `timeout` passes: so the accept
+/// loop answers at once, yet still looks at its stop flag now and then.
+fn wait_readable(listener: &TcpListener, timeout: Duration) {
+    use std::os::fd::AsRawFd;
+    let mut pfd = libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, as the count says.
+    unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as libc::c_int) };
 }

@@ -362,10 +362,20 @@ fn a_minute_of_short_connections_is_never_refused() {
         ensure!(drops.is_empty(), "xlb dropped packets: {drops:?}");
         let served = servers.stats("b1").map_or(0, |s| s.tcp_connections);
         ensure!(served == total as u64, "b1 served {served} of {total}");
+        let flows = stats.service_flows("10.10.0.100:80", "tcp");
+        ensure!(
+            flows == Some(total as u64),
+            "xlb counted {flows:?} flows for {total} connections"
+        );
+        let rate = total as f64 / elapsed.as_secs_f64();
         eprintln!(
-            "{total} connections in {elapsed:?} ({:.0}/s), none refused; {:?}",
-            total as f64 / elapsed.as_secs_f64(),
+            "{total} connections in {elapsed:?} ({rate:.0}/s), none refused; {:?}",
             stats.conntrack
+        );
+        // The rate must really have been held, or the test proves less than it says.
+        ensure!(
+            rate >= 0.9 * f64::from(RATE),
+            "the client managed only {rate:.0} connections a second"
         );
         Ok(())
     });
