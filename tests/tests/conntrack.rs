@@ -1,0 +1,560 @@
+//! The conntrack table under races and under the sweeper, through the real program with
+//! BPF_PROG_TEST_RUN in the one-namespace lab (`xlb_tests::lab`):
+//! * the same new flows sent from two CPUs at once, frame by frame in lock-step: every
+//!   flow ends with one whole pair of entries, no port serves two flows, and both CPUs
+//!   rewrote each flow the same way;
+//! * two CPUs racing for SNAT ports the sweeper has just freed: each port goes to exactly one
+//!   flow;
+//! * the sweeper removes exactly the flows whose state's timeout has passed, both halves,
+//!   and under pressure the idle new ones too. Which flows must go comes from the case
+//!   table (state, idle time, timeouts), not from the program.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::Barrier;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use aya::{
+    Ebpf,
+    maps::{HashMap, MapData},
+};
+use lb_common::{
+    conntrack::{FlowState, Timeouts},
+    maps::{DIR_TO_BACKEND, FlowKey, NatEntry, PROTO_TCP, names},
+    reason::Reason,
+};
+use lb_userspace::{
+    config::{Checked, Config},
+    conntrack::{PRESSURE_NEW_IDLE, monotonic_ns, sweep},
+};
+use xlb_tests::{
+    lab::{self, BACKEND_MAC, CLIENT, CLIENT_MAC, Iface, SNAT, VIP},
+    model::flows::key,
+    netns::{self, NetNs},
+    packet::{Frame, TCP_ACK, TCP_FIN, TCP_SYN, layout_v4},
+};
+
+const PREFIX: &str = "xlbct";
+
+fn config(ports: [u16; 2], entries: u32) -> Checked {
+    Config::parse(&format!(
+        r#"
+[dataplane]
+interfaces = ["fx0", "fx1"]
+maglev_table_size = 251
+snat_port_range = [{}, {}]
+[conntrack]
+entries = {entries}
+[[service]]
+vip = "10.10.0.100:80"
+protocol = "tcp"
+snat = "10.20.0.1"
+[[service.backend]]
+address = "10.20.1.2:8080"
+[[service]]
+vip = "10.10.0.100:53"
+protocol = "udp"
+snat = "10.20.0.1"
+[[service.backend]]
+address = "10.20.1.2:5353"
+"#,
+        ports[0], ports[1]
+    ))
+    .expect("parsing")
+    .validate()
+    .expect("a valid config")
+}
+
+/// Runs `test` inside a fresh lab namespace.
+fn in_lab<T: Send>(test: impl FnOnce(&NetNs) -> Result<T> + Send) -> T {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    assert!(
+        unsafe { libc::geteuid() } == 0,
+        "BPF_PROG_TEST_RUN needs root: run cargo xtask test"
+    );
+    netns::cleanup_stale(PREFIX).expect("cleaning up stale namespaces");
+    let ns = NetNs::create(&netns::unique_base(PREFIX)).expect("creating the namespace");
+    lab::setup(&ns).expect("setting up the lab");
+    let result = ns
+        .enter(|| test(&ns))
+        .expect("entering the namespace")
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    drop(ns);
+    result
+}
+
+/// Pins the calling thread to `cpu`.
+fn pin_to(cpu: usize) -> Result<()> {
+    // SAFETY: cpu_set_t is plain data; CPU_SET writes inside it; sched_setaffinity reads
+    // one cpu_set_t of the size passed.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(std::io::Error::last_os_error()).context(format!("pinning to CPU {cpu}"));
+        }
+    }
+    Ok(())
+}
+
+/// Sends `frames` (arriving on `ingress`) through the program from CPUs 0 and 1 at once,
+/// frame by frame in lock-step. Returns, per CPU, each frame's reason and output.
+fn from_two_cpus(
+    ns: &NetNs,
+    ebpf: &Ebpf,
+    frames: &[Vec<u8>],
+    ingress: Iface,
+) -> Result<[Vec<(Reason, Vec<u8>)>; 2]> {
+    let barrier = Barrier::new(2);
+    let run_on = |cpu: usize, frames: &[Vec<u8>]| -> Result<Vec<(Reason, Vec<u8>)>> {
+        ns.enter(|| -> Result<Vec<(Reason, Vec<u8>)>> {
+            pin_to(cpu)?;
+            let mut out = Vec::with_capacity(frames.len());
+            for f in frames {
+                barrier.wait();
+                let run = lab::run(ebpf, f, ingress.ifindex, None)?;
+                // Both CPUs count into REASONS meanwhile: the reason is the one the action
+                // says, checked against the other CPU's below.
+                let reason = match run.action {
+                    4 => Reason::ForwardRedirect,
+                    1 => Reason::DropSnatPortsExhausted,
+                    a => bail!("CPU {cpu}: action {a}"),
+                };
+                out.push((reason, run.frame));
+            }
+            Ok(out)
+        })?
+    };
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| run_on(0, frames));
+        let b = s.spawn(|| run_on(1, frames));
+        (a.join(), b.join())
+    });
+    let (Ok(a), Ok(b)) = (a, b) else {
+        bail!("a CPU's thread panicked");
+    };
+    Ok([a?, b?])
+}
+
+/// The same new TCP and UDP flows from two CPUs at once: one whole pair of entries per flow,
+/// and the same rewrite on both CPUs.
+#[test]
+fn two_cpus_creating_the_same_flows_agree() {
+    const FLOWS: u16 = 3000;
+    in_lab(|ns| {
+        // 4096 ports for 3000 flows of each protocol: the probes collide often, so the CPUs
+        // race for the same port locks, not just for the same flows.
+        let checked = config([40000, 44095], 1 << 16);
+        let lab::Program { ebpf, fx0, .. } = lab::load(&checked)?;
+        for (proto_name, frame) in [
+            (
+                "TCP SYN",
+                Box::new(|p: u16| Frame::tcp((CLIENT, p), (VIP, 80), TCP_SYN))
+                    as Box<dyn Fn(u16) -> Frame>,
+            ),
+            (
+                "UDP",
+                Box::new(|p: u16| Frame::udp((CLIENT, p), (VIP, 53), b"same datagram")),
+            ),
+        ] {
+            let frames: Vec<Vec<u8>> = (0..FLOWS)
+                .map(|i| frame(10000 + i).with_macs(CLIENT_MAC, fx0.mac).build())
+                .collect();
+            let [a, b] = from_two_cpus(ns, &ebpf, &frames, fx0)?;
+            for (i, ((ra, fa), (rb, fb))) in a.iter().zip(&b).enumerate() {
+                ensure!(
+                    *ra == Reason::ForwardRedirect && *rb == Reason::ForwardRedirect,
+                    "{proto_name} {i}: {ra:?} on CPU 0, {rb:?} on CPU 1"
+                );
+                ensure!(
+                    fa == fb,
+                    "{proto_name} {i}: the two CPUs rewrote the flow differently: {:?} and {:?}",
+                    layout_v4(fa).map(|l| l.flow_key(fa)),
+                    layout_v4(fb).map(|l| l.flow_key(fb))
+                );
+            }
+        }
+        let entries = lab::conntrack(&ebpf)?;
+        lab::check_whole_flows(&entries)?;
+        ensure!(
+            entries.len() == 4 * usize::from(FLOWS),
+            "{} entries for {} flows",
+            entries.len(),
+            2 * FLOWS
+        );
+        Ok(())
+    });
+}
+
+/// Ages both entries of the flow whose forward key is `forward` by `age`.
+fn age(ebpf: &mut Ebpf, forward: &FlowKey, age: Duration) -> Result<()> {
+    let mut ct: HashMap<&mut MapData, FlowKey, NatEntry> = ebpf
+        .map_mut(names::CONNTRACK)
+        .context("map CONNTRACK")?
+        .try_into()?;
+    let entry = ct
+        .get(forward, 0)
+        .context("aging a flow that is not there")?;
+    let twin_key = entry.twin_key(forward.proto);
+    let when = monotonic_ns().saturating_sub(age.as_nanos() as u64);
+    for k in [*forward, twin_key] {
+        let mut e = ct.get(&k, 0).context("aging a flow with one half")?;
+        e.last_seen_ns = when;
+        ct.insert(k, e, 0)?;
+    }
+    Ok(())
+}
+
+/// Every SNAT port held by a flow the sweeper has just removed: two CPUs send the first
+/// packets of different new flows at once, and each port goes to exactly one of them.
+#[test]
+fn two_cpus_racing_for_freed_ports_get_one_each() {
+    const PORTS: u16 = 16;
+    const ROUNDS: u16 = 20;
+    in_lab(|ns| {
+        let checked = config([40000, 40000 + PORTS - 1], 4096);
+        let lab::Program { mut ebpf, fx0, .. } = lab::load(&checked)?;
+        let timeouts = checked.conntrack.timeouts();
+        for round in 0..ROUNDS {
+            // Flows that hold every port, idle for longer than any timeout.
+            let holders: Vec<u16> = (0..PORTS).map(|i| 1000 + round * 100 + i).collect();
+            for &p in &holders {
+                let syn =
+                    Frame::tcp((CLIENT, p), (VIP, 80), TCP_SYN).with_macs(CLIENT_MAC, fx0.mac);
+                let run = lab::run(&ebpf, &syn.build(), fx0.ifindex, None)?;
+                ensure!(
+                    run.counted == [(Reason::ForwardRedirect, 1)],
+                    "holder {p}: {:?}",
+                    run.counted
+                );
+                age(
+                    &mut ebpf,
+                    &key(
+                        SocketAddrV4::new(CLIENT, p),
+                        SocketAddrV4::new(VIP, 80),
+                        PROTO_TCP,
+                    ),
+                    Duration::from_secs(3600),
+                )?;
+            }
+            let report = sweep(&mut ebpf, &timeouts, false)?;
+            ensure!(
+                report.expired == u64::from(PORTS),
+                "round {round}: {report:?}"
+            );
+            ensure!(
+                lab::conntrack(&ebpf)?.is_empty(),
+                "round {round}: the sweep left entries"
+            );
+
+            // CPU 0 and CPU 1 each send first packets of PORTS different flows.
+            let frames: Vec<Vec<u8>> = (0..PORTS)
+                .map(|i| {
+                    Frame::tcp((CLIENT, 30000 + round * 100 + i), (VIP, 80), TCP_SYN)
+                        .with_macs(CLIENT_MAC, fx0.mac)
+                        .build()
+                })
+                .collect();
+            let others: Vec<Vec<u8>> = (0..PORTS)
+                .map(|i| {
+                    Frame::tcp(
+                        (Ipv4Addr::new(10, 10, 1, 3), 30000 + round * 100 + i),
+                        (VIP, 80),
+                        TCP_SYN,
+                    )
+                    .with_macs(CLIENT_MAC, fx0.mac)
+                    .build()
+                })
+                .collect();
+            let barrier = Barrier::new(2);
+            let run_on = |cpu: usize, frames: &[Vec<u8>]| -> Result<usize> {
+                ns.enter(|| -> Result<usize> {
+                    pin_to(cpu)?;
+                    let mut won = 0;
+                    for f in frames {
+                        barrier.wait();
+                        let run = lab::run(&ebpf, f, fx0.ifindex, None)?;
+                        won += usize::from(run.action == 4);
+                    }
+                    Ok(won)
+                })?
+            };
+            let (a, b) = std::thread::scope(|s| {
+                let a = s.spawn(|| run_on(0, &frames));
+                let b = s.spawn(|| run_on(1, &others));
+                (a.join(), b.join())
+            });
+            let (Ok(a), Ok(b)) = (a, b) else {
+                bail!("a CPU's thread panicked");
+            };
+            let won = a? + b?;
+            ensure!(
+                won == usize::from(PORTS),
+                "round {round}: {won} flows got one of {PORTS} ports"
+            );
+            let entries = lab::conntrack(&ebpf)?;
+            lab::check_whole_flows(&entries)?;
+            ensure!(
+                entries.len() == 2 * usize::from(PORTS),
+                "round {round}: {} entries",
+                entries.len()
+            );
+            // Next round: these flows age and go too.
+            for (k, e) in &entries {
+                if e.rewrite.direction == DIR_TO_BACKEND {
+                    age(&mut ebpf, k, Duration::from_secs(3600))?;
+                }
+            }
+            sweep(&mut ebpf, &timeouts, false)?;
+        }
+        Ok(())
+    });
+}
+
+/// One flow of the sweeper's case table: the packets that put it in its state, how long
+/// it has been idle, and whether the sweep must remove it.
+struct SweepCase {
+    name: &'static str,
+    /// (TCP flags, from the client?) in order; `None` flags: a UDP datagram.
+    packets: &'static [(Option<u8>, bool)],
+    state: FlowState,
+    idle: Duration,
+    pressure: bool,
+    removed: bool,
+}
+
+const SYN: Option<u8> = Some(TCP_SYN);
+const SYN_ACK: Option<u8> = Some(TCP_SYN | TCP_ACK);
+const ACK: Option<u8> = Some(TCP_ACK);
+const FIN: Option<u8> = Some(TCP_FIN | TCP_ACK);
+const UDP: Option<u8> = None;
+const HANDSHAKE: &[(Option<u8>, bool)] = &[(SYN, true), (SYN_ACK, false), (ACK, true)];
+const CLOSED: &[(Option<u8>, bool)] = &[
+    (SYN, true),
+    (SYN_ACK, false),
+    (ACK, true),
+    (FIN, true),
+    (FIN, false),
+];
+
+/// Timeouts of the sweep cases, in seconds: all different, so a state judged by the wrong
+/// timeout shows.
+const TIMEOUTS: Timeouts = Timeouts {
+    tcp_syn: 20,
+    tcp_established: 300,
+    tcp_closing: 40,
+    tcp_time_wait: 60,
+    udp: 80,
+};
+
+const SWEEP_CASES: &[SweepCase] = &[
+    SweepCase {
+        name: "new, idle past the SYN timeout",
+        packets: &[(SYN, true)],
+        state: FlowState::New,
+        idle: Duration::from_secs(25),
+        pressure: false,
+        removed: true,
+    },
+    SweepCase {
+        name: "new, within it",
+        packets: &[(SYN, true), (SYN_ACK, false)],
+        state: FlowState::New,
+        idle: Duration::from_secs(15),
+        pressure: false,
+        removed: false,
+    },
+    SweepCase {
+        name: "established, idle past the SYN timeout only",
+        packets: HANDSHAKE,
+        state: FlowState::Established,
+        idle: Duration::from_secs(25),
+        pressure: false,
+        removed: false,
+    },
+    SweepCase {
+        name: "established, idle past its own",
+        packets: HANDSHAKE,
+        state: FlowState::Established,
+        idle: Duration::from_secs(305),
+        pressure: false,
+        removed: true,
+    },
+    SweepCase {
+        name: "closing, idle past the closing timeout",
+        packets: &[(SYN, true), (SYN_ACK, false), (ACK, true), (FIN, true)],
+        state: FlowState::Closing,
+        idle: Duration::from_secs(45),
+        pressure: false,
+        removed: true,
+    },
+    SweepCase {
+        name: "time-wait, within it",
+        packets: CLOSED,
+        state: FlowState::TimeWait,
+        idle: Duration::from_secs(45),
+        pressure: false,
+        removed: false,
+    },
+    SweepCase {
+        name: "time-wait, past it",
+        packets: CLOSED,
+        state: FlowState::TimeWait,
+        idle: Duration::from_secs(65),
+        pressure: false,
+        removed: true,
+    },
+    SweepCase {
+        name: "UDP, within its timeout",
+        packets: &[(UDP, true), (UDP, false)],
+        state: FlowState::Established,
+        idle: Duration::from_secs(75),
+        pressure: false,
+        removed: false,
+    },
+    SweepCase {
+        name: "UDP unanswered, past it",
+        packets: &[(UDP, true)],
+        state: FlowState::New,
+        idle: Duration::from_secs(85),
+        pressure: false,
+        removed: true,
+    },
+    SweepCase {
+        name: "under pressure: new and idle a while",
+        packets: &[(SYN, true), (SYN_ACK, false)],
+        state: FlowState::New,
+        idle: Duration::from_secs(1),
+        pressure: true,
+        removed: true,
+    },
+    SweepCase {
+        name: "under pressure: new but just seen",
+        packets: &[(SYN, true)],
+        state: FlowState::New,
+        idle: Duration::ZERO,
+        pressure: true,
+        removed: false,
+    },
+    SweepCase {
+        name: "under pressure: established stays",
+        packets: HANDSHAKE,
+        state: FlowState::Established,
+        idle: Duration::from_secs(25),
+        pressure: true,
+        removed: false,
+    },
+];
+
+/// The sweeper removes exactly the flows the case table says, both halves, and counts the
+/// rest by state.
+#[test]
+fn the_sweeper_removes_what_has_expired_and_nothing_else() {
+    const _: () = assert!(PRESSURE_NEW_IDLE.as_millis() < 1000);
+    in_lab(|_| {
+        let checked = config([40000, 49999], 4096);
+        let lab::Program { mut ebpf, fx0, fx1 } = lab::load(&checked)?;
+        for pressure in [false, true] {
+            lab::reset(&mut ebpf, &checked)?;
+            let cases: Vec<(usize, &SweepCase)> = SWEEP_CASES
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| c.pressure == pressure)
+                .collect();
+            let mut keys = Vec::new();
+            for &(i, c) in &cases {
+                let client = SocketAddrV4::new(CLIENT, 20000 + i as u16);
+                let udp = c.packets[0].0.is_none();
+                let (vip, backend) = if udp {
+                    (
+                        SocketAddrV4::new(VIP, 53),
+                        SocketAddrV4::new(lab::BACKEND, 5353),
+                    )
+                } else {
+                    (
+                        SocketAddrV4::new(VIP, 80),
+                        SocketAddrV4::new(lab::BACKEND, 8080),
+                    )
+                };
+                let mut snat_port = 0;
+                for &(flags, from_client) in c.packets {
+                    let frame = match (flags, from_client) {
+                        (Some(f), true) => {
+                            Frame::tcp((*client.ip(), client.port()), (*vip.ip(), vip.port()), f)
+                        }
+                        (None, true) => {
+                            Frame::udp((*client.ip(), client.port()), (*vip.ip(), vip.port()), b"q")
+                        }
+                        (Some(f), false) => {
+                            Frame::tcp((*backend.ip(), backend.port()), (SNAT, snat_port), f)
+                        }
+                        (None, false) => {
+                            Frame::udp((*backend.ip(), backend.port()), (SNAT, snat_port), b"a")
+                        }
+                    };
+                    let (frame, ingress) = if from_client {
+                        (frame.with_macs(CLIENT_MAC, fx0.mac), fx0)
+                    } else {
+                        (frame.with_macs(BACKEND_MAC, fx1.mac), fx1)
+                    };
+                    let run = lab::run(&ebpf, &frame.build(), ingress.ifindex, None)?;
+                    ensure!(
+                        run.counted == [(Reason::ForwardRedirect, 1)],
+                        "{}: {:?}",
+                        c.name,
+                        run.counted
+                    );
+                    if from_client {
+                        let out = layout_v4(&run.frame)
+                            .context("output")?
+                            .flow_key(&run.frame);
+                        snat_port = u16::from_be_bytes(out.src.port);
+                    }
+                }
+                let proto = if udp {
+                    lb_common::maps::PROTO_UDP
+                } else {
+                    PROTO_TCP
+                };
+                let k = key(client, vip, proto);
+                let entry = lab::conntrack_entry(&ebpf, &k)?.context("the case's flow")?;
+                ensure!(
+                    FlowState::of(proto, &entry.seen) == c.state,
+                    "{}: set up as {:?}",
+                    c.name,
+                    FlowState::of(proto, &entry.seen)
+                );
+                age(&mut ebpf, &k, c.idle)?;
+                keys.push((k, c));
+            }
+            let report = sweep(&mut ebpf, &TIMEOUTS, pressure)?;
+            let entries = lab::conntrack(&ebpf)?;
+            lab::check_whole_flows(&entries)?;
+            let mut left = [0u64; 5];
+            for (k, c) in &keys {
+                let there = entries.iter().any(|(e, _)| e == k);
+                ensure!(
+                    there != c.removed,
+                    "{}: {}",
+                    c.name,
+                    if there { "kept" } else { "removed" }
+                );
+                if there {
+                    left[c.state as usize] += 1;
+                }
+            }
+            ensure!(
+                report.flows == left,
+                "flows by state: the sweep says {:?}, the cases {left:?}",
+                report.flows
+            );
+            let gone = keys.iter().filter(|(_, c)| c.removed).count() as u64;
+            ensure!(
+                report.expired + report.pruned == gone,
+                "{report:?}, {gone} should have gone"
+            );
+            ensure!(report.entries == entries.len() as u64, "{report:?}");
+        }
+        Ok(())
+    });
+}
