@@ -97,6 +97,9 @@ fn pin_to(cpu: usize) -> Result<()> {
     Ok(())
 }
 
+/// Each frame's reason and output, on one CPU.
+type Outcomes = Vec<(Reason, Vec<u8>)>;
+
 /// Sends `frames` (arriving on `ingress`) through the program from CPUs 0 and 1 at once,
 /// frame by frame in lock-step. Returns, per CPU, each frame's reason and output.
 fn from_two_cpus(
@@ -104,10 +107,10 @@ fn from_two_cpus(
     ebpf: &Ebpf,
     frames: &[Vec<u8>],
     ingress: Iface,
-) -> Result<[Vec<(Reason, Vec<u8>)>; 2]> {
+) -> Result<[Outcomes; 2]> {
     let barrier = Barrier::new(2);
-    let run_on = |cpu: usize, frames: &[Vec<u8>]| -> Result<Vec<(Reason, Vec<u8>)>> {
-        ns.enter(|| -> Result<Vec<(Reason, Vec<u8>)>> {
+    let run_on = |cpu: usize, frames: &[Vec<u8>]| -> Result<Outcomes> {
+        ns.enter(|| -> Result<Outcomes> {
             pin_to(cpu)?;
             let mut out = Vec::with_capacity(frames.len());
             for f in frames {
