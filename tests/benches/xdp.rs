@@ -57,14 +57,139 @@ fn main() -> Result<()> {
     let ns = NetNs::create(&netns::unique_base("xlbbench"))?;
     lab::setup(&ns)?;
     let table = ns.enter(|| run(rounds, per_round))??;
+    // The sweeper's cost over a table of a million flows (ten thousand in the smoke run).
+    let flows = if bench { 1 << 20 } else { 10_000 };
+    let sweeps = ns.enter(|| sweep_cost(flows))??;
     drop(ns);
     if bench {
         println!("{}", machine());
         println!("{table}");
+        println!("{sweeps}");
     } else {
-        println!("bench smoke: every scenario ended with its expected reason");
+        println!("bench smoke: every scenario ended with its expected reason; {sweeps}");
     }
     Ok(())
+}
+
+/// Fills `CONNTRACK` with `flows` established flows (both entries each, written from
+/// userspace), then times a sweep that finds nothing to remove and one that removes
+/// everything, and reads the map's kernel memory (`memlock` in its fdinfo).
+fn sweep_cost(flows: u32) -> Result<String> {
+    use std::time::Instant;
+
+    use aya::maps::{HashMap, Map, MapData};
+    use lb_common::{
+        conntrack::{FlowSeen, Seen, Timeouts},
+        maps::{DIR_TO_BACKEND, DIR_TO_CLIENT, Endpoint, FlowKey, NatEntry, Rewrite, names},
+    };
+    use lb_userspace::conntrack::{monotonic_ns, sweep};
+
+    let checked = Config::parse(&format!(
+        "[dataplane]\ninterfaces = [\"fx0\"]\nmaglev_table_size = 13\n[conntrack]\nentries = {flows}\n"
+    ))?
+    .validate()
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let lab::Program { mut ebpf, .. } = lab::load(&checked)?;
+    let memlock = |ebpf: &aya::Ebpf| -> Result<u64> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let Some(Map::HashMap(data)) = ebpf.map(names::CONNTRACK) else {
+            anyhow::bail!("no CONNTRACK hash map");
+        };
+        let fd = data.fd().as_fd().as_raw_fd();
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))?;
+        info.lines()
+            .find_map(|l| l.strip_prefix("memlock:"))
+            .and_then(|v| v.trim().parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("no memlock in the map's fdinfo"))
+    };
+    let empty = memlock(&ebpf)?;
+    let seen = FlowSeen {
+        to_backend: Seen {
+            syn: 1,
+            non_syn: 1,
+            fin: 0,
+            rst: 0,
+        },
+        to_client: Seen {
+            syn: 1,
+            non_syn: 0,
+            fin: 0,
+            rst: 0,
+        },
+    };
+    let now = monotonic_ns();
+    let started = Instant::now();
+    {
+        let mut ct: HashMap<&mut MapData, FlowKey, NatEntry> = ebpf
+            .map_mut(names::CONNTRACK)
+            .ok_or_else(|| anyhow::anyhow!("map CONNTRACK"))?
+            .try_into()?;
+        let vip = Endpoint::v4([10, 10, 0, 100], 80u16.to_be_bytes());
+        for i in 0..flows {
+            // A client per 50,000 flows, a backend per 60,000: every key distinct.
+            let client = Endpoint::v4(
+                [10, 11, (i / 50_000) as u8, 2],
+                ((1024 + i % 50_000) as u16).to_be_bytes(),
+            );
+            let backend = Endpoint::v4([10, 21, (i / 60_000) as u8, 2], 8080u16.to_be_bytes());
+            let snat = Endpoint::v4([10, 20, 0, 1], ((1024 + i % 60_000) as u16).to_be_bytes());
+            let entry = |src, dst, direction| NatEntry {
+                rewrite: Rewrite {
+                    src,
+                    dst,
+                    service_id: 0,
+                    backend_id: 0,
+                    direction,
+                    _pad: [0; 3],
+                },
+                seen,
+                ifindex: 0,
+                _pad: 0,
+                last_seen_ns: now,
+            };
+            let forward = FlowKey {
+                src: client,
+                dst: vip,
+                proto: 6,
+                _pad: 0,
+            };
+            let reverse = FlowKey {
+                src: backend,
+                dst: snat,
+                proto: 6,
+                _pad: 0,
+            };
+            ct.insert(forward, entry(snat, backend, DIR_TO_BACKEND), 0)?;
+            ct.insert(reverse, entry(vip, client, DIR_TO_CLIENT), 0)?;
+        }
+    }
+    let filled = started.elapsed();
+    let full = memlock(&ebpf)?;
+    let timeouts = Timeouts::default();
+    let kept = sweep(&mut ebpf, &timeouts, false)?;
+    ensure!(kept.total_flows() == u64::from(flows), "{kept:?}");
+    // Everything was last seen at `now`: once the refresh slack has passed, with timeouts
+    // of 0 every flow has expired.
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    let zero = Timeouts {
+        tcp_syn: 0,
+        tcp_established: 0,
+        tcp_closing: 0,
+        tcp_time_wait: 0,
+        udp: 0,
+    };
+    let gone = sweep(&mut ebpf, &zero, false)?;
+    ensure!(gone.expired == u64::from(flows), "{gone:?}");
+    Ok(format!(
+        "conntrack: {flows} flows written in {filled:.1?}; a sweep that keeps them all took \
+         {:.1?}, one that removes them all {:.1?}; kernel memory {} bytes empty, {} full: \
+         {:.0} bytes per flow",
+        kept.took,
+        gone.took,
+        empty,
+        full,
+        (full - empty) as f64 / f64::from(flows)
+    ))
 }
 
 fn run(rounds: u32, per_round: u32) -> Result<String> {
