@@ -323,7 +323,11 @@ impl Sweeper {
                 report.took
             );
         }
-        self.next = Instant::now() + Self::INTERVAL.max(report.took * Self::MAX_SHARE);
+        self.next = if report.more {
+            Instant::now()
+        } else {
+            Instant::now() + Self::INTERVAL.max(report.took * Self::MAX_SHARE)
+        };
         if let Some(last) = &self.last {
             report.expired += last.expired;
             report.pruned += last.pruned;

@@ -94,6 +94,42 @@ fn a_missing_file_and_bad_arguments_are_clear_errors() {
     let out = xlb(&["run", "--config", "x.toml", "--xdp-mode", "turbo"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("turbo"), "{}", stderr(&out));
+
+    // Once a panic in tokio's interval.
+    let out = xlb(&["run", "--config", "x.toml", "--stats-interval", "0"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("--stats-interval"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+/// A config of the skeleton's days: the keys that moved to `[conntrack]` are refused with
+/// their new names.
+#[test]
+fn moved_conntrack_keys_name_their_new_place() {
+    let old = CONFIG_TOML.replace(
+        "[conntrack]\nentries = 32768",
+        "conntrack_entries = 65536\ntcp_idle_timeout = 100",
+    );
+    assert_ne!(
+        old, CONFIG_TOML,
+        "the demo config changed: update this test"
+    );
+    let path = config_file("moved", &old);
+    let out = xlb(&["check", "--config", path.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("dataplane.conntrack_entries: this setting moved: use [conntrack] entries"),
+        "{err}"
+    );
+    assert!(
+        err.contains("dataplane.tcp_idle_timeout: this setting moved: use [conntrack] tcp_established_timeout"),
+        "{err}"
+    );
 }
 
 #[test]
