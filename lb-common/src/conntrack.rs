@@ -219,7 +219,9 @@ impl Default for Timeouts {
         Timeouts {
             tcp_syn: 60,
             tcp_established: 7200,
-            tcp_closing: 10,
+            // A one-sided FIN is a half-close: the other side may still send, after a pause
+            // (Linux's conntrack keeps CLOSE_WAIT 60 s).
+            tcp_closing: 60,
             tcp_time_wait: 60,
             udp: 60,
         }

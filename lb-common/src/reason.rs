@@ -60,13 +60,17 @@ pub enum Reason {
     /// A TCP RST to a service with no tracked flow: there is no connection to reset, and it
     /// must not open one.
     DropRstNoFlow = 21,
-    /// A frame for the tc program, but the driver refused XDP metadata to carry it.
-    DropHandoffFailed = 22,
+    /// A frame for the tc program, but the driver refused XDP metadata to carry it: handed
+    /// to the kernel's stack to forward instead (which drops it when its source is one of
+    /// the host's own addresses).
+    PassNoMetadata = 22,
+    /// A new flow, but the conntrack map could not allocate an entry (memory pressure).
+    DropConntrackNoMemory = 23,
 }
 
 impl Reason {
     /// Number of reasons; the size of the `REASONS` array.
-    pub const COUNT: u32 = 23;
+    pub const COUNT: u32 = 24;
 
     /// All reasons, in index order.
     pub const ALL: [Reason; Self::COUNT as usize] = [
@@ -92,7 +96,8 @@ impl Reason {
         Reason::DropConntrackFull,
         Reason::DropWrongInterface,
         Reason::DropRstNoFlow,
-        Reason::DropHandoffFailed,
+        Reason::PassNoMetadata,
+        Reason::DropConntrackNoMemory,
     ];
 
     /// The metric label: `verdict/why`, e.g. `drop/truncated`.
@@ -120,7 +125,8 @@ impl Reason {
             Reason::DropConntrackFull => "drop/conntrack_full",
             Reason::DropWrongInterface => "drop/wrong_interface",
             Reason::DropRstNoFlow => "drop/rst_no_flow",
-            Reason::DropHandoffFailed => "drop/handoff_failed",
+            Reason::PassNoMetadata => "pass/no_metadata",
+            Reason::DropConntrackNoMemory => "drop/conntrack_no_memory",
         }
     }
 
@@ -140,7 +146,8 @@ impl Reason {
             | Reason::ForwardResolveNeighbour
             | Reason::ForwardKernelOutput
             | Reason::PassFibOther
-            | Reason::PassTtlExpired => XDP_PASS,
+            | Reason::PassTtlExpired
+            | Reason::PassNoMetadata => XDP_PASS,
             Reason::DropTruncated
             | Reason::DropBadIpv4Header
             | Reason::DropFragment
@@ -153,7 +160,7 @@ impl Reason {
             | Reason::DropConntrackFull
             | Reason::DropWrongInterface
             | Reason::DropRstNoFlow
-            | Reason::DropHandoffFailed => XDP_DROP,
+            | Reason::DropConntrackNoMemory => XDP_DROP,
         }
     }
 }

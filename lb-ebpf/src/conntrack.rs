@@ -14,7 +14,7 @@
 
 use aya_ebpf::{bindings::BPF_NOEXIST, programs::XdpContext};
 use lb_common::{
-    conntrack::{FlowSeen, REFRESH_NS, Seen, starts_anew},
+    conntrack::{FlowSeen, FlowState, REFRESH_NS, Seen, starts_anew},
     hash::{flow_hash, snat_port},
     maps::{
         Backend, DIR_TO_BACKEND, DIR_TO_CLIENT, FlowKey, NO_BACKEND, NatEntry, Rewrite,
@@ -49,17 +49,25 @@ pub struct Scratch {
 }
 
 const E2BIG: i32 = 7;
+const ENOMEM: i32 = 12;
 const EEXIST: i32 = 17;
 
 /// Whether the packet belongs to a tracked flow direction; if so, writes its rewrite to
-/// `rewrite`, after recording what the packet tells about the flow.
+/// `rewrite`, and, when the packet will be forwarded (`forwarded`), records what it tells
+/// about the flow. (A packet that only goes to the kernel, say with its TTL about to expire,
+/// must not close or restart the flow.)
 ///
 /// Errors: `DropWrongInterface` when the packet arrived on another interface than its
 /// flow direction's packets do, and its source does not route back out of it.
 ///
 /// Not inlined: a frame of its own, off the hot path's (see `process` in main.rs).
 #[inline(never)]
-pub fn lookup(ctx: &XdpContext, pkt: &Packet, rewrite: &mut Rewrite) -> Result<bool, Reason> {
+pub fn lookup(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    forwarded: bool,
+    rewrite: &mut Rewrite,
+) -> Result<bool, Reason> {
     let Some(entry) = CONNTRACK.get_ptr_mut(&pkt.key) else {
         return Ok(false);
     };
@@ -75,11 +83,16 @@ pub fn lookup(ctx: &XdpContext, pkt: &Packet, rewrite: &mut Rewrite) -> Result<b
         // The route moved: the flow's packets come in here now.
         entry.ifindex = ingress;
     }
+    *rewrite = entry.rewrite;
+    if !forwarded {
+        return Ok(true);
+    }
     // Read the clock only on a hit: most packets that miss are not ours.
     let now = now();
+    let proto = pkt.key.proto;
     let dir = entry.rewrite.direction;
-    let facts = Seen::of_packet(pkt.key.proto, pkt.tcp_flags);
-    let anew = starts_anew(pkt.key.proto, dir, pkt.tcp_flags, &entry.seen);
+    let facts = Seen::of_packet(proto, pkt.tcp_flags);
+    let anew = starts_anew(proto, dir, pkt.tcp_flags, &entry.seen);
     if anew && entry.seen.handshake_done() {
         // A new connection on the addresses of one that was made and is over: a flow for
         // the counters. (Not so a SYN sent again after a reset attempt.)
@@ -87,13 +100,22 @@ pub fn lookup(ctx: &XdpContext, pkt: &Packet, rewrite: &mut Rewrite) -> Result<b
     }
     if anew || entry.seen.dir(dir).lacks(&facts) || stale(entry.last_seen_ns, now) {
         record(entry, dir, &facts, anew, now);
-        // The twin carries the same record, so either entry tells the flow's state and age.
-        if let Some(twin) = CONNTRACK.get_ptr_mut(&entry.twin_key(pkt.key.proto)) {
+        // The twin carries the same record, so either entry tells the flow's state and age;
+        // but only if it is still the twin (the sweeper removes the reverse entry first, and
+        // its key may already belong to a new flow when the forward one is hit).
+        if let Some(twin) = CONNTRACK.get_ptr_mut(&entry.twin_key(proto)) {
             // SAFETY: as for `entry`.
-            record(unsafe { &mut *twin }, dir, &facts, anew, now);
+            let twin = unsafe { &mut *twin };
+            if twin.twin_key(proto) == pkt.key {
+                record(twin, dir, &facts, anew, now);
+            }
         }
+    } else if FlowState::of(proto, &entry.seen) == FlowState::New {
+        // A flow that is still new keeps this entry's time exact, at a store per packet:
+        // under pressure the sweeper removes new flows idle for a mere 100 ms, and judges
+        // them by the fresher of their two entries.
+        entry.last_seen_ns = now;
     }
-    *rewrite = entry.rewrite;
     Ok(true)
 }
 
@@ -232,6 +254,10 @@ pub fn create(
     reverse._pad = 0;
     reverse.last_seen_ns = now;
 
+    // Whether this run inserted the port's reverse entry (true), or found this very flow's
+    // there (false): another CPU creating it at this moment, or a flow whose forward entry
+    // was lost while its reverse one lived on; it keeps the port the backend knows.
+    let mut inserted = None;
     for probe in 0..SNAT_PORT_PROBES {
         // A range smaller than the probe budget is searched once through.
         if probe >= cfg.snat_port_count {
@@ -244,11 +270,11 @@ pub fn create(
         reverse_key.proto = key.proto;
         reverse_key._pad = 0;
         match CONNTRACK.insert(&*reverse_key, &*reverse, BPF_NOEXIST as u64) {
-            Ok(()) => return insert_forward(key, forward, reverse_key, rewrite),
+            Ok(()) => {
+                inserted = Some(true);
+                break;
+            }
             Err(e) if e == -EEXIST => {
-                // Held by this very flow: another CPU is creating it at this moment, or its
-                // forward entry was lost while its reverse one lived on. Keep the port the
-                // backend knows.
                 if let Some(held) = CONNTRACK.get_ptr_mut(&*reverse_key) {
                     // SAFETY: a map value, valid for the program run.
                     let held = unsafe { &mut *held };
@@ -257,27 +283,46 @@ pub fn create(
                         let facts = Seen::of_packet(key.proto, pkt.tcp_flags);
                         record(held, DIR_TO_BACKEND, &facts, false, now);
                         forward.seen = held.seen;
-                        return insert_forward(key, forward, reverse_key, rewrite);
+                        inserted = Some(false);
+                        break;
                     }
                 }
             }
-            Err(e) if e == -E2BIG => return Err(Reason::DropConntrackFull),
-            Err(_) => return Err(Reason::DropConntrackInsert),
+            Err(e) => return Err(insert_error(e)),
         }
     }
-    Err(Reason::DropSnatPortsExhausted)
+    let Some(inserted) = inserted else {
+        return Err(Reason::DropSnatPortsExhausted);
+    };
+    // A reverse entry found there is never ours to withdraw.
+    insert_forward(key, forward, inserted.then_some(&*reverse_key), rewrite)
 }
 
-/// Inserts the forward entry once its reverse entry (at `reverse_key`) is in place, and
-/// writes the flow's forward rewrite to `rewrite`. If the forward entry exists already
-/// (another CPU created the same flow at the same moment), that one wins, and our reverse
-/// entry is withdrawn only if the winner took another port (if it took the same one, the
-/// reverse entry is the winner's too and must stay).
+/// The reason for a failed conntrack insert (other than EEXIST, which callers handle).
+#[inline(always)]
+fn insert_error(e: i32) -> Reason {
+    if e == -E2BIG {
+        Reason::DropConntrackFull
+    } else if e == -ENOMEM {
+        Reason::DropConntrackNoMemory
+    } else {
+        Reason::DropConntrackInsert
+    }
+}
+
+/// Inserts the forward entry once its reverse entry is in place, and writes the flow's
+/// forward rewrite to `rewrite`. `inserted_reverse` is the reverse entry's key when this
+/// run inserted it (then it withdraws it if the forward entry cannot be stored), `None` when
+/// it found the flow's reverse entry there already (another CPU's, or the survivor of a lost
+/// forward entry: never ours to withdraw). If the forward entry exists already (another CPU
+/// created the same flow at the same moment), that one wins, and our reverse entry is
+/// withdrawn only if the winner took another port (if it took the same one, the reverse
+/// entry is the winner's too and must stay).
 #[inline(always)]
 fn insert_forward(
     key: &FlowKey,
     forward: &NatEntry,
-    reverse_key: &FlowKey,
+    inserted_reverse: Option<&FlowKey>,
     rewrite: &mut Rewrite,
 ) -> Result<(), Reason> {
     let e = match CONNTRACK.insert(key, forward, BPF_NOEXIST as u64) {
@@ -289,21 +334,16 @@ fn insert_forward(
         Err(e) => e,
     };
     // SAFETY: a map value, read in place and copied out at once.
-    match unsafe { CONNTRACK.get(key) } {
-        Some(winner) => {
-            if winner.rewrite != forward.rewrite {
-                let _ = CONNTRACK.remove(reverse_key);
-            }
-            *rewrite = winner.rewrite;
+    let winner = unsafe { CONNTRACK.get(key) }.map(|w| w.rewrite);
+    let ours_to_withdraw = winner.is_none_or(|w| w != forward.rewrite);
+    if ours_to_withdraw && let Some(reverse_key) = inserted_reverse {
+        let _ = CONNTRACK.remove(reverse_key);
+    }
+    match winner {
+        Some(w) => {
+            *rewrite = w;
             Ok(())
         }
-        None => {
-            let _ = CONNTRACK.remove(reverse_key);
-            Err(if e == -E2BIG {
-                Reason::DropConntrackFull
-            } else {
-                Reason::DropConntrackInsert
-            })
-        }
+        None => Err(insert_error(e)),
     }
 }

@@ -69,16 +69,23 @@ impl Hop {
 }
 
 /// A FIB lookup for a packet from `src` to `dst` that came in on the packet's interface.
-/// Returns the helper's code and the filled-in parameters.
+/// With a non-zero `tot_len`, the kernel also checks it against the route's MTU. Returns the
+/// helper's code and the filled-in parameters.
 #[inline(always)]
-fn fib(ctx: &XdpContext, pkt: &Packet, src: &Endpoint, dst: &Endpoint) -> (u32, FibParams) {
+fn fib(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    src: &Endpoint,
+    dst: &Endpoint,
+    tot_len: u16,
+) -> (u32, FibParams) {
     // SAFETY: bpf_fib_lookup is plain data; all-zero is its documented initial state.
     let mut params: FibParams = unsafe { core::mem::zeroed() };
     params.family = AF_INET;
     params.l4_protocol = pkt.key.proto;
     params.sport = u16::from_ne_bytes(src.port);
     params.dport = u16::from_ne_bytes(dst.port);
-    params.__bindgen_anon_1.tot_len = pkt.tot_len;
+    params.__bindgen_anon_1.tot_len = tot_len;
     params.ifindex = ctx.ingress_ifindex() as u32;
     params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src.v4_octets());
     params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst.v4_octets());
@@ -108,7 +115,7 @@ pub fn route(
     src: &Endpoint,
     dst: &Endpoint,
 ) -> Result<Hop, Reason> {
-    let (rc, params) = fib(ctx, pkt, src, dst);
+    let (rc, params) = fib(ctx, pkt, src, dst, pkt.tot_len);
     match rc {
         BPF_FIB_LKUP_RET_SUCCESS => {
             // Only interfaces xlb attached to are in the devmap; the tc program sends to
@@ -149,24 +156,39 @@ fn handoff(params: &FibParams, reason: Reason) -> Hop {
 
 /// Whether the packet's source routes back out of the interface it came in on: the strict
 /// reverse-path rule (rp_filter = 1), asked only when a tracked flow's packet arrives on
-/// another interface than the flow's packets did.
+/// another interface than the flow's packets did. No MTU check (`tot_len` 0): the way back
+/// may have a smaller MTU. With a multipath route the FIB names one of its paths, where
+/// rp_filter accepts any: a flow whose packets come in by several paths of one route may be
+/// refused on some.
 #[inline(never)]
 pub fn source_routes_back(ctx: &XdpContext, pkt: &Packet) -> bool {
-    let (rc, params) = fib(ctx, pkt, &pkt.key.dst, &pkt.key.src);
+    let (rc, params) = fib(ctx, pkt, &pkt.key.dst, &pkt.key.src, 0);
     matches!(rc, BPF_FIB_LKUP_RET_SUCCESS | BPF_FIB_LKUP_RET_NO_NEIGH)
         && params.ifindex == ctx.ingress_ifindex() as u32
 }
 
-/// Sends a rewritten packet to `hop`.
+/// Readies a handoff before the packet is rewritten: puts its metadata in front of the frame.
+/// When the driver refuses XDP metadata, the hop becomes the kernel's stack instead (the
+/// rewrite then leaves the TTL for the kernel to lower), counted as `pass/no_metadata`.
+#[inline(always)]
+pub fn prepare(ctx: &XdpContext, hop: &mut Hop) {
+    if let Hop::Handoff {
+        ifindex, next_hop, ..
+    } = *hop
+        && !hand_off(ctx, ifindex, next_hop)
+    {
+        *hop = Hop::Kernel {
+            ifindex,
+            reason: Reason::PassNoMetadata,
+        };
+    }
+}
+
+/// Sends a rewritten packet to `hop` (readied by [`prepare`]).
 #[inline(always)]
 pub fn send(ctx: &XdpContext, hop: Hop) -> Result<Reason, Reason> {
     let (ifindex, smac, dmac) = match hop {
-        Hop::Kernel { reason, .. } => return Ok(reason),
-        Hop::Handoff {
-            ifindex,
-            next_hop,
-            reason,
-        } => return hand_off(ctx, ifindex, next_hop).map(|()| reason),
+        Hop::Kernel { reason, .. } | Hop::Handoff { reason, .. } => return Ok(reason),
         Hop::Direct {
             ifindex,
             smac,
@@ -190,19 +212,19 @@ pub fn send(ctx: &XdpContext, hop: Hop) -> Result<Reason, Reason> {
 }
 
 /// Puts a [`HandoffMeta`] in front of the frame for the tc program (the frame then goes to
-/// the kernel with XDP_PASS).
+/// the kernel with XDP_PASS). False when the driver has no room or support for metadata.
 #[inline(always)]
-fn hand_off(ctx: &XdpContext, ifindex: u32, next_hop: [u8; 16]) -> Result<(), Reason> {
+fn hand_off(ctx: &XdpContext, ifindex: u32, next_hop: [u8; 16]) -> bool {
     const LEN: usize = size_of::<HandoffMeta>();
     // SAFETY: the helper only moves data_meta, within the headroom; it fails cleanly.
     if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -(LEN as i32)) } != 0 {
-        return Err(Reason::DropHandoffFailed);
+        return false;
     }
     // The helper invalidated every packet pointer: derive them again and check the
     // metadata fits before the packet data.
     let meta = ctx.metadata();
     if meta + LEN > ctx.metadata_end() {
-        return Err(Reason::DropHandoffFailed);
+        return false;
     }
     // SAFETY: the check above keeps the whole struct inside the metadata area, which is
     // 4-byte aligned (the helper only accepts multiples of 4) as HandoffMeta needs.
@@ -213,5 +235,5 @@ fn hand_off(ctx: &XdpContext, ifindex: u32, next_hop: [u8; 16]) -> Result<(), Re
             next_hop,
         };
     }
-    Ok(())
+    true
 }

@@ -125,12 +125,14 @@ fn process(ctx: &XdpContext) -> Result<Reason, Reason> {
     let mut pkt = parse::Packet::default();
     parse::parse(ctx, &mut pkt)?;
     let mut rewrite = Rewrite::default();
-    let hop = if conntrack::lookup(ctx, &pkt, &mut rewrite)? {
-        forwardable(&pkt)?;
+    let fwd = forwardable(&pkt);
+    let mut hop = if conntrack::lookup(ctx, &pkt, fwd.is_ok(), &mut rewrite)? {
+        fwd?;
         forward::route(ctx, &pkt, &rewrite.src, &rewrite.dst)?
     } else {
         new_flow(ctx, &pkt, &mut rewrite)?
     };
+    forward::prepare(ctx, &mut hop);
     nat::rewrite(ctx, &pkt, &rewrite, hop.ttl_decrement())?;
     let sent = forward::send(ctx, hop)?;
     // Counted once the packet has left (or gone to the kernel rewritten), so a packet
@@ -166,6 +168,11 @@ fn new_flow(ctx: &XdpContext, pkt: &parse::Packet, rewrite: &mut Rewrite) -> Res
         reply_ifindex: hop.ifindex(),
     };
     conntrack::create(ctx, pkt, &flow, rewrite)?;
+    if rewrite.dst != backend.endpoint {
+        // Another CPU created the flow at the same moment, toward another backend (the
+        // Maglev table changed in between): its flow stands, so route to its backend.
+        return forward::route(ctx, pkt, &rewrite.src, &rewrite.dst);
+    }
     Ok(hop)
 }
 

@@ -254,9 +254,10 @@ impl SendErrors {
 }
 
 /// When the sweeper runs: every second or so (less often when a sweep takes long, so it
-/// uses a small share of a core), and every [`Sweeper::TICK`] while new flows are being
-/// refused for want of room (conntrack full or SNAT ports exhausted), pruning idle `New`
-/// flows as well — what a SYN flood leaves.
+/// uses a small share of a core), and, while new flows are being refused for want of room
+/// (conntrack full or out of memory, SNAT ports exhausted), every [`Sweeper::TICK`] (or a
+/// few sweeps' time on a big table), pruning idle `New` flows as well: what a SYN flood
+/// leaves.
 struct Sweeper {
     timeouts: lb_common::conntrack::Timeouts,
     next: Instant,
@@ -270,8 +271,10 @@ struct Sweeper {
 impl Sweeper {
     const TICK: Duration = Duration::from_millis(100);
     const INTERVAL: Duration = Duration::from_secs(1);
-    /// A sweep may take at most this share of the time between sweeps.
+    /// A sweep takes at most 1/MAX_SHARE of the time between sweeps, and 1/PRESSURE_SHARE
+    /// under pressure: a big table's sweeps never run back to back.
     const MAX_SHARE: u32 = 20;
+    const PRESSURE_SHARE: u32 = 4;
     const PRESSURE_FOR: Duration = Duration::from_secs(2);
 
     fn new(cfg: &Checked) -> Sweeper {
@@ -288,14 +291,15 @@ impl Sweeper {
         let now = Instant::now();
         let reasons = stats::reasons(ebpf)?;
         let refused = reasons[Reason::DropConntrackFull as usize]
+            + reasons[Reason::DropConntrackNoMemory as usize]
             + reasons[Reason::DropSnatPortsExhausted as usize];
         if refused > self.refused {
             if self.pressure_until.is_none() {
                 log::warn!(
-                    "new flows are being refused (conntrack full or SNAT ports exhausted): \
-                     sweeping every {:?} and pruning idle new flows",
-                    Self::TICK
+                    "new flows are being refused (conntrack full, out of memory, or SNAT \
+                     ports exhausted): sweeping more often and pruning idle new flows"
                 );
+                self.next = now;
             }
             self.refused = refused;
             self.pressure_until = Some(now + Self::PRESSURE_FOR);
@@ -304,7 +308,7 @@ impl Sweeper {
         if !pressure {
             self.pressure_until = None;
         }
-        if pressure || now >= self.next {
+        if now >= self.next {
             self.sweep(ebpf, pressure)?;
         }
         Ok(())
@@ -323,11 +327,15 @@ impl Sweeper {
                 report.took
             );
         }
-        self.next = if report.more {
-            Instant::now()
+        let wait = if pressure {
+            Self::TICK.max(report.took * Self::PRESSURE_SHARE)
+        } else if report.more {
+            // More flows are due: the next tick, after the loop has looked at signals.
+            Duration::ZERO
         } else {
-            Instant::now() + Self::INTERVAL.max(report.took * Self::MAX_SHARE)
+            Self::INTERVAL.max(report.took * Self::MAX_SHARE)
         };
+        self.next = Instant::now() + wait;
         if let Some(last) = &self.last {
             report.expired += last.expired;
             report.pruned += last.pruned;

@@ -78,6 +78,10 @@ impl Default for Dataplane {
     }
 }
 
+/// The most flows `[conntrack] entries` may ask for: the kernel refuses a hash map of more
+/// than 2^28 entries (its bucket array), and a flow takes two.
+pub const MAX_CONNTRACK_FLOWS: u32 = 1 << 27;
+
 /// `[conntrack]`: how many flows xlb tracks, and how long each state may stay idle (seconds).
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
@@ -347,7 +351,11 @@ impl Checked {
             return Err(ConfigErrors(vec![FieldError {
                 field: "dataplane.snat_port_range".into(),
                 problem: format!(
-                    "{} overlaps the host's ephemeral ports {lo}-{hi}                      (net.ipv4.ip_local_port_range), and service {first_own}'s snat {} is an                      address of this host: replies to the host's own connections would be                      taken for a client's. Use a range outside {lo}-{hi}, or a SNAT address                      the host does not own",
+                    "{} overlaps the host's ephemeral ports {lo}-{hi} \
+                     (net.ipv4.ip_local_port_range), and service {first_own}'s snat {} is an \
+                     address of this host: replies to the host's own connections would be \
+                     taken for a client's. Use a range outside {lo}-{hi}, or a SNAT address \
+                     the host does not own",
                     self.snat_ports, first_own.snat
                 ),
             }]));
@@ -375,7 +383,9 @@ impl Checked {
                 return Err(ConfigErrors(vec![FieldError {
                     field: "dataplane.snat_port_range".into(),
                     problem: format!(
-                        "the host's ephemeral ports {lo}-{hi} leave no SNAT ports for {}, an                          address of this host: narrow net.ipv4.ip_local_port_range or use                          another SNAT address",
+                        "the host's ephemeral ports {lo}-{hi} leave no SNAT ports for {}, an \
+                         address of this host: narrow net.ipv4.ip_local_port_range or use \
+                         another SNAT address",
                         first_own.snat
                     ),
                 }]));
@@ -505,10 +515,13 @@ impl Config {
             }
         }
         let ct = &self.conntrack;
-        if ct.entries == 0 || ct.entries > u32::MAX / 2 {
+        if ct.entries == 0 || ct.entries > MAX_CONNTRACK_FLOWS {
             err(
                 "conntrack.entries".into(),
-                format!("must be between 1 and {}, got {}", u32::MAX / 2, ct.entries),
+                format!(
+                    "must be between 1 and {MAX_CONNTRACK_FLOWS}, got {}",
+                    ct.entries
+                ),
             );
         }
         for (field, value) in [

@@ -5,9 +5,10 @@
 //! Why a sweeper in userspace, and nothing in the data path: the map is a plain hash map
 //! that never evicts, so a flow leaves only when the sweeper removes both of its entries. A
 //! single remover means two CPUs can never race to free one port. A sweep reads every entry
-//! (`BPF_MAP_LOOKUP_BATCH`, thousands per system call), decides on each flow from its forward
-//! entry alone (both entries carry the flow's record), and deletes the expired flows: the
-//! reverse entry first (that frees the SNAT port), then the forward one.
+//! (`BPF_MAP_LOOKUP_BATCH`, thousands per system call) and judges each (both entries carry
+//! the flow's record); a flow that looks done is read again, both entries, judged by the
+//! fresher timestamp, and removed: the reverse entry first (that frees the SNAT port), then
+//! the forward one.
 
 use std::{
     os::fd::{AsFd as _, AsRawFd as _},
@@ -48,9 +49,9 @@ pub struct SweepReport {
     pub took: Duration,
 }
 
-/// Flows one sweep removes at most. Each costs a few system calls (about 7 µs in all), so
-/// this bounds a sweep's time when a great many flows expire at once (0.5 s or so), and the
-/// caller sweeps again at once for the rest.
+/// Flows (or orphan entries) one sweep removes at most. Each costs four system calls (about
+/// 7 µs in all), so this bounds a sweep's time when a great many flows expire at once (0.5 s
+/// or so), and the caller sweeps again soon for the rest.
 pub const MAX_REMOVALS: usize = 65_536;
 
 impl SweepReport {
@@ -71,7 +72,8 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// Removes expired flows (and, when `pressure` is set, idle `New` ones) from `CONNTRACK`.
+/// Removes expired flows (and, when `pressure` is set, idle `New` ones) from `CONNTRACK`,
+/// at most [`MAX_REMOVALS`] of them.
 pub fn sweep(ebpf: &mut Ebpf, timeouts: &Timeouts, pressure: bool) -> anyhow::Result<SweepReport> {
     let started = Instant::now();
     let mut report = SweepReport::default();
@@ -84,41 +86,50 @@ pub fn sweep(ebpf: &mut Ebpf, timeouts: &Timeouts, pressure: bool) -> anyhow::Re
         .context("map CONNTRACK")?
         .try_into()?;
     let now = monotonic_ns();
-    let mut doomed: Vec<(FlowKey, Verdict)> = Vec::new();
+    // Candidates from forward entries (one per flow, counted by state) come first; those
+    // from reverse entries matter only when the forward one is missing (an orphan).
+    let (mut forward, mut reverse) = (Vec::new(), Vec::new());
     for_each_batch(fd, |keys, entries| {
         report.entries += keys.len() as u64;
         for (key, entry) in keys.iter().zip(entries) {
-            let verdict = judge(key, entry, timeouts, now, pressure);
+            let doomed = judge(key, entry, timeouts, now, pressure) != Verdict::Keep;
             if entry.rewrite.direction == DIR_TO_BACKEND {
-                report.flows[FlowState::of(key.proto, &entry.seen) as usize] += 1;
-            }
-            if verdict != Verdict::Keep {
-                doomed.push((*key, verdict));
+                let state = FlowState::of(key.proto, &entry.seen);
+                report.flows[state as usize] += 1;
+                if doomed {
+                    forward.push((*key, Some(state)));
+                }
+            } else if doomed {
+                reverse.push((*key, None));
             }
         }
     })?;
-    // Expired flows appear twice (both entries): a flow is removed once.
-    report.more = doomed.len() > 2 * MAX_REMOVALS;
-    doomed.truncate(2 * MAX_REMOVALS);
-    for (key, verdict) in doomed {
-        let removed = remove_flow(&mut table, &key, timeouts, pressure)?;
-        report.entries -= match removed {
-            Removed::Flow(_) => 2,
-            Removed::Orphan => 1,
-            Removed::Nothing => 0,
+    let mut removals = 0;
+    for (i, (key, counted)) in forward.iter().chain(&reverse).enumerate() {
+        if removals == MAX_REMOVALS {
+            report.more = i < forward.len() + reverse.len();
+            break;
         }
-        .min(report.entries);
-        match (removed, verdict) {
-            (Removed::Flow(state), Verdict::Expired) => {
-                report.expired += 1;
-                report.flows[state as usize] = report.flows[state as usize].saturating_sub(1);
-            }
-            (Removed::Flow(state), Verdict::Pruned) => {
+        let removed = remove_flow(&mut table, key, timeouts, pressure)?;
+        let (entries, counted) = match removed {
+            Removed::Flow(Verdict::Pruned) => {
                 report.pruned += 1;
-                report.flows[state as usize] = report.flows[state as usize].saturating_sub(1);
+                (2, *counted)
             }
-            (Removed::Orphan, _) => report.orphans += 1,
-            _ => {}
+            Removed::Flow(_) => {
+                report.expired += 1;
+                (2, *counted)
+            }
+            Removed::Orphan => {
+                report.orphans += 1;
+                (1, *counted)
+            }
+            Removed::Nothing => continue,
+        };
+        removals += 1;
+        report.entries = report.entries.saturating_sub(entries);
+        if let Some(state) = counted {
+            report.flows[state as usize] = report.flows[state as usize].saturating_sub(1);
         }
     }
     report.took = started.elapsed();
@@ -154,45 +165,50 @@ fn judge(
 }
 
 enum Removed {
-    /// Both entries of a flow that was in this state.
-    Flow(FlowState),
+    /// Both entries of a flow, expired or pruned.
+    Flow(Verdict),
     /// An entry whose twin was gone.
     Orphan,
     /// Nothing: gone already, or no longer doomed (a packet refreshed it meanwhile).
     Nothing,
 }
 
-/// Removes the flow of the entry at `key`, if it is still doomed when read again now: the
-/// reverse entry first, so the SNAT port is free only once nothing can send to it, then the
-/// forward one. An entry whose twin is missing (or belongs to another flow) is removed alone.
+/// Removes the flow of the entry at `key`, if it is still doomed when read again now, with
+/// its twin: judged by the fresher of the two timestamps (the XDP program refreshes a new
+/// flow's entry at every packet, its twin less often). The reverse entry goes first, so the
+/// SNAT port is free only once nothing can send to it, then the forward one. An entry whose
+/// twin is missing (or belongs to another flow) is removed alone.
 fn remove_flow(
     table: &mut HashMap<&mut MapData, FlowKey, NatEntry>,
     key: &FlowKey,
     timeouts: &Timeouts,
     pressure: bool,
 ) -> anyhow::Result<Removed> {
-    let Some(entry) = get(table, key)? else {
+    let Some(mut entry) = get(table, key)? else {
         return Ok(Removed::Nothing);
     };
-    // Judged again on a fresh read, at a fresh time: the batch may be a little old.
-    if judge(key, &entry, timeouts, monotonic_ns(), pressure) == Verdict::Keep {
-        return Ok(Removed::Nothing);
-    }
     let twin_key = entry.twin_key(key.proto);
     let twin = get(table, &twin_key)?.filter(|t| t.twin_key(key.proto) == *key);
-    let state = FlowState::of(key.proto, &entry.seen);
+    if let Some(t) = &twin {
+        entry.last_seen_ns = entry.last_seen_ns.max(t.last_seen_ns);
+    }
+    // Judged again on a fresh read, at a fresh time: the batch may be a little old.
+    let verdict = judge(key, &entry, timeouts, monotonic_ns(), pressure);
+    if verdict == Verdict::Keep {
+        return Ok(Removed::Nothing);
+    }
+    if twin.is_none() {
+        delete(table, key)?;
+        return Ok(Removed::Orphan);
+    }
     let (first, second) = if entry.rewrite.direction == DIR_TO_BACKEND {
         (twin_key, *key)
     } else {
         (*key, twin_key)
     };
-    if twin.is_none() {
-        delete(table, key)?;
-        return Ok(Removed::Orphan);
-    }
     delete(table, &first)?;
     delete(table, &second)?;
-    Ok(Removed::Flow(state))
+    Ok(Removed::Flow(verdict))
 }
 
 fn get(

@@ -561,3 +561,158 @@ fn the_sweeper_removes_what_has_expired_and_nothing_else() {
         Ok(())
     });
 }
+
+/// Writes `entry` at `key` in the conntrack table.
+fn put(ebpf: &mut Ebpf, key: FlowKey, entry: NatEntry) -> Result<()> {
+    let mut ct: HashMap<&mut MapData, FlowKey, NatEntry> = ebpf
+        .map_mut(names::CONNTRACK)
+        .context("map CONNTRACK")?
+        .try_into()?;
+    ct.insert(key, entry, 0)?;
+    Ok(())
+}
+
+fn remove(ebpf: &mut Ebpf, key: &FlowKey) -> Result<()> {
+    let mut ct: HashMap<&mut MapData, FlowKey, NatEntry> = ebpf
+        .map_mut(names::CONNTRACK)
+        .context("map CONNTRACK")?
+        .try_into()?;
+    ct.remove(key)?;
+    Ok(())
+}
+
+fn sa(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(ip, port)
+}
+
+/// A flow whose reverse entry survived while its forward one was lost gets it back on its
+/// next packet; if the table is full, that packet is refused, and the reverse entry (the
+/// flow's port) must stay: this run did not insert it, so it is not this run's to withdraw.
+#[test]
+fn a_flow_refused_a_forward_entry_keeps_its_reverse_one() {
+    in_lab(|_| {
+        let checked = config([40000, 40000], 1);
+        let lab::Program { mut ebpf, fx0, fx1 } = lab::load(&checked)?;
+        let (client, vip) = (sa(CLIENT, 40000), sa(VIP, 80));
+        let (backend, snat) = (sa(lab::BACKEND, 8080), sa(SNAT, 40000));
+        let reverse_key = key(backend, snat, PROTO_TCP);
+        let reverse = NatEntry {
+            rewrite: lb_common::maps::Rewrite {
+                src: lb_common::maps::Endpoint::from_socket_v4(vip),
+                dst: lb_common::maps::Endpoint::from_socket_v4(client),
+                service_id: 0,
+                backend_id: 0,
+                direction: lb_common::maps::DIR_TO_CLIENT,
+                _pad: [0; 3],
+            },
+            ifindex: fx1.ifindex,
+            last_seen_ns: monotonic_ns(),
+            ..NatEntry::default()
+        };
+        put(&mut ebpf, reverse_key, reverse)?;
+        // The table's other place taken by something else.
+        let filler = key(sa(Ipv4Addr::new(10, 10, 1, 99), 1), vip, PROTO_TCP);
+        put(&mut ebpf, filler, reverse)?;
+
+        let ack = Frame::tcp((CLIENT, 40000), (VIP, 80), TCP_ACK).with_macs(CLIENT_MAC, fx0.mac);
+        let run = lab::run(&ebpf, &ack.build(), fx0.ifindex, None)?;
+        ensure!(
+            run.counted == [(Reason::DropConntrackFull, 1)],
+            "{:?}",
+            run.counted
+        );
+        let held = lab::conntrack_entry(&ebpf, &reverse_key)?;
+        ensure!(
+            held.is_some_and(|e| e.rewrite == reverse.rewrite),
+            "the flow's reverse entry was withdrawn: {held:?}"
+        );
+        Ok(())
+    });
+}
+
+/// The sweeper removes a flow's reverse entry first, and a new flow may take its key before
+/// the forward entry goes: a packet of the old flow must then not write into the new flow's
+/// entry.
+#[test]
+fn a_flow_never_records_into_another_flows_entry() {
+    in_lab(|_| {
+        let checked = config([40000, 40000], 16);
+        let lab::Program { mut ebpf, fx0, fx1 } = lab::load(&checked)?;
+        let send = |ebpf: &Ebpf, frame: Frame, ingress: Iface| -> Result<()> {
+            let run = lab::run(ebpf, &frame.build(), ingress.ifindex, None)?;
+            ensure!(
+                run.counted == [(Reason::ForwardRedirect, 1)],
+                "{:?}",
+                run.counted
+            );
+            Ok(())
+        };
+        let c =
+            |flags| Frame::tcp((CLIENT, 40000), (VIP, 80), flags).with_macs(CLIENT_MAC, fx0.mac);
+        let b = |flags| {
+            Frame::tcp((lab::BACKEND, 8080), (SNAT, 40000), flags).with_macs(BACKEND_MAC, fx1.mac)
+        };
+        send(&ebpf, c(TCP_SYN), fx0)?;
+        send(&ebpf, b(TCP_SYN | TCP_ACK), fx1)?;
+        send(&ebpf, c(TCP_ACK), fx0)?;
+        // The flow's reverse entry now belongs to another client's flow.
+        let reverse_key = key(sa(lab::BACKEND, 8080), sa(SNAT, 40000), PROTO_TCP);
+        let mut other = lab::conntrack_entry(&ebpf, &reverse_key)?.context("the reverse entry")?;
+        remove(&mut ebpf, &reverse_key)?;
+        other.rewrite.dst =
+            lb_common::maps::Endpoint::from_socket_v4(sa(Ipv4Addr::new(10, 10, 1, 3), 5555));
+        put(&mut ebpf, reverse_key, other)?;
+
+        send(&ebpf, c(TCP_FIN | TCP_ACK), fx0)?;
+        let after = lab::conntrack_entry(&ebpf, &reverse_key)?.context("the other flow's entry")?;
+        ensure!(
+            after.seen == other.seen,
+            "the old flow's FIN was recorded into another flow's entry: {:?} became {:?}",
+            other.seen,
+            after.seen
+        );
+        Ok(())
+    });
+}
+
+/// Under pressure the sweeper prunes new flows idle for 100 ms. A new flow that is still
+/// sending (a one-way UDP stream, say) must not look idle: the program keeps its entry's
+/// time exact, and the sweeper judges a flow by the fresher of its two entries.
+#[test]
+fn pressure_spares_a_new_flow_that_is_still_sending() {
+    in_lab(|_| {
+        let checked = config([40000, 40999], 16);
+        let lab::Program { mut ebpf, fx0, .. } = lab::load(&checked)?;
+        let datagram =
+            Frame::udp((CLIENT, 5000), (VIP, 53), b"one way").with_macs(CLIENT_MAC, fx0.mac);
+        let forward = key(sa(CLIENT, 5000), sa(VIP, 53), lb_common::maps::PROTO_UDP);
+        let timeouts = checked.conntrack.timeouts();
+        for round in 0..5 {
+            let run = lab::run(&ebpf, &datagram.build(), fx0.ifindex, None)?;
+            ensure!(
+                run.counted == [(Reason::ForwardRedirect, 1)],
+                "{:?}",
+                run.counted
+            );
+            // Both entries 300 ms old (under the half-second refresh), then one more
+            // datagram: it refreshes the forward entry only.
+            age(&mut ebpf, &forward, Duration::from_millis(300))?;
+            let run = lab::run(&ebpf, &datagram.build(), fx0.ifindex, None)?;
+            ensure!(
+                run.counted == [(Reason::ForwardRedirect, 1)],
+                "{:?}",
+                run.counted
+            );
+            let report = sweep(&mut ebpf, &timeouts, true)?;
+            ensure!(
+                report.pruned == 0 && lab::conntrack_entry(&ebpf, &forward)?.is_some(),
+                "round {round}: a sending new flow was pruned: {report:?}"
+            );
+        }
+        // Once it stops sending, it goes.
+        age(&mut ebpf, &forward, Duration::from_millis(300))?;
+        let report = sweep(&mut ebpf, &timeouts, true)?;
+        ensure!(report.pruned == 1, "{report:?}");
+        Ok(())
+    });
+}

@@ -676,6 +676,22 @@ fn services_cases(lab: &Lab) -> Vec<Case> {
         ),
     ));
     v.push(case(
+        "03h2 a FIN of an established flow with its TTL about to expire: to the kernel \
+         untouched, and the flow stays established",
+        handshake.clone(),
+        pkt(
+            &Frame {
+                ttl: 1,
+                ..fin.clone()
+            },
+            fx0,
+        ),
+        Expect {
+            state: Some(FlowState::Established),
+            ..untouched(XDP_PASS, Reason::PassTtlExpired)
+        },
+    ));
+    v.push(case(
         "03i an RST to the VIP with no flow: dropped, and opens none",
         vec![],
         pkt(&c(TCP_RST | TCP_ACK), fx0),

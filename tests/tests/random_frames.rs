@@ -420,8 +420,8 @@ fn run_and_check(
         reason.xdp_action()
     );
 
-    // Whatever reached conntrack and found a tracked flow was recorded there, whatever
-    // became of the packet after (TTL about to expire, first fragment, ...).
+    // What found a tracked flow was recorded there, if it was to be forwarded (not with its
+    // TTL about to expire, not a first fragment), whatever became of it after.
     let layout = layout_v4(input);
     let key = layout.as_ref().map(|l| l.flow_key(input));
     let reached_conntrack = !matches!(
@@ -432,6 +432,8 @@ fn run_and_check(
             | Reason::DropTruncated
             | Reason::DropBadIpv4Header
             | Reason::DropWrongInterface
+            | Reason::PassTtlExpired
+            | Reason::DropFragment
     );
     let was_tracked = key.as_ref().is_some_and(|k| model.flow(k).is_some());
     if reached_conntrack
