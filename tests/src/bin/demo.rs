@@ -135,9 +135,11 @@ fn demo(topo: &Topology) -> Result<()> {
     );
 
     println!();
-    println!("xlb counters:");
+    println!("xlb counters (the connections' flows wait out their time-wait):");
     for line in output.lines().filter(|l| {
-        l.starts_with("service ") || l.starts_with("backend ") || l.starts_with("reason ")
+        ["service ", "backend ", "reason ", "handoff ", "conntrack"]
+            .iter()
+            .any(|p| l.starts_with(p))
     }) {
         println!("  {line}");
     }
