@@ -1,19 +1,14 @@
 //! The `xlb` command line: `xlb run` and `xlb check`.
 
-use std::{
-    path::PathBuf,
-    time::{Duration, Instant},
-};
+use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use tokio::signal::unix::{SignalKind, signal};
 
-use lb_common::reason::Reason;
-
 use crate::{
     config::{Checked, Config, HostFacts, XdpModeConfig},
-    conntrack::{self, SweepReport},
+    conntrack::Sweeper,
     ethtool, loader,
     neighbours::ManagedNeighbours,
     stats, tables, veth,
@@ -154,11 +149,7 @@ async fn serve(cfg: &Checked, stats_interval: Option<Duration>) -> anyhow::Resul
     );
 
     let mut ticker = stats_interval.map(tokio::time::interval);
-    let mut sweeper = Sweeper::new(cfg);
-    // A first sweep (of an empty table, or of what an earlier run left), so the counts
-    // are there from the first report on.
-    sweeper.sweep(&mut loaded.ebpf, false)?;
-    let mut housekeeping = tokio::time::interval(Sweeper::TICK);
+    let sweeper = Sweeper::start(&loaded.ebpf, cfg.conntrack.timeouts())?;
     loop {
         let tick = async {
             match ticker.as_mut() {
@@ -171,23 +162,22 @@ async fn serve(cfg: &Checked, stats_interval: Option<Duration>) -> anyhow::Resul
         tokio::select! {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
-            _ = housekeeping.tick() => sweeper.tick(&mut loaded.ebpf)?,
             () = tick => {
                 let mut snap = stats::read(&loaded.ebpf, &layout)?;
-                snap.conntrack = sweeper.last.clone();
+                snap.conntrack = sweeper.latest();
                 snap.interfaces = send_errors.read();
                 print!("{}", stats::format(cfg, &snap));
             }
         }
     }
 
-    // A last sweep, so the final counts are current.
-    sweeper.sweep(&mut loaded.ebpf, false)?;
     let mut snap = stats::read(&loaded.ebpf, &layout)?;
-    snap.conntrack = sweeper.last.clone();
+    snap.conntrack = Some(sweeper.stop()?);
     snap.interfaces = send_errors.read();
     print!("{}", stats::format(cfg, &snap));
-    if let Err(e) = neighbours.remove().await {
+    if let Some(neighbours) = neighbours
+        && let Err(e) = neighbours.remove().await
+    {
         log::warn!("removing the managed neighbour entries: {e:#}");
     }
     let names: Vec<String> = loaded
@@ -202,16 +192,24 @@ async fn serve(cfg: &Checked, stats_interval: Option<Duration>) -> anyhow::Resul
 
 /// Installs kernel-managed neighbour entries for every backend's next hop, so the first
 /// packet of a flow finds its MAC (see [`neighbours`]), and waits briefly for them to resolve.
-/// An unroutable or silent backend is reported, not fatal.
-async fn keep_backends_resolved(cfg: &Checked) -> anyhow::Result<ManagedNeighbours> {
+/// An unroutable or silent backend is reported, not fatal; so is a kernel that cannot
+/// manage entries (before 5.16): the tc handoff resolves next hops on the first packet then.
+async fn keep_backends_resolved(cfg: &Checked) -> anyhow::Result<Option<ManagedNeighbours>> {
     let addrs: Vec<std::net::Ipv4Addr> = cfg
         .services
         .iter()
         .flat_map(|s| s.backends.iter().map(|b| *b.address.ip()))
         .collect();
-    let managed = ManagedNeighbours::install(&addrs)
-        .await
-        .context("installing neighbour entries for the backends")?;
+    let managed = match ManagedNeighbours::install(&addrs).await {
+        Ok(managed) => managed,
+        Err(e) => {
+            println!(
+                "warning: the backends' next hops are not kept resolved ({e:#}); first packets \
+                 to them wait for the kernel to resolve them"
+            );
+            return Ok(None);
+        }
+    };
     for u in managed.unroutable() {
         println!("warning: backend {} has no route: {}", u.address, u.reason);
     }
@@ -222,7 +220,7 @@ async fn keep_backends_resolved(cfg: &Checked) -> anyhow::Result<ManagedNeighbou
     {
         println!("warning: next hop not resolved yet (the kernel keeps trying): {hop}");
     }
-    Ok(managed)
+    Ok(Some(managed))
 }
 
 /// The interfaces' counters of frames the kernel failed to send for XDP (see
@@ -250,98 +248,5 @@ impl SendErrors {
                 (iface.clone(), now.saturating_sub(*base))
             })
             .collect()
-    }
-}
-
-/// When the sweeper runs: every second or so (less often when a sweep takes long, so it
-/// uses a small share of a core), and, while new flows are being refused for want of room
-/// (conntrack full or out of memory, SNAT ports exhausted), every [`Sweeper::TICK`] (or a
-/// few sweeps' time on a big table), pruning idle `New` flows as well: what a SYN flood
-/// leaves.
-struct Sweeper {
-    timeouts: lb_common::conntrack::Timeouts,
-    next: Instant,
-    /// Refusals counted so far (`drop/conntrack_full` + `drop/snat_ports_exhausted`).
-    refused: u64,
-    /// Pressure mode lasts this long after the last refusal.
-    pressure_until: Option<Instant>,
-    last: Option<SweepReport>,
-}
-
-impl Sweeper {
-    const TICK: Duration = Duration::from_millis(100);
-    const INTERVAL: Duration = Duration::from_secs(1);
-    /// A sweep takes at most 1/MAX_SHARE of the time between sweeps, and 1/PRESSURE_SHARE
-    /// under pressure: a big table's sweeps never run back to back.
-    const MAX_SHARE: u32 = 20;
-    const PRESSURE_SHARE: u32 = 4;
-    const PRESSURE_FOR: Duration = Duration::from_secs(2);
-
-    fn new(cfg: &Checked) -> Sweeper {
-        Sweeper {
-            timeouts: cfg.conntrack.timeouts(),
-            next: Instant::now() + Self::INTERVAL,
-            refused: 0,
-            pressure_until: None,
-            last: None,
-        }
-    }
-
-    fn tick(&mut self, ebpf: &mut aya::Ebpf) -> anyhow::Result<()> {
-        let now = Instant::now();
-        let reasons = stats::reasons(ebpf)?;
-        let refused = reasons[Reason::DropConntrackFull as usize]
-            + reasons[Reason::DropConntrackNoMemory as usize]
-            + reasons[Reason::DropSnatPortsExhausted as usize];
-        if refused > self.refused {
-            if self.pressure_until.is_none() {
-                log::warn!(
-                    "new flows are being refused (conntrack full, out of memory, or SNAT \
-                     ports exhausted): sweeping more often and pruning idle new flows"
-                );
-                self.next = now;
-            }
-            self.refused = refused;
-            self.pressure_until = Some(now + Self::PRESSURE_FOR);
-        }
-        let pressure = self.pressure_until.is_some_and(|until| now < until);
-        if !pressure {
-            self.pressure_until = None;
-        }
-        if now >= self.next {
-            self.sweep(ebpf, pressure)?;
-        }
-        Ok(())
-    }
-
-    /// Sweeps now. The report's `expired`, `pruned` and `orphans` count since start-up.
-    fn sweep(&mut self, ebpf: &mut aya::Ebpf, pressure: bool) -> anyhow::Result<()> {
-        let mut report = conntrack::sweep(ebpf, &self.timeouts, pressure)?;
-        if report.expired + report.pruned + report.orphans > 0 {
-            log::debug!(
-                "sweep: {} flows expired, {} pruned, {} orphan entries, {} flows left, {:?}",
-                report.expired,
-                report.pruned,
-                report.orphans,
-                report.total_flows(),
-                report.took
-            );
-        }
-        let wait = if pressure {
-            Self::TICK.max(report.took * Self::PRESSURE_SHARE)
-        } else if report.more {
-            // More flows are due: the next tick, after the loop has looked at signals.
-            Duration::ZERO
-        } else {
-            Self::INTERVAL.max(report.took * Self::MAX_SHARE)
-        };
-        self.next = Instant::now() + wait;
-        if let Some(last) = &self.last {
-            report.expired += last.expired;
-            report.pruned += last.pruned;
-            report.orphans += last.orphans;
-        }
-        self.last = Some(report);
-        Ok(())
     }
 }

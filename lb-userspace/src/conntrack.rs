@@ -9,20 +9,30 @@
 //! the flow's record); a flow that looks done is read again, both entries, judged by the
 //! fresher timestamp, and removed: the reverse entry first (that frees the SNAT port), then
 //! the forward one.
+//!
+//! The [`Sweeper`] runs on a thread of its own, with map handles of its own, so a long
+//! sweep (a second for a million flows, several when most of them expire at once) never
+//! holds up `xlb run`'s loop.
 
 use std::{
-    os::fd::{AsFd as _, AsRawFd as _},
+    os::fd::{AsFd as _, AsRawFd as _, RawFd},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
 use aya::{
     Ebpf,
-    maps::{HashMap, Map, MapData},
+    maps::{HashMap, Map, MapData, PerCpuArray},
 };
 use lb_common::{
     conntrack::{FlowState, Timeouts, remaining_ns},
     maps::{DIR_TO_BACKEND, FlowKey, NatEntry, names},
+    reason::Reason,
 };
 
 /// Under pressure (new flows refused: the table is full or SNAT ports ran out), flows that
@@ -44,15 +54,8 @@ pub struct SweepReport {
     pub pruned: u64,
     /// Entries removed because their flow's other entry was gone.
     pub orphans: u64,
-    /// More flows were due than one sweep removes ([`MAX_REMOVALS`]): sweep again soon.
-    pub more: bool,
     pub took: Duration,
 }
-
-/// Flows (or orphan entries) one sweep removes at most. Each costs four system calls (about
-/// 7 µs in all), so this bounds a sweep's time when a great many flows expire at once (0.5 s
-/// or so), and the caller sweeps again soon for the rest.
-pub const MAX_REMOVALS: usize = 65_536;
 
 impl SweepReport {
     pub fn total_flows(&self) -> u64 {
@@ -72,68 +75,229 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// Removes expired flows (and, when `pressure` is set, idle `New` ones) from `CONNTRACK`,
-/// at most [`MAX_REMOVALS`] of them.
-pub fn sweep(ebpf: &mut Ebpf, timeouts: &Timeouts, pressure: bool) -> anyhow::Result<SweepReport> {
-    let started = Instant::now();
-    let mut report = SweepReport::default();
-    let fd = match ebpf.map(names::CONNTRACK).context("map CONNTRACK")? {
-        Map::HashMap(data) => data.fd().as_fd().as_raw_fd(),
-        _ => bail!("map CONNTRACK is not a hash map"),
-    };
-    let mut table: HashMap<&mut MapData, FlowKey, NatEntry> = ebpf
-        .map_mut(names::CONNTRACK)
-        .context("map CONNTRACK")?
-        .try_into()?;
-    let now = monotonic_ns();
-    // Candidates from forward entries (one per flow, counted by state) come first; those
-    // from reverse entries matter only when the forward one is missing (an orphan).
-    let (mut forward, mut reverse) = (Vec::new(), Vec::new());
-    for_each_batch(fd, |keys, entries| {
-        report.entries += keys.len() as u64;
-        for (key, entry) in keys.iter().zip(entries) {
-            let doomed = judge(key, entry, timeouts, now, pressure) != Verdict::Keep;
-            if entry.rewrite.direction == DIR_TO_BACKEND {
-                let state = FlowState::of(key.proto, &entry.seen);
-                report.flows[state as usize] += 1;
-                if doomed {
-                    forward.push((*key, Some(state)));
+/// A handle of its own on the `CONNTRACK` map (opened by the map's id), usable on any
+/// thread.
+pub struct Table {
+    map: HashMap<MapData, FlowKey, NatEntry>,
+    /// The map's fd, for `BPF_MAP_LOOKUP_BATCH`; owned by `map`.
+    fd: RawFd,
+}
+
+impl Table {
+    pub fn open(ebpf: &Ebpf) -> anyhow::Result<Table> {
+        let data = reopen(ebpf, names::CONNTRACK)?;
+        let fd = data.fd().as_fd().as_raw_fd();
+        Ok(Table {
+            map: Map::HashMap(data).try_into()?,
+            fd,
+        })
+    }
+
+    /// Removes expired flows (and, when `pressure` is set, idle `New` ones).
+    pub fn sweep(&mut self, timeouts: &Timeouts, pressure: bool) -> anyhow::Result<SweepReport> {
+        let started = Instant::now();
+        let mut report = SweepReport::default();
+        let now = monotonic_ns();
+        // Candidates from forward entries (one per flow, counted by state) come first;
+        // those from reverse entries matter only when the forward one is missing (an orphan).
+        let (mut forward, mut reverse) = (Vec::new(), Vec::new());
+        for_each_batch(self.fd, |keys, entries| {
+            report.entries += keys.len() as u64;
+            for (key, entry) in keys.iter().zip(entries) {
+                let doomed = judge(key, entry, timeouts, now, pressure) != Verdict::Keep;
+                if entry.rewrite.direction == DIR_TO_BACKEND {
+                    let state = FlowState::of(key.proto, &entry.seen);
+                    report.flows[state as usize] += 1;
+                    if doomed {
+                        forward.push((*key, Some(state)));
+                    }
+                } else if doomed {
+                    reverse.push((*key, None));
                 }
-            } else if doomed {
-                reverse.push((*key, None));
+            }
+        })?;
+        for (key, counted) in forward.iter().chain(&reverse) {
+            let entries = match remove_flow(&mut self.map, key, timeouts, pressure)? {
+                Removed::Flow(Verdict::Pruned) => {
+                    report.pruned += 1;
+                    2
+                }
+                Removed::Flow(_) => {
+                    report.expired += 1;
+                    2
+                }
+                Removed::Orphan => {
+                    report.orphans += 1;
+                    1
+                }
+                Removed::Nothing => continue,
+            };
+            report.entries = report.entries.saturating_sub(entries);
+            if let Some(state) = counted {
+                report.flows[*state as usize] = report.flows[*state as usize].saturating_sub(1);
             }
         }
-    })?;
-    let mut removals = 0;
-    for (i, (key, counted)) in forward.iter().chain(&reverse).enumerate() {
-        if removals == MAX_REMOVALS {
-            report.more = i < forward.len() + reverse.len();
-            break;
-        }
-        let removed = remove_flow(&mut table, key, timeouts, pressure)?;
-        let (entries, counted) = match removed {
-            Removed::Flow(Verdict::Pruned) => {
-                report.pruned += 1;
-                (2, *counted)
-            }
-            Removed::Flow(_) => {
-                report.expired += 1;
-                (2, *counted)
-            }
-            Removed::Orphan => {
-                report.orphans += 1;
-                (1, *counted)
-            }
-            Removed::Nothing => continue,
-        };
-        removals += 1;
-        report.entries = report.entries.saturating_sub(entries);
-        if let Some(state) = counted {
-            report.flows[state as usize] = report.flows[state as usize].saturating_sub(1);
+        report.took = started.elapsed();
+        Ok(report)
+    }
+}
+
+/// An independent handle on the map `name` of `ebpf`, by the map's id.
+fn reopen(ebpf: &Ebpf, name: &str) -> anyhow::Result<MapData> {
+    let data = match ebpf.map(name).with_context(|| format!("map {name}"))? {
+        Map::HashMap(data) | Map::PerCpuArray(data) => data,
+        _ => bail!("map {name} is not of the expected type"),
+    };
+    let id = data
+        .info()
+        .with_context(|| format!("map {name}: its id"))?
+        .id();
+    MapData::from_id(id).with_context(|| format!("opening map {name} by its id {id}"))
+}
+
+/// Runs sweeps on a thread of its own: about once a second (less often when a sweep takes
+/// long, so it uses a twentieth of a core at most), and, while new flows are being refused
+/// for want of room (`drop/conntrack_full`, `drop/conntrack_no_memory`,
+/// `drop/snat_ports_exhausted`), every [`Sweeper::TICK`] (or four sweeps' time on a big
+/// table), pruning idle `New` flows as well: what a SYN flood leaves.
+pub struct Sweeper {
+    stop: Arc<AtomicBool>,
+    latest: Arc<Mutex<Option<SweepReport>>>,
+    thread: Option<JoinHandle<anyhow::Result<SweepReport>>>,
+}
+
+impl Sweeper {
+    pub const TICK: Duration = Duration::from_millis(100);
+    const INTERVAL: Duration = Duration::from_secs(1);
+    /// A sweep takes at most 1/MAX_SHARE of the time between sweeps, 1/PRESSURE_SHARE under
+    /// pressure: a big table's sweeps never run back to back.
+    const MAX_SHARE: u32 = 20;
+    const PRESSURE_SHARE: u32 = 4;
+    /// Pressure lasts this long after the last refusal.
+    const PRESSURE_FOR: Duration = Duration::from_secs(2);
+
+    /// Sweeps once (so the first report has counts), then starts the thread.
+    pub fn start(ebpf: &Ebpf, timeouts: Timeouts) -> anyhow::Result<Sweeper> {
+        let mut table = Table::open(ebpf)?;
+        let reasons: PerCpuArray<MapData, u64> =
+            Map::PerCpuArray(reopen(ebpf, names::REASONS)?).try_into()?;
+        let first = table.sweep(&timeouts, false)?;
+        let latest = Arc::new(Mutex::new(Some(first.clone())));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (l, st) = (latest.clone(), stop.clone());
+        let thread = std::thread::Builder::new()
+            .name("xlb-sweeper".into())
+            .spawn(move || run(table, reasons, timeouts, first, &l, &st))
+            .context("starting the sweeper thread")?;
+        Ok(Sweeper {
+            stop,
+            latest,
+            thread: Some(thread),
+        })
+    }
+
+    /// The latest sweep's report; `expired`, `pruned` and `orphans` count since start-up.
+    pub fn latest(&self) -> Option<SweepReport> {
+        self.latest
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Stops the thread after a last sweep, and returns that sweep's report.
+    pub fn stop(mut self) -> anyhow::Result<SweepReport> {
+        self.stop.store(true, Ordering::SeqCst);
+        match self.thread.take().map(|t| t.join()) {
+            Some(Ok(result)) => result,
+            Some(Err(_)) => bail!("the sweeper thread panicked"),
+            None => bail!("the sweeper was stopped already"),
         }
     }
-    report.took = started.elapsed();
-    Ok(report)
+}
+
+impl Drop for Sweeper {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The sweeper thread: returns its last report when told to stop.
+fn run(
+    mut table: Table,
+    reasons: PerCpuArray<MapData, u64>,
+    timeouts: Timeouts,
+    first: SweepReport,
+    latest: &Mutex<Option<SweepReport>>,
+    stop: &AtomicBool,
+) -> anyhow::Result<SweepReport> {
+    let refusals = || -> anyhow::Result<u64> {
+        let mut sum = 0;
+        for r in [
+            Reason::DropConntrackFull,
+            Reason::DropConntrackNoMemory,
+            Reason::DropSnatPortsExhausted,
+        ] {
+            sum += reasons.get(&(r as u32), 0)?.iter().sum::<u64>();
+        }
+        Ok(sum)
+    };
+    let mut totals = first;
+    let mut refused = refusals()?;
+    let mut pressure_until: Option<Instant> = None;
+    let mut next = Instant::now() + Sweeper::INTERVAL;
+    let mut sweep = |pressure: bool, totals: &mut SweepReport| -> anyhow::Result<Instant> {
+        let mut report = table.sweep(&timeouts, pressure)?;
+        if report.expired + report.pruned + report.orphans > 0 {
+            log::debug!(
+                "sweep: {} flows expired, {} pruned, {} orphan entries, {} flows left, {:?}",
+                report.expired,
+                report.pruned,
+                report.orphans,
+                report.total_flows(),
+                report.took
+            );
+        }
+        let wait = if pressure {
+            Sweeper::TICK.max(report.took * Sweeper::PRESSURE_SHARE)
+        } else {
+            Sweeper::INTERVAL.max(report.took * Sweeper::MAX_SHARE)
+        };
+        report.expired += totals.expired;
+        report.pruned += totals.pruned;
+        report.orphans += totals.orphans;
+        *totals = report.clone();
+        *latest.lock().unwrap_or_else(|e| e.into_inner()) = Some(report);
+        Ok(Instant::now() + wait)
+    };
+    while !stop.load(Ordering::SeqCst) {
+        std::thread::sleep(Sweeper::TICK);
+        let now = Instant::now();
+        let r = refusals()?;
+        if r > refused {
+            if pressure_until.is_none() {
+                log::warn!(
+                    "new flows are being refused (conntrack full, out of memory, or SNAT ports \
+                     exhausted): sweeping more often and pruning idle new flows"
+                );
+                next = now;
+            }
+            refused = r;
+            pressure_until = Some(now + Sweeper::PRESSURE_FOR);
+        }
+        let pressure = pressure_until.is_some_and(|until| now < until);
+        if !pressure {
+            pressure_until = None;
+        }
+        if now >= next {
+            next = sweep(pressure, &mut totals)?;
+        }
+    }
+    // A last sweep, so the final counts are current.
+    sweep(false, &mut totals)?;
+    Ok(totals)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -179,7 +343,7 @@ enum Removed {
 /// SNAT port is free only once nothing can send to it, then the forward one. An entry whose
 /// twin is missing (or belongs to another flow) is removed alone.
 fn remove_flow(
-    table: &mut HashMap<&mut MapData, FlowKey, NatEntry>,
+    table: &mut HashMap<MapData, FlowKey, NatEntry>,
     key: &FlowKey,
     timeouts: &Timeouts,
     pressure: bool,
@@ -212,7 +376,7 @@ fn remove_flow(
 }
 
 fn get(
-    table: &HashMap<&mut MapData, FlowKey, NatEntry>,
+    table: &HashMap<MapData, FlowKey, NatEntry>,
     key: &FlowKey,
 ) -> anyhow::Result<Option<NatEntry>> {
     match table.get(key, 0) {
@@ -222,10 +386,7 @@ fn get(
     }
 }
 
-fn delete(
-    table: &mut HashMap<&mut MapData, FlowKey, NatEntry>,
-    key: &FlowKey,
-) -> anyhow::Result<()> {
+fn delete(table: &mut HashMap<MapData, FlowKey, NatEntry>, key: &FlowKey) -> anyhow::Result<()> {
     match table.remove(key) {
         Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
         Err(e) => Err(e).context("removing a conntrack entry"),

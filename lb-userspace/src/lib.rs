@@ -6,6 +6,7 @@
 //! * [`tables`]: writing services, backends and Maglev tables into the maps;
 //! * [`conntrack`]: reading the conntrack table and the sweeper that expires flows;
 //! * [`neighbours`]: kernel-managed neighbour entries that keep the backends' next hops resolved;
+//! * [`netlink`]: route-netlink queries shared by those two;
 //! * [`veth`]: the start-up check that veth peers will not drop or corrupt what xlb sends;
 //! * [`ethtool`]: an interface's `ethtool -S` counters and offload flags (SIOCETHTOOL);
 //! * [`stats`]: reading and printing the counters;
@@ -16,6 +17,7 @@ pub mod conntrack;
 pub mod ethtool;
 pub mod loader;
 pub mod neighbours;
+pub mod netlink;
 pub mod stats;
 pub mod tables;
 pub mod veth;

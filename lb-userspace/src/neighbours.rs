@@ -24,7 +24,6 @@ use std::time::Duration;
 use anyhow::{Context as _, anyhow, bail};
 use futures::TryStreamExt as _;
 use netlink_packet_route::AddressFamily;
-use netlink_packet_route::link::LinkAttribute;
 use netlink_packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourExtFlags, NeighbourFlags, NeighbourMessage,
     NeighbourState,
@@ -604,23 +603,7 @@ impl Netlink {
     }
 
     async fn interface_name(&self, ifindex: u32) -> anyhow::Result<String> {
-        let link = self
-            .handle
-            .link()
-            .get()
-            .match_index(ifindex)
-            .execute()
-            .try_next()
-            .await
-            .with_context(|| format!("looking up the name of interface {ifindex}"))?
-            .with_context(|| format!("the kernel knows no interface {ifindex}"))?;
-        link.attributes
-            .into_iter()
-            .find_map(|attribute| match attribute {
-                LinkAttribute::IfName(name) => Some(name),
-                _ => None,
-            })
-            .with_context(|| format!("interface {ifindex} has no name"))
+        crate::netlink::link_name(&crate::netlink::link_by_index(&self.handle, ifindex).await?)
     }
 
     /// The neighbour tables of `families`.

@@ -40,7 +40,7 @@ use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
-use futures::{StreamExt as _, TryStreamExt as _};
+use futures::StreamExt as _;
 use log::{debug, warn};
 use netlink_packet_route::RouteNetlinkMessage;
 use netlink_packet_route::link::{
@@ -51,6 +51,7 @@ use rtnetlink::Handle;
 use rtnetlink::packet_core::{NLM_F_ACK, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
 
 use crate::ethtool;
+use crate::netlink::{link_by_index, link_by_name, link_name};
 
 /// A veth set-up that will lose or corrupt what xlb sends through `iface`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -286,30 +287,6 @@ fn problems_of(peer: &PeerState) -> Vec<VethProblemKind> {
     kinds
 }
 
-async fn link_by_name(handle: &Handle, iface: &str) -> anyhow::Result<LinkMessage> {
-    handle
-        .link()
-        .get()
-        .match_name(iface.to_string())
-        .execute()
-        .try_next()
-        .await
-        .with_context(|| format!("RTM_GETLINK {iface}"))?
-        .with_context(|| format!("RTM_GETLINK {iface}: no answer"))
-}
-
-async fn link_by_index(handle: &Handle, ifindex: u32) -> anyhow::Result<LinkMessage> {
-    handle
-        .link()
-        .get()
-        .match_index(ifindex)
-        .execute()
-        .try_next()
-        .await
-        .with_context(|| format!("RTM_GETLINK ifindex {ifindex}"))?
-        .with_context(|| format!("RTM_GETLINK ifindex {ifindex}: no answer"))
-}
-
 /// `Some` when `link` is a veth: its peer's ifindex (IFLA_LINK) and, when the peer is in
 /// another namespace, that namespace's id (IFLA_LINK_NETNSID).
 fn veth_peer(iface: &str, link: &LinkMessage) -> Option<Veth> {
@@ -520,14 +497,7 @@ fn read_peers_on_this_thread(
 /// Reads one peer; the calling thread must be in the peer's namespace.
 async fn read_peer(handle: &Handle, ifindex: u32) -> anyhow::Result<PeerState> {
     let link = link_by_index(handle, ifindex).await?;
-    let name = link
-        .attributes
-        .iter()
-        .find_map(|attribute| match attribute {
-            LinkAttribute::IfName(name) => Some(name.clone()),
-            _ => None,
-        })
-        .with_context(|| format!("RTM_GETLINK ifindex {ifindex}: no name (IFLA_IFNAME)"))?;
+    let name = link_name(&link)?;
     Ok(PeerState {
         gro: ethtool::gro_enabled(&name)?,
         tx_checksum: ethtool::tx_checksum_enabled(&name)?,

@@ -82,7 +82,7 @@ fn sweep_cost(flows: u32) -> Result<String> {
         conntrack::{FlowSeen, Seen, Timeouts},
         maps::{DIR_TO_BACKEND, DIR_TO_CLIENT, Endpoint, FlowKey, NatEntry, Rewrite, names},
     };
-    use lb_userspace::conntrack::{monotonic_ns, sweep};
+    use lb_userspace::conntrack::{Table, monotonic_ns};
 
     let checked = Config::parse(&format!(
         "[dataplane]\ninterfaces = [\"fx0\"]\nmaglev_table_size = 13\n[conntrack]\nentries = {flows}\n"
@@ -166,7 +166,8 @@ fn sweep_cost(flows: u32) -> Result<String> {
     let filled = started.elapsed();
     let full = memlock(&ebpf)?;
     let timeouts = Timeouts::default();
-    let kept = sweep(&mut ebpf, &timeouts, false)?;
+    let mut table = Table::open(&ebpf)?;
+    let kept = table.sweep(&timeouts, false)?;
     ensure!(kept.total_flows() == u64::from(flows), "{kept:?}");
     // Everything was last seen at `now`: once the refresh slack has passed, with timeouts
     // of 0 every flow has expired.
@@ -178,21 +179,12 @@ fn sweep_cost(flows: u32) -> Result<String> {
         tcp_time_wait: 0,
         udp: 0,
     };
-    // A sweep removes at most MAX_REMOVALS flows; the daemon sweeps again at once.
-    let (mut removed, mut removing, mut sweeps) = (0, std::time::Duration::ZERO, 0);
-    loop {
-        let r = sweep(&mut ebpf, &zero, false)?;
-        removed += r.expired;
-        removing += r.took;
-        sweeps += 1;
-        if !r.more {
-            break;
-        }
-    }
+    let gone = table.sweep(&zero, false)?;
+    let (removed, removing) = (gone.expired, gone.took);
     ensure!(removed == u64::from(flows), "removed {removed} of {flows}");
     Ok(format!(
         "conntrack: {flows} flows written in {filled:.1?}; a sweep that keeps them all took \
-         {:.1?}; removing them all took {removing:.1?} in {sweeps} sweep(s); kernel memory \
+         {:.1?}; one that removes them all {removing:.1?}; kernel memory \
          {} bytes empty, {} full: {:.0} bytes per flow",
         kept.took,
         empty,

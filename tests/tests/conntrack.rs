@@ -25,7 +25,7 @@ use lb_common::{
 };
 use lb_userspace::{
     config::{Checked, Config},
-    conntrack::{PRESSURE_NEW_IDLE, monotonic_ns, sweep},
+    conntrack::{PRESSURE_NEW_IDLE, Table, monotonic_ns},
 };
 use xlb_tests::{
     lab::{self, BACKEND_MAC, CLIENT, CLIENT_MAC, Iface, SNAT, VIP},
@@ -240,7 +240,7 @@ fn two_cpus_racing_for_freed_ports_get_one_each() {
                     Duration::from_secs(3600),
                 )?;
             }
-            let report = sweep(&mut ebpf, &timeouts, false)?;
+            let report = Table::open(&ebpf)?.sweep(&timeouts, false)?;
             ensure!(
                 report.expired == u64::from(PORTS),
                 "round {round}: {report:?}"
@@ -308,7 +308,7 @@ fn two_cpus_racing_for_freed_ports_get_one_each() {
                     age(&mut ebpf, k, Duration::from_secs(3600))?;
                 }
             }
-            sweep(&mut ebpf, &timeouts, false)?;
+            Table::open(&ebpf)?.sweep(&timeouts, false)?;
         }
         Ok(())
     });
@@ -530,7 +530,7 @@ fn the_sweeper_removes_what_has_expired_and_nothing_else() {
                 age(&mut ebpf, &k, c.idle)?;
                 keys.push((k, c));
             }
-            let report = sweep(&mut ebpf, &TIMEOUTS, pressure)?;
+            let report = Table::open(&ebpf)?.sweep(&TIMEOUTS, pressure)?;
             let entries = lab::conntrack(&ebpf)?;
             lab::check_whole_flows(&entries)?;
             let mut left = [0u64; 5];
@@ -703,7 +703,7 @@ fn pressure_spares_a_new_flow_that_is_still_sending() {
                 "{:?}",
                 run.counted
             );
-            let report = sweep(&mut ebpf, &timeouts, true)?;
+            let report = Table::open(&ebpf)?.sweep(&timeouts, true)?;
             ensure!(
                 report.pruned == 0 && lab::conntrack_entry(&ebpf, &forward)?.is_some(),
                 "round {round}: a sending new flow was pruned: {report:?}"
@@ -711,7 +711,7 @@ fn pressure_spares_a_new_flow_that_is_still_sending() {
         }
         // Once it stops sending, it goes.
         age(&mut ebpf, &forward, Duration::from_millis(300))?;
-        let report = sweep(&mut ebpf, &timeouts, true)?;
+        let report = Table::open(&ebpf)?.sweep(&timeouts, true)?;
         ensure!(report.pruned == 1, "{report:?}");
         Ok(())
     });

@@ -130,6 +130,21 @@ fn echo_servers(topo: &Topology) -> Result<Vec<EchoServer>> {
         .collect()
 }
 
+/// Echo servers on every backend, and xlb in front of them with room for `entries` flows.
+fn echo_service(topo: &Topology, entries: usize) -> Result<(Vec<EchoServer>, XlbProcess)> {
+    topo.check_connectivity()?;
+    let servers = echo_servers(topo)?;
+    let cfg = config(
+        topo,
+        ECHO_PORT,
+        &[0, 1, 2],
+        ECHO_PORT,
+        "",
+        &format!("entries = {entries}"),
+    );
+    Ok((servers, XlbProcess::start(&topo.lb, &cfg)?))
+}
+
 fn open_echo_conns(topo: &Topology, n: usize) -> Result<Vec<EchoConn>> {
     (0..n)
         .map(|i| {
@@ -156,17 +171,7 @@ fn a_syn_flood_breaks_no_established_flow() {
     const LONG_LIVED: usize = 200;
     raise_fd_limit(4096).expect("raising the open-file limit");
     with_topology(PREFIX, Options::default(), |topo| {
-        topo.check_connectivity()?;
-        let _servers = echo_servers(topo)?;
-        let cfg = config(
-            topo,
-            ECHO_PORT,
-            &[0, 1, 2],
-            ECHO_PORT,
-            "",
-            &format!("entries = {ENTRIES}"),
-        );
-        let xlb = XlbProcess::start(&topo.lb, &cfg)?;
+        let (_servers, xlb) = echo_service(topo, ENTRIES)?;
         let mut conns = open_echo_conns(topo, LONG_LIVED)?;
         echo_all(&mut conns, "before the flood")?;
 
@@ -220,17 +225,7 @@ fn a_full_table_refuses_the_next_flow_and_keeps_the_rest() {
     const ENTRIES: usize = 2000;
     raise_fd_limit(8192).expect("raising the open-file limit");
     with_topology(PREFIX, Options::default(), |topo| {
-        topo.check_connectivity()?;
-        let _servers = echo_servers(topo)?;
-        let cfg = config(
-            topo,
-            ECHO_PORT,
-            &[0, 1, 2],
-            ECHO_PORT,
-            "",
-            &format!("entries = {ENTRIES}"),
-        );
-        let xlb = XlbProcess::start(&topo.lb, &cfg)?;
+        let (_servers, xlb) = echo_service(topo, ENTRIES)?;
         let mut conns = open_echo_conns(topo, ENTRIES)?;
         echo_all(&mut conns, "full table")?;
         let next = EchoConn::connect(&topo.client, echo_vip(), Duration::from_secs(2));

@@ -1,0 +1,43 @@
+//! Small route-netlink queries that more than one module needs (through `rtnetlink`).
+
+use anyhow::Context as _;
+use futures::TryStreamExt as _;
+use netlink_packet_route::link::{LinkAttribute, LinkMessage};
+use rtnetlink::Handle;
+
+/// The link `iface` (RTM_GETLINK by name), in the namespace `handle`'s socket belongs to.
+pub async fn link_by_name(handle: &Handle, iface: &str) -> anyhow::Result<LinkMessage> {
+    handle
+        .link()
+        .get()
+        .match_name(iface.to_string())
+        .execute()
+        .try_next()
+        .await
+        .with_context(|| format!("RTM_GETLINK {iface}"))?
+        .with_context(|| format!("RTM_GETLINK {iface}: no answer"))
+}
+
+/// The link with `ifindex` (RTM_GETLINK by index).
+pub async fn link_by_index(handle: &Handle, ifindex: u32) -> anyhow::Result<LinkMessage> {
+    handle
+        .link()
+        .get()
+        .match_index(ifindex)
+        .execute()
+        .try_next()
+        .await
+        .with_context(|| format!("RTM_GETLINK ifindex {ifindex}"))?
+        .with_context(|| format!("RTM_GETLINK ifindex {ifindex}: no answer"))
+}
+
+/// A link's name (IFLA_IFNAME).
+pub fn link_name(link: &LinkMessage) -> anyhow::Result<String> {
+    link.attributes
+        .iter()
+        .find_map(|attribute| match attribute {
+            LinkAttribute::IfName(name) => Some(name.clone()),
+            _ => None,
+        })
+        .with_context(|| format!("ifindex {}: no name (IFLA_IFNAME)", link.header.index))
+}
