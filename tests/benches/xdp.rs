@@ -9,7 +9,7 @@
 //! Under `cargo test` (no `--bench` argument) it runs a few iterations as a smoke test, so
 //! the suite keeps the benchmark working.
 
-use std::{net::Ipv4Addr, time::Duration};
+use std::net::Ipv4Addr;
 
 use anyhow::{Result, ensure};
 use aya::Ebpf;
@@ -252,7 +252,7 @@ fn run(rounds: u32, per_round: u32) -> Result<String> {
             for _ in 0..per_round {
                 let (frame, ingress) = (s.frame)(run_index);
                 run_index += 1;
-                let (action, took) = run_once(&ebpf, &frame, ingress)?;
+                let (action, took) = lab::run_timed(&ebpf, &frame, ingress)?;
                 ensure!(
                     action == s.reason.xdp_action(),
                     "{}, run {}: expected action {} ({}), got {action}; reasons: {:?}",
@@ -301,11 +301,6 @@ fn run(rounds: u32, per_round: u32) -> Result<String> {
          (repeat = 1) per run.\n"
     ));
     Ok(table)
-}
-
-fn run_once(ebpf: &Ebpf, frame: &[u8], ingress: u32) -> Result<(u32, Duration)> {
-    let run = lab::run(ebpf, frame, ingress, None)?;
-    Ok((run.action, run.duration))
 }
 
 /// Non-zero reason counters, for error messages.

@@ -251,6 +251,26 @@ pub fn run(ebpf: &Ebpf, input: &[u8], ingress: u32, linear_len: Option<usize>) -
     })
 }
 
+/// Runs the XDP program once on `input` arriving on `ingress`, and returns only its action
+/// and how long it ran: nothing else touches the caches between runs (no counters read, no
+/// context copied back), for timing.
+pub fn run_timed(ebpf: &Ebpf, input: &[u8], ingress: u32) -> Result<(u32, std::time::Duration)> {
+    let prog: &Xdp = ebpf
+        .program(lb_userspace::loader::PROGRAM)
+        .context("program xlb")?
+        .try_into()?;
+    let ctx = xdp_md(input.len() as u32, ingress);
+    let mut out = vec![0u8; input.len() + 256];
+    let r = prog.test_run(TestRunOptions {
+        data_in: Some(input),
+        data_out: Some(&mut out),
+        ctx_in: Some(&ctx),
+        repeat: 1,
+        ..Default::default()
+    })?;
+    Ok((r.return_value, r.duration))
+}
+
 /// Every conntrack entry.
 pub fn conntrack(ebpf: &Ebpf) -> Result<Vec<(FlowKey, NatEntry)>> {
     let map: HashMap<&MapData, FlowKey, NatEntry> = ebpf
