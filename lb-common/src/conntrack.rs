@@ -77,6 +77,24 @@ impl Seen {
             | (facts.rst > self.rst)
     }
 
+    /// Records `facts` in this direction: one byte store per fact not recorded yet, so a
+    /// CPU recording another fact of the same flow at the same moment writes other bytes.
+    #[inline(always)]
+    pub fn record(&mut self, facts: &Seen) {
+        if facts.syn > self.syn {
+            self.syn = 1;
+        }
+        if facts.non_syn > self.non_syn {
+            self.non_syn = 1;
+        }
+        if facts.fin > self.fin {
+            self.fin = 1;
+        }
+        if facts.rst > self.rst {
+            self.rst = 1;
+        }
+    }
+
     const fn any(&self) -> bool {
         (self.syn | self.non_syn | self.fin | self.rst) != 0
     }
@@ -111,16 +129,33 @@ impl FlowSeen {
         }
     }
 
+    /// The direction `dir`, to record in.
+    #[inline(always)]
+    pub fn dir_mut(&mut self, dir: u8) -> &mut Seen {
+        if dir == DIR_TO_BACKEND {
+            &mut self.to_backend
+        } else {
+            &mut self.to_client
+        }
+    }
+
     /// A flow whose first packet, going in direction `dir`, carried `facts`.
     #[inline(always)]
     pub fn first(dir: u8, facts: Seen) -> FlowSeen {
         let mut seen = FlowSeen::default();
-        if dir == DIR_TO_BACKEND {
-            seen.to_backend = facts;
-        } else {
-            seen.to_client = facts;
-        }
+        *seen.dir_mut(dir) = facts;
         seen
+    }
+
+    /// Records a packet going in direction `dir` that carried `facts`. When it starts its
+    /// flow anew (`anew`, see [`starts_anew`]), the record starts over from this packet.
+    #[inline(always)]
+    pub fn record(&mut self, dir: u8, facts: &Seen, anew: bool) {
+        if anew {
+            *self = FlowSeen::first(dir, *facts);
+        } else {
+            self.dir_mut(dir).record(facts);
+        }
     }
 }
 
@@ -270,19 +305,8 @@ mod tests {
     fn play(proto: u8, packets: &[(u8, u8)]) -> FlowSeen {
         let mut seen = FlowSeen::default();
         for &(dir, flags) in packets {
-            if starts_anew(proto, dir, flags, &seen) {
-                seen = FlowSeen::default();
-            }
-            let facts = Seen::of_packet(proto, flags);
-            let d = if dir == DIR_TO_BACKEND {
-                &mut seen.to_backend
-            } else {
-                &mut seen.to_client
-            };
-            d.syn |= facts.syn;
-            d.non_syn |= facts.non_syn;
-            d.fin |= facts.fin;
-            d.rst |= facts.rst;
+            let anew = starts_anew(proto, dir, flags, &seen);
+            seen.record(dir, &Seen::of_packet(proto, flags), anew);
         }
         seen
     }

@@ -130,29 +130,7 @@ fn stale(last_seen_ns: u64, now: u64) -> bool {
 /// restart (`anew`), the flow's record starts over from this packet.
 #[inline(always)]
 fn record(entry: &mut NatEntry, dir: u8, facts: &Seen, anew: bool, now: u64) {
-    if anew {
-        entry.seen = FlowSeen::first(dir, *facts);
-    } else {
-        let seen = if dir == DIR_TO_BACKEND {
-            &mut entry.seen.to_backend
-        } else {
-            &mut entry.seen.to_client
-        };
-        // One byte store per new fact: a CPU recording another fact of the same flow at the
-        // same moment writes other bytes.
-        if facts.syn > seen.syn {
-            seen.syn = 1;
-        }
-        if facts.non_syn > seen.non_syn {
-            seen.non_syn = 1;
-        }
-        if facts.fin > seen.fin {
-            seen.fin = 1;
-        }
-        if facts.rst > seen.rst {
-            seen.rst = 1;
-        }
-    }
+    entry.seen.record(dir, facts, anew);
     entry.last_seen_ns = now;
 }
 

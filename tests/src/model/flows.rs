@@ -142,20 +142,9 @@ impl FlowModel {
             self.owners[&t]
         };
         let flow = self.flows.get_mut(&forward).expect("owners point at flows");
-        let facts = Seen::of_packet(key.proto, tcp_flags);
-        if starts_anew(key.proto, dir, tcp_flags, &flow.seen) {
-            flow.seen = FlowSeen::first(dir, facts);
-            return;
-        }
-        let d = if dir == DIR_TO_BACKEND {
-            &mut flow.seen.to_backend
-        } else {
-            &mut flow.seen.to_client
-        };
-        d.syn |= facts.syn;
-        d.non_syn |= facts.non_syn;
-        d.fin |= facts.fin;
-        d.rst |= facts.rst;
+        let anew = starts_anew(key.proto, dir, tcp_flags, &flow.seen);
+        flow.seen
+            .record(dir, &Seen::of_packet(key.proto, tcp_flags), anew);
     }
 
     /// Learns the flow the program created for a first frame with `key` (and `tcp_flags`),
