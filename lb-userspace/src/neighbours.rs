@@ -31,7 +31,8 @@ use netlink_packet_route::neighbour::{
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteMessage, RouteType, RouteVia,
 };
-use rtnetlink::Handle;
+
+use crate::netlink::{Netlink, link_by_index, link_name};
 
 /// How often [`ManagedNeighbours::wait_resolved`] reads the neighbour table again.
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
@@ -554,29 +555,8 @@ fn errno(error: &rtnetlink::Error) -> Option<i32> {
     }
 }
 
-/// A route netlink socket in the calling thread's network namespace, its connection driven
-/// by a task on the current tokio runtime for as long as this lives.
-struct Netlink {
-    handle: Handle,
-    connection: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Netlink {
-    fn drop(&mut self) {
-        self.connection.abort();
-    }
-}
-
+/// The neighbour and route queries of this module.
 impl Netlink {
-    fn open() -> anyhow::Result<Self> {
-        let (connection, handle, _) =
-            rtnetlink::new_connection().context("opening a route netlink socket")?;
-        Ok(Netlink {
-            handle,
-            connection: tokio::spawn(connection),
-        })
-    }
-
     /// The next hop toward `dst`; the inner `Err` says why there is none (the kernel found no
     /// usable route), the outer one is a failure to ask.
     async fn route_to(&self, dst: IpAddr) -> anyhow::Result<Result<NextHopKey, String>> {
@@ -603,7 +583,7 @@ impl Netlink {
     }
 
     async fn interface_name(&self, ifindex: u32) -> anyhow::Result<String> {
-        crate::netlink::link_name(&crate::netlink::link_by_index(&self.handle, ifindex).await?)
+        link_name(&link_by_index(&self.handle, ifindex).await?)
     }
 
     /// The neighbour tables of `families`.

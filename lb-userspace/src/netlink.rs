@@ -1,9 +1,34 @@
-//! Small route-netlink queries that more than one module needs (through `rtnetlink`).
+//! The route-netlink socket and the small queries that more than one module needs (through
+//! `rtnetlink`).
 
 use anyhow::Context as _;
 use futures::TryStreamExt as _;
 use netlink_packet_route::link::{LinkAttribute, LinkMessage};
 use rtnetlink::Handle;
+
+/// A route netlink socket in the calling thread's network namespace, its connection driven
+/// by a task on the current tokio runtime for as long as this lives.
+pub struct Netlink {
+    pub handle: Handle,
+    connection: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Netlink {
+    fn drop(&mut self) {
+        self.connection.abort();
+    }
+}
+
+impl Netlink {
+    pub fn open() -> anyhow::Result<Self> {
+        let (connection, handle, _) =
+            rtnetlink::new_connection().context("opening a route netlink socket")?;
+        Ok(Netlink {
+            handle,
+            connection: tokio::spawn(connection),
+        })
+    }
+}
 
 /// The link `iface` (RTM_GETLINK by name), in the namespace `handle`'s socket belongs to.
 pub async fn link_by_name(handle: &Handle, iface: &str) -> anyhow::Result<LinkMessage> {

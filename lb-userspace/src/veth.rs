@@ -51,7 +51,7 @@ use rtnetlink::Handle;
 use rtnetlink::packet_core::{NLM_F_ACK, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
 
 use crate::ethtool;
-use crate::netlink::{link_by_index, link_by_name, link_name};
+use crate::netlink::{Netlink, link_by_index, link_by_name, link_name};
 
 /// A veth set-up that will lose or corrupt what xlb sends through `iface`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -162,12 +162,8 @@ pub async fn check(ifaces: &[String]) -> anyhow::Result<Vec<VethProblem>> {
     // are read from a thread that enters it, whichever worker thread we are on later.
     let here = File::open("/proc/thread-self/ns/net")
         .context("opening /proc/thread-self/ns/net (this thread's network namespace)")?;
-    let (connection, handle, _) =
-        rtnetlink::new_connection().context("opening a route netlink socket")?;
-    let connection = tokio::spawn(connection);
-    let problems = check_with(handle, here, ifaces).await;
-    connection.abort();
-    Ok(problems)
+    let mut netlink = Netlink::open()?;
+    Ok(check_with(&mut netlink.handle, here, ifaces).await)
 }
 
 /// A veth of `ifaces` and where its peer is.
@@ -194,10 +190,10 @@ struct Namespace {
     label: Option<String>,
 }
 
-async fn check_with(mut handle: Handle, here: File, ifaces: &[String]) -> Vec<VethProblem> {
+async fn check_with(handle: &mut Handle, here: File, ifaces: &[String]) -> Vec<VethProblem> {
     let mut veths = Vec::new();
     for iface in ifaces {
-        match link_by_name(&handle, iface).await {
+        match link_by_name(handle, iface).await {
             Ok(link) => veths.extend(veth_peer(iface, &link)),
             Err(err) => warn!("veth check: skipping {iface}: {err:#}"),
         }
@@ -207,7 +203,7 @@ async fn check_with(mut handle: Handle, here: File, ifaces: &[String]) -> Vec<Ve
     }
 
     let wanted: HashSet<i32> = veths.iter().filter_map(|v| v.peer_nsid).collect();
-    let mut namespaces = find_namespaces(&mut handle, &wanted).await;
+    let mut namespaces = find_namespaces(handle, &wanted).await;
     namespaces.insert(
         None,
         Namespace {
@@ -479,17 +475,14 @@ fn read_peers_on_this_thread(
         .build()
         .context("a tokio runtime for the peer's namespace")?;
     runtime.block_on(async {
-        let (connection, handle, _) = rtnetlink::new_connection()
-            .context("opening a route netlink socket in the peer's namespace")?;
-        let connection = tokio::spawn(connection);
+        let netlink = Netlink::open().context("in the peer's namespace")?;
         let mut states = Vec::new();
         for &ifindex in ifindexes {
-            let state = read_peer(&handle, ifindex)
+            let state = read_peer(&netlink.handle, ifindex)
                 .await
                 .map_err(|err| format!("{err:#}"));
             states.push((ifindex, state));
         }
-        connection.abort();
         Ok(states)
     })
 }
