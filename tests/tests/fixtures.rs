@@ -257,6 +257,24 @@ impl Lab {
         Some((self.fx0.mac, CLIENT_MAC))
     }
 
+    /// `input` of `flow` redirected out of fx1 to the backend, rewritten to
+    /// `flow.to_backend`, the flow in `state` afterwards.
+    fn redirected_to_backend(&self, input: &Frame, flow: &Flow, state: FlowState) -> Expect {
+        forwarded(
+            input,
+            flow.to_backend,
+            XDP_REDIRECT,
+            self.to_backend(),
+            state,
+        )
+    }
+
+    /// `input` of `flow` redirected out of fx0 to the client, rewritten to `flow.to_client`,
+    /// the flow in `state` afterwards.
+    fn redirected_to_client(&self, input: &Frame, flow: &Flow, state: FlowState) -> Expect {
+        forwarded(input, flow.to_client, XDP_REDIRECT, self.to_client(), state)
+    }
+
     fn ports(&self) -> Ports {
         Ports {
             cfg: self.checked.map_config(),
@@ -537,37 +555,19 @@ fn services_cases(lab: &Lab) -> Vec<Case> {
         "01 TCP SYN client → VIP: SNAT + DNAT, redirected to the backend side; a new flow",
         vec![],
         pkt(&syn, fx0),
-        forwarded(
-            &syn,
-            flow.to_backend,
-            XDP_REDIRECT,
-            lab.to_backend(),
-            FlowState::New,
-        ),
+        lab.redirected_to_backend(&syn, &flow, FlowState::New),
     ));
     v.push(case(
         "02 SYN-ACK backend → SNAT:port: reverse NAT to the client; still new",
         vec![pkt(&syn, fx0)],
         pkt(&syn_ack, fx1),
-        forwarded(
-            &syn_ack,
-            flow.to_client,
-            XDP_REDIRECT,
-            lab.to_client(),
-            FlowState::New,
-        ),
+        lab.redirected_to_client(&syn_ack, &flow, FlowState::New),
     ));
     v.push(case(
         "03 the client's ACK completes the handshake: established",
         vec![pkt(&syn, fx0), pkt(&syn_ack, fx1)],
         pkt(&ack, fx0),
-        forwarded(
-            &ack,
-            flow.to_backend,
-            XDP_REDIRECT,
-            lab.to_backend(),
-            FlowState::Established,
-        ),
+        lab.redirected_to_backend(&ack, &flow, FlowState::Established),
     ));
     let data = lab.sent_by_client(Frame {
         payload: b"GET / HTTP/1.0\r\n\r\n".to_vec(),
@@ -578,13 +578,7 @@ fn services_cases(lab: &Lab) -> Vec<Case> {
         "03a data of an established flow: same backend and SNAT port",
         handshake.clone(),
         pkt(&data, fx0),
-        forwarded(
-            &data,
-            flow.to_backend,
-            XDP_REDIRECT,
-            lab.to_backend(),
-            FlowState::Established,
-        ),
+        lab.redirected_to_backend(&data, &flow, FlowState::Established),
     ));
 
     // Closing.
@@ -594,86 +588,44 @@ fn services_cases(lab: &Lab) -> Vec<Case> {
         "03b the client's FIN: closing",
         handshake.clone(),
         pkt(&fin, fx0),
-        forwarded(
-            &fin,
-            flow.to_backend,
-            XDP_REDIRECT,
-            lab.to_backend(),
-            FlowState::Closing,
-        ),
+        lab.redirected_to_backend(&fin, &flow, FlowState::Closing),
     ));
     v.push(case(
         "03c the backend's FIN after the client's: time-wait",
         with(&[(&fin, fx0)]),
         pkt(&fin_back, fx1),
-        forwarded(
-            &fin_back,
-            flow.to_client,
-            XDP_REDIRECT,
-            lab.to_client(),
-            FlowState::TimeWait,
-        ),
+        lab.redirected_to_client(&fin_back, &flow, FlowState::TimeWait),
     ));
     v.push(case(
         "03d the last ACK keeps time-wait",
         with(&[(&fin, fx0), (&fin_back, fx1)]),
         pkt(&ack, fx0),
-        forwarded(
-            &ack,
-            flow.to_backend,
-            XDP_REDIRECT,
-            lab.to_backend(),
-            FlowState::TimeWait,
-        ),
+        lab.redirected_to_backend(&ack, &flow, FlowState::TimeWait),
     ));
     let rst_back = b(TCP_RST | TCP_ACK);
     v.push(case(
         "03e the backend refuses the SYN with RST: closed",
         vec![pkt(&syn, fx0)],
         pkt(&rst_back, fx1),
-        forwarded(
-            &rst_back,
-            flow.to_client,
-            XDP_REDIRECT,
-            lab.to_client(),
-            FlowState::Closed,
-        ),
+        lab.redirected_to_client(&rst_back, &flow, FlowState::Closed),
     ));
     v.push(case(
         "03f the client resets an established flow: closed",
         handshake.clone(),
         pkt(&c(TCP_RST), fx0),
-        forwarded(
-            &c(TCP_RST),
-            flow.to_backend,
-            XDP_REDIRECT,
-            lab.to_backend(),
-            FlowState::Closed,
-        ),
+        lab.redirected_to_backend(&c(TCP_RST), &flow, FlowState::Closed),
     ));
     v.push(case(
         "03g a client SYN on a time-wait flow (port reuse) starts it anew: same backend and port",
         with(&[(&fin, fx0), (&fin_back, fx1), (&ack, fx0)]),
         pkt(&syn, fx0),
-        forwarded(
-            &syn,
-            flow.to_backend,
-            XDP_REDIRECT,
-            lab.to_backend(),
-            FlowState::New,
-        ),
+        lab.redirected_to_backend(&syn, &flow, FlowState::New),
     ));
     v.push(case(
         "03h a SYN retransmitted on an established flow changes nothing",
         handshake.clone(),
         pkt(&syn, fx0),
-        forwarded(
-            &syn,
-            flow.to_backend,
-            XDP_REDIRECT,
-            lab.to_backend(),
-            FlowState::Established,
-        ),
+        lab.redirected_to_backend(&syn, &flow, FlowState::Established),
     ));
     v.push(case(
         "03h2 a FIN of an established flow with its TTL about to expire: to the kernel \
@@ -701,26 +653,14 @@ fn services_cases(lab: &Lab) -> Vec<Case> {
         "03j an ACK to the VIP with no flow (state lost): tracked as a new flow, first-choice port",
         vec![],
         pkt(&data, fx0),
-        forwarded(
-            &data,
-            flow.to_backend,
-            XDP_REDIRECT,
-            lab.to_backend(),
-            FlowState::New,
-        ),
+        lab.redirected_to_backend(&data, &flow, FlowState::New),
     ));
     let answer = b(TCP_ACK);
     v.push(case(
         "03k ...and once the backend answers it, established",
         vec![pkt(&data, fx0)],
         pkt(&answer, fx1),
-        forwarded(
-            &answer,
-            flow.to_client,
-            XDP_REDIRECT,
-            lab.to_client(),
-            FlowState::Established,
-        ),
+        lab.redirected_to_client(&answer, &flow, FlowState::Established),
     ));
 
     // Who may send what: a host on the client side forging the backend's reply.
@@ -755,13 +695,7 @@ fn services_cases(lab: &Lab) -> Vec<Case> {
         ),
         vec![pkt(&syn, fx0)],
         pkt(&rival_syn, fx0),
-        forwarded(
-            &rival_syn,
-            second.to_backend,
-            XDP_REDIRECT,
-            lab.to_backend(),
-            FlowState::New,
-        ),
+        lab.redirected_to_backend(&rival_syn, &second, FlowState::New),
     ));
 
     // A TCP checksum that computes to 0x0000 after the rewrite stays 0x0000.
@@ -775,13 +709,7 @@ fn services_cases(lab: &Lab) -> Vec<Case> {
         },
         zero.to_backend,
     ));
-    let expect = forwarded(
-        &padded,
-        zero.to_backend,
-        XDP_REDIRECT,
-        lab.to_backend(),
-        FlowState::New,
-    );
+    let expect = lab.redirected_to_backend(&padded, &zero, FlowState::New);
     assert_eq!(
         l4_check(&expect.output),
         0x0000,
@@ -1048,13 +976,7 @@ fn services_cases(lab: &Lab) -> Vec<Case> {
             name,
             vec![],
             pkt(&frame, fx0),
-            forwarded(
-                &frame,
-                f.to_backend,
-                XDP_REDIRECT,
-                lab.to_backend(),
-                FlowState::New,
-            ),
+            lab.redirected_to_backend(&frame, &f, FlowState::New),
         ));
     }
 
@@ -1072,13 +994,7 @@ fn services_cases(lab: &Lab) -> Vec<Case> {
         "10 UDP to VIP:53 with checksum 0: rewritten, checksum stays 0; a new flow",
         vec![],
         pkt(&q0, fx0),
-        forwarded(
-            &q0,
-            udp0.to_backend,
-            XDP_REDIRECT,
-            lab.to_backend(),
-            FlowState::New,
-        ),
+        lab.redirected_to_backend(&q0, &udp0, FlowState::New),
     ));
     let udp1 = lab
         .ports()
@@ -1088,13 +1004,7 @@ fn services_cases(lab: &Lab) -> Vec<Case> {
         "10a UDP to VIP:53 with a checksum: valid after the rewrite",
         vec![],
         pkt(&q1, fx0),
-        forwarded(
-            &q1,
-            udp1.to_backend,
-            XDP_REDIRECT,
-            lab.to_backend(),
-            FlowState::New,
-        ),
+        lab.redirected_to_backend(&q1, &udp1, FlowState::New),
     ));
     let a1 = lab.sent_by_backend(Frame::udp(
         (BACKEND, 5353),
@@ -1105,13 +1015,7 @@ fn services_cases(lab: &Lab) -> Vec<Case> {
         "10b UDP reply backend → SNAT:port: back to the client from VIP:53; established",
         vec![pkt(&q1, fx0)],
         pkt(&a1, fx1),
-        forwarded(
-            &a1,
-            udp1.to_client,
-            XDP_REDIRECT,
-            lab.to_client(),
-            FlowState::Established,
-        ),
+        lab.redirected_to_client(&a1, &udp1, FlowState::Established),
     ));
     let udpz = lab
         .ports()
@@ -1120,13 +1024,7 @@ fn services_cases(lab: &Lab) -> Vec<Case> {
         Frame::udp((CLIENT, 5002), (VIP, 53), b"zz\0\0"),
         udpz.to_backend,
     ));
-    let expect = forwarded(
-        &qz,
-        udpz.to_backend,
-        XDP_REDIRECT,
-        lab.to_backend(),
-        FlowState::New,
-    );
+    let expect = lab.redirected_to_backend(&qz, &udpz, FlowState::New);
     assert_eq!(
         l4_check(&expect.output),
         0xffff,
@@ -1206,13 +1104,7 @@ fn services_cases(lab: &Lab) -> Vec<Case> {
             "12 Maglev table emptied under a tracked flow: it keeps its backend and SNAT port",
             handshake.clone(),
             pkt(&data, fx0),
-            forwarded(
-                &data,
-                flow.to_backend,
-                XDP_REDIRECT,
-                lab.to_backend(),
-                FlowState::Established,
-            ),
+            lab.redirected_to_backend(&data, &flow, FlowState::Established),
         )
     });
     v.push(Case {
@@ -1247,13 +1139,7 @@ fn one_port_cases(lab: &Lab) -> Vec<Case> {
         "01 a flow gets the only SNAT port, 30000",
         vec![],
         pkt(&syn_a, fx0),
-        forwarded(
-            &syn_a,
-            a.to_backend,
-            XDP_REDIRECT,
-            lab.to_backend(),
-            FlowState::New,
-        ),
+        lab.redirected_to_backend(&syn_a, &a, FlowState::New),
     ));
     v.push(case(
         "02 a second flow: no SNAT port left, and no entry",
@@ -1271,13 +1157,7 @@ fn one_port_cases(lab: &Lab) -> Vec<Case> {
             "03 the reply to port 30000 goes to the first flow's client",
             vec![],
             pkt(&reply, fx1),
-            forwarded(
-                &reply,
-                a.to_client,
-                XDP_REDIRECT,
-                lab.to_client(),
-                FlowState::New,
-            ),
+            lab.redirected_to_client(&reply, &a, FlowState::New),
         ),
     ));
     let ack_a = lab.sent_by_client(tcp((CLIENT, 40000), (VIP, 80), TCP_ACK));
@@ -1300,13 +1180,7 @@ fn one_port_cases(lab: &Lab) -> Vec<Case> {
             "04 the flow after its forward entry was lost: keeps port 30000",
             vec![pkt(&syn_a, fx0), pkt(&reply, fx1)],
             pkt(&ack_a, fx0),
-            forwarded(
-                &ack_a,
-                a.to_backend,
-                XDP_REDIRECT,
-                lab.to_backend(),
-                FlowState::Established,
-            ),
+            lab.redirected_to_backend(&ack_a, &a, FlowState::Established),
         )
     });
     v
@@ -1342,13 +1216,7 @@ fn one_flow_cases(lab: &Lab) -> Vec<Case> {
                 "02 ...and the first flow still works both ways",
                 vec![],
                 pkt(&reply, fx1),
-                forwarded(
-                    &reply,
-                    a.to_client,
-                    XDP_REDIRECT,
-                    lab.to_client(),
-                    FlowState::New,
-                ),
+                lab.redirected_to_client(&reply, &a, FlowState::New),
             ),
         ),
     ]
