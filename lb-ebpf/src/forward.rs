@@ -1,7 +1,8 @@
 //! Where a rewritten packet goes: the kernel FIB picks the egress interface and both MACs;
 //! XDP_TX when that is the interface the packet came in on (unless `NO_XDP_TX` says it is a
-//! veth), a devmap redirect to another interface of ours, a handoff to the tc program when the FIB cannot give us the MACs yet
-//! or the interface is not ours, and the kernel's own stack for what only it can handle.
+//! veth), a devmap redirect to another interface of ours, a handoff to the tc program when
+//! the FIB cannot give us the MACs yet or the interface is not ours, and the kernel's own
+//! stack for what only it can handle.
 
 use core::ffi::c_void;
 
