@@ -17,7 +17,6 @@ use lb_common::reason::Reason;
 use lb_userspace::config::Config;
 use xlb_tests::{
     lab::{self, CLIENT, CLIENT_MAC, FX0_MAC, VIP},
-    netns::{self, NetNs},
     packet::{Frame, TCP_ACK, TCP_SYN, arp_request},
 };
 
@@ -48,19 +47,11 @@ fn main() -> Result<()> {
     // The new-flow path keeps every flow it creates: 20 × 1,500 = 30,000 flows stay well
     // under the 64,512 SNAT ports one SNAT address has per backend, so no probe runs out.
     let (rounds, per_round) = if bench { (20, 1_500) } else { (2, 50) };
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    ensure!(
-        unsafe { libc::geteuid() } == 0,
-        "BPF_PROG_TEST_RUN needs root: run cargo xtask bench"
-    );
-    netns::cleanup_stale("xlbbench")?;
-    let ns = NetNs::create(&netns::unique_base("xlbbench"))?;
-    lab::setup(&ns)?;
-    let table = ns.enter(|| run(rounds, per_round))??;
     // The sweeper's cost over a table of a million flows (ten thousand in the smoke run).
     let flows = if bench { 1 << 20 } else { 10_000 };
-    let sweeps = ns.enter(|| sweep_cost(flows))??;
-    drop(ns);
+    let (table, sweeps) = lab::in_lab("xlbbench", |_| {
+        Ok((run(rounds, per_round)?, sweep_cost(flows)?))
+    })?;
     if bench {
         println!("{}", machine());
         println!("{table}");

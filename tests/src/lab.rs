@@ -1,7 +1,8 @@
 //! A one-namespace lab for running the XDP program through BPF_PROG_TEST_RUN: two veth
 //! pairs with both ends inside the namespace, addresses, static neighbours with fixed MACs,
 //! a blackhole route, and forwarding on, so `bpf_fib_lookup` sees a real routing table.
-//! The fixtures (tests/fixtures.rs) and the benchmark (benches/xdp.rs) both run in it.
+//! The fixtures, the random-frame and conntrack tests, and the benchmark (benches/xdp.rs)
+//! all run in it, through [`in_lab`].
 //!
 //! ```text
 //!   client side:  fx0 10.10.1.1/24 (peer fx0p)  neigh 10.10.1.2 → 02:00:00:00:0c:01
@@ -26,7 +27,7 @@ use lb_common::{
 };
 use lb_userspace::config::Checked;
 
-use crate::netns::NetNs;
+use crate::netns::{self, NetNs};
 
 pub const FX0: &str = "fx0";
 pub const FX0_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xaa, 0x00];
@@ -65,6 +66,21 @@ pub fn subnet_interface(addr: Ipv4Addr) -> Option<&'static str> {
         [10, 20, 1, _] => Some(FX1),
         _ => None,
     }
+}
+
+/// Runs `test` inside a fresh namespace named after `prefix` (stale ones of an earlier,
+/// killed run removed first), with the lab built in it; the namespace is removed afterwards,
+/// also when `test` fails or panics.
+pub fn in_lab<T: Send>(prefix: &str, test: impl FnOnce(&NetNs) -> Result<T> + Send) -> Result<T> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    ensure!(
+        unsafe { libc::geteuid() } == 0,
+        "BPF_PROG_TEST_RUN needs root: run cargo xtask test (or bench)"
+    );
+    netns::cleanup_stale(prefix).context("cleaning up stale namespaces")?;
+    let ns = NetNs::create(&netns::unique_base(prefix)).context("creating the namespace")?;
+    setup(&ns).context("setting up the lab")?;
+    ns.enter(|| test(&ns)).context("entering the namespace")?
 }
 
 /// Builds the lab inside `ns` (a fresh namespace).

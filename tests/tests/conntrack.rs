@@ -30,7 +30,7 @@ use lb_userspace::{
 use xlb_tests::{
     lab::{self, BACKEND_MAC, CLIENT, CLIENT_MAC, Iface, SNAT, VIP},
     model::flows::key,
-    netns::{self, NetNs},
+    netns::NetNs,
     packet::{Frame, TCP_ACK, TCP_FIN, TCP_SYN, layout_v4},
 };
 
@@ -67,20 +67,7 @@ address = "10.20.1.2:5353"
 
 /// Runs `test` inside a fresh lab namespace.
 fn in_lab<T: Send>(test: impl FnOnce(&NetNs) -> Result<T> + Send) -> T {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    assert!(
-        unsafe { libc::geteuid() } == 0,
-        "BPF_PROG_TEST_RUN needs root: run cargo xtask test"
-    );
-    netns::cleanup_stale(PREFIX).expect("cleaning up stale namespaces");
-    let ns = NetNs::create(&netns::unique_base(PREFIX)).expect("creating the namespace");
-    lab::setup(&ns).expect("setting up the lab");
-    let result = ns
-        .enter(|| test(&ns))
-        .expect("entering the namespace")
-        .unwrap_or_else(|e| panic!("{e:#}"));
-    drop(ns);
-    result
+    lab::in_lab(PREFIX, test).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// Pins the calling thread to `cpu`.

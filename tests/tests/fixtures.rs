@@ -41,7 +41,6 @@ use xlb_tests::{
         SNAT, UNRESOLVED_BACKEND, VIP, VIP_UNRESOLVED,
     },
     model::nat_rewrite_v4,
-    netns::{self, NetNs},
     packet::{
         Frame, IP_MF, L4, PROTO_ICMP, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN, arp_request,
         hex_diff, icmp_echo, summary, verify_checksums_v4,
@@ -194,23 +193,13 @@ const SUITES: &[Suite] = &[
 
 #[test]
 fn xdp_program_fixtures() {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        panic!("BPF_PROG_TEST_RUN needs root: run cargo xtask test");
-    }
-    netns::cleanup_stale(PREFIX).expect("cleaning up stale namespaces");
-    let ns = NetNs::create(&netns::unique_base(PREFIX)).expect("creating the namespace");
-    lab::setup(&ns).expect("setting up the fixtures' namespace");
-    let reports = ns
-        .enter(|| {
-            SUITES
-                .iter()
-                .map(|suite| run_suite(suite).with_context(|| format!("suite {}", suite.name)))
-                .collect::<Result<Vec<Report>>>()
-        })
-        .expect("entering the namespace")
-        .unwrap_or_else(|e| panic!("{e:#}"));
-    drop(ns);
+    let reports = lab::in_lab(PREFIX, |_| {
+        SUITES
+            .iter()
+            .map(|suite| run_suite(suite).with_context(|| format!("suite {}", suite.name)))
+            .collect::<Result<Vec<Report>>>()
+    })
+    .unwrap_or_else(|e| panic!("{e:#}"));
 
     let total: usize = reports.iter().map(|r| r.total).sum();
     let failures: Vec<&String> = reports.iter().flat_map(|r| &r.failures).collect();

@@ -36,7 +36,6 @@ use lb_userspace::config::Config;
 use xlb_tests::{
     lab::{self, BACKEND_MAC, CLIENT, CLIENT_MAC, FX0_MAC, FX1_MAC, Iface, VIP, VIP_UNRESOLVED},
     model::{FlowModel, nat_rewrite_v4},
-    netns::{self, NetNs},
     packet::{ETH_HLEN, Frame, IP_MF, L4, hex_diff, layout_v4, summary, verify_checksums_v4},
 };
 
@@ -90,20 +89,10 @@ impl Rng {
 
 #[test]
 fn random_frames_match_the_reference_model() {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        panic!("BPF_PROG_TEST_RUN needs root: run cargo xtask test");
-    }
     let seed = env_u64("XLB_RANDOM_SEED", 0x786c_6221_5eed);
     let frames = env_u64("XLB_RANDOM_FRAMES", 20_000);
-    netns::cleanup_stale("xlbrnd").expect("cleaning up stale namespaces");
-    let ns = NetNs::create(&netns::unique_base("xlbrnd")).expect("creating the namespace");
-    lab::setup(&ns).expect("setting up the lab");
-    let (histogram, states) = ns
-        .enter(|| run(seed, frames))
-        .expect("entering the namespace")
+    let (histogram, states) = lab::in_lab("xlbrnd", |_| run(seed, frames))
         .unwrap_or_else(|e| panic!("seed {seed:#x}: {e:#}"));
-    drop(ns);
 
     println!("{frames} random frames (seed {seed:#x}):");
     for (name, n) in &histogram {
