@@ -16,19 +16,26 @@ use crate::conntrack::FlowSeen;
 
 /// Map names, as declared in lb-ebpf and looked up by lb-userspace.
 pub mod names {
-    /// `HashMap<ServiceKey, Service>`: the services, by VIP, port and protocol.
+    /// `HashMap<ServiceKey, ServiceEntry>`: the services, by VIP, port and protocol. Not
+    /// preallocated, so a replaced entry is freed only after every program run that may
+    /// still read it has ended (RCU).
     pub const SERVICES: &str = "SERVICES";
-    /// `Array<u32>` of `max_services × maglev_size` backend ids: service `s` owns the slice
-    /// starting at `s × maglev_size`. [`NO_BACKEND`](super::NO_BACKEND) marks an empty table.
+    /// `Array<[u32; 2]>`, memory-mapped by userspace (`BPF_F_MMAPABLE`): `2 × max_services`
+    /// Maglev tables of `maglev_size` backend ids each, back to back, two ids per entry (the
+    /// kernel gives every array entry 8 bytes; two ids fill them). Slot `s` of the whole
+    /// array is entry `s / 2`, id `s % 2`. Service `id` owns tables `2 × id` and
+    /// `2 × id + 1`; its [`ServiceEntry::table`](super::ServiceEntry::table) names the one in
+    /// use, and userspace writes the other, then switches. [`NO_BACKEND`](super::NO_BACKEND)
+    /// marks a slot with no backend.
     pub const MAGLEV: &str = "MAGLEV";
-    /// `Array<Backend>`: backend endpoints by backend id.
+    /// `Array<BackendEntry>`: backend endpoints by backend id; an id not in use is all zeros.
     pub const BACKENDS: &str = "BACKENDS";
     /// `HashMap<FlowKey, NatEntry>`: connection tracking, both directions of every flow. A
     /// plain hash map, not an LRU one, and not preallocated: nothing is ever evicted to
     /// make room; when it is full, new flows are refused. The control plane's sweeper
     /// removes expired flows.
     pub const CONNTRACK: &str = "CONNTRACK";
-    /// `Array<Config>` with one entry: data-path settings.
+    /// `Array<Settings>` with one entry: data-path settings.
     pub const CONFIG: &str = "CONFIG";
     /// `DevMapHash` keyed by ifindex: the interfaces xlb may redirect to.
     pub const DEVMAP: &str = "DEVMAP";
@@ -69,6 +76,11 @@ pub const MAX_INTERFACES: u32 = 64;
 /// when the range is smaller: every port once). The order is
 /// [`hash::snat_port`](crate::hash::snat_port)'s.
 pub const SNAT_PORT_PROBES: u32 = 64;
+
+/// The version of the maps' layout: the names, types and sizes in this module. A daemon
+/// that finds pinned maps of another version refuses them rather than misread them; bump it
+/// with every change to a pinned map's key or value.
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Marks a Maglev slot that has no backend (the service has none that takes new flows).
 pub const NO_BACKEND: u32 = u32::MAX;
@@ -200,38 +212,50 @@ pub struct ServiceKey {
 }
 const _: () = assert!(size_of::<ServiceKey>() == 20);
 
-/// [`Service::mode`]: full NAT — rewrite the destination to the backend and the source to
+/// [`ServiceEntry::mode`]: full NAT — rewrite the destination to the backend and the source to
 /// the service's SNAT address and an allocated port.
 pub const MODE_FULLNAT: u32 = 1;
 
 /// Value of `SERVICES`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Service {
+pub struct ServiceEntry {
     /// Source address toward backends (network byte order, IPv4-mapped).
     pub snat: [u8; 16],
-    /// Index of this service's Maglev slice and of its `SERVICE_STATS` entry.
+    /// The service's id: the index of its `SERVICE_STATS` entry. It owns Maglev tables
+    /// `2 × id` and `2 × id + 1`.
     pub id: u32,
     /// One of the `MODE_*` constants.
     pub mode: u32,
+    /// The Maglev table new flows use now: `2 × id` or `2 × id + 1`.
+    pub table: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<Service>() == 24);
+const _: () = assert!(size_of::<ServiceEntry>() == 32);
+
+impl ServiceEntry {
+    /// The first slot of the Maglev table in use, in the whole `MAGLEV` array.
+    #[inline(always)]
+    pub fn first_slot(&self, maglev_size: u32) -> u32 {
+        self.table * maglev_size
+    }
+}
 
 /// Value of `BACKENDS`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Backend {
+pub struct BackendEntry {
     pub endpoint: Endpoint,
     pub _pad: [u8; 2],
     /// The service this backend belongs to.
     pub service_id: u32,
 }
-const _: () = assert!(size_of::<Backend>() == 24);
+const _: () = assert!(size_of::<BackendEntry>() == 24);
 
 /// The single entry of `CONFIG`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Config {
+pub struct Settings {
     /// Slots per service in `MAGLEV` (a prime; 65537 by default).
     pub maglev_size: u32,
     /// Seed of the flow hash. Nodes that share traffic behind ECMP must use the same seed.
@@ -240,8 +264,10 @@ pub struct Config {
     pub snat_port_first: u32,
     /// How many SNAT source ports, starting at `snat_port_first`.
     pub snat_port_count: u32,
+    /// [`LAYOUT_VERSION`] of the daemon that wrote it.
+    pub layout_version: u32,
 }
-const _: () = assert!(size_of::<Config>() == 16);
+const _: () = assert!(size_of::<Settings>() == 20);
 
 /// Value of `SERVICE_STATS` and `BACKEND_STATS` (per CPU; userspace sums the CPUs).
 #[repr(C)]
@@ -325,8 +351,8 @@ mod pod {
     unsafe impl aya::Pod for Rewrite {}
     unsafe impl aya::Pod for HandoffMeta {}
     unsafe impl aya::Pod for ServiceKey {}
-    unsafe impl aya::Pod for Service {}
-    unsafe impl aya::Pod for Backend {}
-    unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for ServiceEntry {}
+    unsafe impl aya::Pod for BackendEntry {}
+    unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for FlowStats {}
 }

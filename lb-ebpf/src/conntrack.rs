@@ -17,8 +17,8 @@ use lb_common::{
     conntrack::{FlowSeen, FlowState, REFRESH_NS, Seen, starts_anew},
     hash::{flow_hash, snat_port},
     maps::{
-        Backend, DIR_TO_BACKEND, DIR_TO_CLIENT, FlowKey, NO_BACKEND, NatEntry, Rewrite,
-        SNAT_PORT_PROBES, Service, ServiceKey,
+        BackendEntry, DIR_TO_BACKEND, DIR_TO_CLIENT, FlowKey, NO_BACKEND, NatEntry, Rewrite,
+        SNAT_PORT_PROBES, ServiceEntry, ServiceKey,
     },
     reason::Reason,
 };
@@ -30,9 +30,9 @@ use crate::{
 /// What `create` needs to know about a new flow besides its first packet (references into
 /// the maps, valid for the program run).
 pub struct NewFlow<'a> {
-    pub service: &'a Service,
+    pub service: &'a ServiceEntry,
     pub backend_id: u32,
-    pub backend: &'a Backend,
+    pub backend: &'a BackendEntry,
     /// The flow's hash (`lb_common::hash::flow_hash`), which picked the backend and picks
     /// the SNAT port.
     pub hash: u64,
@@ -143,7 +143,7 @@ fn now() -> u64 {
 
 /// The service a packet is addressed to (its destination and protocol), if any.
 #[inline(always)]
-pub fn service(key: &FlowKey) -> Option<&'static Service> {
+pub fn service(key: &FlowKey) -> Option<&'static ServiceEntry> {
     let skey = ServiceKey {
         vip: key.dst,
         proto: key.proto,
@@ -153,19 +153,23 @@ pub fn service(key: &FlowKey) -> Option<&'static Service> {
     unsafe { SERVICES.get(&skey) }
 }
 
-/// The backend a new flow to `service` goes to: the service's Maglev slice at
-/// `hash % maglev_size`. Returns its id, the backend, and the flow's hash.
+/// The backend a new flow to `service` goes to: slot `hash % maglev_size` of the service's
+/// Maglev table in use. Returns its id, the backend, and the flow's hash.
 ///
 /// Errors: `DropNoBackend`, and `DropInternal` when the control plane's tables disagree.
 #[inline(always)]
-pub fn backend(key: &FlowKey, service: &Service) -> Result<(u32, &'static Backend, u64), Reason> {
+pub fn backend(
+    key: &FlowKey,
+    service: &ServiceEntry,
+) -> Result<(u32, &'static BackendEntry, u64), Reason> {
     let cfg = CONFIG.get(0).ok_or(Reason::DropInternal)?;
     if cfg.maglev_size == 0 {
         return Err(Reason::DropInternal);
     }
     let hash = flow_hash(key, cfg.hash_seed);
-    let slot = service.id * cfg.maglev_size + (hash as u32) % cfg.maglev_size;
-    let backend_id = *MAGLEV.get(slot).ok_or(Reason::DropInternal)?;
+    let slot = service.first_slot(cfg.maglev_size) + (hash as u32) % cfg.maglev_size;
+    let pair = MAGLEV.get(slot / 2).ok_or(Reason::DropInternal)?;
+    let backend_id = pair[(slot % 2) as usize];
     if backend_id == NO_BACKEND {
         return Err(Reason::DropNoBackend);
     }

@@ -27,7 +27,7 @@ mod parse;
 mod stats;
 
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     macros::{classifier, map, xdp},
     maps::{Array, DevMapHash, HashMap, PerCpuArray},
     programs::{TcContext, XdpContext},
@@ -36,9 +36,9 @@ use forward::Hop;
 use lb_common::{
     conntrack::TCP_RST,
     maps::{
-        Backend, Config, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAGLEV_SIZE, DEFAULT_MAX_BACKENDS,
+        BackendEntry, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAGLEV_SIZE, DEFAULT_MAX_BACKENDS,
         DEFAULT_MAX_SERVICES, Endpoint, FlowKey, FlowStats, Handoff, MAX_INTERFACES, NatEntry,
-        Rewrite, Service, ServiceKey,
+        Rewrite, ServiceEntry, ServiceKey, Settings,
     },
     reason::Reason,
 };
@@ -47,14 +47,20 @@ use lb_common::{
 // The capacities below are defaults: userspace resizes SERVICES, MAGLEV, BACKENDS,
 // CONNTRACK and the stats arrays at load time from the config.
 
+/// Not preallocated: a replaced entry is freed after an RCU grace period, so a program run
+/// that looked up the old one reads it whole (a preallocated map reuses it at once).
 #[map]
-static SERVICES: HashMap<ServiceKey, Service> = HashMap::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+static SERVICES: HashMap<ServiceKey, ServiceEntry> =
+    HashMap::with_max_entries(DEFAULT_MAX_SERVICES, BPF_F_NO_PREALLOC);
+
+/// Two tables per service, two slots per entry (see `lb_common::maps::names::MAGLEV`);
+/// memory-mapped by userspace, which writes a whole table with one copy.
+#[map]
+static MAGLEV: Array<[u32; 2]> =
+    Array::with_max_entries(DEFAULT_MAX_SERVICES * DEFAULT_MAGLEV_SIZE, BPF_F_MMAPABLE);
 
 #[map]
-static MAGLEV: Array<u32> = Array::with_max_entries(DEFAULT_MAX_SERVICES * DEFAULT_MAGLEV_SIZE, 0);
-
-#[map]
-static BACKENDS: Array<Backend> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+static BACKENDS: Array<BackendEntry> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 
 /// Not an LRU map: nothing is evicted to make room. Not preallocated: memory follows the
 /// flows in use.
@@ -63,7 +69,7 @@ static CONNTRACK: HashMap<FlowKey, NatEntry> =
     HashMap::with_max_entries(DEFAULT_CONNTRACK_ENTRIES, BPF_F_NO_PREALLOC);
 
 #[map]
-static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+static CONFIG: Array<Settings> = Array::with_max_entries(1, 0);
 
 /// Working space of `conntrack::create`, one slot per CPU: its entries and keys do not fit
 /// on the 512-byte BPF stack next to the hot path's frame.

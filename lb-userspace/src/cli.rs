@@ -1,17 +1,17 @@
-//! The `xlb` command line: `xlb run` and `xlb check`.
+//! The `xlb` command line: `xlb run` (the daemon, [`daemon`]) and `xlb check` work on a
+//! config file; every other command is a client of the running daemon's API ([`client`]).
 
-use std::{path::PathBuf, time::Duration};
+use std::{net::SocketAddrV4, path::PathBuf, time::Duration};
 
-use anyhow::Context as _;
-use clap::{Parser, Subcommand};
-use tokio::signal::unix::{SignalKind, signal};
+use clap::{Args, CommandFactory as _, Parser, Subcommand};
+use hyper::Method;
 
 use crate::{
-    config::{Checked, Config, HostFacts, XdpModeConfig},
-    conntrack::Sweeper,
-    ethtool, loader,
-    neighbours::ManagedNeighbours,
-    stats, tables, veth,
+    api::{ApplyRequest, Changed, Flow, NewBackend, NewService, Status, Weight},
+    client::{self, Client, Output},
+    config::{Checked, Config, DEFAULT_SOCKET, HostFacts, Protocol, XdpModeConfig},
+    daemon::{self, RunOptions},
+    stats::Stats,
 };
 
 /// xlb — an XDP load balancer: full NAT to backends chosen by weighted Maglev.
@@ -24,8 +24,9 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Load the XDP program, attach it, fill its maps from the config, and balance until
-    /// Ctrl-C or SIGTERM; then print the counters and detach.
+    /// Run the daemon: load the XDP program, attach it, fill its maps from the config, serve
+    /// the API, and balance until Ctrl-C or SIGTERM; then print the counters and detach.
+    /// SIGHUP re-applies the config file.
     Run {
         /// The TOML config file.
         #[arg(long, short)]
@@ -39,12 +40,172 @@ pub enum Command {
         /// Also print the counters every this many seconds.
         #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
         stats_interval: Option<u64>,
+        /// Serve the API on this socket instead of [api] socket.
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
     },
     /// Validate a config file and exit: 0 if it is good, 1 with every problem listed if not.
     Check {
         /// The TOML config file.
         #[arg(long, short)]
         config: PathBuf,
+    },
+    /// Make the running daemon run this config file (as SIGHUP does with its own): services
+    /// and backends are added, changed and removed to match. An invalid file changes nothing.
+    Apply {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// The daemon: interfaces and XDP mode, program id, uptime, flows in use and capacity.
+    Status {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List, add and remove services.
+    #[command(subcommand)]
+    Service(ServiceCommand),
+    /// List, add, remove, drain and weigh a service's backends.
+    #[command(subcommand)]
+    Backend(BackendCommand),
+    /// Counters per service and backend, and packets per verdict.
+    Stats {
+        /// Print again every this many seconds, until interrupted.
+        #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
+        watch: Option<u64>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Tracked flows.
+    #[command(subcommand)]
+    Conntrack(ConntrackCommand),
+    /// Print shell completions for xlb.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+/// What every client command takes.
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// The daemon's API socket.
+    #[arg(long, env = "XLB_SOCKET", default_value = DEFAULT_SOCKET, value_name = "PATH")]
+    pub socket: PathBuf,
+    /// Print a table (for people) or the API's JSON (for scripts).
+    #[arg(long, short, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+impl ClientArgs {
+    fn client(&self) -> Client {
+        Client::new(self.socket.clone())
+    }
+}
+
+/// A service, as commands name it.
+#[derive(Debug, Args)]
+pub struct ServiceArg {
+    /// The service's VIP:PORT.
+    pub vip: SocketAddrV4,
+    #[arg(long, short, value_enum, default_value_t = Protocol::Tcp)]
+    pub protocol: Protocol,
+}
+
+impl ServiceArg {
+    fn path(&self) -> String {
+        client::service_path(&self.vip, self.protocol)
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ServiceCommand {
+    /// List the services.
+    Ls {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Add a service with no backends.
+    Add {
+        #[command(flatten)]
+        service: ServiceArg,
+        /// Source address toward the backends (default: the first IPv4 address of the
+        /// first interface).
+        #[arg(long)]
+        snat: Option<std::net::Ipv4Addr>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Remove a service; its open flows finish.
+    Rm {
+        #[command(flatten)]
+        service: ServiceArg,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BackendCommand {
+    /// List a service's backends.
+    Ls {
+        #[command(flatten)]
+        service: ServiceArg,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Add a backend to a service.
+    Add {
+        #[command(flatten)]
+        service: ServiceArg,
+        /// The backend's ADDR:PORT.
+        address: SocketAddrV4,
+        #[arg(long, default_value_t = 1)]
+        weight: u32,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Remove a backend: it takes no new flows at once; its open flows finish, or with
+    /// --cut are removed.
+    Rm {
+        #[command(flatten)]
+        service: ServiceArg,
+        address: SocketAddrV4,
+        /// Also remove its open flows.
+        #[arg(long)]
+        cut: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Drain a backend: no new flows; open ones finish. `backend weight` ends it.
+    Drain {
+        #[command(flatten)]
+        service: ServiceArg,
+        address: SocketAddrV4,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Set a backend's weight (0: no new flows); ends a drain.
+    Weight {
+        #[command(flatten)]
+        service: ServiceArg,
+        address: SocketAddrV4,
+        weight: u32,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConntrackCommand {
+    /// List tracked flows: client, VIP, backend, SNAT address and port, state, idle time.
+    Ls {
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[command(flatten)]
+        client: ClientArgs,
     },
 }
 
@@ -90,163 +251,182 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             interfaces,
             xdp_mode,
             stats_interval,
+            socket,
         } => {
-            let cfg = load_config(&config, interfaces, xdp_mode)?;
-            serve(&cfg, stats_interval.map(Duration::from_secs)).await
-        }
-    }
-}
-
-/// Passes the XDP program's log lines (aya-log) on to xlb's own log, from a background task.
-fn forward_ebpf_logs(ebpf: &mut aya::Ebpf) -> anyhow::Result<()> {
-    let logger = aya_log::EbpfLogger::init(ebpf).context("reading the XDP program's log")?;
-    // SAFETY: the logger owns its ring buffer's fd, and keeps it open and unchanged until it
-    // is dropped together with the AsyncFd.
-    let mut logger = unsafe {
-        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
-    }
-    .map_err(|e| anyhow::anyhow!("watching the XDP program's log: {e}"))?;
-    tokio::spawn(async move {
-        while let Ok(mut guard) = logger.readable_mut().await {
-            guard.get_inner_mut().flush();
-            guard.clear_ready();
-        }
-    });
-    Ok(())
-}
-
-async fn serve(cfg: &Checked, stats_interval: Option<Duration>) -> anyhow::Result<()> {
-    // Signals are hooked before anything is attached, so a signal never leaves the program
-    // attached behind a killed process.
-    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-
-    loader::check_interfaces(cfg)?;
-    let mut ebpf = loader::load(cfg)?;
-    // Fill the maps before attaching: the first packet already sees every service.
-    let layout = tables::write(&mut ebpf, cfg)?;
-    let mut loaded = loader::attach(ebpf, cfg)?;
-    forward_ebpf_logs(&mut loaded.ebpf)?;
-    for a in &loaded.attached {
-        println!(
-            "attached to {} (ifindex {}) in {} mode",
-            a.interface, a.ifindex, a.mode
-        );
-    }
-    for problem in veth::check(&cfg.dataplane.interfaces).await? {
-        println!("warning: {problem}");
-    }
-    let neighbours = keep_backends_resolved(cfg).await?;
-    let send_errors = SendErrors::new(&cfg.dataplane.interfaces);
-    let backends: usize = cfg.services.iter().map(|s| s.backends.len()).sum();
-    println!(
-        "ready: {} service(s), {backends} backend(s) on {} interface(s); SNAT ports {}; \
-         conntrack capacity {} flows",
-        cfg.services.len(),
-        loaded.attached.len(),
-        cfg.snat_ports,
-        cfg.conntrack.entries
-    );
-
-    let mut ticker = stats_interval.map(tokio::time::interval);
-    let sweeper = Sweeper::start(&loaded.ebpf, cfg.conntrack.timeouts())?;
-    loop {
-        let tick = async {
-            match ticker.as_mut() {
-                Some(t) => {
-                    t.tick().await;
-                }
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            _ = sigterm.recv() => break,
-            _ = sigint.recv() => break,
-            () = tick => {
-                let mut snap = stats::read(&loaded.ebpf, &layout)?;
-                snap.conntrack = sweeper.latest();
-                snap.interfaces = send_errors.read();
-                print!("{}", stats::format(cfg, &snap));
-            }
-        }
-    }
-
-    let mut snap = stats::read(&loaded.ebpf, &layout)?;
-    snap.conntrack = Some(sweeper.stop()?);
-    snap.interfaces = send_errors.read();
-    print!("{}", stats::format(cfg, &snap));
-    if let Some(neighbours) = neighbours
-        && let Err(e) = neighbours.remove().await
-    {
-        log::warn!("removing the managed neighbour entries: {e:#}");
-    }
-    let names: Vec<String> = loaded
-        .attached
-        .iter()
-        .map(|a| a.interface.clone())
-        .collect();
-    drop(loaded);
-    println!("detached from {}", names.join(", "));
-    Ok(())
-}
-
-/// Installs kernel-managed neighbour entries for every backend's next hop, so the first
-/// packet of a flow finds its MAC (see [`neighbours`]), and waits briefly for them to resolve.
-/// An unroutable or silent backend is reported, not fatal; so is a kernel that cannot
-/// manage entries (before 5.16): the tc handoff resolves next hops on the first packet then.
-async fn keep_backends_resolved(cfg: &Checked) -> anyhow::Result<Option<ManagedNeighbours>> {
-    let addrs: Vec<std::net::Ipv4Addr> = cfg
-        .services
-        .iter()
-        .flat_map(|s| s.backends.iter().map(|b| *b.address.ip()))
-        .collect();
-    let managed = match ManagedNeighbours::install(&addrs).await {
-        Ok(managed) => managed,
-        Err(e) => {
-            println!(
-                "warning: the backends' next hops are not kept resolved ({e:#}); first packets \
-                 to them wait for the kernel to resolve them"
-            );
-            return Ok(None);
-        }
-    };
-    for u in managed.unroutable() {
-        println!("warning: backend {} has no route: {}", u.address, u.reason);
-    }
-    for hop in managed
-        .wait_resolved(Duration::from_secs(1))
-        .await
-        .context("waiting for the backends' next hops")?
-    {
-        println!("warning: next hop not resolved yet (the kernel keeps trying): {hop}");
-    }
-    Ok(Some(managed))
-}
-
-/// The interfaces' counters of frames the kernel failed to send for XDP (see
-/// [`ethtool::xdp_send_errors`]), as they grew since start-up: what xlb counted as sent but
-/// the kernel dropped.
-struct SendErrors {
-    baseline: Vec<(String, u64)>,
-}
-
-impl SendErrors {
-    fn new(interfaces: &[String]) -> SendErrors {
-        SendErrors {
-            baseline: interfaces
-                .iter()
-                .map(|i| (i.clone(), ethtool::xdp_send_errors(i).unwrap_or(0)))
-                .collect(),
-        }
-    }
-
-    fn read(&self) -> Vec<(String, u64)> {
-        self.baseline
-            .iter()
-            .map(|(iface, base)| {
-                let now = ethtool::xdp_send_errors(iface).unwrap_or(*base);
-                (iface.clone(), now.saturating_sub(*base))
+            daemon::run(RunOptions {
+                config_path: config,
+                interfaces,
+                xdp_mode,
+                stats_interval: stats_interval.map(Duration::from_secs),
+                socket,
             })
-            .collect()
+            .await
+        }
+        Command::Apply { config, client } => {
+            let text = client::read_config(&config)?;
+            let request = ApplyRequest {
+                source: config.display().to_string(),
+                text,
+            };
+            let json = client
+                .client()
+                .call(
+                    Method::POST,
+                    "/v1/apply",
+                    Some(serde_json::to_value(request)?),
+                )
+                .await?;
+            print_changed(client.output, "applied", &json)
+        }
+        Command::Status { client } => {
+            let (status, json): (Status, _) = client.client().get("/v1/status").await?;
+            client::print(client.output, &json, || client::status_text(&status))
+        }
+        Command::Service(command) => service(command).await,
+        Command::Backend(command) => backend(command).await,
+        Command::Stats { watch, client } => loop {
+            let (stats, json): (Stats, _) = client.client().get("/v1/stats").await?;
+            client::print(client.output, &json, || client::stats_text(&stats))?;
+            match watch {
+                Some(seconds) => tokio::time::sleep(Duration::from_secs(seconds)).await,
+                None => return Ok(()),
+            }
+        },
+        Command::Conntrack(ConntrackCommand::Ls { limit, client }) => {
+            let (flows, json): (Vec<Flow>, _) = client
+                .client()
+                .get(&format!("/v1/conntrack?limit={limit}"))
+                .await?;
+            client::print(client.output, &json, || client::flows_text(&flows))
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "xlb", &mut std::io::stdout());
+            Ok(())
+        }
     }
+}
+
+async fn service(command: ServiceCommand) -> anyhow::Result<()> {
+    match command {
+        ServiceCommand::Ls { client } => {
+            let (stats, json): (Stats, _) = client.client().get("/v1/stats").await?;
+            client::print(client.output, &json["services"], || {
+                client::services_text(&stats)
+            })
+        }
+        ServiceCommand::Add {
+            service,
+            snat,
+            client,
+        } => {
+            let body = NewService {
+                vip: service.vip,
+                protocol: service.protocol,
+                snat,
+            };
+            let json = client
+                .client()
+                .call(
+                    Method::POST,
+                    "/v1/services",
+                    Some(serde_json::to_value(body)?),
+                )
+                .await?;
+            print_changed(client.output, "service added", &json)
+        }
+        ServiceCommand::Rm { service, client } => {
+            let json = client
+                .client()
+                .call(Method::DELETE, &service.path(), None)
+                .await?;
+            print_changed(client.output, "service removed", &json)
+        }
+    }
+}
+
+async fn backend(command: BackendCommand) -> anyhow::Result<()> {
+    match command {
+        BackendCommand::Ls { service, client } => {
+            let (mut stats, _): (Stats, _) = client.client().get("/v1/stats").await?;
+            let vip = service.vip.to_string();
+            let protocol = service.protocol.to_string();
+            stats
+                .services
+                .retain(|s| s.vip == vip && s.protocol == protocol);
+            let Some(found) = stats.services.first() else {
+                anyhow::bail!("no service {}/{}", service.vip, service.protocol);
+            };
+            let json = serde_json::to_value(&found.backends)?;
+            client::print(client.output, &json, || client::backends_text(&stats))
+        }
+        BackendCommand::Add {
+            service,
+            address,
+            weight,
+            client,
+        } => {
+            let body = NewBackend { address, weight };
+            let json = client
+                .client()
+                .call(
+                    Method::POST,
+                    &format!("{}/backends", service.path()),
+                    Some(serde_json::to_value(body)?),
+                )
+                .await?;
+            print_changed(client.output, "backend added", &json)
+        }
+        BackendCommand::Rm {
+            service,
+            address,
+            cut,
+            client,
+        } => {
+            let json = client
+                .client()
+                .call(
+                    Method::DELETE,
+                    &format!("{}/backends/{address}?cut={cut}", service.path()),
+                    None,
+                )
+                .await?;
+            print_changed(client.output, "backend removed", &json)
+        }
+        BackendCommand::Drain {
+            service,
+            address,
+            client,
+        } => {
+            let json = client
+                .client()
+                .call(
+                    Method::POST,
+                    &format!("{}/backends/{address}/drain", service.path()),
+                    None,
+                )
+                .await?;
+            print_changed(client.output, "backend draining", &json)
+        }
+        BackendCommand::Weight {
+            service,
+            address,
+            weight,
+            client,
+        } => {
+            let json = client
+                .client()
+                .call(
+                    Method::PUT,
+                    &format!("{}/backends/{address}/weight", service.path()),
+                    Some(serde_json::to_value(Weight { weight })?),
+                )
+                .await?;
+            print_changed(client.output, "weight set", &json)
+        }
+    }
+}
+
+fn print_changed(output: Output, what: &str, json: &serde_json::Value) -> anyhow::Result<()> {
+    let changed: Changed = serde_json::from_value(json.clone())?;
+    client::print(output, json, || client::changed_text(what, &changed))
 }

@@ -5,7 +5,7 @@ use std::{
     collections::HashSet,
     fmt,
     net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
-    path::Path,
+    path::{Path, PathBuf},
 };
 
 use lb_common::{
@@ -27,9 +27,34 @@ pub struct Config {
     /// Connection tracking: capacity and idle timeouts.
     #[serde(default)]
     pub conntrack: ConntrackConfig,
+    /// The daemon's API socket and metrics listener.
+    #[serde(default)]
+    pub api: ApiConfig,
     /// The services to balance (`[[service]]` tables).
     #[serde(default, rename = "service")]
     pub services: Vec<ServiceConfig>,
+}
+
+/// `[api]`
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// The unix socket of the local API (root only); `xlb run --socket` overrides it.
+    pub socket: PathBuf,
+    /// Where to serve Prometheus metrics (`/metrics`), "address:port"; "" turns it off.
+    pub metrics: String,
+}
+
+/// The API socket when neither the config nor `--socket` names one.
+pub const DEFAULT_SOCKET: &str = "/run/xlb/xlb.sock";
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            socket: PathBuf::from(DEFAULT_SOCKET),
+            metrics: "127.0.0.1:9641".into(),
+        }
+    }
 }
 
 /// `[dataplane]`
@@ -160,9 +185,65 @@ pub struct ServiceConfig {
     /// `[[service.backend]]` tables.
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendConfig>,
+    /// `[service.health]`: how the daemon checks the backends; none by default.
+    #[serde(default)]
+    pub health: Option<HealthConfig>,
 }
 
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Hash)]
+/// `[service.health]`
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// `tcp` (connect), `http` (GET `path`, expect 2xx or 3xx) or `none`.
+    pub kind: HealthKind,
+    #[serde(default = "default_health_path")]
+    pub path: String,
+    #[serde(default = "default_health_interval")]
+    pub interval_ms: u32,
+    #[serde(default = "default_health_timeout")]
+    pub timeout_ms: u32,
+    /// Successes in a row that bring a down backend back.
+    #[serde(default = "default_health_count")]
+    pub rise: u32,
+    /// Failures in a row that take an up backend out.
+    #[serde(default = "default_health_count")]
+    pub fall: u32,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthKind {
+    Tcp,
+    Http,
+    None,
+}
+
+fn default_health_path() -> String {
+    "/".into()
+}
+fn default_health_interval() -> u32 {
+    1000
+}
+fn default_health_timeout() -> u32 {
+    500
+}
+fn default_health_count() -> u32 {
+    2
+}
+
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Deserialize,
+    serde::Serialize,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Tcp,
@@ -204,6 +285,9 @@ pub struct BackendConfig {
     /// Relative share of new flows; 0 takes no new flows but keeps its existing ones.
     #[serde(default = "default_weight")]
     pub weight: u32,
+    /// Draining: takes no new flows, keeps its existing ones, keeps its weight for later.
+    #[serde(default)]
+    pub drain: bool,
 }
 
 fn default_weight() -> u32 {
@@ -215,6 +299,7 @@ fn default_weight() -> u32 {
 pub struct Checked {
     pub dataplane: Dataplane,
     pub conntrack: ConntrackConfig,
+    pub api: ApiConfig,
     pub services: Vec<Service>,
     /// The SNAT port range in force: `dataplane.snat_port_range`, or its default.
     pub snat_ports: SnatPorts,
@@ -319,13 +404,48 @@ fn local_addresses() -> anyhow::Result<Vec<IpAddr>> {
 
 impl Checked {
     /// The data path's settings, as the XDP program reads them from `CONFIG`.
-    pub fn map_config(&self) -> lb_common::maps::Config {
+    pub fn settings(&self) -> lb_common::maps::Settings {
         let dp = &self.dataplane;
-        lb_common::maps::Config {
+        lb_common::maps::Settings {
             maglev_size: dp.maglev_table_size,
             hash_seed: dp.hash_seed,
             snat_port_first: self.snat_ports.first as u32,
             snat_port_count: self.snat_ports.count(),
+            layout_version: lb_common::maps::LAYOUT_VERSION,
+        }
+    }
+
+    /// The file form of this config: what `validate` would turn back into it (with the
+    /// SNAT port range made explicit only if it was).
+    pub fn to_config(&self) -> Config {
+        let mut dataplane = self.dataplane.clone();
+        if self.snat_ports.explicit {
+            dataplane.snat_port_range = Some([self.snat_ports.first, self.snat_ports.last]);
+        }
+        Config {
+            dataplane,
+            conntrack: self.conntrack.clone(),
+            api: self.api.clone(),
+            services: self
+                .services
+                .iter()
+                .map(|s| ServiceConfig {
+                    vip: s.vip.to_string(),
+                    protocol: s.protocol,
+                    mode: Mode::Fullnat,
+                    snat: Some(s.snat.to_string()),
+                    backends: s
+                        .backends
+                        .iter()
+                        .map(|b| BackendConfig {
+                            address: b.address.to_string(),
+                            weight: b.weight,
+                            drain: b.drain,
+                        })
+                        .collect(),
+                    health: s.health.clone(),
+                })
+                .collect(),
         }
     }
 
@@ -401,6 +521,8 @@ pub struct Service {
     pub protocol: Protocol,
     pub snat: Ipv4Addr,
     pub backends: Vec<Backend>,
+    /// How its backends are checked; `None` when they are not.
+    pub health: Option<HealthConfig>,
 }
 
 impl fmt::Display for Service {
@@ -413,6 +535,7 @@ impl fmt::Display for Service {
 pub struct Backend {
     pub address: SocketAddrV4,
     pub weight: u32,
+    pub drain: bool,
 }
 
 /// Everything wrong with a config, one line per problem.
@@ -622,6 +745,7 @@ impl Config {
                 backends.push(Backend {
                     address,
                     weight: b.weight,
+                    drain: b.drain,
                 });
             }
             if backends.len() >= dp.maglev_table_size as usize {
@@ -634,12 +758,46 @@ impl Config {
                 );
             }
             backend_total += s.backends.len();
+            if let Some(h) = &s.health {
+                if h.interval_ms == 0 || h.timeout_ms == 0 {
+                    err(
+                        at("health"),
+                        "interval_ms and timeout_ms must be at least 1".into(),
+                    );
+                }
+                if h.timeout_ms > h.interval_ms {
+                    err(
+                        at("health.timeout_ms"),
+                        format!(
+                            "{} is longer than interval_ms {}: checks would overlap",
+                            h.timeout_ms, h.interval_ms
+                        ),
+                    );
+                }
+                if h.rise == 0 || h.fall == 0 {
+                    err(at("health"), "rise and fall must be at least 1".into());
+                }
+                if h.kind == HealthKind::Http && !h.path.starts_with('/') {
+                    err(
+                        at("health.path"),
+                        format!("{:?} must start with '/'", h.path),
+                    );
+                }
+                if h.kind != HealthKind::None && s.protocol == Protocol::Udp {
+                    err(
+                        at("health.kind"),
+                        "tcp and http checks need a TCP service".into(),
+                    );
+                }
+            }
+            let health = s.health.clone().filter(|h| h.kind != HealthKind::None);
             if let (Some(vip), Some(snat)) = (vip, snat) {
                 services.push(Service {
                     vip,
                     protocol: s.protocol,
                     snat,
                     backends,
+                    health,
                 });
             }
         }
@@ -653,12 +811,27 @@ impl Config {
             );
         }
 
+        if !self.api.metrics.is_empty() && self.api.metrics.parse::<SocketAddr>().is_err() {
+            err(
+                "api.metrics".into(),
+                format!(
+                    "{:?} is not \"address:port\" (e.g. \"127.0.0.1:9641\"); \"\" turns \
+                     metrics off",
+                    self.api.metrics
+                ),
+            );
+        }
+        if self.api.socket.as_os_str().is_empty() {
+            err("api.socket".into(), "must be a path".into());
+        }
+
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));
         }
         Ok(Checked {
             dataplane: dp.clone(),
             conntrack: self.conntrack.clone(),
+            api: self.api.clone(),
             services,
             snat_ports,
         })

@@ -15,6 +15,7 @@
 //! holds up `xlb run`'s loop.
 
 use std::{
+    collections::BTreeMap,
     os::fd::{AsFd as _, AsRawFd as _, RawFd},
     sync::{
         Arc, Mutex,
@@ -54,6 +55,12 @@ pub struct SweepReport {
     pub pruned: u64,
     /// Entries removed because their flow's other entry was gone.
     pub orphans: u64,
+    /// Flows left, by the backend id and the service id they point at: what keeps an id
+    /// from being given to a new object, and each backend's active flows.
+    pub by_backend: BTreeMap<u32, u64>,
+    pub by_service: BTreeMap<u32, u64>,
+    /// When the sweep began: flows created before then are counted.
+    pub started: Option<Instant>,
     pub took: Duration,
 }
 
@@ -85,7 +92,7 @@ pub struct Table {
 
 impl Table {
     pub fn open(ebpf: &Ebpf) -> anyhow::Result<Table> {
-        let data = reopen(ebpf, names::CONNTRACK)?;
+        let data = crate::loader::map_handle(ebpf, names::CONNTRACK)?;
         let fd = data.fd().as_fd().as_raw_fd();
         Ok(Table {
             map: Map::HashMap(data).try_into()?,
@@ -96,7 +103,10 @@ impl Table {
     /// Removes expired flows (and, when `pressure` is set, idle `New` ones).
     pub fn sweep(&mut self, timeouts: &Timeouts, pressure: bool) -> anyhow::Result<SweepReport> {
         let started = Instant::now();
-        let mut report = SweepReport::default();
+        let mut report = SweepReport {
+            started: Some(started),
+            ..SweepReport::default()
+        };
         let now = monotonic_ns();
         // Candidates from forward entries (one per flow, counted by state) come first;
         // those from reverse entries matter only when the forward one is missing (an orphan).
@@ -108,8 +118,16 @@ impl Table {
                 if entry.rewrite.direction == DIR_TO_BACKEND {
                     let state = FlowState::of(key.proto, &entry.seen);
                     report.flows[state as usize] += 1;
+                    *report
+                        .by_backend
+                        .entry(entry.rewrite.backend_id)
+                        .or_default() += 1;
+                    *report
+                        .by_service
+                        .entry(entry.rewrite.service_id)
+                        .or_default() += 1;
                     if doomed {
-                        forward.push((*key, Some(state)));
+                        forward.push((*key, Some((state, entry.rewrite))));
                     }
                 } else if doomed {
                     reverse.push((*key, None));
@@ -133,8 +151,19 @@ impl Table {
                 Removed::Nothing => continue,
             };
             report.entries = report.entries.saturating_sub(entries);
-            if let Some(state) = counted {
+            if let Some((state, rewrite)) = counted {
                 report.flows[*state as usize] = report.flows[*state as usize].saturating_sub(1);
+                for (counts, id) in [
+                    (&mut report.by_backend, rewrite.backend_id),
+                    (&mut report.by_service, rewrite.service_id),
+                ] {
+                    if let Some(n) = counts.get_mut(&id) {
+                        *n -= 1;
+                        if *n == 0 {
+                            counts.remove(&id);
+                        }
+                    }
+                }
             }
         }
         report.took = started.elapsed();
@@ -142,17 +171,42 @@ impl Table {
     }
 }
 
-/// An independent handle on the map `name` of `ebpf`, by the map's id.
-fn reopen(ebpf: &Ebpf, name: &str) -> anyhow::Result<MapData> {
-    let data = match ebpf.map(name).with_context(|| format!("map {name}"))? {
-        Map::HashMap(data) | Map::PerCpuArray(data) => data,
-        _ => bail!("map {name} is not of the expected type"),
-    };
-    let id = data
-        .info()
-        .with_context(|| format!("map {name}: its id"))?
-        .id();
-    MapData::from_id(id).with_context(|| format!("opening map {name} by its id {id}"))
+impl Table {
+    /// Removes every flow that points at backend `backend_id`, both entries, reverse first
+    /// (as the sweeper does); returns how many flows. For `xlb backend rm --cut`: the
+    /// backend's clients find their flows gone, and a new packet of theirs starts a new flow
+    /// to a backend that is still in the table.
+    pub fn cut(&mut self, backend_id: u32) -> anyhow::Result<u64> {
+        let mut doomed = Vec::new();
+        for_each_batch(self.fd, |keys, entries| {
+            for (key, entry) in keys.iter().zip(entries) {
+                if entry.rewrite.backend_id == backend_id
+                    && entry.rewrite.direction == DIR_TO_BACKEND
+                {
+                    doomed.push((*key, entry.twin_key(key.proto)));
+                }
+            }
+        })?;
+        for (forward, reverse) in &doomed {
+            delete(&mut self.map, reverse)?;
+            delete(&mut self.map, forward)?;
+        }
+        Ok(doomed.len() as u64)
+    }
+
+    /// Up to `limit` flows, by their forward entries (client → VIP), with their state and
+    /// idle time, in the map's order.
+    pub fn flows(&self, limit: usize) -> anyhow::Result<Vec<(FlowKey, NatEntry)>> {
+        let mut flows = Vec::new();
+        for_each_batch(self.fd, |keys, entries| {
+            for (key, entry) in keys.iter().zip(entries) {
+                if flows.len() < limit && entry.rewrite.direction == DIR_TO_BACKEND {
+                    flows.push((*key, *entry));
+                }
+            }
+        })?;
+        Ok(flows)
+    }
 }
 
 /// Runs sweeps on a thread of its own: about once a second (less often when a sweep takes
@@ -162,7 +216,7 @@ fn reopen(ebpf: &Ebpf, name: &str) -> anyhow::Result<MapData> {
 /// table), pruning idle `New` flows as well: what a SYN flood leaves.
 pub struct Sweeper {
     stop: Arc<AtomicBool>,
-    latest: Arc<Mutex<Option<SweepReport>>>,
+    latest: Latest,
     thread: Option<JoinHandle<anyhow::Result<SweepReport>>>,
 }
 
@@ -180,14 +234,14 @@ impl Sweeper {
     pub fn start(ebpf: &Ebpf, timeouts: Timeouts) -> anyhow::Result<Sweeper> {
         let mut table = Table::open(ebpf)?;
         let reasons: PerCpuArray<MapData, u64> =
-            Map::PerCpuArray(reopen(ebpf, names::REASONS)?).try_into()?;
+            Map::PerCpuArray(crate::loader::map_handle(ebpf, names::REASONS)?).try_into()?;
         let first = table.sweep(&timeouts, false)?;
-        let latest = Arc::new(Mutex::new(Some(first.clone())));
+        let latest = Latest(Arc::new(Mutex::new(Some(first.clone()))));
         let stop = Arc::new(AtomicBool::new(false));
         let (l, st) = (latest.clone(), stop.clone());
         let thread = std::thread::Builder::new()
             .name("xlb-sweeper".into())
-            .spawn(move || run(table, reasons, timeouts, first, &l, &st))
+            .spawn(move || run(table, reasons, timeouts, first, &l.0, &st))
             .context("starting the sweeper thread")?;
         Ok(Sweeper {
             stop,
@@ -198,10 +252,12 @@ impl Sweeper {
 
     /// The latest sweep's report; `expired`, `pruned` and `orphans` count since start-up.
     pub fn latest(&self) -> Option<SweepReport> {
-        self.latest
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.latest.get()
+    }
+
+    /// A handle on the latest report, for other threads.
+    pub fn watch(&self) -> Latest {
+        self.latest.clone()
     }
 
     /// Stops the thread after a last sweep, and returns that sweep's report.
@@ -212,6 +268,16 @@ impl Sweeper {
             Some(Err(_)) => bail!("the sweeper thread panicked"),
             None => bail!("the sweeper was stopped already"),
         }
+    }
+}
+
+/// The sweeper's latest report, readable from any thread.
+#[derive(Clone, Default)]
+pub struct Latest(Arc<Mutex<Option<SweepReport>>>);
+
+impl Latest {
+    pub fn get(&self) -> Option<SweepReport> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 

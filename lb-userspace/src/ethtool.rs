@@ -479,6 +479,34 @@ impl Drop for GuardedBuffer {
     }
 }
 
+/// The interfaces' counters of frames the kernel failed to send for XDP (see
+/// [`xdp_send_errors`]), as they grew since start-up: what xlb counted as sent but
+/// the kernel dropped.
+pub struct SendErrors {
+    baseline: Vec<(String, u64)>,
+}
+
+impl SendErrors {
+    pub fn new(interfaces: &[String]) -> SendErrors {
+        SendErrors {
+            baseline: interfaces
+                .iter()
+                .map(|i| (i.clone(), xdp_send_errors(i).unwrap_or(0)))
+                .collect(),
+        }
+    }
+
+    pub fn read(&self) -> Vec<(String, u64)> {
+        self.baseline
+            .iter()
+            .map(|(iface, base)| {
+                let now = xdp_send_errors(iface).unwrap_or(*base);
+                (iface.clone(), now.saturating_sub(*base))
+            })
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,7 +4,7 @@
 use anyhow::{Context as _, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::DevMapHash,
+    maps::{DevMapHash, MapData},
     programs::{SchedClassifier, TcAttachType, Xdp, XdpMode, tc},
     util::KernelVersion,
 };
@@ -191,7 +191,30 @@ fn is_busy(err: &anyhow::Error) -> bool {
         .any(|e| e.raw_os_error() == Some(libc::EBUSY))
 }
 
-fn ifindex(interface: &str) -> anyhow::Result<u32> {
+/// The kernel's id of the loaded XDP program (as `bpftool prog` shows it).
+pub fn program_id(ebpf: &Ebpf) -> anyhow::Result<u32> {
+    let program: &Xdp = ebpf.program(PROGRAM).context("program xlb")?.try_into()?;
+    Ok(program.info().context("program xlb: its info")?.id())
+}
+
+/// A handle of its own on the map `name` of `ebpf`, opened by the map's id: it can live on
+/// another thread, or in a struct that outlives the borrow of `ebpf`.
+pub fn map_handle(ebpf: &Ebpf, name: &str) -> anyhow::Result<MapData> {
+    use aya::maps::Map;
+    let data = match ebpf.map(name).with_context(|| format!("map {name}"))? {
+        Map::HashMap(data) | Map::Array(data) | Map::PerCpuArray(data) | Map::DevMapHash(data) => {
+            data
+        }
+        _ => bail!("map {name} is not of the expected type"),
+    };
+    let id = data
+        .info()
+        .with_context(|| format!("map {name}: its id"))?
+        .id();
+    MapData::from_id(id).with_context(|| format!("opening map {name} by its id {id}"))
+}
+
+pub fn ifindex(interface: &str) -> anyhow::Result<u32> {
     let name = std::ffi::CString::new(interface)?;
     // SAFETY: `name` is a valid NUL-terminated string for the duration of the call.
     let index = unsafe { libc::if_nametoindex(name.as_ptr()) };

@@ -1,9 +1,9 @@
-//! Reads the per-CPU counters and prints them, one `key=value` record per line:
-//! `service ...`, `backend ...`, `reason ...`, `handoff ...`, `interface ...` and
-//! `conntrack ...` lines, between a `stats begin` and a `stats end` line (the integration
-//! tests parse these). Counters count from start-up, so the last snapshot has them all.
+//! The counters, read from the maps and summed over CPUs into one [`Stats`]: what
+//! `xlb stats` prints (a table, or the JSON the API serves), what `/metrics` exports, and
+//! what `xlb run` prints as `key=value` lines between `stats begin` and `stats end` (the
+//! integration tests parse these). Counters count from when their object got its id.
 
-use std::fmt::Write as _;
+use std::{collections::BTreeMap, fmt::Write as _};
 
 use anyhow::Context as _;
 use aya::{
@@ -15,24 +15,95 @@ use lb_common::{
     maps::{FlowStats, Handoff, names},
     reason::Reason,
 };
+use serde::{Deserialize, Serialize};
 
-use crate::{config::Checked, conntrack::SweepReport, tables::Layout};
+use crate::{conntrack::SweepReport, registry::Registry};
 
-/// Counters summed over CPUs.
-#[derive(Debug, Clone, Default)]
-pub struct Snapshot {
-    /// By service, config order.
-    pub services: Vec<FlowStats>,
-    /// By service, then backend, config order.
-    pub backends: Vec<Vec<FlowStats>>,
-    /// By [`Reason`] index.
-    pub reasons: Vec<u64>,
-    /// By [`Handoff`] index: what the tc program did with frames handed to it.
-    pub handoffs: Vec<u64>,
-    /// Flows per state, from the sweeper's latest pass.
-    pub conntrack: Option<SweepReport>,
-    /// Per interface: frames the kernel failed to send for XDP since xlb started.
-    pub interfaces: Vec<(String, u64)>,
+/// Everything xlb counts, at one moment.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Stats {
+    pub services: Vec<ServiceStats>,
+    /// Packets per verdict, by reason name (every reason, zeros too).
+    pub reasons: BTreeMap<String, u64>,
+    /// What the tc program did with frames the XDP program handed it, by name.
+    pub handoffs: BTreeMap<String, u64>,
+    /// Frames the kernel failed to send for XDP since xlb started, per interface.
+    pub interfaces: Vec<InterfaceStats>,
+    /// From the sweeper's latest pass; absent before the first.
+    pub conntrack: Option<ConntrackStats>,
+}
+
+/// One service: packets and bytes both ways, and flows created.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ServiceStats {
+    pub vip: String,
+    pub protocol: String,
+    pub snat: String,
+    pub id: u32,
+    #[serde(flatten)]
+    pub traffic: Traffic,
+    /// Flows open now (from the sweeper's latest pass).
+    pub active_flows: u64,
+    pub backends: Vec<BackendStats>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct BackendStats {
+    pub address: String,
+    pub weight: u32,
+    /// "up", "down" or "draining".
+    pub state: String,
+    pub id: u32,
+    #[serde(flatten)]
+    pub traffic: Traffic,
+    pub active_flows: u64,
+}
+
+/// A service's or backend's counters: `packets` and `bytes` are both directions summed.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Traffic {
+    pub packets: u64,
+    pub bytes: u64,
+    /// Flows created.
+    pub flows: u64,
+    pub packets_in: u64,
+    pub bytes_in: u64,
+    pub packets_out: u64,
+    pub bytes_out: u64,
+}
+
+impl From<FlowStats> for Traffic {
+    fn from(s: FlowStats) -> Traffic {
+        Traffic {
+            packets: s.packets_in + s.packets_out,
+            bytes: s.bytes_in + s.bytes_out,
+            flows: s.flows,
+            packets_in: s.packets_in,
+            bytes_in: s.bytes_in,
+            packets_out: s.packets_out,
+            bytes_out: s.bytes_out,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct InterfaceStats {
+    pub name: String,
+    pub xdp_send_errors: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ConntrackStats {
+    pub flows: u64,
+    pub entries: u64,
+    pub capacity: u32,
+    /// Since start-up.
+    pub expired: u64,
+    pub pruned: u64,
+    pub orphans: u64,
+    pub sweep_ms: f64,
+    /// Flows by state name.
+    pub states: BTreeMap<String, u64>,
 }
 
 /// The `REASONS` counters, summed over CPUs, in [`Reason::ALL`] order.
@@ -50,97 +121,129 @@ fn per_cpu_sums(ebpf: &Ebpf, name: &str, count: u32) -> anyhow::Result<Vec<u64>>
         .collect()
 }
 
-pub fn read(ebpf: &Ebpf, layout: &Layout) -> anyhow::Result<Snapshot> {
-    let flow_stats = |name: &str| -> anyhow::Result<PerCpuArray<&MapData, FlowStats>> {
-        Ok(ebpf
-            .map(name)
-            .with_context(|| format!("map {name}"))?
-            .try_into()?)
+/// Reads the counters of every running service and backend, and the verdicts.
+pub fn read(
+    registry: &Registry,
+    sweep: Option<&SweepReport>,
+    interfaces: Vec<(String, u64)>,
+) -> anyhow::Result<Stats> {
+    let tables = registry.tables();
+    let active = |counts: Option<&BTreeMap<u32, u64>>, id: u32| {
+        counts.and_then(|c| c.get(&id)).copied().unwrap_or(0)
     };
-    let sum = |array: &PerCpuArray<&MapData, FlowStats>, index: u32| -> anyhow::Result<FlowStats> {
-        let mut total = FlowStats::default();
-        for cpu in array.get(&index, 0)?.iter() {
-            total.add(cpu);
+    let mut stats = Stats::default();
+    for service in registry.services() {
+        let mut s = ServiceStats {
+            vip: service.name.vip.to_string(),
+            protocol: service.name.protocol.to_string(),
+            snat: service.config.snat.to_string(),
+            id: service.id,
+            traffic: tables.service_stats(service.id)?.into(),
+            active_flows: active(sweep.map(|r| &r.by_service), service.id),
+            backends: Vec::new(),
+        };
+        for b in &service.backends {
+            s.backends.push(BackendStats {
+                address: b.config.address.to_string(),
+                weight: b.config.weight,
+                state: b.state().name().into(),
+                id: b.id,
+                traffic: tables.backend_stats(b.id)?.into(),
+                active_flows: active(sweep.map(|r| &r.by_backend), b.id),
+            });
         }
-        Ok(total)
-    };
-    let service_stats = flow_stats(names::SERVICE_STATS)?;
-    let backend_stats = flow_stats(names::BACKEND_STATS)?;
-    let mut snap = Snapshot::default();
-    for (sid, ids) in layout.backend_ids.iter().enumerate() {
-        snap.services.push(sum(&service_stats, sid as u32)?);
-        snap.backends.push(
-            ids.iter()
-                .map(|id| sum(&backend_stats, *id))
-                .collect::<Result<_, _>>()?,
-        );
+        stats.services.push(s);
     }
-    snap.reasons = reasons(ebpf)?;
-    snap.handoffs = per_cpu_sums(ebpf, names::HANDOFFS, Handoff::COUNT)?;
-    Ok(snap)
+    for (reason, packets) in Reason::ALL.iter().zip(tables.reasons()?) {
+        stats.reasons.insert(reason.name().into(), packets);
+    }
+    for (handoff, packets) in Handoff::ALL.iter().zip(tables.handoffs()?) {
+        stats.handoffs.insert(handoff.name().into(), packets);
+    }
+    stats.interfaces = interfaces
+        .into_iter()
+        .map(|(name, xdp_send_errors)| InterfaceStats {
+            name,
+            xdp_send_errors,
+        })
+        .collect();
+    stats.conntrack = sweep.map(|ct| ConntrackStats {
+        flows: ct.total_flows(),
+        entries: ct.entries,
+        capacity: registry.running().conntrack.entries,
+        expired: ct.expired,
+        pruned: ct.pruned,
+        orphans: ct.orphans,
+        sweep_ms: ct.took.as_secs_f64() * 1000.0,
+        states: FlowState::ALL
+            .iter()
+            .map(|s| (s.name().to_string(), ct.flows[*s as usize]))
+            .collect(),
+    });
+    Ok(stats)
 }
 
-/// The `service`/`backend`/`reason` lines; reasons that never happened are left out.
-pub fn format(cfg: &Checked, snap: &Snapshot) -> String {
+/// The `stats begin` … `stats end` lines `xlb run` prints; reasons that never happened are
+/// left out.
+pub fn format(stats: &Stats) -> String {
     let mut out = String::from("stats begin\n");
-    let counters = |s: &FlowStats| {
+    let counters = |t: &Traffic| {
         format!(
             "flows={} packets_in={} bytes_in={} packets_out={} bytes_out={}",
-            s.flows, s.packets_in, s.bytes_in, s.packets_out, s.bytes_out
+            t.flows, t.packets_in, t.bytes_in, t.packets_out, t.bytes_out
         )
     };
-    for (service, (stats, backends)) in cfg
-        .services
-        .iter()
-        .zip(snap.services.iter().zip(&snap.backends))
-    {
+    for s in &stats.services {
         let _ = writeln!(
             out,
             "service vip={} proto={} {}",
-            service.vip,
-            service.protocol,
-            counters(stats)
+            s.vip,
+            s.protocol,
+            counters(&s.traffic)
         );
-        for (b, stats) in service.backends.iter().zip(backends) {
+        for b in &s.backends {
             let _ = writeln!(
                 out,
-                "backend service={service} address={} weight={} {}",
+                "backend service={}/{} address={} weight={} state={} {}",
+                s.vip,
+                s.protocol,
                 b.address,
                 b.weight,
-                counters(stats)
+                b.state,
+                counters(&b.traffic)
             );
         }
     }
-    for (reason, packets) in Reason::ALL.iter().zip(&snap.reasons) {
-        if *packets > 0 {
+    for reason in Reason::ALL {
+        let packets = stats.reasons.get(reason.name()).copied().unwrap_or(0);
+        if packets > 0 {
             let _ = writeln!(out, "reason name={} packets={packets}", reason.name());
         }
     }
-    for (handoff, packets) in Handoff::ALL.iter().zip(&snap.handoffs) {
+    for (name, packets) in &stats.handoffs {
         if *packets > 0 {
-            let _ = writeln!(out, "handoff name={} packets={packets}", handoff.name());
+            let _ = writeln!(out, "handoff name={name} packets={packets}");
         }
     }
-    for (iface, errors) in &snap.interfaces {
-        let _ = writeln!(out, "interface name={iface} xdp_send_errors={errors}");
+    for i in &stats.interfaces {
+        let _ = writeln!(
+            out,
+            "interface name={} xdp_send_errors={}",
+            i.name, i.xdp_send_errors
+        );
     }
-    if let Some(ct) = &snap.conntrack {
+    if let Some(ct) = &stats.conntrack {
         let _ = writeln!(
             out,
             "conntrack flows={} entries={} capacity={} expired={} pruned={} sweep_ms={:.1}",
-            ct.total_flows(),
-            ct.entries,
-            cfg.conntrack.entries,
-            ct.expired,
-            ct.pruned,
-            ct.took.as_secs_f64() * 1000.0
+            ct.flows, ct.entries, ct.capacity, ct.expired, ct.pruned, ct.sweep_ms
         );
         for state in FlowState::ALL {
             let _ = writeln!(
                 out,
                 "conntrack_state name={} flows={}",
                 state.name(),
-                ct.flows[state as usize]
+                ct.states.get(state.name()).copied().unwrap_or(0)
             );
         }
     }

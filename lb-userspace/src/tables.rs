@@ -1,110 +1,318 @@
-//! Writes a checked config into the maps: CONFIG, BACKENDS, MAGLEV, then SERVICES — in that
-//! order, so the data path never sees a service whose table is not filled yet.
+//! The maps that decide where a new flow goes — `SERVICES`, `BACKENDS`, the Maglev tables —
+//! and the per-object counters, as the control plane writes them.
+//!
+//! A change is atomic for the data path: a service's new Maglev table is written into the
+//! table the service does not use (each service owns two), then one update of its
+//! `SERVICES` entry switches to it, then [`grace_period`] waits until no program run can
+//! still be reading the old one, which is only then free to be written again. The tables
+//! live in a memory-mapped array (`BPF_F_MMAPABLE`), so writing one is a copy, not a system
+//! call per slot: a change to one service takes about a millisecond, and touches nothing of
+//! the others.
 
-use anyhow::Context as _;
+use std::{
+    os::fd::{AsFd as _, AsRawFd as _},
+    ptr::NonNull,
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, MapData},
+    maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues},
+    util::nr_cpus,
 };
-use lb_common::{
-    maglev,
-    maps::{self, Endpoint, MODE_FULLNAT, NO_BACKEND, ServiceKey, names},
+use lb_common::maps::{
+    BackendEntry, FlowStats, NO_BACKEND, ServiceEntry, ServiceKey, Settings, names,
 };
 
-use crate::config::Checked;
+use crate::loader::map_handle;
 
-/// Ids given to services and backends, in config order: the indices of their stats entries.
-#[derive(Debug, Clone, Default)]
-pub struct Layout {
-    /// For each service (config order), the backend ids of its backends (config order).
-    pub backend_ids: Vec<Vec<u32>>,
+/// Handles of their own on the maps, so a [`Tables`] can live apart from the loaded object.
+pub struct Tables {
+    settings: Array<MapData, Settings>,
+    services: HashMap<MapData, ServiceKey, ServiceEntry>,
+    backends: Array<MapData, BackendEntry>,
+    service_stats: PerCpuArray<MapData, FlowStats>,
+    backend_stats: PerCpuArray<MapData, FlowStats>,
+    reasons: PerCpuArray<MapData, u64>,
+    handoffs: PerCpuArray<MapData, u64>,
+    maglev: MaglevMemory,
+    maglev_size: u32,
+    cpus: usize,
 }
 
-pub fn write(ebpf: &mut Ebpf, cfg: &Checked) -> anyhow::Result<Layout> {
-    let mut config: Array<&mut MapData, maps::Config> = array(ebpf, names::CONFIG)?;
-    config.set(0, cfg.map_config(), 0)?;
-
-    let mut layout = Layout::default();
-    let mut next_backend = 0u32;
-    for (sid, service) in cfg.services.iter().enumerate() {
-        let sid = sid as u32;
-        let ids: Vec<u32> = (next_backend..next_backend + service.backends.len() as u32).collect();
-        next_backend += service.backends.len() as u32;
-
-        let mut backends: Array<&mut MapData, maps::Backend> = array(ebpf, names::BACKENDS)?;
-        for (id, b) in ids.iter().zip(&service.backends) {
-            backends
-                .set(
-                    *id,
-                    maps::Backend {
-                        endpoint: Endpoint::from_socket_v4(b.address),
-                        _pad: [0; 2],
-                        service_id: sid,
-                    },
-                    0,
-                )
-                .with_context(|| format!("writing backend {} of {service}", b.address))?;
+impl Tables {
+    /// Opens the maps of a loaded object whose Maglev tables have `maglev_size` slots.
+    pub fn open(ebpf: &Ebpf, maglev_size: u32) -> anyhow::Result<Tables> {
+        let handle = |name| map_handle(ebpf, name);
+        let maglev = MaglevMemory::map(handle(names::MAGLEV)?)?;
+        if maglev.slots % (2 * maglev_size as usize) != 0 {
+            bail!(
+                "map MAGLEV holds {} slots, not a whole number of pairs of {maglev_size}-slot \
+                 tables",
+                maglev.slots
+            );
         }
+        Ok(Tables {
+            settings: Map::Array(handle(names::CONFIG)?).try_into()?,
+            services: Map::HashMap(handle(names::SERVICES)?).try_into()?,
+            backends: Map::Array(handle(names::BACKENDS)?).try_into()?,
+            service_stats: Map::PerCpuArray(handle(names::SERVICE_STATS)?).try_into()?,
+            backend_stats: Map::PerCpuArray(handle(names::BACKEND_STATS)?).try_into()?,
+            reasons: Map::PerCpuArray(handle(names::REASONS)?).try_into()?,
+            handoffs: Map::PerCpuArray(handle(names::HANDOFFS)?).try_into()?,
+            maglev,
+            maglev_size,
+            cpus: nr_cpus().map_err(|(_, e)| e).context("counting CPUs")?,
+        })
+    }
 
-        let names: Vec<String> = service
-            .backends
-            .iter()
-            .map(|b| b.address.to_string())
-            .collect();
-        let entries: Vec<maglev::Entry<'_>> = names
-            .iter()
-            .zip(&service.backends)
-            .map(|(n, b)| maglev::Entry {
-                name: n.as_bytes(),
-                weight: b.weight,
-            })
-            .collect();
-        let table = maglev::build(&entries, cfg.dataplane.maglev_table_size);
-        let mut maglev_map: Array<&mut MapData, u32> = array(ebpf, names::MAGLEV)?;
-        let base = sid * cfg.dataplane.maglev_table_size;
-        for (slot, index) in table.iter().enumerate() {
-            let id = if *index == NO_BACKEND {
-                NO_BACKEND
-            } else {
-                ids[*index as usize]
-            };
-            maglev_map
-                .set(base + slot as u32, id, 0)
-                .with_context(|| format!("writing the Maglev table of {service}"))?;
+    pub fn maglev_size(&self) -> u32 {
+        self.maglev_size
+    }
+
+    /// How many services the tables have room for.
+    pub fn max_services(&self) -> u32 {
+        (self.maglev.slots / (2 * self.maglev_size as usize)) as u32
+    }
+
+    pub fn max_backends(&self) -> u32 {
+        self.backends.len()
+    }
+
+    pub fn settings(&self) -> anyhow::Result<Settings> {
+        Ok(self.settings.get(&0, 0)?)
+    }
+
+    pub fn set_settings(&mut self, settings: Settings) -> anyhow::Result<()> {
+        self.settings.set(0, settings, 0).context("writing CONFIG")
+    }
+
+    /// The services in the map, as the data path sees them.
+    pub fn services(&self) -> anyhow::Result<Vec<(ServiceKey, ServiceEntry)>> {
+        Ok(self.services.iter().collect::<Result<_, _>>()?)
+    }
+
+    /// The backend ids in use (their entries are not all zeros), with their entries.
+    pub fn backends(&self) -> anyhow::Result<Vec<(u32, BackendEntry)>> {
+        let mut used = Vec::new();
+        for id in 0..self.backends.len() {
+            let entry = self.backends.get(&id, 0)?;
+            if entry != BackendEntry::default() {
+                used.push((id, entry));
+            }
         }
+        Ok(used)
+    }
 
-        let mut services: HashMap<&mut MapData, ServiceKey, maps::Service> = ebpf
-            .map_mut(names::SERVICES)
-            .context("map SERVICES")?
-            .try_into()?;
-        let mut snat = [0u8; 16];
-        snat.copy_from_slice(&Endpoint::v4(service.snat.octets(), [0; 2]).addr);
-        services
-            .insert(
-                ServiceKey {
-                    vip: Endpoint::from_socket_v4(service.vip),
-                    proto: service.protocol.number(),
-                    _pad: 0,
-                },
-                maps::Service {
-                    snat,
-                    id: sid,
-                    mode: MODE_FULLNAT,
-                },
+    /// Gives backend id `id` to `entry` (all zeros: to no one), with its counters at zero.
+    pub fn set_backend(&mut self, id: u32, entry: BackendEntry) -> anyhow::Result<()> {
+        self.backends
+            .set(id, entry, 0)
+            .with_context(|| format!("writing backend {id}"))?;
+        let zeros = PerCpuValues::try_from(vec![FlowStats::default(); self.cpus])?;
+        self.backend_stats
+            .set(id, zeros, 0)
+            .with_context(|| format!("clearing the counters of backend {id}"))
+    }
+
+    /// Starts service id `id`'s counters at zero, for a service new to the id.
+    pub fn clear_service_stats(&mut self, id: u32) -> anyhow::Result<()> {
+        let zeros = PerCpuValues::try_from(vec![FlowStats::default(); self.cpus])?;
+        self.service_stats
+            .set(id, zeros, 0)
+            .with_context(|| format!("clearing the counters of service {id}"))
+    }
+
+    /// Writes `slots` (backend ids) as the Maglev table of the service at `key` — into the
+    /// table it does not use — and switches the service to it, creating or updating its
+    /// entry from `entry` (whose `table` is set here). Returns once the table it used before
+    /// is free again.
+    pub fn switch_table(
+        &mut self,
+        key: &ServiceKey,
+        mut entry: ServiceEntry,
+        slots: &[u32],
+    ) -> anyhow::Result<()> {
+        if slots.len() != self.maglev_size as usize {
+            bail!(
+                "a Maglev table of {} slots, but the tables have {}",
+                slots.len(),
+                self.maglev_size
+            );
+        }
+        let own = [2 * entry.id, 2 * entry.id + 1];
+        let in_use = match self.services.get(key, 0) {
+            Ok(current) if current.id == entry.id && own.contains(&current.table) => {
+                Some(current.table)
+            }
+            Ok(_) | Err(aya::maps::MapError::KeyNotFound) => None,
+            Err(e) => return Err(e).context("reading a service entry"),
+        };
+        entry.table = if in_use == Some(own[0]) {
+            own[1]
+        } else {
+            own[0]
+        };
+        let first = entry.first_slot(self.maglev_size) as usize;
+        self.maglev.write(first, slots)?;
+        self.services
+            .insert(key, entry, 0)
+            .context("writing a service entry")?;
+        if in_use.is_some() {
+            grace_period();
+        }
+        Ok(())
+    }
+
+    /// Removes the service at `key`; returns once no program run can still be using it.
+    pub fn remove_service(&mut self, key: &ServiceKey) -> anyhow::Result<()> {
+        match self.services.remove(key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(e) => return Err(e).context("removing a service entry"),
+        }
+        grace_period();
+        Ok(())
+    }
+
+    /// The Maglev table in use by a service, as the data path reads it.
+    pub fn table(&self, entry: &ServiceEntry) -> anyhow::Result<Vec<u32>> {
+        self.maglev.read(
+            entry.first_slot(self.maglev_size) as usize,
+            self.maglev_size as usize,
+        )
+    }
+
+    pub fn service_stats(&self, id: u32) -> anyhow::Result<FlowStats> {
+        sum(&self.service_stats, id)
+    }
+
+    pub fn backend_stats(&self, id: u32) -> anyhow::Result<FlowStats> {
+        sum(&self.backend_stats, id)
+    }
+
+    /// Packets per [`Reason`](lb_common::reason::Reason), summed over CPUs, in its order.
+    pub fn reasons(&self) -> anyhow::Result<Vec<u64>> {
+        sums(&self.reasons)
+    }
+
+    /// Frames per [`Handoff`](lb_common::maps::Handoff), summed over CPUs, in its order.
+    pub fn handoffs(&self) -> anyhow::Result<Vec<u64>> {
+        sums(&self.handoffs)
+    }
+}
+
+fn sums(array: &PerCpuArray<MapData, u64>) -> anyhow::Result<Vec<u64>> {
+    (0..array.len())
+        .map(|i| Ok(array.get(&i, 0)?.iter().sum()))
+        .collect()
+}
+
+fn sum(array: &PerCpuArray<MapData, FlowStats>, id: u32) -> anyhow::Result<FlowStats> {
+    let mut total = FlowStats::default();
+    for cpu in array.get(&id, 0)?.iter() {
+        total.add(cpu);
+    }
+    Ok(total)
+}
+
+/// Waits until every XDP program run that began before the call has ended: an RCU grace
+/// period, which `membarrier(MEMBARRIER_CMD_GLOBAL)` waits for (`synchronize_rcu`), and XDP
+/// runs inside RCU read-side sections. Where that command is not allowed (`nohz_full`
+/// kernels), a sleep far longer than any program run stands in.
+pub fn grace_period() {
+    const MEMBARRIER_CMD_GLOBAL: libc::c_int = 1;
+    // SAFETY: membarrier takes two integers and touches no memory of ours.
+    let rc = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
+    if rc != 0 {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The `MAGLEV` array mapped into our memory: `slots` backend ids, back to back (two per
+/// array entry, which the kernel lays out 8 bytes apart).
+struct MaglevMemory {
+    base: NonNull<u32>,
+    slots: usize,
+    bytes: usize,
+    /// Keeps the map open while it is mapped.
+    _map: MapData,
+}
+
+// SAFETY: the mapping is plain shared memory, owned by this value alone on our side; the
+// kernel's readers are the XDP program's runs, which the switch protocol keeps off the table
+// being written.
+unsafe impl Send for MaglevMemory {}
+
+impl MaglevMemory {
+    fn map(map: MapData) -> anyhow::Result<MaglevMemory> {
+        let info = map.info().context("map MAGLEV: its info")?;
+        if info.value_size() != 8 {
+            bail!(
+                "map MAGLEV has {}-byte values, not pairs of backend ids",
+                info.value_size()
+            );
+        }
+        let slots = info.max_entries() as usize * 2;
+        let bytes = slots * size_of::<u32>();
+        // SAFETY: a shared mapping of the whole map, which the kernel checks fits it; the
+        // pointer is used only within `bytes` of it, and unmapped on drop.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                map.fd().as_fd().as_raw_fd(),
                 0,
             )
-            .with_context(|| format!("writing service {service}"))?;
-        layout.backend_ids.push(ids);
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error()).context(
+                "memory-mapping map MAGLEV (it must be created with BPF_F_MMAPABLE; Linux 5.5+)",
+            );
+        }
+        Ok(MaglevMemory {
+            base: NonNull::new(ptr.cast()).context("mmap returned null")?,
+            slots,
+            bytes,
+            _map: map,
+        })
     }
-    Ok(layout)
+
+    fn write(&mut self, first: usize, ids: &[u32]) -> anyhow::Result<()> {
+        if first
+            .checked_add(ids.len())
+            .is_none_or(|end| end > self.slots)
+        {
+            bail!("Maglev slots {first}.. are outside the map");
+        }
+        // SAFETY: checked above to lie within the mapping; nothing else on our side holds a
+        // reference into it.
+        unsafe {
+            std::ptr::copy_nonoverlapping(ids.as_ptr(), self.base.as_ptr().add(first), ids.len())
+        };
+        Ok(())
+    }
+
+    fn read(&self, first: usize, len: usize) -> anyhow::Result<Vec<u32>> {
+        if first.checked_add(len).is_none_or(|end| end > self.slots) {
+            bail!("Maglev slots {first}.. are outside the map");
+        }
+        // SAFETY: checked above to lie within the mapping.
+        let slice = unsafe { std::slice::from_raw_parts(self.base.as_ptr().add(first), len) };
+        Ok(slice.to_vec())
+    }
 }
 
-fn array<'a, V: aya::Pod>(
-    ebpf: &'a mut Ebpf,
-    name: &str,
-) -> anyhow::Result<Array<&'a mut MapData, V>> {
-    Ok(ebpf
-        .map_mut(name)
-        .with_context(|| format!("map {name}"))?
-        .try_into()?)
+impl Drop for MaglevMemory {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `map`, unmapped once.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.bytes) };
+    }
+}
+
+/// A table with no backend in any slot.
+pub fn empty_table(maglev_size: u32) -> Vec<u32> {
+    vec![NO_BACKEND; maglev_size as usize]
 }

@@ -25,7 +25,7 @@ use lb_common::{
     maps::{FlowKey, HANDOFF_MAGIC, HandoffMeta, NatEntry, names},
     reason::Reason,
 };
-use lb_userspace::config::Checked;
+use lb_userspace::{config::Checked, registry::Registry};
 
 use crate::netns::{self, NetNs};
 
@@ -174,7 +174,7 @@ pub fn load(checked: &Checked) -> Result<Program> {
         mac: FX1_MAC,
     };
     let mut ebpf = lb_userspace::loader::load(checked).context("loading the XDP program")?;
-    lb_userspace::tables::write(&mut ebpf, checked).context("filling the maps")?;
+    Registry::load(&ebpf, checked).context("filling the maps")?;
     let mut devmap: DevMapHash<_> = ebpf
         .map_mut(names::DEVMAP)
         .context("map DEVMAP")?
@@ -313,7 +313,7 @@ pub fn conntrack_entry(ebpf: &Ebpf, key: &FlowKey) -> Result<Option<NatEntry>> {
 /// says, XDP_TX allowed on every interface.
 pub fn reset(ebpf: &mut Ebpf, checked: &Checked) -> Result<()> {
     clear_conntrack(ebpf)?;
-    lb_userspace::tables::write(ebpf, checked).context("rewriting the tables")?;
+    Registry::load(ebpf, checked).context("rewriting the tables")?;
     let mut no_tx: HashMap<&mut MapData, u32, u8> = ebpf
         .map_mut(names::NO_XDP_TX)
         .context("map NO_XDP_TX")?

@@ -23,13 +23,13 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, MapData},
+    maps::{HashMap, MapData},
 };
 use lb_common::{
     conntrack::FlowState,
     hash::{flow_hash, snat_port},
     maps::{
-        Endpoint, FlowKey, HANDOFF_MAGIC, HandoffMeta, NO_BACKEND, NatEntry, PROTO_TCP, PROTO_UDP,
+        Endpoint, FlowKey, HANDOFF_MAGIC, HandoffMeta, NatEntry, PROTO_TCP, PROTO_UDP,
         SNAT_PORT_PROBES, names,
     },
     reason::Reason,
@@ -266,7 +266,7 @@ impl Lab {
 
     fn ports(&self) -> Ports {
         Ports {
-            cfg: self.checked.map_config(),
+            cfg: self.checked.settings(),
             taken: HashSet::new(),
         }
     }
@@ -356,7 +356,7 @@ fn untouched(action: u32, reason: Reason) -> Expect {
 /// Predicts the SNAT ports the program gives a case's flows: the flow hash and the probe
 /// order, skipping ports the case's earlier flows hold.
 struct Ports {
-    cfg: lb_common::maps::Config,
+    cfg: lb_common::maps::Settings,
     /// Reverse keys (backend → SNAT:port) of the flows created so far.
     taken: HashSet<FlowKey>,
 }
@@ -1075,20 +1075,16 @@ fn services_cases(lab: &Lab) -> Vec<Case> {
 
     // The Maglev table changes under a tracked flow: the flow keeps its backend and SNAT
     // port through conntrack, while a new flow sees the new table.
-    let maglev_size = lab.checked.dataplane.maglev_table_size;
+    // Service 0 (the config's first, VIP:80/tcp) loses every backend, through the
+    // registry, as `xlb backend rm` would do it.
+    let mut emptied = lab.checked.clone();
+    emptied.services[0].backends.clear();
     let empty_maglev = move |ebpf: &mut Ebpf| -> Result<()> {
-        // Service 0 (the config's first, VIP:80/tcp) loses every backend.
-        let mut maglev: Array<&mut MapData, u32> = ebpf
-            .map_mut(names::MAGLEV)
-            .context("map MAGLEV")?
-            .try_into()?;
-        for slot in 0..maglev_size {
-            maglev.set(slot, NO_BACKEND, 0)?;
-        }
+        lb_userspace::registry::Registry::load(ebpf, &emptied)?;
         Ok(())
     };
     v.push(Case {
-        tamper: Some(Box::new(empty_maglev)),
+        tamper: Some(Box::new(empty_maglev.clone())),
         ..case(
             "12 Maglev table emptied under a tracked flow: it keeps its backend and SNAT port",
             handshake.clone(),

@@ -1,0 +1,573 @@
+//! The daemon's local API: HTTP/JSON on a unix socket (mode 0600: root only), served by
+//! axum. Every `xlb` command other than `run` and `check` is a client of it
+//! ([`client`](crate::client)). The request and answer types are here, shared by both sides.
+//!
+//! | method and path                                   | does                               |
+//! |---------------------------------------------------|------------------------------------|
+//! | `GET /v1/status`                                  | [`Status`]                         |
+//! | `GET /v1/stats`                                   | [`Stats`] (services, reasons, …)   |
+//! | `POST /v1/services` [`NewService`]                | adds a service                     |
+//! | `DELETE /v1/services/{proto}/{vip}`               | removes it                         |
+//! | `POST /v1/services/{proto}/{vip}/backends` [`NewBackend`] | adds a backend             |
+//! | `DELETE /v1/services/{proto}/{vip}/backends/{addr}?cut=` | removes it (cuts its flows) |
+//! | `POST /v1/services/{proto}/{vip}/backends/{addr}/drain` | drains it                    |
+//! | `PUT /v1/services/{proto}/{vip}/backends/{addr}/weight` [`Weight`] | sets its weight   |
+//! | `GET /v1/conntrack?limit=`                        | [`Flow`]s                          |
+//! | `POST /v1/apply` [`ApplyRequest`]                 | reconciles to a config file's text |
+//!
+//! Every change edits the running config and goes through
+//! [`Registry::apply`](crate::registry::Registry::apply), so the API can make no change a
+//! config file could not. Errors answer `{"error": "..."}` with a 4xx or 5xx status.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    os::unix::fs::PermissionsExt as _,
+    path::Path,
+    sync::{Arc, Mutex},
+    time::Instant,
+};
+
+use anyhow::Context as _;
+use axum::{
+    Json, Router,
+    extract::{Path as UrlPath, Query, State},
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    routing::{get, post, put},
+};
+use lb_common::conntrack::{FlowState, remaining_ns};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    config::{Backend, Checked, Config, HostFacts, Protocol, Service},
+    conntrack,
+    loader::Attachment,
+    registry::{ApplyError, Changes, Registry, ServiceName, default_snat},
+    stats::{self, Stats},
+};
+
+/// `GET /v1/status`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    pub pid: u32,
+    pub uptime_s: u64,
+    pub program_id: u32,
+    pub interfaces: Vec<StatusInterface>,
+    pub services: usize,
+    pub backends: usize,
+    pub flows: u64,
+    pub flow_capacity: u32,
+    pub snat_ports: String,
+    pub table_rebuilds: u64,
+    /// Ids given up whose flows have not all ended yet: (services, backends).
+    pub retired_ids: (usize, usize),
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StatusInterface {
+    pub name: String,
+    pub ifindex: u32,
+    pub mode: String,
+}
+
+/// `POST /v1/services`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NewService {
+    pub vip: SocketAddrV4,
+    pub protocol: Protocol,
+    /// None: the first IPv4 address of the first interface.
+    pub snat: Option<Ipv4Addr>,
+}
+
+/// `POST /v1/services/{proto}/{vip}/backends`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NewBackend {
+    pub address: SocketAddrV4,
+    pub weight: u32,
+}
+
+/// `PUT .../weight`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Weight {
+    pub weight: u32,
+}
+
+/// `POST /v1/apply`: a config file's text, and where it came from (for messages).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ApplyRequest {
+    pub source: String,
+    pub text: String,
+}
+
+/// What a change did.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Changed {
+    pub changes: Changes,
+    /// Flows removed (`backend rm --cut`).
+    pub flows_cut: u64,
+}
+
+/// One flow of `GET /v1/conntrack`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Flow {
+    pub protocol: String,
+    pub client: String,
+    pub vip: String,
+    pub backend: String,
+    pub snat: String,
+    pub state: String,
+    pub idle_s: f64,
+    /// Seconds until the sweeper removes it, if nothing more is seen.
+    pub expires_in_s: f64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+struct CutQuery {
+    #[serde(default)]
+    cut: bool,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+struct LimitQuery {
+    limit: Option<usize>,
+}
+
+/// What the handlers share.
+pub struct Shared {
+    pub registry: Mutex<Registry>,
+    pub sweeps: crate::conntrack::Latest,
+    pub conntrack: Mutex<conntrack::Table>,
+    pub started: Instant,
+    pub attached: Vec<Attachment>,
+    pub program_id: u32,
+    pub send_errors: crate::ethtool::SendErrors,
+}
+
+impl Shared {
+    pub fn stats(&self) -> anyhow::Result<Stats> {
+        let registry = lock(&self.registry);
+        let sweep = self.sweeps.get();
+        stats::read(&registry, sweep.as_ref(), self.send_errors.read())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// An error answer: a status and a message for the person at the CLI.
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<ApplyError> for ApiError {
+    fn from(e: ApplyError) -> ApiError {
+        let status = match e {
+            ApplyError::Invalid(_) => StatusCode::BAD_REQUEST,
+            ApplyError::Full(_) => StatusCode::INSUFFICIENT_STORAGE,
+            ApplyError::Maps(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(status, e.to_string())
+    }
+}
+
+fn bad(msg: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, msg.into())
+}
+
+fn not_found(msg: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::NOT_FOUND, msg.into())
+}
+
+fn internal(e: anyhow::Error) -> ApiError {
+    ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"))
+}
+
+type Answer<T> = Result<Json<T>, ApiError>;
+
+/// Listens on `socket` (replacing a stale socket file, creating its directory) with mode
+/// 0600, and serves the API until the task is dropped.
+pub async fn serve(
+    socket: &Path,
+    shared: Arc<Shared>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    if let Some(dir) = socket.parent()
+        && !dir.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating the API socket's directory {}", dir.display()))?;
+    }
+    if socket.exists() {
+        if tokio::net::UnixStream::connect(socket).await.is_ok() {
+            anyhow::bail!(
+                "another xlb daemon is serving {} already; stop it first, or give this one \
+                 another --socket",
+                socket.display()
+            );
+        }
+        std::fs::remove_file(socket)
+            .with_context(|| format!("removing the stale socket {}", socket.display()))?;
+    }
+    // Created under a umask that leaves it to root alone, so it is never reachable by others,
+    // not even between bind and chmod.
+    // SAFETY: umask only swaps the process's file mode mask.
+    let old = unsafe { libc::umask(0o177) };
+    let bound = tokio::net::UnixListener::bind(socket);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    let listener =
+        bound.with_context(|| format!("listening on the API socket {}", socket.display()))?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("making {} root-only", socket.display()))?;
+    let app = router(shared);
+    Ok(tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            log::error!("the API server stopped: {e}");
+        }
+    }))
+}
+
+fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/stats", get(get_stats))
+        .route("/v1/services", post(add_service))
+        .route(
+            "/v1/services/{proto}/{vip}",
+            axum::routing::delete(remove_service),
+        )
+        .route("/v1/services/{proto}/{vip}/backends", post(add_backend))
+        .route(
+            "/v1/services/{proto}/{vip}/backends/{addr}",
+            axum::routing::delete(remove_backend),
+        )
+        .route(
+            "/v1/services/{proto}/{vip}/backends/{addr}/drain",
+            post(drain_backend),
+        )
+        .route(
+            "/v1/services/{proto}/{vip}/backends/{addr}/weight",
+            put(weight_backend),
+        )
+        .route("/v1/conntrack", get(flows))
+        .route("/v1/apply", post(apply))
+        .with_state(shared)
+}
+
+async fn status(State(shared): State<Arc<Shared>>) -> Answer<Status> {
+    let registry = lock(&shared.registry);
+    let running = registry.running();
+    Ok(Json(Status {
+        version: env!("CARGO_PKG_VERSION").into(),
+        pid: std::process::id(),
+        uptime_s: shared.started.elapsed().as_secs(),
+        program_id: shared.program_id,
+        interfaces: shared
+            .attached
+            .iter()
+            .map(|a| StatusInterface {
+                name: a.interface.clone(),
+                ifindex: a.ifindex,
+                mode: a.mode.into(),
+            })
+            .collect(),
+        services: registry.services().count(),
+        backends: registry.services().map(|s| s.backends.len()).sum(),
+        flows: shared.sweeps.get().map_or(0, |r| r.total_flows()),
+        flow_capacity: running.conntrack.entries,
+        snat_ports: running.snat_ports.to_string(),
+        table_rebuilds: registry.rebuilds,
+        retired_ids: registry.retired(),
+    }))
+}
+
+async fn get_stats(State(shared): State<Arc<Shared>>) -> Answer<Stats> {
+    blocking(move || shared.stats().map_err(internal))
+        .await
+        .map(Json)
+}
+
+/// Runs a handler's body where it may block (map writes wait for RCU grace periods).
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+}
+
+fn service_name(proto: &str, vip: &str) -> Result<ServiceName, ApiError> {
+    let protocol = match proto {
+        "tcp" => Protocol::Tcp,
+        "udp" => Protocol::Udp,
+        other => return Err(bad(format!("{other:?} is not a protocol (tcp or udp)"))),
+    };
+    let vip = vip
+        .parse()
+        .map_err(|_| bad(format!("{vip:?} is not \"address:port\"")))?;
+    Ok(ServiceName { vip, protocol })
+}
+
+fn parse_backend(addr: &str) -> Result<SocketAddrV4, ApiError> {
+    addr.parse()
+        .map_err(|_| bad(format!("{addr:?} is not \"address:port\"")))
+}
+
+/// Applies `edit` to a copy of the running config, validates the result as a config file
+/// is validated, and applies it.
+fn change(
+    shared: &Shared,
+    edit: impl FnOnce(&mut Checked) -> Result<(), ApiError>,
+) -> Result<Changes, ApiError> {
+    let mut registry = lock(&shared.registry);
+    let mut wanted = registry.running().clone();
+    edit(&mut wanted)?;
+    let checked = revalidate(wanted.to_config())?;
+    Ok(registry.apply(&checked)?)
+}
+
+/// Validates a config (in file form) as `xlb check` does, and fits it to this host.
+fn revalidate(config: Config) -> Result<Checked, ApiError> {
+    let mut checked = config
+        .validate()
+        .map_err(|e| ApiError::from(ApplyError::Invalid(e)))?;
+    let host = HostFacts::read().map_err(internal)?;
+    checked
+        .fit_to_host(&host)
+        .map_err(|e| ApiError::from(ApplyError::Invalid(e)))?;
+    Ok(checked)
+}
+
+fn find_service<'a>(cfg: &'a mut Checked, name: &ServiceName) -> Result<&'a mut Service, ApiError> {
+    cfg.services
+        .iter_mut()
+        .find(|s| s.vip == name.vip && s.protocol == name.protocol)
+        .ok_or_else(|| not_found(format!("no service {name}")))
+}
+
+fn find_backend(service: &mut Service, address: SocketAddrV4) -> Result<&mut Backend, ApiError> {
+    let name = format!("{}/{}", service.vip, service.protocol);
+    service
+        .backends
+        .iter_mut()
+        .find(|b| b.address == address)
+        .ok_or_else(|| not_found(format!("service {name} has no backend {address}")))
+}
+
+fn changed(changes: Changes) -> Json<Changed> {
+    Json(Changed {
+        changes,
+        flows_cut: 0,
+    })
+}
+
+async fn add_service(
+    State(shared): State<Arc<Shared>>,
+    Json(new): Json<NewService>,
+) -> Answer<Changed> {
+    blocking(move || {
+        let interfaces = lock(&shared.registry)
+            .running()
+            .dataplane
+            .interfaces
+            .clone();
+        let snat = match new.snat {
+            Some(a) => a,
+            None => default_snat(&interfaces)
+                .map_err(|e| bad(format!("no --snat given, and no default: {e:#}")))?,
+        };
+        change(&shared, |cfg| {
+            let name = ServiceName {
+                vip: new.vip,
+                protocol: new.protocol,
+            };
+            if cfg
+                .services
+                .iter()
+                .any(|s| s.vip == new.vip && s.protocol == new.protocol)
+            {
+                return Err(ApiError(
+                    StatusCode::CONFLICT,
+                    format!("service {name} exists already"),
+                ));
+            }
+            cfg.services.push(Service {
+                vip: new.vip,
+                protocol: new.protocol,
+                snat,
+                backends: Vec::new(),
+                health: None,
+            });
+            Ok(())
+        })
+    })
+    .await
+    .map(changed)
+}
+
+async fn remove_service(
+    State(shared): State<Arc<Shared>>,
+    UrlPath((proto, vip)): UrlPath<(String, String)>,
+) -> Answer<Changed> {
+    let name = service_name(&proto, &vip)?;
+    blocking(move || {
+        change(&shared, |cfg| {
+            find_service(cfg, &name)?;
+            cfg.services
+                .retain(|s| !(s.vip == name.vip && s.protocol == name.protocol));
+            Ok(())
+        })
+    })
+    .await
+    .map(changed)
+}
+
+async fn add_backend(
+    State(shared): State<Arc<Shared>>,
+    UrlPath((proto, vip)): UrlPath<(String, String)>,
+    Json(new): Json<NewBackend>,
+) -> Answer<Changed> {
+    let name = service_name(&proto, &vip)?;
+    blocking(move || {
+        change(&shared, |cfg| {
+            let service = find_service(cfg, &name)?;
+            if service.backends.iter().any(|b| b.address == new.address) {
+                return Err(ApiError(
+                    StatusCode::CONFLICT,
+                    format!("service {name} has backend {} already", new.address),
+                ));
+            }
+            service.backends.push(Backend {
+                address: new.address,
+                weight: new.weight,
+                drain: false,
+            });
+            Ok(())
+        })
+    })
+    .await
+    .map(changed)
+}
+
+async fn remove_backend(
+    State(shared): State<Arc<Shared>>,
+    UrlPath((proto, vip, addr)): UrlPath<(String, String, String)>,
+    Query(q): Query<CutQuery>,
+) -> Answer<Changed> {
+    let name = service_name(&proto, &vip)?;
+    let address = parse_backend(&addr)?;
+    blocking(move || {
+        let id = lock(&shared.registry)
+            .service(&name)
+            .and_then(|s| s.backends.iter().find(|b| b.config.address == address))
+            .map(|b| b.id);
+        let changes = change(&shared, |cfg| {
+            let service = find_service(cfg, &name)?;
+            find_backend(service, address)?;
+            service.backends.retain(|b| b.address != address);
+            Ok(())
+        })?;
+        // The backend is out of the table now: no new flow can reach it, so what is cut
+        // stays cut.
+        let flows_cut = match (q.cut, id) {
+            (true, Some(id)) => lock(&shared.conntrack).cut(id).map_err(internal)?,
+            _ => 0,
+        };
+        Ok(Changed { changes, flows_cut })
+    })
+    .await
+    .map(Json)
+}
+
+async fn drain_backend(
+    State(shared): State<Arc<Shared>>,
+    UrlPath((proto, vip, addr)): UrlPath<(String, String, String)>,
+) -> Answer<Changed> {
+    let name = service_name(&proto, &vip)?;
+    let address = parse_backend(&addr)?;
+    blocking(move || {
+        change(&shared, |cfg| {
+            find_backend(find_service(cfg, &name)?, address)?.drain = true;
+            Ok(())
+        })
+    })
+    .await
+    .map(changed)
+}
+
+async fn weight_backend(
+    State(shared): State<Arc<Shared>>,
+    UrlPath((proto, vip, addr)): UrlPath<(String, String, String)>,
+    Json(w): Json<Weight>,
+) -> Answer<Changed> {
+    let name = service_name(&proto, &vip)?;
+    let address = parse_backend(&addr)?;
+    blocking(move || {
+        change(&shared, |cfg| {
+            let backend = find_backend(find_service(cfg, &name)?, address)?;
+            backend.weight = w.weight;
+            // A weight is an order to take flows again.
+            backend.drain = false;
+            Ok(())
+        })
+    })
+    .await
+    .map(changed)
+}
+
+async fn apply(
+    State(shared): State<Arc<Shared>>,
+    Json(req): Json<ApplyRequest>,
+) -> Answer<Changed> {
+    blocking(move || {
+        let config =
+            Config::parse(&req.text).map_err(|e| bad(format!("config {}: {e}", req.source)))?;
+        let checked = revalidate(config).map_err(|ApiError(s, m)| {
+            ApiError(s, format!("config {} is not valid:\n{m}", req.source))
+        })?;
+        let changes = lock(&shared.registry).apply(&checked)?;
+        Ok(changes)
+    })
+    .await
+    .map(changed)
+}
+
+async fn flows(
+    State(shared): State<Arc<Shared>>,
+    Query(q): Query<LimitQuery>,
+) -> Answer<Vec<Flow>> {
+    blocking(move || {
+        let limit = q.limit.unwrap_or(100);
+        let timeouts = lock(&shared.registry).running().conntrack.timeouts();
+        let flows = lock(&shared.conntrack).flows(limit).map_err(internal)?;
+        let now = conntrack::monotonic_ns();
+        Ok(flows
+            .into_iter()
+            .map(|(key, entry)| {
+                let state = FlowState::of(key.proto, &entry.seen);
+                let idle = now.saturating_sub(entry.last_seen_ns);
+                Flow {
+                    protocol: match key.proto {
+                        lb_common::maps::PROTO_TCP => "tcp".into(),
+                        lb_common::maps::PROTO_UDP => "udp".into(),
+                        p => p.to_string(),
+                    },
+                    client: key.src.to_socket_v4().to_string(),
+                    vip: key.dst.to_socket_v4().to_string(),
+                    backend: entry.rewrite.dst.to_socket_v4().to_string(),
+                    snat: entry.rewrite.src.to_socket_v4().to_string(),
+                    state: state.name().into(),
+                    idle_s: idle as f64 / 1e9,
+                    expires_in_s: remaining_ns(&entry, key.proto, &timeouts, now) as f64 / 1e9,
+                }
+            })
+            .collect())
+    })
+    .await
+    .map(Json)
+}

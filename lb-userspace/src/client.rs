@@ -1,0 +1,317 @@
+//! The client side of the API: one HTTP/1.1 request per command over the daemon's unix
+//! socket, and what the commands print — a table for people, or the API's JSON as it came
+//! (`-o json`) for scripts. Any error exits non-zero with one line that says what to do.
+
+use std::{
+    io::ErrorKind,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, anyhow, bail};
+use comfy_table::{Table, presets};
+use http_body_util::{BodyExt as _, Full};
+use hyper::{Method, Request, body::Bytes};
+use hyper_util::rt::TokioIo;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::{
+    api::{Changed, Flow, Status},
+    stats::Stats,
+};
+
+/// `-o`: how a command prints its answer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    #[default]
+    Table,
+    Json,
+}
+
+/// A connection to the daemon's API socket.
+pub struct Client {
+    socket: PathBuf,
+}
+
+impl Client {
+    pub fn new(socket: PathBuf) -> Client {
+        Client { socket }
+    }
+
+    /// Sends one request; returns the answer's JSON, or the daemon's error message.
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<Value> {
+        let stream = match tokio::net::UnixStream::connect(&self.socket).await {
+            Ok(s) => s,
+            Err(e) => return Err(self.connect_error(e)),
+        };
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .context("talking to the xlb daemon")?;
+        tokio::spawn(conn);
+        let body = match body {
+            Some(v) => Full::new(Bytes::from(serde_json::to_vec(&v)?)),
+            None => Full::new(Bytes::new()),
+        };
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "xlb")
+            .header("content-type", "application/json")
+            .body(body)?;
+        let answer = sender
+            .send_request(request)
+            .await
+            .context("the xlb daemon did not answer (did it stop?)")?;
+        let status = answer.status();
+        let bytes = answer
+            .into_body()
+            .collect()
+            .await
+            .context("reading the daemon's answer")?
+            .to_bytes();
+        let json: Value = serde_json::from_slice(&bytes).unwrap_or_else(
+            |_| serde_json::json!({ "error": String::from_utf8_lossy(&bytes).trim().to_string() }),
+        );
+        if !status.is_success() {
+            let message = json
+                .get("error")
+                .and_then(Value::as_str)
+                .unwrap_or("no message")
+                .to_string();
+            bail!("{message}");
+        }
+        Ok(json)
+    }
+
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<(T, Value)> {
+        let json = self.call(Method::GET, path, None).await?;
+        let typed = serde_json::from_value(json.clone())
+            .context("the daemon's answer is not what this xlb expects (another version?)")?;
+        Ok((typed, json))
+    }
+
+    fn connect_error(&self, e: std::io::Error) -> anyhow::Error {
+        let path = self.socket.display();
+        match e.kind() {
+            ErrorKind::NotFound => anyhow!(
+                "no xlb daemon at {path}: the socket does not exist. Start one with `xlb run \
+                 --config FILE`, or point to its socket with --socket or XLB_SOCKET"
+            ),
+            ErrorKind::ConnectionRefused => anyhow!(
+                "no xlb daemon is listening on {path} (the socket is left from one that \
+                 died?). Start one with `xlb run --config FILE`"
+            ),
+            ErrorKind::PermissionDenied => {
+                anyhow!("permission denied on {path}: the xlb API is for root only (try sudo)")
+            }
+            _ => anyhow!("connecting to the xlb daemon at {path}: {e}"),
+        }
+    }
+}
+
+/// Path segment of a service: `{proto}/{vip}`.
+pub fn service_path(vip: &std::net::SocketAddrV4, protocol: crate::config::Protocol) -> String {
+    format!("/v1/services/{protocol}/{vip}")
+}
+
+fn table(header: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_style(presets::NOTHING);
+    t.set_header(header.iter().map(|h| h.to_uppercase()));
+    t
+}
+
+/// Prints `json` as it came, or `people` made from it.
+pub fn print(output: Output, json: &Value, people: impl FnOnce() -> String) -> anyhow::Result<()> {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(json)?),
+        Output::Table => print!("{}", people()),
+    }
+    Ok(())
+}
+
+pub fn status_text(s: &Status) -> String {
+    let mut out = format!(
+        "xlb {} (pid {}), up {}s, program id {}\n",
+        s.version, s.pid, s.uptime_s, s.program_id
+    );
+    for i in &s.interfaces {
+        out += &format!(
+            "interface {} (ifindex {}): XDP {}\n",
+            i.name, i.ifindex, i.mode
+        );
+    }
+    out += &format!(
+        "services {}, backends {}\nflows {} of {} ({:.1}%)\nSNAT ports {}\ntable rebuilds {}\n",
+        s.services,
+        s.backends,
+        s.flows,
+        s.flow_capacity,
+        s.flows as f64 * 100.0 / s.flow_capacity.max(1) as f64,
+        s.snat_ports,
+        s.table_rebuilds
+    );
+    if s.retired_ids != (0, 0) {
+        out += &format!(
+            "retired ids waiting for their flows to end: {} service(s), {} backend(s)\n",
+            s.retired_ids.0, s.retired_ids.1
+        );
+    }
+    out
+}
+
+pub fn services_text(stats: &Stats) -> String {
+    let mut t = table(&[
+        "vip",
+        "protocol",
+        "snat",
+        "backends",
+        "up",
+        "active flows",
+        "flows",
+        "packets",
+        "bytes",
+    ]);
+    for s in &stats.services {
+        let up = s.backends.iter().filter(|b| b.state == "up").count();
+        t.add_row(vec![
+            s.vip.clone(),
+            s.protocol.clone(),
+            s.snat.clone(),
+            s.backends.len().to_string(),
+            up.to_string(),
+            s.active_flows.to_string(),
+            s.traffic.flows.to_string(),
+            s.traffic.packets.to_string(),
+            s.traffic.bytes.to_string(),
+        ]);
+    }
+    format!("{t}\n")
+}
+
+pub fn backends_text(stats: &Stats) -> String {
+    let mut t = table(&[
+        "address",
+        "weight",
+        "state",
+        "active flows",
+        "flows",
+        "packets",
+        "bytes",
+    ]);
+    for s in &stats.services {
+        for b in &s.backends {
+            t.add_row(vec![
+                b.address.clone(),
+                b.weight.to_string(),
+                b.state.clone(),
+                b.active_flows.to_string(),
+                b.traffic.flows.to_string(),
+                b.traffic.packets.to_string(),
+                b.traffic.bytes.to_string(),
+            ]);
+        }
+    }
+    format!("{t}\n")
+}
+
+pub fn stats_text(stats: &Stats) -> String {
+    let mut t = table(&[
+        "service / backend",
+        "weight",
+        "state",
+        "active flows",
+        "flows",
+        "packets",
+        "bytes",
+    ]);
+    for s in &stats.services {
+        t.add_row(vec![
+            format!("{}/{}", s.vip, s.protocol),
+            String::new(),
+            String::new(),
+            s.active_flows.to_string(),
+            s.traffic.flows.to_string(),
+            s.traffic.packets.to_string(),
+            s.traffic.bytes.to_string(),
+        ]);
+        for b in &s.backends {
+            t.add_row(vec![
+                format!("  {}", b.address),
+                b.weight.to_string(),
+                b.state.clone(),
+                b.active_flows.to_string(),
+                b.traffic.flows.to_string(),
+                b.traffic.packets.to_string(),
+                b.traffic.bytes.to_string(),
+            ]);
+        }
+    }
+    let mut r = table(&["reason", "packets"]);
+    for (reason, n) in &stats.reasons {
+        if *n > 0 {
+            r.add_row(vec![reason.clone(), n.to_string()]);
+        }
+    }
+    let mut out = format!("{t}\n\n{r}\n");
+    if let Some(ct) = &stats.conntrack {
+        out += &format!(
+            "\nconntrack: {} flows of {} ({} expired, {} pruned since start)\n",
+            ct.flows, ct.capacity, ct.expired, ct.pruned
+        );
+    }
+    out
+}
+
+pub fn flows_text(flows: &[Flow]) -> String {
+    let mut t = table(&[
+        "protocol",
+        "client",
+        "vip",
+        "backend",
+        "snat",
+        "state",
+        "idle",
+        "expires in",
+    ]);
+    for f in flows {
+        t.add_row(vec![
+            f.protocol.clone(),
+            f.client.clone(),
+            f.vip.clone(),
+            f.backend.clone(),
+            f.snat.clone(),
+            f.state.clone(),
+            format!("{:.1}s", f.idle_s),
+            format!("{:.0}s", f.expires_in_s),
+        ]);
+    }
+    format!("{t}\n")
+}
+
+pub fn changed_text(what: &str, c: &Changed) -> String {
+    let ch = &c.changes;
+    let mut out = format!(
+        "{what}: {} service(s) added, {} removed; {} backend(s) added, {} removed; {} table(s) \
+         rebuilt\n",
+        ch.services_added,
+        ch.services_removed,
+        ch.backends_added,
+        ch.backends_removed,
+        ch.tables_rebuilt
+    );
+    if c.flows_cut > 0 {
+        out += &format!("{} flow(s) cut\n", c.flows_cut);
+    }
+    out
+}
+
+/// Reads a config file for `xlb apply`: the daemon validates it (on its host).
+pub fn read_config(path: &Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))
+}

@@ -1,0 +1,273 @@
+//! `xlb run`: the daemon. It loads and attaches the program, fills the maps from the config
+//! through the [`Registry`], serves the API ([`api`]) and the metrics ([`metrics`]), runs the
+//! sweeper and the health checks, and re-applies the config file on SIGHUP; on SIGTERM or
+//! Ctrl-C it prints the counters and detaches.
+
+use std::{
+    collections::HashSet,
+    net::Ipv4Addr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::{
+    api::{self, Shared},
+    config::{Checked, XdpModeConfig},
+    conntrack::{self, Sweeper},
+    ethtool::SendErrors,
+    health, loader, metrics,
+    neighbours::ManagedNeighbours,
+    registry::Registry,
+    stats, veth,
+};
+
+/// What `xlb run` was asked for besides the config.
+pub struct RunOptions {
+    pub config_path: PathBuf,
+    pub interfaces: Vec<String>,
+    pub xdp_mode: Option<XdpModeConfig>,
+    pub stats_interval: Option<Duration>,
+    pub socket: Option<PathBuf>,
+}
+
+impl RunOptions {
+    /// The config file, with this run's overrides, validated and fitted to the host.
+    pub fn load(&self) -> anyhow::Result<Checked> {
+        crate::cli::load_config(&self.config_path, self.interfaces.clone(), self.xdp_mode)
+    }
+}
+
+/// How often the daemon frees retired ids and keeps new backends' next hops resolved.
+const HOUSEKEEPING: Duration = Duration::from_secs(1);
+
+pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
+    let cfg = opts.load()?;
+    // Signals are hooked before anything is attached, so a signal never leaves the program
+    // attached behind a killed process.
+    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+
+    loader::check_interfaces(&cfg)?;
+    let ebpf = loader::load(&cfg)?;
+    // Fill the maps before attaching: the first packet already sees every service.
+    let registry =
+        Registry::load(&ebpf, &cfg).map_err(|e| anyhow::anyhow!("filling the maps: {e}"))?;
+    let mut loaded = loader::attach(ebpf, &cfg)?;
+    forward_ebpf_logs(&mut loaded.ebpf)?;
+    for a in &loaded.attached {
+        println!(
+            "attached to {} (ifindex {}) in {} mode",
+            a.interface, a.ifindex, a.mode
+        );
+    }
+    for problem in veth::check(&cfg.dataplane.interfaces).await? {
+        println!("warning: {problem}");
+    }
+    let mut neighbours = Neighbours::default();
+    neighbours.cover(registry.backend_addresses()).await;
+
+    let sweeper = Sweeper::start(&loaded.ebpf, cfg.conntrack.timeouts())?;
+    let shared = Arc::new(Shared {
+        registry: Mutex::new(registry),
+        sweeps: sweeper.watch(),
+        conntrack: Mutex::new(conntrack::Table::open(&loaded.ebpf)?),
+        started: Instant::now(),
+        attached: loaded.attached.clone(),
+        program_id: loader::program_id(&loaded.ebpf)?,
+        send_errors: SendErrors::new(&cfg.dataplane.interfaces),
+    });
+    let socket = opts
+        .socket
+        .clone()
+        .unwrap_or_else(|| cfg.api.socket.clone());
+    let api_task = api::serve(&socket, shared.clone()).await?;
+    println!("api: listening on {}", socket.display());
+    let metrics_task = match cfg.api.metrics.parse() {
+        Ok(addr) => {
+            let task = metrics::serve(addr, shared.clone()).await?;
+            println!("metrics: http://{addr}/metrics");
+            Some(task)
+        }
+        Err(_) => None,
+    };
+    let mut checks = health::Checks::start(shared.clone());
+
+    let backends: usize = cfg.services.iter().map(|s| s.backends.len()).sum();
+    println!(
+        "ready: {} service(s), {backends} backend(s) on {} interface(s); SNAT ports {}; \
+         conntrack capacity {} flows",
+        cfg.services.len(),
+        loaded.attached.len(),
+        cfg.snat_ports,
+        cfg.conntrack.entries
+    );
+
+    let mut ticker = opts.stats_interval.map(tokio::time::interval);
+    let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
+    loop {
+        let tick = async {
+            match ticker.as_mut() {
+                Some(t) => {
+                    t.tick().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+            _ = sighup.recv() => reload(&opts, &shared).await,
+            () = tick => print!("{}", stats::format(&shared.stats()?)),
+            _ = housekeeping.tick() => {
+                let sweep = shared.sweeps.get();
+                let registry = shared.clone();
+                tokio::task::spawn_blocking(move || {
+                    let mut registry = registry.registry.lock().unwrap_or_else(|e| e.into_inner());
+                    if let Some(sweep) = sweep
+                        && let Err(e) = registry.release_ids(&sweep)
+                    {
+                        log::warn!("freeing retired ids: {e:#}");
+                    }
+                })
+                .await?;
+                checks.follow();
+                let addresses = shared
+                    .registry
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .backend_addresses();
+                neighbours.cover(addresses).await;
+            }
+        }
+    }
+
+    drop(checks);
+    api_task.abort();
+    if let Some(task) = metrics_task {
+        task.abort();
+    }
+    let _ = std::fs::remove_file(&socket);
+    let last = sweeper.stop()?;
+    {
+        let registry = shared.registry.lock().unwrap_or_else(|e| e.into_inner());
+        let snap = stats::read(&registry, Some(&last), shared.send_errors.read())?;
+        print!("{}", stats::format(&snap));
+    }
+    neighbours.remove().await;
+    let names: Vec<String> = loaded
+        .attached
+        .iter()
+        .map(|a| a.interface.clone())
+        .collect();
+    drop(loaded);
+    println!("detached from {}", names.join(", "));
+    Ok(())
+}
+
+/// SIGHUP: makes the config file the truth again, as `xlb apply` does; a bad file changes
+/// nothing and is logged.
+async fn reload(opts: &RunOptions, shared: &Arc<Shared>) {
+    let cfg = match opts.load() {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            log::error!("SIGHUP: not applied: {e:#}");
+            return;
+        }
+    };
+    let shared = shared.clone();
+    let applied = tokio::task::spawn_blocking(move || {
+        shared
+            .registry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .apply(&cfg)
+    })
+    .await;
+    match applied {
+        Ok(Ok(changes)) => log::info!(
+            "SIGHUP: applied {}: {changes:?}",
+            opts.config_path.display()
+        ),
+        Ok(Err(e)) => log::error!("SIGHUP: not applied: {e}"),
+        Err(e) => log::error!("SIGHUP: {e}"),
+    }
+}
+
+/// Passes the XDP program's log lines (aya-log) on to xlb's own log, from a background task.
+fn forward_ebpf_logs(ebpf: &mut aya::Ebpf) -> anyhow::Result<()> {
+    let logger = aya_log::EbpfLogger::init(ebpf).context("reading the XDP program's log")?;
+    // SAFETY: the logger owns its ring buffer's fd, and keeps it open and unchanged until it
+    // is dropped together with the AsyncFd.
+    let mut logger = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| anyhow::anyhow!("watching the XDP program's log: {e}"))?;
+    tokio::spawn(async move {
+        while let Ok(mut guard) = logger.readable_mut().await {
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+    Ok(())
+}
+
+/// Kernel-managed neighbour entries for every backend's next hop, so the first packet of a
+/// flow finds its MAC (see [`neighbours`](crate::neighbours)), for the backends at start
+/// and those added later. An unroutable or silent backend is reported, not fatal; so is a
+/// kernel that cannot manage entries (before 5.16): the tc handoff resolves next hops on
+/// the first packet then.
+#[derive(Default)]
+struct Neighbours {
+    sets: Vec<ManagedNeighbours>,
+    covered: HashSet<Ipv4Addr>,
+    unsupported: bool,
+}
+
+impl Neighbours {
+    async fn cover(&mut self, addresses: Vec<Ipv4Addr>) {
+        let new: Vec<Ipv4Addr> = addresses
+            .into_iter()
+            .filter(|a| !self.covered.contains(a))
+            .collect();
+        if self.unsupported || new.is_empty() {
+            return;
+        }
+        let managed = match ManagedNeighbours::install(&new).await {
+            Ok(managed) => managed,
+            Err(e) => {
+                println!(
+                    "warning: the backends' next hops are not kept resolved ({e:#}); first \
+                     packets to them wait for the kernel to resolve them"
+                );
+                self.unsupported = true;
+                return;
+            }
+        };
+        self.covered.extend(new);
+        for u in managed.unroutable() {
+            println!("warning: backend {} has no route: {}", u.address, u.reason);
+        }
+        match managed.wait_resolved(Duration::from_secs(1)).await {
+            Ok(unresolved) => {
+                for hop in unresolved {
+                    println!("warning: next hop not resolved yet (the kernel keeps trying): {hop}");
+                }
+            }
+            Err(e) => log::warn!("waiting for the backends' next hops: {e:#}"),
+        }
+        self.sets.push(managed);
+    }
+
+    async fn remove(self) {
+        for set in self.sets {
+            if let Err(e) = set.remove().await {
+                log::warn!("removing the managed neighbour entries: {e:#}");
+            }
+        }
+    }
+}

@@ -1,0 +1,228 @@
+//! Health checks from the daemon: one task per backend of every service with a
+//! `[service.health]`, which connects (`tcp`) or sends `GET path` (`http`, 2xx or 3xx is
+//! healthy) every `interval_ms`, each within `timeout_ms`. `fall` failures in a row mark an
+//! up backend down, which takes it out of its service's Maglev table; `rise` successes in a
+//! row bring it back. Backends start up, so a restart does not empty a table while the
+//! first checks run. Checks go from the daemon's network namespace straight to the
+//! backend's address; open flows are untouched either way (conntrack keeps them).
+
+use std::{
+    collections::HashMap,
+    net::SocketAddrV4,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpStream,
+    task::JoinHandle,
+};
+
+use crate::{
+    api::Shared,
+    config::{HealthConfig, HealthKind},
+    registry::ServiceName,
+};
+
+/// The running checkers, kept in step with the registry by [`Checks::follow`].
+pub struct Checks {
+    shared: Arc<Shared>,
+    running: HashMap<(ServiceName, SocketAddrV4), (HealthConfig, JoinHandle<()>)>,
+}
+
+impl Checks {
+    pub fn start(shared: Arc<Shared>) -> Checks {
+        let mut checks = Checks {
+            shared,
+            running: HashMap::new(),
+        };
+        checks.follow();
+        checks
+    }
+
+    /// Starts checkers for new backends (or changed settings), stops those of backends that
+    /// are gone, and brings back up a down backend whose service stopped checking.
+    pub fn follow(&mut self) {
+        let mut wanted = HashMap::new();
+        let mut unchecked_down = Vec::new();
+        {
+            let registry = self
+                .shared
+                .registry
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            for s in registry.services() {
+                for b in &s.backends {
+                    match &s.config.health {
+                        Some(h) => {
+                            wanted.insert((s.name, b.config.address), h.clone());
+                        }
+                        None if b.down => unchecked_down.push((s.name, b.config.address)),
+                        None => {}
+                    }
+                }
+            }
+        }
+        self.running.retain(|key, (config, task)| {
+            let keep = wanted.get(key) == Some(config);
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        for (key, config) in wanted {
+            if self.running.contains_key(&key) {
+                continue;
+            }
+            let task = tokio::spawn(check_loop(
+                self.shared.clone(),
+                key.0,
+                key.1,
+                config.clone(),
+            ));
+            self.running.insert(key, (config, task));
+        }
+        for (name, address) in unchecked_down {
+            set_down(&self.shared, name, address, false);
+        }
+    }
+}
+
+impl Drop for Checks {
+    fn drop(&mut self) {
+        for (_, task) in self.running.values() {
+            task.abort();
+        }
+    }
+}
+
+async fn check_loop(
+    shared: Arc<Shared>,
+    name: ServiceName,
+    address: SocketAddrV4,
+    h: HealthConfig,
+) {
+    let interval = Duration::from_millis(h.interval_ms as u64);
+    let timeout = Duration::from_millis(h.timeout_ms as u64);
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (mut successes, mut failures) = (0u32, 0u32);
+    // A checker restarted with new settings goes on from the state the backend is in.
+    let mut down = shared
+        .registry
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .service(&name)
+        .and_then(|s| s.backends.iter().find(|b| b.config.address == address))
+        .is_some_and(|b| b.down);
+    loop {
+        ticker.tick().await;
+        let started = Instant::now();
+        let result = match tokio::time::timeout(timeout, probe(&h, address)).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("no answer within {} ms", h.timeout_ms)),
+        };
+        match result {
+            Ok(()) => {
+                successes += 1;
+                failures = 0;
+                if down && successes >= h.rise {
+                    down = false;
+                    log::info!(
+                        "backend {address} of {name} is up: {successes} check(s) passed \
+                         (last in {:?})",
+                        started.elapsed()
+                    );
+                    set_down(&shared, name, address, false);
+                }
+            }
+            Err(why) => {
+                failures += 1;
+                successes = 0;
+                if !down && failures >= h.fall {
+                    down = true;
+                    log::warn!(
+                        "backend {address} of {name} is down: {failures} check(s) failed, the last: {why}"
+                    );
+                    set_down(&shared, name, address, true);
+                }
+            }
+        }
+    }
+}
+
+/// Marks the backend down or up in the registry (a table rebuild), off the async threads.
+fn set_down(shared: &Arc<Shared>, name: ServiceName, address: SocketAddrV4, down: bool) {
+    let shared = shared.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut registry = shared.registry.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = registry.set_down(&name, address, down) {
+            log::error!("marking backend {address} of {name} down={down}: {e:#}");
+        }
+    });
+}
+
+/// One check; `Err` says why it failed.
+async fn probe(h: &HealthConfig, address: SocketAddrV4) -> Result<(), String> {
+    let mut stream = TcpStream::connect(address)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    match h.kind {
+        HealthKind::Tcp | HealthKind::None => Ok(()),
+        HealthKind::Http => {
+            let request = format!(
+                "GET {} HTTP/1.0\r\nHost: {address}\r\nUser-Agent: xlb-health\r\nConnection: \
+                 close\r\n\r\n",
+                h.path
+            );
+            stream
+                .write_all(request.as_bytes())
+                .await
+                .map_err(|e| format!("sending the request: {e}"))?;
+            let mut head = [0u8; 32];
+            let mut got = 0;
+            while got < 12 {
+                let n = stream
+                    .read(&mut head[got..])
+                    .await
+                    .map_err(|e| format!("reading the answer: {e}"))?;
+                if n == 0 {
+                    break;
+                }
+                got += n;
+            }
+            http_status_ok(&head[..got])
+        }
+    }
+}
+
+/// Whether an HTTP answer's status line says 2xx or 3xx.
+fn http_status_ok(head: &[u8]) -> Result<(), String> {
+    let text = String::from_utf8_lossy(head);
+    let code = text
+        .strip_prefix("HTTP/1.")
+        .and_then(|rest| rest.get(2..5))
+        .and_then(|c| c.parse::<u16>().ok())
+        .ok_or_else(|| format!("not an HTTP answer: {text:?}"))?;
+    if (200..400).contains(&code) {
+        Ok(())
+    } else {
+        Err(format!("HTTP status {code}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_status_lines() {
+        assert!(http_status_ok(b"HTTP/1.1 200 OK\r\n").is_ok());
+        assert!(http_status_ok(b"HTTP/1.0 302 Found\r\n").is_ok());
+        assert!(http_status_ok(b"HTTP/1.1 404 Not Found").is_err());
+        assert!(http_status_ok(b"HTTP/1.1 503 Unavailable").is_err());
+        assert!(http_status_ok(b"SSH-2.0-OpenSSH").is_err());
+        assert!(http_status_ok(b"").is_err());
+    }
+}

@@ -1,0 +1,614 @@
+//! The services and backends xlb runs, with ids that stay theirs for life, and the one way
+//! they change: [`Registry::apply`], which reconciles the maps to a checked config and
+//! touches only the services that differ. The file at start, `xlb apply`, SIGHUP and every
+//! API command (which edits the running config and applies it) all go through it; a health
+//! check's verdict only marks a backend down or up and rebuilds its service's table.
+//!
+//! Ids: a service id indexes its counters and owns two Maglev tables; a backend id indexes
+//! its counters and its `BACKENDS` entry. Flows carry both ids, so an id given up (its object
+//! removed) is *retired*, not free: it is given to a new object only after a sweep that
+//! began after the retirement found no flow pointing at it. An id starts with its counters
+//! at zero.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::{Ipv4Addr, SocketAddrV4},
+    time::Instant,
+};
+
+use lb_common::{
+    maglev,
+    maps::{BackendEntry, Endpoint, MODE_FULLNAT, NO_BACKEND, ServiceEntry, ServiceKey},
+};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    config::{Backend, Checked, ConfigErrors, FieldError, Protocol, Service},
+    conntrack::SweepReport,
+    tables::Tables,
+};
+
+/// What names a service: its VIP and protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ServiceName {
+    pub vip: SocketAddrV4,
+    pub protocol: Protocol,
+}
+
+impl fmt::Display for ServiceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.vip, self.protocol)
+    }
+}
+
+impl ServiceName {
+    pub fn of(service: &Service) -> ServiceName {
+        ServiceName {
+            vip: service.vip,
+            protocol: service.protocol,
+        }
+    }
+
+    fn key(&self) -> ServiceKey {
+        ServiceKey {
+            vip: Endpoint::from_socket_v4(self.vip),
+            proto: self.protocol.number(),
+            _pad: 0,
+        }
+    }
+}
+
+/// Whether a backend takes new flows, and if not, why.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendState {
+    Up,
+    /// Failed its health checks.
+    Down,
+    /// Told to drain: its open flows finish, it takes no new ones.
+    Draining,
+}
+
+impl BackendState {
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendState::Up => "up",
+            BackendState::Down => "down",
+            BackendState::Draining => "draining",
+        }
+    }
+}
+
+/// A service as it runs.
+#[derive(Clone, Debug)]
+pub struct LiveService {
+    pub name: ServiceName,
+    pub id: u32,
+    pub config: Service,
+    pub backends: Vec<LiveBackend>,
+}
+
+/// A backend as it runs.
+#[derive(Clone, Debug)]
+pub struct LiveBackend {
+    pub id: u32,
+    pub config: Backend,
+    /// Marked down by its health checks.
+    pub down: bool,
+}
+
+impl LiveBackend {
+    pub fn state(&self) -> BackendState {
+        if self.config.drain {
+            BackendState::Draining
+        } else if self.down {
+            BackendState::Down
+        } else {
+            BackendState::Up
+        }
+    }
+
+    /// Its weight in the Maglev table: 0 unless it is up.
+    fn table_weight(&self) -> u32 {
+        match self.state() {
+            BackendState::Up => self.config.weight,
+            BackendState::Down | BackendState::Draining => 0,
+        }
+    }
+}
+
+/// What an apply changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Changes {
+    pub services_added: u32,
+    pub services_removed: u32,
+    pub backends_added: u32,
+    pub backends_removed: u32,
+    /// Services whose Maglev table was rebuilt and switched.
+    pub tables_rebuilt: u32,
+}
+
+/// Ids `0..capacity`: in use, retired (waiting for the flows that point at them to end),
+/// or free.
+#[derive(Debug)]
+struct IdPool {
+    capacity: u32,
+    used: BTreeSet<u32>,
+    retired: BTreeMap<u32, Instant>,
+}
+
+impl IdPool {
+    fn new(capacity: u32) -> IdPool {
+        IdPool {
+            capacity,
+            used: BTreeSet::new(),
+            retired: BTreeMap::new(),
+        }
+    }
+
+    fn free(&self) -> u32 {
+        self.capacity - self.used.len() as u32 - self.retired.len() as u32
+    }
+
+    /// The lowest free id.
+    fn take(&mut self) -> Option<u32> {
+        let id =
+            (0..self.capacity).find(|i| !self.used.contains(i) && !self.retired.contains_key(i))?;
+        self.used.insert(id);
+        Some(id)
+    }
+
+    fn retire(&mut self, id: u32) {
+        self.used.remove(&id);
+        self.retired.insert(id, Instant::now());
+    }
+
+    /// Frees the retired ids that a sweep begun after their retirement found no flow
+    /// pointing at; returns them.
+    fn release(&mut self, flows: &BTreeMap<u32, u64>, sweep_started: Instant) -> Vec<u32> {
+        let done: Vec<u32> = self
+            .retired
+            .iter()
+            .filter(|(id, since)| **since < sweep_started && !flows.contains_key(id))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &done {
+            self.retired.remove(id);
+        }
+        done
+    }
+}
+
+/// The running services, the ids, and the maps they are written to.
+pub struct Registry {
+    tables: Tables,
+    /// The config being run: the file's, as the API changed it since.
+    running: Checked,
+    services: BTreeMap<ServiceName, LiveService>,
+    service_ids: IdPool,
+    backend_ids: IdPool,
+    /// Maglev tables rebuilt since start (for the metrics).
+    pub rebuilds: u64,
+}
+
+impl Registry {
+    /// Opens the maps of a freshly loaded object and fills them from `cfg`.
+    pub fn load(ebpf: &aya::Ebpf, cfg: &Checked) -> Result<Registry, ApplyError> {
+        Registry::start(Tables::open(ebpf, cfg.dataplane.maglev_table_size)?, cfg)
+    }
+
+    /// Starts from empty maps (a freshly loaded object) and applies `cfg`.
+    pub fn start(mut tables: Tables, cfg: &Checked) -> Result<Registry, ApplyError> {
+        tables.set_settings(cfg.settings())?;
+        let mut registry = Registry {
+            service_ids: IdPool::new(tables.max_services()),
+            backend_ids: IdPool::new(tables.max_backends()),
+            tables,
+            running: Checked {
+                services: Vec::new(),
+                ..cfg.clone()
+            },
+            services: BTreeMap::new(),
+            rebuilds: 0,
+        };
+        registry.apply(cfg)?;
+        Ok(registry)
+    }
+
+    /// The config being run.
+    pub fn running(&self) -> &Checked {
+        &self.running
+    }
+
+    pub fn services(&self) -> impl Iterator<Item = &LiveService> {
+        self.services.values()
+    }
+
+    pub fn service(&self, name: &ServiceName) -> Option<&LiveService> {
+        self.services.get(name)
+    }
+
+    pub fn tables(&self) -> &Tables {
+        &self.tables
+    }
+
+    /// Every backend's address.
+    pub fn backend_addresses(&self) -> Vec<Ipv4Addr> {
+        self.services()
+            .flat_map(|s| s.backends.iter().map(|b| *b.config.address.ip()))
+            .collect()
+    }
+
+    /// Makes the maps run `cfg`: services and backends that are new get ids, those that are
+    /// gone are removed (their ids retired), and every service whose table inputs changed
+    /// gets a new table, switched in one step. Refuses, changing nothing, a config that
+    /// changes what cannot change while running, or that needs more ids than are free.
+    pub fn apply(&mut self, cfg: &Checked) -> Result<Changes, ApplyError> {
+        self.check_fixed(cfg)?;
+        self.check_room(cfg)?;
+        let mut changes = Changes::default();
+        let wanted: BTreeSet<ServiceName> = cfg.services.iter().map(ServiceName::of).collect();
+        let gone: Vec<ServiceName> = self
+            .services
+            .keys()
+            .filter(|n| !wanted.contains(n))
+            .copied()
+            .collect();
+        for name in gone {
+            self.remove_service(&name)?;
+            changes.services_removed += 1;
+        }
+        for service in &cfg.services {
+            self.apply_service(service, &mut changes)?;
+        }
+        self.running = cfg.clone();
+        Ok(changes)
+    }
+
+    /// Marks a backend down or up after its health checks; rebuilds its service's table.
+    /// Returns whether anything changed.
+    pub fn set_down(
+        &mut self,
+        name: &ServiceName,
+        address: SocketAddrV4,
+        down: bool,
+    ) -> anyhow::Result<bool> {
+        let Some(service) = self.services.get_mut(name) else {
+            return Ok(false);
+        };
+        let Some(backend) = service
+            .backends
+            .iter_mut()
+            .find(|b| b.config.address == address)
+        else {
+            return Ok(false);
+        };
+        if backend.down == down {
+            return Ok(false);
+        }
+        backend.down = down;
+        let service = service.clone();
+        self.write_table(&service)?;
+        Ok(true)
+    }
+
+    /// Frees the retired ids no flow points at any more (see the module doc).
+    pub fn release_ids(&mut self, sweep: &SweepReport) -> anyhow::Result<()> {
+        let Some(started) = sweep.started else {
+            return Ok(());
+        };
+        self.service_ids.release(&sweep.by_service, started);
+        for id in self.backend_ids.release(&sweep.by_backend, started) {
+            self.tables.set_backend(id, BackendEntry::default())?;
+        }
+        Ok(())
+    }
+
+    /// Ids retired and not yet free: (services, backends).
+    pub fn retired(&self) -> (usize, usize) {
+        (
+            self.service_ids.retired.len(),
+            self.backend_ids.retired.len(),
+        )
+    }
+
+    fn check_fixed(&self, cfg: &Checked) -> Result<(), ApplyError> {
+        let mut errors = Vec::new();
+        let mut fixed = |field: &str, running: String, wanted: String| {
+            if running != wanted {
+                errors.push(FieldError {
+                    field: field.into(),
+                    problem: format!(
+                        "cannot change while xlb runs (it runs with {running}, the config says \
+                         {wanted}); restart xlb to change it"
+                    ),
+                });
+            }
+        };
+        let (r, w) = (&self.running.dataplane, &cfg.dataplane);
+        fixed(
+            "dataplane.interfaces",
+            format!("{:?}", r.interfaces),
+            format!("{:?}", w.interfaces),
+        );
+        fixed(
+            "dataplane.xdp_mode",
+            format!("{:?}", r.xdp_mode),
+            format!("{:?}", w.xdp_mode),
+        );
+        for (field, a, b) in [
+            (
+                "maglev_table_size",
+                r.maglev_table_size,
+                w.maglev_table_size,
+            ),
+            ("max_services", r.max_services, w.max_services),
+            ("max_backends", r.max_backends, w.max_backends),
+            ("hash_seed", r.hash_seed, w.hash_seed),
+        ] {
+            fixed(&format!("dataplane.{field}"), a.to_string(), b.to_string());
+        }
+        fixed(
+            "dataplane.snat_port_range",
+            self.running.snat_ports.to_string(),
+            cfg.snat_ports.to_string(),
+        );
+        fixed(
+            "conntrack",
+            format!("{:?}", self.running.conntrack),
+            format!("{:?}", cfg.conntrack),
+        );
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ApplyError::Invalid(ConfigErrors(errors)))
+        }
+    }
+
+    /// Whether the free ids cover the new services and backends `cfg` brings.
+    fn check_room(&self, cfg: &Checked) -> Result<(), ApplyError> {
+        let mut new_services = 0u32;
+        let mut new_backends = 0u32;
+        for s in &cfg.services {
+            match self.services.get(&ServiceName::of(s)) {
+                None => {
+                    new_services += 1;
+                    new_backends += s.backends.len() as u32;
+                }
+                Some(live) => {
+                    new_backends += s
+                        .backends
+                        .iter()
+                        .filter(|b| !live.backends.iter().any(|l| l.config.address == b.address))
+                        .count() as u32;
+                }
+            }
+        }
+        // Ids given up by this apply are retired, not free: they do not count.
+        for (what, new, pool, max) in [
+            ("service", new_services, &self.service_ids, "max_services"),
+            ("backend", new_backends, &self.backend_ids, "max_backends"),
+        ] {
+            if new > pool.free() {
+                return Err(ApplyError::Full(format!(
+                    "{new} new {what}(s) but only {} {what} id(s) free of \
+                     dataplane.{max} = {} ({} wait for the flows that use them to end)",
+                    pool.free(),
+                    pool.capacity,
+                    pool.retired.len()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_service(&mut self, service: &Service, changes: &mut Changes) -> anyhow::Result<()> {
+        let name = ServiceName::of(service);
+        let is_new = !self.services.contains_key(&name);
+        let mut live = match self.services.get(&name) {
+            Some(live) => live.clone(),
+            None => {
+                let id = self.service_ids.take().expect("room was checked");
+                self.tables.clear_service_stats(id)?;
+                changes.services_added += 1;
+                LiveService {
+                    name,
+                    id,
+                    config: service.clone(),
+                    backends: Vec::new(),
+                }
+            }
+        };
+        let before: Vec<(SocketAddrV4, u32)> = table_inputs(&live);
+        let snat_changed = live.config.snat != service.snat;
+
+        let mut retired = Vec::new();
+        live.backends.retain(|b| {
+            let keep = service
+                .backends
+                .iter()
+                .any(|c| c.address == b.config.address);
+            if !keep {
+                retired.push(b.id);
+            }
+            keep
+        });
+        let mut backends = Vec::with_capacity(service.backends.len());
+        for b in &service.backends {
+            match live.backends.iter().find(|l| l.config.address == b.address) {
+                Some(l) => backends.push(LiveBackend {
+                    config: b.clone(),
+                    ..l.clone()
+                }),
+                None => {
+                    let id = self.backend_ids.take().expect("room was checked");
+                    self.tables.set_backend(
+                        id,
+                        BackendEntry {
+                            endpoint: Endpoint::from_socket_v4(b.address),
+                            _pad: [0; 2],
+                            service_id: live.id,
+                        },
+                    )?;
+                    changes.backends_added += 1;
+                    backends.push(LiveBackend {
+                        id,
+                        config: b.clone(),
+                        down: false,
+                    });
+                }
+            }
+        }
+        live.backends = backends;
+        live.config = service.clone();
+        if is_new || snat_changed || table_inputs(&live) != before {
+            self.write_table(&live)?;
+            changes.tables_rebuilt += 1;
+        }
+        // Retired only once the new table is in place: no new flow can take them now.
+        for id in retired {
+            self.backend_ids.retire(id);
+            changes.backends_removed += 1;
+        }
+        self.services.insert(name, live);
+        Ok(())
+    }
+
+    fn remove_service(&mut self, name: &ServiceName) -> anyhow::Result<()> {
+        let Some(live) = self.services.remove(name) else {
+            return Ok(());
+        };
+        self.tables.remove_service(&name.key())?;
+        self.service_ids.retire(live.id);
+        for b in &live.backends {
+            self.backend_ids.retire(b.id);
+        }
+        Ok(())
+    }
+
+    /// Builds the service's Maglev table from its backends that are up, and switches to it.
+    fn write_table(&mut self, live: &LiveService) -> anyhow::Result<()> {
+        let mut inputs: Vec<(String, u32, u32)> = live
+            .backends
+            .iter()
+            .map(|b| (b.config.address.to_string(), b.table_weight(), b.id))
+            .collect();
+        // The table depends on the set, not on the order it was listed or added in: a
+        // restart from the file builds the table an API-built set had.
+        inputs.sort();
+        let entries: Vec<maglev::Entry<'_>> = inputs
+            .iter()
+            .map(|(name, weight, _)| maglev::Entry {
+                name: name.as_bytes(),
+                weight: *weight,
+            })
+            .collect();
+        let table: Vec<u32> = maglev::build(&entries, self.tables.maglev_size())
+            .iter()
+            .map(|&i| {
+                if i == NO_BACKEND {
+                    NO_BACKEND
+                } else {
+                    inputs[i as usize].2
+                }
+            })
+            .collect();
+        let mut snat = [0u8; 16];
+        snat.copy_from_slice(&Endpoint::v4(live.config.snat.octets(), [0; 2]).addr);
+        let entry = ServiceEntry {
+            snat,
+            id: live.id,
+            mode: MODE_FULLNAT,
+            table: 0,
+            _pad: 0,
+        };
+        self.tables.switch_table(&live.name.key(), entry, &table)?;
+        self.rebuilds += 1;
+        Ok(())
+    }
+}
+
+/// What decides a service's table: each backend's address and weight in it.
+fn table_inputs(live: &LiveService) -> Vec<(SocketAddrV4, u32)> {
+    let mut inputs: Vec<(SocketAddrV4, u32)> = live
+        .backends
+        .iter()
+        .map(|b| (b.config.address, b.table_weight()))
+        .collect();
+    inputs.sort();
+    inputs
+}
+
+/// Why an apply changed nothing, or failed part way.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// The config asks for something that cannot be (nothing was changed).
+    #[error("{0}")]
+    Invalid(ConfigErrors),
+    /// Not enough free ids (nothing was changed).
+    #[error("{0}")]
+    Full(String),
+    /// A map write failed.
+    #[error("{0:#}")]
+    Maps(#[from] anyhow::Error),
+}
+
+/// The SNAT address a service gets when `xlb service add` names none: the first IPv4
+/// address of the first interface xlb runs on.
+pub fn default_snat(interfaces: &[String]) -> anyhow::Result<Ipv4Addr> {
+    let first = interfaces
+        .first()
+        .ok_or_else(|| anyhow::anyhow!("no interface"))?;
+    let mut addrs: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills a list it allocates; we free it with freeifaddrs below.
+    if unsafe { libc::getifaddrs(&mut addrs) } != 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    let mut found = None;
+    let mut cur = addrs;
+    while !cur.is_null() {
+        // SAFETY: a node of the list getifaddrs returned, valid until freeifaddrs.
+        let ifa = unsafe { &*cur };
+        cur = ifa.ifa_next;
+        if ifa.ifa_addr.is_null() {
+            continue;
+        }
+        // SAFETY: ifa_name is a NUL-terminated string; ifa_addr points to a sockaddr whose
+        // family says its type.
+        let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) };
+        let family = unsafe { (*ifa.ifa_addr).sa_family } as i32;
+        if name.to_bytes() == first.as_bytes() && family == libc::AF_INET {
+            // SAFETY: an AF_INET address is a sockaddr_in.
+            let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+            found = Some(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
+            break;
+        }
+    }
+    // SAFETY: the list from getifaddrs, freed once.
+    unsafe { libc::freeifaddrs(addrs) };
+    found.ok_or_else(|| anyhow::anyhow!("{first} has no IPv4 address"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_not_reused_while_flows_point_at_them() {
+        let mut pool = IdPool::new(3);
+        assert_eq!(pool.take(), Some(0));
+        assert_eq!(pool.take(), Some(1));
+        pool.retire(0);
+        assert_eq!(pool.take(), Some(2));
+        assert_eq!(pool.take(), None, "0 is retired, not free");
+        let after = Instant::now() + std::time::Duration::from_millis(1);
+        // A sweep that found a flow on 0 keeps it retired...
+        assert!(pool.release(&BTreeMap::from([(0, 1)]), after).is_empty());
+        // ...and one that began before the retirement proves nothing.
+        let before = Instant::now() - std::time::Duration::from_secs(1);
+        assert!(pool.release(&BTreeMap::new(), before).is_empty());
+        assert_eq!(pool.release(&BTreeMap::new(), after), vec![0]);
+        assert_eq!(pool.take(), Some(0));
+    }
+}
