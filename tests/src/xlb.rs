@@ -53,6 +53,8 @@ pub struct XlbProcess {
     child: Child,
     ns_name: String,
     config_path: PathBuf,
+    /// The daemon's API socket: next to the config, as unique as its name.
+    socket: PathBuf,
     /// The `ready:` line.
     ready_line: String,
     /// What xlb printed on stdout before `ready:` (which interface, which XDP mode).
@@ -69,7 +71,7 @@ pub struct XlbProcess {
 
 impl XlbProcess {
     /// Writes `config_toml` to a fresh temp file, starts
-    /// `ip netns exec <ns> <xlb> run --config <file>`, and waits until xlb prints `ready:`.
+    /// `nsenter --net=<ns> <xlb> run --config <file> --socket <file>.sock`, and waits until xlb prints `ready:`.
     /// Fails with xlb's output if it exits or stays silent for [`READY_TIMEOUT`].
     ///
     /// xlb's stdout and stderr are echoed to this process's stderr (prefixed `[xlb stdout]`
@@ -94,15 +96,21 @@ impl XlbProcess {
         let bin = xlb_binary()?;
         remove_stale_configs();
         let config_path = write_config(config_toml)?;
+        let socket = config_path.with_extension("sock");
 
-        // `ip netns exec` execs the command in place (no fork), so the child's pid is xlb's
-        // and signals reach xlb directly.
-        let spawned = Command::new("ip")
-            .args(["netns", "exec", ns.name()])
+        // `nsenter` execs the command in place (no fork), so the child's pid is xlb's and
+        // signals reach xlb directly. It enters the network namespace only: unlike
+        // `ip netns exec`, which gives the command a bpffs of its own, xlb sees the host's
+        // /sys/fs/bpf, where its pins outlive it, as a user's do.
+        let spawned = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", ns.name()))
+            .arg("--")
             .arg(&bin)
             .arg("run")
             .arg("--config")
             .arg(&config_path)
+            .arg("--socket")
+            .arg(&socket)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -151,6 +159,7 @@ impl XlbProcess {
             child,
             ns_name: ns.name().to_string(),
             config_path,
+            socket,
             ready_line: String::new(),
             startup: Vec::new(),
             stdout,
@@ -249,7 +258,21 @@ impl XlbProcess {
         Ok(self.seen[start..].join("\n"))
     }
 
-    /// xlb's pid (that of the `ip netns exec` it replaced).
+    /// The daemon's API socket.
+    pub fn socket(&self) -> &std::path::Path {
+        &self.socket
+    }
+
+    /// Runs `xlb ARGS --socket SOCKET`, a client command against this daemon (from this
+    /// process's namespace: the socket is a file), and returns what it printed.
+    pub fn command(&self, args: &[&str]) -> Result<std::process::Output> {
+        let mut all: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        all.push("--socket".into());
+        all.push(self.socket.display().to_string());
+        xlb_command(&all)
+    }
+
+    /// xlb's pid (that of the `nsenter` it replaced).
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -340,6 +363,7 @@ impl Drop for XlbProcess {
     fn drop(&mut self) {
         self.kill();
         let _ = std::fs::remove_file(&self.config_path);
+        let _ = std::fs::remove_file(&self.socket);
     }
 }
 
@@ -348,6 +372,16 @@ const CONFIG_FILE_PREFIX: &str = "xlb-test-";
 
 /// Removes config files left by runs that were killed before `Drop` could delete them
 /// (their pid no longer exists). Best effort: errors are ignored.
+/// Runs `xlb ARGS` and returns what it printed.
+pub fn xlb_command<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Result<std::process::Output> {
+    let bin = xlb_binary()?;
+    Command::new(&bin)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {}", bin.display()))
+}
+
 fn remove_stale_configs() {
     let Ok(dir) = std::fs::read_dir(std::env::temp_dir()) else {
         return;
@@ -363,7 +397,8 @@ fn remove_stale_configs() {
         let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
             continue;
         };
-        if !rest.ends_with(".toml") || PathBuf::from(format!("/proc/{pid}")).exists() {
+        let ours = rest.ends_with(".toml") || rest.ends_with(".sock");
+        if !ours || PathBuf::from(format!("/proc/{pid}")).exists() {
             continue;
         }
         let _ = std::fs::remove_file(entry.path());

@@ -1,0 +1,517 @@
+//! The live control plane, through the real `xlb` commands against a running daemon: backends
+//! added, weighted, drained and removed under 200 open connections that keep echoing, while
+//! new connections follow the new set in proportion; health checks that take a dead backend
+//! out and bring it back; the counters the API and the metrics report against what the
+//! servers saw; an invalid `xlb apply`; the API socket closed to other users; and every
+//! command's answer to a bad argument or a missing daemon.
+//!
+//! Needs root, the `xlb` binary (`$XLB_BIN`) and `ip`, `ethtool`, `ping`, `setpriv`.
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, SocketAddrV4};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use serde_json::Value;
+use xlb_tests::echo::{EchoConn, EchoServer, raise_fd_limit};
+use xlb_tests::topology::{Options, SNAT, Topology, VIP, with_topology};
+use xlb_tests::xlb::{XlbProcess, xlb_command};
+
+const PREFIX: &str = "xlbcp";
+const ECHO_PORT: u16 = 7007;
+/// Long-lived connections held open through every change.
+const LONG_LIVED: usize = 200;
+/// New connections after each change, whose spread is checked.
+const NEW_PER_STEP: usize = 240;
+/// How far a backend's share of new connections may stray from its weight's share: five
+/// standard deviations of a binomial share at 240 draws is about 0.14 at worst (p = 0.5).
+const SHARE_TOLERANCE: f64 = 0.14;
+
+fn vip() -> String {
+    format!("{VIP}:{ECHO_PORT}")
+}
+
+fn backend(topo: &Topology, i: usize) -> String {
+    SocketAddrV4::new(topo.backends[i].addr, ECHO_PORT).to_string()
+}
+
+fn config(topo: &Topology, backends: &[(usize, u32)], health: &str) -> String {
+    let list: String = backends
+        .iter()
+        .map(|&(i, w)| {
+            format!(
+                "[[service.backend]]\naddress = \"{}\"\nweight = {w}\n",
+                backend(topo, i)
+            )
+        })
+        .collect();
+    format!(
+        "[dataplane]\ninterfaces = {:?}\n\n[[service]]\nvip = \"{}\"\nprotocol = \"tcp\"\n\
+         snat = \"{SNAT}\"\n{list}{health}",
+        topo.lb_interfaces(),
+        vip()
+    )
+}
+
+fn echo_servers(topo: &Topology) -> Result<Vec<EchoServer>> {
+    topo.backends
+        .iter()
+        .map(|b| EchoServer::start(&b.ns, SocketAddr::from((b.addr, ECHO_PORT))))
+        .collect()
+}
+
+/// Runs `xlb ARGS -o json` against the daemon and returns its JSON; fails with its stderr.
+fn json(xlb: &XlbProcess, args: &[&str]) -> Result<Value> {
+    let out = xlb.command(&[args, &["-o", "json"]].concat())?;
+    ensure!(
+        out.status.success(),
+        "xlb {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "xlb {args:?} printed no JSON: {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// The service's backends as `xlb backend ls -o json` shows them, by address.
+fn backends(xlb: &XlbProcess) -> Result<BTreeMap<String, Value>> {
+    let list = json(xlb, &["backend", "ls", &vip()])?;
+    Ok(list
+        .as_array()
+        .context("backend ls: not a list")?
+        .iter()
+        .map(|b| (b["address"].as_str().unwrap_or("").to_string(), b.clone()))
+        .collect())
+}
+
+/// Every long-lived connection echoes a line.
+fn all_echo(conns: &mut [EchoConn], step: &str) -> Result<()> {
+    for (i, c) in conns.iter_mut().enumerate() {
+        c.echo(&format!("{step} {i}"))
+            .with_context(|| format!("long-lived connection {i} after {step}"))?;
+    }
+    Ok(())
+}
+
+/// Opens `n` new connections one by one (each echoes once, then closes) and returns how
+/// many each backend's server accepted meanwhile.
+fn spread(topo: &Topology, servers: &[EchoServer], n: usize) -> Result<Vec<u64>> {
+    let before: Vec<u64> = servers.iter().map(EchoServer::accepted).collect();
+    let target: SocketAddr = vip().parse()?;
+    for i in 0..n {
+        let mut c = EchoConn::connect(&topo.client, target, Duration::from_secs(3))
+            .with_context(|| format!("new connection {i}"))?;
+        c.echo("hello")
+            .with_context(|| format!("new connection {i}"))?;
+    }
+    // The servers count an accept when they poll it; give them a moment.
+    std::thread::sleep(Duration::from_millis(200));
+    Ok(servers
+        .iter()
+        .zip(before)
+        .map(|(s, b)| s.accepted() - b)
+        .collect())
+}
+
+/// Checks that `counts` follow `weights` (per backend index) within the tolerance.
+fn check_shares(counts: &[u64], weights: &[u32], step: &str) -> Result<()> {
+    let total: u64 = counts.iter().sum();
+    let weight_sum: u32 = weights.iter().sum();
+    for (i, (&c, &w)) in counts.iter().zip(weights).enumerate() {
+        let share = c as f64 / total.max(1) as f64;
+        let want = f64::from(w) / f64::from(weight_sum);
+        if w == 0 {
+            ensure!(
+                c == 0,
+                "{step}: backend {i} has weight 0 but took {c} new connections ({counts:?})"
+            );
+        }
+        ensure!(
+            (share - want).abs() <= SHARE_TOLERANCE,
+            "{step}: backend {i} took {share:.2} of new connections, its weight gives {want:.2} \
+             ({counts:?})"
+        );
+    }
+    Ok(())
+}
+
+fn run_ok(xlb: &XlbProcess, args: &[&str]) -> Result<String> {
+    let out = xlb.command(args)?;
+    ensure!(
+        out.status.success(),
+        "xlb {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// 200 echo connections stay open and working while b3 is added, b1 reweighted, b2 drained
+/// and then removed, each with the command a user types; after each change new connections
+/// spread by the new weights; and the per-backend flow counters of `xlb stats` equal the
+/// connections each server accepted. Last, `backend rm --cut` removes b1's flows.
+#[test]
+fn backends_change_under_open_connections() {
+    with_topology(PREFIX, Options::default(), |topo| {
+        raise_fd_limit(4096)?;
+        topo.check_connectivity()?;
+        let servers = echo_servers(topo)?;
+        let xlb = XlbProcess::start(&topo.lb, &config(topo, &[(0, 1), (1, 1)], ""))?;
+        let target: SocketAddr = vip().parse()?;
+        let mut conns = (0..LONG_LIVED)
+            .map(|i| {
+                EchoConn::connect(&topo.client, target, Duration::from_secs(3))
+                    .with_context(|| format!("long-lived connection {i}"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        all_echo(&mut conns, "start")?;
+        check_shares(
+            &spread(topo, &servers, NEW_PER_STEP)?,
+            &[1, 1, 0],
+            "at start",
+        )?;
+
+        let b = |i| backend(topo, i);
+        let steps: [(&str, Vec<String>, [u32; 3]); 4] = [
+            (
+                "add b3",
+                vec![
+                    "backend".into(),
+                    "add".into(),
+                    vip(),
+                    b(2),
+                    "--weight".into(),
+                    "2".into(),
+                ],
+                [1, 1, 2],
+            ),
+            (
+                "reweight b1",
+                vec!["backend".into(), "weight".into(), vip(), b(0), "3".into()],
+                [3, 1, 2],
+            ),
+            (
+                "drain b2",
+                vec!["backend".into(), "drain".into(), vip(), b(1)],
+                [3, 0, 2],
+            ),
+            (
+                "remove b2",
+                vec!["backend".into(), "rm".into(), vip(), b(1)],
+                [3, 0, 2],
+            ),
+        ];
+        for (step, args, weights) in &steps {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let started = Instant::now();
+            run_ok(&xlb, &args)?;
+            ensure!(
+                started.elapsed() < Duration::from_secs(2),
+                "{step} took {:?}",
+                started.elapsed()
+            );
+            all_echo(&mut conns, step)?;
+            check_shares(&spread(topo, &servers, NEW_PER_STEP)?, weights, step)?;
+            if *step == "drain b2" {
+                let state = &backends(&xlb)?[&b(1)]["state"];
+                ensure!(state == "draining", "b2 after drain: state {state}");
+            }
+        }
+        ensure!(
+            !backends(&xlb)?.contains_key(&b(1)),
+            "b2 is still listed after rm"
+        );
+
+        // The counters: each backend's flows counter is the connections its server accepted
+        // (b2's id is retired with its counters; b1 and b3 kept theirs through every change).
+        let stats = json(&xlb, &["stats"])?;
+        let service = &stats["services"][0];
+        for i in [0, 2] {
+            let counted = service["backends"]
+                .as_array()
+                .context("backends")?
+                .iter()
+                .find(|x| x["address"] == b(i).as_str())
+                .with_context(|| format!("{} missing from stats", b(i)))?["flows"]
+                .as_u64()
+                .unwrap_or(0);
+            ensure!(
+                counted == servers[i].accepted(),
+                "backend {}: xlb counted {counted} flows, its server accepted {}",
+                b(i),
+                servers[i].accepted()
+            );
+        }
+
+        // Cut: b1's open flows are removed with it; nothing in conntrack points at it after.
+        let cut = json(&xlb, &["backend", "rm", &vip(), &b(0), "--cut"])?;
+        ensure!(
+            cut["flows_cut"].as_u64().unwrap_or(0) > 0,
+            "backend rm --cut removed no flows: {cut}"
+        );
+        let flows = json(&xlb, &["conntrack", "ls", "--limit", "100000"])?;
+        let on_b1 = flows
+            .as_array()
+            .context("conntrack ls: not a list")?
+            .iter()
+            .filter(|f| f["backend"] == b(0).as_str())
+            .count();
+        ensure!(
+            on_b1 == 0,
+            "{on_b1} flows still point at the removed backend"
+        );
+        drop(conns);
+        xlb.stop()?;
+        Ok(())
+    });
+}
+
+/// With TCP health checks every 200 ms, `fall = 2`: b2's server dies, and within
+/// `fall × interval` plus one interval (and a little for the test's polling) it is shown
+/// down, after which every new connection succeeds; it is shown up again after `rise`
+/// successes once its server is back, and takes new connections again.
+#[test]
+fn a_dead_backend_is_taken_out_and_brought_back() {
+    with_topology(PREFIX, Options::default(), |topo| {
+        topo.check_connectivity()?;
+        let mut servers: Vec<Option<EchoServer>> =
+            echo_servers(topo)?.into_iter().map(Some).collect();
+        let health = "[service.health]\nkind = \"tcp\"\ninterval_ms = 200\ntimeout_ms = 100\nrise = 2\nfall = 2\n";
+        let xlb = XlbProcess::start(&topo.lb, &config(topo, &[(0, 1), (1, 1), (2, 1)], health))?;
+        let b2 = backend(topo, 1);
+        let state = |xlb: &XlbProcess| -> Result<String> {
+            Ok(backends(xlb)?[&b2]["state"]
+                .as_str()
+                .unwrap_or("")
+                .to_string())
+        };
+        ensure!(state(&xlb)? == "up", "b2 before: {}", state(&xlb)?);
+
+        servers[1] = None;
+        let died = Instant::now();
+        let limit = Duration::from_millis(3 * 200 + 400);
+        while state(&xlb)? != "down" {
+            ensure!(
+                died.elapsed() < limit,
+                "b2 still up {:?} after its server died",
+                died.elapsed()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let target: SocketAddr = vip().parse()?;
+        for i in 0..100 {
+            let mut c = EchoConn::connect(&topo.client, target, Duration::from_secs(3))
+                .with_context(|| format!("connection {i} with b2 down"))?;
+            c.echo("hello")
+                .with_context(|| format!("connection {i} with b2 down"))?;
+        }
+        let stats = json(&xlb, &["stats"])?;
+        ensure!(
+            stats["reasons"]["drop/no_backend"].as_u64() == Some(0),
+            "new flows were dropped: {}",
+            stats["reasons"]
+        );
+
+        servers[1] = Some(EchoServer::start(
+            &topo.backends[1].ns,
+            SocketAddr::from((topo.backends[1].addr, ECHO_PORT)),
+        )?);
+        let back = Instant::now();
+        while state(&xlb)? != "up" {
+            ensure!(
+                back.elapsed() < limit,
+                "b2 still down {:?} after its server came back",
+                back.elapsed()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let live: Vec<EchoServer> = servers.into_iter().flatten().collect();
+        let counts = spread(topo, &live, 120)?;
+        ensure!(
+            counts[1] > 0,
+            "b2 took no new connections after it came back: {counts:?}"
+        );
+        xlb.stop()?;
+        Ok(())
+    });
+}
+
+/// An invalid `xlb apply` names the field, exits non-zero and changes nothing; a valid one
+/// makes the file the truth (undoing an API change). A metrics scrape agrees with the
+/// servers. The API socket is root's alone.
+#[test]
+fn apply_metrics_and_the_socket() {
+    with_topology(PREFIX, Options::default(), |topo| {
+        topo.check_connectivity()?;
+        let servers = echo_servers(topo)?;
+        let good = config(topo, &[(0, 1), (1, 1)], "");
+        let xlb = XlbProcess::start(&topo.lb, &good)?;
+        let before = backends(&xlb)?;
+
+        let bad = good.replace("weight = 1", "weight = \"heavy\"");
+        let path = std::env::temp_dir().join(format!("xlbcp-bad-{}.toml", std::process::id()));
+        std::fs::write(&path, &bad)?;
+        let out = xlb.command(&["apply", "--config", path.to_str().context("path")?])?;
+        let _ = std::fs::remove_file(&path);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(!out.status.success(), "apply of an invalid file succeeded");
+        ensure!(
+            stderr.contains("weight"),
+            "the error does not name the field: {stderr}"
+        );
+        ensure!(
+            backends(&xlb)? == before,
+            "an invalid apply changed the backends"
+        );
+
+        // A valid file that cannot run live (another Maglev size) is refused, naming it.
+        let resized = good.replace("[dataplane]\n", "[dataplane]\nmaglev_table_size = 251\n");
+        std::fs::write(&path, &resized)?;
+        let out = xlb.command(&["apply", "--config", path.to_str().context("path")?])?;
+        let _ = std::fs::remove_file(&path);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            !out.status.success() && stderr.contains("dataplane.maglev_table_size"),
+            "resize: {stderr}"
+        );
+
+        // An API change, then `apply` of the original file undoes it.
+        run_ok(&xlb, &["backend", "add", &vip(), &backend(topo, 2)])?;
+        ensure!(backends(&xlb)?.len() == 3, "backend add did not add");
+        std::fs::write(&path, &good)?;
+        run_ok(&xlb, &["apply", "--config", path.to_str().context("path")?])?;
+        let _ = std::fs::remove_file(&path);
+        ensure!(
+            backends(&xlb)?.len() == 2,
+            "apply did not make the file the truth"
+        );
+
+        // Traffic, then the metrics against the servers.
+        let counts = spread(topo, &servers, 60)?;
+        let metrics = topo.lb.enter(|| scrape("127.0.0.1:9641"))??;
+        for i in [0, 1] {
+            let line = format!(
+                "xlb_backend_flows_total{{service=\"{}/tcp\",backend=\"{}\"}} {}",
+                vip(),
+                backend(topo, i),
+                servers[i].accepted()
+            );
+            ensure!(
+                metrics.contains(&line),
+                "metrics lack {line:?} (new: {counts:?}):\n{metrics}"
+            );
+        }
+        ensure!(
+            metrics.contains("xlb_conntrack_capacity_flows "),
+            "no capacity metric"
+        );
+
+        // The socket: mode 0600, and a user other than root is refused.
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(xlb.socket())?.permissions().mode() & 0o777;
+        ensure!(mode == 0o600, "the API socket has mode {mode:o}");
+        let out = std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(xlb_tests::xlb::xlb_binary()?)
+            .args(["status", "--socket"])
+            .arg(xlb.socket())
+            .output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            !out.status.success() && stderr.contains("permission denied"),
+            "a non-root user reached the API: {} {stderr}",
+            out.status
+        );
+        xlb.stop()?;
+        Ok(())
+    });
+}
+
+/// GET /metrics over plain HTTP/1.0.
+fn scrape(addr: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    ensure!(
+        text.starts_with("HTTP/1.0 200") || text.starts_with("HTTP/1.1 200"),
+        "{text}"
+    );
+    Ok(text)
+}
+
+/// Commands with no daemon, a wrong socket, or bad arguments say what is wrong and exit
+/// non-zero; none panics.
+#[test]
+fn commands_explain_bad_arguments_and_missing_daemons() -> Result<()> {
+    let missing = std::env::temp_dir().join(format!("xlbcp-none-{}.sock", std::process::id()));
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec![
+                "status".into(),
+                "--socket".into(),
+                missing.display().to_string(),
+            ],
+            "no xlb daemon at",
+        ),
+        (
+            vec!["stats".into(), "--socket".into(), "/proc/version".into()],
+            "xlb daemon",
+        ),
+        (
+            vec![
+                "backend".into(),
+                "add".into(),
+                "10.0.0.1:80".into(),
+                "nonsense".into(),
+            ],
+            "invalid value",
+        ),
+        (
+            vec!["service".into(), "add".into(), "10.0.0.1".into()],
+            "invalid value",
+        ),
+        (
+            vec![
+                "backend".into(),
+                "weight".into(),
+                "10.0.0.1:80".into(),
+                "10.0.0.2:80".into(),
+                "-1".into(),
+            ],
+            "unexpected argument",
+        ),
+        (
+            vec![
+                "run".into(),
+                "--config".into(),
+                "x.toml".into(),
+                "--stats-interval".into(),
+                "0".into(),
+            ],
+            "0 is not in 1..",
+        ),
+        (
+            vec!["service".into(), "ls".into(), "-o".into(), "yaml".into()],
+            "invalid value",
+        ),
+    ];
+    for (args, expect) in cases {
+        let out = xlb_command(&args)?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(!out.status.success(), "xlb {args:?} succeeded");
+        ensure!(
+            !stderr.contains("panicked"),
+            "xlb {args:?} panicked: {stderr}"
+        );
+        ensure!(
+            stderr.contains(expect),
+            "xlb {args:?} said {stderr:?}, expected {expect:?}"
+        );
+    }
+    Ok(())
+}
