@@ -51,6 +51,21 @@ pub mod names {
     /// `PerCpuArray<u64>`, indexed by [`Handoff`](super::Handoff): what the tc program did
     /// with frames the XDP program handed it.
     pub const HANDOFFS: &str = "HANDOFFS";
+
+    /// The maps pinned under `[dataplane] pin_path`, which a restarted daemon adopts: the
+    /// tables, the flows, the counters. The others (`DEVMAP`, `NO_XDP_TX`, the per-CPU
+    /// scratch, the log buffer) belong to one program and are filled when it is attached.
+    pub const PINNED: [&str; 9] = [
+        SERVICES,
+        MAGLEV,
+        BACKENDS,
+        CONNTRACK,
+        CONFIG,
+        REASONS,
+        SERVICE_STATS,
+        BACKEND_STATS,
+        HANDOFFS,
+    ];
 }
 
 /// Program names, as declared in lb-ebpf.

@@ -39,7 +39,7 @@ use lb_common::conntrack::{FlowState, remaining_ns};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    config::{Backend, Checked, Config, HostFacts, Protocol, Service},
+    config::{Backend, Checked, Config, HostFacts, Overrides, Protocol, Service},
     conntrack,
     loader::Attachment,
     registry::{ApplyError, Changes, Registry, ServiceName, default_snat},
@@ -142,6 +142,8 @@ pub struct Shared {
     pub attached: Vec<Attachment>,
     pub program_id: u32,
     pub send_errors: crate::ethtool::SendErrors,
+    /// `xlb run`'s options, merged into every config `xlb apply` sends.
+    pub overrides: Overrides,
 }
 
 impl Shared {
@@ -525,8 +527,9 @@ async fn apply(
     Json(req): Json<ApplyRequest>,
 ) -> Answer<Changed> {
     blocking(move || {
-        let config =
+        let mut config =
             Config::parse(&req.text).map_err(|e| bad(format!("config {}: {e}", req.source)))?;
+        shared.overrides.apply(&mut config);
         let checked = revalidate(config).map_err(|ApiError(s, m)| {
             ApiError(s, format!("config {} is not valid:\n{m}", req.source))
         })?;

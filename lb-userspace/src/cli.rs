@@ -9,8 +9,9 @@ use hyper::Method;
 use crate::{
     api::{ApplyRequest, Changed, Flow, NewBackend, NewService, Status, Weight},
     client::{self, Client, Output},
-    config::{Checked, Config, DEFAULT_SOCKET, HostFacts, Protocol, XdpModeConfig},
+    config::{Checked, Config, DEFAULT_SOCKET, HostFacts, Overrides, Protocol, XdpModeConfig},
     daemon::{self, RunOptions},
+    doctor,
     stats::Stats,
 };
 
@@ -43,6 +44,13 @@ pub enum Command {
         /// Serve the API on this socket instead of [api] socket.
         #[arg(long, value_name = "PATH")]
         socket: Option<PathBuf>,
+        /// Pin the data plane here instead of dataplane.pin_path.
+        #[arg(long, value_name = "PATH")]
+        pin_path: Option<PathBuf>,
+        /// On SIGTERM, leave the program attached and the maps pinned, so the data plane
+        /// goes on forwarding and the next `xlb run` adopts it (default: detach and unpin).
+        #[arg(long)]
+        keep_attached: bool,
     },
     /// Validate a config file and exit: 0 if it is good, 1 with every problem listed if not.
     Check {
@@ -80,6 +88,17 @@ pub enum Command {
     /// Tracked flows.
     #[command(subcommand)]
     Conntrack(ConntrackCommand),
+    /// Check what this host needs before traffic flows, each check with what to do about
+    /// a failure: kernel, BTF, bpffs, the config's interfaces (native XDP, forwarding), veth
+    /// peers, SNAT ports, rp_filter, a daemon already running. Exits 1 if any fails.
+    Doctor {
+        /// Also check the interfaces, ports and pin path of this config.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// The API socket a running daemon would have.
+        #[arg(long, env = "XLB_SOCKET", default_value = DEFAULT_SOCKET, value_name = "PATH")]
+        socket: PathBuf,
+    },
     /// Print shell completions for xlb.
     Completions {
         #[arg(value_enum)]
@@ -213,16 +232,10 @@ pub enum ConntrackCommand {
 /// host (see [`Checked::fit_to_host`]).
 pub fn load_config(
     path: &std::path::Path,
-    interfaces: Vec<String>,
-    xdp_mode: Option<XdpModeConfig>,
+    overrides: impl FnOnce(&mut Config),
 ) -> anyhow::Result<Checked> {
     let mut config = Config::from_file(path)?;
-    if !interfaces.is_empty() {
-        config.dataplane.interfaces = interfaces;
-    }
-    if let Some(mode) = xdp_mode {
-        config.dataplane.xdp_mode = mode;
-    }
+    overrides(&mut config);
     let invalid = |e| anyhow::anyhow!("config {} is not valid:\n{e}", path.display());
     let mut checked = config.validate().map_err(invalid)?;
     checked
@@ -234,7 +247,7 @@ pub fn load_config(
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Check { config } => {
-            let cfg = load_config(&config, Vec::new(), None)?;
+            let cfg = load_config(&config, |_| {})?;
             let backends: usize = cfg.services.iter().map(|s| s.backends.len()).sum();
             println!(
                 "config {} is valid: {} service(s), {backends} backend(s), interfaces {:?}, \
@@ -252,13 +265,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             xdp_mode,
             stats_interval,
             socket,
+            pin_path,
+            keep_attached,
         } => {
             daemon::run(RunOptions {
                 config_path: config,
-                interfaces,
-                xdp_mode,
+                overrides: Overrides {
+                    interfaces,
+                    xdp_mode,
+                    pin_path,
+                },
                 stats_interval: stats_interval.map(Duration::from_secs),
                 socket,
+                keep_attached,
             })
             .await
         }
@@ -298,6 +317,35 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 .get(&format!("/v1/conntrack?limit={limit}"))
                 .await?;
             client::print(client.output, &json, || client::flows_text(&flows))
+        }
+        Command::Doctor { config, socket } => {
+            let mut failed = false;
+            let cfg = match &config {
+                Some(path) => match load_config(path, |_| {}) {
+                    Ok(cfg) => Some(cfg),
+                    Err(e) => {
+                        println!("FAIL  config      {e:#}");
+                        failed = true;
+                        None
+                    }
+                },
+                None => None,
+            };
+            for c in doctor::run(cfg.as_ref(), &socket).await {
+                let mark = match c.verdict {
+                    doctor::Verdict::Ok => "ok  ",
+                    doctor::Verdict::Warn => "WARN",
+                    doctor::Verdict::Fail => {
+                        failed = true;
+                        "FAIL"
+                    }
+                };
+                println!("{mark}  {:<11} {}", c.what, c.detail);
+            }
+            if failed {
+                anyhow::bail!("some checks failed: see above");
+            }
+            Ok(())
         }
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "xlb", &mut std::io::stdout());

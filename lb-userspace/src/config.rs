@@ -45,6 +45,32 @@ pub struct ApiConfig {
     pub metrics: String,
 }
 
+/// What `xlb run`'s options change in the config file: they hold for the daemon's life, so
+/// SIGHUP and `xlb apply` merge them into the file they read, too.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    pub interfaces: Vec<String>,
+    pub xdp_mode: Option<XdpModeConfig>,
+    pub pin_path: Option<PathBuf>,
+}
+
+impl Overrides {
+    pub fn apply(&self, config: &mut Config) {
+        if !self.interfaces.is_empty() {
+            config.dataplane.interfaces = self.interfaces.clone();
+        }
+        if let Some(mode) = self.xdp_mode {
+            config.dataplane.xdp_mode = mode;
+        }
+        if let Some(path) = &self.pin_path {
+            config.dataplane.pin_path = path.clone();
+        }
+    }
+}
+
+/// Where the data plane is pinned when neither the config nor `--pin-path` says.
+pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/xlb";
+
 /// The API socket when neither the config nor `--socket` names one.
 pub const DEFAULT_SOCKET: &str = "/run/xlb/xlb.sock";
 
@@ -77,6 +103,9 @@ pub struct Dataplane {
     pub snat_port_range: Option<[u16; 2]>,
     /// Seed of the flow hash; nodes sharing traffic behind ECMP must use the same one.
     pub hash_seed: u32,
+    /// Where the maps and the program's links are pinned (on bpffs), so the data plane
+    /// outlives the daemon and a new one adopts it; `xlb run --pin-path` overrides it.
+    pub pin_path: PathBuf,
     /// Moved to `[conntrack] entries` (which counts flows, not map entries). Kept only to
     /// say so when an old config has it.
     pub conntrack_entries: Option<u32>,
@@ -96,6 +125,7 @@ impl Default for Dataplane {
             max_backends: DEFAULT_MAX_BACKENDS,
             snat_port_range: None,
             hash_seed: 0x786c_6221,
+            pin_path: PathBuf::from(DEFAULT_PIN_PATH),
             conntrack_entries: None,
             tcp_idle_timeout: None,
             udp_idle_timeout: None,
@@ -251,6 +281,14 @@ pub enum Protocol {
 }
 
 impl Protocol {
+    pub fn from_number(number: u8) -> Option<Protocol> {
+        match number {
+            PROTO_TCP => Some(Protocol::Tcp),
+            PROTO_UDP => Some(Protocol::Udp),
+            _ => None,
+        }
+    }
+
     pub fn number(self) -> u8 {
         match self {
             Protocol::Tcp => PROTO_TCP,
@@ -819,6 +857,12 @@ impl Config {
                      metrics off",
                     self.api.metrics
                 ),
+            );
+        }
+        if !dp.pin_path.is_absolute() {
+            err(
+                "dataplane.pin_path".into(),
+                format!("{:?} must be an absolute path on bpffs", dp.pin_path),
             );
         }
         if self.api.socket.as_os_str().is_empty() {

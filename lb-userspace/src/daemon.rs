@@ -16,11 +16,12 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     api::{self, Shared},
-    config::{Checked, XdpModeConfig},
+    config::{Checked, Overrides},
     conntrack::{self, Sweeper},
     ethtool::SendErrors,
     health, loader, metrics,
     neighbours::ManagedNeighbours,
+    pins::PinDir,
     registry::Registry,
     stats, veth,
 };
@@ -28,16 +29,16 @@ use crate::{
 /// What `xlb run` was asked for besides the config.
 pub struct RunOptions {
     pub config_path: PathBuf,
-    pub interfaces: Vec<String>,
-    pub xdp_mode: Option<XdpModeConfig>,
+    pub overrides: Overrides,
     pub stats_interval: Option<Duration>,
     pub socket: Option<PathBuf>,
+    pub keep_attached: bool,
 }
 
 impl RunOptions {
     /// The config file, with this run's overrides, validated and fitted to the host.
     pub fn load(&self) -> anyhow::Result<Checked> {
-        crate::cli::load_config(&self.config_path, self.interfaces.clone(), self.xdp_mode)
+        crate::cli::load_config(&self.config_path, |config| self.overrides.apply(config))
     }
 }
 
@@ -53,17 +54,37 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let mut sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
 
     loader::check_interfaces(&cfg)?;
-    let ebpf = loader::load(&cfg)?;
+    let pins = PinDir::open(&cfg)?;
+    let ebpf = loader::load_pinned(&cfg, &pins)?;
     // Fill the maps before attaching: the first packet already sees every service.
     let registry =
         Registry::load(&ebpf, &cfg).map_err(|e| anyhow::anyhow!("filling the maps: {e}"))?;
-    let mut loaded = loader::attach(ebpf, &cfg)?;
-    forward_ebpf_logs(&mut loaded.ebpf)?;
-    for a in &loaded.attached {
+    if pins.adopted {
+        let flows = conntrack::Table::open(&ebpf)?.flows(usize::MAX)?.len();
         println!(
-            "attached to {} (ifindex {}) in {} mode",
-            a.interface, a.ifindex, a.mode
+            "adopted the data plane pinned at {}: {flows} open flow(s) kept",
+            pins.path().display()
         );
+    }
+    let mut loaded = loader::attach(ebpf, &cfg, &pins)?;
+    forward_ebpf_logs(&mut loaded.ebpf)?;
+    for a in &mut loaded.attached {
+        if a.mode == loader::KEPT {
+            // The pinned link keeps the mode it was made in: ask the kernel which.
+            a.mode = crate::netlink::xdp_mode(&a.interface)
+                .await?
+                .unwrap_or("unknown");
+            println!(
+                "attached to {} (ifindex {}) in {} mode, replacing the program in its pinned \
+                 link",
+                a.interface, a.ifindex, a.mode
+            );
+        } else {
+            println!(
+                "attached to {} (ifindex {}) in {} mode",
+                a.interface, a.ifindex, a.mode
+            );
+        }
     }
     for problem in veth::check(&cfg.dataplane.interfaces).await? {
         println!("warning: {problem}");
@@ -80,6 +101,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         attached: loaded.attached.clone(),
         program_id: loader::program_id(&loaded.ebpf)?,
         send_errors: SendErrors::new(&cfg.dataplane.interfaces),
+        overrides: opts.overrides.clone(),
     });
     let socket = opts
         .socket
@@ -158,12 +180,22 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         let snap = stats::read(&registry, Some(&last), shared.send_errors.read())?;
         print!("{}", stats::format(&snap));
     }
-    neighbours.remove().await;
     let names: Vec<String> = loaded
         .attached
         .iter()
         .map(|a| a.interface.clone())
         .collect();
+    if opts.keep_attached {
+        drop(loaded);
+        println!(
+            "left the data plane running on {}, pinned at {}",
+            names.join(", "),
+            pins.path().display()
+        );
+        return Ok(());
+    }
+    neighbours.remove().await;
+    pins.remove()?;
     drop(loaded);
     println!("detached from {}", names.join(", "));
     Ok(())

@@ -3,13 +3,15 @@
 //!
 //! * [`cli`]: the `xlb` commands; [`client`]: the API client the commands other than
 //!   `run` and `check` use, and what they print;
-//! * [`daemon`]: `xlb run` — load, attach, serve, sweep, check, detach;
+//! * [`daemon`]: `xlb run` — load, attach, serve, sweep, check, detach; [`doctor`]:
+//!   `xlb doctor`, what a host needs;
 //! * [`api`]: the daemon's HTTP/JSON API on a unix socket; [`metrics`]: Prometheus metrics;
 //! * [`config`]: the TOML file, parsed and validated;
 //! * [`registry`]: the running services and backends, their stable ids, and `apply`, the
 //!   one way they change; [`tables`]: the maps it writes (atomic Maglev table switches);
 //! * [`health`]: the daemon's health checks;
-//! * [`loader`]: the embedded XDP object, loading and attaching it;
+//! * [`loader`]: the embedded XDP object, loading and attaching it; [`pins`]: the pinned
+//!   maps and links that let the data plane outlive the daemon;
 //! * [`conntrack`]: reading the conntrack table and the sweeper that expires flows;
 //! * [`neighbours`]: kernel-managed neighbour entries that keep the backends' next hops resolved;
 //! * [`netlink`]: route-netlink queries shared by those two;
@@ -22,12 +24,14 @@ pub mod client;
 pub mod config;
 pub mod conntrack;
 pub mod daemon;
+pub mod doctor;
 pub mod ethtool;
 pub mod health;
 pub mod loader;
 pub mod metrics;
 pub mod neighbours;
 pub mod netlink;
+pub mod pins;
 pub mod registry;
 pub mod stats;
 pub mod tables;

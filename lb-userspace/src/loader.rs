@@ -5,7 +5,12 @@ use anyhow::{Context as _, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{DevMapHash, MapData},
-    programs::{SchedClassifier, TcAttachType, Xdp, XdpMode, tc},
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::{FdLink, LinkError, PinnedLink},
+        tc::TcAttachOptions,
+        xdp::XdpLinkId,
+    },
     util::KernelVersion,
 };
 use lb_common::{
@@ -13,7 +18,12 @@ use lb_common::{
     reason::Reason,
 };
 
-use crate::config::{Checked, XdpModeConfig};
+use std::path::Path;
+
+use crate::{
+    config::{Checked, XdpModeConfig},
+    pins::PinDir,
+};
 
 /// The XDP object built by build.rs from lb-ebpf.
 pub static XDP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xlb"));
@@ -22,23 +32,47 @@ pub static XDP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR
 pub const PROGRAM: &str = programs::XDP;
 
 /// A loaded program and the interfaces it is attached to. Dropping it detaches the program
-/// and frees its maps.
+/// and frees its maps — unless they are pinned ([`pins`](crate::pins)): then the program
+/// stays attached and the maps stay, until the pins are removed.
 pub struct Loaded {
     pub ebpf: Ebpf,
     pub attached: Vec<Attachment>,
+    /// Our handles on the pinned links.
+    _links: Vec<FdLink>,
 }
 
 #[derive(Debug, Clone)]
 pub struct Attachment {
     pub interface: String,
     pub ifindex: u32,
-    /// "native" or "generic".
+    /// "native" or "generic", or [`KEPT`] when the program replaced an older one in a
+    /// pinned link, in whatever mode that link was made.
     pub mode: &'static str,
 }
 
-/// Loads the object and the program into the kernel, sized for `cfg`; attaches nothing.
+/// [`Attachment::mode`] of a program swapped into a pinned link.
+pub const KEPT: &str = "kept";
+
+/// Loads the object and the program into the kernel, sized for `cfg`, with maps of its
+/// own; attaches nothing (for BPF_PROG_TEST_RUN).
 pub fn load(cfg: &Checked) -> anyhow::Result<Ebpf> {
-    let mut ebpf = EbpfLoader::new()
+    load_with(cfg, None)
+}
+
+/// Loads the object onto the maps pinned in `pins` (pinning new ones there first if there
+/// are none).
+pub fn load_pinned(cfg: &Checked, pins: &PinDir) -> anyhow::Result<Ebpf> {
+    load_with(cfg, Some(pins))
+}
+
+fn load_with(cfg: &Checked, pins: Option<&PinDir>) -> anyhow::Result<Ebpf> {
+    let mut loader = EbpfLoader::new();
+    if let Some(pins) = pins {
+        for name in names::PINNED {
+            loader.map_pin_path(name, pins.map(name));
+        }
+    }
+    let mut ebpf = loader
         .map_max_entries(names::SERVICES, cfg.dataplane.max_services)
         .map_max_entries(
             names::MAGLEV,
@@ -68,19 +102,39 @@ pub fn load(cfg: &Checked) -> anyhow::Result<Ebpf> {
     Ok(ebpf)
 }
 
-/// Attaches the loaded program to every interface in `cfg` and adds each to the devmap,
-/// so the program can redirect between them. On error, what was attached is detached again
-/// when `ebpf` is dropped.
-pub fn attach(mut ebpf: Ebpf, cfg: &Checked) -> anyhow::Result<Loaded> {
+/// Attaches the loaded program to every interface in `cfg` through links pinned in `pins` —
+/// replacing the program in place where a link is pinned already — and adds each interface
+/// to the devmap, so the program can redirect between them.
+pub fn attach(mut ebpf: Ebpf, cfg: &Checked, pins: &PinDir) -> anyhow::Result<Loaded> {
     let mut attached = Vec::new();
+    let mut links = Vec::new();
     for interface in &cfg.dataplane.interfaces {
         let ifindex = ifindex(interface)?;
         let program: &mut Xdp = ebpf
             .program_mut(PROGRAM)
             .context("program xlb")?
             .try_into()?;
-        let mode = attach_one(program, interface, cfg.dataplane.xdp_mode)?;
-        attach_handoff(&mut ebpf, interface)?;
+        let path = pins.xdp_link(interface);
+        let mode = match pinned_link(&path)? {
+            Some(old) => {
+                let id = program
+                    .attach_to_link(old.try_into()?)
+                    .with_context(|| format!("replacing the program in {}", path.display()))?;
+                links.push(program.take_link(id)?.try_into()?);
+                KEPT
+            }
+            None => {
+                let (mode, id) = attach_one(program, interface, cfg.dataplane.xdp_mode)?;
+                let link: FdLink = program.take_link(id)?.try_into().with_context(|| {
+                    format!(
+                        "XDP on {interface} is not a bpf_link (Linux 5.9+), so it cannot be pinned"
+                    )
+                })?;
+                links.push(pin(link, &path)?);
+                mode
+            }
+        };
+        links.push(attach_handoff(&mut ebpf, interface, pins)?);
         attached.push(Attachment {
             interface: interface.clone(),
             ifindex,
@@ -101,7 +155,30 @@ pub fn attach(mut ebpf: Ebpf, cfg: &Checked) -> anyhow::Result<Loaded> {
             no_xdp_tx(&mut ebpf, a.ifindex)?;
         }
     }
-    Ok(Loaded { ebpf, attached })
+    Ok(Loaded {
+        ebpf,
+        attached,
+        _links: links,
+    })
+}
+
+/// The link pinned at `path`, if there is one.
+fn pinned_link(path: &Path) -> anyhow::Result<Option<FdLink>> {
+    match PinnedLink::from_pin(path) {
+        Ok(link) => Ok(Some(FdLink::from(link))),
+        Err(LinkError::SyscallError(e)) if e.io_error.kind() == std::io::ErrorKind::NotFound => {
+            Ok(None)
+        }
+        Err(e) => Err(e).with_context(|| format!("opening the pinned link {}", path.display())),
+    }
+}
+
+/// Pins `link` at `path` and returns our handle on it.
+fn pin(link: FdLink, path: &Path) -> anyhow::Result<FdLink> {
+    let pinned = link
+        .pin(path)
+        .with_context(|| format!("pinning {}", path.display()))?;
+    Ok(FdLink::from(pinned))
 }
 
 /// Makes the program send frames back out of interface `ifindex` by devmap redirect instead
@@ -127,53 +204,68 @@ pub fn check_interfaces(cfg: &Checked) -> anyhow::Result<()> {
 }
 
 /// Attaches the tc program that sends what the XDP program hands over, at the interface's
-/// ingress (TCX on Linux 6.6 and later; a clsact qdisc before that).
-fn attach_handoff(ebpf: &mut Ebpf, interface: &str) -> anyhow::Result<()> {
-    let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
-    if !tcx {
-        // Fails harmlessly when the qdisc exists already.
-        let _ = tc::qdisc_add_clsact(interface);
+/// ingress, through a TCX link (Linux 6.6 and later) pinned in `pins`, replacing the
+/// program in place where one is pinned already.
+fn attach_handoff(ebpf: &mut Ebpf, interface: &str, pins: &PinDir) -> anyhow::Result<FdLink> {
+    if !KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0)) {
+        bail!(
+            "the tc handoff program needs TCX links (Linux 6.6+) to outlive the daemon;              this kernel is older"
+        );
     }
     let handoff: &mut SchedClassifier = ebpf
         .program_mut(programs::TC_HANDOFF)
         .context("program xlb_handoff")?
         .try_into()?;
-    handoff
-        .attach(interface, TcAttachType::Ingress)
-        .with_context(|| format!("attaching the tc handoff program to {interface}"))?;
-    Ok(())
+    let path = pins.tc_link(interface);
+    match pinned_link(&path)? {
+        Some(old) => {
+            let id = handoff
+                .attach_to_link(old.try_into()?)
+                .with_context(|| format!("replacing the program in {}", path.display()))?;
+            Ok(handoff.take_link(id)?.try_into()?)
+        }
+        None => {
+            let id = handoff
+                .attach_with_options(
+                    interface,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )
+                .with_context(|| format!("attaching the tc handoff program to {interface}"))?;
+            pin(handoff.take_link(id)?.try_into()?, &path)
+        }
+    }
 }
 
 fn attach_one(
     program: &mut Xdp,
     interface: &str,
     mode: XdpModeConfig,
-) -> anyhow::Result<&'static str> {
+) -> anyhow::Result<(&'static str, XdpLinkId)> {
     match mode {
         XdpModeConfig::Native => {
-            program_attach(program, interface, XdpMode::Driver).map(|()| "native")
+            program_attach(program, interface, XdpMode::Driver).map(|id| ("native", id))
         }
         XdpModeConfig::Generic => {
-            program_attach(program, interface, XdpMode::Skb).map(|()| "generic")
+            program_attach(program, interface, XdpMode::Skb).map(|id| ("generic", id))
         }
         XdpModeConfig::Auto => match program_attach(program, interface, XdpMode::Driver) {
-            Ok(()) => Ok("native"),
+            Ok(id) => Ok(("native", id)),
             // Busy is not "no native support": generic would fail the same way, less clearly.
             Err(native_err) if is_busy(&native_err) => Err(native_err),
             Err(native_err) => {
                 log::warn!("{interface}: native XDP failed ({native_err:#}); trying generic");
                 program_attach(program, interface, XdpMode::Skb)
-                    .map(|()| "generic")
+                    .map(|id| ("generic", id))
                     .with_context(|| format!("native mode failed too: {native_err:#}"))
             }
         },
     }
 }
 
-fn program_attach(program: &mut Xdp, interface: &str, mode: XdpMode) -> anyhow::Result<()> {
+fn program_attach(program: &mut Xdp, interface: &str, mode: XdpMode) -> anyhow::Result<XdpLinkId> {
     let result = program
         .attach(interface, mode)
-        .map(|_| ())
         .with_context(|| format!("attaching XDP to {interface} in {mode:?} mode"));
     match result {
         Err(e) if is_busy(&e) => Err(e.context(format!(

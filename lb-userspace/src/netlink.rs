@@ -66,3 +66,23 @@ pub fn link_name(link: &LinkMessage) -> anyhow::Result<String> {
         })
         .with_context(|| format!("ifindex {}: no name (IFLA_IFNAME)", link.header.index))
 }
+
+/// The mode of the XDP program attached to `iface` (IFLA_XDP_ATTACHED): "native",
+/// "generic", "offload", or None when there is none.
+pub async fn xdp_mode(iface: &str) -> anyhow::Result<Option<&'static str>> {
+    use netlink_packet_route::link::{LinkXdp, XdpAttached};
+    let netlink = Netlink::open()?;
+    let link = link_by_name(&netlink.handle, iface).await?;
+    Ok(link
+        .attributes
+        .iter()
+        .find_map(|attribute| match attribute {
+            LinkAttribute::Xdp(xdp) => xdp.iter().find_map(|x| match x {
+                LinkXdp::Attached(XdpAttached::Driver) => Some("native"),
+                LinkXdp::Attached(XdpAttached::SocketBuffer) => Some("generic"),
+                LinkXdp::Attached(XdpAttached::Hardware) => Some("offload"),
+                _ => None,
+            }),
+            _ => None,
+        }))
+}

@@ -193,12 +193,15 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Opens the maps of a freshly loaded object and fills them from `cfg`.
+    /// Opens the maps of a loaded object, adopts what they hold (see [`Registry::start`]),
+    /// and makes them run `cfg`.
     pub fn load(ebpf: &aya::Ebpf, cfg: &Checked) -> Result<Registry, ApplyError> {
         Registry::start(Tables::open(ebpf, cfg.dataplane.maglev_table_size)?, cfg)
     }
 
-    /// Starts from empty maps (a freshly loaded object) and applies `cfg`.
+    /// Adopts the services and backends the maps hold already — pinned maps a daemon
+    /// before this one filled — with their ids, then applies `cfg`: what it keeps keeps
+    /// its id, counters and flows; what it drops is retired like any removed object.
     pub fn start(mut tables: Tables, cfg: &Checked) -> Result<Registry, ApplyError> {
         tables.set_settings(cfg.settings())?;
         let mut registry = Registry {
@@ -212,8 +215,73 @@ impl Registry {
             services: BTreeMap::new(),
             rebuilds: 0,
         };
+        registry.adopt()?;
         registry.apply(cfg)?;
         Ok(registry)
+    }
+
+    /// Takes in what the maps hold. Weights are not in the maps: adopted backends have
+    /// weight 0 until `apply` gives them the config's (and rebuilds their tables, which come
+    /// out as before when the config is the same: the table depends on the set alone).
+    fn adopt(&mut self) -> anyhow::Result<()> {
+        let now = Instant::now();
+        for (key, entry) in self.tables.services()? {
+            let Some(protocol) = Protocol::from_number(key.proto) else {
+                continue;
+            };
+            let name = ServiceName {
+                vip: key.vip.to_socket_v4(),
+                protocol,
+            };
+            let snat = Endpoint {
+                addr: entry.snat,
+                port: [0; 2],
+            };
+            self.service_ids.used.insert(entry.id);
+            self.services.insert(
+                name,
+                LiveService {
+                    name,
+                    id: entry.id,
+                    config: Service {
+                        vip: name.vip,
+                        protocol,
+                        snat: *snat.to_socket_v4().ip(),
+                        backends: Vec::new(),
+                        health: None,
+                    },
+                    backends: Vec::new(),
+                },
+            );
+        }
+        for (id, entry) in self.tables.backends()? {
+            let service = self
+                .services
+                .values_mut()
+                .find(|s| s.id == entry.service_id);
+            match service {
+                Some(service) => {
+                    self.backend_ids.used.insert(id);
+                    service.backends.push(LiveBackend {
+                        id,
+                        config: Backend {
+                            address: entry.endpoint.to_socket_v4(),
+                            weight: 0,
+                            drain: false,
+                        },
+                        down: false,
+                    });
+                }
+                // A backend of a service removed before: flows may still point at both.
+                None => {
+                    self.backend_ids.retired.insert(id, now);
+                    if !self.service_ids.used.contains(&entry.service_id) {
+                        self.service_ids.retired.insert(entry.service_id, now);
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The config being run.
@@ -349,6 +417,11 @@ impl Registry {
         ] {
             fixed(&format!("dataplane.{field}"), a.to_string(), b.to_string());
         }
+        fixed(
+            "dataplane.pin_path",
+            r.pin_path.display().to_string(),
+            w.pin_path.display().to_string(),
+        );
         fixed(
             "dataplane.snat_port_range",
             self.running.snat_ports.to_string(),

@@ -55,6 +55,10 @@ pub struct XlbProcess {
     config_path: PathBuf,
     /// The daemon's API socket: next to the config, as unique as its name.
     socket: PathBuf,
+    /// Where it pins the data plane (on the host's bpffs), as unique; removed on drop
+    /// unless handed on by [`kill_leaving_pins`](Self::kill_leaving_pins).
+    pin_path: PathBuf,
+    keep_pins: bool,
     /// The `ready:` line.
     ready_line: String,
     /// What xlb printed on stdout before `ready:` (which interface, which XDP mode).
@@ -86,6 +90,13 @@ impl XlbProcess {
         Self::start_with(ns, config_toml, args, true)
     }
 
+    /// Like [`start`](Self::start), on the data plane a killed xlb left pinned at
+    /// `pin_path` (see [`kill_leaving_pins`](Self::kill_leaving_pins)), which this one then
+    /// owns.
+    pub fn start_on_pins(ns: &NetNs, config_toml: &str, pin_path: PathBuf) -> Result<XlbProcess> {
+        Self::spawn(ns, config_toml, &[], true, Some(pin_path))
+    }
+
     /// Like [`start`](Self::start), but without echoing xlb's output (for the demo, which
     /// prints its own report). Errors still include xlb's output.
     pub fn start_quiet(ns: &NetNs, config_toml: &str) -> Result<XlbProcess> {
@@ -93,10 +104,29 @@ impl XlbProcess {
     }
 
     fn start_with(ns: &NetNs, config_toml: &str, args: &[&str], echo: bool) -> Result<XlbProcess> {
+        Self::spawn(ns, config_toml, args, echo, None)
+    }
+
+    fn spawn(
+        ns: &NetNs,
+        config_toml: &str,
+        args: &[&str],
+        echo: bool,
+        pin_path: Option<PathBuf>,
+    ) -> Result<XlbProcess> {
         let bin = xlb_binary()?;
         remove_stale_configs();
         let config_path = write_config(config_toml)?;
         let socket = config_path.with_extension("sock");
+        // A data plane handed on stays pinned if this xlb fails to start on it.
+        let adopting = pin_path.is_some();
+        let pin_path = pin_path.unwrap_or_else(|| {
+            let stem = config_path
+                .file_stem()
+                .unwrap_or_default()
+                .to_string_lossy();
+            PathBuf::from(BPFFS).join(stem.as_ref())
+        });
 
         // `nsenter` execs the command in place (no fork), so the child's pid is xlb's and
         // signals reach xlb directly. It enters the network namespace only: unlike
@@ -111,6 +141,8 @@ impl XlbProcess {
             .arg(&config_path)
             .arg("--socket")
             .arg(&socket)
+            .arg("--pin-path")
+            .arg(&pin_path)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -160,6 +192,8 @@ impl XlbProcess {
             ns_name: ns.name().to_string(),
             config_path,
             socket,
+            pin_path,
+            keep_pins: adopting,
             ready_line: String::new(),
             startup: Vec::new(),
             stdout,
@@ -168,6 +202,7 @@ impl XlbProcess {
             exited: None,
         };
         xlb.wait_ready()?;
+        xlb.keep_pins = false;
         Ok(xlb)
     }
 
@@ -261,6 +296,14 @@ impl XlbProcess {
     /// The daemon's API socket.
     pub fn socket(&self) -> &std::path::Path {
         &self.socket
+    }
+
+    /// SIGKILLs xlb, as a crash or `kill -9` would, leaving its data plane pinned and
+    /// running; returns where it is pinned, for [`start_on_pins`](Self::start_on_pins).
+    pub fn kill_leaving_pins(mut self) -> PathBuf {
+        self.keep_pins = true;
+        self.kill();
+        self.pin_path.clone()
     }
 
     /// Runs `xlb ARGS --socket SOCKET`, a client command against this daemon (from this
@@ -364,14 +407,19 @@ impl Drop for XlbProcess {
         self.kill();
         let _ = std::fs::remove_file(&self.config_path);
         let _ = std::fs::remove_file(&self.socket);
+        if !self.keep_pins {
+            // A clean stop removed them already; after a kill this detaches and frees.
+            let _ = std::fs::remove_dir_all(&self.pin_path);
+        }
     }
 }
+
+/// Where the tests' daemons pin their data planes, as `xlb-test-<pid>-<n>-<nanos>`.
+const BPFFS: &str = "/sys/fs/bpf";
 
 /// Config files are named `xlb-test-<pid>-<n>-<nanos>.toml`.
 const CONFIG_FILE_PREFIX: &str = "xlb-test-";
 
-/// Removes config files left by runs that were killed before `Drop` could delete them
-/// (their pid no longer exists). Best effort: errors are ignored.
 /// Runs `xlb ARGS` and returns what it printed.
 pub fn xlb_command<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Result<std::process::Output> {
     let bin = xlb_binary()?;
@@ -382,8 +430,16 @@ pub fn xlb_command<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Result<std::process
         .with_context(|| format!("running {}", bin.display()))
 }
 
+/// Removes the config files, sockets and pinned data planes left by runs that were killed
+/// before `Drop` could delete them (their pid no longer exists). Best effort: errors are
+/// ignored.
 fn remove_stale_configs() {
-    let Ok(dir) = std::fs::read_dir(std::env::temp_dir()) else {
+    remove_stale(&std::env::temp_dir());
+    remove_stale(std::path::Path::new(BPFFS));
+}
+
+fn remove_stale(dir: &std::path::Path) {
+    let Ok(dir) = std::fs::read_dir(dir) else {
         return;
     };
     for entry in dir.flatten() {
@@ -397,11 +453,16 @@ fn remove_stale_configs() {
         let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
             continue;
         };
-        let ours = rest.ends_with(".toml") || rest.ends_with(".sock");
+        let pinned = entry.path().starts_with(BPFFS);
+        let ours = rest.ends_with(".toml") || rest.ends_with(".sock") || pinned;
         if !ours || PathBuf::from(format!("/proc/{pid}")).exists() {
             continue;
         }
-        let _ = std::fs::remove_file(entry.path());
+        if pinned {
+            let _ = std::fs::remove_dir_all(entry.path());
+        } else {
+            let _ = std::fs::remove_file(entry.path());
+        }
     }
 }
 

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::net::{SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 use xlb_tests::echo::{EchoConn, EchoServer, raise_fd_limit};
 use xlb_tests::topology::{Options, SNAT, Topology, VIP, with_topology};
@@ -388,6 +388,19 @@ fn apply_metrics_and_the_socket() {
             "apply did not make the file the truth"
         );
 
+        // SIGHUP does the same with the daemon's own file.
+        run_ok(&xlb, &["backend", "add", &vip(), &backend(topo, 2)])?;
+        // SAFETY: kill has no memory-safety preconditions; the pid is our running child.
+        unsafe { libc::kill(xlb.pid() as i32, libc::SIGHUP) };
+        let sent = Instant::now();
+        while backends(&xlb)?.len() != 2 {
+            ensure!(
+                sent.elapsed() < Duration::from_secs(5),
+                "SIGHUP did not re-apply the file"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+
         // Traffic, then the metrics against the servers.
         let counts = spread(topo, &servers, 60)?;
         let metrics = topo.lb.enter(|| scrape("127.0.0.1:9641"))??;
@@ -513,5 +526,140 @@ fn commands_explain_bad_arguments_and_missing_daemons() -> Result<()> {
             "xlb {args:?} said {stderr:?}, expected {expect:?}"
         );
     }
+    Ok(())
+}
+
+/// `kill -9` of the daemon under load breaks nothing: with no daemon the data plane goes on
+/// forwarding open connections and taking new ones. A new `xlb run` with another conntrack
+/// capacity is refused, naming the setting, and changes nothing; one with the same config
+/// adopts the pinned data plane: every open connection keeps working, the program is
+/// replaced in place (a new program id), and the counters carry on — each backend's flows
+/// counter still equals the connections its server accepted, across both daemons. A clean
+/// stop unpins everything.
+#[test]
+fn a_killed_daemon_breaks_nothing_and_the_next_one_adopts_the_data_plane() {
+    with_topology(PREFIX, Options::default(), |topo| {
+        raise_fd_limit(4096)?;
+        topo.check_connectivity()?;
+        let servers = echo_servers(topo)?;
+        let cfg = config(topo, &[(0, 1), (1, 1), (2, 1)], "");
+        let xlb = XlbProcess::start(&topo.lb, &cfg)?;
+        let program_before = json(&xlb, &["status"])?["program_id"].clone();
+        let target: SocketAddr = vip().parse()?;
+        let mut conns = (0..150)
+            .map(|i| {
+                EchoConn::connect(&topo.client, target, Duration::from_secs(3))
+                    .with_context(|| format!("long-lived connection {i}"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        all_echo(&mut conns, "start")?;
+        spread(topo, &servers, 60)?;
+
+        let pins = xlb.kill_leaving_pins();
+        all_echo(&mut conns, "kill -9")?;
+        let while_dead = spread(topo, &servers, 60)?;
+        ensure!(
+            while_dead.iter().sum::<u64>() == 60,
+            "new connections with no daemon: {while_dead:?}"
+        );
+
+        let resized = cfg.replace(
+            "[dataplane]\n",
+            "[conntrack]\nentries = 1000\n[dataplane]\n",
+        );
+        match XlbProcess::start_on_pins(&topo.lb, &resized, pins.clone()) {
+            Ok(_) => bail!("xlb adopted a data plane of another conntrack capacity"),
+            Err(e) => {
+                let text = format!("{e:#}");
+                ensure!(
+                    text.contains("conntrack.entries"),
+                    "the refusal does not name the setting: {text}"
+                );
+            }
+        }
+        all_echo(&mut conns, "a refused start")?;
+
+        let xlb = XlbProcess::start_on_pins(&topo.lb, &cfg, pins.clone())?;
+        ensure!(
+            xlb.startup_lines()
+                .iter()
+                .any(|l| l.starts_with("adopted the data plane")),
+            "xlb did not say it adopted the data plane: {:?}",
+            xlb.startup_lines()
+        );
+        all_echo(&mut conns, "restart")?;
+        spread(topo, &servers, 60)?;
+        let status = json(&xlb, &["status"])?;
+        ensure!(
+            status["program_id"] != program_before,
+            "the program was not replaced"
+        );
+        for i in status["interfaces"].as_array().context("interfaces")? {
+            ensure!(i["mode"] == "native", "after the restart: {i}");
+        }
+        let stats = json(&xlb, &["stats"])?;
+        for (i, server) in servers.iter().enumerate() {
+            let counted = stats["services"][0]["backends"]
+                .as_array()
+                .context("backends")?
+                .iter()
+                .find(|x| x["address"] == backend(topo, i).as_str())
+                .with_context(|| format!("{} missing", backend(topo, i)))?["flows"]
+                .as_u64()
+                .unwrap_or(0);
+            ensure!(
+                counted == server.accepted(),
+                "backend {}: {counted} flows counted across the restart, its server accepted {}",
+                backend(topo, i),
+                server.accepted()
+            );
+        }
+        drop(conns);
+        xlb.stop()?;
+        ensure!(
+            !pins.exists(),
+            "a clean stop left {} pinned",
+            pins.display()
+        );
+        Ok(())
+    });
+}
+
+/// `xlb doctor` fails a config whose interface is missing, naming it, and passes the host's
+/// own checks; `xlb completions` prints a completion script.
+#[test]
+fn doctor_and_completions() -> Result<()> {
+    let path = std::env::temp_dir().join(format!("xlbcp-doctor-{}.toml", std::process::id()));
+    std::fs::write(
+        &path,
+        "[dataplane]\ninterfaces = [\"xlbnosuch0\"]\n[[service]]\nvip = \"10.10.0.100:80\"\n\
+         protocol = \"tcp\"\nsnat = \"10.20.0.1\"\n",
+    )?;
+    let out = xlb_command(&["doctor", "--config", path.to_str().context("path")?])?;
+    let _ = std::fs::remove_file(&path);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        !out.status.success(),
+        "doctor passed a missing interface:\n{stdout}"
+    );
+    ensure!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("FAIL") && l.contains("xlbnosuch0")),
+        "doctor did not name the missing interface:\n{stdout}"
+    );
+    for name in ["kernel", "bpffs", "daemon"] {
+        ensure!(
+            stdout
+                .lines()
+                .any(|l| l.starts_with("ok") && l.contains(name)),
+            "doctor's {name} check did not pass on this host:\n{stdout}"
+        );
+    }
+    let out = xlb_command(&["completions", "bash"])?;
+    ensure!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("_xlb()"),
+        "no bash completions"
+    );
     Ok(())
 }

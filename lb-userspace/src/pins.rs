@@ -1,0 +1,210 @@
+//! The pinned data plane: what lets it outlive the daemon. Under `[dataplane] pin_path`
+//! (default `/sys/fs/bpf/xlb`) live the maps of [`names::PINNED`] by name, and one link per
+//! interface for the XDP program (`xdp@IF`) and one for the tc handoff program (`tc@IF`).
+//! While the links are pinned the program stays attached, with no daemon running; a new
+//! daemon loads its program onto the pinned maps and swaps it into the links in place
+//! (`bpf_link_update`), so no packet goes unprocessed and no flow is lost.
+//!
+//! Before reusing pinned maps the daemon checks that they are the ones it would make: the
+//! layout version in `CONFIG`, and every map's key size, value size and capacity. A
+//! mismatch is refused with what to do, never misread. The directory is locked (`flock`)
+//! while a daemon owns it, so two daemons never drive one data plane.
+
+use std::{
+    fs::File,
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, bail};
+use aya::maps::{Array, Map, MapData};
+use lb_common::{
+    maps::{
+        BackendEntry, FlowKey, FlowStats, LAYOUT_VERSION, NatEntry, ServiceEntry, ServiceKey,
+        Settings, names,
+    },
+    reason::Reason,
+};
+
+use crate::config::Checked;
+
+/// The pin directory, locked for this daemon.
+pub struct PinDir {
+    path: PathBuf,
+    /// Holds the `flock`; released when the daemon exits, however it exits.
+    _lock: File,
+    /// Whether the maps were pinned already when the daemon started.
+    pub adopted: bool,
+}
+
+impl PinDir {
+    /// Creates (or opens) the directory, locks it, and checks what is pinned there against
+    /// `cfg`.
+    pub fn open(cfg: &Checked) -> anyhow::Result<PinDir> {
+        let path = cfg.dataplane.pin_path.clone();
+        std::fs::create_dir_all(&path).with_context(|| {
+            format!(
+                "creating the pin directory {} (is bpffs mounted on /sys/fs/bpf? `mount -t \
+                 bpf bpf /sys/fs/bpf`; `xlb doctor` checks)",
+                path.display()
+            )
+        })?;
+        let lock = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+        // SAFETY: flock on an fd we own.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            bail!(
+                "another xlb daemon owns the data plane pinned at {} (stop it first, or give \
+                 this one another dataplane.pin_path)",
+                path.display()
+            );
+        }
+        let adopted = check(&path, cfg)?;
+        Ok(PinDir {
+            path,
+            _lock: lock,
+            adopted,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+
+    pub fn xdp_link(&self, interface: &str) -> PathBuf {
+        self.path.join(format!("xdp@{interface}"))
+    }
+
+    pub fn tc_link(&self, interface: &str) -> PathBuf {
+        self.path.join(format!("tc@{interface}"))
+    }
+
+    /// Unpins everything: the links (which detaches the programs once our own handles
+    /// close) and the maps (freed once nothing uses them), and removes the directory.
+    pub fn remove(&self) -> anyhow::Result<()> {
+        let entries = std::fs::read_dir(&self.path)
+            .with_context(|| format!("reading {}", self.path.display()))?;
+        for entry in entries.flatten() {
+            std::fs::remove_file(entry.path())
+                .with_context(|| format!("unpinning {}", entry.path().display()))?;
+        }
+        std::fs::remove_dir(&self.path).with_context(|| format!("removing {}", self.path.display()))
+    }
+}
+
+/// What a pinned map must be: key size, value size, capacity.
+fn expected(cfg: &Checked) -> Vec<(&'static str, u32, u32, u32)> {
+    let dp = &cfg.dataplane;
+    let size = |n: usize| n as u32;
+    vec![
+        (
+            names::SERVICES,
+            size(size_of::<ServiceKey>()),
+            size(size_of::<ServiceEntry>()),
+            dp.max_services,
+        ),
+        (names::MAGLEV, 4, 8, dp.max_services * dp.maglev_table_size),
+        (
+            names::BACKENDS,
+            4,
+            size(size_of::<BackendEntry>()),
+            dp.max_backends,
+        ),
+        (
+            names::CONNTRACK,
+            size(size_of::<FlowKey>()),
+            size(size_of::<NatEntry>()),
+            cfg.conntrack.map_entries(),
+        ),
+        (names::CONFIG, 4, size(size_of::<Settings>()), 1),
+        (names::REASONS, 4, 8, Reason::COUNT),
+        (
+            names::SERVICE_STATS,
+            4,
+            size(size_of::<FlowStats>()),
+            dp.max_services,
+        ),
+        (
+            names::BACKEND_STATS,
+            4,
+            size(size_of::<FlowStats>()),
+            dp.max_backends,
+        ),
+        (names::HANDOFFS, 4, 8, lb_common::maps::Handoff::COUNT),
+    ]
+}
+
+/// The config settings a pinned map's capacity follows, for the message.
+fn setting_of(name: &str) -> &'static str {
+    match name {
+        names::SERVICES | names::SERVICE_STATS => "dataplane.max_services",
+        names::MAGLEV => "dataplane.max_services × dataplane.maglev_table_size",
+        names::BACKENDS | names::BACKEND_STATS => "dataplane.max_backends",
+        names::CONNTRACK => "conntrack.entries",
+        _ => "the map layout (another xlb version)",
+    }
+}
+
+/// Whether every map is pinned and fits `cfg` (true), or none is (false); anything else is
+/// refused.
+fn check(dir: &Path, cfg: &Checked) -> anyhow::Result<bool> {
+    let present: Vec<&str> = names::PINNED
+        .iter()
+        .copied()
+        .filter(|n| dir.join(n).exists())
+        .collect();
+    if present.is_empty() {
+        return Ok(false);
+    }
+    let refuse = |problem: String| -> anyhow::Error {
+        anyhow::anyhow!(
+            "the data plane pinned at {dir} does not fit this xlb and config: {problem}. Its \
+             maps hold the open flows. Run xlb with the settings it was made with; or start \
+             afresh, losing every open flow: stop the daemon that owns it with SIGTERM, or \
+             `rm -r {dir}` if none runs",
+            dir = dir.display()
+        )
+    };
+    if present.len() != names::PINNED.len() {
+        let missing: Vec<&str> = names::PINNED
+            .iter()
+            .copied()
+            .filter(|n| !present.contains(n))
+            .collect();
+        return Err(refuse(format!("maps {missing:?} are missing")));
+    }
+    for (name, key, value, entries) in expected(cfg) {
+        let map = MapData::from_pin(dir.join(name))
+            .with_context(|| format!("opening the pinned map {}", dir.join(name).display()))?;
+        let info = map
+            .info()
+            .with_context(|| format!("pinned map {name}: its info"))?;
+        if info.key_size() != key || info.value_size() != value {
+            return Err(refuse(format!(
+                "map {name} has {}-byte keys and {}-byte values, this xlb uses {key} and {value}",
+                info.key_size(),
+                info.value_size()
+            )));
+        }
+        if info.max_entries() != entries {
+            return Err(refuse(format!(
+                "map {name} holds {} entries, the config asks for {entries} ({})",
+                info.max_entries(),
+                setting_of(name)
+            )));
+        }
+        if name == names::CONFIG {
+            let settings: Array<MapData, Settings> = Map::Array(map).try_into()?;
+            let version = settings.get(&0, 0)?.layout_version;
+            if version != LAYOUT_VERSION {
+                return Err(refuse(format!(
+                    "its layout version is {version}, this xlb's is {LAYOUT_VERSION}"
+                )));
+            }
+        }
+    }
+    Ok(true)
+}
