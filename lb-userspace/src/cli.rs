@@ -287,15 +287,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 source: config.display().to_string(),
                 text,
             };
-            let json = client
-                .client()
-                .call(
-                    Method::POST,
-                    "/v1/apply",
-                    Some(serde_json::to_value(request)?),
-                )
-                .await?;
-            print_changed(client.output, "applied", &json)
+            let body = serde_json::to_value(request)?;
+            change(&client, Method::POST, "/v1/apply", Some(body), "applied").await
         }
         Command::Status { client } => {
             let (status, json): (Status, _) = client.client().get("/v1/status").await?;
@@ -372,22 +365,25 @@ async fn service(command: ServiceCommand) -> anyhow::Result<()> {
                 protocol: service.protocol,
                 snat,
             };
-            let json = client
-                .client()
-                .call(
-                    Method::POST,
-                    "/v1/services",
-                    Some(serde_json::to_value(body)?),
-                )
-                .await?;
-            print_changed(client.output, "service added", &json)
+            let body = serde_json::to_value(body)?;
+            change(
+                &client,
+                Method::POST,
+                "/v1/services",
+                Some(body),
+                "service added",
+            )
+            .await
         }
         ServiceCommand::Rm { service, client } => {
-            let json = client
-                .client()
-                .call(Method::DELETE, &service.path(), None)
-                .await?;
-            print_changed(client.output, "service removed", &json)
+            change(
+                &client,
+                Method::DELETE,
+                &service.path(),
+                None,
+                "service removed",
+            )
+            .await
         }
     }
 }
@@ -413,16 +409,9 @@ async fn backend(command: BackendCommand) -> anyhow::Result<()> {
             weight,
             client,
         } => {
-            let body = NewBackend { address, weight };
-            let json = client
-                .client()
-                .call(
-                    Method::POST,
-                    &format!("{}/backends", service.path()),
-                    Some(serde_json::to_value(body)?),
-                )
-                .await?;
-            print_changed(client.output, "backend added", &json)
+            let body = serde_json::to_value(NewBackend { address, weight })?;
+            let path = format!("{}/backends", service.path());
+            change(&client, Method::POST, &path, Some(body), "backend added").await
         }
         BackendCommand::Rm {
             service,
@@ -430,30 +419,16 @@ async fn backend(command: BackendCommand) -> anyhow::Result<()> {
             cut,
             client,
         } => {
-            let json = client
-                .client()
-                .call(
-                    Method::DELETE,
-                    &format!("{}/backends/{address}?cut={cut}", service.path()),
-                    None,
-                )
-                .await?;
-            print_changed(client.output, "backend removed", &json)
+            let path = format!("{}/backends/{address}?cut={cut}", service.path());
+            change(&client, Method::DELETE, &path, None, "backend removed").await
         }
         BackendCommand::Drain {
             service,
             address,
             client,
         } => {
-            let json = client
-                .client()
-                .call(
-                    Method::POST,
-                    &format!("{}/backends/{address}/drain", service.path()),
-                    None,
-                )
-                .await?;
-            print_changed(client.output, "backend draining", &json)
+            let path = format!("{}/backends/{address}/drain", service.path());
+            change(&client, Method::POST, &path, None, "backend draining").await
         }
         BackendCommand::Weight {
             service,
@@ -461,17 +436,23 @@ async fn backend(command: BackendCommand) -> anyhow::Result<()> {
             weight,
             client,
         } => {
-            let json = client
-                .client()
-                .call(
-                    Method::PUT,
-                    &format!("{}/backends/{address}/weight", service.path()),
-                    Some(serde_json::to_value(Weight { weight })?),
-                )
-                .await?;
-            print_changed(client.output, "weight set", &json)
+            let body = serde_json::to_value(Weight { weight })?;
+            let path = format!("{}/backends/{address}/weight", service.path());
+            change(&client, Method::PUT, &path, Some(body), "weight set").await
         }
     }
+}
+
+/// Sends a change and prints what it did.
+async fn change(
+    client: &ClientArgs,
+    method: Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+    what: &str,
+) -> anyhow::Result<()> {
+    let json = client.client().call(method, path, body).await?;
+    print_changed(client.output, what, &json)
 }
 
 fn print_changed(output: Output, what: &str, json: &serde_json::Value) -> anyhow::Result<()> {

@@ -17,7 +17,7 @@ use serde_json::Value;
 
 use crate::{
     api::{Changed, Flow, Status},
-    stats::Stats,
+    stats::{BackendStats, Stats},
 };
 
 /// `-o`: how a command prints its answer.
@@ -194,42 +194,40 @@ pub fn services_text(stats: &Stats) -> String {
     format!("{t}\n")
 }
 
+/// The columns of a backend's row, after its name.
+const BACKEND_COLUMNS: [&str; 6] = [
+    "weight",
+    "state",
+    "active flows",
+    "flows",
+    "packets",
+    "bytes",
+];
+
+fn backend_row(name: String, b: &BackendStats) -> Vec<String> {
+    vec![
+        name,
+        b.weight.to_string(),
+        b.state.clone(),
+        b.active_flows.to_string(),
+        b.traffic.flows.to_string(),
+        b.traffic.packets.to_string(),
+        b.traffic.bytes.to_string(),
+    ]
+}
+
 pub fn backends_text(stats: &Stats) -> String {
-    let mut t = table(&[
-        "address",
-        "weight",
-        "state",
-        "active flows",
-        "flows",
-        "packets",
-        "bytes",
-    ]);
+    let mut t = table(&[&["address"][..], &BACKEND_COLUMNS].concat());
     for s in &stats.services {
         for b in &s.backends {
-            t.add_row(vec![
-                b.address.clone(),
-                b.weight.to_string(),
-                b.state.clone(),
-                b.active_flows.to_string(),
-                b.traffic.flows.to_string(),
-                b.traffic.packets.to_string(),
-                b.traffic.bytes.to_string(),
-            ]);
+            t.add_row(backend_row(b.address.clone(), b));
         }
     }
     format!("{t}\n")
 }
 
 pub fn stats_text(stats: &Stats) -> String {
-    let mut t = table(&[
-        "service / backend",
-        "weight",
-        "state",
-        "active flows",
-        "flows",
-        "packets",
-        "bytes",
-    ]);
+    let mut t = table(&[&["service / backend"][..], &BACKEND_COLUMNS].concat());
     for s in &stats.services {
         t.add_row(vec![
             format!("{}/{}", s.vip, s.protocol),
@@ -241,15 +239,7 @@ pub fn stats_text(stats: &Stats) -> String {
             s.traffic.bytes.to_string(),
         ]);
         for b in &s.backends {
-            t.add_row(vec![
-                format!("  {}", b.address),
-                b.weight.to_string(),
-                b.state.clone(),
-                b.active_flows.to_string(),
-                b.traffic.flows.to_string(),
-                b.traffic.packets.to_string(),
-                b.traffic.bytes.to_string(),
-            ]);
+            t.add_row(backend_row(format!("  {}", b.address), b));
         }
     }
     let mut r = table(&["reason", "packets"]);

@@ -45,6 +45,15 @@ impl EchoServer {
         })
     }
 
+    /// One echo server on every backend of `topo`, on `port` of its address, in backend
+    /// order.
+    pub fn on_backends(topo: &crate::topology::Topology, port: u16) -> Result<Vec<EchoServer>> {
+        topo.backends
+            .iter()
+            .map(|b| EchoServer::start(&b.ns, SocketAddr::from((b.addr, port))))
+            .collect()
+    }
+
     /// Connections accepted so far.
     pub fn accepted(&self) -> u64 {
         self.accepted.load(Ordering::SeqCst)

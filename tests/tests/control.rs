@@ -53,13 +53,6 @@ fn config(topo: &Topology, backends: &[(usize, u32)], health: &str) -> String {
     )
 }
 
-fn echo_servers(topo: &Topology) -> Result<Vec<EchoServer>> {
-    topo.backends
-        .iter()
-        .map(|b| EchoServer::start(&b.ns, SocketAddr::from((b.addr, ECHO_PORT))))
-        .collect()
-}
-
 /// Runs `xlb ARGS -o json` against the daemon and returns its JSON; fails with its stderr.
 fn json(xlb: &XlbProcess, args: &[&str]) -> Result<Value> {
     let out = xlb.command(&[args, &["-o", "json"]].concat())?;
@@ -157,7 +150,7 @@ fn backends_change_under_open_connections() {
     with_topology(PREFIX, Options::default(), |topo| {
         raise_fd_limit(4096)?;
         topo.check_connectivity()?;
-        let servers = echo_servers(topo)?;
+        let servers = EchoServer::on_backends(topo, ECHO_PORT)?;
         let xlb = XlbProcess::start(&topo.lb, &config(topo, &[(0, 1), (1, 1)], ""))?;
         let target: SocketAddr = vip().parse()?;
         let mut conns = (0..LONG_LIVED)
@@ -276,8 +269,10 @@ fn backends_change_under_open_connections() {
 fn a_dead_backend_is_taken_out_and_brought_back() {
     with_topology(PREFIX, Options::default(), |topo| {
         topo.check_connectivity()?;
-        let mut servers: Vec<Option<EchoServer>> =
-            echo_servers(topo)?.into_iter().map(Some).collect();
+        let mut servers: Vec<Option<EchoServer>> = EchoServer::on_backends(topo, ECHO_PORT)?
+            .into_iter()
+            .map(Some)
+            .collect();
         let health = "[service.health]\nkind = \"tcp\"\ninterval_ms = 200\ntimeout_ms = 100\nrise = 2\nfall = 2\n";
         let xlb = XlbProcess::start(&topo.lb, &config(topo, &[(0, 1), (1, 1), (2, 1)], health))?;
         let b2 = backend(topo, 1);
@@ -345,7 +340,7 @@ fn a_dead_backend_is_taken_out_and_brought_back() {
 fn apply_metrics_and_the_socket() {
     with_topology(PREFIX, Options::default(), |topo| {
         topo.check_connectivity()?;
-        let servers = echo_servers(topo)?;
+        let servers = EchoServer::on_backends(topo, ECHO_PORT)?;
         let good = config(topo, &[(0, 1), (1, 1)], "");
         let xlb = XlbProcess::start(&topo.lb, &good)?;
         let before = backends(&xlb)?;
@@ -541,7 +536,7 @@ fn a_killed_daemon_breaks_nothing_and_the_next_one_adopts_the_data_plane() {
     with_topology(PREFIX, Options::default(), |topo| {
         raise_fd_limit(4096)?;
         topo.check_connectivity()?;
-        let servers = echo_servers(topo)?;
+        let servers = EchoServer::on_backends(topo, ECHO_PORT)?;
         let cfg = config(topo, &[(0, 1), (1, 1), (2, 1)], "");
         let xlb = XlbProcess::start(&topo.lb, &cfg)?;
         let program_before = json(&xlb, &["status"])?["program_id"].clone();

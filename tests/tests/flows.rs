@@ -122,18 +122,10 @@ fn the_65th_connection_within_the_time_wait_is_refused() {
     });
 }
 
-/// Starts an echo server on every backend of the topology.
-fn echo_servers(topo: &Topology) -> Result<Vec<EchoServer>> {
-    topo.backends
-        .iter()
-        .map(|b| EchoServer::start(&b.ns, SocketAddr::from((b.addr, ECHO_PORT))))
-        .collect()
-}
-
 /// Echo servers on every backend, and xlb in front of them with room for `entries` flows.
 fn echo_service(topo: &Topology, entries: usize) -> Result<(Vec<EchoServer>, XlbProcess)> {
     topo.check_connectivity()?;
-    let servers = echo_servers(topo)?;
+    let servers = EchoServer::on_backends(topo, ECHO_PORT)?;
     let cfg = config(
         topo,
         ECHO_PORT,
@@ -255,7 +247,7 @@ fn a_full_table_refuses_the_next_flow_and_keeps_the_rest() {
 fn idle_flows_expire_and_an_open_connection_survives_it() {
     with_topology(PREFIX, Options::default(), |topo| {
         topo.check_connectivity()?;
-        let _echo = echo_servers(topo)?;
+        let _echo = EchoServer::on_backends(topo, ECHO_PORT)?;
         let _servers = BackendServers::start(topo)?;
         let udp_backend = SocketAddrV4::new(topo.backends[0].addr, 8080);
         let cfg = format!(
