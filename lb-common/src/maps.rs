@@ -16,9 +16,9 @@ use crate::conntrack::FlowSeen;
 
 /// Map names, as declared in lb-ebpf and looked up by lb-userspace.
 pub mod names {
-    /// `HashMap<ServiceKey, ServiceEntry>`: the services, by VIP, port and protocol. Not
-    /// preallocated, so a replaced entry is freed only after every program run that may
-    /// still read it has ended (RCU).
+    /// `HashMap<ServiceKey, ServiceEntry>`: the services, by VIP, port and protocol.
+    /// Userspace waits an RCU grace period after replacing or removing an entry, before it
+    /// writes again: a program run may hold the old one until it ends.
     pub const SERVICES: &str = "SERVICES";
     /// `Array<[u32; 2]>`, memory-mapped by userspace (`BPF_F_MMAPABLE`): `2 × max_services`
     /// Maglev tables of `maglev_size` backend ids each, back to back, two ids per entry (the

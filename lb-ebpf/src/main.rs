@@ -47,8 +47,9 @@ use lb_common::{
 // The capacities below are defaults: userspace resizes SERVICES, MAGLEV, BACKENDS,
 // CONNTRACK and the stats arrays at load time from the config.
 
-/// Not preallocated: a replaced entry is freed after an RCU grace period, so a program run
-/// that looked up the old one reads it whole (a preallocated map reuses it at once).
+/// Not preallocated: memory follows the services in use. A replaced entry's memory may be
+/// reused by the next insert, so userspace waits a grace period after every replace before
+/// it writes again (`lb_userspace::tables`).
 #[map]
 static SERVICES: HashMap<ServiceKey, ServiceEntry> =
     HashMap::with_max_entries(DEFAULT_MAX_SERVICES, BPF_F_NO_PREALLOC);

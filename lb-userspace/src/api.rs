@@ -171,7 +171,7 @@ impl From<ApplyError> for ApiError {
     fn from(e: ApplyError) -> ApiError {
         let status = match e {
             ApplyError::Invalid(_) => StatusCode::BAD_REQUEST,
-            ApplyError::Full(_) => StatusCode::INSUFFICIENT_STORAGE,
+            ApplyError::Full(_) => StatusCode::CONFLICT,
             ApplyError::Maps(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError(status, e.to_string())
@@ -192,19 +192,24 @@ fn internal(e: anyhow::Error) -> ApiError {
 
 type Answer<T> = Result<Json<T>, ApiError>;
 
-/// Listens on `socket` (replacing a stale socket file, creating its directory) with mode
-/// 0600, and serves the API until the task is dropped.
-pub async fn serve(
-    socket: &Path,
-    shared: Arc<Shared>,
-) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+/// Listens on `socket` with mode 0600, creating its directory. A socket left by a daemon
+/// that died is replaced; a live one, or a file that is not a socket, is refused.
+pub async fn bind(socket: &Path) -> anyhow::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::FileTypeExt as _;
     if let Some(dir) = socket.parent()
         && !dir.as_os_str().is_empty()
     {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating the API socket's directory {}", dir.display()))?;
     }
-    if socket.exists() {
+    if let Ok(meta) = std::fs::symlink_metadata(socket) {
+        if !meta.file_type().is_socket() {
+            anyhow::bail!(
+                "{} exists and is not a socket: give the API another path ([api] socket, \
+                 --socket)",
+                socket.display()
+            );
+        }
         if tokio::net::UnixStream::connect(socket).await.is_ok() {
             anyhow::bail!(
                 "another xlb daemon is serving {} already; stop it first, or give this one \
@@ -216,7 +221,8 @@ pub async fn serve(
             .with_context(|| format!("removing the stale socket {}", socket.display()))?;
     }
     // Created under a umask that leaves it to root alone, so it is never reachable by others,
-    // not even between bind and chmod.
+    // not even between bind and chmod. (The umask is the process's: nothing else creates
+    // files while the daemon starts.)
     // SAFETY: umask only swaps the process's file mode mask.
     let old = unsafe { libc::umask(0o177) };
     let bound = tokio::net::UnixListener::bind(socket);
@@ -226,12 +232,20 @@ pub async fn serve(
         bound.with_context(|| format!("listening on the API socket {}", socket.display()))?;
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("making {} root-only", socket.display()))?;
+    Ok(listener)
+}
+
+/// Serves the API on `listener` until the task is aborted.
+pub fn serve(
+    listener: tokio::net::UnixListener,
+    shared: Arc<Shared>,
+) -> tokio::task::JoinHandle<()> {
     let app = router(shared);
-    Ok(tokio::spawn(async move {
+    tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             log::error!("the API server stopped: {e}");
         }
-    }))
+    })
 }
 
 fn router(shared: Arc<Shared>) -> Router {
@@ -262,9 +276,13 @@ fn router(shared: Arc<Shared>) -> Router {
 }
 
 async fn status(State(shared): State<Arc<Shared>>) -> Answer<Status> {
+    blocking(move || Ok(status_of(&shared))).await.map(Json)
+}
+
+fn status_of(shared: &Shared) -> Status {
     let registry = lock(&shared.registry);
     let running = registry.running();
-    Ok(Json(Status {
+    Status {
         version: env!("CARGO_PKG_VERSION").into(),
         pid: std::process::id(),
         uptime_s: shared.started.elapsed().as_secs(),
@@ -285,7 +303,7 @@ async fn status(State(shared): State<Arc<Shared>>) -> Answer<Status> {
         snat_ports: running.snat_ports.to_string(),
         table_rebuilds: registry.rebuilds,
         retired_ids: registry.retired(),
-    }))
+    }
 }
 
 async fn get_stats(State(shared): State<Arc<Shared>>) -> Answer<Stats> {
@@ -329,7 +347,9 @@ fn change(
     let mut registry = lock(&shared.registry);
     let mut wanted = registry.running().clone();
     edit(&mut wanted)?;
-    let checked = revalidate(wanted.to_config())?;
+    let mut config = wanted.to_config();
+    shared.overrides.apply(&mut config);
+    let checked = revalidate(config)?;
     Ok(registry.apply(&checked)?)
 }
 

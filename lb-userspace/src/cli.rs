@@ -274,6 +274,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     interfaces,
                     xdp_mode,
                     pin_path,
+                    snat_port_range: None,
                 },
                 stats_interval: stats_interval.map(Duration::from_secs),
                 socket,

@@ -52,10 +52,18 @@ pub struct Overrides {
     pub interfaces: Vec<String>,
     pub xdp_mode: Option<XdpModeConfig>,
     pub pin_path: Option<PathBuf>,
+    /// The SNAT port range the daemon started with, for a file that sets none: the default
+    /// depends on which SNAT addresses are the host's own, and a running range cannot
+    /// change, so a later config keeps it (and is refused, saying why, if a new service's
+    /// SNAT address then needs another).
+    pub snat_port_range: Option<[u16; 2]>,
 }
 
 impl Overrides {
     pub fn apply(&self, config: &mut Config) {
+        if config.dataplane.snat_port_range.is_none() {
+            config.dataplane.snat_port_range = self.snat_port_range;
+        }
         if !self.interfaces.is_empty() {
             config.dataplane.interfaces = self.interfaces.clone();
         }

@@ -194,6 +194,18 @@ impl Table {
         Ok(doomed.len() as u64)
     }
 
+    /// How many flows the table holds (forward entries).
+    pub fn count_flows(&self) -> anyhow::Result<u64> {
+        let mut n = 0;
+        for_each_batch(self.fd, |_, entries| {
+            n += entries
+                .iter()
+                .filter(|e| e.rewrite.direction == DIR_TO_BACKEND)
+                .count() as u64;
+        })?;
+        Ok(n)
+    }
+
     /// Up to `limit` flows, by their forward entries (client → VIP), with their state and
     /// idle time, in the map's order.
     pub fn flows(&self, limit: usize) -> anyhow::Result<Vec<(FlowKey, NatEntry)>> {

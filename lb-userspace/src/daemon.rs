@@ -45,28 +45,179 @@ impl RunOptions {
 /// How often the daemon frees retired ids and keeps new backends' next hops resolved.
 const HOUSEKEEPING: Duration = Duration::from_secs(1);
 
-pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
+pub async fn run(mut opts: RunOptions) -> anyhow::Result<()> {
     let cfg = opts.load()?;
+    opts.overrides.snat_port_range = Some([cfg.snat_ports.first, cfg.snat_ports.last]);
     // Signals are hooked before anything is attached, so a signal never leaves the program
     // attached behind a killed process.
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
 
+    // Everything that can fail without touching the data plane fails first: the
+    // interfaces, the kernel, the API socket and the metrics port.
     loader::check_interfaces(&cfg)?;
-    let pins = PinDir::open(&cfg)?;
-    let ebpf = loader::load_pinned(&cfg, &pins)?;
+    loader::check_kernel()?;
+    let socket = opts
+        .socket
+        .clone()
+        .unwrap_or_else(|| cfg.api.socket.clone());
+    let api_listener = api::bind(&socket).await?;
+    let metrics_listener = match cfg.api.metrics.parse() {
+        Ok(addr) => Some(metrics::bind(addr).await?),
+        Err(_) => None,
+    };
+    let pins = match PinDir::open(&cfg) {
+        Ok(pins) => pins,
+        Err(e) => {
+            let _ = std::fs::remove_file(&socket);
+            return Err(e);
+        }
+    };
+    let daemon = match start(&cfg, &opts, &pins).await {
+        Ok(daemon) => daemon,
+        Err(e) => {
+            // A fresh start that failed leaves nothing attached or pinned behind; an
+            // adopted data plane is left as it was, running.
+            if !pins.adopted
+                && let Err(cleanup) = pins.remove()
+            {
+                log::warn!("removing the pins of the failed start: {cleanup:#}");
+            }
+            let _ = std::fs::remove_file(&socket);
+            return Err(e);
+        }
+    };
+    let Daemon {
+        loaded,
+        shared,
+        sweeper,
+        mut neighbours,
+    } = daemon;
+    let api_task = api::serve(api_listener, shared.clone());
+    println!("api: listening on {}", socket.display());
+    let metrics_task = metrics_listener.map(|listener| {
+        if let Ok(addr) = listener.local_addr() {
+            println!("metrics: http://{addr}/metrics");
+        }
+        metrics::serve(listener, shared.clone())
+    });
+    let mut checks = health::Checks::start(shared.clone());
+
+    let backends: usize = cfg.services.iter().map(|s| s.backends.len()).sum();
+    println!(
+        "ready: {} service(s), {backends} backend(s) on {} interface(s); SNAT ports {}; \
+         conntrack capacity {} flows",
+        cfg.services.len(),
+        loaded.attached.len(),
+        cfg.snat_ports,
+        cfg.conntrack.entries
+    );
+
+    // From here on nothing ends the daemon but a signal: errors are logged, so a stop
+    // always reaches the detach below.
+    let mut ticker = opts.stats_interval.map(tokio::time::interval);
+    let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
+    loop {
+        let tick = async {
+            match ticker.as_mut() {
+                Some(t) => {
+                    t.tick().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+            _ = sighup.recv() => reload(&opts, &shared).await,
+            () = tick => match shared.stats() {
+                Ok(stats) => print!("{}", stats::format(&stats)),
+                Err(e) => log::warn!("reading the counters: {e:#}"),
+            },
+            _ = housekeeping.tick() => {
+                let sweep = shared.sweeps.get();
+                let registry = shared.clone();
+                let addresses = tokio::task::spawn_blocking(move || {
+                    let mut registry = registry.registry.lock().unwrap_or_else(|e| e.into_inner());
+                    if let Some(sweep) = sweep
+                        && let Err(e) = registry.release_ids(&sweep)
+                    {
+                        log::warn!("freeing retired ids: {e:#}");
+                    }
+                    registry.backend_addresses()
+                })
+                .await
+                .unwrap_or_default();
+                checks.follow();
+                neighbours.cover(addresses).await;
+            }
+        }
+    }
+
+    // Stopping is best effort, step by step: a step that fails is logged, and the next
+    // still runs.
+    drop(checks);
+    api_task.abort();
+    if let Some(task) = metrics_task {
+        task.abort();
+    }
+    let _ = std::fs::remove_file(&socket);
+    let last = sweeper
+        .stop()
+        .inspect_err(|e| log::warn!("the sweeper's last sweep: {e:#}"))
+        .ok();
+    {
+        let registry = shared.registry.lock().unwrap_or_else(|e| e.into_inner());
+        match stats::read(&registry, last.as_ref(), shared.send_errors.read()) {
+            Ok(snap) => print!("{}", stats::format(&snap)),
+            Err(e) => log::warn!("reading the counters: {e:#}"),
+        }
+    }
+    let names: Vec<String> = loaded
+        .attached
+        .iter()
+        .map(|a| a.interface.clone())
+        .collect();
+    if opts.keep_attached {
+        drop(loaded);
+        println!(
+            "left the data plane running on {}, pinned at {}",
+            names.join(", "),
+            pins.path().display()
+        );
+        return Ok(());
+    }
+    neighbours.remove().await;
+    let unpinned = pins.remove();
+    drop(loaded);
+    unpinned?;
+    println!("detached from {}", names.join(", "));
+    Ok(())
+}
+
+/// What a started daemon runs with.
+struct Daemon {
+    loaded: loader::Loaded,
+    shared: Arc<Shared>,
+    sweeper: Sweeper,
+    neighbours: Neighbours,
+}
+
+/// Loads the program onto the pinned maps, fills them, attaches, and starts the sweeper.
+async fn start(cfg: &Checked, opts: &RunOptions, pins: &PinDir) -> anyhow::Result<Daemon> {
+    let ebpf = loader::load_pinned(cfg, pins)?;
     // Fill the maps before attaching: the first packet already sees every service.
     let registry =
-        Registry::load(&ebpf, &cfg).map_err(|e| anyhow::anyhow!("filling the maps: {e}"))?;
+        Registry::load(&ebpf, cfg).map_err(|e| anyhow::anyhow!("filling the maps: {e}"))?;
     if pins.adopted {
-        let flows = conntrack::Table::open(&ebpf)?.flows(usize::MAX)?.len();
+        let flows = conntrack::Table::open(&ebpf)?.count_flows()?;
         println!(
             "adopted the data plane pinned at {}: {flows} open flow(s) kept",
             pins.path().display()
         );
     }
-    let mut loaded = loader::attach(ebpf, &cfg, &pins)?;
+    let mut loaded = loader::attach(ebpf, cfg, pins)?;
     forward_ebpf_logs(&mut loaded.ebpf)?;
     for a in &mut loaded.attached {
         if a.mode == loader::KEPT {
@@ -103,102 +254,12 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         send_errors: SendErrors::new(&cfg.dataplane.interfaces),
         overrides: opts.overrides.clone(),
     });
-    let socket = opts
-        .socket
-        .clone()
-        .unwrap_or_else(|| cfg.api.socket.clone());
-    let api_task = api::serve(&socket, shared.clone()).await?;
-    println!("api: listening on {}", socket.display());
-    let metrics_task = match cfg.api.metrics.parse() {
-        Ok(addr) => {
-            let task = metrics::serve(addr, shared.clone()).await?;
-            println!("metrics: http://{addr}/metrics");
-            Some(task)
-        }
-        Err(_) => None,
-    };
-    let mut checks = health::Checks::start(shared.clone());
-
-    let backends: usize = cfg.services.iter().map(|s| s.backends.len()).sum();
-    println!(
-        "ready: {} service(s), {backends} backend(s) on {} interface(s); SNAT ports {}; \
-         conntrack capacity {} flows",
-        cfg.services.len(),
-        loaded.attached.len(),
-        cfg.snat_ports,
-        cfg.conntrack.entries
-    );
-
-    let mut ticker = opts.stats_interval.map(tokio::time::interval);
-    let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
-    loop {
-        let tick = async {
-            match ticker.as_mut() {
-                Some(t) => {
-                    t.tick().await;
-                }
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            _ = sigterm.recv() => break,
-            _ = sigint.recv() => break,
-            _ = sighup.recv() => reload(&opts, &shared).await,
-            () = tick => print!("{}", stats::format(&shared.stats()?)),
-            _ = housekeeping.tick() => {
-                let sweep = shared.sweeps.get();
-                let registry = shared.clone();
-                tokio::task::spawn_blocking(move || {
-                    let mut registry = registry.registry.lock().unwrap_or_else(|e| e.into_inner());
-                    if let Some(sweep) = sweep
-                        && let Err(e) = registry.release_ids(&sweep)
-                    {
-                        log::warn!("freeing retired ids: {e:#}");
-                    }
-                })
-                .await?;
-                checks.follow();
-                let addresses = shared
-                    .registry
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .backend_addresses();
-                neighbours.cover(addresses).await;
-            }
-        }
-    }
-
-    drop(checks);
-    api_task.abort();
-    if let Some(task) = metrics_task {
-        task.abort();
-    }
-    let _ = std::fs::remove_file(&socket);
-    let last = sweeper.stop()?;
-    {
-        let registry = shared.registry.lock().unwrap_or_else(|e| e.into_inner());
-        let snap = stats::read(&registry, Some(&last), shared.send_errors.read())?;
-        print!("{}", stats::format(&snap));
-    }
-    let names: Vec<String> = loaded
-        .attached
-        .iter()
-        .map(|a| a.interface.clone())
-        .collect();
-    if opts.keep_attached {
-        drop(loaded);
-        println!(
-            "left the data plane running on {}, pinned at {}",
-            names.join(", "),
-            pins.path().display()
-        );
-        return Ok(());
-    }
-    neighbours.remove().await;
-    pins.remove()?;
-    drop(loaded);
-    println!("detached from {}", names.join(", "));
-    Ok(())
+    Ok(Daemon {
+        loaded,
+        shared,
+        sweeper,
+        neighbours,
+    })
 }
 
 /// SIGHUP: makes the config file the truth again, as `xlb apply` does; a bad file changes

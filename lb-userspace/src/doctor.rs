@@ -217,6 +217,15 @@ async fn daemon(socket: &Path) -> Check {
                 socket.display()
             ),
         ),
+        Err(e) if format!("{e:#}").contains("permission denied") => check(
+            Verdict::Warn,
+            "daemon",
+            format!(
+                "{} exists but this user may not use it (the API is root's): run doctor as \
+                 root to know whether a daemon runs",
+                socket.display()
+            ),
+        ),
         Err(_) => check(
             Verdict::Ok,
             "daemon",

@@ -47,11 +47,12 @@ impl Checks {
         let mut wanted = HashMap::new();
         let mut unchecked_down = Vec::new();
         {
-            let registry = self
-                .shared
-                .registry
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
+            // Not on the async threads' time: if a change holds the registry, next tick.
+            let registry = match self.shared.registry.try_lock() {
+                Ok(registry) => registry,
+                Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => return,
+            };
             for s in registry.services() {
                 for b in &s.backends {
                     match &s.config.health {
@@ -84,7 +85,8 @@ impl Checks {
             self.running.insert(key, (config, task));
         }
         for (name, address) in unchecked_down {
-            set_down(&self.shared, name, address, false);
+            let shared = self.shared.clone();
+            tokio::spawn(async move { set_down(&shared, name, address, false).await });
         }
     }
 }
@@ -108,16 +110,14 @@ async fn check_loop(
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (mut successes, mut failures) = (0u32, 0u32);
-    // A checker restarted with new settings goes on from the state the backend is in.
-    let mut down = shared
-        .registry
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .service(&name)
-        .and_then(|s| s.backends.iter().find(|b| b.config.address == address))
-        .is_some_and(|b| b.down);
+    let mut down = false;
     loop {
         ticker.tick().await;
+        // The registry says what state the backend is in (after a restart, a re-add, a
+        // checker restarted with new settings): go on from there.
+        if let Some(now) = registry_down(&shared, &name, address) {
+            down = now;
+        }
         let started = Instant::now();
         let result = match tokio::time::timeout(timeout, probe(&h, address)).await {
             Ok(r) => r,
@@ -134,7 +134,7 @@ async fn check_loop(
                          (last in {:?})",
                         started.elapsed()
                     );
-                    set_down(&shared, name, address, false);
+                    set_down(&shared, name, address, false).await;
                 }
             }
             Err(why) => {
@@ -145,22 +145,40 @@ async fn check_loop(
                     log::warn!(
                         "backend {address} of {name} is down: {failures} check(s) failed, the last: {why}"
                     );
-                    set_down(&shared, name, address, true);
+                    set_down(&shared, name, address, true).await;
                 }
             }
         }
     }
 }
 
-/// Marks the backend down or up in the registry (a table rebuild), off the async threads.
-fn set_down(shared: &Arc<Shared>, name: ServiceName, address: SocketAddrV4, down: bool) {
+/// Whether the registry has the backend down, if the registry is free to say.
+fn registry_down(shared: &Shared, name: &ServiceName, address: SocketAddrV4) -> Option<bool> {
+    let registry = match shared.registry.try_lock() {
+        Ok(registry) => registry,
+        Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+        Err(std::sync::TryLockError::WouldBlock) => return None,
+    };
+    registry
+        .service(name)
+        .and_then(|s| s.backends.iter().find(|b| b.config.address == address))
+        .map(|b| b.down)
+}
+
+/// Marks the backend down or up in the registry (a table rebuild), off the async threads;
+/// returns once done, so one checker's verdicts land in order.
+async fn set_down(shared: &Arc<Shared>, name: ServiceName, address: SocketAddrV4, down: bool) {
     let shared = shared.clone();
-    tokio::task::spawn_blocking(move || {
+    let done = tokio::task::spawn_blocking(move || {
         let mut registry = shared.registry.lock().unwrap_or_else(|e| e.into_inner());
-        if let Err(e) = registry.set_down(&name, address, down) {
-            log::error!("marking backend {address} of {name} down={down}: {e:#}");
-        }
-    });
+        registry.set_down(&name, address, down)
+    })
+    .await;
+    match done {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => log::error!("marking backend {address} of {name} down={down}: {e:#}"),
+        Err(e) => log::error!("marking backend {address} of {name} down={down}: {e}"),
+    }
 }
 
 /// One check; `Err` says why it failed.

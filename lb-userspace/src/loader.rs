@@ -103,28 +103,56 @@ fn load_with(cfg: &Checked, pins: Option<&PinDir>) -> anyhow::Result<Ebpf> {
 }
 
 /// Attaches the loaded program to every interface in `cfg` through links pinned in `pins` —
-/// replacing the program in place where a link is pinned already — and adds each interface
-/// to the devmap, so the program can redirect between them.
+/// replacing the program in place where a link is pinned already — with the devmap (and the
+/// veths' `NO_XDP_TX` marks) filled first, so the program forwards from its first packet.
+/// Links pinned for interfaces no longer configured are unpinned, which detaches them.
 pub fn attach(mut ebpf: Ebpf, cfg: &Checked, pins: &PinDir) -> anyhow::Result<Loaded> {
+    let interfaces: Vec<(String, u32)> = cfg
+        .dataplane
+        .interfaces
+        .iter()
+        .map(|i| Ok((i.clone(), ifindex(i)?)))
+        .collect::<anyhow::Result<_>>()?;
+    let mut devmap: DevMapHash<_> = ebpf
+        .map_mut(names::DEVMAP)
+        .context("map DEVMAP")?
+        .try_into()?;
+    for (interface, ifindex) in &interfaces {
+        devmap
+            .insert(*ifindex, *ifindex, None, 0)
+            .with_context(|| format!("adding {interface} to the devmap"))?;
+    }
+    for (interface, ifindex) in &interfaces {
+        if crate::ethtool::driver(interface)?.as_deref() == Some("veth") {
+            no_xdp_tx(&mut ebpf, *ifindex)?;
+        }
+    }
+
     let mut attached = Vec::new();
     let mut links = Vec::new();
-    for interface in &cfg.dataplane.interfaces {
-        let ifindex = ifindex(interface)?;
+    for (interface, ifindex) in interfaces {
         let program: &mut Xdp = ebpf
             .program_mut(PROGRAM)
             .context("program xlb")?
             .try_into()?;
-        let path = pins.xdp_link(interface);
-        let mode = match pinned_link(&path)? {
-            Some(old) => {
-                let id = program
-                    .attach_to_link(old.try_into()?)
-                    .with_context(|| format!("replacing the program in {}", path.display()))?;
-                links.push(program.take_link(id)?.try_into()?);
+        let path = pins.xdp_link(&interface);
+        let kept = match pinned_link(&path)? {
+            Some(old) => match program.attach_to_link(old.try_into()?) {
+                Ok(id) => Some(program.take_link(id)?.try_into()?),
+                Err(e) => {
+                    unpin_stale(&path, &e)?;
+                    None
+                }
+            },
+            None => None,
+        };
+        let mode = match kept {
+            Some(link) => {
+                links.push(link);
                 KEPT
             }
             None => {
-                let (mode, id) = attach_one(program, interface, cfg.dataplane.xdp_mode)?;
+                let (mode, id) = attach_one(program, &interface, cfg.dataplane.xdp_mode)?;
                 let link: FdLink = program.take_link(id)?.try_into().with_context(|| {
                     format!(
                         "XDP on {interface} is not a bpf_link (Linux 5.9+), so it cannot be pinned"
@@ -134,32 +162,34 @@ pub fn attach(mut ebpf: Ebpf, cfg: &Checked, pins: &PinDir) -> anyhow::Result<Lo
                 mode
             }
         };
-        links.push(attach_handoff(&mut ebpf, interface, pins)?);
+        links.push(attach_handoff(&mut ebpf, &interface, pins)?);
         attached.push(Attachment {
-            interface: interface.clone(),
+            interface,
             ifindex,
             mode,
         });
     }
-    let mut devmap: DevMapHash<_> = ebpf
-        .map_mut(names::DEVMAP)
-        .context("map DEVMAP")?
-        .try_into()?;
-    for a in &attached {
-        devmap
-            .insert(a.ifindex, a.ifindex, None, 0)
-            .with_context(|| format!("adding {} to the devmap", a.interface))?;
-    }
-    for a in &attached {
-        if crate::ethtool::driver(&a.interface)?.as_deref() == Some("veth") {
-            no_xdp_tx(&mut ebpf, a.ifindex)?;
+    for (interface, paths) in pins.links_except(&cfg.dataplane.interfaces)? {
+        for path in paths {
+            std::fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
         }
+        println!("detached from {interface}: it is not in the config any more");
     }
     Ok(Loaded {
         ebpf,
         attached,
         _links: links,
     })
+}
+
+/// A pinned link the kernel would not update (its interface is gone, say): unpinned, so
+/// a fresh one takes its place.
+fn unpin_stale(path: &Path, e: &aya::programs::ProgramError) -> anyhow::Result<()> {
+    log::warn!(
+        "the pinned link {} is stale ({e}); attaching afresh",
+        path.display()
+    );
+    std::fs::remove_file(path).with_context(|| format!("unpinning {}", path.display()))
 }
 
 /// The link pinned at `path`, if there is one.
@@ -193,6 +223,19 @@ pub fn no_xdp_tx(ebpf: &mut Ebpf, ifindex: u32) -> anyhow::Result<()> {
         .with_context(|| format!("marking ifindex {ifindex} for redirect instead of XDP_TX"))
 }
 
+/// Checks that the kernel has what a pinned data plane needs: TCX links (Linux 6.6), for
+/// the tc program to outlive the daemon.
+pub fn check_kernel() -> anyhow::Result<()> {
+    match KernelVersion::current() {
+        Ok(v) if v >= KernelVersion::new(6, 6, 0) => Ok(()),
+        Ok(v) => bail!(
+            "Linux {v} is too old: xlb needs 6.6 or later, for TCX links that keep its tc \
+             program attached while no daemon runs"
+        ),
+        Err(e) => bail!("reading the kernel version: {e}"),
+    }
+}
+
 /// Checks, before anything is loaded, that every configured interface exists and forwards
 /// IPv4, so a typo fails in milliseconds with the interface's name.
 pub fn check_interfaces(cfg: &Checked) -> anyhow::Result<()> {
@@ -207,34 +250,26 @@ pub fn check_interfaces(cfg: &Checked) -> anyhow::Result<()> {
 /// ingress, through a TCX link (Linux 6.6 and later) pinned in `pins`, replacing the
 /// program in place where one is pinned already.
 fn attach_handoff(ebpf: &mut Ebpf, interface: &str, pins: &PinDir) -> anyhow::Result<FdLink> {
-    if !KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0)) {
-        bail!(
-            "the tc handoff program needs TCX links (Linux 6.6+) to outlive the daemon;              this kernel is older"
-        );
-    }
+    check_kernel()?;
     let handoff: &mut SchedClassifier = ebpf
         .program_mut(programs::TC_HANDOFF)
         .context("program xlb_handoff")?
         .try_into()?;
     let path = pins.tc_link(interface);
-    match pinned_link(&path)? {
-        Some(old) => {
-            let id = handoff
-                .attach_to_link(old.try_into()?)
-                .with_context(|| format!("replacing the program in {}", path.display()))?;
-            Ok(handoff.take_link(id)?.try_into()?)
-        }
-        None => {
-            let id = handoff
-                .attach_with_options(
-                    interface,
-                    TcAttachType::Ingress,
-                    TcAttachOptions::TcxOrder(LinkOrder::default()),
-                )
-                .with_context(|| format!("attaching the tc handoff program to {interface}"))?;
-            pin(handoff.take_link(id)?.try_into()?, &path)
+    if let Some(old) = pinned_link(&path)? {
+        match handoff.attach_to_link(old.try_into()?) {
+            Ok(id) => return Ok(handoff.take_link(id)?.try_into()?),
+            Err(e) => unpin_stale(&path, &e)?,
         }
     }
+    let id = handoff
+        .attach_with_options(
+            interface,
+            TcAttachType::Ingress,
+            TcAttachOptions::TcxOrder(LinkOrder::default()),
+        )
+        .with_context(|| format!("attaching the tc handoff program to {interface}"))?;
+    pin(handoff.take_link(id)?.try_into()?, &path)
 }
 
 fn attach_one(

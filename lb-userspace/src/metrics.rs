@@ -19,22 +19,34 @@ use crate::{api::Shared, stats::Stats};
 
 type Labels = Vec<(&'static str, String)>;
 
-/// Serves `/metrics` on `addr` until the task is dropped.
-pub async fn serve(
-    addr: SocketAddr,
+/// Listens for metrics scrapes on `addr`.
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        let hint = if e.kind() == std::io::ErrorKind::AddrInUse {
+            " (another xlb daemon in this network namespace?)"
+        } else {
+            ""
+        };
+        anyhow::anyhow!(
+            "listening for metrics on {addr}: {e}{hint}; set [api] metrics to another \
+             address, or \"\" to turn them off"
+        )
+    })
+}
+
+/// Serves `/metrics` on `listener` until the task is aborted.
+pub fn serve(
+    listener: tokio::net::TcpListener,
     shared: Arc<Shared>,
-) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("listening for metrics on {addr} ([api] metrics)"))?;
+) -> tokio::task::JoinHandle<()> {
     let app = Router::new()
         .route("/metrics", axum::routing::get(scrape))
         .with_state(shared);
-    Ok(tokio::spawn(async move {
+    tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             log::error!("the metrics server stopped: {e}");
         }
-    }))
+    })
 }
 
 async fn scrape(State(shared): State<Arc<Shared>>) -> impl IntoResponse {

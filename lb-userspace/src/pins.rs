@@ -82,6 +82,29 @@ impl PinDir {
         self.path.join(format!("tc@{interface}"))
     }
 
+    /// The links pinned for interfaces other than `interfaces`, by interface.
+    pub fn links_except(
+        &self,
+        interfaces: &[String],
+    ) -> anyhow::Result<std::collections::BTreeMap<String, Vec<PathBuf>>> {
+        let mut stale: std::collections::BTreeMap<String, Vec<PathBuf>> = Default::default();
+        let entries = std::fs::read_dir(&self.path)
+            .with_context(|| format!("reading {}", self.path.display()))?;
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some((_, interface)) = name.split_once('@') else {
+                continue;
+            };
+            if !interfaces.iter().any(|i| i == interface) {
+                stale
+                    .entry(interface.to_string())
+                    .or_default()
+                    .push(entry.path());
+            }
+        }
+        Ok(stale)
+    }
+
     /// Unpins everything: the links (which detaches the programs once our own handles
     /// close) and the maps (freed once nothing uses them), and removes the directory.
     pub fn remove(&self) -> anyhow::Result<()> {

@@ -215,16 +215,21 @@ impl Registry {
             services: BTreeMap::new(),
             rebuilds: 0,
         };
-        registry.adopt()?;
+        registry.adopt(cfg)?;
         registry.apply(cfg)?;
         Ok(registry)
     }
 
     /// Takes in what the maps hold. Weights are not in the maps: adopted backends have
     /// weight 0 until `apply` gives them the config's (and rebuilds their tables, which come
-    /// out as before when the config is the same: the table depends on the set alone).
-    fn adopt(&mut self) -> anyhow::Result<()> {
+    /// out as before when the config is the same: the table depends on the set alone). A
+    /// backend missing from its service's table in use was down (or drained): it starts
+    /// down, and its health checks bring it back. Where two ids hold one address (a backend
+    /// removed, its id retired with flows still on it, then added again), the one the
+    /// table uses is kept and the other retired.
+    fn adopt(&mut self, cfg: &Checked) -> anyhow::Result<()> {
         let now = Instant::now();
+        let mut in_table: BTreeMap<u32, BTreeSet<u32>> = BTreeMap::new();
         for (key, entry) in self.tables.services()? {
             let Some(protocol) = Protocol::from_number(key.proto) else {
                 continue;
@@ -237,6 +242,11 @@ impl Registry {
                 addr: entry.snat,
                 port: [0; 2],
             };
+            let table = self.tables.table(&entry)?;
+            in_table.insert(
+                entry.id,
+                table.into_iter().filter(|&id| id != NO_BACKEND).collect(),
+            );
             self.service_ids.used.insert(entry.id);
             self.services.insert(
                 name,
@@ -254,31 +264,54 @@ impl Registry {
                 },
             );
         }
+        // Per service: (id, address, in the table in use).
+        let mut found: BTreeMap<u32, Vec<(u32, SocketAddrV4, bool)>> = BTreeMap::new();
         for (id, entry) in self.tables.backends()? {
-            let service = self
-                .services
-                .values_mut()
-                .find(|s| s.id == entry.service_id);
-            match service {
-                Some(service) => {
-                    self.backend_ids.used.insert(id);
-                    service.backends.push(LiveBackend {
-                        id,
-                        config: Backend {
-                            address: entry.endpoint.to_socket_v4(),
-                            weight: 0,
-                            drain: false,
-                        },
-                        down: false,
-                    });
-                }
+            if !self.services.values().any(|s| s.id == entry.service_id) {
                 // A backend of a service removed before: flows may still point at both.
-                None => {
-                    self.backend_ids.retired.insert(id, now);
-                    if !self.service_ids.used.contains(&entry.service_id) {
-                        self.service_ids.retired.insert(entry.service_id, now);
-                    }
+                self.backend_ids.retired.insert(id, now);
+                if !self.service_ids.used.contains(&entry.service_id) {
+                    self.service_ids.retired.insert(entry.service_id, now);
                 }
+                continue;
+            }
+            let listed = in_table
+                .get(&entry.service_id)
+                .is_some_and(|t| t.contains(&id));
+            found.entry(entry.service_id).or_default().push((
+                id,
+                entry.endpoint.to_socket_v4(),
+                listed,
+            ));
+        }
+        let checked: BTreeSet<ServiceName> = cfg
+            .services
+            .iter()
+            .filter(|s| s.health.is_some())
+            .map(ServiceName::of)
+            .collect();
+        for service in self.services.values_mut() {
+            let mut backends = found.remove(&service.id).unwrap_or_default();
+            // For each address, the id in the table first, then the newest.
+            backends.sort_by_key(|&(id, address, listed)| (address, !listed, u32::MAX - id));
+            for (i, &(id, address, listed)) in backends.iter().enumerate() {
+                self.backend_ids.used.insert(id);
+                if i > 0 && backends[i - 1].1 == address {
+                    self.backend_ids.retire(id);
+                    continue;
+                }
+                service.backends.push(LiveBackend {
+                    id,
+                    config: Backend {
+                        address,
+                        weight: 0,
+                        drain: false,
+                    },
+                    // Out of the table with checks on: it was down when the last daemon
+                    // stopped. (Without checks it was drained or weighed 0, which the
+                    // config says again.)
+                    down: !listed && checked.contains(&service.name),
+                });
             }
         }
         Ok(())
@@ -323,15 +356,37 @@ impl Registry {
             .filter(|n| !wanted.contains(n))
             .copied()
             .collect();
-        for name in gone {
-            self.remove_service(&name)?;
-            changes.services_removed += 1;
+        let applied = || -> anyhow::Result<()> {
+            for name in gone {
+                self.remove_service(&name)?;
+                changes.services_removed += 1;
+            }
+            for service in &cfg.services {
+                self.apply_service(service, &mut changes)?;
+            }
+            Ok(())
+        };
+        match applied() {
+            Ok(()) => {
+                self.running = cfg.clone();
+                Ok(changes)
+            }
+            Err(e) => {
+                // Part of it ran: the running config is what the maps now hold, so the next
+                // change starts from the truth.
+                self.running.services = self
+                    .services
+                    .values()
+                    .map(|live| Service {
+                        backends: live.backends.iter().map(|b| b.config.clone()).collect(),
+                        ..live.config.clone()
+                    })
+                    .collect();
+                Err(ApplyError::Maps(e.context(format!(
+                    "the change stopped part way, after {changes:?}"
+                ))))
+            }
         }
-        for service in &cfg.services {
-            self.apply_service(service, &mut changes)?;
-        }
-        self.running = cfg.clone();
-        Ok(changes)
     }
 
     /// Marks a backend down or up after its health checks; rebuilds its service's table.
@@ -355,9 +410,17 @@ impl Registry {
         if backend.down == down {
             return Ok(false);
         }
-        backend.down = down;
-        let service = service.clone();
-        self.write_table(&service)?;
+        let mut changed = service.clone();
+        if let Some(b) = changed
+            .backends
+            .iter_mut()
+            .find(|b| b.config.address == address)
+        {
+            b.down = down;
+        }
+        // The flag is kept only once the table says the same.
+        self.write_table(&changed)?;
+        self.services.insert(*name, changed);
         Ok(true)
     }
 
@@ -428,6 +491,16 @@ impl Registry {
             cfg.snat_ports.to_string(),
         );
         fixed(
+            "api.socket",
+            self.running.api.socket.display().to_string(),
+            cfg.api.socket.display().to_string(),
+        );
+        fixed(
+            "api.metrics",
+            self.running.api.metrics.clone(),
+            cfg.api.metrics.clone(),
+        );
+        fixed(
             "conntrack",
             format!("{:?}", self.running.conntrack),
             format!("{:?}", cfg.conntrack),
@@ -477,12 +550,34 @@ impl Registry {
     }
 
     fn apply_service(&mut self, service: &Service, changes: &mut Changes) -> anyhow::Result<()> {
+        let mut taken = Taken::default();
+        let result = self.apply_service_taking(service, changes, &mut taken);
+        if result.is_err() {
+            // The change did not land, so nothing points at the ids it took: free again.
+            for id in taken.backends {
+                self.backend_ids.used.remove(&id);
+                let _ = self.tables.set_backend(id, BackendEntry::default());
+            }
+            if let Some(id) = taken.service {
+                self.service_ids.used.remove(&id);
+            }
+        }
+        result
+    }
+
+    fn apply_service_taking(
+        &mut self,
+        service: &Service,
+        changes: &mut Changes,
+        taken: &mut Taken,
+    ) -> anyhow::Result<()> {
         let name = ServiceName::of(service);
         let is_new = !self.services.contains_key(&name);
         let mut live = match self.services.get(&name) {
             Some(live) => live.clone(),
             None => {
                 let id = self.service_ids.take().expect("room was checked");
+                taken.service = Some(id);
                 self.tables.clear_service_stats(id)?;
                 changes.services_added += 1;
                 LiveService {
@@ -516,6 +611,7 @@ impl Registry {
                 }),
                 None => {
                     let id = self.backend_ids.take().expect("room was checked");
+                    taken.backends.push(id);
                     self.tables.set_backend(
                         id,
                         BackendEntry {
@@ -549,10 +645,14 @@ impl Registry {
     }
 
     fn remove_service(&mut self, name: &ServiceName) -> anyhow::Result<()> {
+        if !self.services.contains_key(name) {
+            return Ok(());
+        }
+        // Out of the data path first: should that fail, the registry still knows it.
+        self.tables.remove_service(&name.key())?;
         let Some(live) = self.services.remove(name) else {
             return Ok(());
         };
-        self.tables.remove_service(&name.key())?;
         self.service_ids.retire(live.id);
         for b in &live.backends {
             self.backend_ids.retire(b.id);
@@ -600,6 +700,13 @@ impl Registry {
         self.rebuilds += 1;
         Ok(())
     }
+}
+
+/// Ids an apply took for new objects, given back if it fails.
+#[derive(Default)]
+struct Taken {
+    service: Option<u32>,
+    backends: Vec<u32>,
 }
 
 /// What decides a service's table: each backend's address and weight in it.

@@ -3,16 +3,16 @@
 //!
 //! A change is atomic for the data path: a service's new Maglev table is written into the
 //! table the service does not use (each service owns two), then one update of its
-//! `SERVICES` entry switches to it, then [`grace_period`] waits until no program run can
-//! still be reading the old one, which is only then free to be written again. The tables
+//! `SERVICES` entry switches to it, then a [`GracePeriod`] passes, after which no program
+//! run can still be reading the old one (or the old entry), which is only then free to be
+//! written again. The tables
 //! live in a memory-mapped array (`BPF_F_MMAPABLE`), so writing one is a copy, not a system
 //! call per slot: a change to one service takes about a millisecond, and touches nothing of
 //! the others.
 
 use std::{
-    os::fd::{AsFd as _, AsRawFd as _},
+    os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
     ptr::NonNull,
-    time::Duration,
 };
 
 use anyhow::{Context as _, bail};
@@ -39,6 +39,7 @@ pub struct Tables {
     maglev: MaglevMemory,
     maglev_size: u32,
     cpus: usize,
+    grace: GracePeriod,
 }
 
 impl Tables {
@@ -64,6 +65,7 @@ impl Tables {
             maglev,
             maglev_size,
             cpus: nr_cpus().map_err(|(_, e)| e).context("counting CPUs")?,
+            grace: GracePeriod::new()?,
         })
     }
 
@@ -142,11 +144,12 @@ impl Tables {
             );
         }
         let own = [2 * entry.id, 2 * entry.id + 1];
-        let in_use = match self.services.get(key, 0) {
-            Ok(current) if current.id == entry.id && own.contains(&current.table) => {
-                Some(current.table)
-            }
-            Ok(_) | Err(aya::maps::MapError::KeyNotFound) => None,
+        let (replaced, in_use) = match self.services.get(key, 0) {
+            Ok(current) => (
+                true,
+                (current.id == entry.id && own.contains(&current.table)).then_some(current.table),
+            ),
+            Err(aya::maps::MapError::KeyNotFound) => (false, None),
             Err(e) => return Err(e).context("reading a service entry"),
         };
         entry.table = if in_use == Some(own[0]) {
@@ -159,8 +162,9 @@ impl Tables {
         self.services
             .insert(key, entry, 0)
             .context("writing a service entry")?;
-        if in_use.is_some() {
-            grace_period();
+        // The old entry's memory and the old table are free only once no run reads them.
+        if replaced {
+            self.grace.wait();
         }
         Ok(())
     }
@@ -171,7 +175,7 @@ impl Tables {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
             Err(e) => return Err(e).context("removing a service entry"),
         }
-        grace_period();
+        self.grace.wait();
         Ok(())
     }
 
@@ -217,15 +221,108 @@ fn sum(array: &PerCpuArray<MapData, FlowStats>, id: u32) -> anyhow::Result<FlowS
 }
 
 /// Waits until every XDP program run that began before the call has ended: an RCU grace
-/// period, which `membarrier(MEMBARRIER_CMD_GLOBAL)` waits for (`synchronize_rcu`), and XDP
-/// runs inside RCU read-side sections. Where that command is not allowed (`nohz_full`
-/// kernels), a sleep far longer than any program run stands in.
-pub fn grace_period() {
-    const MEMBARRIER_CMD_GLOBAL: libc::c_int = 1;
-    // SAFETY: membarrier takes two integers and touches no memory of ours.
-    let rc = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
-    if rc != 0 {
-        std::thread::sleep(Duration::from_millis(50));
+/// period. The kernel waits for one (`synchronize_rcu`) whenever a map-of-maps is
+/// updated, so that userspace knows no program still sees the old inner map
+/// (`maybe_wait_bpf_programs` in kernel/bpf/syscall.c); XDP runs are RCU read-side
+/// sections. So each wait rewrites the one slot of a map-of-maps of our own.
+pub struct GracePeriod {
+    outer: OwnedFd,
+    inner: OwnedFd,
+}
+
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_TYPE_ARRAY: u32 = 2;
+const BPF_MAP_TYPE_ARRAY_OF_MAPS: u32 = 12;
+
+/// The leading fields of `union bpf_attr` for BPF_MAP_CREATE; the kernel reads the rest as
+/// zeros.
+#[repr(C)]
+struct MapCreate {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+    inner_map_fd: u32,
+}
+
+/// `union bpf_attr` for BPF_MAP_UPDATE_ELEM.
+#[repr(C)]
+struct MapUpdate {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<libc::c_long> {
+    // SAFETY: `attr` is a repr(C) prefix of `union bpf_attr` for `cmd`, valid for its size;
+    // the kernel reads no further than the size given.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut T as *mut libc::c_void,
+            size_of::<T>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+impl GracePeriod {
+    pub fn new() -> anyhow::Result<GracePeriod> {
+        let create = |map_type, inner_map_fd| -> anyhow::Result<OwnedFd> {
+            let fd = bpf(
+                BPF_MAP_CREATE,
+                &mut MapCreate {
+                    map_type,
+                    key_size: 4,
+                    value_size: 4,
+                    max_entries: 1,
+                    map_flags: 0,
+                    inner_map_fd,
+                },
+            )
+            .context("creating the map that waits for grace periods")?;
+            // SAFETY: BPF_MAP_CREATE returned a new fd that nothing else owns.
+            Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+        };
+        let inner = create(BPF_MAP_TYPE_ARRAY, 0)?;
+        let outer = create(BPF_MAP_TYPE_ARRAY_OF_MAPS, inner.as_raw_fd() as u32)?;
+        Ok(GracePeriod { outer, inner })
+    }
+
+    /// Returns once every program run that began before the call has ended. Should the
+    /// kernel refuse the update (it never has), a sleep far longer than any program run
+    /// stands in, and says so.
+    pub fn wait(&self) {
+        if let Err(e) = self.update() {
+            log::error!("{e:#}; sleeping 100 ms instead");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
+    fn update(&self) -> anyhow::Result<()> {
+        let key = 0u32;
+        let value = self.inner.as_raw_fd() as u32;
+        bpf(
+            BPF_MAP_UPDATE_ELEM,
+            &mut MapUpdate {
+                map_fd: self.outer.as_raw_fd() as u32,
+                _pad: 0,
+                key: &key as *const u32 as u64,
+                value: &value as *const u32 as u64,
+                flags: 0,
+            },
+        )
+        .context("waiting for an RCU grace period")?;
+        Ok(())
     }
 }
 

@@ -396,6 +396,36 @@ fn apply_metrics_and_the_socket() {
             std::thread::sleep(Duration::from_millis(50));
         }
 
+        // A service added without --snat gets the first interface's address, which is
+        // the host's own: the running SNAT ports (the full range, since the config's SNAT
+        // address is not the host's) overlap the host's ephemeral ports, so it is refused,
+        // saying why, rather than let replies to the host's own connections be taken.
+        let out = xlb.command(&["service", "add", "10.10.0.100:9999"])?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            !out.status.success()
+                && stderr.contains("snat_port_range")
+                && stderr.contains("ephemeral"),
+            "service add with the host's address as SNAT: {} {stderr}",
+            out.status
+        );
+        run_ok(
+            &xlb,
+            &[
+                "service",
+                "add",
+                "10.10.0.100:9999",
+                "--snat",
+                &SNAT.to_string(),
+            ],
+        )?;
+        run_ok(&xlb, &["service", "rm", "10.10.0.100:9999"])?;
+        let services = json(&xlb, &["service", "ls"])?;
+        ensure!(
+            services.as_array().map(Vec::len) == Some(1),
+            "service ls after add and rm: {services}"
+        );
+
         // Traffic, then the metrics against the servers.
         let counts = spread(topo, &servers, 60)?;
         let metrics = topo.lb.enter(|| scrape("127.0.0.1:9641"))??;
@@ -657,4 +687,43 @@ fn doctor_and_completions() -> Result<()> {
         "no bash completions"
     );
     Ok(())
+}
+
+/// A backend its health checks took out before `kill -9` is still out after the next daemon
+/// adopts the data plane (until its checks pass), and no new connection goes to it.
+#[test]
+fn a_backend_down_before_a_restart_stays_down() {
+    with_topology(PREFIX, Options::default(), |topo| {
+        topo.check_connectivity()?;
+        let mut servers: Vec<Option<EchoServer>> = EchoServer::on_backends(topo, ECHO_PORT)?
+            .into_iter()
+            .map(Some)
+            .collect();
+        let health = "[service.health]\nkind = \"tcp\"\ninterval_ms = 200\ntimeout_ms = 100\nrise = 2\nfall = 2\n";
+        let cfg = config(topo, &[(0, 1), (1, 1), (2, 1)], health);
+        let xlb = XlbProcess::start(&topo.lb, &cfg)?;
+        let b2 = backend(topo, 1);
+        servers[1] = None;
+        let died = Instant::now();
+        while backends(&xlb)?[&b2]["state"] != "down" {
+            ensure!(
+                died.elapsed() < Duration::from_secs(3),
+                "b2 never went down"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let pins = xlb.kill_leaving_pins();
+        let xlb = XlbProcess::start_on_pins(&topo.lb, &cfg, pins)?;
+        let state = backends(&xlb)?[&b2]["state"].clone();
+        ensure!(state == "down", "b2 right after the restart: {state}");
+        let target: SocketAddr = vip().parse()?;
+        for i in 0..60 {
+            let mut c = EchoConn::connect(&topo.client, target, Duration::from_secs(3))
+                .with_context(|| format!("connection {i} after the restart"))?;
+            c.echo("hello")
+                .with_context(|| format!("connection {i} after the restart"))?;
+        }
+        xlb.stop()?;
+        Ok(())
+    });
 }

@@ -160,7 +160,8 @@ fn scenario(topo: &Topology, xdp_mode: &str, expect_mode: &str) -> Result<()> {
 
     // An operator starting a second xlb on the same interfaces gets a clear refusal, and
     // the running one is not disturbed (the checks below still pass through it).
-    let second = XlbProcess::start_quiet(&topo.lb, &config);
+    // (Its metrics are off: on the same port it would be refused for that first.)
+    let second = XlbProcess::start_quiet(&topo.lb, &format!("{config}\n[api]\nmetrics = \"\"\n"));
     let refusal = format!("{:#}", second.err().context("a second xlb started")?);
     ensure!(
         refusal.contains("already has an XDP program attached"),
