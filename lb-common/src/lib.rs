@@ -8,6 +8,8 @@
 //!   data path's verdict and as the metric label.
 //! * [`csum`] and [`hash`]: the checksum and flow-hash math the data path runs, kept here
 //!   as plain functions so host tests and the reference model use the very same code.
+//! * [`scheduler`]: how a new flow's slot of its service's table is chosen, per scheduler
+//!   (and, userspace only, the round-robin table builder);
 //! * [`maglev`] (userspace only): the weighted Maglev table builder.
 #![cfg_attr(not(feature = "std"), no_std)]
 
@@ -20,6 +22,7 @@ pub mod csum;
 pub mod hash;
 pub mod maps;
 pub mod reason;
+pub mod scheduler;
 
 #[cfg(feature = "std")]
 pub mod maglev;

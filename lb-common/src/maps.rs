@@ -51,6 +51,9 @@ pub mod names {
     /// `PerCpuArray<u64>`, indexed by [`Handoff`](super::Handoff): what the tc program did
     /// with frames the XDP program handed it.
     pub const HANDOFFS: &str = "HANDOFFS";
+    /// `PerCpuArray<u32>` by service id: the round-robin schedulers' turn counters, one per
+    /// CPU (so no CPU waits on another).
+    pub const CURSORS: &str = "CURSORS";
 
     /// The maps pinned under `[dataplane] pin_path`, which a restarted daemon adopts: the
     /// tables, the flows, the counters. The others (`DEVMAP`, `NO_XDP_TX`, the per-CPU
@@ -95,7 +98,7 @@ pub const SNAT_PORT_PROBES: u32 = 64;
 /// The version of the maps' layout: the names, types and sizes in this module. A daemon
 /// that finds pinned maps of another version refuses them rather than misread them; bump it
 /// with every change to a pinned map's key or value.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Marks a Maglev slot that has no backend (the service has none that takes new flows).
 pub const NO_BACKEND: u32 = u32::MAX;
@@ -242,9 +245,11 @@ pub struct ServiceEntry {
     pub id: u32,
     /// One of the `MODE_*` constants.
     pub mode: u32,
-    /// The Maglev table new flows use now: `2 × id` or `2 × id + 1`.
+    /// The table new flows use now: `2 × id` or `2 × id + 1`.
     pub table: u32,
-    pub _pad: u32,
+    /// How a new flow picks its slot of the table: one of the constants of
+    /// [`scheduler`](crate::scheduler).
+    pub scheduler: u32,
 }
 const _: () = assert!(size_of::<ServiceEntry>() == 32);
 

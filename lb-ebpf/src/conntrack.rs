@@ -21,10 +21,11 @@ use lb_common::{
         SNAT_PORT_PROBES, ServiceEntry, ServiceKey,
     },
     reason::Reason,
+    scheduler,
 };
 
 use crate::{
-    BACKENDS, CONFIG, CONNTRACK, CREATE_SCRATCH, MAGLEV, SERVICES, forward, parse::Packet,
+    BACKENDS, CONFIG, CONNTRACK, CREATE_SCRATCH, CURSORS, MAGLEV, SERVICES, forward, parse::Packet,
 };
 
 /// What `create` needs to know about a new flow besides its first packet (references into
@@ -153,8 +154,9 @@ pub fn service(key: &FlowKey) -> Option<&'static ServiceEntry> {
     unsafe { SERVICES.get(&skey) }
 }
 
-/// The backend a new flow to `service` goes to: slot `hash % maglev_size` of the service's
-/// Maglev table in use. Returns its id, the backend, and the flow's hash.
+/// The backend a new flow to `service` goes to: the slot of the service's table in use that
+/// its scheduler picks (`lb_common::scheduler::table_slot`). Returns its id, the backend,
+/// and the flow's hash.
 ///
 /// Errors: `DropNoBackend`, and `DropInternal` when the control plane's tables disagree.
 #[inline(always)]
@@ -167,7 +169,19 @@ pub fn backend(
         return Err(Reason::DropInternal);
     }
     let hash = flow_hash(key, cfg.hash_seed);
-    let slot = service.first_slot(cfg.maglev_size) + (hash as u32) % cfg.maglev_size;
+    let (source_hash, cursor) = match service.scheduler {
+        scheduler::SOURCE_HASH => (scheduler::source_hash(key, cfg.hash_seed), 0),
+        scheduler::ROUND_ROBIN | scheduler::WEIGHTED_ROUND_ROBIN => (0, next_turn(service.id)),
+        _ => (0, 0),
+    };
+    let slot = service.first_slot(cfg.maglev_size)
+        + scheduler::table_slot(
+            service.scheduler,
+            hash,
+            source_hash,
+            cursor,
+            cfg.maglev_size,
+        );
     let pair = MAGLEV.get(slot / 2).ok_or(Reason::DropInternal)?;
     let backend_id = pair[(slot % 2) as usize];
     if backend_id == NO_BACKEND {
@@ -175,6 +189,23 @@ pub fn backend(
     }
     let backend = BACKENDS.get(backend_id).ok_or(Reason::DropInternal)?;
     Ok((backend_id, backend, hash))
+}
+
+/// This CPU's turn counter of service `id`: its value, moved one on.
+#[inline(always)]
+fn next_turn(id: u32) -> u32 {
+    match CURSORS.get_ptr_mut(id) {
+        Some(cursor) => {
+            // SAFETY: a per-CPU map value: only this CPU's run touches it, and it stays
+            // valid for the run.
+            unsafe {
+                let turn = *cursor;
+                *cursor = turn.wrapping_add(1);
+                turn
+            }
+        }
+        None => 0,
+    }
 }
 
 /// Creates both directions of a new flow (`flow` says where to) and writes the forward

@@ -100,6 +100,10 @@ static BACKEND_STATS: PerCpuArray<FlowStats> =
 #[map]
 static HANDOFFS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Handoff::COUNT, 0);
 
+/// The round-robin turn counter of each service (by id), one per CPU.
+#[map]
+static CURSORS: PerCpuArray<u32> = PerCpuArray::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+
 #[xdp]
 pub fn xlb(ctx: XdpContext) -> u32 {
     let reason = match process(&ctx) {

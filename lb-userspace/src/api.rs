@@ -39,7 +39,7 @@ use lb_common::conntrack::{FlowState, remaining_ns};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    config::{Backend, Checked, Config, HostFacts, Overrides, Protocol, Service},
+    config::{Backend, Checked, Config, HostFacts, Overrides, Protocol, Scheduler, Service},
     conntrack,
     loader::Attachment,
     registry::{ApplyError, Changes, Registry, ServiceName, default_snat},
@@ -78,6 +78,9 @@ pub struct NewService {
     pub protocol: Protocol,
     /// None: the first IPv4 address of the first interface.
     pub snat: Option<Ipv4Addr>,
+    /// None: maglev.
+    #[serde(default)]
+    pub scheduler: Option<Scheduler>,
 }
 
 /// `POST /v1/services/{proto}/{vip}/backends`.
@@ -422,6 +425,7 @@ async fn add_service(
                 vip: new.vip,
                 protocol: new.protocol,
                 snat,
+                scheduler: new.scheduler.unwrap_or_default(),
                 backends: Vec::new(),
                 health: None,
             });

@@ -9,7 +9,9 @@ use hyper::Method;
 use crate::{
     api::{ApplyRequest, Changed, Flow, NewBackend, NewService, Status, Weight},
     client::{self, Client, Output},
-    config::{Checked, Config, DEFAULT_SOCKET, HostFacts, Overrides, Protocol, XdpModeConfig},
+    config::{
+        Checked, Config, DEFAULT_SOCKET, HostFacts, Overrides, Protocol, Scheduler, XdpModeConfig,
+    },
     daemon::{self, RunOptions},
     doctor,
     stats::Stats,
@@ -153,6 +155,9 @@ pub enum ServiceCommand {
         /// first interface).
         #[arg(long)]
         snat: Option<std::net::Ipv4Addr>,
+        /// How new flows pick a backend.
+        #[arg(long, value_enum, default_value_t = Scheduler::Maglev)]
+        scheduler: Scheduler,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -359,12 +364,14 @@ async fn service(command: ServiceCommand) -> anyhow::Result<()> {
         ServiceCommand::Add {
             service,
             snat,
+            scheduler,
             client,
         } => {
             let body = NewService {
                 vip: service.vip,
                 protocol: service.protocol,
                 snat,
+                scheduler: Some(scheduler),
             };
             let body = serde_json::to_value(body)?;
             change(

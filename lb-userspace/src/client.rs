@@ -169,6 +169,7 @@ pub fn services_text(stats: &Stats) -> String {
     let mut t = table(&[
         "vip",
         "protocol",
+        "scheduler",
         "snat",
         "backends",
         "up",
@@ -182,6 +183,7 @@ pub fn services_text(stats: &Stats) -> String {
         t.add_row(vec![
             s.vip.clone(),
             s.protocol.clone(),
+            s.scheduler.clone(),
             s.snat.clone(),
             s.backends.len().to_string(),
             up.to_string(),

@@ -217,6 +217,9 @@ pub struct ServiceConfig {
     /// Only `fullnat` for now.
     #[serde(default)]
     pub mode: Mode,
+    /// How new flows pick a backend (see [`Scheduler`]); `maglev` by default.
+    #[serde(default)]
+    pub scheduler: Scheduler,
     /// Source address used toward backends (full NAT). Backends must route it back through
     /// xlb.
     pub snat: Option<String>,
@@ -311,6 +314,52 @@ impl fmt::Display for Protocol {
             Protocol::Tcp => "tcp",
             Protocol::Udp => "udp",
         })
+    }
+}
+
+/// `scheduler`: how a service's new flows pick their backend (`lb_common::scheduler`).
+#[derive(
+    Clone, Copy, Debug, Default, Deserialize, serde::Serialize, PartialEq, Eq, clap::ValueEnum,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scheduler {
+    /// Weighted Maglev over the 5-tuple: consistent across nodes and table changes.
+    #[default]
+    Maglev,
+    /// Weighted Maglev over the client address: a client's connections stick together.
+    SourceHash,
+    /// Turns over the backends, weights aside.
+    RoundRobin,
+    /// Turns in proportion to the weights.
+    WeightedRoundRobin,
+}
+
+impl Scheduler {
+    /// Its number in the service's map entry.
+    pub fn number(self) -> u32 {
+        use lb_common::scheduler as s;
+        match self {
+            Scheduler::Maglev => s::MAGLEV,
+            Scheduler::SourceHash => s::SOURCE_HASH,
+            Scheduler::RoundRobin => s::ROUND_ROBIN,
+            Scheduler::WeightedRoundRobin => s::WEIGHTED_ROUND_ROBIN,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        lb_common::scheduler::name(self.number())
+    }
+
+    /// The scheduler of a service's map entry (Maglev for a number it does not know).
+    pub fn from_number(number: u32) -> Scheduler {
+        [
+            Scheduler::SourceHash,
+            Scheduler::RoundRobin,
+            Scheduler::WeightedRoundRobin,
+        ]
+        .into_iter()
+        .find(|s| s.number() == number)
+        .unwrap_or(Scheduler::Maglev)
     }
 }
 
@@ -479,6 +528,7 @@ impl Checked {
                     vip: s.vip.to_string(),
                     protocol: s.protocol,
                     mode: Mode::Fullnat,
+                    scheduler: s.scheduler,
                     snat: Some(s.snat.to_string()),
                     backends: s
                         .backends
@@ -566,6 +616,7 @@ pub struct Service {
     pub vip: SocketAddrV4,
     pub protocol: Protocol,
     pub snat: Ipv4Addr,
+    pub scheduler: Scheduler,
     pub backends: Vec<Backend>,
     /// How its backends are checked; `None` when they are not.
     pub health: Option<HealthConfig>,
@@ -842,6 +893,7 @@ impl Config {
                     vip,
                     protocol: s.protocol,
                     snat,
+                    scheduler: s.scheduler,
                     backends,
                     health,
                 });

@@ -20,11 +20,12 @@ use std::{
 use lb_common::{
     maglev,
     maps::{BackendEntry, Endpoint, MODE_FULLNAT, NO_BACKEND, ServiceEntry, ServiceKey},
+    scheduler,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    config::{Backend, Checked, ConfigErrors, FieldError, Protocol, Service},
+    config::{Backend, Checked, ConfigErrors, FieldError, Protocol, Scheduler, Service},
     conntrack::SweepReport,
     tables::Tables,
 };
@@ -257,6 +258,7 @@ impl Registry {
                         vip: name.vip,
                         protocol,
                         snat: *snat.to_socket_v4().ip(),
+                        scheduler: Scheduler::from_number(entry.scheduler),
                         backends: Vec::new(),
                         health: None,
                     },
@@ -589,7 +591,8 @@ impl Registry {
             }
         };
         let before: Vec<(SocketAddrV4, u32)> = table_inputs(&live);
-        let snat_changed = live.config.snat != service.snat;
+        let entry_changed =
+            live.config.snat != service.snat || live.config.scheduler != service.scheduler;
 
         let mut retired = Vec::new();
         live.backends.retain(|b| {
@@ -631,7 +634,7 @@ impl Registry {
         }
         live.backends = backends;
         live.config = service.clone();
-        if is_new || snat_changed || table_inputs(&live) != before {
+        if is_new || entry_changed || table_inputs(&live) != before {
             self.write_table(&live)?;
             changes.tables_rebuilt += 1;
         }
@@ -677,7 +680,19 @@ impl Registry {
                 weight: *weight,
             })
             .collect();
-        let table: Vec<u32> = maglev::build(&entries, self.tables.maglev_size())
+        let size = self.tables.maglev_size();
+        let weights = inputs.iter().map(|(_, weight, _)| *weight);
+        let indexes = match live.config.scheduler {
+            Scheduler::Maglev | Scheduler::SourceHash => maglev::build(&entries, size),
+            Scheduler::RoundRobin => {
+                let turns: Vec<u32> = weights.map(|w| u32::from(w > 0)).collect();
+                scheduler::round_robin_table(&turns, size)
+            }
+            Scheduler::WeightedRoundRobin => {
+                scheduler::round_robin_table(&weights.collect::<Vec<_>>(), size)
+            }
+        };
+        let table: Vec<u32> = indexes
             .iter()
             .map(|&i| {
                 if i == NO_BACKEND {
@@ -694,7 +709,7 @@ impl Registry {
             id: live.id,
             mode: MODE_FULLNAT,
             table: 0,
-            _pad: 0,
+            scheduler: live.config.scheduler.number(),
         };
         self.tables.switch_table(&live.name.key(), entry, &table)?;
         self.rebuilds += 1;

@@ -39,6 +39,7 @@ pub struct ServiceStats {
     pub vip: String,
     pub protocol: String,
     pub snat: String,
+    pub scheduler: String,
     pub id: u32,
     #[serde(flatten)]
     pub traffic: Traffic,
@@ -137,6 +138,7 @@ pub fn read(
             vip: service.name.vip.to_string(),
             protocol: service.name.protocol.to_string(),
             snat: service.config.snat.to_string(),
+            scheduler: service.config.scheduler.name().into(),
             id: service.id,
             traffic: tables.service_stats(service.id)?.into(),
             active_flows: active(sweep.map(|r| &r.by_service), service.id),

@@ -138,6 +138,28 @@ impl EchoConn {
         Ok(EchoConn { stream, local })
     }
 
+    /// Like [`connect`](Self::connect), from the address `source` (of `ns`).
+    pub fn connect_from(
+        ns: &NetNs,
+        source: std::net::Ipv4Addr,
+        target: SocketAddr,
+        timeout: Duration,
+    ) -> Result<EchoConn> {
+        use socket2::{Domain, Socket, Type};
+        let stream = ns
+            .enter(|| -> std::io::Result<TcpStream> {
+                let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+                socket.bind(&SocketAddr::from((source, 0)).into())?;
+                socket.connect_timeout(&target.into(), timeout)?;
+                Ok(socket.into())
+            })?
+            .with_context(|| format!("connecting to {target} from {source}"))?;
+        stream.set_read_timeout(Some(ECHO_TIMEOUT))?;
+        stream.set_write_timeout(Some(ECHO_TIMEOUT))?;
+        let local = stream.local_addr()?;
+        Ok(EchoConn { stream, local })
+    }
+
     /// Sends `line` and checks that exactly it comes back.
     pub fn echo(&mut self, line: &str) -> Result<()> {
         let sent = format!("{line}\n");
