@@ -10,6 +10,7 @@
 //!   as plain functions so host tests and the reference model use the very same code.
 //! * [`scheduler`]: how a new flow's slot of its service's table is chosen, per scheduler
 //!   (and, userspace only, the round-robin table builder);
+//! * [`quic`]: where a QUIC short-header packet carries its backend's id;
 //! * [`maglev`] (userspace only): the weighted Maglev table builder.
 #![cfg_attr(not(feature = "std"), no_std)]
 
@@ -21,6 +22,7 @@ pub mod conntrack;
 pub mod csum;
 pub mod hash;
 pub mod maps;
+pub mod quic;
 pub mod reason;
 pub mod scheduler;
 

@@ -54,11 +54,23 @@ pub mod names {
     /// `PerCpuArray<u32>` by service id: the round-robin schedulers' turn counters, one per
     /// CPU (so no CPU waits on another).
     pub const CURSORS: &str = "CURSORS";
+    /// `Array<u64>` by backend id, memory-mapped by userspace (`BPF_F_MMAPABLE`): each
+    /// backend's open flows. The XDP program adds one (atomically) for every flow it starts
+    /// (a new flow, or a closed one started anew); the sweeper takes one off when it sees a
+    /// flow closed or removes one (see `lb_userspace::conntrack::Accounting`).
+    pub const ACTIVE: &str = "ACTIVE";
+    /// `HashMap<FlowKey, u32>`, userspace's alone: for a flow (by its forward key) how many
+    /// of its starts the sweeper has taken off `ACTIVE` already, so each is taken off once,
+    /// across restarts of the daemon too. Only flows closed or started anew have one.
+    pub const RELEASED: &str = "RELEASED";
+    /// `HashMap<u64, u32>`: for a QUIC service, the backend id of each server id
+    /// ([`quic::key`](crate::quic::key)); written with the service's table.
+    pub const QUIC_SERVERS: &str = "QUIC_SERVERS";
 
     /// The maps pinned under `[dataplane] pin_path`, which a restarted daemon adopts: the
     /// tables, the flows, the counters. The others (`DEVMAP`, `NO_XDP_TX`, the per-CPU
     /// scratch, the log buffer) belong to one program and are filled when it is attached.
-    pub const PINNED: [&str; 9] = [
+    pub const PINNED: [&str; 11] = [
         SERVICES,
         MAGLEV,
         BACKENDS,
@@ -68,6 +80,8 @@ pub mod names {
         SERVICE_STATS,
         BACKEND_STATS,
         HANDOFFS,
+        ACTIVE,
+        RELEASED,
     ];
 }
 
@@ -98,7 +112,7 @@ pub const SNAT_PORT_PROBES: u32 = 64;
 /// The version of the maps' layout: the names, types and sizes in this module. A daemon
 /// that finds pinned maps of another version refuses them rather than misread them; bump it
 /// with every change to a pinned map's key or value.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// Marks a Maglev slot that has no backend (the service has none that takes new flows).
 pub const NO_BACKEND: u32 = u32::MAX;
@@ -200,7 +214,9 @@ pub struct NatEntry {
     /// elsewhere is taken only if the source routes back out of that interface (the
     /// strict reverse-path rule), so a host on the wrong side cannot inject into the flow.
     pub ifindex: u32,
-    pub _pad: u32,
+    /// How many times the flow has started anew (a client's SYN on a closed flow): the
+    /// sweeper's count of its starts, for `ACTIVE`.
+    pub generation: u32,
     /// When the flow last carried a packet, either way (`bpf_ktime_get_ns`,
     /// CLOCK_MONOTONIC), to within [`REFRESH_NS`](crate::conntrack::REFRESH_NS).
     pub last_seen_ns: u64,
@@ -250,8 +266,13 @@ pub struct ServiceEntry {
     /// How a new flow picks its slot of the table: one of the constants of
     /// [`scheduler`](crate::scheduler).
     pub scheduler: u32,
+    /// For the least-* schedulers: the first `count` slots of the table list the backends
+    /// that take new flows (at most [`MAX_LEAST_BACKENDS`](crate::scheduler::MAX_LEAST_BACKENDS)).
+    pub count: u32,
+    /// [`SERVICE_QUIC`](crate::quic::SERVICE_QUIC), or 0.
+    pub flags: u32,
 }
-const _: () = assert!(size_of::<ServiceEntry>() == 32);
+const _: () = assert!(size_of::<ServiceEntry>() == 40);
 
 impl ServiceEntry {
     /// The first slot of the Maglev table in use, in the whole `MAGLEV` array.
@@ -269,8 +290,13 @@ pub struct BackendEntry {
     pub _pad: [u8; 2],
     /// The service this backend belongs to.
     pub service_id: u32,
+    /// Its weight (for the least-* schedulers).
+    pub weight: u32,
+    /// Its smoothed response time in microseconds, from the daemon's health checks; 0 when
+    /// not measured (least-response-time then counts it as 1).
+    pub latency_us: u32,
 }
-const _: () = assert!(size_of::<BackendEntry>() == 24);
+const _: () = assert!(size_of::<BackendEntry>() == 32);
 
 /// The single entry of `CONFIG`.
 #[repr(C)]

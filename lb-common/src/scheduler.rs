@@ -19,14 +19,47 @@ pub const SOURCE_HASH: u32 = 1;
 pub const ROUND_ROBIN: u32 = 2;
 /// New flows take turns in proportion to the weights (smooth weighted round-robin).
 pub const WEIGHTED_ROUND_ROBIN: u32 = 3;
+/// A new flow goes to the backend with the fewest open flows for its weight.
+pub const LEAST_CONN: u32 = 4;
+/// A new flow goes to the backend with the lowest response time × (open flows + 1) /
+/// weight; the response time is the daemon's smoothed health-check measure.
+pub const LEAST_RESPONSE_TIME: u32 = 5;
+
+/// The most backends a least-* service may have: the XDP program looks at each of them
+/// for every new flow, in a loop the verifier must see the end of.
+pub const MAX_LEAST_BACKENDS: u32 = 256;
 
 /// The schedulers by name, as the config, the CLI and the API spell them.
-pub const NAMES: [(&str, u32); 4] = [
+pub const NAMES: [(&str, u32); 6] = [
     ("maglev", MAGLEV),
     ("source-hash", SOURCE_HASH),
     ("round-robin", ROUND_ROBIN),
     ("weighted-round-robin", WEIGHTED_ROUND_ROBIN),
+    ("least-conn", LEAST_CONN),
+    ("least-response-time", LEAST_RESPONSE_TIME),
 ];
+
+/// Whether `scheduler` picks by looking at every backend (the least-* ones) rather than by
+/// a slot of the table.
+#[inline(always)]
+pub fn is_least(scheduler: u32) -> bool {
+    scheduler == LEAST_CONN || scheduler == LEAST_RESPONSE_TIME
+}
+
+/// A backend's score under a least-* scheduler; the lowest wins. `weight` is above 0 (only
+/// backends that take new flows are scored). Response times are capped at 2^24 µs (16 s) and
+/// open flows at 2^28, so no product overflows.
+#[inline(always)]
+pub fn score(scheduler: u32, active: u64, weight: u32, latency_us: u32) -> u64 {
+    let active = if active > 1 << 28 { 1 << 28 } else { active };
+    let weight = if weight == 0 { 1 } else { weight as u64 };
+    if scheduler == LEAST_RESPONSE_TIME {
+        let latency = latency_us.clamp(1, 1 << 24) as u64;
+        latency * (active + 1) * 256 / weight
+    } else {
+        (active << 20) / weight
+    }
+}
 
 /// The name of scheduler `number` (`"maglev"` for one this build does not know).
 pub fn name(number: u32) -> &'static str {
@@ -151,6 +184,24 @@ mod tests {
         }
         // Evenly spread: the heaviest never takes more than two slots in a row here.
         assert!(!table.windows(3).any(|w| w.iter().all(|&i| i == 0)));
+    }
+
+    #[test]
+    fn least_scores_weigh_flows_by_weight_and_time() {
+        // Least-conn: fewer flows per weight wins; a double weight takes twice the flows.
+        assert!(score(LEAST_CONN, 3, 1, 0) < score(LEAST_CONN, 4, 1, 0));
+        assert_eq!(score(LEAST_CONN, 8, 2, 0), score(LEAST_CONN, 4, 1, 0));
+        assert!(score(LEAST_CONN, 0, 1, 0) < score(LEAST_CONN, 1, 100, 0));
+        // Least-response-time: a backend ten times slower takes a new flow only when the
+        // fast one has about ten times its flows.
+        let fast = |active| score(LEAST_RESPONSE_TIME, active, 1, 1_000);
+        let slow = |active| score(LEAST_RESPONSE_TIME, active, 1, 10_000);
+        assert!(fast(8) < slow(0));
+        assert!(fast(10) > slow(0));
+        // Unmeasured counts as 1 µs; nothing overflows at the caps.
+        assert_eq!(score(LEAST_RESPONSE_TIME, 0, 1, 0), 256);
+        assert!(score(LEAST_RESPONSE_TIME, u64::MAX, 1, u32::MAX) < u64::MAX);
+        assert!(score(LEAST_CONN, u64::MAX, 1, 0) < u64::MAX);
     }
 
     #[test]

@@ -25,7 +25,8 @@ use lb_common::{
 };
 
 use crate::{
-    BACKENDS, CONFIG, CONNTRACK, CREATE_SCRATCH, CURSORS, MAGLEV, SERVICES, forward, parse::Packet,
+    ACTIVE, BACKENDS, CONFIG, CONNTRACK, CREATE_SCRATCH, CURSORS, MAGLEV, SERVICES, forward,
+    parse::Packet,
 };
 
 /// What `create` needs to know about a new flow besides its first packet (references into
@@ -94,10 +95,16 @@ pub fn lookup(
     let dir = entry.rewrite.direction;
     let facts = Seen::of_packet(proto, pkt.tcp_flags);
     let anew = starts_anew(proto, dir, pkt.tcp_flags, &entry.seen);
-    if anew && entry.seen.handshake_done() {
-        // A new connection on the addresses of one that was made and is over: a flow for
-        // the counters. (Not so a SYN sent again after a reset attempt.)
-        crate::stats::count_new_flow(&entry.rewrite);
+    if anew {
+        if entry.seen.handshake_done() {
+            // A new connection on the addresses of one that was made and is over: a flow
+            // for the counters. (Not so a SYN sent again after a reset attempt.)
+            crate::stats::count_new_flow(&entry.rewrite);
+        }
+        // Open again: one more start for the backend's open flows, which the sweeper
+        // takes off once it sees this start closed or removed.
+        entry.generation = entry.generation.wrapping_add(1);
+        count_start(entry.rewrite.backend_id);
     }
     if anew || entry.seen.dir(dir).lacks(&facts) || stale(entry.last_seen_ns, now) {
         record(entry, dir, &facts, anew, now);
@@ -169,6 +176,11 @@ pub fn backend(
         return Err(Reason::DropInternal);
     }
     let hash = flow_hash(key, cfg.hash_seed);
+    if scheduler::is_least(service.scheduler) {
+        let backend_id = least(service, cfg.maglev_size, hash)?;
+        let backend = BACKENDS.get(backend_id).ok_or(Reason::DropInternal)?;
+        return Ok((backend_id, backend, hash));
+    }
     let (source_hash, cursor) = match service.scheduler {
         scheduler::SOURCE_HASH => (scheduler::source_hash(key, cfg.hash_seed), 0),
         scheduler::ROUND_ROBIN | scheduler::WEIGHTED_ROUND_ROBIN => (0, next_turn(service.id)),
@@ -189,6 +201,102 @@ pub fn backend(
     }
     let backend = BACKENDS.get(backend_id).ok_or(Reason::DropInternal)?;
     Ok((backend_id, backend, hash))
+}
+
+/// The least-* schedulers' choice: of the backends listed in the first `service.count`
+/// slots of the service's table, the one with the lowest `lb_common::scheduler::score`.
+/// The scan starts at a slot the flow's hash picks, so ties spread. It runs under
+/// `bpf_loop` (Linux 5.17): the verifier checks the step once, not once per backend.
+#[inline(always)]
+fn least(service: &ServiceEntry, maglev_size: u32, hash: u64) -> Result<u32, Reason> {
+    let count = service.count;
+    if count == 0 || count > scheduler::MAX_LEAST_BACKENDS {
+        return Err(Reason::DropNoBackend);
+    }
+    let mut scan = LeastScan {
+        first: service.first_slot(maglev_size),
+        count,
+        start: (hash as u32) % count,
+        scheduler: service.scheduler,
+        best: NO_BACKEND,
+        _pad: 0,
+        best_score: u64::MAX,
+    };
+    // SAFETY: `least_step` is a BPF subprogram of the signature bpf_loop calls, and `scan`
+    // outlives the call.
+    unsafe {
+        aya_ebpf::helpers::bpf_loop(
+            count,
+            least_step as *const () as *mut core::ffi::c_void,
+            &mut scan as *mut LeastScan as *mut core::ffi::c_void,
+            0,
+        );
+    }
+    if scan.best == NO_BACKEND {
+        return Err(Reason::DropNoBackend);
+    }
+    Ok(scan.best)
+}
+
+/// `least`'s state, handed to each step.
+#[repr(C)]
+struct LeastScan {
+    first: u32,
+    count: u32,
+    start: u32,
+    scheduler: u32,
+    best: u32,
+    _pad: u32,
+    best_score: u64,
+}
+
+/// One backend of `least`'s scan: step `i` looks at slot `(start + i) % count`.
+#[inline(never)]
+extern "C" fn least_step(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    // SAFETY: bpf_loop hands back the pointer `least` gave it, to its live `LeastScan`.
+    let scan = unsafe { &mut *(ctx as *mut LeastScan) };
+    if scan.count == 0 {
+        return 1;
+    }
+    let mut index = scan.start + i as u32;
+    if index >= scan.count {
+        index -= scan.count;
+    }
+    let slot = scan.first + index;
+    let Some(pair) = MAGLEV.get(slot / 2) else {
+        return 1;
+    };
+    let id = pair[(slot % 2) as usize];
+    let Some(backend) = BACKENDS.get(id) else {
+        return 0;
+    };
+    let active = ACTIVE.get(id).copied().unwrap_or(0);
+    let score = scheduler::score(scan.scheduler, active, backend.weight, backend.latency_us);
+    if score < scan.best_score {
+        scan.best_score = score;
+        scan.best = id;
+    }
+    0
+}
+
+/// One more open flow for backend `id` (atomic: every CPU adds to the same counter).
+#[inline(always)]
+pub fn count_start(id: u32) {
+    if let Some(active) = ACTIVE.get_ptr_mut(id) {
+        // SAFETY: a map value, valid for the run; the atomic add is the only access here,
+        // and userspace's decrements are atomic too. The BPF target has no atomic types
+        // (no compare-and-swap), but the intrinsic lowers to BPF's atomic add; its result
+        // is unused, so it needs no more than the original instruction set.
+        #[cfg(target_arch = "bpf")]
+        unsafe {
+            core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+                active, 1,
+            );
+        }
+        #[cfg(not(target_arch = "bpf"))]
+        unsafe { core::sync::atomic::AtomicU64::from_ptr(active) }
+            .fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// This CPU's turn counter of service `id`: its value, moved one on.
@@ -254,7 +362,7 @@ pub fn create(
     forward.rewrite._pad = [0; 3];
     forward.seen = seen;
     forward.ifindex = ctx.ingress_ifindex() as u32;
-    forward._pad = 0;
+    forward.generation = 0;
     forward.last_seen_ns = now;
     reverse.rewrite.src = key.dst;
     reverse.rewrite.dst = key.src;
@@ -264,7 +372,7 @@ pub fn create(
     reverse.rewrite._pad = [0; 3];
     reverse.seen = seen;
     reverse.ifindex = flow.reply_ifindex;
-    reverse._pad = 0;
+    reverse.generation = 0;
     reverse.last_seen_ns = now;
 
     // Whether this run inserted the port's reverse entry (true), or found this very flow's
@@ -341,6 +449,7 @@ fn insert_forward(
     let e = match CONNTRACK.insert(key, forward, BPF_NOEXIST as u64) {
         Ok(()) => {
             crate::stats::count_new_flow(&forward.rewrite);
+            count_start(forward.rewrite.backend_id);
             *rewrite = forward.rewrite;
             return Ok(());
         }

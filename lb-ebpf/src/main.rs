@@ -17,6 +17,9 @@
 //!
 //! Every packet ends with one [`Reason`], counted in `REASONS`; its XDP action follows from it.
 #![no_std]
+// The atomic add of `conntrack::count_start` (the BPF target has no atomic types).
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(target_arch = "bpf", allow(internal_features))]
 #![no_main]
 
 mod conntrack;
@@ -24,6 +27,7 @@ mod forward;
 mod handoff;
 mod nat;
 mod parse;
+mod quic;
 mod stats;
 
 use aya_ebpf::{
@@ -100,6 +104,21 @@ static BACKEND_STATS: PerCpuArray<FlowStats> =
 #[map]
 static HANDOFFS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Handoff::COUNT, 0);
 
+/// Open flows per backend id: the XDP program adds, the sweeper takes off (see
+/// `lb_common::maps::names::ACTIVE`); memory-mapped by userspace.
+#[map]
+static ACTIVE: Array<u64> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, BPF_F_MMAPABLE);
+
+/// Userspace's record of the flow starts it has taken off `ACTIVE`; the program never
+/// reads it, it is declared here so it is made and pinned with the others.
+#[map]
+static RELEASED: HashMap<FlowKey, u32> =
+    HashMap::with_max_entries(DEFAULT_CONNTRACK_ENTRIES, BPF_F_NO_PREALLOC);
+
+/// For QUIC services: server id → backend id (see `lb_common::quic`).
+#[map]
+static QUIC_SERVERS: HashMap<u64, u32> = HashMap::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
 /// The round-robin turn counter of each service (by id), one per CPU.
 #[map]
 static CURSORS: PerCpuArray<u32> = PerCpuArray::with_max_entries(DEFAULT_MAX_SERVICES, 0);
@@ -163,7 +182,10 @@ fn new_flow(ctx: &XdpContext, pkt: &parse::Packet, rewrite: &mut Rewrite) -> Res
     if pkt.tcp_flags & TCP_RST != 0 {
         return Err(Reason::DropRstNoFlow);
     }
-    let (backend_id, backend, hash) = conntrack::backend(&pkt.key, service)?;
+    let (backend_id, backend, hash) = match quic::backend(ctx, pkt, service) {
+        Some(chosen) => chosen,
+        None => conntrack::backend(&pkt.key, service)?,
+    };
     // Routed before the flow is created: an unreachable backend takes no port, and the flow
     // learns which interface the backend's replies come in on.
     let snat = Endpoint {

@@ -81,6 +81,8 @@ pub struct NewService {
     /// None: maglev.
     #[serde(default)]
     pub scheduler: Option<Scheduler>,
+    #[serde(default)]
+    pub quic: bool,
 }
 
 /// `POST /v1/services/{proto}/{vip}/backends`.
@@ -88,6 +90,8 @@ pub struct NewService {
 pub struct NewBackend {
     pub address: SocketAddrV4,
     pub weight: u32,
+    #[serde(default)]
+    pub quic_id: Option<u16>,
 }
 
 /// `PUT .../weight`.
@@ -426,6 +430,7 @@ async fn add_service(
                 protocol: new.protocol,
                 snat,
                 scheduler: new.scheduler.unwrap_or_default(),
+                quic: new.quic,
                 backends: Vec::new(),
                 health: None,
             });
@@ -472,6 +477,7 @@ async fn add_backend(
                 address: new.address,
                 weight: new.weight,
                 drain: false,
+                quic_id: new.quic_id,
             });
             Ok(())
         })

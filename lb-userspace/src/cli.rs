@@ -158,6 +158,9 @@ pub enum ServiceCommand {
         /// How new flows pick a backend.
         #[arg(long, value_enum, default_value_t = Scheduler::Maglev)]
         scheduler: Scheduler,
+        /// UDP: route QUIC short-header packets by the backend id in their connection ID.
+        #[arg(long)]
+        quic: bool,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -187,6 +190,9 @@ pub enum BackendCommand {
         address: SocketAddrV4,
         #[arg(long, default_value_t = 1)]
         weight: u32,
+        /// For a QUIC service: the id (1-65535) the backend puts in its connection IDs.
+        #[arg(long)]
+        quic_id: Option<u16>,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -365,6 +371,7 @@ async fn service(command: ServiceCommand) -> anyhow::Result<()> {
             service,
             snat,
             scheduler,
+            quic,
             client,
         } => {
             let body = NewService {
@@ -372,6 +379,7 @@ async fn service(command: ServiceCommand) -> anyhow::Result<()> {
                 protocol: service.protocol,
                 snat,
                 scheduler: Some(scheduler),
+                quic,
             };
             let body = serde_json::to_value(body)?;
             change(
@@ -415,9 +423,14 @@ async fn backend(command: BackendCommand) -> anyhow::Result<()> {
             service,
             address,
             weight,
+            quic_id,
             client,
         } => {
-            let body = serde_json::to_value(NewBackend { address, weight })?;
+            let body = serde_json::to_value(NewBackend {
+                address,
+                weight,
+                quic_id,
+            })?;
             let path = format!("{}/backends", service.path());
             change(&client, Method::POST, &path, Some(body), "backend added").await
         }

@@ -220,6 +220,10 @@ pub struct ServiceConfig {
     /// How new flows pick a backend (see [`Scheduler`]); `maglev` by default.
     #[serde(default)]
     pub scheduler: Scheduler,
+    /// UDP only: route QUIC short-header packets of new flows (a migrated connection) by
+    /// the backend id in their connection ID (`lb_common::quic`), the rest by `scheduler`.
+    #[serde(default)]
+    pub quic: bool,
     /// Source address used toward backends (full NAT). Backends must route it back through
     /// xlb.
     pub snat: Option<String>,
@@ -332,6 +336,10 @@ pub enum Scheduler {
     RoundRobin,
     /// Turns in proportion to the weights.
     WeightedRoundRobin,
+    /// The fewest open flows for its weight.
+    LeastConn,
+    /// The lowest response time × (open flows + 1) / weight; needs health checks.
+    LeastResponseTime,
 }
 
 impl Scheduler {
@@ -343,6 +351,8 @@ impl Scheduler {
             Scheduler::SourceHash => s::SOURCE_HASH,
             Scheduler::RoundRobin => s::ROUND_ROBIN,
             Scheduler::WeightedRoundRobin => s::WEIGHTED_ROUND_ROBIN,
+            Scheduler::LeastConn => s::LEAST_CONN,
+            Scheduler::LeastResponseTime => s::LEAST_RESPONSE_TIME,
         }
     }
 
@@ -356,6 +366,8 @@ impl Scheduler {
             Scheduler::SourceHash,
             Scheduler::RoundRobin,
             Scheduler::WeightedRoundRobin,
+            Scheduler::LeastConn,
+            Scheduler::LeastResponseTime,
         ]
         .into_iter()
         .find(|s| s.number() == number)
@@ -383,6 +395,9 @@ pub struct BackendConfig {
     /// Draining: takes no new flows, keeps its existing ones, keeps its weight for later.
     #[serde(default)]
     pub drain: bool,
+    /// For a `quic` service: the id (1-65535) this backend puts in its connection IDs.
+    #[serde(default)]
+    pub quic_id: Option<u16>,
 }
 
 fn default_weight() -> u32 {
@@ -529,6 +544,7 @@ impl Checked {
                     protocol: s.protocol,
                     mode: Mode::Fullnat,
                     scheduler: s.scheduler,
+                    quic: s.quic,
                     snat: Some(s.snat.to_string()),
                     backends: s
                         .backends
@@ -537,6 +553,7 @@ impl Checked {
                             address: b.address.to_string(),
                             weight: b.weight,
                             drain: b.drain,
+                            quic_id: b.quic_id,
                         })
                         .collect(),
                     health: s.health.clone(),
@@ -617,6 +634,8 @@ pub struct Service {
     pub protocol: Protocol,
     pub snat: Ipv4Addr,
     pub scheduler: Scheduler,
+    /// Route QUIC short-header packets by connection ID (see [`ServiceConfig::quic`]).
+    pub quic: bool,
     pub backends: Vec<Backend>,
     /// How its backends are checked; `None` when they are not.
     pub health: Option<HealthConfig>,
@@ -633,6 +652,7 @@ pub struct Backend {
     pub address: SocketAddrV4,
     pub weight: u32,
     pub drain: bool,
+    pub quic_id: Option<u16>,
 }
 
 /// Everything wrong with a config, one line per problem.
@@ -839,10 +859,31 @@ impl Config {
                     err(field, format!("{address} is listed twice in this service"));
                     continue;
                 }
+                if let Some(id) = b.quic_id {
+                    if !s.quic {
+                        err(
+                            at(&format!("backend[{bi}].quic_id")),
+                            "the service is not quic = true".into(),
+                        );
+                    }
+                    if id == 0 {
+                        err(
+                            at(&format!("backend[{bi}].quic_id")),
+                            "must be 1 to 65535 (0 means none)".into(),
+                        );
+                    }
+                    if s.backends[..bi].iter().any(|o| o.quic_id == Some(id)) {
+                        err(
+                            at(&format!("backend[{bi}].quic_id")),
+                            format!("{id} is another backend's of this service"),
+                        );
+                    }
+                }
                 backends.push(Backend {
                     address,
                     weight: b.weight,
                     drain: b.drain,
+                    quic_id: b.quic_id,
                 });
             }
             if backends.len() >= dp.maglev_table_size as usize {
@@ -888,12 +929,40 @@ impl Config {
                 }
             }
             let health = s.health.clone().filter(|h| h.kind != HealthKind::None);
+            if s.quic && s.protocol != Protocol::Udp {
+                err(
+                    at("quic"),
+                    "QUIC runs over UDP: the service must be udp".into(),
+                );
+            }
+            let least = lb_common::scheduler::is_least(s.scheduler.number());
+            if least && backends.len() > lb_common::scheduler::MAX_LEAST_BACKENDS as usize {
+                err(
+                    at("backend"),
+                    format!(
+                        "{} backends, but scheduler {} looks at every one for each new flow: \
+                         at most {}",
+                        backends.len(),
+                        s.scheduler.name(),
+                        lb_common::scheduler::MAX_LEAST_BACKENDS
+                    ),
+                );
+            }
+            if s.scheduler == Scheduler::LeastResponseTime && health.is_none() {
+                err(
+                    at("scheduler"),
+                    "least-response-time weighs the response times health checks measure: \
+                     add a [service.health] with kind tcp or http"
+                        .into(),
+                );
+            }
             if let (Some(vip), Some(snat)) = (vip, snat) {
                 services.push(Service {
                     vip,
                     protocol: s.protocol,
                     snat,
                     scheduler: s.scheduler,
+                    quic: s.quic,
                     backends,
                     health,
                 });

@@ -88,6 +88,9 @@ pub struct Table {
     map: HashMap<MapData, FlowKey, NatEntry>,
     /// The map's fd, for `BPF_MAP_LOOKUP_BATCH`; owned by `map`.
     fd: RawFd,
+    /// Who takes ended flows off the backends' open-flow counts; `None` where nothing
+    /// counts (the BPF_PROG_TEST_RUN labs).
+    accounting: Option<Arc<Mutex<Accounting>>>,
 }
 
 impl Table {
@@ -97,7 +100,14 @@ impl Table {
         Ok(Table {
             map: Map::HashMap(data).try_into()?,
             fd,
+            accounting: None,
         })
+    }
+
+    /// This table, taking what it removes off the open-flow counts of `accounting`.
+    pub fn with_accounting(mut self, accounting: Arc<Mutex<Accounting>>) -> Table {
+        self.accounting = Some(accounting);
+        self
     }
 
     /// Removes expired flows (and, when `pressure` is set, idle `New` ones).
@@ -111,10 +121,19 @@ impl Table {
         // Candidates from forward entries (one per flow, counted by state) come first;
         // those from reverse entries matter only when the forward one is missing (an orphan).
         let (mut forward, mut reverse) = (Vec::new(), Vec::new());
+        // Forward entries of flows whose starts the open-flow counts are behind on.
+        let mut ended = Vec::new();
         for_each_batch(self.fd, |keys, entries| {
             report.entries += keys.len() as u64;
             for (key, entry) in keys.iter().zip(entries) {
                 let doomed = judge(key, entry, timeouts, now, pressure) != Verdict::Keep;
+                if entry.rewrite.direction == DIR_TO_BACKEND
+                    && !doomed
+                    && let Some(acc) = &self.accounting
+                    && lock(acc).behind(key, entry)
+                {
+                    ended.push(*key);
+                }
                 if entry.rewrite.direction == DIR_TO_BACKEND {
                     let state = FlowState::of(key.proto, &entry.seen);
                     report.flows[state as usize] += 1;
@@ -134,8 +153,21 @@ impl Table {
                 }
             }
         })?;
+        if let Some(acc) = &self.accounting {
+            let mut acc = lock(acc);
+            for key in &ended {
+                acc.catch_up(&self.map, key)?;
+            }
+        }
         for (key, counted) in forward.iter().chain(&reverse) {
-            let entries = match remove_flow(&mut self.map, key, timeouts, pressure)? {
+            let removed = remove_flow(
+                &mut self.map,
+                key,
+                timeouts,
+                pressure,
+                self.accounting.as_deref(),
+            )?;
+            let entries = match removed {
                 Removed::Flow(Verdict::Pruned) => {
                     report.pruned += 1;
                     2
@@ -187,9 +219,14 @@ impl Table {
                 }
             }
         })?;
+        let mut acc = self.accounting.as_deref().map(lock);
         for (forward, reverse) in &doomed {
+            let entry = get(&self.map, forward)?;
             delete(&mut self.map, reverse)?;
             delete(&mut self.map, forward)?;
+            if let (Some(acc), Some(entry)) = (acc.as_mut(), entry) {
+                acc.removed(forward, &entry)?;
+            }
         }
         Ok(doomed.len() as u64)
     }
@@ -221,6 +258,118 @@ impl Table {
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The backends' open-flow counts (`ACTIVE`), from the control plane's side. The XDP
+/// program adds one for each start of a flow: its creation, and each time a client's SYN
+/// starts a closed flow anew (which bumps the flow's `generation`). So a flow has
+/// `generation + 1` starts, of which all have ended but the last, and the last too once the
+/// flow is closed (time-wait, closed) or removed. The sweeper takes the ended starts off —
+/// each exactly once, for it remembers per flow how many it took off already (`RELEASED`,
+/// pinned, so a restarted daemon does not take them off again). Only the sweeper and
+/// `backend rm --cut` take off, under one lock; the XDP program only adds; both sides use
+/// atomic adds on the same memory. A start ends for the count at the first sweep after its
+/// close: about a second at most on small tables, longer on big ones.
+pub struct Accounting {
+    active: crate::mapped::MappedArray,
+    released: HashMap<MapData, FlowKey, u32>,
+    /// What `released` holds, so a sweep reads no map to see what is done.
+    done: std::collections::HashMap<FlowKey, u32>,
+}
+
+impl Accounting {
+    pub fn open(ebpf: &Ebpf) -> anyhow::Result<Accounting> {
+        let active = crate::mapped::MappedArray::map(
+            crate::loader::map_handle(ebpf, names::ACTIVE)?,
+            names::ACTIVE,
+            8,
+        )?;
+        let released: HashMap<MapData, FlowKey, u32> =
+            Map::HashMap(crate::loader::map_handle(ebpf, names::RELEASED)?).try_into()?;
+        let done = released
+            .iter()
+            .collect::<Result<_, _>>()
+            .context("reading RELEASED")?;
+        Ok(Accounting {
+            active,
+            released,
+            done,
+        })
+    }
+
+    /// The starts of the flow at `key` (its forward entry `entry`) that have ended.
+    fn ended(key: &FlowKey, entry: &NatEntry) -> u32 {
+        let closed = matches!(
+            FlowState::of(key.proto, &entry.seen),
+            FlowState::TimeWait | FlowState::Closed
+        );
+        entry.generation.wrapping_add(closed as u32)
+    }
+
+    /// Whether the counts are behind on this flow (by a batch's possibly old copy).
+    fn behind(&self, key: &FlowKey, entry: &NatEntry) -> bool {
+        Self::ended(key, entry) != self.done.get(key).copied().unwrap_or(0)
+    }
+
+    /// Takes the flow's ended starts off, by a fresh read of its forward entry.
+    fn catch_up(
+        &mut self,
+        table: &HashMap<MapData, FlowKey, NatEntry>,
+        key: &FlowKey,
+    ) -> anyhow::Result<()> {
+        let Some(entry) = get(table, key)? else {
+            return Ok(());
+        };
+        let ended = Self::ended(key, &entry);
+        let done = self.done.get(key).copied().unwrap_or(0);
+        if ended > done {
+            self.take_off(entry.rewrite.backend_id, (ended - done) as u64);
+        }
+        if ended != done {
+            self.released
+                .insert(key, ended, 0)
+                .context("writing RELEASED")?;
+            self.done.insert(*key, ended);
+        }
+        Ok(())
+    }
+
+    /// The flow's forward entry `entry` is gone: whatever of it still counts comes off.
+    fn removed(&mut self, key: &FlowKey, entry: &NatEntry) -> anyhow::Result<()> {
+        let starts = entry.generation.wrapping_add(1);
+        let done = self.done.remove(key).unwrap_or(0);
+        if starts > done {
+            self.take_off(entry.rewrite.backend_id, (starts - done) as u64);
+        }
+        if done > 0 {
+            match self.released.remove(key) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(e).context("removing from RELEASED"),
+            }
+        }
+        Ok(())
+    }
+
+    fn take_off(&self, backend_id: u32, n: u64) {
+        let Some(counter) = self.active.counter(backend_id as usize) else {
+            return;
+        };
+        let result = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+            Some(v.saturating_sub(n))
+        });
+        if let Ok(before) = result
+            && before < n
+        {
+            log::error!(
+                "backend {backend_id}'s open-flow count was {before}, below the {n} flow \
+                 start(s) ending: it stays at 0"
+            );
+        }
+    }
+}
+
 /// Runs sweeps on a thread of its own: about once a second (less often when a sweep takes
 /// long, so it uses a twentieth of a core at most), and, while new flows are being refused
 /// for want of room (`drop/conntrack_full`, `drop/conntrack_no_memory`,
@@ -243,8 +392,12 @@ impl Sweeper {
     const PRESSURE_FOR: Duration = Duration::from_secs(2);
 
     /// Sweeps once (so the first report has counts), then starts the thread.
-    pub fn start(ebpf: &Ebpf, timeouts: Timeouts) -> anyhow::Result<Sweeper> {
-        let mut table = Table::open(ebpf)?;
+    pub fn start(
+        ebpf: &Ebpf,
+        timeouts: Timeouts,
+        accounting: Arc<Mutex<Accounting>>,
+    ) -> anyhow::Result<Sweeper> {
+        let mut table = Table::open(ebpf)?.with_accounting(accounting);
         let reasons: PerCpuArray<MapData, u64> =
             Map::PerCpuArray(crate::loader::map_handle(ebpf, names::REASONS)?).try_into()?;
         let first = table.sweep(&timeouts, false)?;
@@ -425,7 +578,10 @@ fn remove_flow(
     key: &FlowKey,
     timeouts: &Timeouts,
     pressure: bool,
+    accounting: Option<&Mutex<Accounting>>,
 ) -> anyhow::Result<Removed> {
+    // Held from the fresh read to the accounting, so a cut cannot take the same flow off.
+    let mut acc = accounting.map(lock);
     let Some(mut entry) = get(table, key)? else {
         return Ok(Removed::Nothing);
     };
@@ -439,18 +595,28 @@ fn remove_flow(
     if verdict == Verdict::Keep {
         return Ok(Removed::Nothing);
     }
-    if twin.is_none() {
-        delete(table, key)?;
-        return Ok(Removed::Orphan);
-    }
-    let (first, second) = if entry.rewrite.direction == DIR_TO_BACKEND {
-        (twin_key, *key)
+    let forward = if entry.rewrite.direction == DIR_TO_BACKEND {
+        Some((*key, entry))
     } else {
-        (*key, twin_key)
+        twin.map(|t| (twin_key, t))
     };
-    delete(table, &first)?;
-    delete(table, &second)?;
-    Ok(Removed::Flow(verdict))
+    let removed = if twin.is_none() {
+        delete(table, key)?;
+        Removed::Orphan
+    } else {
+        let (first, second) = if entry.rewrite.direction == DIR_TO_BACKEND {
+            (twin_key, *key)
+        } else {
+            (*key, twin_key)
+        };
+        delete(table, &first)?;
+        delete(table, &second)?;
+        Removed::Flow(verdict)
+    };
+    if let (Some(acc), Some((key, entry))) = (acc.as_mut(), forward) {
+        acc.removed(&key, &entry)?;
+    }
+    Ok(removed)
 }
 
 fn get(

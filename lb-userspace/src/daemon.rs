@@ -243,11 +243,12 @@ async fn start(cfg: &Checked, opts: &RunOptions, pins: &PinDir) -> anyhow::Resul
     let mut neighbours = Neighbours::default();
     neighbours.cover(registry.backend_addresses()).await;
 
-    let sweeper = Sweeper::start(&loaded.ebpf, cfg.conntrack.timeouts())?;
+    let accounting = Arc::new(Mutex::new(conntrack::Accounting::open(&loaded.ebpf)?));
+    let sweeper = Sweeper::start(&loaded.ebpf, cfg.conntrack.timeouts(), accounting.clone())?;
     let shared = Arc::new(Shared {
         registry: Mutex::new(registry),
         sweeps: sweeper.watch(),
-        conntrack: Mutex::new(conntrack::Table::open(&loaded.ebpf)?),
+        conntrack: Mutex::new(conntrack::Table::open(&loaded.ebpf)?.with_accounting(accounting)),
         started: Instant::now(),
         attached: loaded.attached.clone(),
         program_id: loader::program_id(&loaded.ebpf)?,

@@ -111,6 +111,7 @@ async fn check_loop(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (mut successes, mut failures) = (0u32, 0u32);
     let mut down = false;
+    let mut latency_us = 0u32;
     loop {
         ticker.tick().await;
         // The registry says what state the backend is in (after a restart, a re-add, a
@@ -127,6 +128,14 @@ async fn check_loop(
             Ok(()) => {
                 successes += 1;
                 failures = 0;
+                // The response time, smoothed (weight 1/4 to the newest), for
+                // least-response-time and the stats.
+                let sample = started.elapsed().as_micros().min(u32::MAX as u128) as u32;
+                latency_us = match latency_us {
+                    0 => sample.max(1),
+                    old => ((old as u64 * 3 + sample as u64) / 4).max(1) as u32,
+                };
+                set_latency(&shared, name, address, latency_us).await;
                 if down && successes >= h.rise {
                     down = false;
                     log::info!(
@@ -149,6 +158,19 @@ async fn check_loop(
                 }
             }
         }
+    }
+}
+
+/// Records the backend's smoothed response time in the registry, off the async threads.
+async fn set_latency(shared: &Arc<Shared>, name: ServiceName, address: SocketAddrV4, us: u32) {
+    let shared = shared.clone();
+    let done = tokio::task::spawn_blocking(move || {
+        let mut registry = shared.registry.lock().unwrap_or_else(|e| e.into_inner());
+        registry.set_latency(&name, address, us)
+    })
+    .await;
+    if let Ok(Err(e)) = done {
+        log::error!("recording backend {address}'s response time: {e:#}");
     }
 }
 

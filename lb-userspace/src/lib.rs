@@ -9,6 +9,7 @@
 //! * [`config`]: the TOML file, parsed and validated;
 //! * [`registry`]: the running services and backends, their stable ids, and `apply`, the
 //!   one way they change; [`tables`]: the maps it writes (atomic Maglev table switches);
+//!   [`mapped`]: the arrays it and the sweeper reach through memory maps;
 //! * [`health`]: the daemon's health checks;
 //! * [`loader`]: the embedded XDP object, loading and attaching it; [`pins`]: the pinned
 //!   maps and links that let the data plane outlive the daemon;
@@ -28,6 +29,7 @@ pub mod doctor;
 pub mod ethtool;
 pub mod health;
 pub mod loader;
+pub mod mapped;
 pub mod metrics;
 pub mod neighbours;
 pub mod netlink;

@@ -84,6 +84,9 @@ fn load_with(cfg: &Checked, pins: Option<&PinDir>) -> anyhow::Result<Ebpf> {
         .map_max_entries(names::BACKEND_STATS, cfg.dataplane.max_backends)
         .map_max_entries(names::REASONS, Reason::COUNT)
         .map_max_entries(names::CURSORS, cfg.dataplane.max_services)
+        .map_max_entries(names::ACTIVE, cfg.dataplane.max_backends)
+        .map_max_entries(names::QUIC_SERVERS, cfg.dataplane.max_backends)
+        .map_max_entries(names::RELEASED, cfg.conntrack.entries)
         .load(XDP_OBJECT)
         .context("loading the XDP object (are you root, with bpf() allowed?)")?;
     let program: &mut Xdp = ebpf

@@ -157,6 +157,13 @@ fn expected(cfg: &Checked) -> Vec<(&'static str, u32, u32, u32)> {
             dp.max_backends,
         ),
         (names::HANDOFFS, 4, 8, lb_common::maps::Handoff::COUNT),
+        (names::ACTIVE, 4, 8, dp.max_backends),
+        (
+            names::RELEASED,
+            size(size_of::<FlowKey>()),
+            4,
+            cfg.conntrack.entries,
+        ),
     ]
 }
 
@@ -165,8 +172,8 @@ fn setting_of(name: &str) -> &'static str {
     match name {
         names::SERVICES | names::SERVICE_STATS => "dataplane.max_services",
         names::MAGLEV => "dataplane.max_services × dataplane.maglev_table_size",
-        names::BACKENDS | names::BACKEND_STATS => "dataplane.max_backends",
-        names::CONNTRACK => "conntrack.entries",
+        names::BACKENDS | names::BACKEND_STATS | names::ACTIVE => "dataplane.max_backends",
+        names::CONNTRACK | names::RELEASED => "conntrack.entries",
         _ => "the map layout (another xlb version)",
     }
 }

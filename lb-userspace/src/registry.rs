@@ -97,6 +97,8 @@ pub struct LiveBackend {
     pub config: Backend,
     /// Marked down by its health checks.
     pub down: bool,
+    /// Smoothed response time from its health checks, in microseconds (0: not measured).
+    pub latency_us: u32,
 }
 
 impl LiveBackend {
@@ -191,6 +193,8 @@ pub struct Registry {
     backend_ids: IdPool,
     /// Maglev tables rebuilt since start (for the metrics).
     pub rebuilds: u64,
+    /// What `QUIC_SERVERS` holds.
+    quic: BTreeMap<u64, u32>,
 }
 
 impl Registry {
@@ -215,6 +219,7 @@ impl Registry {
             },
             services: BTreeMap::new(),
             rebuilds: 0,
+            quic: BTreeMap::new(),
         };
         registry.adopt(cfg)?;
         registry.apply(cfg)?;
@@ -259,6 +264,7 @@ impl Registry {
                         protocol,
                         snat: *snat.to_socket_v4().ip(),
                         scheduler: Scheduler::from_number(entry.scheduler),
+                        quic: entry.flags & lb_common::quic::SERVICE_QUIC != 0,
                         backends: Vec::new(),
                         health: None,
                     },
@@ -308,11 +314,13 @@ impl Registry {
                         address,
                         weight: 0,
                         drain: false,
+                        quic_id: None,
                     },
                     // Out of the table with checks on: it was down when the last daemon
                     // stopped. (Without checks it was drained or weighed 0, which the
                     // config says again.)
                     down: !listed && checked.contains(&service.name),
+                    latency_us: 0,
                 });
             }
         }
@@ -424,6 +432,30 @@ impl Registry {
         self.write_table(&changed)?;
         self.services.insert(*name, changed);
         Ok(true)
+    }
+
+    /// Records a backend's smoothed response time (from its health checks), which the
+    /// least-response-time scheduler weighs.
+    pub fn set_latency(
+        &mut self,
+        name: &ServiceName,
+        address: SocketAddrV4,
+        latency_us: u32,
+    ) -> anyhow::Result<()> {
+        let Some(service) = self.services.get_mut(name) else {
+            return Ok(());
+        };
+        let id = service.id;
+        let Some(backend) = service
+            .backends
+            .iter_mut()
+            .find(|b| b.config.address == address)
+        else {
+            return Ok(());
+        };
+        backend.latency_us = latency_us;
+        let entry = backend_entry(id, backend);
+        self.tables.update_backend(backend.id, entry)
     }
 
     /// Frees the retired ids no flow points at any more (see the module doc).
@@ -591,8 +623,15 @@ impl Registry {
             }
         };
         let before: Vec<(SocketAddrV4, u32)> = table_inputs(&live);
-        let entry_changed =
-            live.config.snat != service.snat || live.config.scheduler != service.scheduler;
+        let entry_changed = live.config.snat != service.snat
+            || live.config.scheduler != service.scheduler
+            || live.config.quic != service.quic
+            || live.backends.iter().any(|b| {
+                service
+                    .backends
+                    .iter()
+                    .any(|c| c.address == b.config.address && c.quic_id != b.config.quic_id)
+            });
 
         let mut retired = Vec::new();
         live.backends.retain(|b| {
@@ -608,27 +647,29 @@ impl Registry {
         let mut backends = Vec::with_capacity(service.backends.len());
         for b in &service.backends {
             match live.backends.iter().find(|l| l.config.address == b.address) {
-                Some(l) => backends.push(LiveBackend {
-                    config: b.clone(),
-                    ..l.clone()
-                }),
+                Some(l) => {
+                    let kept = LiveBackend {
+                        config: b.clone(),
+                        ..l.clone()
+                    };
+                    if l.config.weight != b.weight {
+                        self.tables
+                            .update_backend(kept.id, backend_entry(live.id, &kept))?;
+                    }
+                    backends.push(kept);
+                }
                 None => {
                     let id = self.backend_ids.take().expect("room was checked");
                     taken.backends.push(id);
-                    self.tables.set_backend(
-                        id,
-                        BackendEntry {
-                            endpoint: Endpoint::from_socket_v4(b.address),
-                            _pad: [0; 2],
-                            service_id: live.id,
-                        },
-                    )?;
-                    changes.backends_added += 1;
-                    backends.push(LiveBackend {
+                    let new = LiveBackend {
                         id,
                         config: b.clone(),
                         down: false,
-                    });
+                        latency_us: 0,
+                    };
+                    self.tables.set_backend(id, backend_entry(live.id, &new))?;
+                    changes.backends_added += 1;
+                    backends.push(new);
                 }
             }
         }
@@ -653,9 +694,11 @@ impl Registry {
         }
         // Out of the data path first: should that fail, the registry still knows it.
         self.tables.remove_service(&name.key())?;
-        let Some(live) = self.services.remove(name) else {
+        let Some(mut live) = self.services.remove(name) else {
             return Ok(());
         };
+        live.config.quic = false;
+        self.sync_quic(&live)?;
         self.service_ids.retire(live.id);
         for b in &live.backends {
             self.backend_ids.retire(b.id);
@@ -682,7 +725,21 @@ impl Registry {
             .collect();
         let size = self.tables.maglev_size();
         let weights = inputs.iter().map(|(_, weight, _)| *weight);
+        // The least-* schedulers look at every backend that takes new flows: they are
+        // listed in the first `count` slots.
+        let listed: Vec<u32> = inputs
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, weight, _))| *weight > 0)
+            .map(|(i, _)| i as u32)
+            .take(scheduler::MAX_LEAST_BACKENDS as usize)
+            .collect();
         let indexes = match live.config.scheduler {
+            Scheduler::LeastConn | Scheduler::LeastResponseTime => {
+                let mut slots = listed.clone();
+                slots.resize(size as usize, NO_BACKEND);
+                slots
+            }
             Scheduler::Maglev | Scheduler::SourceHash => maglev::build(&entries, size),
             Scheduler::RoundRobin => {
                 let turns: Vec<u32> = weights.map(|w| u32::from(w > 0)).collect();
@@ -710,10 +767,65 @@ impl Registry {
             mode: MODE_FULLNAT,
             table: 0,
             scheduler: live.config.scheduler.number(),
+            count: listed.len() as u32,
+            flags: if live.config.quic {
+                lb_common::quic::SERVICE_QUIC
+            } else {
+                0
+            },
         };
+        self.sync_quic(live)?;
         self.tables.switch_table(&live.name.key(), entry, &table)?;
         self.rebuilds += 1;
         Ok(())
+    }
+}
+
+impl Registry {
+    /// Makes `QUIC_SERVERS` route the service's server ids to its backends (every backend
+    /// it has, down or draining too: open QUIC connections reach their server while it is
+    /// configured), and no others.
+    fn sync_quic(&mut self, live: &LiveService) -> anyhow::Result<()> {
+        let wanted: BTreeMap<u64, u32> = if live.config.quic {
+            live.backends
+                .iter()
+                .filter_map(|b| {
+                    b.config
+                        .quic_id
+                        .map(|q| (lb_common::quic::key(live.id, q), b.id))
+                })
+                .collect()
+        } else {
+            BTreeMap::new()
+        };
+        let stale: Vec<u64> = self
+            .quic
+            .keys()
+            .filter(|k| (*k >> 16) as u32 == live.id && !wanted.contains_key(k))
+            .copied()
+            .collect();
+        for key in stale {
+            self.tables.set_quic(key, None)?;
+            self.quic.remove(&key);
+        }
+        for (key, id) in wanted {
+            if self.quic.get(&key) != Some(&id) {
+                self.tables.set_quic(key, Some(id))?;
+                self.quic.insert(key, id);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What the data path knows of a backend of service `service_id`.
+fn backend_entry(service_id: u32, b: &LiveBackend) -> BackendEntry {
+    BackendEntry {
+        endpoint: Endpoint::from_socket_v4(b.config.address),
+        _pad: [0; 2],
+        service_id,
+        weight: b.config.weight,
+        latency_us: b.latency_us,
     }
 }
 

@@ -58,6 +58,9 @@ pub struct BackendStats {
     #[serde(flatten)]
     pub traffic: Traffic,
     pub active_flows: u64,
+    /// Smoothed response time of its health checks, in milliseconds (absent when not
+    /// checked).
+    pub response_ms: Option<f64>,
 }
 
 /// A service's or backend's counters: `packets` and `bytes` are both directions summed.
@@ -151,7 +154,8 @@ pub fn read(
                 state: b.state().name().into(),
                 id: b.id,
                 traffic: tables.backend_stats(b.id)?.into(),
-                active_flows: active(sweep.map(|r| &r.by_backend), b.id),
+                active_flows: tables.active(b.id),
+                response_ms: (b.latency_us > 0).then(|| f64::from(b.latency_us) / 1000.0),
             });
         }
         stats.services.push(s);

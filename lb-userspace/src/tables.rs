@@ -11,8 +11,8 @@
 //! the others.
 
 use std::{
-    os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
-    ptr::NonNull,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
+    sync::atomic::Ordering,
 };
 
 use anyhow::{Context as _, bail};
@@ -25,7 +25,7 @@ use lb_common::maps::{
     BackendEntry, FlowStats, NO_BACKEND, ServiceEntry, ServiceKey, Settings, names,
 };
 
-use crate::loader::map_handle;
+use crate::{loader::map_handle, mapped::MappedArray};
 
 /// Handles of their own on the maps, so a [`Tables`] can live apart from the loaded object.
 pub struct Tables {
@@ -34,9 +34,11 @@ pub struct Tables {
     backends: Array<MapData, BackendEntry>,
     service_stats: PerCpuArray<MapData, FlowStats>,
     backend_stats: PerCpuArray<MapData, FlowStats>,
+    quic: HashMap<MapData, u64, u32>,
     reasons: PerCpuArray<MapData, u64>,
     handoffs: PerCpuArray<MapData, u64>,
-    maglev: MaglevMemory,
+    maglev: MappedArray,
+    active: MappedArray,
     maglev_size: u32,
     cpus: usize,
     grace: GracePeriod,
@@ -46,12 +48,12 @@ impl Tables {
     /// Opens the maps of a loaded object whose Maglev tables have `maglev_size` slots.
     pub fn open(ebpf: &Ebpf, maglev_size: u32) -> anyhow::Result<Tables> {
         let handle = |name| map_handle(ebpf, name);
-        let maglev = MaglevMemory::map(handle(names::MAGLEV)?)?;
-        if maglev.slots % (2 * maglev_size as usize) != 0 {
+        let maglev = MappedArray::map(handle(names::MAGLEV)?, names::MAGLEV, 8)?;
+        if maglev.u32s() % (2 * maglev_size as usize) != 0 {
             bail!(
                 "map MAGLEV holds {} slots, not a whole number of pairs of {maglev_size}-slot \
                  tables",
-                maglev.slots
+                maglev.u32s()
             );
         }
         Ok(Tables {
@@ -60,9 +62,11 @@ impl Tables {
             backends: Map::Array(handle(names::BACKENDS)?).try_into()?,
             service_stats: Map::PerCpuArray(handle(names::SERVICE_STATS)?).try_into()?,
             backend_stats: Map::PerCpuArray(handle(names::BACKEND_STATS)?).try_into()?,
+            quic: Map::HashMap(handle(names::QUIC_SERVERS)?).try_into()?,
             reasons: Map::PerCpuArray(handle(names::REASONS)?).try_into()?,
             handoffs: Map::PerCpuArray(handle(names::HANDOFFS)?).try_into()?,
             maglev,
+            active: MappedArray::map(handle(names::ACTIVE)?, names::ACTIVE, 8)?,
             maglev_size,
             cpus: nr_cpus().map_err(|(_, e)| e).context("counting CPUs")?,
             grace: GracePeriod::new()?,
@@ -75,7 +79,7 @@ impl Tables {
 
     /// How many services the tables have room for.
     pub fn max_services(&self) -> u32 {
-        (self.maglev.slots / (2 * self.maglev_size as usize)) as u32
+        (self.maglev.u32s() / (2 * self.maglev_size as usize)) as u32
     }
 
     pub fn max_backends(&self) -> u32 {
@@ -158,7 +162,7 @@ impl Tables {
             own[0]
         };
         let first = entry.first_slot(self.maglev_size) as usize;
-        self.maglev.write(first, slots)?;
+        self.maglev.write_u32s(first, slots)?;
         self.services
             .insert(key, entry, 0)
             .context("writing a service entry")?;
@@ -181,10 +185,36 @@ impl Tables {
 
     /// The Maglev table in use by a service, as the data path reads it.
     pub fn table(&self, entry: &ServiceEntry) -> anyhow::Result<Vec<u32>> {
-        self.maglev.read(
+        self.maglev.read_u32s(
             entry.first_slot(self.maglev_size) as usize,
             self.maglev_size as usize,
         )
+    }
+
+    /// Routes QUIC server id `key` (`lb_common::quic::key`) to backend `id`, or (None) no
+    /// longer.
+    pub fn set_quic(&mut self, key: u64, id: Option<u32>) -> anyhow::Result<()> {
+        match id {
+            Some(id) => self.quic.insert(key, id, 0).context("writing QUIC_SERVERS"),
+            None => match self.quic.remove(&key) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+                Err(e) => Err(e).context("removing from QUIC_SERVERS"),
+            },
+        }
+    }
+
+    /// Backend `id`'s open flows (`ACTIVE`).
+    pub fn active(&self, id: u32) -> u64 {
+        self.active
+            .counter(id as usize)
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
+    /// Rewrites backend `id`'s entry (its weight or response time), counters untouched.
+    pub fn update_backend(&mut self, id: u32, entry: BackendEntry) -> anyhow::Result<()> {
+        self.backends
+            .set(id, entry, 0)
+            .with_context(|| format!("writing backend {id}"))
     }
 
     pub fn service_stats(&self, id: u32) -> anyhow::Result<FlowStats> {
@@ -323,89 +353,6 @@ impl GracePeriod {
         )
         .context("waiting for an RCU grace period")?;
         Ok(())
-    }
-}
-
-/// The `MAGLEV` array mapped into our memory: `slots` backend ids, back to back (two per
-/// array entry, which the kernel lays out 8 bytes apart).
-struct MaglevMemory {
-    base: NonNull<u32>,
-    slots: usize,
-    bytes: usize,
-    /// Keeps the map open while it is mapped.
-    _map: MapData,
-}
-
-// SAFETY: the mapping is plain shared memory, owned by this value alone on our side; the
-// kernel's readers are the XDP program's runs, which the switch protocol keeps off the table
-// being written.
-unsafe impl Send for MaglevMemory {}
-
-impl MaglevMemory {
-    fn map(map: MapData) -> anyhow::Result<MaglevMemory> {
-        let info = map.info().context("map MAGLEV: its info")?;
-        if info.value_size() != 8 {
-            bail!(
-                "map MAGLEV has {}-byte values, not pairs of backend ids",
-                info.value_size()
-            );
-        }
-        let slots = info.max_entries() as usize * 2;
-        let bytes = slots * size_of::<u32>();
-        // SAFETY: a shared mapping of the whole map, which the kernel checks fits it; the
-        // pointer is used only within `bytes` of it, and unmapped on drop.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                map.fd().as_fd().as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error()).context(
-                "memory-mapping map MAGLEV (it must be created with BPF_F_MMAPABLE; Linux 5.5+)",
-            );
-        }
-        Ok(MaglevMemory {
-            base: NonNull::new(ptr.cast()).context("mmap returned null")?,
-            slots,
-            bytes,
-            _map: map,
-        })
-    }
-
-    fn write(&mut self, first: usize, ids: &[u32]) -> anyhow::Result<()> {
-        if first
-            .checked_add(ids.len())
-            .is_none_or(|end| end > self.slots)
-        {
-            bail!("Maglev slots {first}.. are outside the map");
-        }
-        // SAFETY: checked above to lie within the mapping; nothing else on our side holds a
-        // reference into it.
-        unsafe {
-            std::ptr::copy_nonoverlapping(ids.as_ptr(), self.base.as_ptr().add(first), ids.len())
-        };
-        Ok(())
-    }
-
-    fn read(&self, first: usize, len: usize) -> anyhow::Result<Vec<u32>> {
-        if first.checked_add(len).is_none_or(|end| end > self.slots) {
-            bail!("Maglev slots {first}.. are outside the map");
-        }
-        // SAFETY: checked above to lie within the mapping.
-        let slice = unsafe { std::slice::from_raw_parts(self.base.as_ptr().add(first), len) };
-        Ok(slice.to_vec())
-    }
-}
-
-impl Drop for MaglevMemory {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `map`, unmapped once.
-        unsafe { libc::munmap(self.base.as_ptr().cast(), self.bytes) };
     }
 }
 

@@ -207,7 +207,7 @@ fn sweep_cost(flows: u32) -> Result<String> {
                 },
                 seen,
                 ifindex: 0,
-                _pad: 0,
+                generation: 0,
                 last_seen_ns: now,
             };
             let forward = FlowKey {

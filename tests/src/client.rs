@@ -160,12 +160,17 @@ pub struct UdpReply {
 /// Sends one datagram to `target` from a fresh socket (so a fresh source port, hence a new
 /// flow) and waits up to `timeout` for the reply. Must run inside the client's namespace.
 pub fn udp_request(target: SocketAddr, timeout: Duration) -> Result<UdpReply> {
+    udp_request_with(target, REQUEST.as_bytes(), timeout)
+}
+
+/// Like [`udp_request`], with `payload` for the datagram (the servers answer any).
+pub fn udp_request_with(target: SocketAddr, payload: &[u8], timeout: Duration) -> Result<UdpReply> {
     let socket = UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))
         .context("binding a UDP client socket")?;
     socket.set_read_timeout(Some(timeout))?;
     socket.set_write_timeout(Some(IO_TIMEOUT))?;
     socket
-        .send_to(REQUEST.as_bytes(), target)
+        .send_to(payload, target)
         .with_context(|| format!("sending to {target}"))?;
     // `local_addr` after the send: the send bound the ephemeral port.
     let local = socket.local_addr()?;

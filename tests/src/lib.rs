@@ -9,7 +9,8 @@
 //! * [`lab`]: the one-namespace lab where the fixtures and the benchmark run the program.
 //! * [`echo`]: long-lived TCP connections: an echo server and its client.
 //! * [`flood`]: a SYN flood from spoofed sources of the client's own subnet.
-//! * [`servers`]: the backends' line-answering TCP and UDP servers.
+//! * [`servers`]: the backends' line-answering TCP and UDP servers; [`slow_http`]: a
+//!   backend that answers HTTP after a delay.
 //! * [`client`]: the clients that talk to the VIP from the client namespace.
 //! * [`xlb`]: starting and stopping the `xlb` process inside the load balancer namespace.
 //! * [`stats`]: parsing the counters xlb prints when it exits.
@@ -33,6 +34,7 @@ pub mod netns;
 pub mod nstat;
 pub mod packet;
 pub mod servers;
+pub mod slow_http;
 pub mod stats;
 pub mod topology;
 pub mod xlb;

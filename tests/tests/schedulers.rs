@@ -170,3 +170,210 @@ fn source_hash_keeps_each_client_on_one_backend() {
         Ok(())
     });
 }
+
+/// The backends' open flows as `xlb backend ls` shows them, in topology order.
+fn active_flows(xlb: &XlbProcess, vip: &str, topo: &Topology) -> Result<Vec<u64>> {
+    let out = xlb.command(&["backend", "ls", vip, "-o", "json"])?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    topo.backends
+        .iter()
+        .map(|b| {
+            let address = SocketAddrV4::new(b.addr, PORT).to_string();
+            list.as_array()
+                .and_then(|l| l.iter().find(|x| x["address"] == address.as_str()))
+                .and_then(|x| x["active_flows"].as_u64())
+                .with_context(|| format!("{address} missing from backend ls: {list}"))
+        })
+        .collect()
+}
+
+/// Least-conn: 20 connections held open on b1 and b2 (b3 drained) split 10/10, exactly (a
+/// new flow counts at once); with b3 back, the next 10 held-open connections all go to
+/// it. `backend ls` shows each backend's open flows, and once every connection is closed
+/// the counts return to zero.
+#[test]
+fn least_conn_fills_the_least_loaded_backend() {
+    with_topology(PREFIX, Options::default(), |topo| {
+        topo.check_connectivity()?;
+        let servers = EchoServer::on_backends(topo, PORT)?;
+        let cfg = config(topo, &[(PORT, "least-conn")], [1, 1, 1]).replacen(
+            &format!(
+                "address = \"{}\"\nweight = 1\n",
+                SocketAddrV4::new(topo.backends[2].addr, PORT)
+            ),
+            &format!(
+                "address = \"{}\"\nweight = 1\ndrain = true\n",
+                SocketAddrV4::new(topo.backends[2].addr, PORT)
+            ),
+            1,
+        );
+        let xlb = XlbProcess::start(&topo.lb, &cfg)?;
+        let vip = format!("{VIP}:{PORT}");
+        let target: SocketAddr = vip.parse()?;
+        let hold = |n: usize| -> Result<(Vec<EchoConn>, Vec<u64>)> {
+            let before: Vec<u64> = servers.iter().map(EchoServer::accepted).collect();
+            let conns = (0..n)
+                .map(|i| {
+                    let mut c = EchoConn::connect(&topo.client, target, Duration::from_secs(3))?;
+                    c.echo("hello")
+                        .with_context(|| format!("held connection {i}"))?;
+                    Ok(c)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            std::thread::sleep(Duration::from_millis(200));
+            let after = servers
+                .iter()
+                .zip(before)
+                .map(|(s, b)| s.accepted() - b)
+                .collect();
+            Ok((conns, after))
+        };
+        let (mut first, counts) = hold(20)?;
+        ensure!(
+            counts == [10, 10, 0],
+            "20 connections over b1 and b2: {counts:?}"
+        );
+        ensure!(
+            active_flows(&xlb, &vip, topo)? == [10, 10, 0],
+            "open flows: {:?}",
+            active_flows(&xlb, &vip, topo)?
+        );
+        let b3 = SocketAddrV4::new(topo.backends[2].addr, PORT).to_string();
+        let out = xlb.command(&["backend", "weight", &vip, &b3, "1"])?;
+        ensure!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let (second, counts) = hold(10)?;
+        ensure!(
+            counts == [0, 0, 10],
+            "with b3 back, the next 10: {counts:?}"
+        );
+        for (i, c) in first.iter_mut().enumerate() {
+            c.echo("still")
+                .with_context(|| format!("first-batch connection {i}"))?;
+        }
+        drop(first);
+        drop(second);
+        // Closed flows come off at the sweeper's next pass (about a second).
+        let closed = std::time::Instant::now();
+        loop {
+            let active = active_flows(&xlb, &vip, topo)?;
+            if active == [0, 0, 0] {
+                break;
+            }
+            ensure!(
+                closed.elapsed() < Duration::from_secs(5),
+                "open flows 5 s after every connection closed: {active:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        xlb.stop()?;
+        Ok(())
+    });
+}
+
+/// Least-response-time: b2 answers its HTTP health checks 100 ms late, b1 and b3 at once.
+/// Of 30 connections held open, b2 gets at most a third of what the slower of the fast
+/// ones gets (none while the fast ones answer within 6 ms: 100 ms × 1 stays above
+/// 6 ms × 16; a loaded machine's checks may be slower). The clients' flows are told from
+/// the health checks by their source, the SNAT address.
+#[test]
+fn least_response_time_avoids_the_slow_backend() {
+    use xlb_tests::slow_http::SlowHttpServer;
+    with_topology(PREFIX, Options::default(), |topo| {
+        topo.check_connectivity()?;
+        let servers = topo
+            .backends
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                let delay = Duration::from_millis(if i == 1 { 100 } else { 0 });
+                SlowHttpServer::start(&b.ns, SocketAddr::from((b.addr, PORT)), delay)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let health = "[service.health]\nkind = \"http\"\npath = \"/\"\ninterval_ms = 200\n\
+                      timeout_ms = 150\nrise = 1\nfall = 3\n";
+        let cfg = config(topo, &[(PORT, "least-response-time")], [1, 1, 1]) + health;
+        let xlb = XlbProcess::start(&topo.lb, &cfg)?;
+        // A few checks' worth of response times.
+        std::thread::sleep(Duration::from_millis(1200));
+        let target: SocketAddr = SocketAddr::from((VIP, PORT));
+        let conns = (0..30)
+            .map(|_| EchoConn::connect(&topo.client, target, Duration::from_secs(3)))
+            .collect::<Result<Vec<_>>>()?;
+        std::thread::sleep(Duration::from_millis(200));
+        let from_clients: Vec<u64> = servers
+            .iter()
+            .map(|s| s.accepted_from(std::net::IpAddr::V4(SNAT)))
+            .collect();
+        let fast = from_clients[0].min(from_clients[2]);
+        ensure!(
+            from_clients.iter().sum::<u64>() == 30 && from_clients[1] * 3 <= fast,
+            "connections per backend (b2 is the slow one): {from_clients:?}"
+        );
+        drop(conns);
+        xlb.stop()?;
+        Ok(())
+    });
+}
+
+/// QUIC connection-ID routing: on a `quic = true` UDP service, short-header datagrams from
+/// twenty fresh source ports (a connection migrating, twenty times) that carry b3's
+/// `quic_id` all reach b3; long-header ones (handshakes) and unknown ids spread by the
+/// scheduler as any UDP flow.
+#[test]
+fn quic_short_headers_follow_their_connection_id() {
+    use xlb_tests::client::udp_request_with;
+    use xlb_tests::servers::BackendServers;
+    with_topology(PREFIX, Options::default(), |topo| {
+        topo.check_connectivity()?;
+        let _servers = BackendServers::start(topo)?;
+        let mut cfg = format!(
+            "[dataplane]\ninterfaces = {:?}\n\n[[service]]\nvip = \"{VIP}:443\"\n\
+             protocol = \"udp\"\nsnat = \"{SNAT}\"\nquic = true\n",
+            topo.lb_interfaces()
+        );
+        for (i, b) in topo.backends.iter().enumerate() {
+            cfg += &format!(
+                "[[service.backend]]\naddress = \"{}:8080\"\nquic_id = {}\n",
+                b.addr,
+                i + 1
+            );
+        }
+        let xlb = XlbProcess::start(&topo.lb, &cfg)?;
+        let target = SocketAddr::from((VIP, 443));
+        let answers = |payload: &[u8]| -> Result<std::collections::BTreeMap<String, u32>> {
+            let mut by_server = std::collections::BTreeMap::new();
+            for i in 0..20 {
+                let reply = topo
+                    .client
+                    .enter(|| udp_request_with(target, payload, Duration::from_secs(2)))?
+                    .with_context(|| format!("datagram {i}"))?;
+                *by_server.entry(reply.answer.server).or_default() += 1;
+            }
+            Ok(by_server)
+        };
+        // Short header (0b01......), connection ID octet, then b3's id 3.
+        let to_b3 = answers(&[0x41, 0x00, 0x00, 0x03, 0xaa, 0xbb, 0xcc, 0xdd])?;
+        ensure!(
+            to_b3.len() == 1 && to_b3.get("b3") == Some(&20),
+            "short headers with b3's id went to {to_b3:?}"
+        );
+        let long = answers(&[0xc1, 0x00, 0x00, 0x03, 0xaa, 0xbb, 0xcc, 0xdd])?;
+        ensure!(long.len() > 1, "long headers did not spread: {long:?}");
+        let unknown = answers(&[0x41, 0x00, 0x77, 0x77, 0xaa, 0xbb, 0xcc, 0xdd])?;
+        ensure!(
+            unknown.len() > 1,
+            "an unknown id did not spread: {unknown:?}"
+        );
+        xlb.stop()?;
+        Ok(())
+    });
+}
