@@ -48,13 +48,19 @@ pub fn is_least(scheduler: u32) -> bool {
 
 /// A backend's score under a least-* scheduler; the lowest wins. `weight` is above 0 (only
 /// backends that take new flows are scored). Response times are capped at 2^24 µs (16 s) and
-/// open flows at 2^28, so no product overflows.
+/// open flows at 2^28, so no product overflows. A backend not measured yet (`latency_us`
+/// 0: just added, still starting) counts as the slowest possible, so it is not swamped
+/// before its first check; when none is measured, all are alike (least-conn).
 #[inline(always)]
 pub fn score(scheduler: u32, active: u64, weight: u32, latency_us: u32) -> u64 {
     let active = if active > 1 << 28 { 1 << 28 } else { active };
     let weight = if weight == 0 { 1 } else { weight as u64 };
     if scheduler == LEAST_RESPONSE_TIME {
-        let latency = latency_us.clamp(1, 1 << 24) as u64;
+        let latency = if latency_us == 0 {
+            1 << 24
+        } else {
+            latency_us.min(1 << 24) as u64
+        };
         latency * (active + 1) * 256 / weight
     } else {
         (active << 20) / weight
@@ -198,8 +204,12 @@ mod tests {
         let slow = |active| score(LEAST_RESPONSE_TIME, active, 1, 10_000);
         assert!(fast(8) < slow(0));
         assert!(fast(10) > slow(0));
-        // Unmeasured counts as 1 µs; nothing overflows at the caps.
-        assert_eq!(score(LEAST_RESPONSE_TIME, 0, 1, 0), 256);
+        // Unmeasured counts as the slowest; nothing overflows at the caps.
+        assert!(score(LEAST_RESPONSE_TIME, 0, 1, 0) > slow(100));
+        assert_eq!(
+            score(LEAST_RESPONSE_TIME, 3, 1, 0),
+            score(LEAST_RESPONSE_TIME, 3, 1, 1 << 30)
+        );
         assert!(score(LEAST_RESPONSE_TIME, u64::MAX, 1, u32::MAX) < u64::MAX);
         assert!(score(LEAST_CONN, u64::MAX, 1, 0) < u64::MAX);
     }

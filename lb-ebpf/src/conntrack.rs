@@ -282,6 +282,12 @@ extern "C" fn least_step(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
 /// One more open flow for backend `id` (atomic: every CPU adds to the same counter).
 #[inline(always)]
 pub fn count_start(id: u32) {
+    count_add(id, 1);
+}
+
+/// Adds `n` (wrapping: `u64::MAX` takes one off) to backend `id`'s open flows, atomically.
+#[inline(always)]
+fn count_add(id: u32, n: u64) {
     if let Some(active) = ACTIVE.get_ptr_mut(id) {
         // SAFETY: a map value, valid for the run; the atomic add is the only access here,
         // and userspace's decrements are atomic too. The BPF target has no atomic types
@@ -290,12 +296,12 @@ pub fn count_start(id: u32) {
         #[cfg(target_arch = "bpf")]
         unsafe {
             core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
-                active, 1,
+                active, n,
             );
         }
         #[cfg(not(target_arch = "bpf"))]
         unsafe { core::sync::atomic::AtomicU64::from_ptr(active) }
-            .fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+            .fetch_add(n, core::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -446,15 +452,18 @@ fn insert_forward(
     inserted_reverse: Option<&FlowKey>,
     rewrite: &mut Rewrite,
 ) -> Result<(), Reason> {
+    // Counted before the entry can be seen, so the sweeper never takes off a start that
+    // is not on the count yet; taken back if the entry is not stored.
+    count_start(forward.rewrite.backend_id);
     let e = match CONNTRACK.insert(key, forward, BPF_NOEXIST as u64) {
         Ok(()) => {
             crate::stats::count_new_flow(&forward.rewrite);
-            count_start(forward.rewrite.backend_id);
             *rewrite = forward.rewrite;
             return Ok(());
         }
         Err(e) => e,
     };
+    count_add(forward.rewrite.backend_id, u64::MAX);
     // SAFETY: a map value, read in place and copied out at once.
     let winner = unsafe { CONNTRACK.get(key) }.map(|w| w.rewrite);
     let ours_to_withdraw = winner.is_none_or(|w| w != forward.rewrite);

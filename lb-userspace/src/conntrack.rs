@@ -156,7 +156,10 @@ impl Table {
         if let Some(acc) = &self.accounting {
             let mut acc = lock(acc);
             for key in &ended {
-                acc.catch_up(&self.map, key)?;
+                // The flows' removal must not wait on the counts: log and go on.
+                if let Err(e) = acc.catch_up(&self.map, key) {
+                    log::warn!("taking ended flows off the open-flow counts: {e:#}");
+                }
             }
         }
         for (key, counted) in forward.iter().chain(&reverse) {
@@ -215,20 +218,33 @@ impl Table {
                 if entry.rewrite.backend_id == backend_id
                     && entry.rewrite.direction == DIR_TO_BACKEND
                 {
-                    doomed.push((*key, entry.twin_key(key.proto)));
+                    doomed.push(*key);
                 }
             }
         })?;
         let mut acc = self.accounting.as_deref().map(lock);
-        for (forward, reverse) in &doomed {
-            let entry = get(&self.map, forward)?;
-            delete(&mut self.map, reverse)?;
-            delete(&mut self.map, forward)?;
-            if let (Some(acc), Some(entry)) = (acc.as_mut(), entry) {
-                acc.removed(forward, &entry)?;
+        let mut cut = 0;
+        for forward in &doomed {
+            // Read again: the flow may be gone, or its key another flow's, by now.
+            let Some(entry) = get(&self.map, forward)? else {
+                continue;
+            };
+            if entry.rewrite.backend_id != backend_id {
+                continue;
             }
+            let reverse = entry.twin_key(forward.proto);
+            if get(&self.map, &reverse)?.is_some_and(|t| t.twin_key(forward.proto) == *forward) {
+                delete(&mut self.map, &reverse)?;
+            }
+            delete(&mut self.map, forward)?;
+            if let Some(acc) = acc.as_mut()
+                && let Err(e) = acc.removed(forward, &entry)
+            {
+                log::warn!("taking a cut flow off the open-flow counts: {e:#}");
+            }
+            cut += 1;
         }
-        Ok(doomed.len() as u64)
+        Ok(cut)
     }
 
     /// How many flows the table holds (forward entries).
@@ -313,7 +329,9 @@ impl Accounting {
         Self::ended(key, entry) != self.done.get(key).copied().unwrap_or(0)
     }
 
-    /// Takes the flow's ended starts off, by a fresh read of its forward entry.
+    /// Takes the flow's ended starts off, by a fresh read of its forward entry. What it
+    /// took off only ever grows: an entry read half-way through a restart (its generation
+    /// bumped, its record not yet reset) cannot make a start count twice.
     fn catch_up(
         &mut self,
         table: &HashMap<MapData, FlowKey, NatEntry>,
@@ -322,37 +340,39 @@ impl Accounting {
         let Some(entry) = get(table, key)? else {
             return Ok(());
         };
-        let ended = Self::ended(key, &entry);
         let done = self.done.get(key).copied().unwrap_or(0);
-        if ended > done {
-            self.take_off(entry.rewrite.backend_id, (ended - done) as u64);
-        }
-        if ended != done {
+        let new = ahead(Self::ended(key, &entry), done);
+        if new > 0 {
+            // Recorded before it is taken off: a daemon killed in between leaves a count
+            // one too high, never a start taken off twice.
+            let ended = done.wrapping_add(new);
             self.released
                 .insert(key, ended, 0)
                 .context("writing RELEASED")?;
             self.done.insert(*key, ended);
+            self.take_off(entry.rewrite.backend_id, new as u64);
         }
         Ok(())
     }
 
     /// The flow's forward entry `entry` is gone: whatever of it still counts comes off.
     fn removed(&mut self, key: &FlowKey, entry: &NatEntry) -> anyhow::Result<()> {
-        let starts = entry.generation.wrapping_add(1);
         let done = self.done.remove(key).unwrap_or(0);
-        if starts > done {
-            self.take_off(entry.rewrite.backend_id, (starts - done) as u64);
-        }
         if done > 0 {
             match self.released.remove(key) {
                 Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
                 Err(e) => return Err(e).context("removing from RELEASED"),
             }
         }
+        let new = ahead(entry.generation.wrapping_add(1), done);
+        self.take_off(entry.rewrite.backend_id, new as u64);
         Ok(())
     }
 
     fn take_off(&self, backend_id: u32, n: u64) {
+        if n == 0 {
+            return;
+        }
         let Some(counter) = self.active.counter(backend_id as usize) else {
             return;
         };
@@ -368,6 +388,13 @@ impl Accounting {
             );
         }
     }
+}
+
+/// How far a flow's count of starts `now` is ahead of `done` (the generation wraps: a
+/// difference of more than 2^31 means `done` is the newer, and nothing is ahead).
+fn ahead(now: u32, done: u32) -> u32 {
+    let d = now.wrapping_sub(done);
+    if d < 1 << 31 { d } else { 0 }
 }
 
 /// Runs sweeps on a thread of its own: about once a second (less often when a sweep takes
@@ -613,8 +640,10 @@ fn remove_flow(
         delete(table, &second)?;
         Removed::Flow(verdict)
     };
-    if let (Some(acc), Some((key, entry))) = (acc.as_mut(), forward) {
-        acc.removed(&key, &entry)?;
+    if let (Some(acc), Some((key, entry))) = (acc.as_mut(), forward)
+        && let Err(e) = acc.removed(&key, &entry)
+    {
+        log::warn!("taking a removed flow off the open-flow counts: {e:#}");
     }
     Ok(removed)
 }

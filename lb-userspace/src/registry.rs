@@ -272,8 +272,8 @@ impl Registry {
                 },
             );
         }
-        // Per service: (id, address, in the table in use).
-        let mut found: BTreeMap<u32, Vec<(u32, SocketAddrV4, bool)>> = BTreeMap::new();
+        // Per service: (id, address, in the table in use, response time).
+        let mut found: BTreeMap<u32, Vec<(u32, SocketAddrV4, bool, u32)>> = BTreeMap::new();
         for (id, entry) in self.tables.backends()? {
             if !self.services.values().any(|s| s.id == entry.service_id) {
                 // A backend of a service removed before: flows may still point at both.
@@ -290,6 +290,7 @@ impl Registry {
                 id,
                 entry.endpoint.to_socket_v4(),
                 listed,
+                entry.latency_us,
             ));
         }
         let checked: BTreeSet<ServiceName> = cfg
@@ -301,8 +302,8 @@ impl Registry {
         for service in self.services.values_mut() {
             let mut backends = found.remove(&service.id).unwrap_or_default();
             // For each address, the id in the table first, then the newest.
-            backends.sort_by_key(|&(id, address, listed)| (address, !listed, u32::MAX - id));
-            for (i, &(id, address, listed)) in backends.iter().enumerate() {
+            backends.sort_by_key(|&(id, address, listed, _)| (address, !listed, u32::MAX - id));
+            for (i, &(id, address, listed, latency_us)) in backends.iter().enumerate() {
                 self.backend_ids.used.insert(id);
                 if i > 0 && backends[i - 1].1 == address {
                     self.backend_ids.retire(id);
@@ -320,7 +321,7 @@ impl Registry {
                     // stopped. (Without checks it was drained or weighed 0, which the
                     // config says again.)
                     down: !listed && checked.contains(&service.name),
-                    latency_us: 0,
+                    latency_us,
                 });
             }
         }
@@ -697,13 +698,12 @@ impl Registry {
         let Some(mut live) = self.services.remove(name) else {
             return Ok(());
         };
-        live.config.quic = false;
-        self.sync_quic(&live)?;
         self.service_ids.retire(live.id);
         for b in &live.backends {
             self.backend_ids.retire(b.id);
         }
-        Ok(())
+        live.config.quic = false;
+        self.sync_quic(&live)
     }
 
     /// Builds the service's Maglev table from its backends that are up, and switches to it.
@@ -774,8 +774,9 @@ impl Registry {
                 0
             },
         };
-        self.sync_quic(live)?;
         self.tables.switch_table(&live.name.key(), entry, &table)?;
+        // After the switch: its backends' entries are in place by now.
+        self.sync_quic(live)?;
         self.rebuilds += 1;
         Ok(())
     }

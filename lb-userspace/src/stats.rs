@@ -43,7 +43,7 @@ pub struct ServiceStats {
     pub id: u32,
     #[serde(flatten)]
     pub traffic: Traffic,
-    /// Flows open now (from the sweeper's latest pass).
+    /// Flows open now on its backends (their `active_flows` summed).
     pub active_flows: u64,
     pub backends: Vec<BackendStats>,
 }
@@ -132,9 +132,6 @@ pub fn read(
     interfaces: Vec<(String, u64)>,
 ) -> anyhow::Result<Stats> {
     let tables = registry.tables();
-    let active = |counts: Option<&BTreeMap<u32, u64>>, id: u32| {
-        counts.and_then(|c| c.get(&id)).copied().unwrap_or(0)
-    };
     let mut stats = Stats::default();
     for service in registry.services() {
         let mut s = ServiceStats {
@@ -144,7 +141,7 @@ pub fn read(
             scheduler: service.config.scheduler.name().into(),
             id: service.id,
             traffic: tables.service_stats(service.id)?.into(),
-            active_flows: active(sweep.map(|r| &r.by_service), service.id),
+            active_flows: service.backends.iter().map(|b| tables.active(b.id)).sum(),
             backends: Vec::new(),
         };
         for b in &service.backends {

@@ -116,6 +116,11 @@ impl Tables {
         self.backends
             .set(id, entry, 0)
             .with_context(|| format!("writing backend {id}"))?;
+        // An id is given only once no flow points at it: its open flows are none. (Should
+        // a count ever have been left behind, it ends here.)
+        if let Some(active) = self.active.counter(id as usize) {
+            active.store(0, Ordering::Relaxed);
+        }
         let zeros = PerCpuValues::try_from(vec![FlowStats::default(); self.cpus])?;
         self.backend_stats
             .set(id, zeros, 0)

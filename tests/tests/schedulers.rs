@@ -298,12 +298,31 @@ fn least_response_time_avoids_the_slow_backend() {
                 SlowHttpServer::start(&b.ns, SocketAddr::from((b.addr, PORT)), delay)
             })
             .collect::<Result<Vec<_>>>()?;
-        let health = "[service.health]\nkind = \"http\"\npath = \"/\"\ninterval_ms = 200\n\
-                      timeout_ms = 150\nrise = 1\nfall = 3\n";
+        let health = "[service.health]\nkind = \"http\"\npath = \"/\"\ninterval_ms = 300\n\
+                      timeout_ms = 250\nrise = 1\nfall = 3\n";
         let cfg = config(topo, &[(PORT, "least-response-time")], [1, 1, 1]) + health;
         let xlb = XlbProcess::start(&topo.lb, &cfg)?;
-        // A few checks' worth of response times.
-        std::thread::sleep(Duration::from_millis(1200));
+        // Every backend up and measured, then a few more checks' worth of response times.
+        let vip = format!("{VIP}:{PORT}");
+        let started = std::time::Instant::now();
+        loop {
+            let out = xlb.command(&["backend", "ls", &vip, "-o", "json"])?;
+            let list: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+            let ready = list.as_array().is_some_and(|l| {
+                l.len() == 3
+                    && l.iter()
+                        .all(|b| b["state"] == "up" && b["response_ms"].is_number())
+            });
+            if ready {
+                break;
+            }
+            ensure!(
+                started.elapsed() < Duration::from_secs(5),
+                "backends not all up and measured: {list}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        std::thread::sleep(Duration::from_millis(900));
         let target: SocketAddr = SocketAddr::from((VIP, PORT));
         let conns = (0..30)
             .map(|_| EchoConn::connect(&topo.client, target, Duration::from_secs(3)))
