@@ -165,6 +165,7 @@ impl Table {
         for (key, counted) in forward.iter().chain(&reverse) {
             let removed = remove_flow(
                 &mut self.map,
+                self.fd,
                 key,
                 timeouts,
                 pressure,
@@ -236,9 +237,9 @@ impl Table {
             if get(&self.map, &reverse)?.is_some_and(|t| t.twin_key(forward.proto) == *forward) {
                 delete(&mut self.map, &reverse)?;
             }
-            delete(&mut self.map, forward)?;
-            if let Some(acc) = acc.as_mut()
-                && let Err(e) = acc.removed(forward, &entry)
+            let gone = take(self.fd, forward)?;
+            if let (Some(acc), Some(gone)) = (acc.as_mut(), gone)
+                && let Err(e) = acc.removed(forward, &gone)
             {
                 log::warn!("taking a cut flow off the open-flow counts: {e:#}");
             }
@@ -602,6 +603,7 @@ enum Removed {
 /// twin is missing (or belongs to another flow) is removed alone.
 fn remove_flow(
     table: &mut HashMap<MapData, FlowKey, NatEntry>,
+    fd: RawFd,
     key: &FlowKey,
     timeouts: &Timeouts,
     pressure: bool,
@@ -622,28 +624,34 @@ fn remove_flow(
     if verdict == Verdict::Keep {
         return Ok(Removed::Nothing);
     }
-    let forward = if entry.rewrite.direction == DIR_TO_BACKEND {
-        Some((*key, entry))
+    let forward_key = if entry.rewrite.direction == DIR_TO_BACKEND {
+        Some(*key)
     } else {
-        twin.map(|t| (twin_key, t))
+        twin.map(|_| twin_key)
     };
     let removed = if twin.is_none() {
-        delete(table, key)?;
         Removed::Orphan
     } else {
-        let (first, second) = if entry.rewrite.direction == DIR_TO_BACKEND {
-            (twin_key, *key)
+        // The reverse entry first: that frees the SNAT port only once nothing can send to it.
+        let reverse = if entry.rewrite.direction == DIR_TO_BACKEND {
+            twin_key
         } else {
-            (*key, twin_key)
+            *key
         };
-        delete(table, &first)?;
-        delete(table, &second)?;
+        delete(table, &reverse)?;
         Removed::Flow(verdict)
     };
-    if let (Some(acc), Some((key, entry))) = (acc.as_mut(), forward)
-        && let Err(e) = acc.removed(&key, &entry)
-    {
-        log::warn!("taking a removed flow off the open-flow counts: {e:#}");
+    match forward_key {
+        // The forward entry as it was when it went: a client's SYN a moment before (a
+        // restart, counted by the data plane) is in it, so the accounting misses nothing.
+        Some(forward) => {
+            if let (Some(acc), Some(gone)) = (acc.as_mut(), take(fd, &forward)?)
+                && let Err(e) = acc.removed(&forward, &gone)
+            {
+                log::warn!("taking a removed flow off the open-flow counts: {e:#}");
+            }
+        }
+        None => delete(table, key)?,
     }
     Ok(removed)
 }
@@ -663,6 +671,51 @@ fn delete(table: &mut HashMap<MapData, FlowKey, NatEntry>, key: &FlowKey) -> any
     match table.remove(key) {
         Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
         Err(e) => Err(e).context("removing a conntrack entry"),
+    }
+}
+
+/// `union bpf_attr` for the element commands (BPF_MAP_LOOKUP_AND_DELETE_ELEM).
+#[repr(C)]
+struct ElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+
+/// Removes the entry at `key` of the hash map `fd` and returns it as it was at that very
+/// moment (BPF_MAP_LOOKUP_AND_DELETE_ELEM, Linux 5.14): a packet that changed it a moment
+/// before is in what comes back. `None` if there was none.
+fn take(fd: RawFd, key: &FlowKey) -> anyhow::Result<Option<NatEntry>> {
+    let mut value = NatEntry::default();
+    let mut attr = ElemAttr {
+        map_fd: fd as u32,
+        _pad: 0,
+        key: key as *const FlowKey as u64,
+        value: &mut value as *mut NatEntry as u64,
+        flags: 0,
+    };
+    // SAFETY: `attr` points at a key and a value of the map's key and value types, alive
+    // for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_LOOKUP_AND_DELETE_ELEM,
+            &mut attr as *mut ElemAttr,
+            size_of::<ElemAttr>(),
+        )
+    };
+    if rc == 0 {
+        return Ok(Some(value));
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::ENOENT) {
+        Ok(None)
+    } else {
+        Err(e).context("removing a conntrack entry (BPF_MAP_LOOKUP_AND_DELETE_ELEM)")
     }
 }
 

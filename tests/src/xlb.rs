@@ -293,6 +293,15 @@ impl XlbProcess {
         Ok(self.seen[start..].join("\n"))
     }
 
+    /// Whether a line of xlb's log (its stderr, the last lines of it) contains `text`.
+    pub fn logged(&self, text: &str) -> bool {
+        self.stderr_tail
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|l| l.contains(text))
+    }
+
     /// The daemon's API socket.
     pub fn socket(&self) -> &std::path::Path {
         &self.socket
