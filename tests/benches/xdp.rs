@@ -57,17 +57,107 @@ fn main() -> Result<()> {
             table_switch_cost(changes)?,
         ))
     })?;
+    let maglev = maglev_figures(bench)?;
     if bench {
         println!("{}", machine());
         println!("{table}");
         println!("{sweeps}");
         println!("{switches}");
+        println!("{maglev}");
     } else {
         println!(
-            "bench smoke: every scenario ended with its expected reason; {sweeps}; {switches}"
+            "bench smoke: every scenario ended with its expected reason; {sweeps}; {switches}; \
+             {maglev}"
         );
     }
     Ok(())
+}
+
+/// The Maglev table builder (`lb_common::maglev::build`, release build under `cargo
+/// bench`): build times for 100 and 1000 backends at 65,537 and 655,373 slots; the share of
+/// slots that move when 1% of 1000 backends are removed (1% is the least possible: their
+/// own slots); and the largest over the smallest share of 100 equal-weight backends at
+/// 65,537 slots (the Maglev paper keeps it near 1 when slots > 100 × backends). The smoke
+/// run (debug build) does the small cases only. Fails if disruption or balance are far off.
+fn maglev_figures(bench: bool) -> Result<String> {
+    use std::time::Instant;
+
+    use lb_common::maglev::{Entry, build};
+
+    let names = |n: usize| -> Vec<String> {
+        (0..n)
+            .map(|i| format!("10.{}.{}.2:8080", 20 + i / 250, i % 250))
+            .collect()
+    };
+    let entries =
+        |names: &[String]| -> Vec<(String, u32)> { names.iter().map(|n| (n.clone(), 1)).collect() };
+    let table = |backends: &[(String, u32)], size: u32| -> Vec<u32> {
+        let e: Vec<Entry<'_>> = backends
+            .iter()
+            .map(|(n, w)| Entry {
+                name: n.as_bytes(),
+                weight: *w,
+            })
+            .collect();
+        build(&e, size)
+    };
+    let timed = |n: usize, size: u32| -> f64 {
+        let backends = entries(&names(n));
+        let started = Instant::now();
+        let t = table(&backends, size);
+        let ms = started.elapsed().as_secs_f64() * 1000.0;
+        assert_eq!(t.len(), size as usize);
+        ms
+    };
+    let mut text = String::from("maglev:");
+    let cases: &[(usize, u32)] = if bench {
+        &[(100, 65_537), (1000, 65_537), (1000, 655_373)]
+    } else {
+        &[(100, 65_537)]
+    };
+    for &(n, size) in cases {
+        text += &format!(" build n={n} m={size}: {:.1} ms;", timed(n, size));
+    }
+
+    // Balance: 100 equal backends, 65,537 slots.
+    let hundred = entries(&names(100));
+    let t = table(&hundred, 65_537);
+    let mut shares = vec![0u64; 100];
+    for &i in &t {
+        shares[i as usize] += 1;
+    }
+    let max_over_min = *shares.iter().max().unwrap_or(&1) as f64
+        / (*shares.iter().min().unwrap_or(&1)).max(1) as f64;
+    ensure!(
+        max_over_min < 1.05,
+        "100 equal backends: max/min share {max_over_min:.3}"
+    );
+    text += &format!(" max/min share of 100 equal backends {max_over_min:.4};");
+
+    // Disruption: remove 1% of the backends, at a table smaller and one larger than 100 ×
+    // the backends.
+    let n = if bench { 1000 } else { 200 };
+    let sizes: &[u32] = if bench { &[65_537, 655_373] } else { &[65_537] };
+    let all = entries(&names(n));
+    let kept: Vec<(String, u32)> = all.iter().skip(n / 100).cloned().collect();
+    for &size in sizes {
+        let before = table(&all, size);
+        let after = table(&kept, size);
+        // Indexes differ between the two lists: compare backend names.
+        let moved = before
+            .iter()
+            .zip(&after)
+            .filter(|(b, a)| all[**b as usize].0 != kept[**a as usize].0)
+            .count();
+        let moved_pct = moved as f64 * 100.0 / size as f64;
+        // A regression gate, not the figure: 1% is the least possible.
+        ensure!(
+            moved_pct < 5.0,
+            "removing 1% of {n} backends moved {moved_pct:.2}% of {size} slots"
+        );
+        text += &format!(" removing 1% of {n} backends moved {moved_pct:.2}% of {size} slots;");
+    }
+    Ok(text)
 }
 
 /// What a change to one service costs with 32 services of 3 backends each and 65,537-slot
