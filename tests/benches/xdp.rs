@@ -35,6 +35,8 @@ address = "10.20.1.2:8080"
 
 struct Scenario {
     name: &'static str,
+    /// Its key under `per_packet_ns` in the JSON.
+    key: &'static str,
     /// The reason every run of this scenario must end with.
     reason: Reason,
     /// The frame for run `i`, and the interface it arrives on.
@@ -43,34 +45,79 @@ struct Scenario {
 }
 
 fn main() -> Result<()> {
-    let bench = std::env::args().any(|a| a == "--bench");
+    // `cargo bench` passes --bench; `cargo xtask bench --quick` adds --quick, which runs the
+    // smoke sizes in a release build. Under `cargo test` neither comes: the smoke run.
+    let quick = std::env::args().any(|a| a == "--quick");
+    let bench = std::env::args().any(|a| a == "--bench") && !quick;
     // The new-flow path keeps every flow it creates: 20 × 1,500 = 30,000 flows stay well
     // under the 64,512 SNAT ports one SNAT address has per backend, so no probe runs out.
     let (rounds, per_round) = if bench { (20, 1_500) } else { (2, 50) };
     // The sweeper's cost over a table of a million flows (ten thousand in the smoke run).
     let flows = if bench { 1 << 20 } else { 10_000 };
     let changes = if bench { 50 } else { 3 };
+    let mut json = serde_json::json!({
+        "command": if bench {
+            "cargo xtask bench"
+        } else if quick {
+            "cargo xtask bench --quick"
+        } else {
+            "cargo xtask test (the benchmark's smoke run, a debug build)"
+        },
+        "machine": machine().trim_start_matches("machine: "),
+        "date": today(),
+        "per_packet_method": "BPF_PROG_TEST_RUN on the real program, repeat = 1, median of \
+                              interleaved runs",
+    });
     let (table, sweeps, switches) = lab::in_lab("xlbbench", |_| {
         Ok((
-            run(rounds, per_round)?,
-            sweep_cost(flows)?,
-            table_switch_cost(changes)?,
+            run(rounds, per_round, &mut json)?,
+            sweep_cost(flows, &mut json)?,
+            table_switch_cost(changes, &mut json)?,
         ))
     })?;
-    let maglev = maglev_figures(bench)?;
+    let maglev = maglev_figures(bench, &mut json)?;
+    let written = write_json(&json, bench)?;
     if bench {
         println!("{}", machine());
         println!("{table}");
         println!("{sweeps}");
         println!("{switches}");
         println!("{maglev}");
+        println!("figures written to {}", written.display());
     } else {
         println!(
             "bench smoke: every scenario ended with its expected reason; {sweeps}; {switches}; \
-             {maglev}"
+             {maglev}; figures written to {}",
+            written.display()
         );
     }
     Ok(())
+}
+
+/// Writes the figures to `docs/benchmarks/<date>.json` (a full run) or
+/// `docs/benchmarks/quick.json` (a smoke or quick run, not committed).
+fn write_json(json: &serde_json::Value, full: bool) -> Result<std::path::PathBuf> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/benchmarks");
+    std::fs::create_dir_all(&dir)?;
+    let name = if full {
+        format!("{}.json", today())
+    } else {
+        "quick.json".into()
+    };
+    let path = dir.join(name);
+    std::fs::write(&path, serde_json::to_string_pretty(json)? + "\n")?;
+    Ok(path)
+}
+
+/// Today's date (UTC), YYYY-MM-DD.
+fn today() -> String {
+    std::process::Command::new("date")
+        .args(["-u", "+%F"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .filter(|d| !d.is_empty())
+        .unwrap_or_else(|| "undated".into())
 }
 
 /// The Maglev table builder (`lb_common::maglev::build`, release build under `cargo
@@ -79,7 +126,7 @@ fn main() -> Result<()> {
 /// own slots); and the largest over the smallest share of 100 equal-weight backends at
 /// 65,537 slots (the Maglev paper keeps it near 1 when slots > 100 × backends). The smoke
 /// run (debug build) does the small cases only. Fails if disruption or balance are far off.
-fn maglev_figures(bench: bool) -> Result<String> {
+fn maglev_figures(bench: bool, json: &mut serde_json::Value) -> Result<String> {
     use std::time::Instant;
 
     use lb_common::maglev::{Entry, build};
@@ -116,7 +163,9 @@ fn maglev_figures(bench: bool) -> Result<String> {
         &[(100, 65_537)]
     };
     for &(n, size) in cases {
-        text += &format!(" build n={n} m={size}: {:.1} ms;", timed(n, size));
+        let ms = timed(n, size);
+        json["maglev"]["build_ms"][format!("n{n}_m{size}")] = ms.into();
+        text += &format!(" build n={n} m={size}: {ms:.1} ms;");
     }
 
     // Balance: 100 equal backends, 65,537 slots.
@@ -132,6 +181,7 @@ fn maglev_figures(bench: bool) -> Result<String> {
         max_over_min < 1.05,
         "100 equal backends: max/min share {max_over_min:.3}"
     );
+    json["maglev"]["max_over_min_share"] = max_over_min.into();
     text += &format!(" max/min share of 100 equal backends {max_over_min:.4};");
 
     // Disruption: remove 1% of the backends, at a table smaller and one larger than 100 ×
@@ -155,6 +205,12 @@ fn maglev_figures(bench: bool) -> Result<String> {
             moved_pct < 5.0,
             "removing 1% of {n} backends moved {moved_pct:.2}% of {size} slots"
         );
+        let key = if size == 65_537 {
+            "moved_pct_remove_1pct".to_string()
+        } else {
+            format!("moved_pct_remove_1pct_m{size}")
+        };
+        json["maglev"][key] = moved_pct.into();
         text += &format!(" removing 1% of {n} backends moved {moved_pct:.2}% of {size} slots;");
     }
     Ok(text)
@@ -164,7 +220,7 @@ fn maglev_figures(bench: bool) -> Result<String> {
 /// tables: the median of `changes` weight changes through `Registry::apply` (rebuild the
 /// table, copy it into the mapped array, switch, wait a grace period), side by side with
 /// writing the same table slot by slot, one system call per slot, as xlb did before.
-fn table_switch_cost(changes: usize) -> Result<String> {
+fn table_switch_cost(changes: usize, json: &mut serde_json::Value) -> Result<String> {
     use std::time::Instant;
 
     use aya::maps::{Array, MapData};
@@ -213,6 +269,12 @@ fn table_switch_cost(changes: usize) -> Result<String> {
         maglev.set(2 * 63 * size / 2 + pair, [0, 0], 0)?;
     }
     let per_slot = started.elapsed();
+    json["table_switch"] = serde_json::json!({
+        "services": 32,
+        "fill_all_ms": fill.as_secs_f64() * 1000.0,
+        "change_one_ms": median(&mut apply.clone()) as f64 / 1000.0,
+        "one_table_slot_by_slot_ms": per_slot.as_secs_f64() * 1000.0,
+    });
     Ok(format!(
         "table switches, 32 services x 3 backends, {size}-slot tables: filling all 32 took \
          {:.1} ms; a change to one service through Registry::apply took {:.2} ms (median of \
@@ -227,7 +289,7 @@ fn table_switch_cost(changes: usize) -> Result<String> {
 /// Fills `CONNTRACK` with `flows` established flows (both entries each, written from
 /// userspace), then times a sweep that finds nothing to remove and one that removes
 /// everything, and reads the map's kernel memory (`memlock` in its fdinfo).
-fn sweep_cost(flows: u32) -> Result<String> {
+fn sweep_cost(flows: u32, json: &mut serde_json::Value) -> Result<String> {
     use std::time::Instant;
 
     use aya::maps::{HashMap, Map, MapData};
@@ -335,6 +397,15 @@ fn sweep_cost(flows: u32) -> Result<String> {
     let gone = table.sweep(&zero, false)?;
     let (removed, removing) = (gone.expired, gone.took);
     ensure!(removed == u64::from(flows), "removed {removed} of {flows}");
+    json["conntrack"] = serde_json::json!({
+        "entries": flows,
+        "bytes_per_flow": (full - empty) as f64 / f64::from(flows),
+        "sweep_ms": kept.took.as_secs_f64() * 1000.0,
+        "remove_all_ms": removing.as_secs_f64() * 1000.0,
+    });
+    if flows == 1 << 20 {
+        json["conntrack"]["sweep_ms_1m"] = (kept.took.as_secs_f64() * 1000.0).into();
+    }
     Ok(format!(
         "conntrack: {flows} flows written in {filled:.1?}; a sweep that keeps them all took \
          {:.1?}; one that removes them all {removing:.1?}; kernel memory \
@@ -346,7 +417,7 @@ fn sweep_cost(flows: u32) -> Result<String> {
     ))
 }
 
-fn run(rounds: u32, per_round: u32) -> Result<String> {
+fn run(rounds: u32, per_round: u32, json: &mut serde_json::Value) -> Result<String> {
     let checked = Config::parse(CONFIG)?
         .validate()
         .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -357,12 +428,14 @@ fn run(rounds: u32, per_round: u32) -> Result<String> {
     let mut scenarios = [
         Scenario {
             name: "ARP (not IPv4)",
+            key: "not_ipv4",
             reason: Reason::PassNotIpv4,
             frame: Box::new(move |_| (arp_request(CLIENT_MAC, CLIENT, VIP), fx0)),
             nanos: Vec::new(),
         },
         Scenario {
             name: "TCP to a non-service address",
+            key: "pass",
             reason: Reason::PassNoService,
             frame: Box::new(move |_| {
                 let f = Frame::tcp((CLIENT, 40000), (Ipv4Addr::new(10, 10, 1, 1), 22), TCP_ACK);
@@ -373,6 +446,7 @@ fn run(rounds: u32, per_round: u32) -> Result<String> {
         Scenario {
             // The first run creates the flow; every later one is a conntrack hit.
             name: "TCP, tracked flow (conntrack hit, rewrite, redirect)",
+            key: "established",
             reason: Reason::ForwardRedirect,
             frame: Box::new(move |_| {
                 (
@@ -384,6 +458,7 @@ fn run(rounds: u32, per_round: u32) -> Result<String> {
         },
         Scenario {
             name: "TCP SYN, new flow (Maglev, SNAT port, two inserts)",
+            key: "new_flow",
             reason: Reason::ForwardRedirect,
             frame: Box::new(move |i| {
                 // A different client for every run: 2^16 ports × 256 addresses.
@@ -442,6 +517,7 @@ fn run(rounds: u32, per_round: u32) -> Result<String> {
     for s in &mut scenarios {
         let mean = s.nanos.iter().sum::<u64>() / s.nanos.len() as u64;
         let med = median(&mut s.nanos);
+        json["per_packet_ns"][s.key] = med.into();
         table.push_str(&format!(
             "| {} | {} | {med} | {mean} | {:.2} |\n",
             s.name,

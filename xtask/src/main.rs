@@ -31,8 +31,13 @@ enum Task {
     Test,
     /// Build a small network in namespaces, balance traffic through xlb, print the result.
     Demo,
-    /// Per-packet cost of the XDP program's paths, side by side (needs root).
-    Bench,
+    /// The benchmarks (needs root): per-packet cost of the XDP program's paths side by
+    /// side, the sweeper, table switches, Maglev. Writes docs/benchmarks/<date>.json.
+    Bench {
+        /// Small sizes only, in a couple of minutes; writes docs/benchmarks/quick.json.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -54,10 +59,15 @@ fn main() -> anyhow::Result<()> {
             setup::ensure()?;
             demo(&root)
         }
-        Task::Bench => {
+        Task::Bench { quick } => {
             require_root("cargo xtask bench")?;
             setup::ensure()?;
-            run(cargo().args(["bench", "-p", "xlb-tests", "--bench", "xdp"]))
+            let mut cmd = cargo();
+            cmd.args(["bench", "-p", "xlb-tests", "--bench", "xdp"]);
+            if quick {
+                cmd.args(["--", "--quick"]);
+            }
+            run(&mut cmd)
         }
     }
 }
