@@ -20,18 +20,27 @@ use xlb_tests::{
     packet::{Frame, TCP_ACK, TCP_SYN, arp_request},
 };
 
-const CONFIG: &str = r#"
-[dataplane]
-interfaces = ["fx0", "fx1"]
-[conntrack]
-entries = 524288
-[[service]]
-vip = "10.10.0.100:80"
-protocol = "tcp"
-snat = "10.20.0.1"
-[[service.backend]]
-address = "10.20.1.2:8080"
-"#;
+/// The per-packet scenarios' config: one service of `BACKENDS` backends (10.20.1.10 and
+/// up, behind fx1), with room for the flows `fill_conntrack` puts in first and those the
+/// new-flow scenario makes.
+fn config(prefill: u32) -> String {
+    let mut text = format!(
+        "[dataplane]\ninterfaces = [\"fx0\", \"fx1\"]\n[conntrack]\nentries = {}\n\
+         [[service]]\nvip = \"10.10.0.100:80\"\nprotocol = \"tcp\"\nsnat = \"10.20.0.1\"\n",
+        prefill + 100_000
+    );
+    for b in backends() {
+        text += &format!("[[service.backend]]\naddress = \"{b}:8080\"\n");
+    }
+    text
+}
+
+/// Backends of the per-packet scenarios' service.
+const BACKENDS: u8 = 100;
+
+fn backends() -> impl Iterator<Item = Ipv4Addr> {
+    (0..BACKENDS).map(|i| Ipv4Addr::new(10, 20, 1, 10 + i))
+}
 
 struct Scenario {
     name: &'static str,
@@ -68,9 +77,12 @@ fn main() -> Result<()> {
         "per_packet_method": "BPF_PROG_TEST_RUN on the real program, repeat = 1, median of \
                               interleaved runs",
     });
-    let (table, sweeps, switches) = lab::in_lab("xlbbench", |_| {
+    // The table the per-packet scenarios run against: a million flows (the smoke run's
+    // ten thousand).
+    let prefill = if bench { 1 << 20 } else { 10_000 };
+    let (table, sweeps, switches) = lab::in_lab("xlbbench", |ns| {
         Ok((
-            run(rounds, per_round, &mut json)?,
+            run(ns, rounds, per_round, prefill, &mut json)?,
             sweep_cost(flows, &mut json)?,
             table_switch_cost(changes, &mut json)?,
         ))
@@ -213,7 +225,7 @@ fn maglev_figures(bench: bool, json: &mut serde_json::Value) -> Result<String> {
         json["maglev"][key] = moved_pct.into();
         text += &format!(" removing 1% of {n} backends moved {moved_pct:.2}% of {size} slots;");
     }
-    Ok(text)
+    Ok(text.trim_end_matches(';').to_string())
 }
 
 /// What a change to one service costs with 32 services of 3 backends each and 65,537-slot
@@ -292,11 +304,8 @@ fn table_switch_cost(changes: usize, json: &mut serde_json::Value) -> Result<Str
 fn sweep_cost(flows: u32, json: &mut serde_json::Value) -> Result<String> {
     use std::time::Instant;
 
-    use aya::maps::{HashMap, Map, MapData};
-    use lb_common::{
-        conntrack::{FlowSeen, Seen, Timeouts},
-        maps::{DIR_TO_BACKEND, DIR_TO_CLIENT, Endpoint, FlowKey, NatEntry, Rewrite, names},
-    };
+    use aya::maps::Map;
+    use lb_common::{conntrack::Timeouts, maps::names};
     use lb_userspace::conntrack::{Table, monotonic_ns};
 
     let checked = Config::parse(&format!(
@@ -318,6 +327,57 @@ fn sweep_cost(flows: u32, json: &mut serde_json::Value) -> Result<String> {
             .ok_or_else(|| anyhow::anyhow!("no memlock in the map's fdinfo"))
     };
     let empty = memlock(&ebpf)?;
+    let now = monotonic_ns();
+    let started = Instant::now();
+    fill_conntrack(&mut ebpf, flows, now)?;
+    let filled = started.elapsed();
+    let full = memlock(&ebpf)?;
+    let timeouts = Timeouts::default();
+    let mut table = Table::open(&ebpf)?;
+    let kept = table.sweep(&timeouts, false)?;
+    ensure!(kept.total_flows() == u64::from(flows), "{kept:?}");
+    // Everything was last seen at `now`: once the refresh slack has passed, with timeouts
+    // of 0 every flow has expired.
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    let zero = Timeouts {
+        tcp_syn: 0,
+        tcp_established: 0,
+        tcp_closing: 0,
+        tcp_time_wait: 0,
+        udp: 0,
+    };
+    let gone = table.sweep(&zero, false)?;
+    let (removed, removing) = (gone.expired, gone.took);
+    ensure!(removed == u64::from(flows), "removed {removed} of {flows}");
+    json["conntrack"] = serde_json::json!({
+        "entries": flows,
+        "bytes_per_flow": (full - empty) as f64 / f64::from(flows),
+        "sweep_ms": kept.took.as_secs_f64() * 1000.0,
+        "remove_all_ms": removing.as_secs_f64() * 1000.0,
+    });
+    if flows == 1 << 20 {
+        json["conntrack"]["sweep_ms_1m"] = (kept.took.as_secs_f64() * 1000.0).into();
+    }
+    Ok(format!(
+        "conntrack: {flows} flows written in {filled:.1?}; a sweep that keeps them all took \
+         {:.1?}; one that removes them all {removing:.1?}; kernel memory \
+         {} bytes empty, {} full: {:.0} bytes per flow",
+        kept.took,
+        empty,
+        full,
+        (full - empty) as f64 / f64::from(flows)
+    ))
+}
+
+/// Writes `flows` established flows (both entries each) into `CONNTRACK` from userspace,
+/// last seen at `now`: clients 10.11.x.2, backends 10.21.x.2, addresses the benchmark's
+/// own traffic never uses.
+fn fill_conntrack(ebpf: &mut Ebpf, flows: u32, now: u64) -> Result<()> {
+    use aya::maps::{HashMap, MapData};
+    use lb_common::{
+        conntrack::{FlowSeen, Seen},
+        maps::{DIR_TO_BACKEND, DIR_TO_CLIENT, Endpoint, FlowKey, NatEntry, Rewrite, names},
+    };
     let seen = FlowSeen {
         to_backend: Seen {
             syn: 1,
@@ -332,8 +392,6 @@ fn sweep_cost(flows: u32, json: &mut serde_json::Value) -> Result<String> {
             rst: 0,
         },
     };
-    let now = monotonic_ns();
-    let started = Instant::now();
     {
         let mut ct: HashMap<&mut MapData, FlowKey, NatEntry> = ebpf
             .map_mut(names::CONNTRACK)
@@ -378,51 +436,56 @@ fn sweep_cost(flows: u32, json: &mut serde_json::Value) -> Result<String> {
             ct.insert(reverse, entry(vip, client, DIR_TO_CLIENT), 0)?;
         }
     }
-    let filled = started.elapsed();
-    let full = memlock(&ebpf)?;
-    let timeouts = Timeouts::default();
-    let mut table = Table::open(&ebpf)?;
-    let kept = table.sweep(&timeouts, false)?;
-    ensure!(kept.total_flows() == u64::from(flows), "{kept:?}");
-    // Everything was last seen at `now`: once the refresh slack has passed, with timeouts
-    // of 0 every flow has expired.
-    std::thread::sleep(std::time::Duration::from_millis(600));
-    let zero = Timeouts {
-        tcp_syn: 0,
-        tcp_established: 0,
-        tcp_closing: 0,
-        tcp_time_wait: 0,
-        udp: 0,
-    };
-    let gone = table.sweep(&zero, false)?;
-    let (removed, removing) = (gone.expired, gone.took);
-    ensure!(removed == u64::from(flows), "removed {removed} of {flows}");
-    json["conntrack"] = serde_json::json!({
-        "entries": flows,
-        "bytes_per_flow": (full - empty) as f64 / f64::from(flows),
-        "sweep_ms": kept.took.as_secs_f64() * 1000.0,
-        "remove_all_ms": removing.as_secs_f64() * 1000.0,
-    });
-    if flows == 1 << 20 {
-        json["conntrack"]["sweep_ms_1m"] = (kept.took.as_secs_f64() * 1000.0).into();
-    }
-    Ok(format!(
-        "conntrack: {flows} flows written in {filled:.1?}; a sweep that keeps them all took \
-         {:.1?}; one that removes them all {removing:.1?}; kernel memory \
-         {} bytes empty, {} full: {:.0} bytes per flow",
-        kept.took,
-        empty,
-        full,
-        (full - empty) as f64 / f64::from(flows)
-    ))
+    Ok(())
 }
 
-fn run(rounds: u32, per_round: u32, json: &mut serde_json::Value) -> Result<String> {
-    let checked = Config::parse(CONFIG)?
+/// The per-path cost in a realistic state: a service of 100 backends, and `prefill`
+/// established flows in the table before the first run (a million in the full run).
+fn run(
+    ns: &xlb_tests::netns::NetNs,
+    rounds: u32,
+    per_round: u32,
+    prefill: u32,
+    json: &mut serde_json::Value,
+) -> Result<String> {
+    let checked = Config::parse(&config(prefill))?
         .validate()
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let lab::Program { ebpf, fx0, .. } = lab::load(&checked)?;
-    let fx0 = fx0.ifindex;
+    for b in backends() {
+        let mac = lab::BACKEND_MAC.map(|o| format!("{o:02x}")).join(":");
+        ns.ip(&[
+            "neigh",
+            "replace",
+            &b.to_string(),
+            "lladdr",
+            &mac,
+            "dev",
+            lab::FX1,
+            "nud",
+            "permanent",
+        ])?;
+    }
+    let lab::Program { mut ebpf, fx0, fx1 } = lab::load(&checked)?;
+    fill_conntrack(&mut ebpf, prefill, lb_userspace::conntrack::monotonic_ns())?;
+    let (fx0, fx1) = (fx0.ifindex, fx1.ifindex);
+
+    // The tracked flow, made before the rounds: its reply comes from the backend it got,
+    // to the SNAT port it got.
+    let tracked = Frame::tcp((CLIENT, 40000), (VIP, 80), TCP_SYN)
+        .with_macs(CLIENT_MAC, FX0_MAC)
+        .build();
+    lab::run(&ebpf, &tracked, fx0, None)?;
+    let key = xlb_tests::model::flows::key(
+        std::net::SocketAddrV4::new(CLIENT, 40000),
+        std::net::SocketAddrV4::new(VIP, 80),
+        lb_common::maps::PROTO_TCP,
+    );
+    let entry = lab::conntrack_entry(&ebpf, &key)?
+        .ok_or_else(|| anyhow::anyhow!("the tracked flow was not made"))?;
+    let (snat, backend) = (
+        entry.rewrite.src.to_socket_v4(),
+        entry.rewrite.dst.to_socket_v4(),
+    );
 
     let from_client = move |f: Frame| f.with_macs(CLIENT_MAC, FX0_MAC).build();
     let mut scenarios = [
@@ -444,7 +507,6 @@ fn run(rounds: u32, per_round: u32, json: &mut serde_json::Value) -> Result<Stri
             nanos: Vec::new(),
         },
         Scenario {
-            // The first run creates the flow; every later one is a conntrack hit.
             name: "TCP, tracked flow (conntrack hit, rewrite, redirect)",
             key: "established",
             reason: Reason::ForwardRedirect,
@@ -453,6 +515,21 @@ fn run(rounds: u32, per_round: u32, json: &mut serde_json::Value) -> Result<Stri
                     from_client(Frame::tcp((CLIENT, 40000), (VIP, 80), TCP_ACK)),
                     fx0,
                 )
+            }),
+            nanos: Vec::new(),
+        },
+        Scenario {
+            name: "TCP, a backend's reply (conntrack hit, rewrite, redirect)",
+            key: "reply",
+            reason: Reason::ForwardRedirect,
+            frame: Box::new(move |_| {
+                let f = Frame::tcp(
+                    (*backend.ip(), backend.port()),
+                    (*snat.ip(), snat.port()),
+                    TCP_ACK,
+                )
+                .with_macs(lab::BACKEND_MAC, lab::FX1_MAC);
+                (f.build(), fx1)
             }),
             nanos: Vec::new(),
         },
@@ -527,7 +604,8 @@ fn run(rounds: u32, per_round: u32, json: &mut serde_json::Value) -> Result<Stri
     }
     table.push_str(&format!(
         "\n{rounds} rounds × {per_round} runs per path, interleaved; one BPF_PROG_TEST_RUN \
-         (repeat = 1) per run.\n"
+         (repeat = 1) per run; a service of {BACKENDS} backends, {prefill} flows in the table \
+         before the first run.\n"
     ));
     Ok(table)
 }
