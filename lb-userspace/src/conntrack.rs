@@ -443,12 +443,8 @@ impl Sweeper {
         })
     }
 
-    /// The latest sweep's report; `expired`, `pruned` and `orphans` count since start-up.
-    pub fn latest(&self) -> Option<SweepReport> {
-        self.latest.get()
-    }
-
-    /// A handle on the latest report, for other threads.
+    /// A handle on the latest report (`expired`, `pruned` and `orphans` count since
+    /// start-up), for other threads.
     pub fn watch(&self) -> Latest {
         self.latest.clone()
     }

@@ -21,9 +21,7 @@ use aya::{
     maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues},
     util::nr_cpus,
 };
-use lb_common::maps::{
-    BackendEntry, FlowStats, NO_BACKEND, ServiceEntry, ServiceKey, Settings, names,
-};
+use lb_common::maps::{BackendEntry, FlowStats, ServiceEntry, ServiceKey, Settings, names};
 
 use crate::{loader::map_handle, mapped::MappedArray};
 
@@ -84,10 +82,6 @@ impl Tables {
 
     pub fn max_backends(&self) -> u32 {
         self.backends.len()
-    }
-
-    pub fn settings(&self) -> anyhow::Result<Settings> {
-        Ok(self.settings.get(&0, 0)?)
     }
 
     pub fn set_settings(&mut self, settings: Settings) -> anyhow::Result<()> {
@@ -359,9 +353,4 @@ impl GracePeriod {
         .context("waiting for an RCU grace period")?;
         Ok(())
     }
-}
-
-/// A table with no backend in any slot.
-pub fn empty_table(maglev_size: u32) -> Vec<u32> {
-    vec![NO_BACKEND; maglev_size as usize]
 }
