@@ -187,6 +187,56 @@ impl EchoConn {
     }
 }
 
+/// Opens `n` connections to `target` from `client` one by one, from the address `source`
+/// when given (each echoes once and closes), and returns how many each of `servers`
+/// accepted meanwhile: where a scheduler sent new flows.
+pub fn spread(
+    client: &NetNs,
+    servers: &[EchoServer],
+    target: SocketAddr,
+    source: Option<std::net::Ipv4Addr>,
+    n: usize,
+) -> Result<Vec<u64>> {
+    let before: Vec<u64> = servers.iter().map(EchoServer::accepted).collect();
+    for i in 0..n {
+        let mut c = match source {
+            None => EchoConn::connect(client, target, Duration::from_secs(3)),
+            Some(addr) => EchoConn::connect_from(client, addr, target, Duration::from_secs(3)),
+        }
+        .with_context(|| format!("new connection {i} to {target}"))?;
+        c.echo("hello")
+            .with_context(|| format!("new connection {i} to {target}"))?;
+    }
+    // The servers count an accept when they poll it; give them a moment.
+    thread::sleep(Duration::from_millis(200));
+    Ok(servers
+        .iter()
+        .zip(before)
+        .map(|(s, b)| s.accepted() - b)
+        .collect())
+}
+
+/// Checks that each backend's share of `counts` is within `tolerance` of its share of
+/// `weights` (per backend index), and that a backend of weight 0 took nothing.
+pub fn check_shares(counts: &[u64], weights: &[u32], tolerance: f64, what: &str) -> Result<()> {
+    let total: u64 = counts.iter().sum();
+    let weight_sum: u32 = weights.iter().sum();
+    for (i, (&c, &w)) in counts.iter().zip(weights).enumerate() {
+        let share = c as f64 / total.max(1) as f64;
+        let want = f64::from(w) / f64::from(weight_sum);
+        ensure!(
+            w > 0 || c == 0,
+            "{what}: backend {i} has weight 0 but took {c} new connections ({counts:?})"
+        );
+        ensure!(
+            (share - want).abs() <= tolerance,
+            "{what}: backend {i} took {share:.3} of new connections, its weight gives {want:.3} \
+             ({counts:?})"
+        );
+    }
+    Ok(())
+}
+
 /// Raises this process's open-file limit to at least `n` (up to the hard limit): the tests
 /// that hold thousands of connections need more than the usual 1024.
 pub fn raise_fd_limit(n: u64) -> Result<()> {

@@ -307,6 +307,39 @@ impl XlbProcess {
         &self.socket
     }
 
+    /// Runs `xlb ARGS -o json` against this daemon and returns its JSON; fails with its
+    /// stderr.
+    pub fn json(&self, args: &[&str]) -> Result<serde_json::Value> {
+        let out = self.command(&[args, &["-o", "json"]].concat())?;
+        if !out.status.success() {
+            bail!(
+                "xlb {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "xlb {args:?} printed no JSON: {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    /// The backends of service `vip` (TCP) as `xlb backend ls -o json` shows them, by
+    /// address.
+    pub fn backends(
+        &self,
+        vip: &str,
+    ) -> Result<std::collections::BTreeMap<String, serde_json::Value>> {
+        let list = self.json(&["backend", "ls", vip])?;
+        Ok(list
+            .as_array()
+            .context("backend ls: not a list")?
+            .iter()
+            .map(|b| (b["address"].as_str().unwrap_or("").to_string(), b.clone()))
+            .collect())
+    }
+
     /// SIGKILLs xlb, as a crash or `kill -9` would, leaving its data plane pinned and
     /// running; returns where it is pinned, for [`start_on_pins`](Self::start_on_pins).
     pub fn kill_leaving_pins(mut self) -> PathBuf {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
-use xlb_tests::echo::{EchoConn, EchoServer, raise_fd_limit};
+use xlb_tests::echo::{self, EchoConn, EchoServer, raise_fd_limit};
 use xlb_tests::topology::{Options, SNAT, Topology, VIP, with_topology};
 use xlb_tests::xlb::{XlbProcess, xlb_command};
 
@@ -26,6 +26,10 @@ const NEW_PER_STEP: usize = 240;
 /// How far a backend's share of new connections may stray from its weight's share: five
 /// standard deviations of a binomial share at 240 draws is about 0.14 at worst (p = 0.5).
 const SHARE_TOLERANCE: f64 = 0.14;
+
+/// TCP health checks every 200 ms: down after 2 failures, up after 2 successes.
+const TCP_HEALTH: &str =
+    "[service.health]\nkind = \"tcp\"\ninterval_ms = 200\ntimeout_ms = 100\nrise = 2\nfall = 2\n";
 
 fn vip() -> String {
     format!("{VIP}:{ECHO_PORT}")
@@ -53,31 +57,13 @@ fn config(topo: &Topology, backends: &[(usize, u32)], health: &str) -> String {
     )
 }
 
-/// Runs `xlb ARGS -o json` against the daemon and returns its JSON; fails with its stderr.
 fn json(xlb: &XlbProcess, args: &[&str]) -> Result<Value> {
-    let out = xlb.command(&[args, &["-o", "json"]].concat())?;
-    ensure!(
-        out.status.success(),
-        "xlb {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).with_context(|| {
-        format!(
-            "xlb {args:?} printed no JSON: {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
+    xlb.json(args)
 }
 
 /// The service's backends as `xlb backend ls -o json` shows them, by address.
 fn backends(xlb: &XlbProcess) -> Result<BTreeMap<String, Value>> {
-    let list = json(xlb, &["backend", "ls", &vip()])?;
-    Ok(list
-        .as_array()
-        .context("backend ls: not a list")?
-        .iter()
-        .map(|b| (b["address"].as_str().unwrap_or("").to_string(), b.clone()))
-        .collect())
+    xlb.backends(&vip())
 }
 
 /// Every long-lived connection echoes a line.
@@ -89,46 +75,15 @@ fn all_echo(conns: &mut [EchoConn], step: &str) -> Result<()> {
     Ok(())
 }
 
-/// Opens `n` new connections one by one (each echoes once, then closes) and returns how
-/// many each backend's server accepted meanwhile.
+/// Opens `n` new connections to the VIP one by one and returns how many each backend's
+/// server accepted meanwhile.
 fn spread(topo: &Topology, servers: &[EchoServer], n: usize) -> Result<Vec<u64>> {
-    let before: Vec<u64> = servers.iter().map(EchoServer::accepted).collect();
-    let target: SocketAddr = vip().parse()?;
-    for i in 0..n {
-        let mut c = EchoConn::connect(&topo.client, target, Duration::from_secs(3))
-            .with_context(|| format!("new connection {i}"))?;
-        c.echo("hello")
-            .with_context(|| format!("new connection {i}"))?;
-    }
-    // The servers count an accept when they poll it; give them a moment.
-    std::thread::sleep(Duration::from_millis(200));
-    Ok(servers
-        .iter()
-        .zip(before)
-        .map(|(s, b)| s.accepted() - b)
-        .collect())
+    echo::spread(&topo.client, servers, vip().parse()?, None, n)
 }
 
 /// Checks that `counts` follow `weights` (per backend index) within the tolerance.
 fn check_shares(counts: &[u64], weights: &[u32], step: &str) -> Result<()> {
-    let total: u64 = counts.iter().sum();
-    let weight_sum: u32 = weights.iter().sum();
-    for (i, (&c, &w)) in counts.iter().zip(weights).enumerate() {
-        let share = c as f64 / total.max(1) as f64;
-        let want = f64::from(w) / f64::from(weight_sum);
-        if w == 0 {
-            ensure!(
-                c == 0,
-                "{step}: backend {i} has weight 0 but took {c} new connections ({counts:?})"
-            );
-        }
-        ensure!(
-            (share - want).abs() <= SHARE_TOLERANCE,
-            "{step}: backend {i} took {share:.2} of new connections, its weight gives {want:.2} \
-             ({counts:?})"
-        );
-    }
-    Ok(())
+    echo::check_shares(counts, weights, SHARE_TOLERANCE, step)
 }
 
 fn run_ok(xlb: &XlbProcess, args: &[&str]) -> Result<String> {
@@ -273,8 +228,10 @@ fn a_dead_backend_is_taken_out_and_brought_back() {
             .into_iter()
             .map(Some)
             .collect();
-        let health = "[service.health]\nkind = \"tcp\"\ninterval_ms = 200\ntimeout_ms = 100\nrise = 2\nfall = 2\n";
-        let xlb = XlbProcess::start(&topo.lb, &config(topo, &[(0, 1), (1, 1), (2, 1)], health))?;
+        let xlb = XlbProcess::start(
+            &topo.lb,
+            &config(topo, &[(0, 1), (1, 1), (2, 1)], TCP_HEALTH),
+        )?;
         let b2 = backend(topo, 1);
         let state = |xlb: &XlbProcess| -> Result<String> {
             Ok(backends(xlb)?[&b2]["state"]
@@ -699,8 +656,7 @@ fn a_backend_down_before_a_restart_stays_down() {
             .into_iter()
             .map(Some)
             .collect();
-        let health = "[service.health]\nkind = \"tcp\"\ninterval_ms = 200\ntimeout_ms = 100\nrise = 2\nfall = 2\n";
-        let cfg = config(topo, &[(0, 1), (1, 1), (2, 1)], health);
+        let cfg = config(topo, &[(0, 1), (1, 1), (2, 1)], TCP_HEALTH);
         let xlb = XlbProcess::start(&topo.lb, &cfg)?;
         let b2 = backend(topo, 1);
         servers[1] = None;

@@ -9,7 +9,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use xlb_tests::echo::{EchoConn, EchoServer};
+use xlb_tests::echo::{self, EchoConn, EchoServer, check_shares};
 use xlb_tests::topology::{CLIENT_IFACE, Options, SNAT, Topology, VIP, with_topology};
 use xlb_tests::xlb::XlbProcess;
 
@@ -36,8 +36,8 @@ fn config(topo: &Topology, services: &[(u16, &str)], weights: [u32; 3]) -> Strin
     text
 }
 
-/// Opens `n` connections to `target` one by one, from `source` when given (each echoes
-/// once and closes), and returns how many each backend's server accepted meanwhile.
+/// Opens `n` connections to `target` one by one, from `source` when given, and returns
+/// how many each backend's server accepted meanwhile.
 fn spread(
     topo: &Topology,
     servers: &[EchoServer],
@@ -45,39 +45,7 @@ fn spread(
     source: Option<Ipv4Addr>,
     n: usize,
 ) -> Result<Vec<u64>> {
-    let before: Vec<u64> = servers.iter().map(EchoServer::accepted).collect();
-    for i in 0..n {
-        let mut c = match source {
-            None => EchoConn::connect(&topo.client, target, Duration::from_secs(3))?,
-            Some(addr) => {
-                EchoConn::connect_from(&topo.client, addr, target, Duration::from_secs(3))?
-            }
-        };
-        c.echo("hello")
-            .with_context(|| format!("connection {i} to {target}"))?;
-    }
-    std::thread::sleep(Duration::from_millis(200));
-    Ok(servers
-        .iter()
-        .zip(before)
-        .map(|(s, b)| s.accepted() - b)
-        .collect())
-}
-
-/// Each backend's share of `counts` is within `tolerance` of its share of `weights`.
-fn check_shares(counts: &[u64], weights: &[u32], tolerance: f64, what: &str) -> Result<()> {
-    let total: u64 = counts.iter().sum();
-    let weight_sum: u32 = weights.iter().sum();
-    for (i, (&c, &w)) in counts.iter().zip(weights).enumerate() {
-        let share = c as f64 / total.max(1) as f64;
-        let want = f64::from(w) / f64::from(weight_sum);
-        ensure!(
-            (share - want).abs() <= tolerance,
-            "{what}: backend {i} took {share:.3} of new connections, expected {want:.3} \
-             ({counts:?})"
-        );
-    }
-    Ok(())
+    echo::spread(&topo.client, servers, target, source, n)
 }
 
 /// Round-robin gives every backend the same share whatever its weight; weighted
@@ -138,8 +106,7 @@ fn source_hash_keeps_each_client_on_one_backend() {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        let out = xlb.command(&["service", "ls", "-o", "json"])?;
-        let listed: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        let listed = xlb.json(&["service", "ls"])?;
         let scheduler = listed
             .as_array()
             .context("service ls")?
@@ -173,21 +140,14 @@ fn source_hash_keeps_each_client_on_one_backend() {
 
 /// The backends' open flows as `xlb backend ls` shows them, in topology order.
 fn active_flows(xlb: &XlbProcess, vip: &str, topo: &Topology) -> Result<Vec<u64>> {
-    let out = xlb.command(&["backend", "ls", vip, "-o", "json"])?;
-    ensure!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let list: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let list = xlb.backends(vip)?;
     topo.backends
         .iter()
         .map(|b| {
             let address = SocketAddrV4::new(b.addr, PORT).to_string();
-            list.as_array()
-                .and_then(|l| l.iter().find(|x| x["address"] == address.as_str()))
+            list.get(&address)
                 .and_then(|x| x["active_flows"].as_u64())
-                .with_context(|| format!("{address} missing from backend ls: {list}"))
+                .with_context(|| format!("{address} missing from backend ls: {list:?}"))
         })
         .collect()
 }
@@ -306,19 +266,17 @@ fn least_response_time_avoids_the_slow_backend() {
         let vip = format!("{VIP}:{PORT}");
         let started = std::time::Instant::now();
         loop {
-            let out = xlb.command(&["backend", "ls", &vip, "-o", "json"])?;
-            let list: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-            let ready = list.as_array().is_some_and(|l| {
-                l.len() == 3
-                    && l.iter()
-                        .all(|b| b["state"] == "up" && b["response_ms"].is_number())
-            });
+            let list = xlb.backends(&vip)?;
+            let ready = list.len() == 3
+                && list
+                    .values()
+                    .all(|b| b["state"] == "up" && b["response_ms"].is_number());
             if ready {
                 break;
             }
             ensure!(
                 started.elapsed() < Duration::from_secs(5),
-                "backends not all up and measured: {list}"
+                "backends not all up and measured: {list:?}"
             );
             std::thread::sleep(Duration::from_millis(100));
         }
