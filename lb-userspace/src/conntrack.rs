@@ -125,12 +125,14 @@ impl Table {
         let mut ended = Vec::new();
         for_each_batch(self.fd, |keys, entries| {
             report.entries += keys.len() as u64;
+            // Once per batch, not per entry: a cut waits at most a batch.
+            let acc = self.accounting.as_deref().map(lock);
             for (key, entry) in keys.iter().zip(entries) {
                 let doomed = judge(key, entry, timeouts, now, pressure) != Verdict::Keep;
                 if entry.rewrite.direction == DIR_TO_BACKEND
                     && !doomed
-                    && let Some(acc) = &self.accounting
-                    && lock(acc).behind(key, entry)
+                    && let Some(acc) = &acc
+                    && acc.behind(key, entry)
                 {
                     ended.push(*key);
                 }
@@ -246,18 +248,6 @@ impl Table {
             cut += 1;
         }
         Ok(cut)
-    }
-
-    /// How many flows the table holds (forward entries).
-    pub fn count_flows(&self) -> anyhow::Result<u64> {
-        let mut n = 0;
-        for_each_batch(self.fd, |_, entries| {
-            n += entries
-                .iter()
-                .filter(|e| e.rewrite.direction == DIR_TO_BACKEND)
-                .count() as u64;
-        })?;
-        Ok(n)
     }
 
     /// Up to `limit` flows, by their forward entries (client → VIP), with their state and

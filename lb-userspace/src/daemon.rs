@@ -210,13 +210,6 @@ async fn start(cfg: &Checked, opts: &RunOptions, pins: &PinDir) -> anyhow::Resul
     // Fill the maps before attaching: the first packet already sees every service.
     let registry =
         Registry::load(&ebpf, cfg).map_err(|e| anyhow::anyhow!("filling the maps: {e}"))?;
-    if pins.adopted {
-        let flows = conntrack::Table::open(&ebpf)?.count_flows()?;
-        println!(
-            "adopted the data plane pinned at {}: {flows} open flow(s) kept",
-            pins.path().display()
-        );
-    }
     let mut loaded = loader::attach(ebpf, cfg, pins)?;
     forward_ebpf_logs(&mut loaded.ebpf)?;
     for a in &mut loaded.attached {
@@ -245,6 +238,14 @@ async fn start(cfg: &Checked, opts: &RunOptions, pins: &PinDir) -> anyhow::Resul
 
     let accounting = Arc::new(Mutex::new(conntrack::Accounting::open(&loaded.ebpf)?));
     let sweeper = Sweeper::start(&loaded.ebpf, cfg.conntrack.timeouts(), accounting.clone())?;
+    if pins.adopted {
+        // The sweeper's first pass has counted them (and let go of what had expired).
+        let flows = sweeper.watch().get().map_or(0, |r| r.total_flows());
+        println!(
+            "adopted the data plane pinned at {}: {flows} open flow(s) kept",
+            pins.path().display()
+        );
+    }
     let shared = Arc::new(Shared {
         registry: Mutex::new(registry),
         sweeps: sweeper.watch(),
