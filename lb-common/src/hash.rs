@@ -78,10 +78,29 @@ const PROBE_STEPS: [u64; 16] = [
 /// that collide once collide on every probe.
 #[inline(always)]
 pub fn snat_port(hash: u64, probe: u32, first: u32, count: u32) -> u16 {
-    let count = count as u64;
+    // Never 0, so the divisions below have no panic path (the BPF program cannot have one).
+    let count = count.max(1) as u64;
     let start = (hash >> 32) % count;
     let step = PROBE_STEPS[(hash & 15) as usize] % count;
     (first as u64 + (start + probe as u64 * step) % count) as u16
+}
+
+/// The SNAT address (an index into the service's pool of `addresses`) and port a new flow
+/// tries on its `probe`-th attempt. Probe 0 is the flow's own pick: an address from its hash
+/// (bits [`snat_port`] leaves alone) and `snat_port(hash, 0)`, so a flow whose state was lost
+/// gets its first choice back. Later probes go round the pool, giving every address the
+/// port sequence of [`snat_port`] in turn: the first `count × addresses` probes visit every
+/// (address, port) once, so a pool of n addresses has n times one address's ports. With one
+/// address this is [`snat_port`].
+#[inline(always)]
+pub fn snat_candidate(hash: u64, probe: u32, first: u32, count: u32, addresses: u32) -> (u32, u16) {
+    // Never 0, so the divisions below have no panic path (the BPF program cannot have one).
+    let addresses = addresses.max(1);
+    let start = ((hash >> 4) & 0xfff) as u32;
+    (
+        (start + probe) % addresses,
+        snat_port(hash, probe / addresses, first, count),
+    )
 }
 
 #[cfg(test)]
@@ -179,6 +198,30 @@ mod tests {
         // 1000 expected per bucket; a decent hash stays well within ±15%.
         for b in buckets {
             assert!((850..=1150).contains(&b), "{buckets:?}");
+        }
+    }
+
+    #[test]
+    fn a_pool_visits_every_address_and_port_once() {
+        let (first, count) = (40000u32, 7u32);
+        for addresses in 1..=4u32 {
+            for hash in [0u64, 0x1234_5678_9abc_def0, u64::MAX, 0xdead_beef] {
+                let mut seen = std::collections::BTreeSet::new();
+                for probe in 0..count * addresses {
+                    let (a, port) = snat_candidate(hash, probe, first, count, addresses);
+                    assert!(a < addresses);
+                    assert!((first..first + count).contains(&(port as u32)));
+                    assert!(seen.insert((a, port)), "({a}, {port}) twice");
+                }
+                assert_eq!(seen.len() as u32, count * addresses);
+                // One address: exactly the single-address order.
+                if addresses == 1 {
+                    for probe in 0..count {
+                        let (_, port) = snat_candidate(hash, probe, first, count, 1);
+                        assert_eq!(port, snat_port(hash, probe, first, count));
+                    }
+                }
+            }
         }
     }
 }

@@ -67,6 +67,11 @@ pub mod names {
     /// ([`quic::key`](crate::quic::key)); written with the service's table.
     pub const QUIC_SERVERS: &str = "QUIC_SERVERS";
 
+    /// `HashMap<[u8; 16], u32>`: every address some service listens on (IPv4-mapped), and
+    /// how many services do. The XDP program answers pings to them. Not pinned: the registry
+    /// writes it whole from the services at every start and change.
+    pub const VIPS: &str = "VIPS";
+
     /// The maps pinned under `[dataplane] pin_path`, which a restarted daemon adopts: the
     /// tables, the flows, the counters. The others (`DEVMAP`, `NO_XDP_TX`, the per-CPU
     /// scratch, the log buffer) belong to one program and are filled when it is attached.
@@ -112,12 +117,17 @@ pub const SNAT_PORT_PROBES: u32 = 64;
 /// The version of the maps' layout: the names, types and sizes in this module. A daemon
 /// that finds pinned maps of another version refuses them rather than misread them; bump it
 /// with every change to a pinned map's key or value.
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
+
+/// The most SNAT addresses one service's pool holds. A power of two: the XDP program bounds
+/// an index into the pool with a mask.
+pub const MAX_SNAT_ADDRESSES: usize = 8;
 
 /// Marks a Maglev slot that has no backend (the service has none that takes new flows).
 pub const NO_BACKEND: u32 = u32::MAX;
 
 /// IP protocol numbers used in keys.
+pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 
@@ -186,6 +196,16 @@ pub const DIR_TO_CLIENT: u8 = 1;
 /// | client → VIP                 | SNAT:port          | backend            |
 /// | backend → SNAT:port          | VIP                | client             |
 ///
+/// In [`MODE_DNAT`] the SNAT endpoint is the client's own address and port:
+///
+/// | key (as received)            | `src` (rewrite to) | `dst` (rewrite to) |
+/// |------------------------------|--------------------|--------------------|
+/// | client → VIP                 | client             | backend            |
+/// | backend → client             | VIP                | client             |
+///
+/// An ICMP error that quotes a packet of one direction is rewritten by the *other*
+/// direction's entry, the one a reply to the quoted packet would take (`lb-ebpf/src/icmp.rs`).
+///
 /// The rewrite of an entry never changes; only its [`NatEntry`] bookkeeping does.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -249,13 +269,22 @@ const _: () = assert!(size_of::<ServiceKey>() == 20);
 /// [`ServiceEntry::mode`]: full NAT — rewrite the destination to the backend and the source to
 /// the service's SNAT address and an allocated port.
 pub const MODE_FULLNAT: u32 = 1;
+/// [`ServiceEntry::mode`]: destination NAT only — rewrite the destination to the backend and
+/// keep the client's address and port, so the backend sees who connects. The backend must
+/// route its replies through xlb, which rewrites their source back to the VIP.
+pub const MODE_DNAT: u32 = 2;
 
 /// Value of `SERVICES`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ServiceEntry {
-    /// Source address toward backends (network byte order, IPv4-mapped).
-    pub snat: [u8; 16],
+    /// The SNAT pool: source addresses toward backends, the first `snat_count` in use, each
+    /// with port 0 (a flow gets a port of its own); none in [`MODE_DNAT`]. Endpoints rather
+    /// than addresses, so the new-flow path can point at one where it needs an endpoint,
+    /// instead of building one on the stack.
+    pub snat: [Endpoint; MAX_SNAT_ADDRESSES],
+    /// How many of `snat` are in use: 1 to [`MAX_SNAT_ADDRESSES`] in [`MODE_FULLNAT`].
+    pub snat_count: u32,
     /// The service's id: the index of its `SERVICE_STATS` entry. It owns Maglev tables
     /// `2 × id` and `2 × id + 1`.
     pub id: u32,
@@ -272,7 +301,7 @@ pub struct ServiceEntry {
     /// [`SERVICE_QUIC`](crate::quic::SERVICE_QUIC), or 0.
     pub flags: u32,
 }
-const _: () = assert!(size_of::<ServiceEntry>() == 40);
+const _: () = assert!(size_of::<ServiceEntry>() == 172);
 
 impl ServiceEntry {
     /// The first slot of the Maglev table in use, in the whole `MAGLEV` array.

@@ -14,7 +14,7 @@ pub enum Reason {
     ForwardRedirect = 1,
     /// Not IPv4 (ARP, IPv6, VLAN-tagged, ...): handed to the kernel untouched.
     PassNotIpv4 = 2,
-    /// IPv4 but neither TCP nor UDP: handed to the kernel untouched.
+    /// IPv4 but neither TCP, UDP nor ICMP: handed to the kernel untouched.
     PassNotTcpUdp = 3,
     /// TCP/UDP that matches no service and no tracked flow: handed to the kernel untouched.
     PassNoService = 4,
@@ -66,11 +66,22 @@ pub enum Reason {
     PassNoMetadata = 22,
     /// A new flow, but the conntrack map could not allocate an entry (memory pressure).
     DropConntrackNoMemory = 23,
+    /// ICMP the data plane neither answers nor translates (an echo request to an address
+    /// that is no VIP, a reply, a fragment, any other type): handed to the kernel untouched.
+    PassIcmp = 24,
+    /// An ICMP error (unreachable, fragmentation needed, time exceeded, parameter problem)
+    /// that quotes no tracked flow's packet, or too little of one to tell: handed to the
+    /// kernel untouched.
+    PassIcmpUntracked = 25,
+    /// A new flow to a `dnat` service, but a flow from the same client address and port to
+    /// the same backend exists already (the client used one port toward two VIPs that share
+    /// the backend): the backend could not tell their replies apart.
+    DropDnatTupleTaken = 26,
 }
 
 impl Reason {
     /// Number of reasons; the size of the `REASONS` array.
-    pub const COUNT: u32 = 24;
+    pub const COUNT: u32 = 27;
 
     /// All reasons, in index order.
     pub const ALL: [Reason; Self::COUNT as usize] = [
@@ -98,6 +109,9 @@ impl Reason {
         Reason::DropRstNoFlow,
         Reason::PassNoMetadata,
         Reason::DropConntrackNoMemory,
+        Reason::PassIcmp,
+        Reason::PassIcmpUntracked,
+        Reason::DropDnatTupleTaken,
     ];
 
     /// The metric label: `verdict/why`, e.g. `drop/truncated`.
@@ -127,6 +141,9 @@ impl Reason {
             Reason::DropRstNoFlow => "drop/rst_no_flow",
             Reason::PassNoMetadata => "pass/no_metadata",
             Reason::DropConntrackNoMemory => "drop/conntrack_no_memory",
+            Reason::PassIcmp => "pass/icmp",
+            Reason::PassIcmpUntracked => "pass/icmp_untracked",
+            Reason::DropDnatTupleTaken => "drop/dnat_tuple_taken",
         }
     }
 
@@ -147,7 +164,9 @@ impl Reason {
             | Reason::ForwardKernelOutput
             | Reason::PassFibOther
             | Reason::PassTtlExpired
-            | Reason::PassNoMetadata => XDP_PASS,
+            | Reason::PassNoMetadata
+            | Reason::PassIcmp
+            | Reason::PassIcmpUntracked => XDP_PASS,
             Reason::DropTruncated
             | Reason::DropBadIpv4Header
             | Reason::DropFragment
@@ -160,7 +179,8 @@ impl Reason {
             | Reason::DropConntrackFull
             | Reason::DropWrongInterface
             | Reason::DropRstNoFlow
-            | Reason::DropConntrackNoMemory => XDP_DROP,
+            | Reason::DropConntrackNoMemory
+            | Reason::DropDnatTupleTaken => XDP_DROP,
         }
     }
 }

@@ -15,10 +15,10 @@
 use aya_ebpf::{bindings::BPF_NOEXIST, programs::XdpContext};
 use lb_common::{
     conntrack::{FlowSeen, FlowState, REFRESH_NS, Seen, starts_anew},
-    hash::{flow_hash, snat_port},
+    hash::{flow_hash, snat_candidate},
     maps::{
-        BackendEntry, DIR_TO_BACKEND, DIR_TO_CLIENT, FlowKey, NO_BACKEND, NatEntry, Rewrite,
-        SNAT_PORT_PROBES, ServiceEntry, ServiceKey,
+        BackendEntry, DIR_TO_BACKEND, DIR_TO_CLIENT, Endpoint, FlowKey, MAX_SNAT_ADDRESSES,
+        MODE_DNAT, NO_BACKEND, NatEntry, Rewrite, SNAT_PORT_PROBES, ServiceEntry, ServiceKey,
     },
     reason::Reason,
     scheduler,
@@ -48,6 +48,10 @@ pub struct Scratch {
     forward: NatEntry,
     reverse: NatEntry,
     reverse_key: FlowKey,
+    /// The service's SNAT pool, copied for `probe_step`.
+    pool: [Endpoint; MAX_SNAT_ADDRESSES],
+    /// What `probe_step` needs besides.
+    probe: Probe,
 }
 
 const E2BIG: i32 = 7;
@@ -325,13 +329,17 @@ fn next_turn(id: u32) -> u32 {
 /// Creates both directions of a new flow (`flow` says where to) and writes the forward
 /// rewrite to `rewrite`.
 ///
-/// The SNAT port is probed in the order of `lb_common::hash::snat_port`, whose first
-/// candidate is the flow's own hash. The reverse entry (backend → SNAT:port) is the port's
-/// lock: it is inserted with `BPF_NOEXIST`, which is atomic, so two CPUs can never hand out
-/// one port to two flows, and a failed insert costs no one anything (the map never evicts).
+/// The SNAT address of the service's pool and the port are probed in the order of
+/// `lb_common::hash::snat_candidate`, whose first candidate is the flow's own hash. The
+/// reverse entry (backend → SNAT:port) is the port's lock: it is inserted with
+/// `BPF_NOEXIST`, which is atomic, so two CPUs can never hand out one port to two flows, and
+/// a failed insert costs no one anything (the map never evicts).
+/// In `dnat` mode the "SNAT" endpoint is the client's own address and port, the only
+/// candidate: its reverse entry (backend → client) is taken only when the client reaches
+/// the same backend from the same port through another VIP.
 ///
-/// Errors: `DropSnatPortsExhausted`, `DropConntrackFull`, `DropConntrackInsert`, and
-/// `DropInternal` when the control plane's tables disagree.
+/// Errors: `DropSnatPortsExhausted`, `DropDnatTupleTaken`, `DropConntrackFull`,
+/// `DropConntrackInsert`, and `DropInternal` when the control plane's tables disagree.
 ///
 /// Not inlined: a flow's first packet is the cold path, and as a BPF subprogram its locals
 /// get a frame of their own. The entries are built in place in `CREATE_SCRATCH`, field by
@@ -357,10 +365,28 @@ pub fn create(
     let Scratch {
         forward,
         reverse,
-        reverse_key,
+        pool: pool_copy,
+        probe,
+        ..
     } = unsafe { &mut *scratch };
     let seen = FlowSeen::first(DIR_TO_BACKEND, Seen::of_packet(key.proto, pkt.tcp_flags));
-    forward.rewrite.src.addr = flow.service.snat;
+    // The probes' parameters go straight to the scratch space: this frame is on the stack
+    // under the hot path's (see `process` in main.rs).
+    probe.dnat = (flow.service.mode == MODE_DNAT) as u8;
+    probe.pool = flow.service.snat_count;
+    probe.count = cfg.snat_port_count;
+    if probe.dnat != 0 {
+        // One candidate: the client's own endpoint.
+        forward.rewrite.src = key.src;
+        probe.candidates = 1;
+    } else {
+        if probe.pool == 0 || probe.pool as usize > MAX_SNAT_ADDRESSES {
+            return Err(Reason::DropInternal);
+        }
+        *pool_copy = flow.service.snat;
+        // Every (address, port) of the pool once.
+        probe.candidates = probe.count * probe.pool;
+    }
     forward.rewrite.dst = flow.backend.endpoint;
     forward.rewrite.service_id = flow.service.id;
     forward.rewrite.backend_id = flow.backend_id;
@@ -381,48 +407,147 @@ pub fn create(
     reverse.generation = 0;
     reverse.last_seen_ns = now;
 
+    probe.hash = hash;
+    probe.now = now;
+    probe.first = cfg.snat_port_first;
+    probe.proto = key.proto;
+    probe.tcp_flags = pkt.tcp_flags;
+    let mut outcome = Outcome {
+        found: PROBE_NONE,
+        error: 0,
+    };
+    // SAFETY: `probe_step` is a BPF subprogram of the signature bpf_loop calls, and
+    // `outcome` outlives the call.
+    unsafe {
+        aya_ebpf::helpers::bpf_loop(
+            SNAT_PORT_PROBES,
+            probe_step as *const () as *mut core::ffi::c_void,
+            &mut outcome as *mut Outcome as *mut core::ffi::c_void,
+            0,
+        );
+    }
+    if outcome.error != 0 {
+        return Err(insert_error(outcome.error));
+    }
     // Whether this run inserted the port's reverse entry (true), or found this very flow's
     // there (false): another CPU creating it at this moment, or a flow whose forward entry
     // was lost while its reverse one lived on; it keeps the port the backend knows.
-    let mut inserted = None;
-    for probe in 0..SNAT_PORT_PROBES {
-        // A range smaller than the probe budget is searched once through.
-        if probe >= cfg.snat_port_count {
-            break;
-        }
-        let port = snat_port(hash, probe, cfg.snat_port_first, cfg.snat_port_count);
-        forward.rewrite.src.port = port.to_be_bytes();
-        reverse_key.src = forward.rewrite.dst;
-        reverse_key.dst = forward.rewrite.src;
-        reverse_key.proto = key.proto;
-        reverse_key._pad = 0;
-        match CONNTRACK.insert(&*reverse_key, &*reverse, BPF_NOEXIST as u64) {
-            Ok(()) => {
-                inserted = Some(true);
-                break;
-            }
-            Err(e) if e == -EEXIST => {
-                if let Some(held) = CONNTRACK.get_ptr_mut(&*reverse_key) {
-                    // SAFETY: a map value, valid for the program run.
-                    let held = unsafe { &mut *held };
-                    if held.rewrite == reverse.rewrite {
-                        // The flow goes on: its record, plus this packet.
-                        let facts = Seen::of_packet(key.proto, pkt.tcp_flags);
-                        record(held, DIR_TO_BACKEND, &facts, false, now);
-                        forward.seen = held.seen;
-                        inserted = Some(false);
-                        break;
-                    }
-                }
-            }
-            Err(e) => return Err(insert_error(e)),
-        }
-    }
+    let inserted = match outcome.found {
+        PROBE_INSERTED => Some(true),
+        PROBE_FOUND_OURS => Some(false),
+        _ => None,
+    };
+    // SAFETY: as above; `probe_step` has returned.
+    let Scratch {
+        forward,
+        reverse_key,
+        probe,
+        ..
+    } = unsafe { &mut *scratch };
     let Some(inserted) = inserted else {
-        return Err(Reason::DropSnatPortsExhausted);
+        return Err(if probe.dnat != 0 {
+            Reason::DropDnatTupleTaken
+        } else {
+            Reason::DropSnatPortsExhausted
+        });
     };
     // A reverse entry found there is never ours to withdraw.
     insert_forward(key, forward, inserted.then_some(&*reverse_key), rewrite)
+}
+
+/// What `create` tells each `probe_step`, in `CREATE_SCRATCH` (the stack has no room).
+#[repr(C)]
+struct Probe {
+    hash: u64,
+    now: u64,
+    /// The SNAT port range.
+    first: u32,
+    count: u32,
+    /// Addresses in the service's pool (copied to `Scratch::pool`).
+    pool: u32,
+    /// How many candidates there are: every (address, port) of the pool, or 1 in dnat.
+    candidates: u32,
+    /// 1 in dnat: the one candidate is the client's endpoint, in `forward` already.
+    dnat: u8,
+    proto: u8,
+    tcp_flags: u8,
+    _pad: u8,
+}
+
+/// What the probes found: `bpf_loop`'s context, on `create`'s stack.
+#[repr(C)]
+struct Outcome {
+    /// One of the `PROBE_*` constants.
+    found: u32,
+    /// The errno of an insert that failed for another reason than EEXIST; 0 if none.
+    error: i32,
+}
+
+const PROBE_NONE: u32 = 0;
+/// This run inserted the candidate's reverse entry.
+const PROBE_INSERTED: u32 = 1;
+/// The candidate's reverse entry holds this very flow already.
+const PROBE_FOUND_OURS: u32 = 2;
+
+/// Probe `i` of `create`: puts candidate `i` (`lb_common::hash::snat_candidate`) in the
+/// forward entry and tries to take its reverse entry, the port's lock. Stops the loop (1)
+/// once it has it, finds this very flow holding it (whose record then takes in this packet,
+/// and the forward entry its record), runs out of candidates, or an insert fails for
+/// another reason than EEXIST. Under `bpf_loop` (Linux 5.17) the verifier checks this body
+/// once, not once per probe.
+#[inline(never)]
+extern "C" fn probe_step(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    // SAFETY: bpf_loop hands back the pointer `create` gave it, to its live `Outcome`.
+    let outcome = unsafe { &mut *(ctx as *mut Outcome) };
+    let Some(scratch) = CREATE_SCRATCH.get_ptr_mut(0) else {
+        return 1;
+    };
+    // SAFETY: this CPU's slot, as in `create`, which does not touch it while the loop runs.
+    let Scratch {
+        forward,
+        reverse,
+        reverse_key,
+        pool,
+        probe: p,
+    } = unsafe { &mut *scratch };
+    let i = i as u32;
+    if i >= p.candidates {
+        return 1;
+    }
+    if p.dnat == 0 {
+        let (index, port) = snat_candidate(p.hash, i, p.first, p.count, p.pool);
+        forward.rewrite.src.addr = pool[index as usize & (MAX_SNAT_ADDRESSES - 1)].addr;
+        forward.rewrite.src.port = port.to_be_bytes();
+    }
+    reverse_key.src = forward.rewrite.dst;
+    reverse_key.dst = forward.rewrite.src;
+    reverse_key.proto = p.proto;
+    reverse_key._pad = 0;
+    match CONNTRACK.insert(&*reverse_key, &*reverse, BPF_NOEXIST as u64) {
+        Ok(()) => {
+            outcome.found = PROBE_INSERTED;
+            1
+        }
+        Err(e) if e == -EEXIST => {
+            if let Some(held) = CONNTRACK.get_ptr_mut(&*reverse_key) {
+                // SAFETY: a map value, valid for the program run.
+                let held = unsafe { &mut *held };
+                if held.rewrite == reverse.rewrite {
+                    // The flow goes on: its record, plus this packet.
+                    let facts = Seen::of_packet(p.proto, p.tcp_flags);
+                    record(held, DIR_TO_BACKEND, &facts, false, p.now);
+                    forward.seen = held.seen;
+                    outcome.found = PROBE_FOUND_OURS;
+                    return 1;
+                }
+            }
+            0
+        }
+        Err(e) => {
+            outcome.error = e;
+            1
+        }
+    }
 }
 
 /// The reason for a failed conntrack insert (other than EEXIST, which callers handle).

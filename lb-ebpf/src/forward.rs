@@ -171,7 +171,9 @@ pub fn source_routes_back(ctx: &XdpContext, pkt: &Packet) -> bool {
 /// Readies a handoff before the packet is rewritten: puts its metadata in front of the frame.
 /// When the driver refuses XDP metadata, the hop becomes the kernel's stack instead (the
 /// rewrite then leaves the TTL for the kernel to lower), counted as `pass/no_metadata`.
-#[inline(always)]
+///
+/// Not inlined: the metadata is built in a frame of its own, not in each caller's.
+#[inline(never)]
 pub fn prepare(ctx: &XdpContext, hop: &mut Hop) {
     if let Hop::Handoff {
         ifindex, next_hop, ..

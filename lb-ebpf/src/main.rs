@@ -1,5 +1,6 @@
-//! The xlb XDP program: IPv4 TCP/UDP full NAT with Maglev backend selection, and the small
-//! tc program that sends what the XDP program cannot send itself.
+//! The xlb XDP program: IPv4 TCP/UDP load balancing by full NAT or destination NAT, with ICMP
+//! answered or translated, and the small tc program that sends what the XDP program cannot
+//! send itself.
 //!
 //! One packet's path, top to bottom:
 //! 1. [`parse::parse`] bounds-checks Ethernet, IPv4 (IHL-sized) and the L4 ports and TCP
@@ -8,7 +9,9 @@
 //!    packet tells about the flow (TCP flags, time); or, for a new flow to a service,
 //!    [`conntrack::backend`] picks a backend from the service's Maglev slice,
 //!    [`forward::route`] finds the way to it, and [`conntrack::create`] stores both
-//!    directions with a SNAT port;
+//!    directions with a SNAT port (or, in `dnat` mode, the client's own);
+//!    ICMP instead goes to [`icmp::handle`], which answers pings to a VIP and translates
+//!    errors about tracked flows;
 //! 3. [`forward::route`] asks the kernel FIB for the next hop of the rewritten packet;
 //! 4. [`nat::rewrite`] rewrites addresses, ports, TTL and checksums;
 //! 5. [`forward::send`] sets the MACs and sends by XDP_TX or a devmap redirect, or hands the
@@ -25,6 +28,7 @@
 mod conntrack;
 mod forward;
 mod handoff;
+mod icmp;
 mod nat;
 mod parse;
 mod quic;
@@ -41,8 +45,8 @@ use lb_common::{
     conntrack::TCP_RST,
     maps::{
         BackendEntry, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAGLEV_SIZE, DEFAULT_MAX_BACKENDS,
-        DEFAULT_MAX_SERVICES, Endpoint, FlowKey, FlowStats, Handoff, MAX_INTERFACES, NatEntry,
-        Rewrite, ServiceEntry, ServiceKey, Settings,
+        DEFAULT_MAX_SERVICES, FlowKey, FlowStats, Handoff, MAX_INTERFACES, MODE_DNAT, NatEntry,
+        PROTO_ICMP, Rewrite, ServiceEntry, ServiceKey, Settings,
     },
     reason::Reason,
 };
@@ -64,6 +68,10 @@ static SERVICES: HashMap<ServiceKey, ServiceEntry> =
 static MAGLEV: Array<[u32; 2]> =
     Array::with_max_entries(DEFAULT_MAX_SERVICES * DEFAULT_MAGLEV_SIZE, BPF_F_MMAPABLE);
 
+/// The addresses services listen on, whose pings the program answers.
+#[map]
+static VIPS: HashMap<[u8; 16], u32> = HashMap::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+
 #[map]
 static BACKENDS: Array<BackendEntry> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 
@@ -80,6 +88,10 @@ static CONFIG: Array<Settings> = Array::with_max_entries(1, 0);
 /// on the 512-byte BPF stack next to the hot path's frame.
 #[map]
 static CREATE_SCRATCH: PerCpuArray<conntrack::Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// Working space of `icmp::error`, one slot per CPU, for the same reason.
+#[map]
+static ICMP_SCRATCH: PerCpuArray<icmp::Scratch> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 static DEVMAP: DevMapHash = DevMapHash::with_max_entries(MAX_INTERFACES, 0);
@@ -154,6 +166,9 @@ pub fn xlb_handoff(ctx: TcContext) -> i32 {
 fn process(ctx: &XdpContext) -> Result<Reason, Reason> {
     let mut pkt = parse::Packet::default();
     parse::parse(ctx, &mut pkt)?;
+    if pkt.key.proto == PROTO_ICMP {
+        return icmp::handle(ctx, &pkt);
+    }
     let mut rewrite = Rewrite::default();
     let fwd = forwardable(&pkt);
     let mut hop = if conntrack::lookup(ctx, &pkt, fwd.is_ok(), &mut rewrite)? {
@@ -188,11 +203,13 @@ fn new_flow(ctx: &XdpContext, pkt: &parse::Packet, rewrite: &mut Rewrite) -> Res
     };
     // Routed before the flow is created: an unreachable backend takes no port, and the flow
     // learns which interface the backend's replies come in on.
-    let snat = Endpoint {
-        addr: service.snat,
-        port: [0; 2],
+    // A fullnat flow is routed from the pool's first address: the way to the backend.
+    let snat = if service.mode == MODE_DNAT {
+        &pkt.key.src
+    } else {
+        &service.snat[0]
     };
-    let hop = forward::route(ctx, pkt, &snat, &backend.endpoint)?;
+    let hop = forward::route(ctx, pkt, snat, &backend.endpoint)?;
     let flow = conntrack::NewFlow {
         service,
         backend_id,

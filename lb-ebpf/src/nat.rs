@@ -1,5 +1,6 @@
-//! The NAT rewrite: addresses, ports, TTL, and the IPv4 and L4 checksums, updated
-//! incrementally (RFC 1624) with lb-common's checksum math.
+//! The NAT rewrites: addresses, ports, TTL, and the IPv4, L4 and ICMP checksums, updated
+//! incrementally (RFC 1624) with lb-common's checksum math. One function per kind of packet:
+//! a flow's TCP/UDP packet, an ICMP error about a flow, and the echo reply to a ping.
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
@@ -9,7 +10,10 @@ use lb_common::{
 };
 use network_types::ip::Ipv4Hdr;
 
-use crate::parse::{ETH_LEN, Packet, ptr_at};
+use crate::{
+    icmp::{ECHO_REPLY, ECHO_REQUEST, Quote},
+    parse::{ETH_LEN, Packet, ptr_at},
+};
 
 /// Rewrites the packet's source to `entry.src` and destination to `entry.dst`, and lowers
 /// the TTL by `ttl_decrement`. Precondition: `pkt` came from `parse` on this same frame, and
@@ -24,28 +28,13 @@ pub fn rewrite(
     entry: &Rewrite,
     ttl_decrement: u8,
 ) -> Result<(), Reason> {
-    let old_src = pkt.key.src.v4_octets();
-    let old_dst = pkt.key.dst.v4_octets();
-    let new_src = entry.src.v4_octets();
-    let new_dst = entry.dst.v4_octets();
-    let old_addrs = sum_words(&old_src) + sum_words(&old_dst);
-    let new_addrs = sum_words(&new_src) + sum_words(&new_dst);
-
-    let ip: *mut Ipv4Hdr = ptr_at(ctx, ETH_LEN)?;
-    // SAFETY: ptr_at checked that the 20-byte IPv4 header is inside the frame.
-    let ip = unsafe { &mut *ip };
-    // TTL shares a checksum word with the protocol byte.
-    let old_ttl = [pkt.ttl, ip.proto];
-    let new_ttl = [pkt.ttl - ttl_decrement, ip.proto];
-    let check = replace(
-        u16::from_be_bytes(ip.check),
-        old_addrs + sum_words(&old_ttl),
-        new_addrs + sum_words(&new_ttl),
-    );
-    ip.check = check.to_be_bytes();
-    ip.src_addr = new_src;
-    ip.dst_addr = new_dst;
-    ip.ttl = new_ttl[0];
+    let (old_addrs, new_addrs) = rewrite_ipv4(
+        ctx,
+        pkt,
+        entry.src.v4_octets(),
+        entry.dst.v4_octets(),
+        pkt.ttl - ttl_decrement,
+    )?;
 
     // The L4 checksum covers the pseudo-header addresses and the ports (not the TTL).
     let old_ports = [
@@ -77,5 +66,137 @@ pub fn rewrite(
     let ports: *mut [u8; 4] = ptr_at(ctx, pkt.l4_off())?;
     // SAFETY: ptr_at checked the four port bytes are inside the frame.
     unsafe { *ports = new_ports };
+    Ok(())
+}
+
+/// Sets the IPv4 header's addresses and TTL, updating its checksum. Returns the unfolded sums
+/// of the old and of the new addresses: the pseudo-header's share of an L4 checksum.
+#[inline(always)]
+fn rewrite_ipv4(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    new_src: [u8; 4],
+    new_dst: [u8; 4],
+    new_ttl: u8,
+) -> Result<(u32, u32), Reason> {
+    let old_addrs = sum_words(&pkt.key.src.v4_octets()) + sum_words(&pkt.key.dst.v4_octets());
+    let new_addrs = sum_words(&new_src) + sum_words(&new_dst);
+    let ip: *mut Ipv4Hdr = ptr_at(ctx, ETH_LEN)?;
+    // SAFETY: ptr_at checked that the 20-byte IPv4 header is inside the frame.
+    let ip = unsafe { &mut *ip };
+    // TTL shares a checksum word with the protocol byte.
+    let old_ttl = [pkt.ttl, ip.proto];
+    let new_ttl = [new_ttl, ip.proto];
+    let check = replace(
+        u16::from_be_bytes(ip.check),
+        old_addrs + sum_words(&old_ttl),
+        new_addrs + sum_words(&new_ttl),
+    );
+    ip.check = check.to_be_bytes();
+    ip.src_addr = new_src;
+    ip.dst_addr = new_dst;
+    ip.ttl = new_ttl[0];
+    Ok((old_addrs, new_addrs))
+}
+
+/// TTL of the echo replies xlb sends (Linux's default).
+const REPLY_TTL: u8 = 64;
+
+/// Turns an echo request (type 8, code 0) into its reply: the addresses swapped, a fresh
+/// TTL, type 0; identifier, sequence and data as they were.
+#[inline(never)]
+pub fn echo_reply(ctx: &XdpContext, pkt: &Packet) -> Result<(), Reason> {
+    rewrite_ipv4(
+        ctx,
+        pkt,
+        pkt.key.dst.v4_octets(),
+        pkt.key.src.v4_octets(),
+        REPLY_TTL,
+    )?;
+    let icmp: *mut [u8; 4] = ptr_at(ctx, pkt.l4_off())?;
+    // SAFETY: ptr_at checked type, code and checksum are inside the frame.
+    let icmp = unsafe { &mut *icmp };
+    let check = replace(
+        u16::from_be_bytes([icmp[2], icmp[3]]),
+        sum_words(&[ECHO_REQUEST, 0]),
+        sum_words(&[ECHO_REPLY, 0]),
+    );
+    *icmp = [ECHO_REPLY, 0, (check >> 8) as u8, check as u8];
+    Ok(())
+}
+
+/// Translates an ICMP error about a tracked flow's packet: the outer header goes `entry.src`
+/// → `entry.dst` with the TTL lowered by `ttl_decrement`, as the flow's next packet in
+/// `entry`'s direction would, and the quoted packet, which went the other way, becomes what
+/// it was before xlb rewrote it: `entry.dst` → `entry.src`, addresses and ports. The outer
+/// IPv4, quoted IPv4, quoted L4 (when quoted) and ICMP checksums follow. Precondition:
+/// `quote` was read by `icmp::read_quote` from this frame, and `pkt.ttl > ttl_decrement`.
+///
+/// Inlined into `icmp::error`, whose frame then holds both: less than the two frames on top
+/// of each other.
+#[inline(always)]
+pub fn rewrite_icmp_error(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    quote: &Quote,
+    entry: &Rewrite,
+    ttl_decrement: u8,
+) -> Result<(), Reason> {
+    rewrite_ipv4(
+        ctx,
+        pkt,
+        entry.src.v4_octets(),
+        entry.dst.v4_octets(),
+        pkt.ttl - ttl_decrement,
+    )?;
+
+    // The ICMP checksum covers the whole quote: `old` and `new` add up every word changed
+    // in it, as it is changed.
+    // The quoted IPv4 header: addresses, then its checksum (its TTL stays).
+    let inner: *mut Ipv4Hdr = ptr_at(ctx, quote.ip_off())?;
+    // SAFETY: ptr_at checked that the quoted 20-byte IPv4 header is inside the frame.
+    let inner = unsafe { &mut *inner };
+    let old_addrs = sum_words(&inner.src_addr) + sum_words(&inner.dst_addr);
+    inner.src_addr = entry.dst.v4_octets();
+    inner.dst_addr = entry.src.v4_octets();
+    let new_addrs = sum_words(&inner.src_addr) + sum_words(&inner.dst_addr);
+    let mut old = old_addrs + sum_words(&inner.check);
+    inner.check = replace(u16::from_be_bytes(inner.check), old_addrs, new_addrs).to_be_bytes();
+    let mut new = new_addrs + sum_words(&inner.check);
+
+    // The quoted ports, and the quoted L4 checksum when the quote reaches it.
+    let ports: *mut [u8; 4] = ptr_at(ctx, quote.l4_off())?;
+    // SAFETY: ptr_at checked the four port bytes are inside the frame.
+    let ports = unsafe { &mut *ports };
+    let old_ports = sum_words(ports);
+    *ports = [
+        entry.dst.port[0],
+        entry.dst.port[1],
+        entry.src.port[0],
+        entry.src.port[1],
+    ];
+    let new_ports = sum_words(ports);
+    old += old_ports;
+    new += new_ports;
+    if quote.has_l4_check() {
+        let check: *mut [u8; 2] = ptr_at(ctx, quote.l4_check_off())?;
+        // SAFETY: ptr_at checked the two checksum bytes are inside the frame.
+        let check = unsafe { &mut *check };
+        let value = u16::from_be_bytes(*check);
+        let (l4_old, l4_new) = (old_addrs + old_ports, new_addrs + new_ports);
+        let updated = if quote.proto == PROTO_UDP {
+            replace_udp(value, l4_old, l4_new)
+        } else {
+            replace(value, l4_old, l4_new)
+        };
+        old += value as u32;
+        new += updated as u32;
+        *check = updated.to_be_bytes();
+    }
+
+    let icmp_check: *mut [u8; 2] = ptr_at(ctx, pkt.l4_check_off())?;
+    // SAFETY: ptr_at checked the two checksum bytes are inside the frame.
+    let icmp_check = unsafe { &mut *icmp_check };
+    *icmp_check = replace(u16::from_be_bytes(*icmp_check), old, new).to_be_bytes();
     Ok(())
 }

@@ -1,8 +1,8 @@
-//! Bounds-checked packet access and the IPv4/TCP/UDP parser.
+//! Bounds-checked packet access and the IPv4 TCP/UDP/ICMP parser.
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
-    maps::{Endpoint, FlowKey, PROTO_TCP, PROTO_UDP},
+    maps::{Endpoint, FlowKey, PROTO_ICMP, PROTO_TCP, PROTO_UDP},
     reason::Reason,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
@@ -11,7 +11,7 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 const ETH_P_IP_BE: u16 = u16::from_ne_bytes([0x08, 0x00]);
 /// Flags/offset field bits (host order after `u16::from_be_bytes`).
 const IP_MF: u16 = 0x2000;
-const IP_OFFSET_MASK: u16 = 0x1fff;
+pub const IP_OFFSET_MASK: u16 = 0x1fff;
 
 pub const ETH_LEN: usize = EthHdr::LEN;
 /// Offset of the checksum field inside the TCP and UDP headers.
@@ -19,8 +19,12 @@ pub const TCP_CHECK_OFF: usize = 16;
 /// Offset of the flags byte (FIN, SYN, RST, PSH, ACK, ...) inside the TCP header.
 const TCP_FLAGS_OFF: usize = 13;
 pub const UDP_CHECK_OFF: usize = 6;
+/// Offset of the checksum field inside the ICMP header.
+const ICMP_CHECK_OFF: usize = 2;
 const TCP_MIN_LEN: usize = 20;
 const UDP_LEN: usize = 8;
+/// An ICMP header: type, code, checksum, and four bytes the type gives a meaning to.
+pub const ICMP_LEN: usize = 8;
 
 /// The frame's start and end. Read with volatile loads so that LLVM cannot hoist the loads
 /// out of a non-inlined function into its callers and pass the values instead of `ctx`
@@ -49,16 +53,17 @@ pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, Reason> {
     Ok((start + offset) as *mut T)
 }
 
-/// What the rest of the program needs to know about a TCP/UDP-over-IPv4 packet.
+/// What the rest of the program needs to know about a TCP/UDP/ICMP-over-IPv4 packet.
 #[derive(Default)]
 pub struct Packet {
-    /// Addresses, ports and protocol as received.
+    /// Addresses, ports and protocol as received. ICMP has no ports: they are 0.
     pub key: FlowKey,
     /// Offset of the L4 header: Ethernet + IHL × 4 (options included). Read it through
-    /// [`Packet::l4_off`].
-    l4_off: usize,
+    /// [`Packet::l4_off`]. (Offsets and length are 16 and 32 bits wide: this struct lives in
+    /// the hot path's frame, where every byte counts.)
+    l4_off: u16,
     /// Offset of the L4 checksum field. Read it through [`Packet::l4_check_off`].
-    l4_check_off: usize,
+    l4_check_off: u16,
     pub ttl: u8,
     /// The TCP flags byte; 0 for UDP.
     pub tcp_flags: u8,
@@ -67,7 +72,7 @@ pub struct Packet {
     /// First fragment of a fragmented datagram (MF set, offset 0).
     pub fragmented: bool,
     /// Whole frame length, for byte counters.
-    pub frame_len: u64,
+    pub frame_len: u32,
 }
 
 /// Upper bound of any offset into the headers we touch: Ethernet (14) + IPv4 with options
@@ -80,16 +85,17 @@ impl Packet {
     // valid value, so the packet-pointer arithmetic in ptr_at stays provably bounded.
     #[inline(always)]
     pub fn l4_off(&self) -> usize {
-        self.l4_off & HEADER_OFF_MASK
+        self.l4_off as usize & HEADER_OFF_MASK
     }
 
     #[inline(always)]
     pub fn l4_check_off(&self) -> usize {
-        self.l4_check_off & HEADER_OFF_MASK
+        self.l4_check_off as usize & HEADER_OFF_MASK
     }
 }
 
-/// Parses Ethernet + IPv4 + the first bytes of TCP/UDP.
+/// Parses Ethernet + IPv4 + the first bytes of TCP/UDP, or the ICMP header (which
+/// `icmp::handle` reads further).
 ///
 /// Errors: `PassNotIpv4` / `PassNotTcpUdp` / `PassFragment` (non-first fragments) for what
 /// the kernel should handle; `DropTruncated` / `DropBadIpv4Header` for malformed frames.
@@ -130,6 +136,7 @@ pub fn parse(ctx: &XdpContext, pkt: &mut Packet) -> Result<(), Reason> {
     let (l4_min, check_off) = match ip.proto {
         PROTO_TCP => (TCP_MIN_LEN, TCP_CHECK_OFF),
         PROTO_UDP => (UDP_LEN, UDP_CHECK_OFF),
+        PROTO_ICMP => (ICMP_LEN, ICMP_CHECK_OFF),
         _ => return Err(Reason::PassNotTcpUdp),
     };
     let frags = u16::from_be_bytes(ip.frags);
@@ -145,9 +152,13 @@ pub fn parse(ctx: &XdpContext, pkt: &mut Packet) -> Result<(), Reason> {
     // minimal header (ports and checksum) is inside the frame. Each access below still goes
     // through ptr_at, which is what the verifier checks.
     let l4_off = ETH_LEN + ihl;
-    let ports: *const [u8; 4] = ptr_at(ctx, l4_off)?;
-    // SAFETY: ptr_at checked the four port bytes are inside the frame.
-    let ports = unsafe { *ports };
+    let ports = if ip.proto == PROTO_ICMP {
+        [0; 4]
+    } else {
+        let ports: *const [u8; 4] = ptr_at(ctx, l4_off)?;
+        // SAFETY: ptr_at checked the four port bytes are inside the frame.
+        unsafe { *ports }
+    };
     let tcp_flags = if ip.proto == PROTO_TCP {
         let flags: *const u8 = ptr_at(ctx, l4_off + TCP_FLAGS_OFF)?;
         // SAFETY: ptr_at checked the flags byte is inside the frame.
@@ -163,13 +174,13 @@ pub fn parse(ctx: &XdpContext, pkt: &mut Packet) -> Result<(), Reason> {
             proto: ip.proto,
             _pad: 0,
         },
-        l4_off,
-        l4_check_off: l4_off + check_off,
+        l4_off: l4_off as u16,
+        l4_check_off: (l4_off + check_off) as u16,
         ttl: ip.ttl,
         tcp_flags,
         tot_len,
         fragmented,
-        frame_len,
+        frame_len: frame_len as u32,
     };
     Ok(())
 }

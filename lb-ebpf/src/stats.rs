@@ -19,7 +19,8 @@ pub fn count_reason(reason: Reason) {
 
 /// Counts one packet of a tracked flow against its service and its backend.
 #[inline(always)]
-pub fn count_flow_packet(entry: &Rewrite, frame_len: u64) {
+pub fn count_flow_packet(entry: &Rewrite, frame_len: u32) {
+    let frame_len = frame_len as u64;
     let to_backend = entry.direction == DIR_TO_BACKEND;
     let add = |s: &mut FlowStats| {
         if to_backend {

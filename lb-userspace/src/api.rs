@@ -39,7 +39,7 @@ use lb_common::conntrack::{FlowState, remaining_ns};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    config::{Backend, Checked, Config, HostFacts, Overrides, Protocol, Scheduler, Service},
+    config::{Backend, Checked, Config, HostFacts, Mode, Overrides, Protocol, Scheduler, Service},
     conntrack,
     loader::Attachment,
     registry::{ApplyError, Changes, Registry, ServiceName, default_snat},
@@ -76,13 +76,35 @@ pub struct StatusInterface {
 pub struct NewService {
     pub vip: SocketAddrV4,
     pub protocol: Protocol,
-    /// None: the first IPv4 address of the first interface.
-    pub snat: Option<Ipv4Addr>,
+    /// None: fullnat.
+    #[serde(default)]
+    pub mode: Option<Mode>,
+    /// The SNAT pool: one address or a list; none: in fullnat mode, the first IPv4 address of
+    /// the first interface.
+    #[serde(default)]
+    pub snat: Option<OneOrMore<Ipv4Addr>>,
     /// None: maglev.
     #[serde(default)]
     pub scheduler: Option<Scheduler>,
     #[serde(default)]
     pub quic: bool,
+}
+
+/// One value, or a list of them (`"snat": "10.20.0.1"` or `"snat": ["10.20.0.1", ...]`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMore<T> {
+    One(T),
+    More(Vec<T>),
+}
+
+impl<T> OneOrMore<T> {
+    pub fn into_vec(self) -> Vec<T> {
+        match self {
+            OneOrMore::One(one) => vec![one],
+            OneOrMore::More(more) => more,
+        }
+    }
 }
 
 /// `POST /v1/services/{proto}/{vip}/backends`.
@@ -405,10 +427,20 @@ async fn add_service(
             .dataplane
             .interfaces
             .clone();
-        let snat = match new.snat {
-            Some(a) => a,
-            None => default_snat(&interfaces)
-                .map_err(|e| bad(format!("no --snat given, and no default: {e:#}")))?,
+        let mode = new.mode.unwrap_or_default();
+        let snat = new.snat.map(OneOrMore::into_vec).unwrap_or_default();
+        let snat = match (mode, snat.is_empty()) {
+            (Mode::Dnat, false) => {
+                return Err(bad(
+                    "mode dnat keeps the client's address: --snat has no use there",
+                ));
+            }
+            (Mode::Dnat, true) => Vec::new(),
+            (Mode::Fullnat, false) => snat,
+            (Mode::Fullnat, true) => vec![
+                default_snat(&interfaces)
+                    .map_err(|e| bad(format!("no --snat given, and no default: {e:#}")))?,
+            ],
         };
         change(&shared, |cfg| {
             let name = ServiceName {
@@ -428,6 +460,7 @@ async fn add_service(
             cfg.services.push(Service {
                 vip: new.vip,
                 protocol: new.protocol,
+                mode,
                 snat,
                 scheduler: new.scheduler.unwrap_or_default(),
                 quic: new.quic,

@@ -7,10 +7,11 @@ use clap::{Args, CommandFactory as _, Parser, Subcommand};
 use hyper::Method;
 
 use crate::{
-    api::{ApplyRequest, Changed, Flow, NewBackend, NewService, Status, Weight},
+    api::{ApplyRequest, Changed, Flow, NewBackend, NewService, OneOrMore, Status, Weight},
     client::{self, Client, Output},
     config::{
-        Checked, Config, DEFAULT_SOCKET, HostFacts, Overrides, Protocol, Scheduler, XdpModeConfig,
+        Checked, Config, DEFAULT_SOCKET, HostFacts, Mode, Overrides, Protocol, Scheduler,
+        XdpModeConfig,
     },
     daemon::{self, RunOptions},
     doctor,
@@ -151,10 +152,14 @@ pub enum ServiceCommand {
     Add {
         #[command(flatten)]
         service: ServiceArg,
-        /// Source address toward the backends (default: the first IPv4 address of the
-        /// first interface).
+        /// fullnat: backends see the SNAT address; dnat: they see the client's, and must
+        /// route replies through xlb.
+        #[arg(long, value_enum, default_value_t = Mode::Fullnat)]
+        mode: Mode,
+        /// fullnat: the source address toward the backends; give it again for a pool
+        /// (default: the first IPv4 address of the first interface).
         #[arg(long)]
-        snat: Option<std::net::Ipv4Addr>,
+        snat: Vec<std::net::Ipv4Addr>,
         /// How new flows pick a backend.
         #[arg(long, value_enum, default_value_t = Scheduler::Maglev)]
         scheduler: Scheduler,
@@ -369,6 +374,7 @@ async fn service(command: ServiceCommand) -> anyhow::Result<()> {
         }
         ServiceCommand::Add {
             service,
+            mode,
             snat,
             scheduler,
             quic,
@@ -377,7 +383,8 @@ async fn service(command: ServiceCommand) -> anyhow::Result<()> {
             let body = NewService {
                 vip: service.vip,
                 protocol: service.protocol,
-                snat,
+                mode: Some(mode),
+                snat: (!snat.is_empty()).then_some(OneOrMore::More(snat)),
                 scheduler: Some(scheduler),
                 quic,
             };

@@ -169,6 +169,7 @@ pub fn services_text(stats: &Stats) -> String {
     let mut t = table(&[
         "vip",
         "protocol",
+        "mode",
         "scheduler",
         "snat",
         "backends",
@@ -183,6 +184,7 @@ pub fn services_text(stats: &Stats) -> String {
         t.add_row(vec![
             s.vip.clone(),
             s.protocol.clone(),
+            s.mode.clone(),
             s.scheduler.clone(),
             s.snat.clone(),
             s.backends.len().to_string(),

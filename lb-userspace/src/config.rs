@@ -11,8 +11,8 @@ use std::{
 use lb_common::{
     conntrack::Timeouts,
     maps::{
-        DEFAULT_MAGLEV_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, MAX_INTERFACES, PROTO_TCP,
-        PROTO_UDP,
+        DEFAULT_MAGLEV_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, MAX_INTERFACES,
+        MAX_SNAT_ADDRESSES, PROTO_TCP, PROTO_UDP,
     },
 };
 use serde::Deserialize;
@@ -214,7 +214,7 @@ pub struct ServiceConfig {
     pub vip: String,
     /// `tcp` or `udp`.
     pub protocol: Protocol,
-    /// Only `fullnat` for now.
+    /// `fullnat` (the default) or `dnat` (see [`Mode`]).
     #[serde(default)]
     pub mode: Mode,
     /// How new flows pick a backend (see [`Scheduler`]); `maglev` by default.
@@ -224,15 +224,33 @@ pub struct ServiceConfig {
     /// the backend id in their connection ID (`lb_common::quic`), the rest by `scheduler`.
     #[serde(default)]
     pub quic: bool,
-    /// Source address used toward backends (full NAT). Backends must route it back through
-    /// xlb.
-    pub snat: Option<String>,
+    /// Source address toward backends, or a list of them (a pool: new flows spread over it,
+    /// each address with the whole port range), in `fullnat` mode (where it is needed); none
+    /// in `dnat`. Backends must route them back through xlb.
+    pub snat: Option<SnatConfig>,
     /// `[[service.backend]]` tables.
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendConfig>,
     /// `[service.health]`: how the daemon checks the backends; none by default.
     #[serde(default)]
     pub health: Option<HealthConfig>,
+}
+
+/// `snat`: one address, or a list of them.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum SnatConfig {
+    One(String),
+    Pool(Vec<String>),
+}
+
+impl SnatConfig {
+    fn addresses(&self) -> &[String] {
+        match self {
+            SnatConfig::One(a) => std::slice::from_ref(a),
+            SnatConfig::Pool(pool) => pool,
+        }
+    }
 }
 
 /// `[service.health]`
@@ -375,12 +393,44 @@ impl Scheduler {
     }
 }
 
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+/// `mode`: how a service's packets are rewritten (`lb_common::maps::MODE_*`).
+#[derive(
+    Clone, Copy, Debug, Default, Deserialize, serde::Serialize, PartialEq, Eq, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
-    /// Rewrite destination to the backend and source to the SNAT address and a port.
+    /// Full NAT: the destination becomes the backend, the source the service's SNAT address
+    /// and a port of xlb's choosing. Backends need only route the SNAT address back.
     #[default]
     Fullnat,
+    /// Destination NAT: the destination becomes the backend, the client's address and port
+    /// stay, so the backend sees who connects. The backend must route its replies through
+    /// xlb (its gateway toward the clients), which gives them the VIP back as source.
+    Dnat,
+}
+
+impl Mode {
+    pub fn number(self) -> u32 {
+        match self {
+            Mode::Fullnat => lb_common::maps::MODE_FULLNAT,
+            Mode::Dnat => lb_common::maps::MODE_DNAT,
+        }
+    }
+
+    pub fn from_number(number: u32) -> Mode {
+        if number == lb_common::maps::MODE_DNAT {
+            Mode::Dnat
+        } else {
+            Mode::Fullnat
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Fullnat => "fullnat",
+            Mode::Dnat => "dnat",
+        }
+    }
 }
 
 /// `[[service.backend]]`
@@ -542,10 +592,16 @@ impl Checked {
                 .map(|s| ServiceConfig {
                     vip: s.vip.to_string(),
                     protocol: s.protocol,
-                    mode: Mode::Fullnat,
+                    mode: s.mode,
                     scheduler: s.scheduler,
                     quic: s.quic,
-                    snat: Some(s.snat.to_string()),
+                    snat: match &s.snat[..] {
+                        [] => None,
+                        [one] => Some(SnatConfig::One(one.to_string())),
+                        pool => Some(SnatConfig::Pool(
+                            pool.iter().map(|a| a.to_string()).collect(),
+                        )),
+                    },
                     backends: s
                         .backends
                         .iter()
@@ -572,7 +628,11 @@ impl Checked {
         let own: Vec<&Service> = self
             .services
             .iter()
-            .filter(|s| host.addresses.contains(&IpAddr::V4(s.snat)))
+            .filter(|s| {
+                s.snat
+                    .iter()
+                    .any(|a| host.addresses.contains(&IpAddr::V4(*a)))
+            })
             .collect();
         let Some(first_own) = own.first() else {
             return Ok(());
@@ -589,7 +649,8 @@ impl Checked {
                      address of this host: replies to the host's own connections would be \
                      taken for a client's. Use a range outside {lo}-{hi}, or a SNAT address \
                      the host does not own",
-                    self.snat_ports, first_own.snat
+                    self.snat_ports,
+                    first_own.snat_text()
                 ),
             }]));
         }
@@ -619,7 +680,7 @@ impl Checked {
                         "the host's ephemeral ports {lo}-{hi} leave no SNAT ports for {}, an \
                          address of this host: narrow net.ipv4.ip_local_port_range or use \
                          another SNAT address",
-                        first_own.snat
+                        first_own.snat_text()
                     ),
                 }]));
             }
@@ -632,13 +693,26 @@ impl Checked {
 pub struct Service {
     pub vip: SocketAddrV4,
     pub protocol: Protocol,
-    pub snat: Ipv4Addr,
+    pub mode: Mode,
+    /// The SNAT pool: one address or more in `fullnat` mode, none in `dnat`.
+    pub snat: Vec<Ipv4Addr>,
     pub scheduler: Scheduler,
     /// Route QUIC short-header packets by connection ID (see [`ServiceConfig::quic`]).
     pub quic: bool,
     pub backends: Vec<Backend>,
     /// How its backends are checked; `None` when they are not.
     pub health: Option<HealthConfig>,
+}
+
+impl Service {
+    /// The SNAT pool, comma-separated, or "-" where there is none.
+    pub fn snat_text(&self) -> String {
+        if self.snat.is_empty() {
+            return "-".into();
+        }
+        let pool: Vec<String> = self.snat.iter().map(|a| a.to_string()).collect();
+        pool.join(",")
+    }
 }
 
 impl fmt::Display for Service {
@@ -840,12 +914,45 @@ impl Config {
             {
                 err(at("vip"), format!("{vip}/{} is defined twice", s.protocol));
             }
-            let snat = match &s.snat {
-                None => {
+            // None: a problem was reported.
+            let snat: Option<Vec<Ipv4Addr>> = match (s.mode, &s.snat) {
+                (Mode::Fullnat, None) => {
                     err(at("snat"), "mode fullnat needs a snat address".into());
                     None
                 }
-                Some(text) => parse_ipv4(text).map_err(|p| err(at("snat"), p)).ok(),
+                (Mode::Fullnat, Some(pool)) => {
+                    let texts = pool.addresses();
+                    let parsed: Vec<Ipv4Addr> = texts
+                        .iter()
+                        .filter_map(|t| parse_ipv4(t).map_err(|p| err(at("snat"), p)).ok())
+                        .collect();
+                    let unique: HashSet<&Ipv4Addr> = parsed.iter().collect();
+                    if texts.is_empty() || texts.len() > MAX_SNAT_ADDRESSES {
+                        err(
+                            at("snat"),
+                            format!(
+                                "{} addresses: a pool holds 1 to {MAX_SNAT_ADDRESSES}",
+                                texts.len()
+                            ),
+                        );
+                        None
+                    } else if unique.len() != parsed.len() {
+                        err(at("snat"), "an address is listed twice".into());
+                        None
+                    } else {
+                        (parsed.len() == texts.len()).then_some(parsed)
+                    }
+                }
+                (Mode::Dnat, Some(_)) => {
+                    err(
+                        at("snat"),
+                        "mode dnat keeps the client's address: remove snat, or use mode \
+                         fullnat"
+                            .into(),
+                    );
+                    None
+                }
+                (Mode::Dnat, None) => Some(Vec::new()),
             };
             let mut backends = Vec::new();
             let mut seen_backends = HashSet::new();
@@ -960,6 +1067,7 @@ impl Config {
                 services.push(Service {
                     vip,
                     protocol: s.protocol,
+                    mode: s.mode,
                     snat,
                     scheduler: s.scheduler,
                     quic: s.quic,
@@ -1150,6 +1258,76 @@ address = "10.20.0.12:8080"
 
     /// The keys that moved to [conntrack] are refused with their new name, not silently
     /// ignored or reported as unknown.
+    #[test]
+    fn modes_and_snat_pools_are_checked_and_round_trip() {
+        let fullnat = "snat = \"10.20.0.1\"";
+        // A pool.
+        let pool = GOOD.replace(fullnat, "snat = [\"10.20.0.1\", \"10.20.0.2\"]");
+        let c = Config::parse(&pool).unwrap().validate().unwrap();
+        assert_eq!(
+            c.services[0].snat,
+            vec![Ipv4Addr::new(10, 20, 0, 1), Ipv4Addr::new(10, 20, 0, 2)]
+        );
+        assert_eq!(c.services[0].snat_text(), "10.20.0.1,10.20.0.2");
+        // dnat, without snat.
+        let dnat = GOOD
+            .replace("mode = \"fullnat\"", "mode = \"dnat\"")
+            .replace(fullnat, "");
+        let d = Config::parse(&dnat).unwrap().validate().unwrap();
+        assert_eq!(
+            (d.services[0].mode, d.services[0].snat.len()),
+            (Mode::Dnat, 0)
+        );
+        // Both come back from their file form unchanged.
+        for checked in [&c, &d] {
+            let again = checked.to_config().validate().unwrap();
+            assert_eq!(again.services, checked.services);
+        }
+        // What is refused, each naming the field.
+        for (text, problem) in [
+            (
+                GOOD.replace("mode = \"fullnat\"", "mode = \"dnat\""),
+                "service[0].snat: mode dnat keeps the client's address",
+            ),
+            (
+                GOOD.replace(fullnat, ""),
+                "service[0].snat: mode fullnat needs",
+            ),
+            (
+                GOOD.replace(fullnat, "snat = []"),
+                "service[0].snat: 0 addresses: a pool holds 1 to 8",
+            ),
+            (
+                GOOD.replace(
+                    fullnat,
+                    &format!(
+                        "snat = [{}]",
+                        (1..=9)
+                            .map(|i| format!("\"10.20.0.{i}\""))
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    ),
+                ),
+                "service[0].snat: 9 addresses",
+            ),
+            (
+                GOOD.replace(fullnat, "snat = [\"10.20.0.1\", \"10.20.0.1\"]"),
+                "service[0].snat: an address is listed twice",
+            ),
+            (
+                GOOD.replace(fullnat, "snat = [\"10.20.0.1\", \"x\"]"),
+                "service[0].snat: \"x\" is not an IPv4 address",
+            ),
+        ] {
+            let p = problems(&text);
+            assert!(
+                p.iter().any(|p| p.starts_with(problem)),
+                "{problem:?} not in {p:?}"
+            );
+        }
+        assert!(Config::parse(&GOOD.replace("\"fullnat\"", "\"halfnat\"")).is_err());
+    }
+
     #[test]
     fn moved_keys_name_their_new_place() {
         for (old, new) in [

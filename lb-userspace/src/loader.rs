@@ -74,6 +74,7 @@ fn load_with(cfg: &Checked, pins: Option<&PinDir>) -> anyhow::Result<Ebpf> {
     }
     let mut ebpf = loader
         .map_max_entries(names::SERVICES, cfg.dataplane.max_services)
+        .map_max_entries(names::VIPS, cfg.dataplane.max_services)
         .map_max_entries(
             names::MAGLEV,
             cfg.dataplane.max_services * cfg.dataplane.maglev_table_size,

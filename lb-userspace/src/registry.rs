@@ -19,13 +19,13 @@ use std::{
 
 use lb_common::{
     maglev,
-    maps::{BackendEntry, Endpoint, MODE_FULLNAT, NO_BACKEND, ServiceEntry, ServiceKey},
+    maps::{BackendEntry, Endpoint, MAX_SNAT_ADDRESSES, NO_BACKEND, ServiceEntry, ServiceKey},
     scheduler,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    config::{Backend, Checked, ConfigErrors, FieldError, Protocol, Scheduler, Service},
+    config::{Backend, Checked, ConfigErrors, FieldError, Mode, Protocol, Scheduler, Service},
     conntrack::SweepReport,
     tables::Tables,
 };
@@ -244,10 +244,6 @@ impl Registry {
                 vip: key.vip.to_socket_v4(),
                 protocol,
             };
-            let snat = Endpoint {
-                addr: entry.snat,
-                port: [0; 2],
-            };
             let table = self.tables.table(&entry)?;
             in_table.insert(
                 entry.id,
@@ -262,7 +258,13 @@ impl Registry {
                     config: Service {
                         vip: name.vip,
                         protocol,
-                        snat: *snat.to_socket_v4().ip(),
+                        mode: Mode::from_number(entry.mode),
+                        snat: entry
+                            .snat
+                            .iter()
+                            .take(entry.snat_count as usize)
+                            .map(|e| *e.to_socket_v4().ip())
+                            .collect(),
                         scheduler: Scheduler::from_number(entry.scheduler),
                         quic: entry.flags & lb_common::quic::SERVICE_QUIC != 0,
                         backends: Vec::new(),
@@ -377,7 +379,12 @@ impl Registry {
             }
             Ok(())
         };
-        match applied() {
+        let applied = applied();
+        // Every change, even one that stopped part way, ends with the pings the data plane
+        // answers matching the services the maps hold.
+        let vips = self.sync_vips();
+        let applied = applied.and(vips);
+        match applied {
             Ok(()) => {
                 self.running = cfg.clone();
                 Ok(changes)
@@ -625,6 +632,7 @@ impl Registry {
         };
         let before: Vec<(SocketAddrV4, u32)> = table_inputs(&live);
         let entry_changed = live.config.snat != service.snat
+            || live.config.mode != service.mode
             || live.config.scheduler != service.scheduler
             || live.config.quic != service.quic
             || live.backends.iter().any(|b| {
@@ -706,6 +714,17 @@ impl Registry {
         self.sync_quic(&live)
     }
 
+    /// Makes `VIPS` list the addresses of the services, and no others.
+    fn sync_vips(&mut self) -> anyhow::Result<()> {
+        let mut vips: BTreeMap<[u8; 16], u32> = BTreeMap::new();
+        for live in self.services.values() {
+            *vips
+                .entry(Endpoint::from_socket_v4(live.name.vip).addr)
+                .or_default() += 1;
+        }
+        self.tables.set_vips(&vips)
+    }
+
     /// Builds the service's Maglev table from its backends that are up, and switches to it.
     fn write_table(&mut self, live: &LiveService) -> anyhow::Result<()> {
         let mut inputs: Vec<(String, u32, u32)> = live
@@ -759,12 +778,15 @@ impl Registry {
                 }
             })
             .collect();
-        let mut snat = [0u8; 16];
-        snat.copy_from_slice(&Endpoint::v4(live.config.snat.octets(), [0; 2]).addr);
+        let mut snat = [Endpoint::default(); MAX_SNAT_ADDRESSES];
+        for (slot, a) in snat.iter_mut().zip(&live.config.snat) {
+            *slot = Endpoint::v4(a.octets(), [0; 2]);
+        }
         let entry = ServiceEntry {
             snat,
+            snat_count: live.config.snat.len() as u32,
             id: live.id,
-            mode: MODE_FULLNAT,
+            mode: live.config.mode.number(),
             table: 0,
             scheduler: live.config.scheduler.number(),
             count: listed.len() as u32,

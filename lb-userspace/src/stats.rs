@@ -38,6 +38,9 @@ pub struct Stats {
 pub struct ServiceStats {
     pub vip: String,
     pub protocol: String,
+    /// `fullnat` or `dnat`.
+    pub mode: String,
+    /// "-" in `dnat` mode.
     pub snat: String,
     pub scheduler: String,
     pub id: u32,
@@ -137,7 +140,8 @@ pub fn read(
         let mut s = ServiceStats {
             vip: service.name.vip.to_string(),
             protocol: service.name.protocol.to_string(),
-            snat: service.config.snat.to_string(),
+            mode: service.config.mode.name().into(),
+            snat: service.config.snat_text(),
             scheduler: service.config.scheduler.name().into(),
             id: service.id,
             traffic: tables.service_stats(service.id)?.into(),

@@ -11,6 +11,7 @@
 //! the others.
 
 use std::{
+    collections::BTreeMap,
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
     sync::atomic::Ordering,
 };
@@ -33,6 +34,7 @@ pub struct Tables {
     service_stats: PerCpuArray<MapData, FlowStats>,
     backend_stats: PerCpuArray<MapData, FlowStats>,
     quic: HashMap<MapData, u64, u32>,
+    vips: HashMap<MapData, [u8; 16], u32>,
     reasons: PerCpuArray<MapData, u64>,
     handoffs: PerCpuArray<MapData, u64>,
     maglev: MappedArray,
@@ -61,6 +63,7 @@ impl Tables {
             service_stats: Map::PerCpuArray(handle(names::SERVICE_STATS)?).try_into()?,
             backend_stats: Map::PerCpuArray(handle(names::BACKEND_STATS)?).try_into()?,
             quic: Map::HashMap(handle(names::QUIC_SERVERS)?).try_into()?,
+            vips: Map::HashMap(handle(names::VIPS)?).try_into()?,
             reasons: Map::PerCpuArray(handle(names::REASONS)?).try_into()?,
             handoffs: Map::PerCpuArray(handle(names::HANDOFFS)?).try_into()?,
             maglev,
@@ -200,6 +203,22 @@ impl Tables {
                 Err(e) => Err(e).context("removing from QUIC_SERVERS"),
             },
         }
+    }
+
+    /// Makes `VIPS` hold exactly `wanted`: each address services listen on (IPv4-mapped),
+    /// and how many do.
+    pub fn set_vips(&mut self, wanted: &BTreeMap<[u8; 16], u32>) -> anyhow::Result<()> {
+        let held: Vec<[u8; 16]> = self.vips.keys().collect::<Result<_, _>>()?;
+        for addr in held.iter().filter(|a| !wanted.contains_key(*a)) {
+            match self.vips.remove(addr) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(e).context("removing from VIPS"),
+            }
+        }
+        for (addr, count) in wanted {
+            self.vips.insert(addr, count, 0).context("writing VIPS")?;
+        }
+        Ok(())
     }
 
     /// Backend `id`'s open flows (`ACTIVE`).

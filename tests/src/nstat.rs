@@ -10,9 +10,13 @@ use anyhow::{Context, Result};
 use crate::netns::NetNs;
 
 /// Counters that must not move while traffic goes through xlb: a receiver found a bad
-/// TCP, UDP or IPv4 header checksum, i.e. the XDP rewrite got a checksum wrong.
-pub const CHECKSUM_COUNTERS: [&str; 3] =
-    ["TcpInCsumErrors", "UdpInCsumErrors", "IpExtInCsumErrors"];
+/// TCP, UDP, IPv4 header or ICMP checksum, i.e. the XDP rewrite got a checksum wrong.
+pub const CHECKSUM_COUNTERS: [&str; 4] = [
+    "TcpInCsumErrors",
+    "UdpInCsumErrors",
+    "IpExtInCsumErrors",
+    "IcmpInCsumErrors",
+];
 
 /// One snapshot of a namespace's counters.
 #[derive(Debug, Clone, Default)]
@@ -72,5 +76,40 @@ mod tests {
         // Missing on either side: an error, never a silent 0.
         assert!(after.delta(&before, "UdpInCsumErrors").is_err());
         assert!(after.get("Missing").is_err());
+    }
+}
+
+/// Every namespace's counters at one moment, to compare with later.
+#[derive(Debug)]
+pub struct Snapshot(Vec<(String, Counters)>);
+
+impl Snapshot {
+    pub fn take(namespaces: &[&NetNs]) -> Result<Snapshot> {
+        namespaces
+            .iter()
+            .map(|ns| Ok((ns.name().to_string(), Counters::read(ns)?)))
+            .collect::<Result<_>>()
+            .map(Snapshot)
+    }
+
+    /// Fails, naming each namespace and counter, if any of [`CHECKSUM_COUNTERS`] grew in
+    /// `namespaces` (the same, in the same order) since the snapshot. Receivers verify every
+    /// checksum (TX offload is off on all veths, see the topology), so a single wrong
+    /// checksum from the XDP rewrite shows up here.
+    pub fn no_checksum_errors_since(&self, namespaces: &[&NetNs]) -> Result<()> {
+        let now = Snapshot::take(namespaces)?;
+        let mut errors = Vec::new();
+        for ((ns, before), (_, after)) in self.0.iter().zip(&now.0) {
+            for counter in CHECKSUM_COUNTERS {
+                let delta = after
+                    .delta(before, counter)
+                    .with_context(|| format!("checksum counters of {ns}"))?;
+                if delta != 0 {
+                    errors.push(format!("{ns}: {counter} +{delta}"));
+                }
+            }
+        }
+        anyhow::ensure!(errors.is_empty(), "checksum errors: {errors:?}");
+        Ok(())
     }
 }

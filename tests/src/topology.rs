@@ -25,6 +25,15 @@
 //! * There the SNAT address is naturally the load balancer's own 10.20.0.1, as kube-proxy's
 //!   NodePort does: backends reach it on the link, with no route at all.
 //!
+//! With [`Options::router_mtu`], a router sits between the client and the load balancer, and
+//! its link toward the client has that (smaller) MTU, while the client and the backends keep
+//! 1500: a path MTU that only ICMP "fragmentation needed" from the router reveals.
+//! ```text
+//!  ns client                 ns router                              ns lb
+//!  cli0 10.10.1.2/24 ─── rt-c 10.10.1.1/24 (MTU 1280)
+//!                        rt-l 10.10.9.2/24 ──────────────── xlb-c 10.10.9.1/24
+//! ```
+//!
 //! Either way no interface is ever created in the root namespace: each veth pair is created
 //! inside one of the test's namespaces with its peer placed straight into another.
 
@@ -43,7 +52,12 @@ pub const SNAT: Ipv4Addr = Ipv4Addr::new(10, 20, 0, 1);
 /// The client's address (on `cli0`).
 pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(10, 10, 1, 2);
 /// The load balancer's own address on the client side (`xlb-c`); the client's gateway.
+/// With a router, the router's address there.
 pub const LB_CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(10, 10, 1, 1);
+/// With a router: the load balancer's address on the link to it (`xlb-c`).
+pub const LB_ROUTER_SIDE_ADDR: Ipv4Addr = Ipv4Addr::new(10, 10, 9, 1);
+/// With a router: the router's address on its link to the load balancer (`rt-l`).
+pub const ROUTER_ADDR: Ipv4Addr = Ipv4Addr::new(10, 10, 9, 2);
 /// Port the backends' servers listen on (TCP and UDP).
 pub const BACKEND_PORT: u16 = 8080;
 /// The TCP service port on the VIP.
@@ -75,6 +89,9 @@ pub struct Options {
     /// Set the veth offloads the README asks for (GRO on and TX checksum offload off on
     /// the peers); off, to test that xlb notices.
     pub veth_rules: bool,
+    /// A router between the client and the load balancer, whose link toward the client
+    /// has this MTU.
+    pub router_mtu: Option<u32>,
 }
 
 impl Default for Options {
@@ -82,6 +99,7 @@ impl Default for Options {
         Options {
             layout: Layout::Routed,
             veth_rules: true,
+            router_mtu: None,
         }
     }
 }
@@ -132,6 +150,8 @@ pub struct Topology {
     pub backends: Vec<BackendNode>,
     /// The flat layout's bridge.
     pub switch: Option<NetNs>,
+    /// The router between client and load balancer ([`Options::router_mtu`]).
+    pub router: Option<NetNs>,
     pub options: Options,
 }
 
@@ -154,6 +174,10 @@ impl Topology {
         let flat = options.layout == Layout::Flat;
         let switch = flat
             .then(|| NetNs::create(&format!("{base}-switch")))
+            .transpose()?;
+        let router = options
+            .router_mtu
+            .map(|_| NetNs::create(&format!("{base}-router")))
             .transpose()?;
         let mut backends = Vec::new();
         for (i, name) in BACKEND_NAMES.iter().enumerate() {
@@ -183,6 +207,7 @@ impl Topology {
             lb,
             backends,
             switch,
+            router,
             options,
         };
         topo.configure()
@@ -217,16 +242,49 @@ impl Topology {
         sysctl(lb, "net.ipv4.conf.all.rp_filter=1")?;
         sysctl(lb, "net.ipv4.conf.default.rp_filter=1")?;
 
-        // Client link.
-        veth(lb, LB_INTERFACES[0], &self.client, CLIENT_IFACE)?;
+        // Client link: straight to the load balancer, or through the router.
+        let (lb_addr, gateway) = match &self.router {
+            None => (LB_CLIENT_ADDR, &self.client),
+            Some(router) => (LB_ROUTER_SIDE_ADDR, router),
+        };
+        veth(lb, LB_INTERFACES[0], gateway, self.lb_client_peer())?;
         lb.ip(&[
             "addr",
             "add",
-            &format!("{LB_CLIENT_ADDR}/24"),
+            &format!("{lb_addr}/24"),
             "dev",
             LB_INTERFACES[0],
         ])?;
         lb.ip(&["link", "set", LB_INTERFACES[0], "up"])?;
+        if let (Some(router), Some(mtu)) = (&self.router, self.options.router_mtu) {
+            sysctl(router, "net.ipv4.ip_forward=1")?;
+            router.ip(&["addr", "add", &format!("{ROUTER_ADDR}/24"), "dev", "rt-l"])?;
+            router.ip(&["link", "set", "rt-l", "up"])?;
+            self.peer_offloads(router, "rt-l")?;
+            veth(router, "rt-c", &self.client, CLIENT_IFACE)?;
+            router.ip(&[
+                "addr",
+                "add",
+                &format!("{LB_CLIENT_ADDR}/24"),
+                "dev",
+                "rt-c",
+            ])?;
+            router.ip(&["link", "set", "rt-c", "mtu", &mtu.to_string(), "up"])?;
+            router.ip(&[
+                "route",
+                "add",
+                "default",
+                "via",
+                &LB_ROUTER_SIDE_ADDR.to_string(),
+            ])?;
+            lb.ip(&[
+                "route",
+                "add",
+                "10.10.1.0/24",
+                "via",
+                &ROUTER_ADDR.to_string(),
+            ])?;
+        }
         let c = &self.client;
         c.ip(&[
             "addr",
@@ -307,11 +365,25 @@ impl Topology {
         Ok(())
     }
 
+    /// The interface at the other end of the load balancer's client-side link.
+    fn lb_client_peer(&self) -> &'static str {
+        if self.router.is_some() {
+            "rt-l"
+        } else {
+            CLIENT_IFACE
+        }
+    }
+
     /// Pings the load balancer from the client and each backend's gateway from the backend,
     /// so a broken topology is reported as such and not as an xlb failure.
     pub fn check_connectivity(&self) -> Result<()> {
         cmd::require_tool("ping", "iputils-ping")?;
-        ping(&self.client, LB_CLIENT_ADDR).context("client cannot reach the load balancer")?;
+        let lb_addr = if self.router.is_some() {
+            LB_ROUTER_SIDE_ADDR
+        } else {
+            LB_CLIENT_ADDR
+        };
+        ping(&self.client, lb_addr).context("client cannot reach the load balancer")?;
         for b in &self.backends {
             ping(&b.ns, b.gateway)
                 .with_context(|| format!("backend {} cannot reach the load balancer", b.name))?;
@@ -324,10 +396,11 @@ impl Topology {
         self.backends.iter().find(|b| b.name == name)
     }
 
-    /// All namespaces: client, lb, the switch (flat layout), then the backends.
+    /// All namespaces: client, lb, the switch (flat layout), the router, then the backends.
     pub fn namespaces(&self) -> Vec<&NetNs> {
         let mut v = vec![&self.client, &self.lb];
         v.extend(&self.switch);
+        v.extend(&self.router);
         v.extend(self.backends.iter().map(|b| &b.ns));
         v
     }

@@ -19,7 +19,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use lb_common::reason::Reason;
 use xlb_tests::client;
-use xlb_tests::nstat::{CHECKSUM_COUNTERS, Counters};
+use xlb_tests::nstat::Snapshot;
 use xlb_tests::servers::BackendServers;
 use xlb_tests::stats::Stats;
 use xlb_tests::topology::{
@@ -79,7 +79,7 @@ fn own_address_scenario(topo: &Topology, vip_on_lo: bool) -> Result<()> {
     }
     // The client learns the load balancer's MAC (as it would, being a client of it).
     topology::ping(&topo.client, topology::LB_CLIENT_ADDR)?;
-    let before = checksum_counters(topo)?;
+    let before = Snapshot::take(&topo.namespaces())?;
 
     let xlb = XlbProcess::start(&topo.lb, &flat_config(topo)).context("starting xlb")?;
     // xlb keeps the backends resolved with kernel-managed entries...
@@ -147,7 +147,7 @@ fn own_address_scenario(topo: &Topology, vip_on_lo: bool) -> Result<()> {
         );
     }
 
-    check_no_checksum_errors(topo, &before)?;
+    before.no_checksum_errors_since(&topo.namespaces())?;
     let stats = Stats::parse(&xlb.stop()?).context("parsing xlb's counters")?;
     let drops = stats.nonzero_reasons("drop/");
     ensure!(drops.is_empty(), "xlb dropped packets: {drops:?}");
@@ -230,22 +230,4 @@ fn veth_without_the_readme_rules_is_reported_and_its_drops_counted() {
         );
         Ok(())
     });
-}
-
-fn checksum_counters(topo: &Topology) -> Result<Vec<(String, Counters)>> {
-    topo.namespaces()
-        .into_iter()
-        .map(|ns| Ok((ns.name().to_string(), Counters::read(ns)?)))
-        .collect()
-}
-
-fn check_no_checksum_errors(topo: &Topology, before: &[(String, Counters)]) -> Result<()> {
-    let after = checksum_counters(topo)?;
-    for ((ns, b), (_, a)) in before.iter().zip(&after) {
-        for counter in CHECKSUM_COUNTERS {
-            let delta = a.delta(b, counter)?;
-            ensure!(delta == 0, "{ns}: {counter} +{delta}");
-        }
-    }
-    Ok(())
 }

@@ -40,10 +40,11 @@ use xlb_tests::{
         self, BACKEND, BACKEND_MAC, CLIENT, CLIENT_MAC, Iface, NEAR_BACKEND, NEAR_BACKEND_MAC,
         SNAT, UNRESOLVED_BACKEND, VIP, VIP_UNRESOLVED,
     },
-    model::nat_rewrite_v4,
+    model::{echo_reply_v4, icmp_error_v4, nat_rewrite_v4},
     packet::{
-        Frame, IP_MF, L4, PROTO_ICMP, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN, arp_request,
-        hex_diff, icmp_echo, summary, verify_checksums_v4,
+        ETH_HLEN, Frame, ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_FRAG_NEEDED, ICMP_TIME_EXCEEDED,
+        IP_MF, L4, PROTO_ICMP, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN, arp_request, hex_diff,
+        icmp_echo, icmp_error, icmp_message, summary, verify_checksums_v4,
     },
 };
 
@@ -58,6 +59,10 @@ const VIP_NO_BACKEND: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 101);
 const VIP_NEAR: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 102);
 const VIP_LOCAL: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 104);
 const VIP_BLACKHOLE: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 105);
+const VIP_DNAT: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 106);
+const VIP_DNAT_TWIN: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 107);
+/// A router on the client side, between the clients and xlb.
+const CLIENT_ROUTER: Ipv4Addr = Ipv4Addr::new(10, 10, 1, 254);
 const SNAT_NEAR: Ipv4Addr = Ipv4Addr::new(10, 10, 1, 1);
 /// The lab's address on fx1, the interface toward the backends.
 const LB_BACKEND_SIDE: Ipv4Addr = Ipv4Addr::new(10, 20, 1, 1);
@@ -68,7 +73,7 @@ const SERVICES_TOML: &str = r#"
 [dataplane]
 interfaces = ["fx0", "fx1"]
 maglev_table_size = 251
-max_services = 8
+max_services = 10
 max_backends = 16
 snat_port_range = [20000, 29999]
 hash_seed = 0x5eed1234
@@ -125,6 +130,20 @@ protocol = "tcp"
 snat = "10.20.0.1"
 [[service.backend]]
 address = "10.99.0.1:8080"
+
+[[service]]   # 7: dnat, the backend sees the client
+vip = "10.10.0.106:80"
+protocol = "tcp"
+mode = "dnat"
+[[service.backend]]
+address = "10.20.1.2:8080"
+
+[[service]]   # 8: dnat, sharing 7's backend
+vip = "10.10.0.107:80"
+protocol = "tcp"
+mode = "dnat"
+[[service.backend]]
+address = "10.20.1.2:8080"
 "#;
 
 /// A single SNAT port: the second flow toward the backend finds no free port.
@@ -783,13 +802,27 @@ fn services_cases(lab: &Lab) -> Vec<Case> {
             Reason::PassNotIpv4,
         ),
         (
-            "07c ICMP echo to the VIP",
+            "07c ICMP echo to an address that is no VIP",
+            pkt(
+                &lab.sent_by_client(Frame {
+                    src: CLIENT,
+                    dst: Ipv4Addr::new(10, 10, 1, 1),
+                    l4: L4::Other { proto: PROTO_ICMP },
+                    payload: icmp_echo(1, 1, b"ping"),
+                    ..Frame::default()
+                }),
+                fx0,
+            ),
+            Reason::PassIcmp,
+        ),
+        (
+            "07e IGMP",
             pkt(
                 &lab.sent_by_client(Frame {
                     src: CLIENT,
                     dst: VIP,
-                    l4: L4::Other { proto: PROTO_ICMP },
-                    payload: icmp_echo(1, 1, b"ping"),
+                    l4: L4::Other { proto: 2 },
+                    payload: vec![0x11, 0, 0xee, 0xff, 0, 0, 0, 0],
                     ..Frame::default()
                 }),
                 fx0,
@@ -1104,6 +1137,295 @@ fn services_cases(lab: &Lab) -> Vec<Case> {
             untouched(XDP_DROP, Reason::DropNoBackend),
         )
     });
+    v.extend(icmp_and_dnat_cases(lab));
+    v
+}
+
+/// An ICMP message built from scratch: `payload` from `src` to `dst` with `ttl`.
+fn icmp(src: Ipv4Addr, dst: Ipv4Addr, ttl: u8, payload: Vec<u8>) -> Frame {
+    Frame {
+        src,
+        dst,
+        ttl,
+        l4: L4::Other { proto: PROTO_ICMP },
+        payload,
+        ..Frame::default()
+    }
+}
+
+/// The first `len` bytes of `frame`'s IPv4 datagram: what an ICMP error quotes of it.
+fn quote(frame: &Frame, len: usize) -> Vec<u8> {
+    frame.build()[ETH_HLEN..ETH_HLEN + len].to_vec()
+}
+
+/// An ICMP message of `input` sent on by xlb as `built` (from scratch) and as the reference
+/// translation says, with `macs` (source, destination).
+fn icmp_sent(built: Frame, reference: Vec<u8>, macs: ([u8; 6], [u8; 6])) -> Output {
+    let mut reference = reference;
+    reference[0..6].copy_from_slice(&macs.1);
+    reference[6..12].copy_from_slice(&macs.0);
+    Output::Rewritten {
+        built: built.with_macs(macs.0, macs.1).build(),
+        reference,
+    }
+}
+
+/// ICMP (pings to a VIP, errors about flows either way, and what is left to the kernel),
+/// and the dnat mode.
+fn icmp_and_dnat_cases(lab: &Lab) -> Vec<Case> {
+    let (fx0, fx1) = (lab.fx0, lab.fx1);
+    let mut v = Vec::new();
+    let to_client = lab.to_client().expect("MACs");
+    let to_backend = lab.to_backend().expect("MACs");
+    let redirected = |output| Expect {
+        action: XDP_REDIRECT,
+        reason: Reason::ForwardRedirect,
+        output,
+        meta: None,
+        state: None,
+    };
+
+    let ping = lab.sent_by_client(icmp(CLIENT, VIP, 64, icmp_echo(7, 1, b"ping")));
+    let reply = icmp(
+        VIP,
+        CLIENT,
+        64,
+        icmp_message(ICMP_ECHO_REPLY, 0, [0, 7, 0, 1], b"ping"),
+    );
+    v.push(Case {
+        name: "20 ICMP echo to the VIP: answered from the VIP, back out of fx0".into(),
+        given: vec![],
+        tamper: None,
+        when: pkt(&ping, fx0),
+        expect: Expect {
+            action: XDP_TX,
+            reason: Reason::ForwardTx,
+            output: icmp_sent(
+                reply,
+                echo_reply_v4(&ping.build()).expect("an echo request"),
+                to_client,
+            ),
+            meta: None,
+            state: None,
+        },
+    });
+
+    // A TCP flow whose backend answers with a segment too big for a link on the client's
+    // side; the router there says so to the VIP.
+    let client = sa(CLIENT, 40000);
+    let flow = lab
+        .ports()
+        .flow(PROTO_TCP, client, sa(VIP, 80), SNAT, sa(BACKEND, 8080));
+    let port = flow.snat_port();
+    let syn = lab.sent_by_client(tcp((CLIENT, 40000), (VIP, 80), TCP_SYN));
+    let mut big = lab.sent_by_backend(tcp((BACKEND, 8080), (SNAT, port), TCP_SYN | TCP_ACK));
+    big.payload = (0..1400).map(|i| i as u8).collect();
+    // As xlb sent it toward the client, and as the backend sent it but for the TTL xlb
+    // lowered: the quote before and after the translation.
+    let sent = nat_built(&big, flow.to_client, 1);
+    let original = Frame {
+        ttl: 63,
+        ..big.clone()
+    };
+    let given = vec![pkt(&syn, fx0), pkt(&big, fx1)];
+    for (name, kind, code, len) in [
+        (
+            "21 fragmentation needed about a reply, quoting 548 bytes: to the backend, from the \
+             SNAT address, the quote as the backend sent it",
+            ICMP_DEST_UNREACH,
+            ICMP_FRAG_NEEDED,
+            548,
+        ),
+        (
+            "22 time exceeded quoting 8 bytes of TCP (no checksum in the quote)",
+            ICMP_TIME_EXCEEDED,
+            0,
+            28,
+        ),
+    ] {
+        let error = lab.sent_by_client(icmp(
+            CLIENT_ROUTER,
+            VIP,
+            64,
+            icmp_error(kind, code, 1280, &quote(&sent, len)),
+        ));
+        let built = icmp(
+            SNAT,
+            BACKEND,
+            63,
+            icmp_error(kind, code, 1280, &quote(&original, len)),
+        );
+        let reference = icmp_error_v4(
+            &error.build(),
+            SNAT,
+            BACKEND,
+            sa(BACKEND, 8080),
+            sa(SNAT, port),
+            1,
+        )
+        .expect("an error about a flow");
+        v.push(case(
+            name,
+            given.clone(),
+            pkt(&error, fx0),
+            redirected(icmp_sent(built, reference, to_backend)),
+        ));
+    }
+    let about_the_flow = |src, len| icmp(src, VIP, 64, icmp_error(3, 4, 1280, &quote(&sent, len)));
+    v.push(case(
+        "23 an error about no tracked flow: to the kernel",
+        vec![],
+        pkt(&lab.sent_by_client(about_the_flow(CLIENT_ROUTER, 28)), fx0),
+        untouched(XDP_PASS, Reason::PassIcmpUntracked),
+    ));
+    v.push(case(
+        "24 an error quoting less than 8 bytes after the header: to the kernel",
+        given.clone(),
+        pkt(&lab.sent_by_client(about_the_flow(CLIENT_ROUTER, 27)), fx0),
+        untouched(XDP_PASS, Reason::PassIcmpUntracked),
+    ));
+    v.push(case(
+        "25 an error about the flow from a client-side address, arriving on the backend side",
+        given.clone(),
+        pkt(&lab.sent_by_backend(about_the_flow(CLIENT_ROUTER, 28)), fx1),
+        untouched(XDP_DROP, Reason::DropWrongInterface),
+    ));
+    v.push(case(
+        "25b the same from a backend-side address: who sends an error proves nothing",
+        given.clone(),
+        pkt(
+            &lab.sent_by_backend(about_the_flow(Ipv4Addr::new(10, 20, 1, 254), 28)),
+            fx1,
+        ),
+        untouched(XDP_DROP, Reason::DropWrongInterface),
+    ));
+    v.push(case(
+        "25c an error about the flow addressed elsewhere than the quoted packet's source",
+        given.clone(),
+        pkt(
+            &lab.sent_by_client(Frame {
+                dst: VIP_NEAR,
+                ..about_the_flow(CLIENT_ROUTER, 28)
+            }),
+            fx0,
+        ),
+        untouched(XDP_PASS, Reason::PassIcmpUntracked),
+    ));
+    v.push(case(
+        "26 an error about the flow with TTL 1: to the kernel",
+        given.clone(),
+        pkt(
+            &lab.sent_by_client(Frame {
+                ttl: 1,
+                ..about_the_flow(CLIENT_ROUTER, 28)
+            }),
+            fx0,
+        ),
+        untouched(XDP_PASS, Reason::PassTtlExpired),
+    ));
+
+    // The backend says a UDP port is unreachable: the client hears it from the VIP.
+    let udp_client = sa(CLIENT, 40001);
+    let udp = lab
+        .ports()
+        .flow(PROTO_UDP, udp_client, sa(VIP, 53), SNAT, sa(BACKEND, 5353));
+    let query = lab.sent_by_client(Frame::udp((CLIENT, 40001), (VIP, 53), b"query"));
+    let sent = nat_built(&query, udp.to_backend, 1);
+    let whole = sent.build().len() - ETH_HLEN;
+    let error = lab.sent_by_backend(icmp(
+        BACKEND,
+        SNAT,
+        64,
+        icmp_error(ICMP_DEST_UNREACH, 3, 0, &quote(&sent, whole)),
+    ));
+    let original = Frame {
+        ttl: 63,
+        ..query.clone()
+    };
+    v.push(case(
+        "27 port unreachable from the backend about a datagram: to the client, from the VIP",
+        vec![pkt(&query, fx0)],
+        pkt(&error, fx1),
+        redirected(icmp_sent(
+            icmp(
+                VIP,
+                CLIENT,
+                63,
+                icmp_error(ICMP_DEST_UNREACH, 3, 0, &quote(&original, whole)),
+            ),
+            icmp_error_v4(&error.build(), VIP, CLIENT, udp_client, sa(VIP, 53), 1)
+                .expect("an error about a flow"),
+            to_client,
+        )),
+    ));
+
+    // dnat: the backend sees the client; its replies come back through xlb.
+    let syn = lab.sent_by_client(tcp((CLIENT, 40000), (VIP_DNAT, 80), TCP_SYN));
+    let dnat = Flow {
+        to_backend: (client, sa(BACKEND, 8080)),
+        to_client: (sa(VIP_DNAT, 80), client),
+    };
+    let syn_ack = lab.sent_by_backend(tcp((BACKEND, 8080), (CLIENT, 40000), TCP_SYN | TCP_ACK));
+    v.push(case(
+        "30 dnat: a SYN to the VIP keeps the client's address and port",
+        vec![],
+        pkt(&syn, fx0),
+        lab.redirected_to_backend(&syn, &dnat, FlowState::New),
+    ));
+    v.push(case(
+        "31 dnat: the backend's reply to the client leaves from the VIP",
+        vec![pkt(&syn, fx0)],
+        pkt(&syn_ack, fx1),
+        lab.redirected_to_client(&syn_ack, &dnat, FlowState::New),
+    ));
+    v.push(case(
+        "32 dnat: the same client port toward another VIP with the same backend is refused",
+        vec![pkt(&syn, fx0)],
+        pkt(
+            &lab.sent_by_client(tcp((CLIENT, 40000), (VIP_DNAT_TWIN, 80), TCP_SYN)),
+            fx0,
+        ),
+        untouched(XDP_DROP, Reason::DropDnatTupleTaken),
+    ));
+    let sent = nat_built(&syn_ack, dnat.to_client, 1);
+    let original = Frame {
+        ttl: 63,
+        ..syn_ack.clone()
+    };
+    let error = lab.sent_by_client(icmp(
+        CLIENT_ROUTER,
+        VIP_DNAT,
+        64,
+        icmp_error(ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, 1280, &quote(&sent, 40)),
+    ));
+    v.push(case(
+        "33 dnat: fragmentation needed about a reply reaches the backend, from the client",
+        vec![pkt(&syn, fx0), pkt(&syn_ack, fx1)],
+        pkt(&error, fx0),
+        redirected(icmp_sent(
+            icmp(
+                CLIENT,
+                BACKEND,
+                63,
+                icmp_error(
+                    ICMP_DEST_UNREACH,
+                    ICMP_FRAG_NEEDED,
+                    1280,
+                    &quote(&original, 40),
+                ),
+            ),
+            icmp_error_v4(
+                &error.build(),
+                CLIENT,
+                BACKEND,
+                sa(BACKEND, 8080),
+                client,
+                1,
+            )
+            .expect("an error about a flow"),
+            to_backend,
+        )),
+    ));
     v
 }
 

@@ -2,10 +2,11 @@
 //! (`xlb_tests::model`).
 //!
 //! Tens of thousands of frames go through BPF_PROG_TEST_RUN: well-formed TCP and UDP to the
-//! VIPs and elsewhere, packets and replies of flows already tracked, with random TCP flags
-//! (so flows open, close, reset and start anew), and frames with a random version, IHL, total
-//! length, TTL, options, fragment bits or ethertype, or cut short. Whatever comes in, the
-//! program must:
+//! VIPs (full NAT and dnat services) and elsewhere, packets and replies of flows already
+//! tracked, with random TCP flags (so flows open, close, reset and start anew), pings, ICMP
+//! errors quoting tracked flows' packets (either way, cut anywhere) and untracked ones, and
+//! frames with a random version, IHL, total length, TTL, options, fragment bits or
+//! ethertype, or cut short. Whatever comes in, the program must:
 //! * never abort (XDP_ABORTED), and count exactly one reason whose action it returns;
 //! * leave every frame it does not rewrite byte for byte as it was;
 //! * rewrite what it forwards as the flow model says, which learns flows only from the
@@ -13,6 +14,8 @@
 //!   its service's SNAT address toward one of its backends, keeps its backend and port, owns
 //!   its (backend, SNAT address, port) alone, and its replies go from the VIP to its client;
 //!   with the right MACs, TTL and handoff metadata, and valid checksums when the input's were;
+//! * answer pings to a VIP, and translate an ICMP error about a tracked flow as the model's
+//!   reference translation says (outer and quoted headers, every checksum), and nothing else;
 //! * and, in the end, hold whole flows only, each in the state the model reached by applying
 //!   lb-common's rules to the packets it saw, and have counted in its service and backend
 //!   counters exactly the packets and bytes that left rewritten.
@@ -35,8 +38,15 @@ use lb_common::{
 use lb_userspace::config::Config;
 use xlb_tests::{
     lab::{self, BACKEND_MAC, CLIENT, CLIENT_MAC, FX0_MAC, FX1_MAC, Iface, VIP, VIP_UNRESOLVED},
-    model::{FlowModel, nat_rewrite_v4},
-    packet::{ETH_HLEN, Frame, IP_MF, L4, hex_diff, layout_v4, summary, verify_checksums_v4},
+    model::{
+        FlowModel, echo_reply_v4, flows::key, icmp_error_v4, icmp_layout_v4, icmp_quote_v4,
+        is_icmp_error, nat_rewrite_v4, rewrite::IcmpLayout,
+    },
+    packet::{
+        ETH_HLEN, Frame, ICMP_DEST_UNREACH, ICMP_ECHO_REQUEST, ICMP_FRAG_NEEDED,
+        ICMP_PARAM_PROBLEM, ICMP_TIME_EXCEEDED, IP_MF, IPV4_HLEN, L4, PROTO_ICMP, hex_diff,
+        icmp_echo, icmp_error, icmp_message, layout_v4, summary, verify_checksums_v4,
+    },
 };
 
 const CONFIG: &str = r#"
@@ -51,10 +61,11 @@ protocol = "tcp"
 snat = "10.20.0.1"
 [[service.backend]]
 address = "10.20.1.2:8080"
+# A pool of two SNAT addresses.
 [[service]]
 vip = "10.10.0.100:53"
 protocol = "udp"
-snat = "10.20.0.1"
+snat = ["10.20.0.1", "10.20.0.2"]
 [[service.backend]]
 address = "10.20.1.2:5353"
 [[service]]
@@ -63,6 +74,25 @@ protocol = "tcp"
 snat = "10.20.0.1"
 [[service.backend]]
 address = "10.20.1.9:8080"
+# Two dnat services that share a backend: a client port used toward both takes one.
+[[service]]
+vip = "10.10.0.104:80"
+protocol = "tcp"
+mode = "dnat"
+[[service.backend]]
+address = "10.20.1.2:8080"
+[[service]]
+vip = "10.10.0.105:80"
+protocol = "tcp"
+mode = "dnat"
+[[service.backend]]
+address = "10.20.1.2:8080"
+[[service]]
+vip = "10.10.0.104:53"
+protocol = "udp"
+mode = "dnat"
+[[service.backend]]
+address = "10.20.1.2:5353"
 "#;
 
 /// xorshift64*: small, deterministic, good enough to pick test cases.
@@ -90,7 +120,7 @@ impl Rng {
 #[test]
 fn random_frames_match_the_reference_model() {
     let seed = env_u64("XLB_RANDOM_SEED", 0x786c_6221_5eed);
-    let frames = env_u64("XLB_RANDOM_FRAMES", 20_000);
+    let frames = env_u64("XLB_RANDOM_FRAMES", 100_000);
     let (histogram, states) = lab::in_lab("xlbrnd", |_| run(seed, frames))
         .unwrap_or_else(|e| panic!("seed {seed:#x}: {e:#}"));
 
@@ -112,6 +142,10 @@ fn random_frames_match_the_reference_model() {
         Reason::DropBadIpv4Header,
         Reason::DropFragment,
         Reason::DropRstNoFlow,
+        Reason::DropWrongInterface,
+        Reason::PassIcmp,
+        Reason::PassIcmpUntracked,
+        Reason::DropDnatTupleTaken,
     ] {
         let n = histogram.get(reason.name()).copied().unwrap_or(0);
         assert!(
@@ -119,6 +153,10 @@ fn random_frames_match_the_reference_model() {
             "only {n} frames ended as {}",
             reason.name()
         );
+    }
+    for outcome in ["(icmp echo answered)", "(icmp error translated)"] {
+        let n = histogram.get(outcome).copied().unwrap_or(0);
+        assert!(n >= frames / 100, "only {n} frames: {outcome}");
     }
     for state in FlowState::ALL {
         let n = states.get(state.name()).copied().unwrap_or(0);
@@ -163,17 +201,33 @@ fn run(seed: u64, frames: u64) -> Result<(Histogram, Histogram)> {
         let reason = run_and_check(&ebpf, &mut model, &input, ingress, fx0, fx1)
             .with_context(|| format!("frame {i}: {}", summary(&input)))?;
         *histogram.entry(reason.name()).or_insert(0) += 1;
-        if matches!(
+        let forwarded = matches!(
             reason,
             Reason::ForwardTx
                 | Reason::ForwardRedirect
                 | Reason::ForwardResolveNeighbour
                 | Reason::PassFibOther
-        ) {
+        );
+        let icmp = icmp_layout_v4(&input);
+        if let Some(l) = &icmp
+            && forwarded
+        {
+            let what = if l.kind == ICMP_ECHO_REQUEST {
+                "(icmp echo answered)"
+            } else {
+                "(icmp error translated)"
+            };
+            *histogram.entry(what).or_insert(0) += 1;
+        }
+        // Echo replies belong to no flow: the flow counters do not count them.
+        if forwarded && icmp.as_ref().is_none_or(|l| l.kind != ICMP_ECHO_REQUEST) {
             rewritten += 1;
             rewritten_bytes += input.len() as u64;
         }
-        if matches!(reason, Reason::ForwardTx | Reason::ForwardRedirect) && ingress == fx0 {
+        if matches!(reason, Reason::ForwardTx | Reason::ForwardRedirect)
+            && ingress == fx0
+            && icmp.is_none()
+        {
             tracked.push(frame);
         }
     }
@@ -251,7 +305,11 @@ fn random_frame(
     fx1: Iface,
 ) -> (Frame, Iface) {
     let roll = rng.below(100);
-    let (mut frame, ingress) = if roll < 20 && !tracked.is_empty() {
+    let mut icmp = false;
+    let (mut frame, ingress) = if (35..47).contains(&roll) {
+        icmp = true;
+        random_icmp(rng, tracked, model, fx0, fx1)
+    } else if roll < 20 && !tracked.is_empty() {
         // Another packet of a tracked flow, with random flags.
         let mut f = tracked[rng.below(tracked.len() as u64) as usize].clone();
         f.l4 = random_l4(rng, &f.l4);
@@ -280,9 +338,11 @@ fn random_frame(
             Ipv4Addr::new(10, 10, 1, 2 + rng.below(200) as u8)
         };
         let sport = 1024 + rng.below(200) as u16;
-        let dst = match rng.below(10) {
+        let dst = match rng.below(12) {
             0..=5 => VIP,
             6 => VIP_UNRESOLVED,
+            7 => DNAT_VIP,
+            8 => DNAT_VIP_TWIN,
             _ => Ipv4Addr::new(10, 10, rng.below(3) as u8, rng.below(256) as u8),
         };
         let frame = if rng.chance(60) {
@@ -308,8 +368,15 @@ fn random_frame(
         (frame.with_macs(CLIENT_MAC, FX0_MAC), fx0)
     };
 
-    let len = rng.below(48) as usize;
-    frame.payload = rng.bytes(len);
+    if icmp {
+        if rng.chance(5) {
+            // A wrong ICMP checksum.
+            frame.payload[2] ^= 1 << rng.below(8);
+        }
+    } else {
+        let len = rng.below(48) as usize;
+        frame.payload = rng.bytes(len);
+    }
     frame.id = rng.next() as u16;
     if rng.chance(10) {
         frame.dport = rng.next() as u16;
@@ -352,6 +419,152 @@ fn random_frame(
         frame.truncate_to = Some(ETH_HLEN + rng.below(70) as usize);
     }
     (frame, ingress)
+}
+
+/// The dnat services' VIPs (see CONFIG).
+const DNAT_VIP: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 104);
+const DNAT_VIP_TWIN: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 105);
+
+/// An ICMP message and the interface it arrives on: a ping (to a VIP, or not), or an error
+/// from a router on either side quoting a packet xlb sent for a tracked flow, either way,
+/// or a packet of no flow; quotes cut anywhere, from nothing to the whole packet.
+fn random_icmp(
+    rng: &mut Rng,
+    tracked: &[Frame],
+    model: &FlowModel,
+    fx0: Iface,
+    fx1: Iface,
+) -> (Frame, Iface) {
+    let client = if rng.chance(70) {
+        CLIENT
+    } else {
+        Ipv4Addr::new(10, 10, 1, 2 + rng.below(200) as u8)
+    };
+    if rng.chance(25) {
+        let dst = match rng.below(6) {
+            0..=2 => VIP,
+            3 => DNAT_VIP,
+            4 => Ipv4Addr::new(10, 10, 1, 1),
+            _ => Ipv4Addr::new(10, 10, rng.below(3) as u8, rng.below(256) as u8),
+        };
+        let len = rng.below(56) as usize;
+        let data = rng.bytes(len);
+        let (id, seq) = (rng.next() as u16, rng.next() as u16);
+        let payload = match rng.below(10) {
+            0 => icmp_message(ICMP_ECHO_REQUEST, 1, [0; 4], &data),
+            1 => icmp_message(0, 0, [0; 4], &data),
+            _ => icmp_echo(id, seq, &data),
+        };
+        let ping = Frame {
+            src: client,
+            dst,
+            l4: L4::Other { proto: PROTO_ICMP },
+            payload,
+            ..Frame::default()
+        };
+        return (ping.with_macs(CLIENT_MAC, FX0_MAC), fx0);
+    }
+
+    let pick = (!tracked.is_empty() && rng.chance(85))
+        .then(|| &tracked[rng.below(tracked.len() as u64) as usize]);
+    let client_router = Ipv4Addr::new(10, 10, 1, 200 + rng.below(50) as u8);
+    let backend_router = Ipv4Addr::new(10, 20, 1, 200 + rng.below(50) as u8);
+    // The quoted packet (as xlb sent it), who reports it, to whom, and on which side.
+    let (mut quoted, router, to, client_side) = match pick {
+        Some(f) if rng.chance(50) => {
+            // xlb's reply toward the client, VIP → client, reported to the VIP.
+            let q = Frame {
+                src: f.dst,
+                sport: f.dport,
+                dst: f.src,
+                dport: f.sport,
+                ..f.clone()
+            };
+            (q, client_router, f.dst, true)
+        }
+        Some(f) => {
+            // xlb's packet toward the backend, SNAT → backend, reported to the SNAT address
+            // (the client's own in dnat).
+            let (snat, backend) = model
+                .rewrite(&key_of(f))
+                .expect("tracked frames are the model's flows");
+            let q = Frame {
+                src: *snat.ip(),
+                sport: snat.port(),
+                dst: *backend.ip(),
+                dport: backend.port(),
+                ..f.clone()
+            };
+            (q, backend_router, *snat.ip(), false)
+        }
+        None => {
+            let q = Frame::tcp(
+                (VIP, 80),
+                (client, rng.next() as u16),
+                0x12, // SYN-ACK
+            );
+            (q, client_router, VIP, true)
+        }
+    };
+    // A well-formed packet, as xlb sent it: the malformations of the frame it came from
+    // (lengths, padding) are not what an error quotes.
+    quoted = Frame {
+        tot_len_override: None,
+        ihl_override: None,
+        version_override: None,
+        pad_to: None,
+        truncate_to: None,
+        ..quoted
+    };
+    quoted.l4 = random_l4(rng, &quoted.l4);
+    if let L4::Udp { .. } = quoted.l4 {
+        quoted.l4 = L4::Udp {
+            checksum: rng.chance(80),
+        };
+    }
+    let len = rng.below(40) as usize;
+    quoted.payload = rng.bytes(len);
+    if rng.chance(20) {
+        let len = 4 * rng.below(11) as usize;
+        quoted.ip_options = rng.bytes(len);
+    }
+    let whole = quoted.build()[ETH_HLEN..].to_vec();
+    let header = IPV4_HLEN + quoted.ip_options.len();
+    let cut = match rng.below(6) {
+        0 | 1 => header + 8,
+        2 | 3 => whole.len(),
+        4 => header + 8 + rng.below((whole.len() - header - 8) as u64 + 1) as usize,
+        _ => rng.below(header as u64 + 8) as usize,
+    };
+    let (kind, code) = match rng.below(10) {
+        0..=3 => (ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED),
+        4 => (ICMP_DEST_UNREACH, rng.below(16) as u8),
+        5..=6 => (ICMP_TIME_EXCEEDED, rng.below(2) as u8),
+        7 => (ICMP_PARAM_PROBLEM, 0),
+        _ => (rng.below(20) as u8, 0),
+    };
+    // Now and then on the other side's interface: an error about a flow must come from the
+    // path its quoted packet took; sent from a router of either side (a host on the wrong
+    // side may use its own address).
+    let wrong_side = rng.chance(5);
+    let router = match (wrong_side, client_side, rng.chance(50)) {
+        (true, true, true) => backend_router,
+        (true, false, true) => client_router,
+        _ => router,
+    };
+    let error = Frame {
+        src: router,
+        dst: to,
+        ttl: if rng.chance(5) { 1 } else { 64 },
+        l4: L4::Other { proto: PROTO_ICMP },
+        payload: icmp_error(kind, code, 1280, &whole[..cut]),
+        ..Frame::default()
+    };
+    if client_side != wrong_side {
+        (error.with_macs(CLIENT_MAC, FX0_MAC), fx0)
+    } else {
+        (error.with_macs(BACKEND_MAC, FX1_MAC), fx1)
+    }
 }
 
 /// TCP with flags weighted toward a connection's life (SYN, SYN-ACK, ACK, FIN, RST, and now
@@ -408,6 +621,17 @@ fn run_and_check(
         reason.name(),
         reason.xdp_action()
     );
+    if let Some(l) = icmp_layout_v4(input) {
+        return check_icmp(model, input, &run, reason, &l, ingress, fx0, fx1);
+    }
+    if reason == Reason::DropDnatTupleTaken {
+        let key = layout_v4(input).map(|l| l.flow_key(input));
+        ensure!(
+            key.is_some_and(|k| model.dnat_tuple_taken(&k)),
+            "dropped as {}, but the model sees no flow on its backend from its client port",
+            reason.name()
+        );
+    }
 
     // What found a tracked flow was recorded there, if it was to be forwarded (not with its
     // TTL about to expire, not a first fragment), whatever became of it after.
@@ -432,10 +656,9 @@ fn run_and_check(
         model.observe(k, tcp_flags(input, l));
     }
 
-    let (ttl_decrement, macs, handoff) = match reason {
-        Reason::ForwardTx | Reason::ForwardRedirect => (1, true, false),
-        Reason::ForwardResolveNeighbour => (1, false, true),
-        Reason::PassFibOther => (0, false, false),
+    let ttl_decrement = match reason {
+        Reason::ForwardTx | Reason::ForwardRedirect | Reason::ForwardResolveNeighbour => 1,
+        Reason::PassFibOther => 0,
         _ => {
             ensure!(
                 run.frame == input,
@@ -470,21 +693,56 @@ fn run_and_check(
         (src, dst) == (want_src, want_dst),
         "rewritten to {src} → {dst}; the model says {want_src} → {want_dst}"
     );
-    let mut expected = nat_rewrite_v4(input, want_src, want_dst, ttl_decrement)
+    let expected = nat_rewrite_v4(input, want_src, want_dst, ttl_decrement)
         .context("the reference refuses the frame")?;
-    let neighbour = lab::NEIGHBOURS.iter().find(|(a, ..)| a == want_dst.ip());
-    let egress = match lab::subnet_interface(*want_dst.ip()) {
+    let mut expected = as_sent(&run, expected, reason, *want_dst.ip(), ingress, fx0, fx1)?;
+    if verify_checksums_v4(input).is_ok() {
+        verify_checksums_v4(&run.frame).map_err(|e| anyhow::anyhow!("output checksum: {e}"))?;
+    } else {
+        // A wrong checksum stays wrong under an incremental update, while the reference
+        // recomputes it: compare everything else.
+        for range in [
+            ETH_HLEN + 10..ETH_HLEN + 12,
+            layout.check_off..layout.check_off + 2,
+        ] {
+            expected[range.clone()].copy_from_slice(&run.frame[range]);
+        }
+    }
+    ensure!(
+        run.frame == expected,
+        "differs from the reference:\n{}",
+        hex_diff(&expected, &run.frame)
+    );
+    Ok(reason)
+}
+
+/// `expected` as it must leave toward `toward` for `reason`: with the neighbour's and the
+/// egress interface's MACs when sent by the program, or with its MACs as they were and
+/// handoff metadata when handed to the tc program. Checks the egress and the metadata.
+fn as_sent(
+    run: &lab::Run,
+    mut expected: Vec<u8>,
+    reason: Reason,
+    toward: Ipv4Addr,
+    ingress: Iface,
+    fx0: Iface,
+    fx1: Iface,
+) -> Result<Vec<u8>> {
+    let macs = matches!(reason, Reason::ForwardTx | Reason::ForwardRedirect);
+    let handoff = reason == Reason::ForwardResolveNeighbour;
+    let neighbour = lab::NEIGHBOURS.iter().find(|(a, ..)| *a == toward);
+    let egress = match lab::subnet_interface(toward) {
         Some(lab::FX0) => fx0,
         Some(_) => fx1,
-        None => bail!("rewritten toward {want_dst}, outside the lab's subnets"),
+        None => bail!("sent toward {toward}, outside the lab's subnets"),
     };
     if macs {
         let Some((_, mac, dev)) = neighbour else {
-            bail!("sent to {want_dst}, which has no neighbour in the lab");
+            bail!("sent to {toward}, which has no neighbour in the lab");
         };
         ensure!(
-            lab::subnet_interface(*want_dst.ip()) == Some(*dev),
-            "the lab's neighbour {want_dst} is not on its subnet's interface"
+            lab::subnet_interface(toward) == Some(*dev),
+            "the lab's neighbour {toward} is not on its subnet's interface"
         );
         ensure!(
             (reason == Reason::ForwardTx) == (egress.ifindex == ingress.ifindex),
@@ -499,7 +757,7 @@ fn run_and_check(
     let want_meta = handoff.then(|| HandoffMeta {
         magic: HANDOFF_MAGIC,
         ifindex: egress.ifindex,
-        next_hop: Endpoint::from_socket_v4(want_dst).addr,
+        next_hop: Endpoint::v4(toward.octets(), [0; 2]).addr,
     });
     ensure!(
         run.meta == want_meta,
@@ -509,18 +767,127 @@ fn run_and_check(
     if handoff {
         ensure!(
             neighbour.is_none(),
-            "handed off toward {want_dst}, which has a neighbour"
+            "handed off toward {toward}, which has a neighbour"
         );
     }
+    Ok(expected)
+}
+
+/// Checks what the program made of an ICMP message: the model answers a ping to a VIP, and
+/// translates an error whose quoted packet's reply direction is a flow it tracks (by that
+/// direction's rewrite: the outer header as the flow's next packet that way, the quote back
+/// as it was before xlb rewrote it); everything else is left to the kernel untouched.
+#[allow(clippy::too_many_arguments)]
+fn check_icmp(
+    model: &FlowModel,
+    input: &[u8],
+    run: &lab::Run,
+    reason: Reason,
+    l: &IcmpLayout,
+    ingress: Iface,
+    fx0: Iface,
+    fx1: Iface,
+) -> Result<Reason> {
+    let ip = ETH_HLEN;
+    let addr = |at: usize| Ipv4Addr::new(input[at], input[at + 1], input[at + 2], input[at + 3]);
+    let (src, dst) = (addr(ip + 12), addr(ip + 16));
+    let ihl = ((input[ip] & 0x0f) as usize) * 4;
+    // A ping to a VIP (without IP options, which the kernel answers) is answered.
+    let echo = (l.kind, l.code) == (ICMP_ECHO_REQUEST, 0) && ihl == IPV4_HLEN && model.is_vip(dst);
+    // An error addressed to the source of a packet of a tracked flow it quotes is about that
+    // flow: (the reply direction's key, its rewrite).
+    let about = if is_icmp_error(l.kind) {
+        icmp_quote_v4(input)
+            .filter(|(qs, ..)| *qs.ip() == dst)
+            .and_then(|(qs, qd, proto)| {
+                let reply = key(qd, qs, proto);
+                model.rewrite(&reply).map(|r| (reply, r))
+            })
+    } else {
+        None
+    };
+    // What must become of it, in the order the program decides: an error about a flow
+    // arrives where that flow's packets from the quoted packet's destination arrive (the
+    // lab's subnet of that address), or it is dropped; with TTL 1 it goes to the kernel.
+    let verdict = match &about {
+        Some((reply, _)) => {
+            let side = lab::subnet_interface(*reply.src.to_socket_v4().ip());
+            let arrived = if ingress.ifindex == fx0.ifindex {
+                lab::FX0
+            } else {
+                lab::FX1
+            };
+            if side != Some(arrived) {
+                Some(Reason::DropWrongInterface)
+            } else if input[ip + 8] <= 1 {
+                Some(Reason::PassTtlExpired)
+            } else {
+                None
+            }
+        }
+        None if echo => None,
+        None if is_icmp_error(l.kind) => Some(Reason::PassIcmpUntracked),
+        None => Some(Reason::PassIcmp),
+    };
+    let ttl_decrement = match reason {
+        Reason::ForwardTx | Reason::ForwardRedirect | Reason::ForwardResolveNeighbour => 1,
+        Reason::PassFibOther => 0,
+        _ => {
+            ensure!(
+                run.frame == input && run.meta.is_none(),
+                "{} must leave the frame alone:\n{}",
+                reason.name(),
+                hex_diff(input, &run.frame)
+            );
+            ensure!(
+                verdict == Some(reason),
+                "counted {}, but the model says {}",
+                reason.name(),
+                verdict.map_or("forward it", Reason::name)
+            );
+            return Ok(reason);
+        }
+    };
+    if let Some(v) = verdict {
+        bail!("{} it, but the model says {}", reason.name(), v.name());
+    }
+    let (expected, toward) = if echo {
+        (
+            echo_reply_v4(input).context("the reference refuses it")?,
+            src,
+        )
+    } else if let Some((_, (rs, rd))) = about {
+        let translated = icmp_error_v4(input, *rs.ip(), *rd.ip(), rd, rs, ttl_decrement)
+            .context("the reference refuses it")?;
+        (translated, *rd.ip())
+    } else {
+        bail!(
+            "{}: an ICMP message the model neither answers nor translates",
+            reason.name()
+        );
+    };
+    let mut expected = as_sent(run, expected, reason, toward, ingress, fx0, fx1)?;
     if verify_checksums_v4(input).is_ok() {
         verify_checksums_v4(&run.frame).map_err(|e| anyhow::anyhow!("output checksum: {e}"))?;
     } else {
-        // A wrong checksum stays wrong under an incremental update, while the reference
-        // recomputes it: compare everything else.
-        for range in [
-            ETH_HLEN + 10..ETH_HLEN + 12,
-            layout.check_off..layout.check_off + 2,
-        ] {
+        // As for TCP/UDP: an incremental update keeps a wrong checksum wrong, the reference
+        // recomputes it. The quoted L4 checksum too: a frame whose lengths lie may "quote"
+        // padding the checksum never covered.
+        let mut ranges = vec![ip + 10..ip + 12, l.icmp_off + 2..l.icmp_off + 4];
+        if let Some((_, _, proto)) = about.as_ref().and(icmp_quote_v4(input)) {
+            let q = l.icmp_off + 8;
+            let l4 = q + ((input[q] & 0x0f) as usize) * 4;
+            let check = l4
+                + if proto == lb_common::maps::PROTO_TCP {
+                    16
+                } else {
+                    6
+                };
+            if check + 2 <= l.end {
+                ranges.push(check..check + 2);
+            }
+        }
+        for range in ranges {
             expected[range.clone()].copy_from_slice(&run.frame[range]);
         }
     }

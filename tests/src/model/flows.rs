@@ -2,8 +2,9 @@
 //! rewritten to, and what state the flow is in. It learns flows only from what the program
 //! sent out (the backend and SNAT port it chose) and from the config, never from the
 //! program's maps, and holds the program to the rules a full NAT must keep:
-//! * a new flow's packets leave from its service's SNAT address, with a port in the range,
-//!   toward one of its service's backends;
+//! * a new flow's packets leave from its service's SNAT address, with a port in the range
+//!   (in `dnat` mode: from the client's own address and port), toward one of its service's
+//!   backends;
 //! * a flow keeps its backend and SNAT port;
 //! * each (backend, SNAT address, SNAT port) belongs to one flow at a time;
 //! * a reply goes from the VIP to the client whose flow owns the port it came to.
@@ -29,7 +30,9 @@ use lb_userspace::config::Checked;
 pub struct ServiceSpec {
     pub vip: SocketAddrV4,
     pub proto: u8,
-    pub snat: Ipv4Addr,
+    /// The SNAT pool; empty in `dnat` mode, where the flow keeps the client's address and
+    /// port.
+    pub snat: Vec<Ipv4Addr>,
     pub backends: Vec<SocketAddrV4>,
 }
 
@@ -91,7 +94,7 @@ impl FlowModel {
                 .map(|s| ServiceSpec {
                     vip: s.vip,
                     proto: s.protocol.number(),
-                    snat: s.snat,
+                    snat: s.snat.clone(),
                     backends: s.backends.iter().map(|b| b.address).collect(),
                 })
                 .collect(),
@@ -99,6 +102,11 @@ impl FlowModel {
             flows: HashMap::new(),
             owners: HashMap::new(),
         }
+    }
+
+    /// Whether some service listens on `addr` (whose pings the program answers).
+    pub fn is_vip(&self, addr: Ipv4Addr) -> bool {
+        self.services.iter().any(|s| *s.vip.ip() == addr)
     }
 
     /// The service a frame with `key` is addressed to.
@@ -161,18 +169,28 @@ impl FlowModel {
         let Some(service) = self.service(key) else {
             bail!("a new flow for {t:?}, which is addressed to no service");
         };
-        ensure!(
-            *src.ip() == service.snat,
-            "a new flow to {} leaves from {src}, not from the service's SNAT address {}",
-            service.vip,
-            service.snat
-        );
-        ensure!(
-            (self.ports.0..=self.ports.1).contains(&src.port()),
-            "SNAT port {} is outside {:?}",
-            src.port(),
-            self.ports
-        );
+        match &service.snat[..] {
+            [] => ensure!(
+                src == t.0,
+                "a new flow to the dnat service {} leaves from {src}, not from the client {}",
+                service.vip,
+                t.0
+            ),
+            pool => {
+                ensure!(
+                    pool.contains(src.ip()),
+                    "a new flow to {} leaves from {src}, not from the service's SNAT pool \
+                     {pool:?}",
+                    service.vip,
+                );
+                ensure!(
+                    (self.ports.0..=self.ports.1).contains(&src.port()),
+                    "SNAT port {} is outside {:?}",
+                    src.port(),
+                    self.ports
+                );
+            }
+        }
         ensure!(
             service.backends.contains(&dst),
             "a new flow to {} goes to {dst}, not one of its backends {:?}",
@@ -197,6 +215,19 @@ impl FlowModel {
             },
         );
         Ok(())
+    }
+
+    /// Whether a new flow with `key` to a `dnat` service finds the (backend, client address
+    /// and port) it would take held by another flow already: the client used that port
+    /// toward another VIP that shares a backend.
+    pub fn dnat_tuple_taken(&self, key: &FlowKey) -> bool {
+        let (client, _, proto) = tuple(key);
+        self.service(key).is_some_and(|s| {
+            s.snat.is_empty()
+                && s.backends
+                    .iter()
+                    .any(|b| self.owners.contains_key(&(*b, client, proto)))
+        })
     }
 
     pub fn flows(&self) -> impl Iterator<Item = &ModelFlow> {

@@ -1,14 +1,21 @@
-//! The reference NAT rewrite: what the XDP program must make of a frame, given the rewrite
-//! its conntrack chose, computed from scratch (checksums recomputed over the whole header and
-//! segment) rather than incrementally as the program does.
+//! The reference rewrites: what the XDP program must make of a frame — a flow's TCP/UDP
+//! packet given the rewrite its conntrack chose, an ICMP error about a flow, a ping's echo
+//! reply — computed from scratch (checksums recomputed over the whole header and segment)
+//! rather than incrementally as the program does.
 
-use std::net::SocketAddrV4;
+use std::net::{Ipv4Addr, SocketAddrV4};
 
-use lb_common::{csum::checksum, maps::PROTO_UDP};
+use lb_common::{
+    csum::{checksum, fold, sum_slice},
+    maps::{PROTO_TCP, PROTO_UDP},
+};
 
 use crate::packet::{
-    checksum::l4_checksum,
-    frame::ETH_HLEN,
+    checksum::{l4_checksum, pseudo_header_sum},
+    frame::{
+        ETH_HLEN, ETH_P_IP, ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST,
+        ICMP_PARAM_PROBLEM, ICMP_TIME_EXCEEDED, IP_OFFSET_MASK, IPV4_HLEN, PROTO_ICMP,
+    },
     layout::{is_fragment, layout_v4},
 };
 
@@ -52,6 +59,199 @@ pub fn nat_rewrite_v4(
         out[l.check_off..l.check_off + 2].copy_from_slice(&check.to_be_bytes());
     }
     Some(out)
+}
+
+/// Where the parts of an ICMP-over-IPv4 frame are, after the checks the XDP program makes:
+/// an IPv4 header that parses, an ICMP header inside the datagram, not a fragment.
+pub struct IcmpLayout {
+    /// Offset of the ICMP header; the message ends at `end`.
+    pub icmp_off: usize,
+    /// The end of the IPv4 datagram (padding after it is not part of it).
+    pub end: usize,
+    pub kind: u8,
+    pub code: u8,
+}
+
+/// The layout of an ICMP-over-IPv4 frame the program looks into; `None` for anything else,
+/// and for fragments (which it leaves to the kernel).
+pub fn icmp_layout_v4(frame: &[u8]) -> Option<IcmpLayout> {
+    if frame.len() < ETH_HLEN + IPV4_HLEN || frame[12..14] != ETH_P_IP.to_be_bytes() {
+        return None;
+    }
+    let ip = &frame[ETH_HLEN..];
+    let ihl = ((ip[0] & 0x0f) as usize) * 4;
+    let tot_len = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+    if ip[0] >> 4 != 4
+        || ip[9] != PROTO_ICMP
+        || ihl < IPV4_HLEN
+        || tot_len < ihl + 8
+        || ETH_HLEN + tot_len > frame.len()
+        || is_fragment(frame)
+    {
+        return None;
+    }
+    let icmp_off = ETH_HLEN + ihl;
+    Some(IcmpLayout {
+        icmp_off,
+        end: ETH_HLEN + tot_len,
+        kind: frame[icmp_off],
+        code: frame[icmp_off + 1],
+    })
+}
+
+/// Whether an ICMP message of this type is an error the program translates.
+pub fn is_icmp_error(kind: u8) -> bool {
+    matches!(
+        kind,
+        ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAM_PROBLEM
+    )
+}
+
+/// The reference echo reply to an echo request (type 8, code 0): addresses swapped, TTL 64,
+/// type 0, both checksums recomputed; MACs untouched. `None` if the frame is no echo
+/// request the program answers.
+pub fn echo_reply_v4(frame: &[u8]) -> Option<Vec<u8>> {
+    let l = icmp_layout_v4(frame)?;
+    if (l.kind, l.code) != (ICMP_ECHO_REQUEST, 0) {
+        return None;
+    }
+    let mut out = frame.to_vec();
+    let ip = ETH_HLEN;
+    let (src, dst) = (&frame[ip + 12..ip + 16], &frame[ip + 16..ip + 20]);
+    out[ip + 12..ip + 16].copy_from_slice(dst);
+    out[ip + 16..ip + 20].copy_from_slice(src);
+    out[ip + 8] = 64;
+    fix_ipv4_checksum(&mut out);
+    out[l.icmp_off] = ICMP_ECHO_REPLY;
+    fix_icmp_checksum(&mut out, l.icmp_off, l.end);
+    Some(out)
+}
+
+/// The quoted TCP/UDP packet of an ICMP error, as the program reads it: `(source,
+/// destination, protocol)`. `None` when the quote is not an unfragmented TCP/UDP-over-IPv4
+/// packet with its ports inside the error's datagram.
+pub fn icmp_quote_v4(frame: &[u8]) -> Option<(SocketAddrV4, SocketAddrV4, u8)> {
+    let l = icmp_layout_v4(frame)?;
+    let q = l.icmp_off + 8;
+    if q + IPV4_HLEN > frame.len() {
+        return None;
+    }
+    let ihl = ((frame[q] & 0x0f) as usize) * 4;
+    let frags = u16::from_be_bytes([frame[q + 6], frame[q + 7]]);
+    let proto = frame[q + 9];
+    if frame[q] >> 4 != 4
+        || ihl < IPV4_HLEN
+        || frags & IP_OFFSET_MASK != 0
+        || !matches!(proto, PROTO_TCP | PROTO_UDP)
+        || q + ihl + 8 > l.end
+    {
+        return None;
+    }
+    let addr = |at: usize| Ipv4Addr::new(frame[at], frame[at + 1], frame[at + 2], frame[at + 3]);
+    let port = |at: usize| u16::from_be_bytes([frame[at], frame[at + 1]]);
+    Some((
+        SocketAddrV4::new(addr(q + 12), port(q + ihl)),
+        SocketAddrV4::new(addr(q + 16), port(q + ihl + 2)),
+        proto,
+    ))
+}
+
+/// The reference translation of an ICMP error: the outer header to `outer_src` →
+/// `outer_dst` with the TTL lowered by `ttl_decrement`; the quoted packet to `inner_src` →
+/// `inner_dst` (addresses and ports); the outer IPv4, quoted IPv4 and ICMP checksums
+/// recomputed, and the quoted L4 checksum too, when the quote reaches it: from scratch when
+/// the whole quoted segment is there, else from what the original checksum says the
+/// missing part sums to. `None` when the program would not translate the frame.
+pub fn icmp_error_v4(
+    frame: &[u8],
+    outer_src: Ipv4Addr,
+    outer_dst: Ipv4Addr,
+    inner_src: SocketAddrV4,
+    inner_dst: SocketAddrV4,
+    ttl_decrement: u8,
+) -> Option<Vec<u8>> {
+    let l = icmp_layout_v4(frame)?;
+    let (_, _, proto) = icmp_quote_v4(frame)?;
+    if !is_icmp_error(l.kind) || frame[ETH_HLEN + 8] <= 1 {
+        return None;
+    }
+    let mut out = frame.to_vec();
+    let ip = ETH_HLEN;
+    out[ip + 8] -= ttl_decrement;
+    out[ip + 12..ip + 16].copy_from_slice(&outer_src.octets());
+    out[ip + 16..ip + 20].copy_from_slice(&outer_dst.octets());
+    fix_ipv4_checksum(&mut out);
+
+    let q = l.icmp_off + 8;
+    let ihl = ((frame[q] & 0x0f) as usize) * 4;
+    let q4 = q + ihl;
+    out[q + 12..q + 16].copy_from_slice(&inner_src.ip().octets());
+    out[q + 16..q + 20].copy_from_slice(&inner_dst.ip().octets());
+    out[q + 10..q + 12].copy_from_slice(&[0, 0]);
+    let check = checksum(&out[q..q + ihl]);
+    out[q + 10..q + 12].copy_from_slice(&check.to_be_bytes());
+    out[q4..q4 + 2].copy_from_slice(&inner_src.port().to_be_bytes());
+    out[q4 + 2..q4 + 4].copy_from_slice(&inner_dst.port().to_be_bytes());
+
+    let check_off = q4 + if proto == PROTO_TCP { 16 } else { 6 };
+    let quoted_zero_udp =
+        proto == PROTO_UDP && frame.get(check_off..check_off + 2) == Some(&[0, 0]);
+    if check_off + 2 <= l.end && !quoted_zero_udp {
+        // The quoted segment's length, as its IPv4 header says.
+        let seg_len =
+            (u16::from_be_bytes([frame[q + 2], frame[q + 3]]) as usize).saturating_sub(ihl);
+        let quoted = l.end - q4;
+        let addrs = |f: &[u8]| {
+            (
+                [f[q + 12], f[q + 13], f[q + 14], f[q + 15]],
+                [f[q + 16], f[q + 17], f[q + 18], f[q + 19]],
+            )
+        };
+        let (new_src, new_dst) = addrs(&out);
+        let mut seg = out[q4..l.end].to_vec();
+        seg[check_off - q4..check_off - q4 + 2].copy_from_slice(&[0, 0]);
+        let (old_src, old_dst) = addrs(frame);
+        // The whole segment is quoted, and its checksum is right over it: recompute it. (A
+        // frame whose lengths lie may quote bytes the checksum never covered.)
+        let whole = seg_len <= quoted
+            && seg_len >= check_off + 2 - q4
+            && fold(
+                pseudo_header_sum(old_src, old_dst, proto, seg_len as u16)
+                    + sum_slice(&frame[q4..q4 + seg_len]),
+            ) == 0xffff;
+        let new_check = if whole {
+            l4_checksum(new_src, new_dst, proto, &seg[..seg_len])
+        } else {
+            // What the part the quote cut off sums to: whatever made the original valid.
+            let known = pseudo_header_sum(old_src, old_dst, proto, seg_len as u16)
+                + sum_slice(&frame[q4..l.end]);
+            let missing = !fold(known) as u32;
+            let sum = pseudo_header_sum(new_src, new_dst, proto, seg_len as u16)
+                + sum_slice(&seg)
+                + missing;
+            match !fold(sum) {
+                0 if proto == PROTO_UDP => 0xffff,
+                c => c,
+            }
+        };
+        out[check_off..check_off + 2].copy_from_slice(&new_check.to_be_bytes());
+    }
+    fix_icmp_checksum(&mut out, l.icmp_off, l.end);
+    Some(out)
+}
+
+fn fix_ipv4_checksum(frame: &mut [u8]) {
+    let ip = ETH_HLEN;
+    let ihl = ((frame[ip] & 0x0f) as usize) * 4;
+    frame[ip + 10..ip + 12].copy_from_slice(&[0, 0]);
+    let check = checksum(&frame[ip..ip + ihl]);
+    frame[ip + 10..ip + 12].copy_from_slice(&check.to_be_bytes());
+}
+
+fn fix_icmp_checksum(frame: &mut [u8], icmp_off: usize, end: usize) {
+    frame[icmp_off + 2..icmp_off + 4].copy_from_slice(&[0, 0]);
+    let check = checksum(&frame[icmp_off..end]);
+    frame[icmp_off + 2..icmp_off + 4].copy_from_slice(&check.to_be_bytes());
 }
 
 #[cfg(test)]

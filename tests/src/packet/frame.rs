@@ -243,16 +243,38 @@ impl Frame {
     }
 }
 
-/// An ICMP echo request (type 8) with a valid checksum: put it in [`Frame::payload`] with
-/// `l4: L4::Other { proto: PROTO_ICMP }`.
-pub fn icmp_echo(id: u16, seq: u16, data: &[u8]) -> Vec<u8> {
-    let mut msg = vec![8, 0, 0, 0];
-    msg.extend_from_slice(&id.to_be_bytes());
-    msg.extend_from_slice(&seq.to_be_bytes());
+/// ICMP types.
+pub const ICMP_ECHO_REPLY: u8 = 0;
+pub const ICMP_DEST_UNREACH: u8 = 3;
+pub const ICMP_ECHO_REQUEST: u8 = 8;
+pub const ICMP_TIME_EXCEEDED: u8 = 11;
+pub const ICMP_PARAM_PROBLEM: u8 = 12;
+/// Code of "fragmentation needed and DF set" (type 3).
+pub const ICMP_FRAG_NEEDED: u8 = 4;
+
+/// An ICMP message with a valid checksum: type, code, the four bytes after the checksum,
+/// then `data`. Put it in [`Frame::payload`] with `l4: L4::Other { proto: PROTO_ICMP }`.
+pub fn icmp_message(kind: u8, code: u8, rest: [u8; 4], data: &[u8]) -> Vec<u8> {
+    let mut msg = vec![kind, code, 0, 0];
+    msg.extend_from_slice(&rest);
     msg.extend_from_slice(data);
     let check = checksum(&msg);
     msg[2..4].copy_from_slice(&check.to_be_bytes());
     msg
+}
+
+/// An ICMP echo request (type 8) with a valid checksum.
+pub fn icmp_echo(id: u16, seq: u16, data: &[u8]) -> Vec<u8> {
+    let [i0, i1] = id.to_be_bytes();
+    let [s0, s1] = seq.to_be_bytes();
+    icmp_message(ICMP_ECHO_REQUEST, 0, [i0, i1, s0, s1], data)
+}
+
+/// An ICMP error quoting `quoted` (an IPv4 datagram, header first, cut where the error's
+/// sender cut it). For "fragmentation needed", `mtu` is the next hop's MTU; 0 otherwise.
+pub fn icmp_error(kind: u8, code: u8, mtu: u16, quoted: &[u8]) -> Vec<u8> {
+    let [m0, m1] = mtu.to_be_bytes();
+    icmp_message(kind, code, [0, 0, m0, m1], quoted)
 }
 
 /// A broadcast ARP request "who has `target`? tell `sender`".
