@@ -97,6 +97,9 @@ pub mod programs {
     /// The tc ingress program that sends frames the XDP program handed to the kernel with
     /// a [`HandoffMeta`](super::HandoffMeta).
     pub const TC_HANDOFF: &str = "xlb_handoff";
+    /// An XDP program that does nothing (XDP_PASS), never attached: the benchmark's floor,
+    /// the fixed cost of running any XDP program.
+    pub const NULL: &str = "xlb_null";
 }
 
 /// Default map capacities, used by the XDP program's declarations; userspace resizes the

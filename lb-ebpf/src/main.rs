@@ -149,6 +149,12 @@ pub fn xlb(ctx: XdpContext) -> u32 {
     reason.xdp_action()
 }
 
+/// Does nothing: the benchmark's floor (`lb_common::maps::programs::NULL`), never attached.
+#[xdp]
+pub fn xlb_null(_ctx: XdpContext) -> u32 {
+    aya_ebpf::bindings::xdp_action::XDP_PASS
+}
+
 /// Sends the frames the XDP program handed over (see [`handoff`]); lets everything else
 /// through to the next tc program or the stack.
 #[classifier]

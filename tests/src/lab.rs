@@ -271,9 +271,19 @@ pub fn run(ebpf: &Ebpf, input: &[u8], ingress: u32, linear_len: Option<usize>) -
 /// and how long it ran: nothing else touches the caches between runs (no counters read, no
 /// context copied back), for timing.
 pub fn run_timed(ebpf: &Ebpf, input: &[u8], ingress: u32) -> Result<(u32, std::time::Duration)> {
+    run_timed_program(ebpf, lb_userspace::loader::PROGRAM, input, ingress)
+}
+
+/// Like [`run_timed`], with the XDP program called `program` (loaded).
+pub fn run_timed_program(
+    ebpf: &Ebpf,
+    program: &str,
+    input: &[u8],
+    ingress: u32,
+) -> Result<(u32, std::time::Duration)> {
     let prog: &Xdp = ebpf
-        .program(lb_userspace::loader::PROGRAM)
-        .context("program xlb")?
+        .program(program)
+        .with_context(|| format!("program {program}"))?
         .try_into()?;
     let ctx = xdp_md(input.len() as u32, ingress);
     let mut out = vec![0u8; input.len() + 256];
