@@ -77,11 +77,18 @@ pub enum Reason {
     /// the same backend exists already (the client used one port toward two VIPs that share
     /// the backend): the backend could not tell their replies apart.
     DropDnatTupleTaken = 26,
+    /// Larger than the egress MTU, with DF set: answered with ICMP "fragmentation needed"
+    /// (the egress MTU, the packet's header quoted), sent to its sender from the address it
+    /// sent to, by devmap redirect. The packet itself is not forwarded.
+    ForwardIcmpTooBig = 27,
+    /// Larger than the egress MTU, with DF set, and the ICMP answer could not be made or
+    /// sent (no headroom, no way back to the sender).
+    DropTooBig = 28,
 }
 
 impl Reason {
     /// Number of reasons; the size of the `REASONS` array.
-    pub const COUNT: u32 = 27;
+    pub const COUNT: u32 = 29;
 
     /// All reasons, in index order.
     pub const ALL: [Reason; Self::COUNT as usize] = [
@@ -112,6 +119,8 @@ impl Reason {
         Reason::PassIcmp,
         Reason::PassIcmpUntracked,
         Reason::DropDnatTupleTaken,
+        Reason::ForwardIcmpTooBig,
+        Reason::DropTooBig,
     ];
 
     /// The metric label: `verdict/why`, e.g. `drop/truncated`.
@@ -144,6 +153,8 @@ impl Reason {
             Reason::PassIcmp => "pass/icmp",
             Reason::PassIcmpUntracked => "pass/icmp_untracked",
             Reason::DropDnatTupleTaken => "drop/dnat_tuple_taken",
+            Reason::ForwardIcmpTooBig => "forward/icmp_too_big",
+            Reason::DropTooBig => "drop/too_big",
         }
     }
 
@@ -155,7 +166,7 @@ impl Reason {
         const XDP_REDIRECT: u32 = 4;
         match self {
             Reason::ForwardTx => XDP_TX,
-            Reason::ForwardRedirect => XDP_REDIRECT,
+            Reason::ForwardRedirect | Reason::ForwardIcmpTooBig => XDP_REDIRECT,
             Reason::PassNotIpv4
             | Reason::PassNotTcpUdp
             | Reason::PassNoService
@@ -180,7 +191,8 @@ impl Reason {
             | Reason::DropWrongInterface
             | Reason::DropRstNoFlow
             | Reason::DropConntrackNoMemory
-            | Reason::DropDnatTupleTaken => XDP_DROP,
+            | Reason::DropDnatTupleTaken
+            | Reason::DropTooBig => XDP_DROP,
         }
     }
 }

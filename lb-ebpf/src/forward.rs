@@ -8,8 +8,9 @@ use core::ffi::c_void;
 
 use aya_ebpf::{
     bindings::{
-        BPF_FIB_LKUP_RET_BLACKHOLE, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_PROHIBIT,
-        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LKUP_RET_UNREACHABLE, bpf_fib_lookup as FibParams,
+        BPF_FIB_LKUP_RET_BLACKHOLE, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_PROHIBIT, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LKUP_RET_UNREACHABLE,
+        bpf_fib_lookup as FibParams,
     },
     helpers::{bpf_xdp_adjust_meta, generated::bpf_fib_lookup},
     programs::XdpContext,
@@ -45,6 +46,10 @@ pub enum Hop {
     /// Leave it to the kernel's stack (MACs untouched, so the kernel still takes it as
     /// addressed to this host), for the given reason. `ifindex` is what the FIB said.
     Kernel { ifindex: u32, reason: Reason },
+    /// Larger than the MTU of the way out of `ifindex`. With DF set, the sender must hear
+    /// it (`icmp::too_big`); without, it goes to the kernel's stack, which fragments it, as
+    /// a `Kernel` hop does.
+    TooBig { ifindex: u32, mtu: u16 },
 }
 
 impl Hop {
@@ -54,7 +59,7 @@ impl Hop {
     pub fn ttl_decrement(&self) -> u8 {
         match self {
             Hop::Direct { .. } | Hop::Handoff { .. } => 1,
-            Hop::Kernel { .. } => 0,
+            Hop::Kernel { .. } | Hop::TooBig { .. } => 0,
         }
     }
 
@@ -64,7 +69,8 @@ impl Hop {
         match self {
             Hop::Direct { ifindex, .. }
             | Hop::Handoff { ifindex, .. }
-            | Hop::Kernel { ifindex, .. } => *ifindex,
+            | Hop::Kernel { ifindex, .. }
+            | Hop::TooBig { ifindex, .. } => *ifindex,
         }
     }
 }
@@ -136,6 +142,11 @@ pub fn route(
         BPF_FIB_LKUP_RET_BLACKHOLE | BPF_FIB_LKUP_RET_UNREACHABLE | BPF_FIB_LKUP_RET_PROHIBIT => {
             Err(Reason::DropUnreachable)
         }
+        // SAFETY: the lookup filled in the MTU member of the union for this code.
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => Ok(Hop::TooBig {
+            ifindex: params.ifindex,
+            mtu: unsafe { params.__bindgen_anon_1.mtu_result },
+        }),
         // Local delivery, forwarding disabled, fragmentation needed, ...: the kernel decides.
         _ => Ok(Hop::Kernel {
             ifindex: params.ifindex,
@@ -192,6 +203,7 @@ pub fn prepare(ctx: &XdpContext, hop: &mut Hop) {
 pub fn send(ctx: &XdpContext, hop: Hop) -> Result<Reason, Reason> {
     let (ifindex, smac, dmac) = match hop {
         Hop::Kernel { reason, .. } | Hop::Handoff { reason, .. } => return Ok(reason),
+        Hop::TooBig { .. } => return Ok(Reason::PassFibOther),
         Hop::Direct {
             ifindex,
             smac,

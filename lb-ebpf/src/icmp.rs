@@ -13,23 +13,34 @@
 //!
 //! The rest — replies, other types, fragments, errors about no tracked flow — goes to the
 //! kernel, counted (`pass/icmp`, `pass/icmp_untracked`).
+//!
+//! And xlb sends one error of its own: "fragmentation needed" to the sender of a packet too
+//! big for the way out of xlb ([`too_big`]), as a router on the path would, so path MTU
+//! discovery also works when xlb's own link is the narrowest.
 #![expect(
     clippy::needless_borrows_for_generic_args,
     reason = "by-value keys would be copied onto the 512-byte BPF stack"
 )]
 
-use aya_ebpf::programs::XdpContext;
+use aya_ebpf::{
+    helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
+    programs::XdpContext,
+};
 use lb_common::{
-    maps::{Endpoint, FlowKey, PROTO_TCP, PROTO_UDP},
+    csum::{fold, sum_words},
+    maps::{Endpoint, FlowKey, PROTO_ICMP, PROTO_TCP, PROTO_UDP},
     reason::Reason,
 };
 use network_types::ip::Ipv4Hdr;
 
 use crate::{
-    CONNTRACK, ICMP_SCRATCH, VIPS,
+    CONNTRACK, DEVMAP, ICMP_SCRATCH, VIPS,
     forward::{self, Hop},
     nat,
-    parse::{ETH_LEN, ICMP_LEN, IP_OFFSET_MASK, Packet, TCP_CHECK_OFF, UDP_CHECK_OFF, ptr_at},
+    parse::{
+        ETH_LEN, ICMP_LEN, IP_OFFSET_MASK, Packet, TCP_CHECK_OFF, UDP_CHECK_OFF, frame_bounds,
+        ptr_at,
+    },
     stats,
 };
 
@@ -123,7 +134,7 @@ fn echo(ctx: &XdpContext, pkt: &Packet) -> Result<Reason, Reason> {
         return Err(Reason::PassIcmp);
     }
     let mut hop = forward::route(ctx, pkt, &pkt.key.dst, &pkt.key.src)?;
-    if let Hop::Kernel { .. } = hop {
+    if matches!(hop, Hop::Kernel { .. } | Hop::TooBig { .. }) {
         // The FIB will not say how to reach the asker: the kernel answers, if it can.
         return Err(Reason::PassIcmp);
     }
@@ -170,6 +181,98 @@ fn error(ctx: &XdpContext, pkt: &Packet) -> Result<Reason, Reason> {
     let sent = forward::send(ctx, hop)?;
     stats::count_flow_packet(rewrite, pkt.frame_len);
     Ok(sent)
+}
+
+/// The code of "fragmentation needed and DF set" (type 3).
+const FRAG_NEEDED: u8 = 4;
+/// The IPv4 and ICMP headers an error puts in front of its quote.
+const ERROR_HEADERS: usize = Ipv4Hdr::LEN + ICMP_LEN;
+/// Where the quote starts in an error xlb makes: after Ethernet and `ERROR_HEADERS`.
+const QUOTE_AT: usize = ETH_LEN + ERROR_HEADERS;
+/// The longest quote xlb makes, in 32-bit words: an IPv4 header with options (60) + 8.
+const QUOTE_WORDS: usize = (60 + QUOTED_L4_MIN) / 4;
+
+/// Turns a packet too big for its way out (DF set; `mtu` is that way's) into ICMP
+/// "fragmentation needed" to its sender, from the address it sent to (the VIP, or the SNAT
+/// address for a backend's reply), quoting its IPv4 header and the 8 bytes after it as it
+/// sent them (before any rewrite: the packet has none yet), and sends that back by devmap
+/// redirect. The sender lowers its path MTU and sends again, smaller.
+///
+/// Errors: `DropTooBig` when the frame cannot be reshaped or the way back is not one xlb
+/// can send on itself; `DropRedirectFailed`.
+///
+/// Not inlined: its frame is not on the stack with the other paths'.
+#[inline(never)]
+pub fn too_big(ctx: &XdpContext, pkt: &Packet, mtu: u16) -> Result<Reason, Reason> {
+    // The IPv4 header (with options) and 8 bytes: at most 68.
+    let quote_len = (pkt.l4_off().wrapping_sub(ETH_LEN) + QUOTED_L4_MIN) & 0x7f;
+    // Room in front for the two new headers; the old Ethernet header is overwritten.
+    // SAFETY: the helper moves the frame's start within the headroom, or fails cleanly.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(ERROR_HEADERS as i32)) } != 0 {
+        return Err(Reason::DropTooBig);
+    }
+    // The quote's sum, for the ICMP checksum, a word at a time (every packet pointer is
+    // derived again: the helper invalidated them).
+    let mut quote_sum = 0u32;
+    for i in 0..QUOTE_WORDS {
+        if i * 4 >= quote_len {
+            break;
+        }
+        let word: *const [u8; 4] = ptr_at(ctx, QUOTE_AT + i * 4).map_err(|_| Reason::DropTooBig)?;
+        // SAFETY: ptr_at checked the four bytes are inside the frame.
+        quote_sum += sum_words(unsafe { &*word });
+    }
+    let (src, dst) = (pkt.key.dst.v4_octets(), pkt.key.src.v4_octets());
+    let tot_len = ((ERROR_HEADERS + quote_len) as u16).to_be_bytes();
+    let mut ip = [
+        0x45, 0xc0, tot_len[0], tot_len[1], 0, 0, 0, 0, 64, PROTO_ICMP, 0, 0, src[0], src[1],
+        src[2], src[3], dst[0], dst[1], dst[2], dst[3],
+    ];
+    let check = (!fold(sum_words(&ip))).to_be_bytes();
+    ip[10] = check[0];
+    ip[11] = check[1];
+    let mtu = mtu.to_be_bytes();
+    let mut icmp = [DEST_UNREACH, FRAG_NEEDED, 0, 0, 0, 0, mtu[0], mtu[1]];
+    let check = (!fold(sum_words(&icmp) + quote_sum)).to_be_bytes();
+    icmp[2] = check[0];
+    icmp[3] = check[1];
+    let headers: *mut [u8; QUOTE_AT] = ptr_at(ctx, 0).map_err(|_| Reason::DropTooBig)?;
+    // SAFETY: ptr_at checked that the Ethernet, IPv4 and ICMP headers' room is in the frame.
+    let headers = unsafe { &mut *headers };
+    headers[12] = 0x08;
+    headers[13] = 0x00;
+    headers[ETH_LEN..ETH_LEN + Ipv4Hdr::LEN].copy_from_slice(&ip);
+    headers[ETH_LEN + Ipv4Hdr::LEN..QUOTE_AT].copy_from_slice(&icmp);
+    // Nothing after the quote.
+    let (start, end) = frame_bounds(ctx);
+    let delta = (QUOTE_AT + quote_len) as i32 - (end - start) as i32;
+    // SAFETY: the helper only moves the frame's end, or fails cleanly.
+    if unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta) } != 0 {
+        return Err(Reason::DropTooBig);
+    }
+    // Back the way the packet came, sent like any frame xlb sends itself.
+    let mut back = Packet::default();
+    back.key.src = Endpoint::v4(src, [0; 2]);
+    back.key.dst = Endpoint::v4(dst, [0; 2]);
+    back.key.proto = PROTO_ICMP;
+    back.tot_len = u16::from_be_bytes(tot_len);
+    let Hop::Direct {
+        ifindex,
+        smac,
+        dmac,
+    } = forward::route(ctx, &back, &back.key.src, &back.key.dst)?
+    else {
+        return Err(Reason::DropTooBig);
+    };
+    let eth: *mut [u8; 12] = ptr_at(ctx, 0).map_err(|_| Reason::DropTooBig)?;
+    // SAFETY: ptr_at checked the two MACs are inside the frame.
+    let eth = unsafe { &mut *eth };
+    eth[..6].copy_from_slice(&dmac);
+    eth[6..].copy_from_slice(&smac);
+    DEVMAP
+        .redirect(ifindex, 0)
+        .map(|_| Reason::ForwardIcmpTooBig)
+        .map_err(|_| Reason::DropRedirectFailed)
 }
 
 /// Reads where the error's quoted TCP/UDP packet lies, and the conntrack key a reply to it

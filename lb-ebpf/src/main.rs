@@ -183,6 +183,11 @@ fn process(ctx: &XdpContext) -> Result<Reason, Reason> {
     } else {
         new_flow(ctx, &pkt, &mut rewrite)?
     };
+    if let Hop::TooBig { mtu, .. } = hop
+        && pkt.dont_fragment
+    {
+        return icmp::too_big(ctx, &pkt, mtu);
+    }
     forward::prepare(ctx, &mut hop);
     nat::rewrite(ctx, &pkt, &rewrite, hop.ttl_decrement())?;
     let sent = forward::send(ctx, hop)?;

@@ -11,6 +11,7 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 const ETH_P_IP_BE: u16 = u16::from_ne_bytes([0x08, 0x00]);
 /// Flags/offset field bits (host order after `u16::from_be_bytes`).
 const IP_MF: u16 = 0x2000;
+const IP_DF: u16 = 0x4000;
 pub const IP_OFFSET_MASK: u16 = 0x1fff;
 
 pub const ETH_LEN: usize = EthHdr::LEN;
@@ -71,6 +72,8 @@ pub struct Packet {
     pub tot_len: u16,
     /// First fragment of a fragmented datagram (MF set, offset 0).
     pub fragmented: bool,
+    /// DF set: a router must not fragment it, and answers ICMP "fragmentation needed".
+    pub dont_fragment: bool,
     /// Whole frame length, for byte counters.
     pub frame_len: u32,
 }
@@ -180,6 +183,7 @@ pub fn parse(ctx: &XdpContext, pkt: &mut Packet) -> Result<(), Reason> {
         tcp_flags,
         tot_len,
         fragmented,
+        dont_fragment: frags & IP_DF != 0,
         frame_len: frame_len as u32,
     };
     Ok(())

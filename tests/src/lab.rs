@@ -8,7 +8,9 @@
 //!   client side:  fx0 10.10.1.1/24 (peer fx0p)  neigh 10.10.1.2 → 02:00:00:00:0c:01
 //!                                               neigh 10.10.1.3 → 02:00:00:00:0c:03
 //!   backend side: fx1 10.20.1.1/24 (peer fx1p)  neigh 10.20.1.2 → 02:00:00:00:0b:01
+//!                                               neigh 10.20.1.7 → 02:00:00:00:0b:01
 //!                                               (10.20.1.9 has no neighbour entry)
+//!   route 10.20.1.7/32 dev fx1 mtu lock 576
 //!   blackhole 10.99.0.0/16
 //! ```
 
@@ -43,6 +45,9 @@ pub const BACKEND: Ipv4Addr = Ipv4Addr::new(10, 20, 1, 2);
 pub const BACKEND_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x0b, 0x01];
 /// On fx1's subnet, with no neighbour entry.
 pub const UNRESOLVED_BACKEND: Ipv4Addr = Ipv4Addr::new(10, 20, 1, 9);
+/// On fx1's subnet, behind a route of MTU [`SMALL_MTU`]: packets to it may be too big.
+pub const SMALL_MTU_BACKEND: Ipv4Addr = Ipv4Addr::new(10, 20, 1, 7);
+pub const SMALL_MTU: u16 = 576;
 
 /// The VIP the lab's configs put their main services on; clients reach it through fx0.
 pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 100);
@@ -52,10 +57,11 @@ pub const VIP_UNRESOLVED: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 103);
 pub const SNAT: Ipv4Addr = Ipv4Addr::new(10, 20, 0, 1);
 
 /// The static neighbours: address, MAC, and the interface they sit behind.
-pub const NEIGHBOURS: [(Ipv4Addr, [u8; 6], &str); 3] = [
+pub const NEIGHBOURS: [(Ipv4Addr, [u8; 6], &str); 4] = [
     (CLIENT, CLIENT_MAC, FX0),
     (NEAR_BACKEND, NEAR_BACKEND_MAC, FX0),
     (BACKEND, BACKEND_MAC, FX1),
+    (SMALL_MTU_BACKEND, BACKEND_MAC, FX1),
 ];
 
 /// The interface each of the lab's /24 subnets is on: where the FIB sends a packet to an
@@ -121,6 +127,17 @@ pub fn setup(ns: &NetNs) -> Result<()> {
         ])?;
     }
     ns.ip(&["route", "add", "blackhole", "10.99.0.0/16"])?;
+    ns.ip(&[
+        "route",
+        "add",
+        &format!("{SMALL_MTU_BACKEND}/32"),
+        "dev",
+        FX1,
+        // Locked: forwarding honours a route's MTU only then (or with ip_forward_use_pmtu).
+        "mtu",
+        "lock",
+        &SMALL_MTU.to_string(),
+    ])?;
     Ok(())
 }
 

@@ -92,6 +92,9 @@ pub struct Options {
     /// A router between the client and the load balancer, whose link toward the client
     /// has this MTU.
     pub router_mtu: Option<u32>,
+    /// The MTU of the load balancer's own client-side interface (`xlb-c`), the client's
+    /// staying 1500: then xlb itself is the narrowest link.
+    pub lb_client_mtu: Option<u32>,
 }
 
 impl Default for Options {
@@ -100,6 +103,7 @@ impl Default for Options {
             layout: Layout::Routed,
             veth_rules: true,
             router_mtu: None,
+            lb_client_mtu: None,
         }
     }
 }
@@ -256,6 +260,9 @@ impl Topology {
             LB_INTERFACES[0],
         ])?;
         lb.ip(&["link", "set", LB_INTERFACES[0], "up"])?;
+        if let Some(mtu) = self.options.lb_client_mtu {
+            lb.ip(&["link", "set", LB_INTERFACES[0], "mtu", &mtu.to_string()])?;
+        }
         if let (Some(router), Some(mtu)) = (&self.router, self.options.router_mtu) {
             sysctl(router, "net.ipv4.ip_forward=1")?;
             router.ip(&["addr", "add", &format!("{ROUTER_ADDR}/24"), "dev", "rt-l"])?;

@@ -38,9 +38,9 @@ use lb_userspace::config::{Checked, Config};
 use xlb_tests::{
     lab::{
         self, BACKEND, BACKEND_MAC, CLIENT, CLIENT_MAC, Iface, NEAR_BACKEND, NEAR_BACKEND_MAC,
-        SNAT, UNRESOLVED_BACKEND, VIP, VIP_UNRESOLVED,
+        SMALL_MTU, SMALL_MTU_BACKEND, SNAT, UNRESOLVED_BACKEND, VIP, VIP_UNRESOLVED,
     },
-    model::{echo_reply_v4, icmp_error_v4, nat_rewrite_v4},
+    model::{echo_reply_v4, icmp_error_v4, nat_rewrite_v4, too_big_v4},
     packet::{
         ETH_HLEN, Frame, ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_FRAG_NEEDED, ICMP_TIME_EXCEEDED,
         IP_MF, L4, PROTO_ICMP, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN, arp_request, hex_diff,
@@ -73,7 +73,7 @@ const SERVICES_TOML: &str = r#"
 [dataplane]
 interfaces = ["fx0", "fx1"]
 maglev_table_size = 251
-max_services = 10
+max_services = 12
 max_backends = 16
 snat_port_range = [20000, 29999]
 hash_seed = 0x5eed1234
@@ -144,6 +144,13 @@ protocol = "tcp"
 mode = "dnat"
 [[service.backend]]
 address = "10.20.1.2:8080"
+
+[[service]]   # 9: backend behind a route of MTU 576
+vip = "10.10.0.108:80"
+protocol = "tcp"
+snat = "10.20.0.1"
+[[service.backend]]
+address = "10.20.1.7:8080"
 "#;
 
 /// A single SNAT port: the second flow toward the backend finds no free port.
@@ -1357,6 +1364,72 @@ fn icmp_and_dnat_cases(lab: &Lab) -> Vec<Case> {
                 .expect("an error about a flow"),
             to_client,
         )),
+    ));
+
+    // A packet too big for the way to its backend (MTU 576).
+    let vip_small = sa(Ipv4Addr::new(10, 10, 0, 108), 80);
+    let small = lab.ports().flow(
+        PROTO_TCP,
+        client,
+        vip_small,
+        SNAT,
+        sa(SMALL_MTU_BACKEND, 8080),
+    );
+    let syn = lab.sent_by_client(tcp((CLIENT, 40000), (*vip_small.ip(), 80), TCP_SYN));
+    let mut big = lab.sent_by_client(tcp((CLIENT, 40000), (*vip_small.ip(), 80), TCP_ACK));
+    big.payload = vec![0x5a; 1000];
+    let too_big = icmp(
+        *vip_small.ip(),
+        CLIENT,
+        64,
+        icmp_error(
+            ICMP_DEST_UNREACH,
+            ICMP_FRAG_NEEDED,
+            SMALL_MTU,
+            &quote(&big, 28),
+        ),
+    );
+    v.push(case(
+        "40 too big for the way to the backend, DF set: ICMP fragmentation needed to the \
+         client, from the VIP, quoting what it sent",
+        vec![pkt(&syn, fx0)],
+        pkt(&big, fx0),
+        Expect {
+            action: XDP_REDIRECT,
+            reason: Reason::ForwardIcmpTooBig,
+            output: Output::Rewritten {
+                built: Frame {
+                    tos: 0xc0,
+                    id: 0,
+                    frags: 0,
+                    ..too_big.clone()
+                }
+                .with_macs(to_client.0, to_client.1)
+                .build(),
+                reference: too_big_v4(&big.build(), SMALL_MTU)
+                    .map(|mut f| {
+                        f[0..6].copy_from_slice(&to_client.1);
+                        f[6..12].copy_from_slice(&to_client.0);
+                        f
+                    })
+                    .expect("a reference"),
+            },
+            meta: None,
+            state: Some(FlowState::New),
+        },
+    ));
+    let unfragmentable = Frame { frags: 0, ..big };
+    v.push(case(
+        "41 the same without DF: rewritten, to the kernel, which fragments it",
+        vec![pkt(&syn, fx0)],
+        pkt(&unfragmentable, fx0),
+        Expect {
+            action: XDP_PASS,
+            reason: Reason::PassFibOther,
+            output: rewritten(&unfragmentable, small.to_backend, None, 0),
+            meta: None,
+            state: Some(FlowState::New),
+        },
     ));
 
     // dnat: the backend sees the client; its replies come back through xlb.

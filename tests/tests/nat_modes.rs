@@ -217,18 +217,41 @@ fn a_ping_to_a_vip_is_answered_by_the_data_plane() {
 
 #[test]
 fn path_mtu_discovery_works_through_fullnat() {
-    path_mtu_discovery("fullnat");
+    path_mtu_discovery("fullnat", Bottleneck::Router);
 }
 
 #[test]
 fn path_mtu_discovery_works_through_dnat() {
-    path_mtu_discovery("dnat");
+    path_mtu_discovery("dnat", Bottleneck::Router);
 }
 
-fn path_mtu_discovery(mode: &str) {
-    let options = Options {
-        router_mtu: Some(ROUTER_MTU),
-        ..Options::default()
+/// xlb's own link toward the client is the narrow one: xlb must say so itself.
+#[test]
+fn path_mtu_discovery_works_when_xlb_is_the_bottleneck() {
+    path_mtu_discovery("fullnat", Bottleneck::Xlb);
+    path_mtu_discovery("dnat", Bottleneck::Xlb);
+}
+
+/// Where the 1280-byte link is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Bottleneck {
+    /// Between a router and the client: the router's error reaches xlb, addressed to the
+    /// VIP, and xlb translates it.
+    Router,
+    /// xlb's own interface toward the client: xlb answers the backend itself.
+    Xlb,
+}
+
+fn path_mtu_discovery(mode: &str, bottleneck: Bottleneck) {
+    let options = match bottleneck {
+        Bottleneck::Router => Options {
+            router_mtu: Some(ROUTER_MTU),
+            ..Options::default()
+        },
+        Bottleneck::Xlb => Options {
+            lb_client_mtu: Some(ROUTER_MTU),
+            ..Options::default()
+        },
     };
     with_topology(PREFIX, options, |topo| {
         topo.check_connectivity()?;
@@ -258,6 +281,13 @@ fn path_mtu_discovery(mode: &str) {
         ensure!(
             untracked == 0,
             "{mode}: {untracked} ICMP errors were not matched to the flow"
+        );
+        let answered = stats["reasons"]["forward/icmp_too_big"]
+            .as_u64()
+            .unwrap_or(0);
+        ensure!(
+            (answered > 0) == (bottleneck == Bottleneck::Xlb),
+            "{mode}: xlb answered {answered} packets as too big"
         );
         no_checksum_errors(topo, &before)
     });

@@ -240,6 +240,32 @@ pub fn icmp_error_v4(
     Some(out)
 }
 
+/// The reference "fragmentation needed" xlb answers a too-big TCP/UDP frame with: a new
+/// IPv4 header (TOS 0xc0, TTL 64, no flags) from the frame's destination to its source,
+/// ICMP type 3 code 4 with `mtu`, quoting the frame's IPv4 header and the 8 bytes after it;
+/// both checksums computed from scratch; the frame's MACs kept (the caller sets the way
+/// back's). `None` if the frame is not a complete TCP/UDP-over-IPv4 one.
+pub fn too_big_v4(frame: &[u8], mtu: u16) -> Option<Vec<u8>> {
+    let l = layout_v4(frame)?;
+    let quote = &frame[ETH_HLEN..l.l4_off + 8];
+    let mut icmp = vec![ICMP_DEST_UNREACH, 4, 0, 0, 0, 0];
+    icmp.extend_from_slice(&mtu.to_be_bytes());
+    icmp.extend_from_slice(quote);
+    let check = checksum(&icmp);
+    icmp[2..4].copy_from_slice(&check.to_be_bytes());
+    let tot_len = (IPV4_HLEN + icmp.len()) as u16;
+    let mut out = frame[..12].to_vec();
+    out.extend_from_slice(&ETH_P_IP.to_be_bytes());
+    out.extend_from_slice(&[0x45, 0xc0]);
+    out.extend_from_slice(&tot_len.to_be_bytes());
+    out.extend_from_slice(&[0, 0, 0, 0, 64, PROTO_ICMP, 0, 0]);
+    out.extend_from_slice(&frame[ETH_HLEN + 16..ETH_HLEN + 20]);
+    out.extend_from_slice(&frame[ETH_HLEN + 12..ETH_HLEN + 16]);
+    out.extend_from_slice(&icmp);
+    fix_ipv4_checksum(&mut out);
+    Some(out)
+}
+
 fn fix_ipv4_checksum(frame: &mut [u8]) {
     let ip = ETH_HLEN;
     let ihl = ((frame[ip] & 0x0f) as usize) * 4;
