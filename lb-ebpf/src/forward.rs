@@ -76,8 +76,9 @@ impl Hop {
 }
 
 /// A FIB lookup for a packet from `src` to `dst` that came in on the packet's interface.
-/// With a non-zero `tot_len`, the kernel also checks it against the route's MTU. Returns the
-/// helper's code and the filled-in parameters.
+/// With a non-zero `tot_len`, the kernel also checks it against the route's MTU. Fills in
+/// `params` (the caller's, so two lookups share one block on the stack) and returns the
+/// helper's code.
 #[inline(always)]
 fn fib(
     ctx: &XdpContext,
@@ -85,9 +86,10 @@ fn fib(
     src: &Endpoint,
     dst: &Endpoint,
     tot_len: u16,
-) -> (u32, FibParams) {
+    params: &mut FibParams,
+) -> u32 {
     // SAFETY: bpf_fib_lookup is plain data; all-zero is its documented initial state.
-    let mut params: FibParams = unsafe { core::mem::zeroed() };
+    *params = unsafe { core::mem::zeroed() };
     params.family = AF_INET;
     params.l4_protocol = pkt.key.proto;
     params.sport = u16::from_ne_bytes(src.port);
@@ -101,12 +103,12 @@ fn fib(
     let rc = unsafe {
         bpf_fib_lookup(
             ctx.ctx as *mut c_void,
-            &mut params,
+            params,
             size_of::<FibParams>() as i32,
             0,
         )
     };
-    (rc as u32, params)
+    rc as u32
 }
 
 /// Looks up the next hop for the packet as it will be after its rewrite to `src` → `dst`.
@@ -122,7 +124,9 @@ pub fn route(
     src: &Endpoint,
     dst: &Endpoint,
 ) -> Result<Hop, Reason> {
-    let (rc, params) = fib(ctx, pkt, src, dst, pkt.tot_len);
+    // SAFETY: plain data, filled in by `fib`.
+    let mut params: FibParams = unsafe { core::mem::zeroed() };
+    let rc = fib(ctx, pkt, src, dst, pkt.tot_len, &mut params);
     match rc {
         BPF_FIB_LKUP_RET_SUCCESS => {
             // Only interfaces xlb attached to are in the devmap; the tc program sends to
@@ -142,12 +146,18 @@ pub fn route(
         BPF_FIB_LKUP_RET_BLACKHOLE | BPF_FIB_LKUP_RET_UNREACHABLE | BPF_FIB_LKUP_RET_PROHIBIT => {
             Err(Reason::DropUnreachable)
         }
-        // SAFETY: the lookup filled in the MTU member of the union for this code.
-        BPF_FIB_LKUP_RET_FRAG_NEEDED => Ok(Hop::TooBig {
-            ifindex: params.ifindex,
-            mtu: unsafe { params.__bindgen_anon_1.mtu_result },
-        }),
-        // Local delivery, forwarding disabled, fragmentation needed, ...: the kernel decides.
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => {
+            // SAFETY: the lookup filled in the MTU member of the union for this code.
+            let mtu = unsafe { params.__bindgen_anon_1.mtu_result };
+            // The kernel stops before it names the egress interface; ask again without the
+            // MTU check for it (too-big packets are rare).
+            fib(ctx, pkt, src, dst, 0, &mut params);
+            Ok(Hop::TooBig {
+                ifindex: params.ifindex,
+                mtu,
+            })
+        }
+        // Local delivery, forwarding disabled, ...: the kernel decides.
         _ => Ok(Hop::Kernel {
             ifindex: params.ifindex,
             reason: Reason::PassFibOther,
@@ -174,7 +184,9 @@ fn handoff(params: &FibParams, reason: Reason) -> Hop {
 /// refused on some.
 #[inline(never)]
 pub fn source_routes_back(ctx: &XdpContext, pkt: &Packet) -> bool {
-    let (rc, params) = fib(ctx, pkt, &pkt.key.dst, &pkt.key.src, 0);
+    // SAFETY: plain data, filled in by `fib`.
+    let mut params: FibParams = unsafe { core::mem::zeroed() };
+    let rc = fib(ctx, pkt, &pkt.key.dst, &pkt.key.src, 0, &mut params);
     matches!(rc, BPF_FIB_LKUP_RET_SUCCESS | BPF_FIB_LKUP_RET_NO_NEIGH)
         && params.ifindex == ctx.ingress_ifindex() as u32
 }

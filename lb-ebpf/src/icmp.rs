@@ -204,6 +204,12 @@ const QUOTE_WORDS: usize = (60 + QUOTED_L4_MIN) / 4;
 /// Not inlined: its frame is not on the stack with the other paths'.
 #[inline(never)]
 pub fn too_big(ctx: &XdpContext, pkt: &Packet, mtu: u16) -> Result<Reason, Reason> {
+    // Never to a source that cannot be one (RFC 1122 3.2.2): "this network", loopback,
+    // multicast and above.
+    let to = pkt.key.src.v4_octets();
+    if to[0] == 0 || to[0] == 127 || to[0] >= 224 {
+        return Err(Reason::DropTooBig);
+    }
     // The IPv4 header (with options) and 8 bytes: at most 68.
     let quote_len = (pkt.l4_off().wrapping_sub(ETH_LEN) + QUOTED_L4_MIN) & 0x7f;
     // Room in front for the two new headers; the old Ethernet header is overwritten.
@@ -224,8 +230,9 @@ pub fn too_big(ctx: &XdpContext, pkt: &Packet, mtu: u16) -> Result<Reason, Reaso
     }
     let (src, dst) = (pkt.key.dst.v4_octets(), pkt.key.src.v4_octets());
     let tot_len = ((ERROR_HEADERS + quote_len) as u16).to_be_bytes();
+    // DF set, so ID 0 is fine (RFC 6864: an atomic datagram).
     let mut ip = [
-        0x45, 0xc0, tot_len[0], tot_len[1], 0, 0, 0, 0, 64, PROTO_ICMP, 0, 0, src[0], src[1],
+        0x45, 0xc0, tot_len[0], tot_len[1], 0, 0, 0x40, 0, 64, PROTO_ICMP, 0, 0, src[0], src[1],
         src[2], src[3], dst[0], dst[1], dst[2], dst[3],
     ];
     let check = (!fold(sum_words(&ip))).to_be_bytes();
@@ -260,7 +267,7 @@ pub fn too_big(ctx: &XdpContext, pkt: &Packet, mtu: u16) -> Result<Reason, Reaso
         ifindex,
         smac,
         dmac,
-    } = forward::route(ctx, &back, &back.key.src, &back.key.dst)?
+    } = forward::route(ctx, &back, &back.key.src, &back.key.dst).map_err(|_| Reason::DropTooBig)?
     else {
         return Err(Reason::DropTooBig);
     };

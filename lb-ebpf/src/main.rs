@@ -221,6 +221,13 @@ fn new_flow(ctx: &XdpContext, pkt: &parse::Packet, rewrite: &mut Rewrite) -> Res
         &service.snat[0]
     };
     let hop = forward::route(ctx, pkt, snat, &backend.endpoint)?;
+    if let Hop::TooBig { .. } = hop
+        && pkt.dont_fragment
+    {
+        // Answered with "fragmentation needed", not forwarded: no flow for it (its sender
+        // sends again, smaller, and that packet makes the flow).
+        return Ok(hop);
+    }
     let flow = conntrack::NewFlow {
         service,
         backend_id,

@@ -133,7 +133,8 @@ pub fn setup(ns: &NetNs) -> Result<()> {
         &format!("{SMALL_MTU_BACKEND}/32"),
         "dev",
         FX1,
-        // Locked: forwarding honours a route's MTU only then (or with ip_forward_use_pmtu).
+        // Locked: bpf_fib_lookup honours a route's MTU only then (or with
+        // net.ipv4.ip_forward_use_pmtu).
         "mtu",
         "lock",
         &SMALL_MTU.to_string(),

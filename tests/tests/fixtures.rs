@@ -1401,7 +1401,6 @@ fn icmp_and_dnat_cases(lab: &Lab) -> Vec<Case> {
                 built: Frame {
                     tos: 0xc0,
                     id: 0,
-                    frags: 0,
                     ..too_big.clone()
                 }
                 .with_macs(to_client.0, to_client.1)
@@ -1416,6 +1415,48 @@ fn icmp_and_dnat_cases(lab: &Lab) -> Vec<Case> {
             },
             meta: None,
             state: Some(FlowState::New),
+        },
+    ));
+    // A first packet too big, with IP options: the quote takes them in; no flow is made.
+    let mut big_syn = lab.sent_by_client(tcp((CLIENT, 40001), (*vip_small.ip(), 80), TCP_SYN));
+    big_syn.payload = vec![0x5a; 1000];
+    big_syn.ip_options = vec![1, 1, 1, 1, 1, 1, 1, 0];
+    let answer = icmp(
+        *vip_small.ip(),
+        CLIENT,
+        64,
+        icmp_error(
+            ICMP_DEST_UNREACH,
+            ICMP_FRAG_NEEDED,
+            SMALL_MTU,
+            &quote(&big_syn, 28 + 8),
+        ),
+    );
+    v.push(case(
+        "42 a first packet too big, with IP options: answered, quoting them too; no flow",
+        vec![],
+        pkt(&big_syn, fx0),
+        Expect {
+            action: XDP_REDIRECT,
+            reason: Reason::ForwardIcmpTooBig,
+            output: Output::Rewritten {
+                built: Frame {
+                    tos: 0xc0,
+                    id: 0,
+                    ..answer
+                }
+                .with_macs(to_client.0, to_client.1)
+                .build(),
+                reference: too_big_v4(&big_syn.build(), SMALL_MTU)
+                    .map(|mut f| {
+                        f[0..6].copy_from_slice(&to_client.1);
+                        f[6..12].copy_from_slice(&to_client.0);
+                        f
+                    })
+                    .expect("a reference"),
+            },
+            meta: None,
+            state: None,
         },
     ));
     let unfragmentable = Frame { frags: 0, ..big };

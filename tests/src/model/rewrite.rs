@@ -241,7 +241,7 @@ pub fn icmp_error_v4(
 }
 
 /// The reference "fragmentation needed" xlb answers a too-big TCP/UDP frame with: a new
-/// IPv4 header (TOS 0xc0, TTL 64, no flags) from the frame's destination to its source,
+/// IPv4 header (TOS 0xc0, TTL 64, DF, ID 0) from the frame's destination to its source,
 /// ICMP type 3 code 4 with `mtu`, quoting the frame's IPv4 header and the 8 bytes after it;
 /// both checksums computed from scratch; the frame's MACs kept (the caller sets the way
 /// back's). `None` if the frame is not a complete TCP/UDP-over-IPv4 one.
@@ -258,7 +258,7 @@ pub fn too_big_v4(frame: &[u8], mtu: u16) -> Option<Vec<u8>> {
     out.extend_from_slice(&ETH_P_IP.to_be_bytes());
     out.extend_from_slice(&[0x45, 0xc0]);
     out.extend_from_slice(&tot_len.to_be_bytes());
-    out.extend_from_slice(&[0, 0, 0, 0, 64, PROTO_ICMP, 0, 0]);
+    out.extend_from_slice(&[0, 0, 0x40, 0, 64, PROTO_ICMP, 0, 0]);
     out.extend_from_slice(&frame[ETH_HLEN + 16..ETH_HLEN + 20]);
     out.extend_from_slice(&frame[ETH_HLEN + 12..ETH_HLEN + 16]);
     out.extend_from_slice(&icmp);
