@@ -20,6 +20,7 @@ use lb_common::{
 };
 use lb_userspace::config::Config;
 use xlb_tests::{
+    figures::{Run, machine, today},
     lab::{self, CLIENT, CLIENT_MAC, FX0_MAC, VIP},
     packet::{
         ETH_HLEN, Frame, ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, L4, PROTO_ICMP, TCP_ACK, TCP_SYN,
@@ -69,8 +70,8 @@ struct Scenario {
 fn main() -> Result<()> {
     // `cargo bench` passes --bench; `cargo xtask bench --quick` adds --quick, which runs the
     // smoke sizes in a release build. Under `cargo test` neither comes: the smoke run.
-    let quick = std::env::args().any(|a| a == "--quick");
-    let bench = std::env::args().any(|a| a == "--bench") && !quick;
+    let run_kind = Run::from_args();
+    let bench = run_kind == Run::Full;
     // The new-flow path keeps every flow it creates: 20 × 1,500 = 30,000 flows stay well
     // under the 64,512 SNAT ports one SNAT address has per backend, so no probe runs out.
     let (rounds, per_round) = if bench { (20, 1_500) } else { (2, 50) };
@@ -78,14 +79,8 @@ fn main() -> Result<()> {
     let flows = if bench { 1 << 20 } else { 10_000 };
     let changes = if bench { 50 } else { 3 };
     let mut json = serde_json::json!({
-        "command": if bench {
-            "cargo xtask bench"
-        } else if quick {
-            "cargo xtask bench --quick"
-        } else {
-            "cargo xtask test (the benchmark's smoke run, a debug build)"
-        },
-        "machine": machine().trim_start_matches("machine: "),
+        "command": run_kind.command(),
+        "machine": machine(),
         "date": today(),
         "per_packet_method": "BPF_PROG_TEST_RUN on the real program, repeat = 1, median of \
                               interleaved runs",
@@ -101,9 +96,9 @@ fn main() -> Result<()> {
         ))
     })?;
     let maglev = maglev_figures(bench, &mut json)?;
-    let written = write_json(&json, bench)?;
+    let written = run_kind.record(&json)?;
     if bench {
-        println!("{}", machine());
+        println!("machine: {}", machine());
         println!("{table}");
         println!("{sweeps}");
         println!("{switches}");
@@ -117,32 +112,6 @@ fn main() -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// Writes the figures to `docs/benchmarks/<date>.json` (a full run) or
-/// `docs/benchmarks/quick.json` (a smoke or quick run, not committed).
-fn write_json(json: &serde_json::Value, full: bool) -> Result<std::path::PathBuf> {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/benchmarks");
-    std::fs::create_dir_all(&dir)?;
-    let name = if full {
-        format!("{}.json", today())
-    } else {
-        "quick.json".into()
-    };
-    let path = dir.join(name);
-    std::fs::write(&path, serde_json::to_string_pretty(json)? + "\n")?;
-    Ok(path)
-}
-
-/// Today's date (UTC), YYYY-MM-DD.
-fn today() -> String {
-    std::process::Command::new("date")
-        .args(["-u", "+%F"])
-        .output()
-        .ok()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .filter(|d| !d.is_empty())
-        .unwrap_or_else(|| "undated".into())
 }
 
 /// The Maglev table builder (`lb_common::maglev::build`, release build under `cargo
@@ -704,20 +673,4 @@ fn reason_counts(ebpf: &Ebpf) -> Vec<(&'static str, u64)> {
 fn median(v: &mut [u64]) -> u64 {
     v.sort_unstable();
     v[v.len() / 2]
-}
-
-/// What the numbers were measured on.
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|s| s.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    format!("machine: {cpu}, {cores} cores, Linux {}", kernel.trim())
 }

@@ -18,6 +18,7 @@
 //! * [`packet`]: frames built from scratch, checksums, layouts and hex diffs.
 //! * [`model`]: the reference model of the XDP program's rewrite.
 //! * [`cmd`]: running a command with a time limit and an error that shows its stderr.
+//! * [`figures`]: where the benchmarks record their figures.
 //!
 //! Safety: nothing here touches the root namespace's interfaces. Every interface is created
 //! directly inside a namespace this crate made, and every namespace is deleted by a guard's
@@ -27,6 +28,7 @@ pub mod client;
 pub mod cmd;
 pub mod demo_config;
 pub mod echo;
+pub mod figures;
 pub mod flood;
 pub mod lab;
 pub mod model;

@@ -32,7 +32,8 @@ enum Task {
     /// Build a small network in namespaces, balance traffic through xlb, print the result.
     Demo,
     /// The benchmarks (needs root): per-packet cost of the XDP program's paths side by
-    /// side, the sweeper, table switches, Maglev. Writes docs/benchmarks/<date>.json.
+    /// side, the sweeper, table switches, Maglev; TCP through xlb, nftables and HAProxy.
+    /// Writes docs/benchmarks/<date>.json.
     Bench {
         /// Small sizes only, in a couple of minutes; writes docs/benchmarks/quick.json.
         #[arg(long)]
@@ -62,8 +63,19 @@ fn main() -> anyhow::Result<()> {
         Task::Bench { quick } => {
             require_root("cargo xtask bench")?;
             setup::ensure()?;
+            // The TCP benchmark drives the xlb binary, as an operator would.
+            build()?;
             let mut cmd = cargo();
-            cmd.args(["bench", "-p", "xlb-tests", "--bench", "xdp"]);
+            cmd.args([
+                "bench",
+                "-p",
+                "xlb-tests",
+                "--bench",
+                "xdp",
+                "--bench",
+                "tcp",
+            ])
+            .env("XLB_BIN", root.join("target/debug/xlb"));
             if quick {
                 cmd.args(["--", "--quick"]);
             }
