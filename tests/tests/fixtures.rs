@@ -1177,6 +1177,36 @@ fn icmp_sent(built: Frame, reference: Vec<u8>, macs: ([u8; 6], [u8; 6])) -> Outp
     }
 }
 
+/// `input` answered with "fragmentation needed" (MTU `SMALL_MTU`), sent back with `macs`:
+/// `answer` as built from scratch (the header fields xlb's answer has: TOS 0xc0, ID 0, DF,
+/// TTL 64), and the reference `too_big_v4`; the flow in `state` afterwards.
+fn answered_too_big(
+    input: &Frame,
+    answer: Frame,
+    macs: ([u8; 6], [u8; 6]),
+    state: Option<FlowState>,
+) -> Expect {
+    let mut reference = too_big_v4(&input.build(), SMALL_MTU).expect("a TCP/UDP frame");
+    reference[0..6].copy_from_slice(&macs.1);
+    reference[6..12].copy_from_slice(&macs.0);
+    Expect {
+        action: XDP_REDIRECT,
+        reason: Reason::ForwardIcmpTooBig,
+        output: Output::Rewritten {
+            built: Frame {
+                tos: 0xc0,
+                id: 0,
+                ..answer
+            }
+            .with_macs(macs.0, macs.1)
+            .build(),
+            reference,
+        },
+        meta: None,
+        state,
+    }
+}
+
 /// ICMP (pings to a VIP, errors about flows either way, and what is left to the kernel),
 /// and the dnat mode.
 fn icmp_and_dnat_cases(lab: &Lab) -> Vec<Case> {
@@ -1394,28 +1424,7 @@ fn icmp_and_dnat_cases(lab: &Lab) -> Vec<Case> {
          client, from the VIP, quoting what it sent",
         vec![pkt(&syn, fx0)],
         pkt(&big, fx0),
-        Expect {
-            action: XDP_REDIRECT,
-            reason: Reason::ForwardIcmpTooBig,
-            output: Output::Rewritten {
-                built: Frame {
-                    tos: 0xc0,
-                    id: 0,
-                    ..too_big.clone()
-                }
-                .with_macs(to_client.0, to_client.1)
-                .build(),
-                reference: too_big_v4(&big.build(), SMALL_MTU)
-                    .map(|mut f| {
-                        f[0..6].copy_from_slice(&to_client.1);
-                        f[6..12].copy_from_slice(&to_client.0);
-                        f
-                    })
-                    .expect("a reference"),
-            },
-            meta: None,
-            state: Some(FlowState::New),
-        },
+        answered_too_big(&big, too_big, to_client, Some(FlowState::New)),
     ));
     // A first packet too big, with IP options: the quote takes them in; no flow is made.
     let mut big_syn = lab.sent_by_client(tcp((CLIENT, 40001), (*vip_small.ip(), 80), TCP_SYN));
@@ -1436,28 +1445,7 @@ fn icmp_and_dnat_cases(lab: &Lab) -> Vec<Case> {
         "42 a first packet too big, with IP options: answered, quoting them too; no flow",
         vec![],
         pkt(&big_syn, fx0),
-        Expect {
-            action: XDP_REDIRECT,
-            reason: Reason::ForwardIcmpTooBig,
-            output: Output::Rewritten {
-                built: Frame {
-                    tos: 0xc0,
-                    id: 0,
-                    ..answer
-                }
-                .with_macs(to_client.0, to_client.1)
-                .build(),
-                reference: too_big_v4(&big_syn.build(), SMALL_MTU)
-                    .map(|mut f| {
-                        f[0..6].copy_from_slice(&to_client.1);
-                        f[6..12].copy_from_slice(&to_client.0);
-                        f
-                    })
-                    .expect("a reference"),
-            },
-            meta: None,
-            state: None,
-        },
+        answered_too_big(&big_syn, answer, to_client, None),
     ));
     let unfragmentable = Frame { frags: 0, ..big };
     v.push(case(
