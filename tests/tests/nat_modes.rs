@@ -171,6 +171,25 @@ fn dnat_backends_see_the_client_and_replies_come_from_the_vip() {
                 .is_some_and(|s| s.iter().all(|s| s["mode"] == "dnat" && s["snat"] == "-")),
             "service ls: {services}"
         );
+
+        // The mode changes live, both ways: new connections follow it.
+        for (mode, seen) in [("fullnat", SNAT), ("dnat", CLIENT_ADDR)] {
+            let path =
+                std::env::temp_dir().join(format!("{PREFIX}-{mode}-{}.toml", std::process::id()));
+            std::fs::write(&path, config(mode, &backends))?;
+            let out = xlb.command(&["apply", "--config", path.to_str().context("path")?])?;
+            let _ = std::fs::remove_file(&path);
+            ensure!(out.status.success(), "apply with mode {mode}: {out:?}");
+            let tcp = client::tcp_requests(&topo.client, topology::vip_tcp(), 30, 4)?;
+            for r in client::all_ok(&format!("TCP after the switch to {mode}"), tcp)? {
+                ensure!(
+                    r.answer.seen_peer.ip() == std::net::IpAddr::from(seen),
+                    "after the switch to {mode}, {} saw {}",
+                    r.answer.server,
+                    r.answer.seen_peer
+                );
+            }
+        }
         Ok(())
     });
 }
