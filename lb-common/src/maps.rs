@@ -100,6 +100,16 @@ pub mod programs {
     /// An XDP program that does nothing (XDP_PASS), never attached: the benchmark's floor,
     /// the fixed cost of running any XDP program.
     pub const NULL: &str = "xlb_null";
+    /// Benchmark only: XDP_TX for every frame; with BPF_PROG_TEST_RUN in live-frames mode,
+    /// a packet generator.
+    pub const TX: &str = "xlb_tx";
+    /// Benchmark only: swaps MACs and redirects to the interface in the global
+    /// [`BENCH_FORWARD_TO`]: the ceiling of any XDP forwarder.
+    pub const NULL_FORWARDER: &str = "xlb_null_forwarder";
+    /// The global the null forwarder redirects to (an ifindex).
+    pub const BENCH_FORWARD_TO: &str = "BENCH_FORWARD_TO";
+    /// The global holding the 60-byte frame the generator sends.
+    pub const BENCH_FRAME: &str = "BENCH_FRAME";
 }
 
 /// Default map capacities, used by the XDP program's declarations; userspace resizes the

@@ -25,6 +25,7 @@
 #![cfg_attr(target_arch = "bpf", allow(internal_features))]
 #![no_main]
 
+mod bench;
 mod conntrack;
 mod forward;
 mod handoff;
@@ -153,6 +154,18 @@ pub fn xlb(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn xlb_null(_ctx: XdpContext) -> u32 {
     aya_ebpf::bindings::xdp_action::XDP_PASS
+}
+
+/// Benchmark only: a packet generator in live-frames mode (`lb_common::maps::programs::TX`).
+#[xdp]
+pub fn xlb_tx(ctx: XdpContext) -> u32 {
+    bench::transmit(&ctx)
+}
+
+/// Benchmark only: the null forwarder (`lb_common::maps::programs::NULL_FORWARDER`).
+#[xdp]
+pub fn xlb_null_forwarder(ctx: XdpContext) -> u32 {
+    bench::forward(&ctx)
 }
 
 /// Sends the frames the XDP program handed over (see [`handoff`]); lets everything else

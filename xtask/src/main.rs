@@ -32,7 +32,8 @@ enum Task {
     /// Build a small network in namespaces, balance traffic through xlb, print the result.
     Demo,
     /// The benchmarks (needs root): per-packet cost of the XDP program's paths side by
-    /// side, the sweeper, table switches, Maglev; TCP through xlb, nftables and HAProxy.
+    /// side, the sweeper, table switches, Maglev; live forwarding rates and TCP against a
+    /// null forwarder, nftables and HAProxy.
     /// Writes docs/benchmarks/<date>.json.
     Bench {
         /// Small sizes only, in a couple of minutes; writes docs/benchmarks/quick.json.
@@ -63,7 +64,7 @@ fn main() -> anyhow::Result<()> {
         Task::Bench { quick } => {
             require_root("cargo xtask bench")?;
             setup::ensure()?;
-            // The TCP benchmark drives the xlb binary, as an operator would.
+            // The forwarding and TCP benchmarks drive the xlb binary, as an operator would.
             build()?;
             let mut cmd = cargo();
             cmd.args([
@@ -72,6 +73,8 @@ fn main() -> anyhow::Result<()> {
                 "xlb-tests",
                 "--bench",
                 "xdp",
+                "--bench",
+                "forwarding",
                 "--bench",
                 "tcp",
             ])

@@ -1,0 +1,296 @@
+//! Live forwarding rate (`cargo xtask bench`): frames per second a veth chain carries from a
+//! generator namespace through the load balancer's namespace into a sink namespace, with
+//! (a) the null forwarder (`xlb_null_forwarder`: swap the MACs, redirect; the ceiling of
+//! any XDP forwarder), (b) xlb (full NAT of a UDP flow), (c) the kernel alone with nftables
+//! DNAT + SNAT. One after another, the same frames, the same chain.
+//!
+//! ```text
+//!  ns gen                    ns lb                                   ns sink
+//!  g0 10.40.1.2/24 ──── l0 10.40.1.1/24   l1 10.40.2.1/24 ──── s0 10.40.2.9/24
+//! ```
+//! The generator is `xlb_tx` (XDP_TX) run with BPF_PROG_TEST_RUN in live-frames mode on g0:
+//! each run transmits the frame (UDP 10.40.1.2:5000 → the VIP 10.40.0.100:80) to l0. What
+//! arrives at s0 is counted by the kernel (`rx_packets`); frames go to the backend address
+//! 10.40.2.2, which nobody has, so the sink drops them early. Everything shares the same
+//! two cores; the generator and the forwarding both run in the generating CPU's softirq, so
+//! the rates compare one core's worth of each.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use aya::{
+    EbpfLoader,
+    maps::DevMapHash,
+    programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode},
+};
+use lb_common::maps::{
+    names,
+    programs::{BENCH_FORWARD_TO, BENCH_FRAME, NULL_FORWARDER, TX},
+};
+use xlb_tests::figures::{Run, machine, today};
+use xlb_tests::lab;
+use xlb_tests::netns::{self, NetNs};
+use xlb_tests::packet::Frame;
+use xlb_tests::xlb::XlbProcess;
+
+const PREFIX: &str = "xlbfwd";
+const VIP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 40, 0, 100);
+const BACKEND: &str = "10.40.2.2";
+
+/// The chain's three namespaces; deleted on drop.
+struct Chain {
+    generator: NetNs,
+    lb: NetNs,
+    sink: NetNs,
+}
+
+fn main() -> Result<()> {
+    xlb_tests::require_root()?;
+    let run = Run::from_args();
+    let frames: u32 = match run {
+        Run::Full => 10_000_000,
+        Run::Quick => 2_000_000,
+        Run::Smoke => 100_000,
+    };
+    netns::cleanup_stale(PREFIX)?;
+    let base = netns::unique_base(PREFIX);
+    let chain = Chain {
+        generator: NetNs::create(&format!("{base}-gen"))?,
+        lb: NetNs::create(&format!("{base}-lb"))?,
+        sink: NetNs::create(&format!("{base}-sink"))?,
+    };
+    chain.build()?;
+
+    let l0_mac = chain.lb.exec("cat", &["/sys/class/net/l0/address"])?.stdout;
+    let g0_mac = chain
+        .generator
+        .exec("cat", &["/sys/class/net/g0/address"])?
+        .stdout;
+    let mac = |text: &str| -> Result<[u8; 6]> {
+        let bytes: Vec<u8> = text
+            .trim()
+            .split(':')
+            .map(|b| u8::from_str_radix(b, 16))
+            .collect::<Result<_, _>>()?;
+        bytes.try_into().map_err(|_| anyhow::anyhow!("a MAC"))
+    };
+    let frame = Frame::udp(
+        (std::net::Ipv4Addr::new(10, 40, 1, 2), 5000),
+        (VIP, 80),
+        &[0x5a; 18],
+    )
+    .with_macs(mac(&g0_mac)?, mac(&l0_mac)?)
+    .build();
+
+    // The benchmark programs, from xlb's own object (never attached by xlb itself).
+    let l1 = chain.lb.enter(|| lab::ifindex("l1"))??;
+    let template: [u8; 60] = frame
+        .clone()
+        .try_into()
+        .map_err(|f: Vec<u8>| anyhow::anyhow!("a {}-byte frame, not 60", f.len()))?;
+    let mut bench = EbpfLoader::new()
+        .override_global(BENCH_FORWARD_TO, &l1, true)
+        .override_global(BENCH_FRAME, &template, true)
+        .load(lb_userspace::loader::XDP_OBJECT)
+        .context("loading the benchmark programs")?;
+    for name in [TX, NULL_FORWARDER] {
+        let p: &mut Xdp = bench
+            .program_mut(name)
+            .with_context(|| format!("program {name}"))?
+            .try_into()?;
+        p.load()?;
+    }
+    let mut devmap: DevMapHash<_> = bench
+        .map_mut(names::DEVMAP)
+        .context("map DEVMAP")?
+        .try_into()?;
+    // The kernel resolves a devmap's ifindex in the updating thread's namespace: update it
+    // from inside the load balancer's.
+    chain
+        .lb
+        .enter(|| devmap.insert(l1, l1, None, 0))?
+        .context("putting l1 in the devmap")?;
+
+    let mut rates = Vec::new();
+    // (a) the null forwarder on l0.
+    {
+        let p: &mut Xdp = bench
+            .program_mut(NULL_FORWARDER)
+            .context("program")?
+            .try_into()?;
+        let link = chain.lb.enter(|| p.attach("l0", XdpMode::Driver))??;
+        rates.push(("null_forwarder", measure(&chain, &bench, &frame, frames)?));
+        let p: &mut Xdp = bench
+            .program_mut(NULL_FORWARDER)
+            .context("program")?
+            .try_into()?;
+        p.detach(link)?;
+    }
+    // (b) xlb.
+    {
+        let config = format!(
+            "[dataplane]\ninterfaces = [\"l0\", \"l1\"]\nxdp_mode = \"native\"\n\
+             [conntrack]\nentries = 65536\n[api]\nmetrics = \"\"\n\
+             [[service]]\nvip = \"{VIP}:80\"\nprotocol = \"udp\"\nsnat = \"10.40.2.100\"\n\
+             [[service.backend]]\naddress = \"{BACKEND}:8080\"\n"
+        );
+        let xlb = XlbProcess::start_quiet(&chain.lb, &config)?;
+        rates.push(("xlb", measure(&chain, &bench, &frame, frames)?));
+        xlb.stop()?;
+    }
+    // (c) the kernel with nftables.
+    {
+        let rules = format!(
+            "table ip xlbfwd {{\nchain prerouting {{\ntype nat hook prerouting priority dstnat;\n\
+             ip daddr {VIP} udp dport 80 dnat to {BACKEND}:8080\n}}\n\
+             chain postrouting {{\ntype nat hook postrouting priority srcnat;\n\
+             ip daddr {BACKEND} snat to 10.40.2.100\n}}\n}}\n"
+        );
+        let file = std::env::temp_dir().join(format!("{base}.nft"));
+        std::fs::write(&file, rules)?;
+        chain.lb.exec("nft", &["-f", &file.display().to_string()])?;
+        let _ = std::fs::remove_file(&file);
+        rates.push(("nftables", measure(&chain, &bench, &frame, frames)?));
+    }
+
+    let rate = |key: &str| {
+        rates
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map_or(0.0, |(_, r)| *r)
+    };
+    let (null, xlb, nft) = (rate("null_forwarder"), rate("xlb"), rate("nftables"));
+    let json = serde_json::json!({
+        "forwarding_mpps": {
+            "command": run.command(),
+            "machine": machine(),
+            "date": today(),
+            "method": format!(
+                "{frames} frames of 64 bytes (one UDP flow) per way, generated by xlb_tx \
+                 with BPF_PROG_TEST_RUN in live-frames mode on a veth, through the load \
+                 balancer's namespace into a sink namespace; Mpps = frames the sink received \
+                 / seconds the generator ran"
+            ),
+            "null_forwarder": null,
+            "xlb": xlb,
+            "nftables": nft,
+        }
+    });
+    let written = run.record(&json)?;
+    if run == Run::Smoke {
+        println!(
+            "forwarding bench smoke: null {null:.2}, xlb {xlb:.2}, nftables {nft:.2} Mpps; \
+             figures written to {}",
+            written.display()
+        );
+    } else {
+        println!(
+            "machine: {}\n| through | Mpps | × null forwarder | × nftables |\n|---|---:|---:|---:|",
+            machine()
+        );
+        for (key, r) in &rates {
+            println!("| {key} | {r:.2} | {:.2} | {:.2} |", r / null, r / nft);
+        }
+        println!("figures written to {}", written.display());
+    }
+    Ok(())
+}
+
+impl Chain {
+    fn build(&self) -> Result<()> {
+        for ns in [&self.generator, &self.lb, &self.sink] {
+            ns.exec("sysctl", &["-qw", "net.ipv6.conf.all.disable_ipv6=1"])?;
+            ns.ip(&["link", "set", "lo", "up"])?;
+        }
+        for (a, a_if, b, b_if) in [
+            (&self.generator, "g0", &self.lb, "l0"),
+            (&self.lb, "l1", &self.sink, "s0"),
+        ] {
+            a.ip(&[
+                "link",
+                "add",
+                a_if,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                b_if,
+                "netns",
+                b.name(),
+            ])?;
+        }
+        for (ns, iface, addr) in [
+            (&self.generator, "g0", "10.40.1.2/24"),
+            (&self.lb, "l0", "10.40.1.1/24"),
+            (&self.lb, "l1", "10.40.2.1/24"),
+            (&self.sink, "s0", "10.40.2.9/24"),
+        ] {
+            ns.ip(&["addr", "add", addr, "dev", iface])?;
+            ns.ip(&["link", "set", iface, "up"])?;
+            // Frames sent into a veth by XDP arrive only where the receiving end has NAPI:
+            // GRO on; and complete checksums on the wire.
+            ns.exec("ethtool", &["-K", iface, "gro", "on", "tx", "off"])?;
+        }
+        self.lb.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+        let s0_mac = self
+            .sink
+            .exec("cat", &["/sys/class/net/s0/address"])?
+            .stdout;
+        self.lb.ip(&[
+            "neigh",
+            "replace",
+            BACKEND,
+            "lladdr",
+            s0_mac.trim(),
+            "dev",
+            "l1",
+            "nud",
+            "permanent",
+        ])?;
+        self.generator
+            .ip(&["route", "add", "default", "via", "10.40.1.1"])?;
+        Ok(())
+    }
+
+    fn sink_received(&self) -> Result<u64> {
+        let text = self
+            .sink
+            .exec("cat", &["/sys/class/net/s0/statistics/rx_packets"])?
+            .stdout;
+        Ok(text.trim().parse()?)
+    }
+}
+
+impl Drop for Chain {
+    fn drop(&mut self) {
+        for ns in [&self.generator, &self.lb, &self.sink] {
+            ns.kill_processes();
+            let _ = ns.delete();
+        }
+    }
+}
+
+/// Sends `frames` copies of `frame` from g0 and returns the rate the sink received them at,
+/// in Mpps.
+fn measure(chain: &Chain, bench: &aya::Ebpf, frame: &[u8], frames: u32) -> Result<f64> {
+    let tx: &Xdp = bench.program(TX).context("program xlb_tx")?.try_into()?;
+    let before = chain.sink_received()?;
+    let elapsed = chain.generator.enter(|| -> Result<Duration> {
+        let g0 = lab::ifindex("g0")?;
+        let ctx = lab::xdp_md(frame.len() as u32, g0);
+        let started = Instant::now();
+        tx.test_run(TestRunOptions {
+            data_in: Some(frame),
+            ctx_in: Some(&ctx),
+            repeat: frames,
+            attrs: TestRunAttrs::new().xdp_live_frames(64),
+            ..Default::default()
+        })?;
+        Ok(started.elapsed())
+    })??;
+    // What is still in flight arrives within moments.
+    std::thread::sleep(Duration::from_millis(200));
+    let received = chain.sink_received()? - before;
+    ensure!(received > 0, "the sink received nothing of {frames} frames");
+    Ok(received as f64 / elapsed.as_secs_f64() / 1e6)
+}
