@@ -194,10 +194,18 @@ pub fn source_routes_back(ctx: &XdpContext, pkt: &Packet) -> bool {
 /// Readies a handoff before the packet is rewritten: puts its metadata in front of the frame.
 /// When the driver refuses XDP metadata, the hop becomes the kernel's stack instead (the
 /// rewrite then leaves the TTL for the kernel to lower), counted as `pass/no_metadata`.
-///
-/// Not inlined: the metadata is built in a frame of its own, not in each caller's.
-#[inline(never)]
+/// Other hops need nothing: they pay for no call.
+#[inline(always)]
 pub fn prepare(ctx: &XdpContext, hop: &mut Hop) {
+    if let Hop::Handoff { .. } = hop {
+        prepare_handoff(ctx, hop);
+    }
+}
+
+/// `prepare` for a handoff. Not inlined: the metadata is built in a frame of its own, not in
+/// each caller's.
+#[inline(never)]
+fn prepare_handoff(ctx: &XdpContext, hop: &mut Hop) {
     if let Hop::Handoff {
         ifindex, next_hop, ..
     } = *hop
