@@ -110,6 +110,8 @@ pub mod programs {
     pub const BENCH_FORWARD_TO: &str = "BENCH_FORWARD_TO";
     /// The global holding the 60-byte frame the generator sends.
     pub const BENCH_FRAME: &str = "BENCH_FRAME";
+    /// The global saying over how many UDP source ports the generator spreads its frames.
+    pub const BENCH_FLOWS: &str = "BENCH_FLOWS";
 }
 
 /// Default map capacities, used by the XDP program's declarations; userspace resizes the

@@ -15,6 +15,15 @@ static BENCH_FRAME: [u8; BENCH_FRAME_LEN] = [0; BENCH_FRAME_LEN];
 /// A minimal Ethernet frame (without the FCS).
 const BENCH_FRAME_LEN: usize = 60;
 
+/// How many flows `transmit` spreads its frames over, a power of two (0 or 1: one flow):
+/// the benchmark sets it at load time.
+#[unsafe(no_mangle)]
+static BENCH_FLOWS: u32 = 0;
+/// Frames `transmit` has sent (on the one CPU a test run uses).
+static mut BENCH_SENT: u32 = 0;
+/// Where an IPv4 (no options) UDP frame's source port is.
+const UDP_SOURCE_PORT_AT: usize = 14 + 20;
+
 /// Writes `BENCH_FRAME` over the frame it is given and transmits it back out of the
 /// interface it ran on (XDP_TX): run with BPF_PROG_TEST_RUN in live-frames mode, a packet
 /// generator. Written every time, because in that mode a frame's page comes back from
@@ -25,7 +34,24 @@ pub fn transmit(ctx: &XdpContext) -> u32 {
         return xdp_action::XDP_ABORTED;
     };
     // SAFETY: ptr_at checked the whole frame is there; the global is plain bytes.
-    unsafe { *frame = core::ptr::read_volatile(&BENCH_FRAME) };
+    let frame = unsafe { &mut *frame };
+    // SAFETY: as above.
+    *frame = unsafe { core::ptr::read_volatile(&BENCH_FRAME) };
+    // SAFETY: a global the loader may set.
+    let flows = unsafe { core::ptr::read_volatile(&BENCH_FLOWS) };
+    if flows > 1 {
+        // Frame i comes from source port 1024 + i mod flows. The frame's UDP checksum is 0
+        // (none), so nothing else changes.
+        let sent = core::ptr::addr_of_mut!(BENCH_SENT);
+        // SAFETY: a global of this program's, touched by this CPU's run alone.
+        let i = unsafe {
+            let i = core::ptr::read_volatile(sent);
+            core::ptr::write_volatile(sent, i.wrapping_add(1));
+            i
+        };
+        let port = (1024 + (i & (flows - 1))) as u16;
+        frame[UDP_SOURCE_PORT_AT..UDP_SOURCE_PORT_AT + 2].copy_from_slice(&port.to_be_bytes());
+    }
     xdp_action::XDP_TX
 }
 
