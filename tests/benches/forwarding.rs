@@ -211,6 +211,25 @@ fn main() -> Result<()> {
         }
     });
     let written = run.record(&json)?;
+    let chart = run.chart_file("forwarding");
+    let bars: Vec<(String, f64)> = rates
+        .iter()
+        .map(|(key, r)| {
+            let label = key
+                .replace("null_forwarder", "null fwd")
+                .replace("_many_flows", " (16k)");
+            (label, *r)
+        })
+        .collect();
+    xlb_tests::figures::bar_chart(
+        &chart,
+        &format!(
+            "Live forwarding rate, one core: one flow, and (16k) {FLOWS} flows ({})",
+            today()
+        ),
+        "Mpps",
+        &bars,
+    )?;
     if run == Run::Smoke {
         println!(
             "forwarding bench smoke: null {null:.2}, xlb {xlb:.2}, nftables {nft:.2} Mpps \
@@ -234,7 +253,11 @@ fn main() -> Result<()> {
             };
             println!("| {key} | {r:.2} | {:.2} | {:.2} |", r / floor, r / kernel);
         }
-        println!("figures written to {}", written.display());
+        println!(
+            "figures written to {}, chart to {}",
+            written.display(),
+            chart.display()
+        );
     }
     Ok(())
 }

@@ -100,3 +100,81 @@ pub fn machine() -> String {
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     format!("{cpu}, {cores} cores, Linux {}", kernel.trim())
 }
+
+/// The font the charts' text is drawn with (Debian's fonts-dejavu-core, which
+/// `cargo xtask setup` installs).
+const CHART_FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+
+impl Run {
+    /// Where this run's chart called `name` goes: `docs/benchmarks/<date>-<name>.png` for a
+    /// full run, `docs/benchmarks/quick-<name>.png` (not committed) otherwise.
+    pub fn chart_file(self, name: &str) -> PathBuf {
+        let stem = match self {
+            Run::Full => today(),
+            Run::Quick | Run::Smoke => "quick".into(),
+        };
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../docs/benchmarks")
+            .join(format!("{stem}-{name}.png"))
+    }
+}
+
+/// Draws `bars` (label, value) as a bar chart with `title`, the values in `unit`, to the PNG
+/// file `path`.
+pub fn bar_chart(path: &Path, title: &str, unit: &str, bars: &[(String, f64)]) -> Result<()> {
+    use plotters::prelude::*;
+
+    let font = std::fs::read(CHART_FONT)
+        .with_context(|| format!("reading {CHART_FONT} (run cargo xtask setup)"))?;
+    // The font must outlive every chart: it is read once per process.
+    let font: &'static [u8] = Box::leak(font.into_boxed_slice());
+    plotters::style::register_font("sans-serif", FontStyle::Normal, font)
+        .map_err(|_| anyhow::anyhow!("{CHART_FONT} is not a font ab_glyph can read"))?;
+
+    let draw = || -> std::result::Result<(), Box<dyn std::error::Error + '_>> {
+        let root = BitMapBackend::new(path, (900, 440)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let top = bars.iter().map(|b| b.1).fold(0.0, f64::max) * 1.2;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 22))
+            .margin(16)
+            .x_label_area_size(36)
+            .y_label_area_size(56)
+            .build_cartesian_2d(
+                (0..bars.len().saturating_sub(1)).into_segmented(),
+                0.0..top.max(1e-9),
+            )?;
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_labels(bars.len())
+            .x_label_formatter(&|v| match v {
+                SegmentValue::CenterOf(i) => bars.get(*i).map_or(String::new(), |b| b.0.clone()),
+                _ => String::new(),
+            })
+            .y_desc(unit)
+            .label_style(("sans-serif", 15))
+            .draw()?;
+        chart.draw_series(bars.iter().enumerate().map(|(i, (_, v))| {
+            let mut bar = Rectangle::new(
+                [
+                    (SegmentValue::Exact(i), 0.0),
+                    (SegmentValue::Exact(i + 1), *v),
+                ],
+                BLUE.mix(0.55).filled(),
+            );
+            bar.set_margin(0, 0, 14, 14);
+            bar
+        }))?;
+        chart.draw_series(bars.iter().enumerate().map(|(i, (_, v))| {
+            Text::new(
+                format!("{v:.2}"),
+                (SegmentValue::CenterOf(i), *v + top * 0.03),
+                ("sans-serif", 15),
+            )
+        }))?;
+        root.present()?;
+        Ok(())
+    };
+    draw().map_err(|e| anyhow::anyhow!("drawing {}: {e}", path.display()))
+}

@@ -8,9 +8,10 @@ use anyhow::{Context as _, bail};
 use crate::run;
 
 /// Debian packages: LLVM 22 for bpf-linker (the LLVM of our rustc), the tools the tests and
-/// the demo drive (ip, nstat, ethtool, ping), and what the TCP benchmark compares xlb with
-/// and measures it by (nginx backends, nftables, HAProxy, wrk). Installing nginx and HAProxy
-/// starts no daemon where no init system runs them; the benchmark runs its own.
+/// the demo drive (ip, nstat, ethtool, ping), what the benchmarks compare xlb with and
+/// measure it by (nginx backends, nftables, HAProxy, wrk), and the charts' font. Installing
+/// nginx and HAProxy starts no daemon where no init system runs them; the benchmark runs its
+/// own.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "iproute2",
@@ -20,6 +21,7 @@ const APT_PACKAGES: &[&str] = &[
     "haproxy",
     "nftables",
     "wrk",
+    "fonts-dejavu-core",
 ];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 /// The toolchain the eBPF crate builds with (`-Z build-std=core` needs nightly + rust-src).
