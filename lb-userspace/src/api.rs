@@ -39,7 +39,10 @@ use lb_common::conntrack::{FlowState, remaining_ns};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    config::{Backend, Checked, Config, HostFacts, Mode, Overrides, Protocol, Scheduler, Service},
+    config::{
+        Backend, Checked, Config, HostFacts, Mode, OneOrMore, Overrides, Protocol, Scheduler,
+        Service,
+    },
     conntrack,
     loader::Attachment,
     registry::{ApplyError, Changes, Registry, ServiceName, default_snat},
@@ -88,23 +91,6 @@ pub struct NewService {
     pub scheduler: Option<Scheduler>,
     #[serde(default)]
     pub quic: bool,
-}
-
-/// One value, or a list of them (`"snat": "10.20.0.1"` or `"snat": ["10.20.0.1", ...]`).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum OneOrMore<T> {
-    One(T),
-    More(Vec<T>),
-}
-
-impl<T> OneOrMore<T> {
-    pub fn into_vec(self) -> Vec<T> {
-        match self {
-            OneOrMore::One(one) => vec![one],
-            OneOrMore::More(more) => more,
-        }
-    }
 }
 
 /// `POST /v1/services/{proto}/{vip}/backends`.

@@ -7,11 +7,11 @@ use clap::{Args, CommandFactory as _, Parser, Subcommand};
 use hyper::Method;
 
 use crate::{
-    api::{ApplyRequest, Changed, Flow, NewBackend, NewService, OneOrMore, Status, Weight},
+    api::{ApplyRequest, Changed, Flow, NewBackend, NewService, Status, Weight},
     client::{self, Client, Output},
     config::{
-        Checked, Config, DEFAULT_SOCKET, HostFacts, Mode, Overrides, Protocol, Scheduler,
-        XdpModeConfig,
+        Checked, Config, DEFAULT_SOCKET, HostFacts, Mode, OneOrMore, Overrides, Protocol,
+        Scheduler, XdpModeConfig,
     },
     daemon::{self, RunOptions},
     doctor,

@@ -227,7 +227,7 @@ pub struct ServiceConfig {
     /// Source address toward backends, or a list of them (a pool: new flows spread over it,
     /// each address with the whole port range), in `fullnat` mode (where it is needed); none
     /// in `dnat`. Backends must route them back through xlb.
-    pub snat: Option<SnatConfig>,
+    pub snat: Option<OneOrMore<String>>,
     /// `[[service.backend]]` tables.
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendConfig>,
@@ -236,19 +236,27 @@ pub struct ServiceConfig {
     pub health: Option<HealthConfig>,
 }
 
-/// `snat`: one address, or a list of them.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+/// One value, or a list of them: `snat = "10.20.0.1"` or `snat = ["10.20.0.1", ...]`, in
+/// the config file and in the API's JSON alike.
+#[derive(Clone, Debug, Deserialize, serde::Serialize, PartialEq, Eq)]
 #[serde(untagged)]
-pub enum SnatConfig {
-    One(String),
-    Pool(Vec<String>),
+pub enum OneOrMore<T> {
+    One(T),
+    More(Vec<T>),
 }
 
-impl SnatConfig {
-    fn addresses(&self) -> &[String] {
+impl<T> OneOrMore<T> {
+    pub fn as_slice(&self) -> &[T] {
         match self {
-            SnatConfig::One(a) => std::slice::from_ref(a),
-            SnatConfig::Pool(pool) => pool,
+            OneOrMore::One(one) => std::slice::from_ref(one),
+            OneOrMore::More(more) => more,
+        }
+    }
+
+    pub fn into_vec(self) -> Vec<T> {
+        match self {
+            OneOrMore::One(one) => vec![one],
+            OneOrMore::More(more) => more,
         }
     }
 }
@@ -597,8 +605,8 @@ impl Checked {
                     quic: s.quic,
                     snat: match &s.snat[..] {
                         [] => None,
-                        [one] => Some(SnatConfig::One(one.to_string())),
-                        pool => Some(SnatConfig::Pool(
+                        [one] => Some(OneOrMore::One(one.to_string())),
+                        pool => Some(OneOrMore::More(
                             pool.iter().map(|a| a.to_string()).collect(),
                         )),
                     },
@@ -921,7 +929,7 @@ impl Config {
                     None
                 }
                 (Mode::Fullnat, Some(pool)) => {
-                    let texts = pool.addresses();
+                    let texts = pool.as_slice();
                     let parsed: Vec<Ipv4Addr> = texts
                         .iter()
                         .filter_map(|t| parse_ipv4(t).map_err(|p| err(at("snat"), p)).ok())
