@@ -230,12 +230,7 @@ pub fn send(ctx: &XdpContext, hop: Hop) -> Result<Reason, Reason> {
             dmac,
         } => (ifindex, smac, dmac),
     };
-    let eth: *mut EthHdr = ptr_at(ctx, 0)?;
-    // SAFETY: ptr_at checked that the Ethernet header is inside the frame.
-    unsafe {
-        (*eth).dst_addr = dmac;
-        (*eth).src_addr = smac;
-    }
+    set_macs(ctx, smac, dmac)?;
     // SAFETY: a presence check; the value is not read.
     if ifindex == ctx.ingress_ifindex() as u32 && unsafe { NO_XDP_TX.get(ifindex) }.is_none() {
         return Ok(Reason::ForwardTx);
@@ -244,6 +239,18 @@ pub fn send(ctx: &XdpContext, hop: Hop) -> Result<Reason, Reason> {
         .redirect(ifindex, 0)
         .map(|_| Reason::ForwardRedirect)
         .map_err(|_| Reason::DropRedirectFailed)
+}
+
+/// Writes the next hop's MACs into the frame's Ethernet header.
+#[inline(always)]
+pub fn set_macs(ctx: &XdpContext, smac: [u8; 6], dmac: [u8; 6]) -> Result<(), Reason> {
+    let eth: *mut EthHdr = ptr_at(ctx, 0)?;
+    // SAFETY: ptr_at checked that the Ethernet header is inside the frame.
+    unsafe {
+        (*eth).dst_addr = dmac;
+        (*eth).src_addr = smac;
+    }
+    Ok(())
 }
 
 /// Puts a [`HandoffMeta`] in front of the frame for the tc program (the frame then goes to

@@ -271,11 +271,7 @@ pub fn too_big(ctx: &XdpContext, pkt: &Packet, mtu: u16) -> Result<Reason, Reaso
     else {
         return Err(Reason::DropTooBig);
     };
-    let eth: *mut [u8; 12] = ptr_at(ctx, 0).map_err(|_| Reason::DropTooBig)?;
-    // SAFETY: ptr_at checked the two MACs are inside the frame.
-    let eth = unsafe { &mut *eth };
-    eth[..6].copy_from_slice(&dmac);
-    eth[6..].copy_from_slice(&smac);
+    forward::set_macs(ctx, smac, dmac).map_err(|_| Reason::DropTooBig)?;
     DEVMAP
         .redirect(ifindex, 0)
         .map(|_| Reason::ForwardIcmpTooBig)
