@@ -477,8 +477,7 @@ fn rewritten(
         .unwrap_or_else(|| panic!("the reference rewrite refused {input:?}"));
     if let Some((src, dst)) = macs {
         built = built.with_macs(src, dst);
-        reference[0..6].copy_from_slice(&dst);
-        reference[6..12].copy_from_slice(&src);
+        set_macs(&mut reference, (src, dst));
     }
     Output::Rewritten {
         built: built.build(),
@@ -505,6 +504,12 @@ fn forwarded(
         meta: None,
         state: Some(state),
     }
+}
+
+/// Writes `macs` (source, destination) into a built frame's Ethernet header.
+fn set_macs(frame: &mut [u8], (src, dst): ([u8; 6], [u8; 6])) {
+    frame[0..6].copy_from_slice(&dst);
+    frame[6..12].copy_from_slice(&src);
 }
 
 /// `frame` with the last two bytes of its payload chosen so that, after the rewrite to
@@ -1169,8 +1174,7 @@ fn quote(frame: &Frame, len: usize) -> Vec<u8> {
 /// translation says, with `macs` (source, destination).
 fn icmp_sent(built: Frame, reference: Vec<u8>, macs: ([u8; 6], [u8; 6])) -> Output {
     let mut reference = reference;
-    reference[0..6].copy_from_slice(&macs.1);
-    reference[6..12].copy_from_slice(&macs.0);
+    set_macs(&mut reference, macs);
     Output::Rewritten {
         built: built.with_macs(macs.0, macs.1).build(),
         reference,
@@ -1186,22 +1190,18 @@ fn answered_too_big(
     macs: ([u8; 6], [u8; 6]),
     state: Option<FlowState>,
 ) -> Expect {
-    let mut reference = too_big_v4(&input.build(), SMALL_MTU).expect("a TCP/UDP frame");
-    reference[0..6].copy_from_slice(&macs.1);
-    reference[6..12].copy_from_slice(&macs.0);
     Expect {
         action: XDP_REDIRECT,
         reason: Reason::ForwardIcmpTooBig,
-        output: Output::Rewritten {
-            built: Frame {
+        output: icmp_sent(
+            Frame {
                 tos: 0xc0,
                 id: 0,
                 ..answer
-            }
-            .with_macs(macs.0, macs.1)
-            .build(),
-            reference,
-        },
+            },
+            too_big_v4(&input.build(), SMALL_MTU).expect("a TCP/UDP frame"),
+            macs,
+        ),
         meta: None,
         state,
     }

@@ -40,7 +40,7 @@ use xlb_tests::{
     lab::{self, BACKEND_MAC, CLIENT, CLIENT_MAC, FX0_MAC, FX1_MAC, Iface, VIP, VIP_UNRESOLVED},
     model::{
         FlowModel, echo_reply_v4, flows::key, icmp_error_v4, icmp_layout_v4, icmp_quote_v4,
-        is_icmp_error, nat_rewrite_v4, rewrite::IcmpLayout,
+        icmp_quoted_check_off, is_icmp_error, nat_rewrite_v4, rewrite::IcmpLayout,
     },
     packet::{
         ETH_HLEN, Frame, ICMP_DEST_UNREACH, ICMP_ECHO_REQUEST, ICMP_FRAG_NEEDED,
@@ -695,17 +695,33 @@ fn run_and_check(
     );
     let expected = nat_rewrite_v4(input, want_src, want_dst, ttl_decrement)
         .context("the reference refuses the frame")?;
-    let mut expected = as_sent(&run, expected, reason, *want_dst.ip(), ingress, fx0, fx1)?;
+    let expected = as_sent(&run, expected, reason, *want_dst.ip(), ingress, fx0, fx1)?;
+    matches_reference(
+        input,
+        &run,
+        expected,
+        &[
+            ETH_HLEN + 10..ETH_HLEN + 12,
+            layout.check_off..layout.check_off + 2,
+        ],
+    )?;
+    Ok(reason)
+}
+
+/// The output must equal `expected`, the reference's, and have valid checksums when the
+/// input's were. When they were not, the `checksums` fields are not compared: an incremental
+/// update keeps a wrong checksum wrong, while the reference recomputes it.
+fn matches_reference(
+    input: &[u8],
+    run: &lab::Run,
+    mut expected: Vec<u8>,
+    checksums: &[std::ops::Range<usize>],
+) -> Result<()> {
     if verify_checksums_v4(input).is_ok() {
         verify_checksums_v4(&run.frame).map_err(|e| anyhow::anyhow!("output checksum: {e}"))?;
     } else {
-        // A wrong checksum stays wrong under an incremental update, while the reference
-        // recomputes it: compare everything else.
-        for range in [
-            ETH_HLEN + 10..ETH_HLEN + 12,
-            layout.check_off..layout.check_off + 2,
-        ] {
-            expected[range.clone()].copy_from_slice(&run.frame[range]);
+        for range in checksums {
+            expected[range.clone()].copy_from_slice(&run.frame[range.clone()]);
         }
     }
     ensure!(
@@ -713,7 +729,7 @@ fn run_and_check(
         "differs from the reference:\n{}",
         hex_diff(&expected, &run.frame)
     );
-    Ok(reason)
+    Ok(())
 }
 
 /// `expected` as it must leave toward `toward` for `reason`: with the neighbour's and the
@@ -866,36 +882,16 @@ fn check_icmp(
             reason.name()
         );
     };
-    let mut expected = as_sent(run, expected, reason, toward, ingress, fx0, fx1)?;
-    if verify_checksums_v4(input).is_ok() {
-        verify_checksums_v4(&run.frame).map_err(|e| anyhow::anyhow!("output checksum: {e}"))?;
-    } else {
-        // As for TCP/UDP: an incremental update keeps a wrong checksum wrong, the reference
-        // recomputes it. The quoted L4 checksum too: a frame whose lengths lie may "quote"
-        // padding the checksum never covered.
-        let mut ranges = vec![ip + 10..ip + 12, l.icmp_off + 2..l.icmp_off + 4];
-        if let Some((_, _, proto)) = about.as_ref().and(icmp_quote_v4(input)) {
-            let q = l.icmp_off + 8;
-            let l4 = q + ((input[q] & 0x0f) as usize) * 4;
-            let check = l4
-                + if proto == lb_common::maps::PROTO_TCP {
-                    16
-                } else {
-                    6
-                };
-            if check + 2 <= l.end {
-                ranges.push(check..check + 2);
-            }
-        }
-        for range in ranges {
-            expected[range.clone()].copy_from_slice(&run.frame[range]);
-        }
+    let expected = as_sent(run, expected, reason, toward, ingress, fx0, fx1)?;
+    // The quoted L4 checksum too: a frame whose lengths lie may "quote" padding the
+    // checksum never covered.
+    let mut checksums = vec![ip + 10..ip + 12, l.icmp_off + 2..l.icmp_off + 4];
+    if about.is_some()
+        && let Some(off) = icmp_quoted_check_off(input)
+    {
+        checksums.push(off..off + 2);
     }
-    ensure!(
-        run.frame == expected,
-        "differs from the reference:\n{}",
-        hex_diff(&expected, &run.frame)
-    );
+    matches_reference(input, run, expected, &checksums)?;
     Ok(reason)
 }
 

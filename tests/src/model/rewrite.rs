@@ -156,6 +156,16 @@ pub fn icmp_quote_v4(frame: &[u8]) -> Option<(SocketAddrV4, SocketAddrV4, u8)> {
     ))
 }
 
+/// Where an ICMP error's quoted TCP/UDP checksum is, when the quote (the error's datagram,
+/// not the padding after it) reaches it.
+pub fn icmp_quoted_check_off(frame: &[u8]) -> Option<usize> {
+    let l = icmp_layout_v4(frame)?;
+    let (_, _, proto) = icmp_quote_v4(frame)?;
+    let q = l.icmp_off + 8;
+    let off = q + ((frame[q] & 0x0f) as usize) * 4 + if proto == PROTO_TCP { 16 } else { 6 };
+    (off + 2 <= l.end).then_some(off)
+}
+
 /// The reference translation of an ICMP error: the outer header to `outer_src` →
 /// `outer_dst` with the TTL lowered by `ttl_decrement`; the quoted packet to `inner_src` →
 /// `inner_dst` (addresses and ports); the outer IPv4, quoted IPv4 and ICMP checksums
@@ -193,10 +203,9 @@ pub fn icmp_error_v4(
     out[q4..q4 + 2].copy_from_slice(&inner_src.port().to_be_bytes());
     out[q4 + 2..q4 + 4].copy_from_slice(&inner_dst.port().to_be_bytes());
 
-    let check_off = q4 + if proto == PROTO_TCP { 16 } else { 6 };
-    let quoted_zero_udp =
-        proto == PROTO_UDP && frame.get(check_off..check_off + 2) == Some(&[0, 0]);
-    if check_off + 2 <= l.end && !quoted_zero_udp {
+    if let Some(check_off) = icmp_quoted_check_off(frame)
+        && !(proto == PROTO_UDP && frame[check_off..check_off + 2] == [0, 0])
+    {
         // The quoted segment's length, as its IPv4 header says.
         let seg_len =
             (u16::from_be_bytes([frame[q + 2], frame[q + 3]]) as usize).saturating_sub(ihl);
