@@ -31,6 +31,7 @@ use xlb_tests::figures::{Run, machine, today};
 use xlb_tests::lab;
 use xlb_tests::netns::{self, NetNs};
 use xlb_tests::packet::{Frame, L4};
+use xlb_tests::topology;
 use xlb_tests::xlb::XlbProcess;
 
 const PREFIX: &str = "xlbfwd";
@@ -272,18 +273,7 @@ impl Chain {
             (&self.generator, "g0", &self.lb, "l0"),
             (&self.lb, "l1", &self.sink, "s0"),
         ] {
-            a.ip(&[
-                "link",
-                "add",
-                a_if,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                b_if,
-                "netns",
-                b.name(),
-            ])?;
+            topology::veth(a, a_if, b, b_if)?;
         }
         for (ns, iface, addr) in [
             (&self.generator, "g0", "10.40.1.2/24"),
@@ -293,9 +283,9 @@ impl Chain {
         ] {
             ns.ip(&["addr", "add", addr, "dev", iface])?;
             ns.ip(&["link", "set", iface, "up"])?;
-            // Frames sent into a veth by XDP arrive only where the receiving end has NAPI:
-            // GRO on; and complete checksums on the wire.
-            ns.exec("ethtool", &["-K", iface, "gro", "on", "tx", "off"])?;
+            // Frames sent into a veth by XDP arrive only where the receiving end has NAPI
+            // (GRO); and complete checksums on the wire.
+            topology::peer_offloads(ns, iface)?;
         }
         self.lb.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
         let s0_mac = self

@@ -449,7 +449,7 @@ fn sysctl(ns: &NetNs, setting: &str) -> Result<()> {
 
 /// Creates a veth pair with `a_if` in `a` and `b_if` in `b`. The peer is created directly
 /// in `b` (`peer ... netns b`), so neither end ever exists in the root namespace.
-fn veth(a: &NetNs, a_if: &str, b: &NetNs, b_if: &str) -> Result<()> {
+pub fn veth(a: &NetNs, a_if: &str, b: &NetNs, b_if: &str) -> Result<()> {
     a.ip(&[
         "link",
         "add",
@@ -482,7 +482,7 @@ fn veth(a: &NetNs, a_if: &str, b: &NetNs, b_if: &str) -> Result<()> {
 ///   value incrementally, and the result would be wrong. With it off, packets carry real
 ///   checksums, and the receivers verify them (their nstat checksum error counters would
 ///   show any mistake of the XDP rewrite).
-fn peer_offloads(ns: &NetNs, iface: &str) -> Result<()> {
+pub fn peer_offloads(ns: &NetNs, iface: &str) -> Result<()> {
     ns.exec("ethtool", &["-K", iface, "tx", "off"])?;
     ns.exec("ethtool", &["-K", iface, "gro", "on"])?;
     Ok(())
