@@ -71,11 +71,23 @@ pub mod names {
     /// how many services do. The XDP program answers pings to them. Not pinned: the registry
     /// writes it whole from the services at every start and change.
     pub const VIPS: &str = "VIPS";
+    /// `LpmTrie<[u8; 16], ServiceEntry>`: the NAT gateways, by the private network they
+    /// serve (IPv4-mapped, prefix length 96 + the IPv4 prefix). Each is a
+    /// [`ServiceEntry`](super::ServiceEntry) of [`MODE_GATEWAY`](super::MODE_GATEWAY) with an
+    /// id of the services' (its counters are in `SERVICE_STATS`) and no backends: a flow's
+    /// "backend" is the packet's own destination.
+    pub const GATEWAYS: &str = "GATEWAYS";
+    /// `HashMap<MappingKey, Mapping>`: a NAT gateway's UDP mappings, each stored both ways
+    /// (private endpoint → public one, public → private), so a private endpoint keeps one
+    /// public address and port toward every destination (endpoint-independent mapping,
+    /// RFC 4787), and no two private endpoints share one. The XDP program makes them with a
+    /// flow; the sweeper removes those no flow uses.
+    pub const MAPPINGS: &str = "MAPPINGS";
 
     /// The maps pinned under `[dataplane] pin_path`, which a restarted daemon adopts: the
     /// tables, the flows, the counters. The others (`DEVMAP`, `NO_XDP_TX`, the per-CPU
     /// scratch, the log buffer) belong to one program and are filled when it is attached.
-    pub const PINNED: [&str; 11] = [
+    pub const PINNED: [&str; 13] = [
         SERVICES,
         MAGLEV,
         BACKENDS,
@@ -87,6 +99,8 @@ pub mod names {
         HANDOFFS,
         ACTIVE,
         RELEASED,
+        GATEWAYS,
+        MAPPINGS,
     ];
 }
 
@@ -132,7 +146,7 @@ pub const SNAT_PORT_PROBES: u32 = 64;
 /// The version of the maps' layout: the names, types and sizes in this module. A daemon
 /// that finds pinned maps of another version refuses them rather than misread them; bump it
 /// with every change to a pinned map's key or value.
-pub const LAYOUT_VERSION: u32 = 6;
+pub const LAYOUT_VERSION: u32 = 7;
 
 /// The most SNAT addresses one service's pool holds. A power of two: the XDP program bounds
 /// an index into the pool with a mask.
@@ -288,6 +302,40 @@ pub const MODE_FULLNAT: u32 = 1;
 /// keep the client's address and port, so the backend sees who connects. The backend must
 /// route its replies through xlb, which rewrites their source back to the VIP.
 pub const MODE_DNAT: u32 = 2;
+/// [`ServiceEntry::mode`] of a NAT gateway (`names::GATEWAYS`): keep the destination, rewrite
+/// the source to an address of the pool and an allocated port (for an ICMP echo, its
+/// identifier). A UDP flow keeps its private endpoint's mapping (`names::MAPPINGS`).
+pub const MODE_GATEWAY: u32 = 3;
+
+/// Key of `MAPPINGS`: an endpoint on one side of a NAT gateway.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct MappingKey {
+    pub endpoint: Endpoint,
+    /// IP protocol number.
+    pub proto: u8,
+    /// [`MAPPING_PRIVATE`] or [`MAPPING_PUBLIC`]: which side `endpoint` is on.
+    pub side: u8,
+}
+const _: () = assert!(size_of::<MappingKey>() == 20);
+
+/// [`MappingKey::side`]: a private host's endpoint; the value is its public one.
+pub const MAPPING_PRIVATE: u8 = 0;
+/// [`MappingKey::side`]: a public endpoint; the value is the private one it belongs to.
+pub const MAPPING_PUBLIC: u8 = 1;
+
+/// Value of `MAPPINGS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Mapping {
+    /// The endpoint on the other side.
+    pub endpoint: Endpoint,
+    pub _pad: [u8; 6],
+    /// When a flow last took the mapping (`bpf_ktime_get_ns`): the sweeper keeps a mapping
+    /// taken after its sweep began, whose flow it may not have seen yet.
+    pub taken_ns: u64,
+}
+const _: () = assert!(size_of::<Mapping>() == 32);
 
 /// Value of `SERVICES`.
 #[repr(C)]
@@ -315,8 +363,12 @@ pub struct ServiceEntry {
     pub count: u32,
     /// [`SERVICE_QUIC`](crate::quic::SERVICE_QUIC), or 0.
     pub flags: u32,
+    /// The source ports new flows take (host byte order): `port_count` from `port_first`.
+    /// Unused in [`MODE_DNAT`].
+    pub port_first: u32,
+    pub port_count: u32,
 }
-const _: () = assert!(size_of::<ServiceEntry>() == 172);
+const _: () = assert!(size_of::<ServiceEntry>() == 180);
 
 impl ServiceEntry {
     /// The first slot of the Maglev table in use, in the whole `MAGLEV` array.
@@ -350,14 +402,10 @@ pub struct Settings {
     pub maglev_size: u32,
     /// Seed of the flow hash. Nodes that share traffic behind ECMP must use the same seed.
     pub hash_seed: u32,
-    /// First SNAT source port handed out (host byte order).
-    pub snat_port_first: u32,
-    /// How many SNAT source ports, starting at `snat_port_first`.
-    pub snat_port_count: u32,
     /// [`LAYOUT_VERSION`] of the daemon that wrote it.
     pub layout_version: u32,
 }
-const _: () = assert!(size_of::<Settings>() == 20);
+const _: () = assert!(size_of::<Settings>() == 12);
 
 /// Value of `SERVICE_STATS` and `BACKEND_STATS` (per CPU; userspace sums the CPUs).
 #[repr(C)]
@@ -445,4 +493,6 @@ mod pod {
     unsafe impl aya::Pod for BackendEntry {}
     unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for FlowStats {}
+    unsafe impl aya::Pod for MappingKey {}
+    unsafe impl aya::Pod for Mapping {}
 }

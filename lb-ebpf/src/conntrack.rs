@@ -12,29 +12,38 @@
     reason = "by-value keys would be copied onto the 512-byte BPF stack, which is nearly full"
 )]
 
-use aya_ebpf::{bindings::BPF_NOEXIST, programs::XdpContext};
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST},
+    maps::lpm_trie::Key,
+    programs::XdpContext,
+};
 use lb_common::{
     conntrack::{FlowSeen, FlowState, REFRESH_NS, Seen, starts_anew},
     hash::{flow_hash, snat_candidate},
     maps::{
-        BackendEntry, DIR_TO_BACKEND, DIR_TO_CLIENT, Endpoint, FlowKey, MAX_SNAT_ADDRESSES,
-        MODE_DNAT, NO_BACKEND, NatEntry, Rewrite, SNAT_PORT_PROBES, ServiceEntry, ServiceKey,
+        BackendEntry, DIR_TO_BACKEND, DIR_TO_CLIENT, Endpoint, FlowKey, MAPPING_PRIVATE,
+        MAPPING_PUBLIC, MAX_SNAT_ADDRESSES, MODE_DNAT, MODE_GATEWAY, Mapping, MappingKey,
+        NO_BACKEND, NatEntry, PROTO_UDP, Rewrite, SNAT_PORT_PROBES, ServiceEntry, ServiceKey,
     },
     reason::Reason,
     scheduler,
 };
 
 use crate::{
-    ACTIVE, BACKENDS, CONFIG, CONNTRACK, CREATE_SCRATCH, CURSORS, MAGLEV, SERVICES, forward,
-    parse::Packet,
+    ACTIVE, BACKENDS, CONFIG, CONNTRACK, CREATE_SCRATCH, CURSORS, GATEWAYS, MAGLEV, MAPPINGS,
+    SERVICES, forward,
+    parse::{Echo, Packet},
 };
 
 /// What `create` needs to know about a new flow besides its first packet (references into
 /// the maps, valid for the program run).
 pub struct NewFlow<'a> {
     pub service: &'a ServiceEntry,
+    /// `NO_BACKEND` for a NAT gateway's flow.
     pub backend_id: u32,
-    pub backend: &'a BackendEntry,
+    /// Where the flow goes: the backend's endpoint, or for a NAT gateway's flow the
+    /// packet's own destination.
+    pub to: &'a Endpoint,
     /// The flow's hash (`lb_common::hash::flow_hash`), which picked the backend and picks
     /// the SNAT port.
     pub hash: u64,
@@ -52,6 +61,9 @@ pub struct Scratch {
     pool: [Endpoint; MAX_SNAT_ADDRESSES],
     /// What `probe_step` needs besides.
     probe: Probe,
+    /// A UDP flow of a NAT gateway: the mapping of its private endpoint, and back.
+    mapping_key: MappingKey,
+    mapping: Mapping,
 }
 
 const E2BIG: i32 = 7;
@@ -151,6 +163,32 @@ fn record(entry: &mut NatEntry, dir: u8, facts: &Seen, anew: bool, now: u64) {
 fn now() -> u64 {
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() }
+}
+
+/// The NAT gateway whose private network the packet comes from, if any, and if it is not
+/// addressed to that network too (private hosts talk among themselves untranslated). Of
+/// ICMP, only an echo request starts a flow.
+#[inline(always)]
+pub fn gateway(pkt: &Packet) -> Option<&'static ServiceEntry> {
+    if pkt.key.proto == lb_common::maps::PROTO_ICMP && pkt.echo != Echo::Request {
+        return None;
+    }
+    // The address's full length: the trie finds the longest prefix that covers it.
+    let dst = Key::new(128, pkt.key.dst.addr);
+    if GATEWAYS.get(&dst).is_some() {
+        return None;
+    }
+    let src = Key::new(128, pkt.key.src.addr);
+    GATEWAYS.get(&src)
+}
+
+/// The flow hash of `key` (`lb_common::hash::flow_hash` with the configured seed).
+///
+/// Errors: `DropInternal` when the settings are missing.
+#[inline(always)]
+pub fn hash(key: &FlowKey) -> Result<u64, Reason> {
+    let cfg = CONFIG.get(0).ok_or(Reason::DropInternal)?;
+    Ok(flow_hash(key, cfg.hash_seed))
 }
 
 /// The service a packet is addressed to (its destination and protocol), if any.
@@ -338,6 +376,13 @@ fn next_turn(id: u32) -> u32 {
 /// candidate: its reverse entry (backend → client) is taken only when the client reaches
 /// the same backend from the same port through another VIP.
 ///
+/// A NAT gateway's flow goes to the packet's own destination; its source is probed like a
+/// fullnat one, from the gateway's pool and port range. A UDP flow's private endpoint keeps
+/// its public one toward every destination (RFC 4787's endpoint-independent mapping): one
+/// that has a mapping (`MAPPINGS`) takes it as its only candidate; one that has none takes
+/// a candidate whose public endpoint is no one else's, locked by inserting its public-side
+/// mapping with `BPF_NOEXIST` after its reverse entry, and then records its private side.
+///
 /// Errors: `DropSnatPortsExhausted`, `DropDnatTupleTaken`, `DropConntrackFull`,
 /// `DropConntrackInsert`, and `DropInternal` when the control plane's tables disagree.
 ///
@@ -351,10 +396,6 @@ pub fn create(
     flow: &NewFlow,
     rewrite: &mut Rewrite,
 ) -> Result<(), Reason> {
-    let cfg = CONFIG.get(0).ok_or(Reason::DropInternal)?;
-    if cfg.snat_port_count == 0 {
-        return Err(Reason::DropInternal);
-    }
     let key = &pkt.key;
     let hash = flow.hash;
     let now = now();
@@ -367,27 +408,53 @@ pub fn create(
         reverse,
         pool: pool_copy,
         probe,
+        mapping_key,
+        mapping,
         ..
     } = unsafe { &mut *scratch };
     let seen = FlowSeen::first(DIR_TO_BACKEND, Seen::of_packet(key.proto, pkt.tcp_flags));
     // The probes' parameters go straight to the scratch space: this frame is on the stack
     // under the hot path's (see `process` in main.rs).
-    probe.dnat = (flow.service.mode == MODE_DNAT) as u8;
-    probe.pool = flow.service.snat_count;
-    probe.count = cfg.snat_port_count;
-    if probe.dnat != 0 {
+    let service = flow.service;
+    probe.mapped = (service.mode == MODE_GATEWAY && key.proto == PROTO_UDP) as u8;
+    probe.fixed = 0;
+    probe.pool = service.snat_count;
+    probe.first = service.port_first;
+    probe.count = service.port_count;
+    if probe.mapped != 0 {
+        mapping_key.endpoint = key.src;
+        mapping_key.proto = key.proto;
+        mapping_key.side = MAPPING_PRIVATE;
+        if let Some(held) = MAPPINGS.get_ptr_mut(&*mapping_key) {
+            // SAFETY: a map value, valid for the program run; the store of "now" is one
+            // aligned write that racing CPUs can only repeat.
+            let held = unsafe { &mut *held };
+            held.taken_ns = now;
+            forward.rewrite.src = held.endpoint;
+            probe.fixed = 1;
+        } else {
+            // The public side's lock, which `probe_step` takes for each candidate.
+            mapping.endpoint = key.src;
+            mapping._pad = [0; 6];
+            mapping.taken_ns = now;
+        }
+    }
+    if service.mode == MODE_DNAT {
         // One candidate: the client's own endpoint.
         forward.rewrite.src = key.src;
+        probe.fixed = 1;
+    }
+    if probe.fixed != 0 {
         probe.candidates = 1;
     } else {
-        if probe.pool == 0 || probe.pool as usize > MAX_SNAT_ADDRESSES {
+        if probe.pool == 0 || probe.pool as usize > MAX_SNAT_ADDRESSES || probe.count == 0 {
             return Err(Reason::DropInternal);
         }
-        *pool_copy = flow.service.snat;
+        *pool_copy = service.snat;
         // Every (address, port) of the pool once.
         probe.candidates = probe.count * probe.pool;
     }
-    forward.rewrite.dst = flow.backend.endpoint;
+    forward.rewrite.dst = *flow.to;
     forward.rewrite.service_id = flow.service.id;
     forward.rewrite.backend_id = flow.backend_id;
     forward.rewrite.direction = DIR_TO_BACKEND;
@@ -409,7 +476,6 @@ pub fn create(
 
     probe.hash = hash;
     probe.now = now;
-    probe.first = cfg.snat_port_first;
     probe.proto = key.proto;
     probe.tcp_flags = pkt.tcp_flags;
     let mut outcome = Outcome {
@@ -442,15 +508,25 @@ pub fn create(
         forward,
         reverse_key,
         probe,
+        mapping_key,
+        mapping,
         ..
     } = unsafe { &mut *scratch };
     let Some(inserted) = inserted else {
-        return Err(if probe.dnat != 0 {
+        return Err(if flow.service.mode == MODE_DNAT {
             Reason::DropDnatTupleTaken
         } else {
             Reason::DropSnatPortsExhausted
         });
     };
+    if probe.mapped != 0 && probe.fixed == 0 && inserted {
+        // The private side of the mapping whose public side `probe_step` took: the private
+        // endpoint's next flows take the same. Should it not be stored, they take another.
+        mapping_key.endpoint = key.src;
+        mapping_key.side = MAPPING_PRIVATE;
+        mapping.endpoint = forward.rewrite.src;
+        let _ = MAPPINGS.insert(&*mapping_key, &*mapping, BPF_ANY as u64);
+    }
     // A reverse entry found there is never ours to withdraw.
     insert_forward(key, forward, inserted.then_some(&*reverse_key), rewrite)
 }
@@ -465,13 +541,16 @@ struct Probe {
     count: u32,
     /// Addresses in the service's pool (copied to `Scratch::pool`).
     pool: u32,
-    /// How many candidates there are: every (address, port) of the pool, or 1 in dnat.
+    /// How many candidates there are: every (address, port) of the pool, or 1.
     candidates: u32,
-    /// 1 in dnat: the one candidate is the client's endpoint, in `forward` already.
-    dnat: u8,
+    /// 1 when there is one candidate, in `forward` already: the client's endpoint in dnat,
+    /// or a NAT gateway's mapping of the private endpoint.
+    fixed: u8,
+    /// 1 for a NAT gateway's UDP flow: a candidate is taken only with its public endpoint's
+    /// mapping (`Scratch::mapping`).
+    mapped: u8,
     proto: u8,
     tcp_flags: u8,
-    _pad: u8,
 }
 
 /// What the probes found: `bpf_loop`'s context, on `create`'s stack.
@@ -509,12 +588,14 @@ extern "C" fn probe_step(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
         reverse_key,
         pool,
         probe: p,
+        mapping_key,
+        mapping,
     } = unsafe { &mut *scratch };
     let i = i as u32;
     if i >= p.candidates {
         return 1;
     }
-    if p.dnat == 0 {
+    if p.fixed == 0 {
         let (index, port) = snat_candidate(p.hash, i, p.first, p.count, p.pool);
         forward.rewrite.src.addr = pool[index as usize & (MAX_SNAT_ADDRESSES - 1)].addr;
         forward.rewrite.src.port = port.to_be_bytes();
@@ -524,6 +605,27 @@ extern "C" fn probe_step(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
     reverse_key.proto = p.proto;
     reverse_key._pad = 0;
     match CONNTRACK.insert(&*reverse_key, &*reverse, BPF_NOEXIST as u64) {
+        Ok(()) if p.mapped != 0 && p.fixed == 0 => {
+            // The public endpoint must be no other private endpoint's, toward anyone.
+            mapping_key.endpoint = forward.rewrite.src;
+            mapping_key.proto = p.proto;
+            mapping_key.side = MAPPING_PUBLIC;
+            match MAPPINGS.insert(&*mapping_key, &*mapping, BPF_NOEXIST as u64) {
+                Ok(()) => {
+                    outcome.found = PROBE_INSERTED;
+                    1
+                }
+                Err(e) => {
+                    let _ = CONNTRACK.remove(&*reverse_key);
+                    if e == -EEXIST {
+                        0
+                    } else {
+                        outcome.error = e;
+                        1
+                    }
+                }
+            }
+        }
         Ok(()) => {
             outcome.found = PROBE_INSERTED;
             1

@@ -38,8 +38,8 @@ use crate::{
     forward::{self, Hop},
     nat,
     parse::{
-        ETH_LEN, ICMP_LEN, IP_OFFSET_MASK, Packet, TCP_CHECK_OFF, UDP_CHECK_OFF, frame_bounds,
-        ptr_at,
+        ETH_LEN, Echo, ICMP_LEN, IP_OFFSET_MASK, Packet, TCP_CHECK_OFF, UDP_CHECK_OFF,
+        frame_bounds, ptr_at,
     },
     stats,
 };
@@ -99,6 +99,21 @@ impl Quote {
     #[inline(always)]
     pub fn l4_check_off(&self) -> usize {
         self.l4_check_off & QUOTE_OFF_MASK
+    }
+}
+
+/// Whether an ICMP packet goes the way of a TCP or UDP one, as a flow's packet: an echo
+/// (request or reply) not addressed to a VIP, whole. A NAT gateway tracks and rewrites
+/// those by their identifier; what no flow or gateway takes goes to the kernel
+/// (`pass/icmp`), as `handle` would leave it.
+#[inline(always)]
+pub fn is_flow(pkt: &Packet) -> bool {
+    match pkt.echo {
+        Echo::No => false,
+        _ if pkt.fragmented => false,
+        Echo::Reply => true,
+        // SAFETY: a presence check; the value is not read.
+        Echo::Request => unsafe { VIPS.get(&pkt.key.dst.addr) }.is_none(),
     }
 }
 

@@ -38,7 +38,7 @@ mod stats;
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     macros::{classifier, map, xdp},
-    maps::{Array, DevMapHash, HashMap, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, LpmTrie, PerCpuArray},
     programs::{TcContext, XdpContext},
 };
 use forward::Hop;
@@ -46,8 +46,8 @@ use lb_common::{
     conntrack::TCP_RST,
     maps::{
         BackendEntry, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAGLEV_SIZE, DEFAULT_MAX_BACKENDS,
-        DEFAULT_MAX_SERVICES, FlowKey, FlowStats, Handoff, MAX_INTERFACES, MODE_DNAT, NatEntry,
-        PROTO_ICMP, Rewrite, ServiceEntry, ServiceKey, Settings,
+        DEFAULT_MAX_SERVICES, FlowKey, FlowStats, Handoff, MAX_INTERFACES, MODE_DNAT, Mapping,
+        MappingKey, NO_BACKEND, NatEntry, PROTO_ICMP, Rewrite, ServiceEntry, ServiceKey, Settings,
     },
     reason::Reason,
 };
@@ -72,6 +72,16 @@ static MAGLEV: Array<[u32; 2]> =
 /// The addresses services listen on, whose pings the program answers.
 #[map]
 static VIPS: HashMap<[u8; 16], u32> = HashMap::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+
+/// The NAT gateways, by the private network they serve (see `lb_common::maps::names::GATEWAYS`).
+#[map]
+static GATEWAYS: LpmTrie<[u8; 16], ServiceEntry> =
+    LpmTrie::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+
+/// A NAT gateway's UDP mappings, both ways (see `lb_common::maps::names::MAPPINGS`).
+#[map]
+static MAPPINGS: HashMap<MappingKey, Mapping> =
+    HashMap::with_max_entries(DEFAULT_CONNTRACK_ENTRIES, BPF_F_NO_PREALLOC);
 
 #[map]
 static BACKENDS: Array<BackendEntry> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
@@ -185,7 +195,9 @@ pub fn xlb_handoff(ctx: TcContext) -> i32 {
 fn process(ctx: &XdpContext) -> Result<Reason, Reason> {
     let mut pkt = parse::Packet::default();
     parse::parse(ctx, &mut pkt)?;
-    if pkt.key.proto == PROTO_ICMP {
+    // Pings through a NAT gateway are flows like any other (their identifier is their
+    // port); the rest of ICMP has a path of its own.
+    if pkt.key.proto == PROTO_ICMP && !icmp::is_flow(&pkt) {
         return icmp::handle(ctx, &pkt);
     }
     let mut rewrite = Rewrite::default();
@@ -210,20 +222,34 @@ fn process(ctx: &XdpContext) -> Result<Reason, Reason> {
     Ok(sent)
 }
 
-/// The first packet of a flow, if it is addressed to a service: picks the backend, routes
-/// to it, and creates the flow, whose forward rewrite it writes to `rewrite`.
+/// The first packet of a flow, if it is addressed to a service (or comes from a NAT
+/// gateway's private network): picks the backend (a gateway's is the packet's own
+/// destination), routes to it, and creates the flow, whose forward rewrite it writes to
+/// `rewrite`.
 #[inline(never)]
 fn new_flow(ctx: &XdpContext, pkt: &parse::Packet, rewrite: &mut Rewrite) -> Result<Hop, Reason> {
-    let service = conntrack::service(&pkt.key).ok_or(Reason::PassNoService)?;
+    let (service, gateway) = match conntrack::service(&pkt.key) {
+        Some(service) => (service, false),
+        None => match conntrack::gateway(pkt) {
+            Some(gateway) => (gateway, true),
+            None if pkt.key.proto == PROTO_ICMP => return Err(Reason::PassIcmp),
+            None => return Err(Reason::PassNoService),
+        },
+    };
     // Checked before the flow is created, so a packet we will not forward (a traceroute
     // probe with TTL 1, say) does not take a SNAT port.
     forwardable(pkt)?;
     if pkt.tcp_flags & TCP_RST != 0 {
         return Err(Reason::DropRstNoFlow);
     }
-    let (backend_id, backend, hash) = match quic::backend(ctx, pkt, service) {
-        Some(chosen) => chosen,
-        None => conntrack::backend(&pkt.key, service)?,
+    let (backend_id, to, hash) = if gateway {
+        (NO_BACKEND, &pkt.key.dst, conntrack::hash(&pkt.key)?)
+    } else {
+        let (id, backend, hash) = match quic::backend(ctx, pkt, service) {
+            Some(chosen) => chosen,
+            None => conntrack::backend(&pkt.key, service)?,
+        };
+        (id, &backend.endpoint, hash)
     };
     // Routed before the flow is created: an unreachable backend takes no port, and the flow
     // learns which interface the backend's replies come in on.
@@ -233,7 +259,11 @@ fn new_flow(ctx: &XdpContext, pkt: &parse::Packet, rewrite: &mut Rewrite) -> Res
     } else {
         &service.snat[0]
     };
-    let hop = forward::route(ctx, pkt, snat, &backend.endpoint)?;
+    let hop = forward::route(ctx, pkt, snat, to)?;
+    if let (true, Hop::Kernel { reason, .. }) = (gateway, &hop) {
+        // Not a way out through xlb (the host itself, say): the kernel's, untranslated.
+        return Err(*reason);
+    }
     if let Hop::TooBig { .. } = hop
         && pkt.dont_fragment
     {
@@ -244,12 +274,12 @@ fn new_flow(ctx: &XdpContext, pkt: &parse::Packet, rewrite: &mut Rewrite) -> Res
     let flow = conntrack::NewFlow {
         service,
         backend_id,
-        backend,
+        to,
         hash,
         reply_ifindex: hop.ifindex(),
     };
     conntrack::create(ctx, pkt, &flow, rewrite)?;
-    if rewrite.dst != backend.endpoint {
+    if rewrite.dst != *to {
         // Another CPU created the flow at the same moment, toward another backend (the
         // Maglev table changed in between): its flow stands, so route to its backend.
         return forward::route(ctx, pkt, &rewrite.src, &rewrite.dst);

@@ -1,18 +1,19 @@
 //! The NAT rewrites: addresses, ports, TTL, and the IPv4, L4 and ICMP checksums, updated
 //! incrementally (RFC 1624) with lb-common's checksum math. One function per kind of packet:
-//! a flow's TCP/UDP packet, an ICMP error about a flow, and the echo reply to a ping.
+//! a flow's TCP/UDP packet (or ICMP echo, whose identifier is its port), an ICMP error
+//! about a flow, and the echo reply to a ping.
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
     csum::{replace, replace_udp, sum_words},
-    maps::{PROTO_UDP, Rewrite},
+    maps::{PROTO_ICMP, PROTO_UDP, Rewrite},
     reason::Reason,
 };
 use network_types::ip::Ipv4Hdr;
 
 use crate::{
     icmp::{ECHO_REPLY, ECHO_REQUEST, Quote},
-    parse::{ETH_LEN, Packet, ptr_at},
+    parse::{ECHO_ID_OFF, ETH_LEN, Echo, Packet, ptr_at},
 };
 
 /// Rewrites the packet's source to `entry.src` and destination to `entry.dst`, and lowers
@@ -35,6 +36,9 @@ pub fn rewrite(
         entry.dst.v4_octets(),
         pkt.ttl - ttl_decrement,
     )?;
+    if pkt.key.proto == PROTO_ICMP {
+        return rewrite_echo_id(ctx, pkt, entry);
+    }
 
     // The L4 checksum covers the pseudo-header addresses and the ports (not the TTL).
     let old_ports = [
@@ -66,6 +70,26 @@ pub fn rewrite(
     let ports: *mut [u8; 4] = ptr_at(ctx, pkt.l4_off())?;
     // SAFETY: ptr_at checked the four port bytes are inside the frame.
     unsafe { *ports = new_ports };
+    Ok(())
+}
+
+/// Sets an ICMP echo's identifier: a request's is the flow's source port, a reply's its
+/// destination port (see `parse`). The ICMP checksum has no pseudo-header: only the
+/// identifier changes it.
+#[inline(always)]
+fn rewrite_echo_id(ctx: &XdpContext, pkt: &Packet, entry: &Rewrite) -> Result<(), Reason> {
+    let (old, new) = if pkt.echo == Echo::Request {
+        (pkt.key.src.port, entry.src.port)
+    } else {
+        (pkt.key.dst.port, entry.dst.port)
+    };
+    let check: *mut [u8; 2] = ptr_at(ctx, pkt.l4_check_off())?;
+    // SAFETY: ptr_at checked the two checksum bytes are inside the frame.
+    let check = unsafe { &mut *check };
+    *check = replace(u16::from_be_bytes(*check), sum_words(&old), sum_words(&new)).to_be_bytes();
+    let id: *mut [u8; 2] = ptr_at(ctx, pkt.l4_off() + ECHO_ID_OFF)?;
+    // SAFETY: ptr_at checked the identifier's two bytes are inside the frame.
+    unsafe { *id = new };
     Ok(())
 }
 

@@ -1,4 +1,9 @@
 //! Bounds-checked packet access and the IPv4 TCP/UDP/ICMP parser.
+//!
+//! An ICMP echo's identifier stands in for a port in its key, as Linux conntrack does: a
+//! request's is its source port, a reply's its destination port, so a request and its
+//! reply have the swapped keys a TCP or UDP packet and its reply have, and a NAT gateway
+//! tracks and rewrites pings with the same entries.
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
@@ -6,6 +11,8 @@ use lb_common::{
     reason::Reason,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+
+use crate::icmp;
 
 /// EtherType of IPv4, as it sits in the frame (network byte order read as native u16).
 const ETH_P_IP_BE: u16 = u16::from_ne_bytes([0x08, 0x00]);
@@ -57,7 +64,8 @@ pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, Reason> {
 /// What the rest of the program needs to know about a TCP/UDP/ICMP-over-IPv4 packet.
 #[derive(Default)]
 pub struct Packet {
-    /// Addresses, ports and protocol as received. ICMP has no ports: they are 0.
+    /// Addresses, ports and protocol as received. ICMP has no ports: they are 0, but for an
+    /// echo's identifier (see the module doc).
     pub key: FlowKey,
     /// Offset of the L4 header: Ethernet + IHL × 4 (options included). Read it through
     /// [`Packet::l4_off`]. (Offsets and length are 16 and 32 bits wide: this struct lives in
@@ -76,7 +84,23 @@ pub struct Packet {
     pub dont_fragment: bool,
     /// Whole frame length, for byte counters.
     pub frame_len: u32,
+    /// Whether the packet is an ICMP echo request or reply (code 0), whose identifier is in
+    /// the key.
+    pub echo: Echo,
 }
+
+/// [`Packet::echo`].
+#[repr(u8)]
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+pub enum Echo {
+    #[default]
+    No,
+    Request,
+    Reply,
+}
+
+/// Offset of the identifier inside an ICMP echo header.
+pub const ECHO_ID_OFF: usize = 4;
 
 /// Upper bound of any offset into the headers we touch: Ethernet (14) + IPv4 with options
 /// (at most 60) + the TCP checksum offset (16) = 90 < 128.
@@ -155,8 +179,23 @@ pub fn parse(ctx: &XdpContext, pkt: &mut Packet) -> Result<(), Reason> {
     // minimal header (ports and checksum) is inside the frame. Each access below still goes
     // through ptr_at, which is what the verifier checks.
     let l4_off = ETH_LEN + ihl;
+    let mut echo = Echo::No;
     let ports = if ip.proto == PROTO_ICMP {
-        [0; 4]
+        let icmp: *const [u8; ICMP_LEN] = ptr_at(ctx, l4_off)?;
+        // SAFETY: ptr_at checked the whole 8-byte ICMP header is inside the frame.
+        let icmp = unsafe { *icmp };
+        let id = [icmp[ECHO_ID_OFF], icmp[ECHO_ID_OFF + 1]];
+        match (icmp[0], icmp[1]) {
+            (icmp::ECHO_REQUEST, 0) => {
+                echo = Echo::Request;
+                [id[0], id[1], 0, 0]
+            }
+            (icmp::ECHO_REPLY, 0) => {
+                echo = Echo::Reply;
+                [0, 0, id[0], id[1]]
+            }
+            _ => [0; 4],
+        }
     } else {
         let ports: *const [u8; 4] = ptr_at(ctx, l4_off)?;
         // SAFETY: ptr_at checked the four port bytes are inside the frame.
@@ -185,6 +224,7 @@ pub fn parse(ctx: &XdpContext, pkt: &mut Packet) -> Result<(), Reason> {
         fragmented,
         dont_fragment: frags & IP_DF != 0,
         frame_len: frame_len as u32,
+        echo,
     };
     Ok(())
 }

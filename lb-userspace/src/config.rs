@@ -33,6 +33,23 @@ pub struct Config {
     /// The services to balance (`[[service]]` tables).
     #[serde(default, rename = "service")]
     pub services: Vec<ServiceConfig>,
+    /// The NAT gateways (`[[nat_gateway]]` tables).
+    #[serde(default, rename = "nat_gateway")]
+    pub nat_gateways: Vec<NatGatewayConfig>,
+}
+
+/// `[[nat_gateway]]`: private hosts reach the outside through xlb, sharing public addresses,
+/// as through a cloud NAT gateway.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NatGatewayConfig {
+    /// The private network, "address/prefix" (e.g. "10.30.0.0/24"): connections from it to
+    /// anywhere outside it that is not a service get a public source.
+    pub source: String,
+    /// The public address, or a list of them (a pool, as a service's `snat`).
+    pub to: OneOrMore<String>,
+    /// The source ports handed out, `[first, last]`; unset: `dataplane.snat_port_range`'s.
+    pub ports: Option<[u16; 2]>,
 }
 
 /// `[api]`
@@ -469,8 +486,69 @@ pub struct Checked {
     pub conntrack: ConntrackConfig,
     pub api: ApiConfig,
     pub services: Vec<Service>,
+    pub gateways: Vec<Gateway>,
     /// The SNAT port range in force: `dataplane.snat_port_range`, or its default.
     pub snat_ports: SnatPorts,
+}
+
+/// A checked `[[nat_gateway]]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Gateway {
+    pub source: Network,
+    /// The public pool: 1 to `MAX_SNAT_ADDRESSES` addresses.
+    pub to: Vec<Ipv4Addr>,
+    /// Its own port range; `None`: the config's SNAT port range.
+    pub ports: Option<SnatPorts>,
+}
+
+impl fmt::Display for Gateway {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "nat_gateway {}", self.source)
+    }
+}
+
+/// An IPv4 network: an address whose bits past `prefix` are zero.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Network {
+    pub addr: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl Network {
+    /// Parses "address/prefix"; the address must be the network's own (no host bits).
+    pub fn parse(text: &str) -> Result<Network, String> {
+        let bad = || format!("{text:?} is not \"address/prefix\" (for example \"10.30.0.0/24\")");
+        let (addr, prefix) = text.split_once('/').ok_or_else(bad)?;
+        let addr: Ipv4Addr = addr.parse().map_err(|_| bad())?;
+        let prefix: u8 = prefix.parse().map_err(|_| bad())?;
+        if prefix > 32 {
+            return Err(format!("{text:?}: an IPv4 prefix is 0 to 32 bits"));
+        }
+        let network = Network {
+            addr: Ipv4Addr::from(u32::from(addr) & Self::mask(prefix)),
+            prefix,
+        };
+        if network.addr != addr {
+            return Err(format!(
+                "{text:?} has bits set past the prefix: the network is {network}"
+            ));
+        }
+        Ok(network)
+    }
+
+    fn mask(prefix: u8) -> u32 {
+        u32::MAX.checked_shl(32 - prefix as u32).unwrap_or(0)
+    }
+
+    pub fn contains(&self, addr: Ipv4Addr) -> bool {
+        u32::from(addr) & Self::mask(self.prefix) == u32::from(self.addr)
+    }
+}
+
+impl fmt::Display for Network {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
 }
 
 /// The SNAT source ports new flows get, `first..=last`.
@@ -577,8 +655,6 @@ impl Checked {
         lb_common::maps::Settings {
             maglev_size: dp.maglev_table_size,
             hash_seed: dp.hash_seed,
-            snat_port_first: self.snat_ports.first as u32,
-            snat_port_count: self.snat_ports.count(),
             layout_version: lb_common::maps::LAYOUT_VERSION,
         }
     }
@@ -623,7 +699,24 @@ impl Checked {
                     health: s.health.clone(),
                 })
                 .collect(),
+            nat_gateways: self
+                .gateways
+                .iter()
+                .map(|g| NatGatewayConfig {
+                    source: g.source.to_string(),
+                    to: match &g.to[..] {
+                        [one] => OneOrMore::One(one.to_string()),
+                        pool => OneOrMore::More(pool.iter().map(|a| a.to_string()).collect()),
+                    },
+                    ports: g.ports.map(|p| [p.first, p.last]),
+                })
+                .collect(),
         }
+    }
+
+    /// The source ports a gateway's flows take: its own range, or the config's.
+    pub fn gateway_ports(&self, gateway: &Gateway) -> SnatPorts {
+        gateway.ports.unwrap_or(self.snat_ports)
     }
 
     /// Checks the config against the host it runs on. When a SNAT address is one of the
@@ -631,18 +724,46 @@ impl Checked {
     /// range: a SNAT port in that range would make the replies to the host's connections look
     /// like a client's. So an explicit `snat_port_range` that overlaps it is refused, and the
     /// default becomes the larger part of 1024-65535 outside it.
+    ///
+    /// A NAT gateway's public addresses count as SNAT addresses, with the gateway's own
+    /// `ports` when it sets them (then refused if they overlap, too).
     pub fn fit_to_host(&mut self, host: &HostFacts) -> Result<(), ConfigErrors> {
         let [lo, hi] = host.ephemeral_ports;
-        let own: Vec<&Service> = self
+        let owned = |pool: &[Ipv4Addr]| {
+            pool.iter()
+                .any(|a| host.addresses.contains(&IpAddr::V4(*a)))
+        };
+        let mut errors = Vec::new();
+        for (i, g) in self.gateways.iter().enumerate() {
+            if let Some(ports) = g.ports
+                && owned(&g.to)
+                && ports.overlaps(lo, hi)
+            {
+                errors.push(FieldError {
+                    field: format!("nat_gateway[{i}].ports"),
+                    problem: format!(
+                        "{ports} overlaps the host's ephemeral ports {lo}-{hi} \
+                         (net.ipv4.ip_local_port_range), and an address of `to` is this \
+                         host's: replies to the host's own connections would be taken for a \
+                         private host's. Use a range outside {lo}-{hi}"
+                    ),
+                });
+            }
+        }
+        if !errors.is_empty() {
+            return Err(ConfigErrors(errors));
+        }
+        let own_service = self
             .services
             .iter()
-            .filter(|s| {
-                s.snat
-                    .iter()
-                    .any(|a| host.addresses.contains(&IpAddr::V4(*a)))
-            })
-            .collect();
-        let Some(first_own) = own.first() else {
+            .find(|s| owned(&s.snat))
+            .map(|s| format!("service {s}'s snat {}", s.snat_text()));
+        let own_gateway = self
+            .gateways
+            .iter()
+            .find(|g| g.ports.is_none() && owned(&g.to))
+            .map(|g| format!("{g}'s `to`"));
+        let Some(first_own) = own_service.or(own_gateway) else {
             return Ok(());
         };
         if !self.snat_ports.overlaps(lo, hi) {
@@ -653,12 +774,11 @@ impl Checked {
                 field: "dataplane.snat_port_range".into(),
                 problem: format!(
                     "{} overlaps the host's ephemeral ports {lo}-{hi} \
-                     (net.ipv4.ip_local_port_range), and service {first_own}'s snat {} is an \
-                     address of this host: replies to the host's own connections would be \
-                     taken for a client's. Use a range outside {lo}-{hi}, or a SNAT address \
-                     the host does not own",
+                     (net.ipv4.ip_local_port_range), and {first_own} is an address of this \
+                     host: replies to the host's own connections would be taken for a \
+                     client's. Use a range outside {lo}-{hi}, or a SNAT address the host \
+                     does not own",
                     self.snat_ports,
-                    first_own.snat_text()
                 ),
             }]));
         }
@@ -685,10 +805,9 @@ impl Checked {
                 return Err(ConfigErrors(vec![FieldError {
                     field: "dataplane.snat_port_range".into(),
                     problem: format!(
-                        "the host's ephemeral ports {lo}-{hi} leave no SNAT ports for {}, an \
-                         address of this host: narrow net.ipv4.ip_local_port_range or use \
-                         another SNAT address",
-                        first_own.snat_text()
+                        "the host's ephemeral ports {lo}-{hi} leave no SNAT ports for \
+                         {first_own}, an address of this host: narrow \
+                         net.ipv4.ip_local_port_range or use another SNAT address"
                     ),
                 }]));
             }
@@ -1084,6 +1203,84 @@ impl Config {
                 });
             }
         }
+        let mut gateways = Vec::new();
+        for (gi, g) in self.nat_gateways.iter().enumerate() {
+            let at = |field: &str| format!("nat_gateway[{gi}].{field}");
+            let source = Network::parse(&g.source)
+                .map_err(|p| err(at("source"), p))
+                .ok();
+            if let Some(source) = source
+                && self.nat_gateways[..gi]
+                    .iter()
+                    .any(|o| Network::parse(&o.source) == Ok(source))
+            {
+                err(at("source"), format!("{source} has another nat_gateway"));
+            }
+            let texts = g.to.as_slice();
+            let to: Vec<Ipv4Addr> = texts
+                .iter()
+                .filter_map(|t| parse_ipv4(t).map_err(|p| err(at("to"), p)).ok())
+                .collect();
+            let unique: HashSet<&Ipv4Addr> = to.iter().collect();
+            if texts.is_empty() || texts.len() > MAX_SNAT_ADDRESSES {
+                err(
+                    at("to"),
+                    format!(
+                        "{} addresses: a pool holds 1 to {MAX_SNAT_ADDRESSES}",
+                        texts.len()
+                    ),
+                );
+            } else if unique.len() != to.len() {
+                err(at("to"), "an address is listed twice".into());
+            }
+            if let Some(source) = source
+                && let Some(inside) = to.iter().find(|a| source.contains(**a))
+            {
+                err(
+                    at("to"),
+                    format!(
+                        "{inside} is inside the private network {source}: its traffic would \
+                         not leave it"
+                    ),
+                );
+            }
+            let ports = match g.ports {
+                None => None,
+                Some([first, last]) => {
+                    if first == 0 || first > last {
+                        err(
+                            at("ports"),
+                            format!(
+                                "must be [first, last] with 1 <= first <= last, got [{first}, \
+                                 {last}]"
+                            ),
+                        );
+                    }
+                    Some(SnatPorts {
+                        first,
+                        last,
+                        explicit: true,
+                    })
+                }
+            };
+            if let Some(source) = source {
+                gateways.push(Gateway { source, to, ports });
+            }
+        }
+        if self.services.len() + self.nat_gateways.len() > dp.max_services as usize
+            && !self.nat_gateways.is_empty()
+        {
+            err(
+                "nat_gateway".into(),
+                format!(
+                    "{} services and {} NAT gateways, but dataplane.max_services is {} (a \
+                     gateway takes a service's place)",
+                    self.services.len(),
+                    self.nat_gateways.len(),
+                    dp.max_services
+                ),
+            );
+        }
         if backend_total > dp.max_backends as usize {
             err(
                 "service".into(),
@@ -1122,6 +1319,7 @@ impl Config {
             conntrack: self.conntrack.clone(),
             api: self.api.clone(),
             services,
+            gateways,
             snat_ports,
         })
     }

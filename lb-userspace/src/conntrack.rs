@@ -10,12 +10,16 @@
 //! fresher timestamp, and removed: the reverse entry first (that frees the SNAT port), then
 //! the forward one.
 //!
+//! A NAT gateway's UDP mappings (`MAPPINGS`) live as long as a flow uses them: each sweep
+//! removes those whose public endpoint no flow it read uses, unless a flow took them after
+//! the sweep began (it may not have read that flow).
+//!
 //! The [`Sweeper`] runs on a thread of its own, with map handles of its own, so a long
 //! sweep (a second for a million flows, several when most of them expire at once) never
 //! holds up `xlb run`'s loop.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap as StdHashMap, HashSet},
     os::fd::{AsFd as _, AsRawFd as _, RawFd},
     sync::{
         Arc, Mutex,
@@ -32,7 +36,10 @@ use aya::{
 };
 use lb_common::{
     conntrack::{FlowState, Timeouts, remaining_ns},
-    maps::{DIR_TO_BACKEND, FlowKey, NatEntry, names},
+    maps::{
+        DIR_TO_BACKEND, Endpoint, FlowKey, MAPPING_PUBLIC, Mapping, MappingKey, NO_BACKEND,
+        NatEntry, PROTO_UDP, names,
+    },
     reason::Reason,
 };
 
@@ -55,6 +62,9 @@ pub struct SweepReport {
     pub pruned: u64,
     /// Entries removed because their flow's other entry was gone.
     pub orphans: u64,
+    /// NAT gateway mappings left, and removed (each counts both of its sides).
+    pub mappings: u64,
+    pub mappings_removed: u64,
     /// Flows left, by the backend id and the service id they point at: what keeps an id
     /// from being given to a new object, and each backend's active flows.
     pub by_backend: BTreeMap<u32, u64>,
@@ -88,6 +98,8 @@ pub struct Table {
     map: HashMap<MapData, FlowKey, NatEntry>,
     /// The map's fd, for `BPF_MAP_LOOKUP_BATCH`; owned by `map`.
     fd: RawFd,
+    /// `MAPPINGS`, which the flows of NAT gateways keep alive.
+    mappings: HashMap<MapData, MappingKey, Mapping>,
     /// Who takes ended flows off the backends' open-flow counts; `None` where nothing
     /// counts (the BPF_PROG_TEST_RUN labs).
     accounting: Option<Arc<Mutex<Accounting>>>,
@@ -97,9 +109,11 @@ impl Table {
     pub fn open(ebpf: &Ebpf) -> anyhow::Result<Table> {
         let data = crate::loader::map_handle(ebpf, names::CONNTRACK)?;
         let fd = data.fd().as_fd().as_raw_fd();
+        let mappings = crate::loader::map_handle(ebpf, names::MAPPINGS)?;
         Ok(Table {
             map: Map::HashMap(data).try_into()?,
             fd,
+            mappings: Map::HashMap(mappings).try_into()?,
             accounting: None,
         })
     }
@@ -123,6 +137,8 @@ impl Table {
         let (mut forward, mut reverse) = (Vec::new(), Vec::new());
         // Forward entries of flows whose starts the open-flow counts are behind on.
         let mut ended = Vec::new();
+        // The public endpoints NAT gateways' UDP flows use (their mappings stay).
+        let mut mapped = HashSet::new();
         for_each_batch(self.fd, |keys, entries| {
             report.entries += keys.len() as u64;
             // Once per batch, not per entry: a cut waits at most a batch.
@@ -135,6 +151,13 @@ impl Table {
                     && acc.behind(key, entry)
                 {
                     ended.push(*key);
+                }
+                if entry.rewrite.direction == DIR_TO_BACKEND
+                    && entry.rewrite.backend_id == NO_BACKEND
+                    && key.proto == PROTO_UDP
+                    && !doomed
+                {
+                    mapped.insert(entry.rewrite.src);
                 }
                 if entry.rewrite.direction == DIR_TO_BACKEND {
                     let state = FlowState::of(key.proto, &entry.seen);
@@ -204,8 +227,49 @@ impl Table {
                 }
             }
         }
+        self.sweep_mappings(&mapped, now, &mut report)?;
         report.took = started.elapsed();
         Ok(report)
+    }
+
+    /// Removes the mappings whose public endpoint is not in `mapped` (the UDP flows the sweep
+    /// kept), both sides, unless either side was taken at or after `started_ns`.
+    fn sweep_mappings(
+        &mut self,
+        mapped: &HashSet<Endpoint>,
+        started_ns: u64,
+        report: &mut SweepReport,
+    ) -> anyhow::Result<()> {
+        let all: Vec<(MappingKey, Mapping)> = self
+            .mappings
+            .iter()
+            .collect::<Result<_, _>>()
+            .context("reading MAPPINGS")?;
+        // Per public endpoint, the latest time either side was taken.
+        let public = |k: &MappingKey, m: &Mapping| {
+            if k.side == MAPPING_PUBLIC {
+                k.endpoint
+            } else {
+                m.endpoint
+            }
+        };
+        let mut taken: StdHashMap<Endpoint, u64> = StdHashMap::new();
+        for (k, m) in &all {
+            let t = taken.entry(public(k, m)).or_default();
+            *t = (*t).max(m.taken_ns);
+        }
+        for (k, m) in &all {
+            let p = public(k, m);
+            if mapped.contains(&p) || taken[&p] >= started_ns {
+                report.mappings += 1;
+                continue;
+            }
+            match self.mappings.remove(k) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => report.mappings_removed += 1,
+                Err(e) => return Err(e).context("removing a mapping"),
+            }
+        }
+        Ok(())
     }
 }
 

@@ -88,6 +88,9 @@ fn load_with(cfg: &Checked, pins: Option<&PinDir>) -> anyhow::Result<Ebpf> {
         .map_max_entries(names::ACTIVE, cfg.dataplane.max_backends)
         .map_max_entries(names::QUIC_SERVERS, cfg.dataplane.max_backends)
         .map_max_entries(names::RELEASED, cfg.conntrack.entries)
+        .map_max_entries(names::GATEWAYS, cfg.dataplane.max_services)
+        // A pair per UDP flow of a NAT gateway at most.
+        .map_max_entries(names::MAPPINGS, cfg.conntrack.map_entries())
         .load(XDP_OBJECT)
         .context("loading the XDP object (are you root, with bpf() allowed?)")?;
     let program: &mut Xdp = ebpf
@@ -334,9 +337,11 @@ pub fn program_id(ebpf: &Ebpf) -> anyhow::Result<u32> {
 pub fn map_handle(ebpf: &Ebpf, name: &str) -> anyhow::Result<MapData> {
     use aya::maps::Map;
     let data = match ebpf.map(name).with_context(|| format!("map {name}"))? {
-        Map::HashMap(data) | Map::Array(data) | Map::PerCpuArray(data) | Map::DevMapHash(data) => {
-            data
-        }
+        Map::HashMap(data)
+        | Map::Array(data)
+        | Map::PerCpuArray(data)
+        | Map::DevMapHash(data)
+        | Map::LpmTrie(data) => data,
         _ => bail!("map {name} is not of the expected type"),
     };
     let id = data

@@ -20,8 +20,8 @@ use anyhow::{Context as _, bail};
 use aya::maps::{Array, Map, MapData};
 use lb_common::{
     maps::{
-        BackendEntry, FlowKey, FlowStats, LAYOUT_VERSION, NatEntry, ServiceEntry, ServiceKey,
-        Settings, names,
+        BackendEntry, FlowKey, FlowStats, LAYOUT_VERSION, Mapping, MappingKey, NatEntry,
+        ServiceEntry, ServiceKey, Settings, names,
     },
     reason::Reason,
 };
@@ -164,16 +164,29 @@ fn expected(cfg: &Checked) -> Vec<(&'static str, u32, u32, u32)> {
             4,
             cfg.conntrack.entries,
         ),
+        (
+            names::GATEWAYS,
+            // The trie's key: a prefix length, then the address.
+            4 + 16,
+            size(size_of::<ServiceEntry>()),
+            dp.max_services,
+        ),
+        (
+            names::MAPPINGS,
+            size(size_of::<MappingKey>()),
+            size(size_of::<Mapping>()),
+            cfg.conntrack.map_entries(),
+        ),
     ]
 }
 
 /// The config settings a pinned map's capacity follows, for the message.
 fn setting_of(name: &str) -> &'static str {
     match name {
-        names::SERVICES | names::SERVICE_STATS => "dataplane.max_services",
+        names::SERVICES | names::SERVICE_STATS | names::GATEWAYS => "dataplane.max_services",
         names::MAGLEV => "dataplane.max_services × dataplane.maglev_table_size",
         names::BACKENDS | names::BACKEND_STATS | names::ACTIVE => "dataplane.max_backends",
-        names::CONNTRACK | names::RELEASED => "conntrack.entries",
+        names::CONNTRACK | names::RELEASED | names::MAPPINGS => "conntrack.entries",
         _ => "the map layout (another xlb version)",
     }
 }

@@ -4,6 +4,9 @@
 //! API command (which edits the running config and applies it) all go through it; a health
 //! check's verdict only marks a backend down or up and rebuilds its service's table.
 //!
+//! NAT gateways live here too, simpler: an entry in `GATEWAYS` per private network, with an
+//! id of the services' (their counters are a service's) that retires as a service's does.
+//!
 //! Ids: a service id indexes its counters and owns two Maglev tables; a backend id indexes
 //! its counters and its `BACKENDS` entry. Flows carry both ids, so an id given up (its object
 //! removed) is *retired*, not free: it is given to a new object only after a sweep that
@@ -19,13 +22,19 @@ use std::{
 
 use lb_common::{
     maglev,
-    maps::{BackendEntry, Endpoint, MAX_SNAT_ADDRESSES, NO_BACKEND, ServiceEntry, ServiceKey},
+    maps::{
+        BackendEntry, Endpoint, MAX_SNAT_ADDRESSES, MODE_GATEWAY, NO_BACKEND, ServiceEntry,
+        ServiceKey,
+    },
     scheduler,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    config::{Backend, Checked, ConfigErrors, FieldError, Mode, Protocol, Scheduler, Service},
+    config::{
+        Backend, Checked, ConfigErrors, FieldError, Gateway, Mode, Network, Protocol, Scheduler,
+        Service, SnatPorts,
+    },
     conntrack::SweepReport,
     tables::Tables,
 };
@@ -90,6 +99,14 @@ pub struct LiveService {
     pub backends: Vec<LiveBackend>,
 }
 
+/// A NAT gateway as it runs.
+#[derive(Clone, Debug)]
+pub struct LiveGateway {
+    /// An id of the services': its counters' index in `SERVICE_STATS`.
+    pub id: u32,
+    pub config: Gateway,
+}
+
 /// A backend as it runs.
 #[derive(Clone, Debug)]
 pub struct LiveBackend {
@@ -130,6 +147,10 @@ pub struct Changes {
     pub backends_removed: u32,
     /// Services whose Maglev table was rebuilt and switched.
     pub tables_rebuilt: u32,
+    #[serde(default)]
+    pub gateways_added: u32,
+    #[serde(default)]
+    pub gateways_removed: u32,
 }
 
 /// Ids `0..capacity`: in use, retired (waiting for the flows that point at them to end),
@@ -189,6 +210,7 @@ pub struct Registry {
     /// The config being run: the file's, as the API changed it since.
     running: Checked,
     services: BTreeMap<ServiceName, LiveService>,
+    gateways: BTreeMap<Network, LiveGateway>,
     service_ids: IdPool,
     backend_ids: IdPool,
     /// Maglev tables rebuilt since start (for the metrics).
@@ -215,9 +237,11 @@ impl Registry {
             tables,
             running: Checked {
                 services: Vec::new(),
+                gateways: Vec::new(),
                 ..cfg.clone()
             },
             services: BTreeMap::new(),
+            gateways: BTreeMap::new(),
             rebuilds: 0,
             quic: BTreeMap::new(),
         };
@@ -235,6 +259,23 @@ impl Registry {
     /// table uses is kept and the other retired.
     fn adopt(&mut self, cfg: &Checked) -> anyhow::Result<()> {
         let now = Instant::now();
+        for (addr, prefix_len, entry) in self.tables.gateways()? {
+            let Some(source) = network_of(addr, prefix_len) else {
+                continue;
+            };
+            self.service_ids.used.insert(entry.id);
+            self.gateways.insert(
+                source,
+                LiveGateway {
+                    id: entry.id,
+                    config: Gateway {
+                        source,
+                        to: pool_of(&entry),
+                        ports: None,
+                    },
+                },
+            );
+        }
         let mut in_table: BTreeMap<u32, BTreeSet<u32>> = BTreeMap::new();
         for (key, entry) in self.tables.services()? {
             let Some(protocol) = Protocol::from_number(key.proto) else {
@@ -259,12 +300,7 @@ impl Registry {
                         vip: name.vip,
                         protocol,
                         mode: Mode::from_number(entry.mode),
-                        snat: entry
-                            .snat
-                            .iter()
-                            .take(entry.snat_count as usize)
-                            .map(|e| *e.to_socket_v4().ip())
-                            .collect(),
+                        snat: pool_of(&entry),
                         scheduler: Scheduler::from_number(entry.scheduler),
                         quic: entry.flags & lb_common::quic::SERVICE_QUIC != 0,
                         backends: Vec::new(),
@@ -377,7 +413,7 @@ impl Registry {
             for service in &cfg.services {
                 self.apply_service(service, &mut changes)?;
             }
-            Ok(())
+            self.apply_gateways(cfg, &mut changes)
         };
         let applied = applied();
         // Every change, even one that stopped part way, ends with the pings the data plane
@@ -400,6 +436,7 @@ impl Registry {
                         ..live.config.clone()
                     })
                     .collect();
+                self.running.gateways = self.gateways.values().map(|g| g.config.clone()).collect();
                 Err(ApplyError::Maps(e.context(format!(
                     "the change stopped part way, after {changes:?}"
                 ))))
@@ -573,6 +610,11 @@ impl Registry {
                 }
             }
         }
+        new_services += cfg
+            .gateways
+            .iter()
+            .filter(|g| !self.gateways.contains_key(&g.source))
+            .count() as u32;
         // Ids given up by this apply are retired, not free: they do not count.
         for (what, new, pool, max) in [
             ("service", new_services, &self.service_ids, "max_services"),
@@ -778,16 +820,7 @@ impl Registry {
                 }
             })
             .collect();
-        let mut snat = [Endpoint::default(); MAX_SNAT_ADDRESSES];
-        for (slot, a) in snat.iter_mut().zip(&live.config.snat) {
-            *slot = Endpoint::v4(a.octets(), [0; 2]);
-        }
         let entry = ServiceEntry {
-            snat,
-            snat_count: live.config.snat.len() as u32,
-            id: live.id,
-            mode: live.config.mode.number(),
-            table: 0,
             scheduler: live.config.scheduler.number(),
             count: listed.len() as u32,
             flags: if live.config.quic {
@@ -795,6 +828,12 @@ impl Registry {
             } else {
                 0
             },
+            ..entry_of(
+                live.id,
+                live.config.mode.number(),
+                &live.config.snat,
+                self.running.snat_ports,
+            )
         };
         self.tables.switch_table(&live.name.key(), entry, &table)?;
         // After the switch: its backends' entries are in place by now.
@@ -839,6 +878,110 @@ impl Registry {
         }
         Ok(())
     }
+}
+
+impl Registry {
+    /// Makes `GATEWAYS` run `cfg`'s NAT gateways: the gone ones removed (ids retired), the
+    /// new ones given ids, every entry written (a write replaces a whole entry at once).
+    fn apply_gateways(&mut self, cfg: &Checked, changes: &mut Changes) -> anyhow::Result<()> {
+        let gone: Vec<Network> = self
+            .gateways
+            .keys()
+            .filter(|n| !cfg.gateways.iter().any(|g| g.source == **n))
+            .copied()
+            .collect();
+        for source in gone {
+            let (addr, prefix_len) = trie_key(source);
+            self.tables.remove_gateway(addr, prefix_len)?;
+            if let Some(live) = self.gateways.remove(&source) {
+                self.service_ids.retire(live.id);
+            }
+            changes.gateways_removed += 1;
+        }
+        for g in &cfg.gateways {
+            let (id, added) = match self.gateways.get(&g.source) {
+                Some(live) => (live.id, false),
+                None => {
+                    let id = self.service_ids.take().expect("room was checked");
+                    if let Err(e) = self.tables.clear_service_stats(id) {
+                        self.service_ids.used.remove(&id);
+                        return Err(e);
+                    }
+                    (id, true)
+                }
+            };
+            let entry = entry_of(id, MODE_GATEWAY, &g.to, cfg.gateway_ports(g));
+            let (addr, prefix_len) = trie_key(g.source);
+            if let Err(e) = self.tables.set_gateway(addr, prefix_len, entry) {
+                if added {
+                    self.service_ids.used.remove(&id);
+                }
+                return Err(e);
+            }
+            if added {
+                changes.gateways_added += 1;
+            }
+            self.gateways.insert(
+                g.source,
+                LiveGateway {
+                    id,
+                    config: g.clone(),
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// The NAT gateways running.
+    pub fn gateways(&self) -> impl Iterator<Item = &LiveGateway> {
+        self.gateways.values()
+    }
+}
+
+/// A `SERVICES` or `GATEWAYS` entry's common part: id, mode, SNAT pool and port range (the
+/// scheduler's fields zero).
+fn entry_of(id: u32, mode: u32, pool: &[Ipv4Addr], ports: SnatPorts) -> ServiceEntry {
+    let mut snat = [Endpoint::default(); MAX_SNAT_ADDRESSES];
+    for (slot, a) in snat.iter_mut().zip(pool) {
+        *slot = Endpoint::v4(a.octets(), [0; 2]);
+    }
+    ServiceEntry {
+        snat,
+        snat_count: pool.len() as u32,
+        id,
+        mode,
+        port_first: ports.first as u32,
+        port_count: ports.count(),
+        ..ServiceEntry::default()
+    }
+}
+
+/// The SNAT pool an entry holds.
+fn pool_of(entry: &ServiceEntry) -> Vec<Ipv4Addr> {
+    entry
+        .snat
+        .iter()
+        .take(entry.snat_count as usize)
+        .map(|e| *e.to_socket_v4().ip())
+        .collect()
+}
+
+/// `GATEWAYS`' key of a network: its address IPv4-mapped, and the prefix length of that.
+fn trie_key(network: Network) -> ([u8; 16], u32) {
+    (
+        Endpoint::v4(network.addr.octets(), [0; 2]).addr,
+        96 + network.prefix as u32,
+    )
+}
+
+/// The network of a `GATEWAYS` key, if it is an IPv4 one.
+fn network_of(addr: [u8; 16], prefix_len: u32) -> Option<Network> {
+    let prefix = prefix_len.checked_sub(96).filter(|p| *p <= 32)? as u8;
+    let endpoint = Endpoint { addr, port: [0; 2] };
+    Some(Network {
+        addr: *endpoint.to_socket_v4().ip(),
+        prefix,
+    })
 }
 
 /// What the data path knows of a backend of service `service_id`.

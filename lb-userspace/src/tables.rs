@@ -19,7 +19,10 @@ use std::{
 use anyhow::{Context as _, bail};
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues},
+    maps::{
+        Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues,
+        lpm_trie::{Key, LpmTrie},
+    },
     util::nr_cpus,
 };
 use lb_common::maps::{BackendEntry, FlowStats, ServiceEntry, ServiceKey, Settings, names};
@@ -35,6 +38,7 @@ pub struct Tables {
     backend_stats: PerCpuArray<MapData, FlowStats>,
     quic: HashMap<MapData, u64, u32>,
     vips: HashMap<MapData, [u8; 16], u32>,
+    gateways: LpmTrie<MapData, [u8; 16], ServiceEntry>,
     reasons: PerCpuArray<MapData, u64>,
     handoffs: PerCpuArray<MapData, u64>,
     maglev: MappedArray,
@@ -64,6 +68,7 @@ impl Tables {
             backend_stats: Map::PerCpuArray(handle(names::BACKEND_STATS)?).try_into()?,
             quic: Map::HashMap(handle(names::QUIC_SERVERS)?).try_into()?,
             vips: Map::HashMap(handle(names::VIPS)?).try_into()?,
+            gateways: Map::LpmTrie(handle(names::GATEWAYS)?).try_into()?,
             reasons: Map::PerCpuArray(handle(names::REASONS)?).try_into()?,
             handoffs: Map::PerCpuArray(handle(names::HANDOFFS)?).try_into()?,
             maglev,
@@ -218,6 +223,48 @@ impl Tables {
         for (addr, count) in wanted {
             self.vips.insert(addr, count, 0).context("writing VIPS")?;
         }
+        Ok(())
+    }
+
+    /// The NAT gateways in the map: (network address IPv4-mapped, prefix length of the
+    /// mapped address, entry).
+    pub fn gateways(&self) -> anyhow::Result<Vec<([u8; 16], u32, ServiceEntry)>> {
+        self.gateways
+            .iter()
+            .map(|kv| {
+                let (key, entry) = kv?;
+                Ok((key.data(), key.prefix_len(), entry))
+            })
+            .collect()
+    }
+
+    /// Creates or replaces the NAT gateway of the network `addr`/`prefix_len`; returns once
+    /// no program run can still be reading an entry it replaced.
+    pub fn set_gateway(
+        &mut self,
+        addr: [u8; 16],
+        prefix_len: u32,
+        entry: ServiceEntry,
+    ) -> anyhow::Result<()> {
+        let key = Key::new(prefix_len, addr);
+        let replaced = self.gateways.get(&key, 0).is_ok();
+        self.gateways
+            .insert(&key, entry, 0)
+            .context("writing a NAT gateway entry")?;
+        if replaced {
+            self.grace.wait();
+        }
+        Ok(())
+    }
+
+    /// Removes the NAT gateway of the network `addr`/`prefix_len`; returns once no program
+    /// run can still be using it.
+    pub fn remove_gateway(&mut self, addr: [u8; 16], prefix_len: u32) -> anyhow::Result<()> {
+        match self.gateways.remove(&Key::new(prefix_len, addr)) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(e) => return Err(e).context("removing a NAT gateway entry"),
+        }
+        self.grace.wait();
         Ok(())
     }
 

@@ -34,7 +34,7 @@ use lb_common::{
     },
     reason::Reason,
 };
-use lb_userspace::config::{Checked, Config};
+use lb_userspace::config::{Checked, Config, SnatPorts};
 use xlb_tests::{
     lab::{
         self, BACKEND, BACKEND_MAC, CLIENT, CLIENT_MAC, Iface, NEAR_BACKEND, NEAR_BACKEND_MAC,
@@ -293,6 +293,7 @@ impl Lab {
     fn ports(&self) -> Ports {
         Ports {
             cfg: self.checked.settings(),
+            ports: self.checked.snat_ports,
             taken: HashSet::new(),
         }
     }
@@ -383,6 +384,8 @@ fn untouched(action: u32, reason: Reason) -> Expect {
 /// order, skipping ports the case's earlier flows hold.
 struct Ports {
     cfg: lb_common::maps::Settings,
+    /// The services' SNAT port range.
+    ports: SnatPorts,
     /// Reverse keys (backend → SNAT:port) of the flows created so far.
     taken: HashSet<FlowKey>,
 }
@@ -411,8 +414,8 @@ impl Ports {
         snat_port(
             flow_hash(&key, self.cfg.hash_seed),
             probe,
-            self.cfg.snat_port_first,
-            self.cfg.snat_port_count,
+            self.ports.first as u32,
+            self.ports.count(),
         )
     }
 
@@ -425,7 +428,7 @@ impl Ports {
         snat: Ipv4Addr,
         backend: SocketAddrV4,
     ) -> Flow {
-        let probes = SNAT_PORT_PROBES.min(self.cfg.snat_port_count);
+        let probes = SNAT_PORT_PROBES.min(self.ports.count());
         for probe in 0..probes {
             let snat = SocketAddrV4::new(snat, self.port(proto, client, vip, probe));
             let reverse_key = FlowKey {

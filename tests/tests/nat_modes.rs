@@ -12,6 +12,11 @@
 //! * A SNAT pool of two addresses holds more flows to one backend than one address has
 //!   ports, and the backend sees both addresses.
 //!
+//! * A NAT gateway: a private host reaches servers outside over TCP, UDP and ping; they see
+//!   only the public address (the load balancer's own), from the gateway's port range; one
+//!   UDP socket keeps one public address and port toward every server (endpoint-independent
+//!   mapping); the gateway comes and goes with `xlb apply`.
+//!
 //! Every host's checksum error counters (TCP, UDP, IPv4, ICMP) stay at zero throughout.
 
 use std::io::{Read as _, Write as _};
@@ -25,7 +30,8 @@ use xlb_tests::netns::NetNs;
 use xlb_tests::nstat::{Counters, Snapshot};
 use xlb_tests::servers::BackendServers;
 use xlb_tests::topology::{
-    self, BACKEND_PORT, CLIENT_ADDR, LB_INTERFACES, Options, SNAT, Topology, VIP, with_topology,
+    self, BACKEND_PORT, CLIENT_ADDR, FLAT_LB_ADDR, LB_INTERFACES, Layout, Options, SNAT, Topology,
+    VIP, with_topology,
 };
 use xlb_tests::xlb::XlbProcess;
 
@@ -190,6 +196,171 @@ fn dnat_backends_see_the_client_and_replies_come_from_the_vip() {
                 );
             }
         }
+        Ok(())
+    });
+}
+
+/// The NAT gateway's config: the client's network goes out as the load balancer's own
+/// address toward the backends, ports 20000-20999.
+fn gateway_config(topo: &Topology) -> String {
+    format!(
+        "[dataplane]\ninterfaces = {:?}\n\n[[nat_gateway]]\nsource = \"10.10.1.0/24\"\n\
+         to = \"{FLAT_LB_ADDR}\"\nports = [{}, {}]\n",
+        topo.lb_interfaces(),
+        GATEWAY_PORTS.0,
+        GATEWAY_PORTS.1
+    )
+}
+
+const GATEWAY_PORTS: (u16, u16) = (20000, 20999);
+
+/// What the servers saw of `n` TCP connections from the client to each of them.
+fn tcp_peers(topo: &Topology, n: usize) -> Result<Vec<SocketAddr>> {
+    let mut peers = Vec::new();
+    for b in &topo.backends {
+        let replies = client::tcp_requests(&topo.client, b.service_addr(), n, 4)?;
+        let replies = client::all_ok(&format!("TCP to {}", b.service_addr()), replies)?;
+        peers.extend(replies.iter().map(|r| r.answer.seen_peer));
+    }
+    Ok(peers)
+}
+
+/// Pings every backend from the client.
+fn ping_backends(topo: &Topology) -> Result<()> {
+    for b in &topo.backends {
+        topology::ping(&topo.client, b.addr).with_context(|| format!("ping {}", b.addr))?;
+    }
+    Ok(())
+}
+
+#[test]
+fn a_nat_gateway_takes_private_hosts_out_through_one_address() {
+    let options = Options {
+        layout: Layout::Flat,
+        ..Options::default()
+    };
+    with_topology(PREFIX, options, |topo| {
+        topo.check_connectivity()?;
+        let _servers = BackendServers::start(topo)?;
+        // The outside answers pings only from the public address: without the gateway, the
+        // client's own pings (routed by the kernel, untranslated) go unanswered.
+        xlb_tests::cmd::require_tool("nft", "nftables")?;
+        for b in &topo.backends {
+            for rule in [
+                "add table ip xlbgw".to_string(),
+                "add chain ip xlbgw input { type filter hook input priority 0 ; }".into(),
+                format!(
+                    "add rule ip xlbgw input ip saddr != {FLAT_LB_ADDR} icmp type echo-request \
+                     drop"
+                ),
+            ] {
+                b.ns.exec("nft", &[&rule])?;
+            }
+        }
+        ensure!(
+            ping_backends(topo).is_err(),
+            "a backend answered the client's own ping"
+        );
+        // And the kernel alone forwards untranslated: the servers see the client.
+        let peers = tcp_peers(topo, 2)?;
+        ensure!(
+            peers
+                .iter()
+                .all(|p| p.ip() == std::net::IpAddr::from(CLIENT_ADDR)),
+            "without xlb the servers saw {peers:?}"
+        );
+
+        let xlb = XlbProcess::start(&topo.lb, &gateway_config(topo))?;
+        let before = snapshot(topo)?;
+        let in_range = |p: &SocketAddr| {
+            p.ip() == std::net::IpAddr::from(FLAT_LB_ADDR)
+                && (GATEWAY_PORTS.0..=GATEWAY_PORTS.1).contains(&p.port())
+        };
+        let peers = tcp_peers(topo, 40)?;
+        ensure!(
+            peers.iter().all(in_range),
+            "through the gateway the servers saw {:?}",
+            peers.iter().filter(|p| !in_range(p)).collect::<Vec<_>>()
+        );
+        ping_backends(topo).context("pings through the gateway")?;
+        // The host's own address is the kernel's, not translated (ping it: it answers).
+        topology::ping(&topo.client, FLAT_LB_ADDR).context("ping the gateway host")?;
+
+        // UDP: each socket keeps one public endpoint toward every server; two sockets have
+        // two.
+        let targets: Vec<SocketAddr> = topo.backends.iter().map(|b| b.service_addr()).collect();
+        let seen = topo.client.enter(|| -> Result<Vec<Vec<SocketAddr>>> {
+            let mut per_socket = Vec::new();
+            for _ in 0..2 {
+                let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
+                socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+                let mut seen = Vec::new();
+                for round in 0..2 {
+                    for t in &targets {
+                        socket.send_to(format!("hello {round}\n").as_bytes(), t)?;
+                        let mut buf = [0u8; 512];
+                        let (n, from) = socket
+                            .recv_from(&mut buf)
+                            .with_context(|| format!("no UDP answer from {t}"))?;
+                        ensure!(from == *t, "an answer from {from}, asked {t}");
+                        let answer = client::Answer::parse(&String::from_utf8_lossy(&buf[..n]))?;
+                        seen.push(answer.seen_peer);
+                    }
+                }
+                per_socket.push(seen);
+            }
+            Ok(per_socket)
+        })??;
+        for s in &seen {
+            ensure!(
+                s.iter().all(|p| p == &s[0]) && in_range(&s[0]),
+                "one socket was seen as {s:?}: not one public endpoint in range"
+            );
+        }
+        ensure!(
+            seen[0][0] != seen[1][0],
+            "two sockets share the public endpoint {}",
+            seen[0][0]
+        );
+        no_checksum_errors(topo, &before)?;
+        let stats = xlb.json(&["stats"])?;
+        for reason in [
+            "drop/internal",
+            "drop/conntrack_insert",
+            "pass/icmp_untracked",
+        ] {
+            ensure!(
+                stats["reasons"][reason].as_u64().unwrap_or(0) == 0,
+                "{reason} counted: {}",
+                stats["reasons"]
+            );
+        }
+
+        // The gateway goes with the config, and comes back.
+        let path = std::env::temp_dir().join(format!("{PREFIX}-gw-{}.toml", std::process::id()));
+        let apply = |config: &str| -> Result<()> {
+            std::fs::write(&path, config)?;
+            let out = xlb.command(&["apply", "--config", path.to_str().context("path")?])?;
+            ensure!(out.status.success(), "apply: {out:?}");
+            Ok(())
+        };
+        let without = format!("[dataplane]\ninterfaces = {:?}\n", topo.lb_interfaces());
+        let applied = apply(&without);
+        let after_removal = applied.and_then(|()| tcp_peers(topo, 2));
+        let readded = apply(&gateway_config(topo)).and_then(|()| tcp_peers(topo, 2));
+        let _ = std::fs::remove_file(&path);
+        let after_removal = after_removal?;
+        ensure!(
+            after_removal
+                .iter()
+                .all(|p| p.ip() == std::net::IpAddr::from(CLIENT_ADDR)),
+            "after the gateway's removal the servers saw {after_removal:?}"
+        );
+        let readded = readded?;
+        ensure!(
+            readded.iter().all(in_range),
+            "after the gateway came back the servers saw {readded:?}"
+        );
         Ok(())
     });
 }
