@@ -228,13 +228,15 @@ fn process(ctx: &XdpContext) -> Result<Reason, Reason> {
 /// `rewrite`.
 #[inline(never)]
 fn new_flow(ctx: &XdpContext, pkt: &parse::Packet, rewrite: &mut Rewrite) -> Result<Hop, Reason> {
+    // What is not ours goes to the kernel untouched.
+    let not_ours = if pkt.key.proto == PROTO_ICMP {
+        Reason::PassIcmp
+    } else {
+        Reason::PassNoService
+    };
     let (service, gateway) = match conntrack::service(&pkt.key) {
         Some(service) => (service, false),
-        None => match conntrack::gateway(pkt) {
-            Some(gateway) => (gateway, true),
-            None if pkt.key.proto == PROTO_ICMP => return Err(Reason::PassIcmp),
-            None => return Err(Reason::PassNoService),
-        },
+        None => (conntrack::gateway(pkt).ok_or(not_ours)?, true),
     };
     // Checked before the flow is created, so a packet we will not forward (a traceroute
     // probe with TTL 1, say) does not take a SNAT port.
@@ -260,9 +262,9 @@ fn new_flow(ctx: &XdpContext, pkt: &parse::Packet, rewrite: &mut Rewrite) -> Res
         &service.snat[0]
     };
     let hop = forward::route(ctx, pkt, snat, to)?;
-    if let (true, Hop::Kernel { reason, .. }) = (gateway, &hop) {
-        // Not a way out through xlb (the host itself, say): the kernel's, untranslated.
-        return Err(*reason);
+    if gateway && matches!(hop, Hop::Kernel { .. }) {
+        // Not a way out through xlb (to the host itself, say): the kernel's, untranslated.
+        return Err(not_ours);
     }
     if let Hop::TooBig { .. } = hop
         && pkt.dont_fragment

@@ -2,7 +2,8 @@
 //! (`xlb_tests::model`).
 //!
 //! Tens of thousands of frames go through BPF_PROG_TEST_RUN: well-formed TCP and UDP to the
-//! VIPs (full NAT and dnat services) and elsewhere, packets and replies of flows already
+//! VIPs (full NAT and dnat services) and elsewhere, out through a NAT gateway (and pings
+//! through it), packets and replies of flows already
 //! tracked, with random TCP flags (so flows open, close, reset and start anew), pings, ICMP
 //! errors quoting tracked flows' packets (either way, cut anywhere) and untracked ones, and
 //! frames with a random version, IHL, total length, TTL, options, fragment bits or
@@ -13,7 +14,11 @@
 //!   config and from what the program sent out (never from its maps): a new flow leaves from
 //!   its service's SNAT address toward one of its backends, keeps its backend and port, owns
 //!   its (backend, SNAT address, port) alone, and its replies go from the VIP to its client;
+//!   a gateway's flow keeps its destination, leaves from the gateway's pool and ports, and a
+//!   UDP one from its private endpoint's one public endpoint;
 //!   with the right MACs, TTL and handoff metadata, and valid checksums when the input's were;
+//! * leave to the kernel, untouched and counted as such, what is for no service and no
+//!   gateway;
 //! * answer pings to a VIP, and translate an ICMP error about a tracked flow as the model's
 //!   reference translation says (outer and quoted headers, every checksum), and nothing else;
 //! * and, in the end, hold whole flows only, each in the state the model reached by applying
@@ -39,11 +44,12 @@ use lb_userspace::config::Config;
 use xlb_tests::{
     lab::{self, BACKEND_MAC, CLIENT, CLIENT_MAC, FX0_MAC, FX1_MAC, Iface, VIP, VIP_UNRESOLVED},
     model::{
-        FlowModel, echo_reply_v4, flows::key, icmp_error_v4, icmp_layout_v4, icmp_quote_v4,
-        icmp_quoted_check_off, is_icmp_error, nat_rewrite_v4, rewrite::IcmpLayout,
+        FlowModel, echo_reply_v4, echo_rewrite_v4, flow_key_v4, flows::key, icmp_error_v4,
+        icmp_layout_v4, icmp_quote_v4, icmp_quoted_check_off, is_icmp_error, nat_rewrite_v4,
+        rewrite::IcmpLayout,
     },
     packet::{
-        ETH_HLEN, Frame, ICMP_DEST_UNREACH, ICMP_ECHO_REQUEST, ICMP_FRAG_NEEDED,
+        ETH_HLEN, Frame, ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, ICMP_FRAG_NEEDED,
         ICMP_PARAM_PROBLEM, ICMP_TIME_EXCEEDED, IP_MF, IPV4_HLEN, L4, PROTO_ICMP, hex_diff,
         icmp_echo, icmp_error, icmp_message, layout_v4, summary, verify_checksums_v4,
     },
@@ -93,6 +99,11 @@ protocol = "udp"
 mode = "dnat"
 [[service.backend]]
 address = "10.20.1.2:5353"
+# The upper half of the client subnet goes out through a NAT gateway.
+[[nat_gateway]]
+source = "10.10.1.128/25"
+to = ["10.20.0.5", "10.20.0.6"]
+ports = [40000, 40999]
 "#;
 
 /// xorshift64*: small, deterministic, good enough to pick test cases.
@@ -154,9 +165,14 @@ fn random_frames_match_the_reference_model() {
             reason.name()
         );
     }
-    for outcome in ["(icmp echo answered)", "(icmp error translated)"] {
+    for (outcome, per) in [
+        ("(icmp echo answered)", 100),
+        ("(icmp error translated)", 100),
+        ("(gateway flow packet)", 100),
+        ("(gateway echo packet)", 1000),
+    ] {
         let n = histogram.get(outcome).copied().unwrap_or(0);
-        assert!(n >= frames / 100, "only {n} frames: {outcome}");
+        assert!(n >= frames / per, "only {n} frames: {outcome}");
     }
     for state in FlowState::ALL {
         let n = states.get(state.name()).copied().unwrap_or(0);
@@ -188,9 +204,10 @@ fn run(seed: u64, frames: u64) -> Result<(Histogram, Histogram)> {
     // Inputs of flows the program forwarded, to send again (conntrack hits) and to answer.
     let mut tracked: Vec<Frame> = Vec::new();
     let mut histogram = BTreeMap::new();
-    // Packets and bytes of the frames that left rewritten: what the service and backend
-    // counters must add up to.
+    // Packets and bytes of the frames that left rewritten: what the service (and gateway)
+    // counters must add up to; the backend counters, less the gateways' flows.
     let (mut rewritten, mut rewritten_bytes) = (0u64, 0u64);
+    let (mut through_gateways, mut through_gateways_bytes) = (0u64, 0u64);
 
     for i in 0..frames {
         let (frame, ingress) = random_frame(&mut rng, &tracked, &model, fx0, fx1);
@@ -209,8 +226,10 @@ fn run(seed: u64, frames: u64) -> Result<(Histogram, Histogram)> {
                 | Reason::PassFibOther
         );
         let icmp = icmp_layout_v4(&input);
+        let echo_flow = is_echo_flow(&model, &input);
         if let Some(l) = &icmp
             && forwarded
+            && !echo_flow
         {
             let what = if l.kind == ICMP_ECHO_REQUEST {
                 "(icmp echo answered)"
@@ -219,14 +238,34 @@ fn run(seed: u64, frames: u64) -> Result<(Histogram, Histogram)> {
             };
             *histogram.entry(what).or_insert(0) += 1;
         }
-        // Echo replies belong to no flow: the flow counters do not count them.
-        if forwarded && icmp.as_ref().is_none_or(|l| l.kind != ICMP_ECHO_REQUEST) {
+        // Echo replies to pings of a VIP belong to no flow: the flow counters do not count
+        // them.
+        let answered = icmp.is_some()
+            && !echo_flow
+            && icmp.as_ref().is_some_and(|l| l.kind == ICMP_ECHO_REQUEST);
+        if forwarded && !answered {
             rewritten += 1;
             rewritten_bytes += input.len() as u64;
+            // The flow it belongs to: its own, or an error's, the flow it quotes.
+            let flow_key = flow_key_v4(&input)
+                .or_else(|| icmp_quote_v4(&input).map(|(qs, qd, proto)| key(qd, qs, proto)));
+            let gateway = flow_key
+                .and_then(|k| model.flow(&k))
+                .is_some_and(|(f, _)| f.gateway);
+            if gateway {
+                through_gateways += 1;
+                through_gateways_bytes += input.len() as u64;
+                let what = if echo_flow {
+                    "(gateway echo packet)"
+                } else {
+                    "(gateway flow packet)"
+                };
+                *histogram.entry(what).or_insert(0) += 1;
+            }
         }
         if matches!(reason, Reason::ForwardTx | Reason::ForwardRedirect)
             && ingress == fx0
-            && icmp.is_none()
+            && (icmp.is_none() || echo_flow)
         {
             tracked.push(frame);
         }
@@ -258,21 +297,31 @@ fn run(seed: u64, frames: u64) -> Result<(Histogram, Histogram)> {
         *states.entry(state.name()).or_insert(0) += 1;
     }
 
-    let services = checked.services.len() as u32;
+    // Gateways take ids after the services'.
+    let services = (checked.services.len() + checked.gateways.len()) as u32;
     let backends: u32 = checked
         .services
         .iter()
         .map(|s| s.backends.len() as u32)
         .sum();
-    for (map, count) in [
-        (names::SERVICE_STATS, services),
-        (names::BACKEND_STATS, backends),
+    for (map, count, want) in [
+        (names::SERVICE_STATS, services, (rewritten, rewritten_bytes)),
+        (
+            names::BACKEND_STATS,
+            backends,
+            (
+                rewritten - through_gateways,
+                rewritten_bytes - through_gateways_bytes,
+            ),
+        ),
     ] {
         let (packets, bytes) = flow_stats_total(&ebpf, map, count)?;
         ensure!(
-            (packets, bytes) == (rewritten, rewritten_bytes),
-            "{map} counts {packets} packets / {bytes} bytes, but {rewritten} frames / \
-             {rewritten_bytes} bytes left rewritten"
+            (packets, bytes) == want,
+            "{map} counts {packets} packets / {bytes} bytes, but {} frames / {} bytes left \
+             rewritten that it counts",
+            want.0,
+            want.1
         );
     }
     Ok((histogram, states))
@@ -310,18 +359,25 @@ fn random_frame(
         icmp = true;
         random_icmp(rng, tracked, model, fx0, fx1)
     } else if roll < 20 && !tracked.is_empty() {
-        // Another packet of a tracked flow, with random flags.
+        // Another packet of a tracked flow, with random flags (a ping: another sequence
+        // number and data).
         let mut f = tracked[rng.below(tracked.len() as u64) as usize].clone();
         f.l4 = random_l4(rng, &f.l4);
+        if f.l4.proto() == PROTO_ICMP {
+            icmp = true;
+            let id = u16::from_be_bytes([f.payload[4], f.payload[5]]);
+            let len = rng.below(56) as usize;
+            f.payload = icmp_echo(id, rng.next() as u16, &rng.bytes(len));
+        }
         (f, fx0)
     } else if roll < 35 && !tracked.is_empty() {
         // The backend's reply to a tracked flow, with random flags: to the SNAT port the
-        // model says the flow has.
+        // model says the flow has (a ping's: an echo reply to its public identifier).
         let f = &tracked[rng.below(tracked.len() as u64) as usize];
         let (snat, backend) = model
             .rewrite(&key_of(f))
             .expect("tracked frames are the model's flows");
-        let reply = Frame {
+        let mut reply = Frame {
             src: *backend.ip(),
             sport: backend.port(),
             dst: *snat.ip(),
@@ -329,20 +385,29 @@ fn random_frame(
             l4: random_l4(rng, &f.l4),
             ..Frame::default()
         };
+        if f.l4.proto() == PROTO_ICMP {
+            icmp = true;
+            let [i0, i1] = snat.port().to_be_bytes();
+            let [s0, s1] = (rng.next() as u16).to_be_bytes();
+            let len = rng.below(56) as usize;
+            reply.payload = icmp_message(ICMP_ECHO_REPLY, 0, [i0, i1, s0, s1], &rng.bytes(len));
+        }
         (reply.with_macs(BACKEND_MAC, FX1_MAC), fx1)
     } else {
-        // Something new from the client side.
-        let client = if rng.chance(70) {
-            CLIENT
-        } else {
-            Ipv4Addr::new(10, 10, 1, 2 + rng.below(200) as u8)
+        // Something new from the client side (from the gateway's half of it, now and then
+        // to the outside).
+        let client = match rng.below(10) {
+            0..=5 => CLIENT,
+            6..=7 => Ipv4Addr::new(10, 10, 1, 128 + rng.below(120) as u8),
+            _ => Ipv4Addr::new(10, 10, 1, 2 + rng.below(200) as u8),
         };
         let sport = 1024 + rng.below(200) as u16;
-        let dst = match rng.below(12) {
+        let dst = match rng.below(16) {
             0..=5 => VIP,
             6 => VIP_UNRESOLVED,
             7 => DNAT_VIP,
             8 => DNAT_VIP_TWIN,
+            9..=12 => outside(rng),
             _ => Ipv4Addr::new(10, 10, rng.below(3) as u8, rng.below(256) as u8),
         };
         let frame = if rng.chance(60) {
@@ -421,6 +486,41 @@ fn random_frame(
     (frame, ingress)
 }
 
+/// A destination beyond the NAT gateway: the lab's hosts on fx1 (resolved, not, behind a
+/// small MTU), its own addresses, an unrouted one, a blackholed one.
+fn outside(rng: &mut Rng) -> Ipv4Addr {
+    match rng.below(10) {
+        0..=4 => lab::BACKEND,
+        5 => lab::UNRESOLVED_BACKEND,
+        6 => lab::SMALL_MTU_BACKEND,
+        7 => Ipv4Addr::new(10, 20, 1, 1),
+        8 => Ipv4Addr::new(10, 99, 0, 1),
+        _ => Ipv4Addr::new(10, 30, 0, 1),
+    }
+}
+
+/// The NAT gateway's public addresses (see CONFIG).
+const GATEWAY_TO: [Ipv4Addr; 2] = [Ipv4Addr::new(10, 20, 0, 5), Ipv4Addr::new(10, 20, 0, 6)];
+
+/// Whether the program takes `frame` as a flow's packet although it is ICMP: an echo request
+/// or reply, whole, but a request to a VIP (which it answers).
+fn is_echo_flow(model: &FlowModel, frame: &[u8]) -> bool {
+    let Some(l) = icmp_layout_v4(frame) else {
+        return false;
+    };
+    let dst = Ipv4Addr::new(
+        frame[ETH_HLEN + 16],
+        frame[ETH_HLEN + 17],
+        frame[ETH_HLEN + 18],
+        frame[ETH_HLEN + 19],
+    );
+    match (l.kind, l.code) {
+        (ICMP_ECHO_REQUEST, 0) => !model.is_vip(dst),
+        (ICMP_ECHO_REPLY, 0) => true,
+        _ => false,
+    }
+}
+
 /// The dnat services' VIPs (see CONFIG).
 const DNAT_VIP: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 104);
 const DNAT_VIP_TWIN: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 105);
@@ -440,11 +540,36 @@ fn random_icmp(
     } else {
         Ipv4Addr::new(10, 10, 1, 2 + rng.below(200) as u8)
     };
-    if rng.chance(25) {
-        let dst = match rng.below(6) {
+    if rng.chance(10) {
+        // An echo reply from the outside to a public address of the gateway, for an
+        // identifier it may or may not have handed out.
+        let len = rng.below(56) as usize;
+        let id = 40000 + rng.below(1000) as u16;
+        let reply = Frame {
+            src: lab::BACKEND,
+            dst: GATEWAY_TO[rng.below(2) as usize],
+            l4: L4::Other { proto: PROTO_ICMP },
+            payload: icmp_message(
+                ICMP_ECHO_REPLY,
+                0,
+                [(id >> 8) as u8, id as u8, 0, 1],
+                &rng.bytes(len),
+            ),
+            ..Frame::default()
+        };
+        return (reply.with_macs(BACKEND_MAC, FX1_MAC), fx1);
+    }
+    if rng.chance(40) {
+        let client = if rng.chance(40) {
+            Ipv4Addr::new(10, 10, 1, 128 + rng.below(120) as u8)
+        } else {
+            client
+        };
+        let dst = match rng.below(8) {
             0..=2 => VIP,
             3 => DNAT_VIP,
             4 => Ipv4Addr::new(10, 10, 1, 1),
+            5..=6 => outside(rng),
             _ => Ipv4Addr::new(10, 10, rng.below(3) as u8, rng.below(256) as u8),
         };
         let len = rng.below(56) as usize;
@@ -465,8 +590,10 @@ fn random_icmp(
         return (ping.with_macs(CLIENT_MAC, FX0_MAC), fx0);
     }
 
+    // (Errors quoting a ping are not translated: they quote no TCP/UDP flow's packet.)
     let pick = (!tracked.is_empty() && rng.chance(85))
-        .then(|| &tracked[rng.below(tracked.len() as u64) as usize]);
+        .then(|| &tracked[rng.below(tracked.len() as u64) as usize])
+        .filter(|f| f.l4.proto() != PROTO_ICMP);
     let client_router = Ipv4Addr::new(10, 10, 1, 200 + rng.below(50) as u8);
     let backend_router = Ipv4Addr::new(10, 20, 1, 200 + rng.below(50) as u8);
     // The quoted packet (as xlb sent it), who reports it, to whom, and on which side.
@@ -621,7 +748,9 @@ fn run_and_check(
         reason.name(),
         reason.xdp_action()
     );
-    if let Some(l) = icmp_layout_v4(input) {
+    if let Some(l) = icmp_layout_v4(input)
+        && !is_echo_flow(model, input)
+    {
         return check_icmp(model, input, &run, reason, &l, ingress, fx0, fx1);
     }
     if reason == Reason::DropDnatTupleTaken {
@@ -635,8 +764,8 @@ fn run_and_check(
 
     // What found a tracked flow was recorded there, if it was to be forwarded (not with its
     // TTL about to expire, not a first fragment), whatever became of it after.
-    let layout = layout_v4(input);
-    let key = layout.as_ref().map(|l| l.flow_key(input));
+    let key = flow_key_v4(input);
+    let flags = layout_v4(input).map_or(0, |l| tcp_flags(input, &l));
     let reached_conntrack = !matches!(
         reason,
         Reason::PassNotIpv4
@@ -651,9 +780,44 @@ fn run_and_check(
     let was_tracked = key.as_ref().is_some_and(|k| model.flow(k).is_some());
     if reached_conntrack
         && was_tracked
-        && let (Some(l), Some(k)) = (&layout, &key)
+        && let Some(k) = &key
     {
-        model.observe(k, tcp_flags(input, l));
+        model.observe(k, flags);
+    }
+    // What is for no service and no gateway, or a gateway's but to where the FIB leaves it
+    // to the kernel (the host itself, no route), goes there untouched, counted as not ours.
+    if let Some(k) = &key
+        && !was_tracked
+        && reached_conntrack
+    {
+        let icmp = k.proto == PROTO_ICMP;
+        let not_ours = if icmp {
+            Reason::PassIcmp
+        } else {
+            Reason::PassNoService
+        };
+        let request =
+            icmp_layout_v4(input).is_some_and(|l| (l.kind, l.code) == (ICMP_ECHO_REQUEST, 0));
+        let dst = *k.dst.to_socket_v4().ip();
+        let kernels = lab::subnet_interface(dst).is_none()
+            || [Ipv4Addr::new(10, 10, 1, 1), Ipv4Addr::new(10, 20, 1, 1)].contains(&dst);
+        let ours = model.service(k).is_some() || model.gateway(k, request).is_some();
+        ensure!(
+            ours || reason == not_ours,
+            "{}, but it is for no service and no gateway: {}",
+            reason.name(),
+            not_ours.name()
+        );
+        ensure!(
+            reason != not_ours || !ours || (model.service(k).is_none() && kernels),
+            "{}, but the model sends it through {}",
+            reason.name(),
+            if model.service(k).is_some() {
+                "a service"
+            } else {
+                "a gateway"
+            }
+        );
     }
 
     let ttl_decrement = match reason {
@@ -677,15 +841,13 @@ fn run_and_check(
     };
 
     // Rewritten: to what the model says for a tracked flow, or, for a new one, to what the
-    // model accepts as a new flow of the frame's service.
-    let layout = layout.context("a rewritten frame must parse")?;
+    // model accepts as a new flow of the frame's service or gateway.
     let key = key.context("a rewritten frame has a flow key")?;
-    let out = layout_v4(&run.frame).context("the output must parse")?;
-    let out_key = out.flow_key(&run.frame);
+    let out_key = flow_key_v4(&run.frame).context("the output must parse")?;
     let (src, dst) = (out_key.src.to_socket_v4(), out_key.dst.to_socket_v4());
     if !was_tracked {
         model
-            .learn(&key, tcp_flags(input, &layout), src, dst)
+            .learn(&key, flags, src, dst)
             .context("the new flow the program created")?;
     }
     let (want_src, want_dst) = model.rewrite(&key).context("the model tracks the flow")?;
@@ -693,17 +855,25 @@ fn run_and_check(
         (src, dst) == (want_src, want_dst),
         "rewritten to {src} → {dst}; the model says {want_src} → {want_dst}"
     );
-    let expected = nat_rewrite_v4(input, want_src, want_dst, ttl_decrement)
-        .context("the reference refuses the frame")?;
+    let (expected, check_off) = match icmp_layout_v4(input) {
+        Some(l) => (
+            echo_rewrite_v4(input, want_src, want_dst, ttl_decrement),
+            l.icmp_off + 2,
+        ),
+        None => (
+            nat_rewrite_v4(input, want_src, want_dst, ttl_decrement),
+            layout_v4(input)
+                .context("a rewritten frame parses")?
+                .check_off,
+        ),
+    };
+    let expected = expected.context("the reference refuses the frame")?;
     let expected = as_sent(&run, expected, reason, *want_dst.ip(), ingress, fx0, fx1)?;
     matches_reference(
         input,
         &run,
         expected,
-        &[
-            ETH_HLEN + 10..ETH_HLEN + 12,
-            layout.check_off..layout.check_off + 2,
-        ],
+        &[ETH_HLEN + 10..ETH_HLEN + 12, check_off..check_off + 2],
     )?;
     Ok(reason)
 }
@@ -895,11 +1065,7 @@ fn check_icmp(
     Ok(reason)
 }
 
+/// The flow key of a tracked frame (one the program forwarded: it parses).
 fn key_of(f: &Frame) -> FlowKey {
-    FlowKey {
-        src: Endpoint::v4(f.src.octets(), f.sport.to_be_bytes()),
-        dst: Endpoint::v4(f.dst.octets(), f.dport.to_be_bytes()),
-        proto: f.l4.proto(),
-        _pad: 0,
-    }
+    flow_key_v4(&f.build()).expect("a tracked frame has a flow key")
 }

@@ -7,7 +7,12 @@
 //!   backends;
 //! * a flow keeps its backend and SNAT port;
 //! * each (backend, SNAT address, SNAT port) belongs to one flow at a time;
-//! * a reply goes from the VIP to the client whose flow owns the port it came to.
+//! * a reply goes from the VIP to the client whose flow owns the port it came to;
+//! * a NAT gateway's flow (from its private network, not to it, to no service) keeps its
+//!   destination and leaves from an address of the gateway's pool with a port (an ICMP
+//!   echo: an identifier) of its range; a UDP one from the private endpoint's one public
+//!   endpoint, which is no other private endpoint's (RFC 4787's endpoint-independent
+//!   mapping).
 //!
 //! The state follows lb-common's rules ([`FlowState::of`], [`starts_anew`]): the same rules
 //! the program runs, applied here to the packets the model saw, so a program that records a
@@ -21,9 +26,9 @@ use std::{
 use anyhow::{Result, bail, ensure};
 use lb_common::{
     conntrack::{FlowSeen, FlowState, Seen, starts_anew},
-    maps::{DIR_TO_BACKEND, DIR_TO_CLIENT, FlowKey},
+    maps::{DIR_TO_BACKEND, DIR_TO_CLIENT, FlowKey, PROTO_ICMP, PROTO_UDP},
 };
-use lb_userspace::config::Checked;
+use lb_userspace::config::{Checked, Network};
 
 /// One service, as the config says.
 #[derive(Clone, Debug)]
@@ -36,7 +41,16 @@ pub struct ServiceSpec {
     pub backends: Vec<SocketAddrV4>,
 }
 
-/// A tracked flow, as the model knows it.
+/// One NAT gateway, as the config says.
+#[derive(Clone, Debug)]
+pub struct GatewaySpec {
+    pub source: Network,
+    pub to: Vec<Ipv4Addr>,
+    pub ports: (u16, u16),
+}
+
+/// A tracked flow, as the model knows it. For a NAT gateway's flow, `vip` and `backend` are
+/// both the destination.
 #[derive(Clone, Debug)]
 pub struct ModelFlow {
     pub client: SocketAddrV4,
@@ -45,6 +59,8 @@ pub struct ModelFlow {
     pub backend: SocketAddrV4,
     pub snat: SocketAddrV4,
     pub seen: FlowSeen,
+    /// Through a NAT gateway (no backend of a service).
+    pub gateway: bool,
 }
 
 impl ModelFlow {
@@ -78,7 +94,10 @@ fn tuple(k: &FlowKey) -> Tuple {
 #[derive(Debug)]
 pub struct FlowModel {
     services: Vec<ServiceSpec>,
+    gateways: Vec<GatewaySpec>,
     ports: (u16, u16),
+    /// A NAT gateway's UDP mappings: private endpoint → public endpoint.
+    mappings: HashMap<SocketAddrV4, SocketAddrV4>,
     /// By forward tuple (client, VIP, protocol).
     flows: HashMap<Tuple, ModelFlow>,
     /// Reverse tuple (backend, SNAT address:port, protocol) → forward tuple.
@@ -98,7 +117,20 @@ impl FlowModel {
                     backends: s.backends.iter().map(|b| b.address).collect(),
                 })
                 .collect(),
+            gateways: checked
+                .gateways
+                .iter()
+                .map(|g| {
+                    let ports = checked.gateway_ports(g);
+                    GatewaySpec {
+                        source: g.source,
+                        to: g.to.clone(),
+                        ports: (ports.first, ports.last),
+                    }
+                })
+                .collect(),
             ports: (checked.snat_ports.first, checked.snat_ports.last),
+            mappings: HashMap::new(),
             flows: HashMap::new(),
             owners: HashMap::new(),
         }
@@ -115,6 +147,24 @@ impl FlowModel {
         self.services
             .iter()
             .find(|s| s.vip == dst && s.proto == proto)
+    }
+
+    /// The NAT gateway a first frame with `key` goes out through: the one of the longest
+    /// prefix that holds its source, unless one holds its destination too, or it is
+    /// addressed to a service. Of ICMP, only echo requests (`key` as `flow_key_v4` makes it:
+    /// the identifier in the source port) start flows.
+    pub fn gateway(&self, key: &FlowKey, echo_request: bool) -> Option<&GatewaySpec> {
+        let (src, dst, proto) = tuple(key);
+        if self.service(key).is_some() || (proto == PROTO_ICMP && !echo_request) {
+            return None;
+        }
+        if self.gateways.iter().any(|g| g.source.contains(*dst.ip())) {
+            return None;
+        }
+        self.gateways
+            .iter()
+            .filter(|g| g.source.contains(*src.ip()))
+            .max_by_key(|g| g.source.prefix)
     }
 
     /// The tracked flow a frame with `key` belongs to, and the direction it goes.
@@ -167,7 +217,7 @@ impl FlowModel {
         let t = tuple(key);
         ensure!(!self.flows.contains_key(&t), "{t:?} is tracked already");
         let Some(service) = self.service(key) else {
-            bail!("a new flow for {t:?}, which is addressed to no service");
+            return self.learn_gateway(key, tcp_flags, src, dst);
         };
         match &service.snat[..] {
             [] => ensure!(
@@ -197,6 +247,64 @@ impl FlowModel {
             service.vip,
             service.backends
         );
+        self.insert(key, tcp_flags, src, dst, false)
+    }
+
+    /// `learn` for a flow through a NAT gateway.
+    fn learn_gateway(
+        &mut self,
+        key: &FlowKey,
+        tcp_flags: u8,
+        src: SocketAddrV4,
+        dst: SocketAddrV4,
+    ) -> Result<()> {
+        let t = tuple(key);
+        // Only echo requests reach here as ICMP: the program makes flows of nothing else.
+        let Some(g) = self.gateway(key, key.proto == PROTO_ICMP) else {
+            bail!("a new flow for {t:?}, which is addressed to no service and no gateway's");
+        };
+        ensure!(
+            dst == t.1,
+            "a flow through {} goes to {dst}, not its destination {}",
+            g.source,
+            t.1
+        );
+        ensure!(
+            g.to.contains(src.ip()) && (g.ports.0..=g.ports.1).contains(&src.port()),
+            "a flow through {} leaves from {src}, not from {:?} with a port in {:?}",
+            g.source,
+            g.to,
+            g.ports
+        );
+        if key.proto == PROTO_UDP {
+            match self.mappings.get(&t.0) {
+                Some(mapped) => ensure!(
+                    *mapped == src,
+                    "{} is mapped to {mapped}, but its flow to {dst} leaves from {src}",
+                    t.0
+                ),
+                None => {
+                    if let Some((other, _)) = self.mappings.iter().find(|(_, p)| **p == src) {
+                        bail!("{} gets {src}, the public endpoint of {other}", t.0);
+                    }
+                    self.mappings.insert(t.0, src);
+                }
+            }
+        }
+        self.insert(key, tcp_flags, src, dst, true)
+    }
+
+    /// Records the new flow of `key` sent out as `src` → `dst`, whose reverse tuple must be
+    /// no other flow's.
+    fn insert(
+        &mut self,
+        key: &FlowKey,
+        tcp_flags: u8,
+        src: SocketAddrV4,
+        dst: SocketAddrV4,
+        gateway: bool,
+    ) -> Result<()> {
+        let t = tuple(key);
         let reverse = (dst, src, key.proto);
         if let Some(owner) = self.owners.get(&reverse) {
             bail!("{src} toward {dst} is handed to {t:?}, but {owner:?} holds it");
@@ -212,6 +320,7 @@ impl FlowModel {
                 backend: dst,
                 snat: src,
                 seen: FlowSeen::first(DIR_TO_BACKEND, facts),
+                gateway,
             },
         );
         Ok(())

@@ -7,7 +7,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 
 use lb_common::{
     csum::{checksum, fold, sum_slice},
-    maps::{PROTO_TCP, PROTO_UDP},
+    maps::{Endpoint, FlowKey, PROTO_TCP, PROTO_UDP},
 };
 
 use crate::packet::{
@@ -97,6 +97,60 @@ pub fn icmp_layout_v4(frame: &[u8]) -> Option<IcmpLayout> {
         kind: frame[icmp_off],
         code: frame[icmp_off + 1],
     })
+}
+
+/// The flow key of a frame the program tracks as a flow's packet: a TCP/UDP one (its
+/// ports), or an ICMP echo request or reply (code 0, whole), whose identifier stands in for
+/// the request's source port and the reply's destination port, the other port 0.
+pub fn flow_key_v4(frame: &[u8]) -> Option<FlowKey> {
+    if let Some(l) = layout_v4(frame) {
+        return Some(l.flow_key(frame));
+    }
+    let l = icmp_layout_v4(frame)?;
+    let ip = ETH_HLEN;
+    let addr = |at: usize| [frame[at], frame[at + 1], frame[at + 2], frame[at + 3]];
+    let id = [frame[l.icmp_off + 4], frame[l.icmp_off + 5]];
+    let (sport, dport) = match (l.kind, l.code) {
+        (ICMP_ECHO_REQUEST, 0) => (id, [0; 2]),
+        (ICMP_ECHO_REPLY, 0) => ([0; 2], id),
+        _ => return None,
+    };
+    Some(FlowKey {
+        src: Endpoint::v4(addr(ip + 12), sport),
+        dst: Endpoint::v4(addr(ip + 16), dport),
+        proto: PROTO_ICMP,
+        _pad: 0,
+    })
+}
+
+/// The reference rewrite of an ICMP echo request or reply of a flow: addresses to `src` →
+/// `dst`, TTL lowered by `ttl_decrement`, the identifier set to the request's new source
+/// port or the reply's new destination port, both checksums recomputed from scratch.
+/// `None` for anything else, or a TTL of 0 or 1.
+pub fn echo_rewrite_v4(
+    frame: &[u8],
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    ttl_decrement: u8,
+) -> Option<Vec<u8>> {
+    let l = icmp_layout_v4(frame)?;
+    let id = match (l.kind, l.code) {
+        (ICMP_ECHO_REQUEST, 0) => src.port(),
+        (ICMP_ECHO_REPLY, 0) => dst.port(),
+        _ => return None,
+    };
+    let ip = ETH_HLEN;
+    if frame[ip + 8] <= 1 {
+        return None;
+    }
+    let mut out = frame.to_vec();
+    out[ip + 8] -= ttl_decrement;
+    out[ip + 12..ip + 16].copy_from_slice(&src.ip().octets());
+    out[ip + 16..ip + 20].copy_from_slice(&dst.ip().octets());
+    fix_ipv4_checksum(&mut out);
+    out[l.icmp_off + 4..l.icmp_off + 6].copy_from_slice(&id.to_be_bytes());
+    fix_icmp_checksum(&mut out, l.icmp_off, l.end);
+    Some(out)
 }
 
 /// Whether an ICMP message of this type is an error the program translates.
