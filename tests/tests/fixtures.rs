@@ -40,7 +40,7 @@ use xlb_tests::{
         self, BACKEND, BACKEND_MAC, CLIENT, CLIENT_MAC, Iface, NEAR_BACKEND, NEAR_BACKEND_MAC,
         SMALL_MTU, SMALL_MTU_BACKEND, SNAT, UNRESOLVED_BACKEND, VIP, VIP_UNRESOLVED,
     },
-    model::{echo_reply_v4, icmp_error_v4, nat_rewrite_v4, too_big_v4},
+    model::{echo_reply_v4, echo_rewrite_v4, icmp_error_v4, nat_rewrite_v4, too_big_v4},
     packet::{
         ETH_HLEN, Frame, ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_FRAG_NEEDED, ICMP_TIME_EXCEEDED,
         IP_MF, L4, PROTO_ICMP, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN, arp_request, hex_diff,
@@ -192,6 +192,32 @@ snat = "10.20.0.1"
 address = "10.20.1.2:8080"
 "#;
 
+/// A NAT gateway for the client subnet, beside one service.
+const GATEWAY_TOML: &str = r#"
+[dataplane]
+interfaces = ["fx0", "fx1"]
+maglev_table_size = 13
+max_services = 4
+max_backends = 2
+snat_port_range = [20000, 29999]
+hash_seed = 0x5eed1234
+
+[[service]]
+vip = "10.10.0.100:80"
+protocol = "tcp"
+snat = "10.20.0.1"
+[[service.backend]]
+address = "10.20.1.2:8080"
+
+[[nat_gateway]]
+source = "10.10.1.0/24"
+to = "10.20.0.5"
+ports = [40000, 40099]
+"#;
+
+/// The gateway's public address (see `GATEWAY_TOML`).
+const PUBLIC: Ipv4Addr = Ipv4Addr::new(10, 20, 0, 5);
+
 /// A config, and the cases that run against one program loaded with it.
 struct Suite {
     name: &'static str,
@@ -214,6 +240,11 @@ const SUITES: &[Suite] = &[
         name: "room for one flow",
         config: ONE_FLOW_TOML,
         cases: one_flow_cases,
+    },
+    Suite {
+        name: "NAT gateway",
+        config: GATEWAY_TOML,
+        cases: gateway_cases,
     },
 ];
 
@@ -1536,6 +1567,207 @@ fn icmp_and_dnat_cases(lab: &Lab) -> Vec<Case> {
 
 /// With a single SNAT port: exhaustion, and a flow whose forward entry was lost while its
 /// reverse entry lived on (it must get its old port back).
+/// The gateway's first choice of public port for a first packet `src` → `dst`: the first
+/// probe of the flow hash over its range (one address).
+fn gateway_port(lab: &Lab, proto: u8, src: SocketAddrV4, dst: SocketAddrV4) -> u16 {
+    let key = FlowKey {
+        src: Endpoint::from_socket_v4(src),
+        dst: Endpoint::from_socket_v4(dst),
+        proto,
+        _pad: 0,
+    };
+    snat_port(
+        flow_hash(&key, lab.checked.settings().hash_seed),
+        0,
+        40000,
+        100,
+    )
+}
+
+/// The NAT gateway: flows out of the private network (TCP, UDP with its mapping, pings by
+/// identifier) and what stays the kernel's.
+fn gateway_cases(lab: &Lab) -> Vec<Case> {
+    let (fx0, fx1) = (lab.fx0, lab.fx1);
+    let mut v = Vec::new();
+    let to_backend = lab.to_backend().expect("MACs");
+    let to_client = lab.to_client().expect("MACs");
+
+    // TCP: the source becomes the public address and a port of the gateway's range; the
+    // destination stays.
+    let server = sa(BACKEND, 443);
+    let port = gateway_port(lab, PROTO_TCP, sa(CLIENT, 40000), server);
+    let public = sa(PUBLIC, port);
+    let syn = lab.sent_by_client(tcp((CLIENT, 40000), (BACKEND, 443), TCP_SYN));
+    let syn_ack = lab.sent_by_backend(tcp((BACKEND, 443), (PUBLIC, port), TCP_SYN | TCP_ACK));
+    v.push(case(
+        "01 a private host's SYN to the outside leaves from the public address, port in range",
+        vec![],
+        pkt(&syn, fx0),
+        forwarded(
+            &syn,
+            (public, server),
+            XDP_REDIRECT,
+            Some(to_backend),
+            FlowState::New,
+        ),
+    ));
+    v.push(case(
+        "02 the server's SYN-ACK to the public port goes back to the private host",
+        vec![pkt(&syn, fx0)],
+        pkt(&syn_ack, fx1),
+        forwarded(
+            &syn_ack,
+            (server, sa(CLIENT, 40000)),
+            XDP_REDIRECT,
+            Some(to_client),
+            FlowState::New,
+        ),
+    ));
+
+    // UDP: one private endpoint keeps its public endpoint toward a second destination,
+    // whatever that one's own hash would pick.
+    let dns = sa(BACKEND, 53);
+    let other = sa(SMALL_MTU_BACKEND, 53);
+    let udp_port = gateway_port(lab, PROTO_UDP, sa(CLIENT, 5000), dns);
+    assert_ne!(
+        udp_port,
+        gateway_port(lab, PROTO_UDP, sa(CLIENT, 5000), other),
+        "(harness) pick two destinations whose own first choices differ"
+    );
+    let first = lab.sent_by_client(Frame::udp((CLIENT, 5000), (BACKEND, 53), b"q1"));
+    let second = lab.sent_by_client(Frame::udp((CLIENT, 5000), (SMALL_MTU_BACKEND, 53), b"q2"));
+    v.push(case(
+        "03 UDP to a second destination keeps the private endpoint's public endpoint (EIM)",
+        vec![pkt(&first, fx0)],
+        pkt(&second, fx0),
+        forwarded(
+            &second,
+            (sa(PUBLIC, udp_port), other),
+            XDP_REDIRECT,
+            Some(to_backend),
+            FlowState::New,
+        ),
+    ));
+    let answer = lab.sent_by_backend(Frame::udp(
+        (SMALL_MTU_BACKEND, 53),
+        (PUBLIC, udp_port),
+        b"a",
+    ));
+    v.push(case(
+        "04 the second destination's answer reaches the private endpoint",
+        vec![pkt(&first, fx0), pkt(&second, fx0)],
+        pkt(&answer, fx1),
+        forwarded(
+            &answer,
+            (other, sa(CLIENT, 5000)),
+            XDP_REDIRECT,
+            Some(to_client),
+            FlowState::Established,
+        ),
+    ));
+
+    // Pings: the identifier is the port.
+    let echo_id = gateway_port(lab, PROTO_ICMP, sa(CLIENT, 7), sa(BACKEND, 0));
+    let ping = lab.sent_by_client(icmp(CLIENT, BACKEND, 64, icmp_echo(7, 1, b"ping")));
+    let ping_out = icmp(PUBLIC, BACKEND, 63, icmp_echo(echo_id, 1, b"ping"));
+    let redirected = |output, state| Expect {
+        action: XDP_REDIRECT,
+        reason: Reason::ForwardRedirect,
+        output,
+        meta: None,
+        state: Some(state),
+    };
+    v.push(case(
+        "05 a ping to the outside leaves from the public address with a public identifier",
+        vec![],
+        pkt(&ping, fx0),
+        redirected(
+            icmp_sent(
+                ping_out,
+                echo_rewrite_v4(&ping.build(), sa(PUBLIC, echo_id), sa(BACKEND, 0), 1)
+                    .expect("an echo"),
+                to_backend,
+            ),
+            FlowState::New,
+        ),
+    ));
+    let pong = lab.sent_by_backend(icmp(
+        BACKEND,
+        PUBLIC,
+        64,
+        icmp_message(ICMP_ECHO_REPLY, 0, id_seq(echo_id, 1), b"ping"),
+    ));
+    let pong_in = icmp(
+        BACKEND,
+        CLIENT,
+        63,
+        icmp_message(ICMP_ECHO_REPLY, 0, id_seq(7, 1), b"ping"),
+    );
+    v.push(case(
+        "06 its echo reply goes back to the private host with the private identifier",
+        vec![pkt(&ping, fx0)],
+        pkt(&pong, fx1),
+        redirected(
+            icmp_sent(
+                pong_in,
+                echo_rewrite_v4(&pong.build(), sa(BACKEND, 0), sa(CLIENT, 7), 1).expect("an echo"),
+                to_client,
+            ),
+            FlowState::Established,
+        ),
+    ));
+    v.push(case(
+        "07 an echo reply for an identifier never handed out is the kernel's",
+        vec![],
+        pkt(&pong, fx1),
+        untouched(XDP_PASS, Reason::PassIcmp),
+    ));
+
+    // What is not the gateway's.
+    let inside = lab.sent_by_client(tcp((CLIENT, 40000), (NEAR_BACKEND, 80), TCP_SYN));
+    v.push(case(
+        "08 to the private network itself: the kernel's, untranslated",
+        vec![],
+        pkt(&inside, fx0),
+        untouched(XDP_PASS, Reason::PassNoService),
+    ));
+    let to_host = lab.sent_by_client(tcp((CLIENT, 40000), (LB_BACKEND_SIDE, 22), TCP_SYN));
+    v.push(case(
+        "09 to the host itself: the kernel's, untranslated, no flow",
+        vec![],
+        pkt(&to_host, fx0),
+        untouched(XDP_PASS, Reason::PassNoService),
+    ));
+    let from_outside = lab.sent_by_backend(tcp((BACKEND, 40000), (NEAR_BACKEND, 80), TCP_SYN));
+    v.push(case(
+        "10 from outside the private network: not translated",
+        vec![],
+        pkt(&from_outside, fx1),
+        untouched(XDP_PASS, Reason::PassNoService),
+    ));
+    let to_vip = lab.sent_by_client(tcp((CLIENT, 40000), (VIP, 80), TCP_SYN));
+    let service_flow = lab.ports().flow(
+        PROTO_TCP,
+        sa(CLIENT, 40000),
+        sa(VIP, 80),
+        SNAT,
+        sa(BACKEND, 8080),
+    );
+    v.push(case(
+        "11 a private host's packet to a VIP is the service's",
+        vec![],
+        pkt(&to_vip, fx0),
+        lab.redirected_to_backend(&to_vip, &service_flow, FlowState::New),
+    ));
+    v
+}
+
+/// An echo's identifier and sequence number, the four bytes after its checksum.
+fn id_seq(id: u16, seq: u16) -> [u8; 4] {
+    let ([i0, i1], [s0, s1]) = (id.to_be_bytes(), seq.to_be_bytes());
+    [i0, i1, s0, s1]
+}
+
 fn one_port_cases(lab: &Lab) -> Vec<Case> {
     let (fx0, fx1) = (lab.fx0, lab.fx1);
     let mut v = Vec::new();
@@ -1682,10 +1914,9 @@ fn action_name(action: u32) -> String {
     }
 }
 
-/// The flow key of a TCP/UDP frame as sent.
+/// The flow key of a frame as sent: a TCP/UDP one's, or an ICMP echo's (by identifier).
 fn key_of(input: &[u8]) -> Option<FlowKey> {
-    let layout = xlb_tests::packet::layout_v4(input)?;
-    Some(layout.flow_key(input))
+    xlb_tests::model::flow_key_v4(input)
 }
 
 fn run_case(ebpf: &mut Ebpf, lab: &Lab, c: &Case) -> Result<()> {
