@@ -1606,4 +1606,136 @@ address = "10.20.0.12:8080"
         c.fit_to_host(&host("10.20.0.1", 32768, 60999)).unwrap();
         assert_eq!((c.snat_ports.first, c.snat_ports.last), (61000, 65535));
     }
+
+    const GATEWAY: &str = r#"
+[[nat_gateway]]
+source = "10.30.0.0/24"
+to = ["198.51.100.10", "198.51.100.11"]
+ports = [20000, 29999]
+"#;
+
+    #[test]
+    fn a_nat_gateway_is_checked_field_by_field() {
+        let c = Config::parse(&format!("{GOOD}{GATEWAY}"))
+            .unwrap()
+            .validate()
+            .unwrap();
+        let g = &c.gateways[0];
+        assert_eq!(g.source.to_string(), "10.30.0.0/24");
+        assert!(g.source.contains("10.30.0.255".parse().unwrap()));
+        assert!(!g.source.contains("10.30.1.0".parse().unwrap()));
+        assert_eq!(g.to.len(), 2);
+        assert_eq!(c.gateway_ports(g).count(), 10000);
+        // It comes back the same from its file form.
+        let again = c.to_config().validate().unwrap();
+        assert_eq!(again.gateways, c.gateways);
+        // Without ports: the config's range.
+        let c = Config::parse(&format!(
+            "{GOOD}{}",
+            GATEWAY.replace("ports = [20000, 29999]\n", "")
+        ))
+        .unwrap()
+        .validate()
+        .unwrap();
+        assert_eq!(c.gateway_ports(&c.gateways[0]), c.snat_ports);
+
+        for (from, to, field, says) in [
+            (
+                "10.30.0.0/24",
+                "10.30.0.5/24",
+                "source",
+                "bits set past the prefix: the network is 10.30.0.0/24",
+            ),
+            ("10.30.0.0/24", "10.30.0.0/33", "source", "0 to 32 bits"),
+            (
+                "10.30.0.0/24",
+                "10.30.0.0",
+                "source",
+                "is not \"address/prefix\"",
+            ),
+            (
+                "\"198.51.100.11\"",
+                "\"198.51.100.10\"",
+                "to",
+                "listed twice",
+            ),
+            (
+                "\"198.51.100.11\"",
+                "\"10.30.0.7\"",
+                "to",
+                "inside the private network",
+            ),
+            (
+                "\"198.51.100.11\"",
+                "\"::1\"",
+                "to",
+                "IPv6 is not supported yet",
+            ),
+            (
+                "[20000, 29999]",
+                "[29999, 20000]",
+                "ports",
+                "1 <= first <= last",
+            ),
+        ] {
+            let p = problems(&format!("{GOOD}{}", GATEWAY.replace(from, to)));
+            let want = format!("nat_gateway[0].{field}: ");
+            assert!(
+                p.iter().any(|p| p.starts_with(&want) && p.contains(says)),
+                "{to}: no {want}...{says} in {p:?}"
+            );
+        }
+        let twice = problems(&format!("{GOOD}{GATEWAY}{GATEWAY}"));
+        assert!(
+            twice
+                .iter()
+                .any(|p| p.starts_with("nat_gateway[1].source: 10.30.0.0/24 has another")),
+            "{twice:?}"
+        );
+        let crowded = problems(&format!(
+            "{}{GATEWAY}",
+            GOOD.replace("[dataplane]", "[dataplane]\nmax_services = 1")
+        ));
+        assert!(
+            crowded
+                .iter()
+                .any(|p| p.starts_with("nat_gateway: 1 services and 1 NAT gateways")),
+            "{crowded:?}"
+        );
+    }
+
+    /// A gateway's public address that is the host's own keeps its ports clear of the
+    /// host's ephemeral ports, as a SNAT address does.
+    #[test]
+    fn a_gateway_on_the_hosts_own_address_keeps_clear_of_its_ephemeral_ports() {
+        let own = GATEWAY.replace("\"198.51.100.11\"", "\"198.51.100.12\"");
+        let mut c = Config::parse(&format!("{GOOD}{own}"))
+            .unwrap()
+            .validate()
+            .unwrap();
+        // Its explicit range is clear of 32768-60999: fine.
+        c.fit_to_host(&host("198.51.100.10", 32768, 60999)).unwrap();
+        let e = Config::parse(&format!("{GOOD}{}", own.replace("29999", "40000")))
+            .unwrap()
+            .validate()
+            .unwrap()
+            .fit_to_host(&host("198.51.100.10", 32768, 60999))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("nat_gateway[0].ports: [20000, 40000] overlaps"),
+            "{e}"
+        );
+        // Without ports it takes the config's range, which moves clear of them.
+        let mut c = Config::parse(&format!(
+            "{GOOD}{}",
+            own.replace("ports = [20000, 29999]\n", "")
+        ))
+        .unwrap()
+        .validate()
+        .unwrap();
+        c.fit_to_host(&host("198.51.100.10", 32768, 60999)).unwrap();
+        let ports = c.gateway_ports(&c.gateways[0]);
+        assert_eq!((ports.first, ports.last), (1024, 32767));
+    }
 }

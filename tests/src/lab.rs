@@ -24,7 +24,7 @@ use aya::{
 };
 use lb_common::{
     conntrack::{FlowState, REFRESH_NS},
-    maps::{FlowKey, HANDOFF_MAGIC, HandoffMeta, NatEntry, names},
+    maps::{FlowKey, HANDOFF_MAGIC, HandoffMeta, Mapping, MappingKey, NatEntry, names},
     reason::Reason,
 };
 use lb_userspace::{config::Checked, registry::Registry};
@@ -353,7 +353,7 @@ pub fn reset(ebpf: &mut Ebpf, checked: &Checked) -> Result<()> {
     Ok(())
 }
 
-/// Empties the conntrack table.
+/// Empties the conntrack table, and the NAT gateways' mappings its flows held.
 pub fn clear_conntrack(ebpf: &mut Ebpf) -> Result<()> {
     let keys: Vec<FlowKey> = conntrack(ebpf)?.into_iter().map(|(k, _)| k).collect();
     let mut map: HashMap<&mut MapData, FlowKey, NatEntry> = ebpf
@@ -363,7 +363,24 @@ pub fn clear_conntrack(ebpf: &mut Ebpf) -> Result<()> {
     for key in keys {
         map.remove(&key).context("removing a conntrack entry")?;
     }
+    let mut mappings: HashMap<&mut MapData, MappingKey, Mapping> = ebpf
+        .map_mut(names::MAPPINGS)
+        .context("map MAPPINGS")?
+        .try_into()?;
+    let keys: Vec<MappingKey> = mappings.keys().collect::<Result<_, _>>()?;
+    for key in keys {
+        mappings.remove(&key).context("removing a mapping")?;
+    }
     Ok(())
+}
+
+/// The NAT gateways' mappings: (key, value) of every entry.
+pub fn mappings(ebpf: &Ebpf) -> Result<Vec<(MappingKey, Mapping)>> {
+    let map: HashMap<&MapData, MappingKey, Mapping> = ebpf
+        .map(names::MAPPINGS)
+        .context("map MAPPINGS")?
+        .try_into()?;
+    Ok(map.iter().collect::<Result<_, _>>()?)
 }
 
 /// Checks that the conntrack table is made of whole flows: every entry's twin (the entry at

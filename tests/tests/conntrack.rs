@@ -7,7 +7,9 @@
 //!   flow;
 //! * the sweeper removes exactly the flows whose state's timeout has passed, both halves,
 //!   and under pressure the idle new ones too. Which flows must go comes from the case
-//!   table (state, idle time, timeouts), not from the program.
+//!   table (state, idle time, timeouts), not from the program;
+//! * a NAT gateway's UDP mapping lives as long as a flow of its private endpoint does, and
+//!   no longer (unless taken after the sweep began).
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Barrier;
@@ -20,7 +22,10 @@ use aya::{
 };
 use lb_common::{
     conntrack::{FlowState, Timeouts},
-    maps::{DIR_TO_BACKEND, FlowKey, NatEntry, PROTO_TCP, names},
+    maps::{
+        DIR_TO_BACKEND, FlowKey, MAPPING_PRIVATE, MAPPING_PUBLIC, Mapping, MappingKey, NatEntry,
+        PROTO_TCP, PROTO_UDP, names,
+    },
     reason::Reason,
 };
 use lb_userspace::{
@@ -545,6 +550,135 @@ fn the_sweeper_removes_what_has_expired_and_nothing_else() {
             );
             ensure!(report.entries == entries.len() as u64, "{report:?}");
         }
+        Ok(())
+    });
+}
+
+/// The public endpoint each private endpoint's UDP flows left from: a NAT gateway's mapping
+/// lives while one of them does, and goes with the last; one taken after a sweep began stays.
+#[test]
+fn a_gateways_mapping_lives_as_long_as_its_flows() {
+    in_lab(|_| {
+        let checked = Config::parse(
+            r#"
+[dataplane]
+interfaces = ["fx0", "fx1"]
+maglev_table_size = 13
+[[nat_gateway]]
+source = "10.10.1.0/24"
+to = "10.20.0.5"
+ports = [40000, 40999]
+"#,
+        )?
+        .validate()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let lab::Program { mut ebpf, fx0, .. } = lab::load(&checked)?;
+        // Sends a datagram from CLIENT:`port` to `to`; returns the public endpoint it left
+        // from.
+        let send = |ebpf: &Ebpf, port: u16, to: Ipv4Addr| -> Result<SocketAddrV4> {
+            let frame = Frame::udp((CLIENT, port), (to, 53), b"q").with_macs(CLIENT_MAC, fx0.mac);
+            let run = lab::run(ebpf, &frame.build(), fx0.ifindex, None)?;
+            ensure!(
+                run.counted == [(Reason::ForwardRedirect, 1)],
+                "{:?}",
+                run.counted
+            );
+            let out = layout_v4(&run.frame)
+                .context("output")?
+                .flow_key(&run.frame);
+            Ok(out.src.to_socket_v4())
+        };
+        let (a, b) = (lab::BACKEND, lab::SMALL_MTU_BACKEND);
+        let p = send(&ebpf, 5000, a)?;
+        ensure!(
+            send(&ebpf, 5000, b)? == p,
+            "one private endpoint, two public ones"
+        );
+        let q = send(&ebpf, 5001, a)?;
+        ensure!(q != p, "two private endpoints share {p}");
+        // The mappings, as (private, public) pairs, each side present.
+        let pairs = |ebpf: &Ebpf| -> Result<Vec<(SocketAddrV4, SocketAddrV4)>> {
+            let all = lab::mappings(ebpf)?;
+            let mut pairs = Vec::new();
+            for (k, m) in &all {
+                if k.side == MAPPING_PRIVATE {
+                    let back = all.iter().any(|(k2, m2)| {
+                        k2.side == MAPPING_PUBLIC
+                            && k2.endpoint == m.endpoint
+                            && m2.endpoint == k.endpoint
+                    });
+                    ensure!(back, "a mapping without its public side: {k:?}");
+                    pairs.push((k.endpoint.to_socket_v4(), m.endpoint.to_socket_v4()));
+                }
+            }
+            ensure!(
+                all.len() == 2 * pairs.len(),
+                "mappings without a private side: {all:?}"
+            );
+            pairs.sort();
+            Ok(pairs)
+        };
+        let (c0, c1) = (sa(CLIENT, 5000), sa(CLIENT, 5001));
+        ensure!(
+            pairs(&ebpf)? == vec![(c0, p), (c1, q)],
+            "{:?}",
+            pairs(&ebpf)?
+        );
+
+        let udp = |port: u16, to: Ipv4Addr| key(sa(CLIENT, port), sa(to, 53), PROTO_UDP);
+        let expired = Duration::from_secs(TIMEOUTS.udp as u64 + 5);
+        // One of 5000's flows expires: its mapping stays for the other.
+        age(&mut ebpf, &udp(5000, a), expired)?;
+        Table::open(&ebpf)?.sweep(&TIMEOUTS, false)?;
+        ensure!(
+            pairs(&ebpf)? == vec![(c0, p), (c1, q)],
+            "{:?}",
+            pairs(&ebpf)?
+        );
+        // The other too: the mapping goes, both sides; 5001's stays.
+        age(&mut ebpf, &udp(5000, b), expired)?;
+        let report = Table::open(&ebpf)?.sweep(&TIMEOUTS, false)?;
+        ensure!(pairs(&ebpf)? == vec![(c1, q)], "{:?}", pairs(&ebpf)?);
+        ensure!(
+            (report.mappings, report.mappings_removed) == (2, 2),
+            "{report:?}"
+        );
+        // A mapping taken after the sweep began (a flow the sweep may not have read) stays
+        // with no flow; one as old stays not.
+        let mut map: HashMap<&mut MapData, MappingKey, Mapping> = ebpf
+            .map_mut(names::MAPPINGS)
+            .context("MAPPINGS")?
+            .try_into()?;
+        for (port, taken_ns) in [(6000, monotonic_ns() + 60_000_000_000), (6001, 1)] {
+            let private = lb_common::maps::Endpoint::from_socket_v4(sa(CLIENT, port));
+            let public =
+                lb_common::maps::Endpoint::from_socket_v4(sa(Ipv4Addr::new(10, 20, 0, 5), port));
+            for (side, from, to) in [
+                (MAPPING_PRIVATE, private, public),
+                (MAPPING_PUBLIC, public, private),
+            ] {
+                let k = MappingKey {
+                    endpoint: from,
+                    proto: PROTO_UDP,
+                    side,
+                };
+                map.insert(
+                    k,
+                    Mapping {
+                        endpoint: to,
+                        _pad: [0; 6],
+                        taken_ns,
+                    },
+                    0,
+                )?;
+            }
+        }
+        Table::open(&ebpf)?.sweep(&TIMEOUTS, false)?;
+        let kept: Vec<u16> = pairs(&ebpf)?.iter().map(|(c, _)| c.port()).collect();
+        ensure!(kept == vec![5001, 6000], "kept the mappings of {kept:?}");
+        // 5000 sends again: a mapping anew, no one else's.
+        let again = send(&ebpf, 5000, a)?;
+        ensure!(again != q, "5000 got 5001's {q}");
         Ok(())
     });
 }
