@@ -59,6 +59,8 @@ pub struct Status {
     pub interfaces: Vec<StatusInterface>,
     pub services: usize,
     pub backends: usize,
+    #[serde(default)]
+    pub gateways: usize,
     pub flows: u64,
     pub flow_capacity: u32,
     pub snat_ports: String,
@@ -313,6 +315,7 @@ fn status_of(shared: &Shared) -> Status {
             .collect(),
         services: registry.services().count(),
         backends: registry.services().map(|s| s.backends.len()).sum(),
+        gateways: registry.gateways().count(),
         flows: shared.sweeps.get().map_or(0, |r| r.total_flows()),
         flow_capacity: running.conntrack.entries,
         snat_ports: running.snat_ports.to_string(),

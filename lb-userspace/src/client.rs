@@ -147,9 +147,11 @@ pub fn status_text(s: &Status) -> String {
         );
     }
     out += &format!(
-        "services {}, backends {}\nflows {} of {} ({:.1}%)\nSNAT ports {}\ntable rebuilds {}\n",
+        "services {}, backends {}, NAT gateways {}\nflows {} of {} ({:.1}%)\nSNAT ports {}\ntable \
+         rebuilds {}\n",
         s.services,
         s.backends,
+        s.gateways,
         s.flows,
         s.flow_capacity,
         s.flows as f64 * 100.0 / s.flow_capacity.max(1) as f64,
@@ -246,6 +248,17 @@ pub fn stats_text(stats: &Stats) -> String {
             t.add_row(backend_row(format!("  {}", b.address), b));
         }
     }
+    for g in &stats.gateways {
+        t.add_row(vec![
+            format!("nat_gateway {} → {} {}", g.source, g.to, g.ports),
+            String::new(),
+            String::new(),
+            g.open_flows.map_or_else(|| "-".into(), |n| n.to_string()),
+            g.traffic.flows.to_string(),
+            g.traffic.packets.to_string(),
+            g.traffic.bytes.to_string(),
+        ]);
+    }
     let mut r = table(&["reason", "packets"]);
     for (reason, n) in &stats.reasons {
         if *n > 0 {
@@ -258,6 +271,9 @@ pub fn stats_text(stats: &Stats) -> String {
             "\nconntrack: {} flows of {} ({} expired, {} pruned since start)\n",
             ct.flows, ct.capacity, ct.expired, ct.pruned
         );
+        if !stats.gateways.is_empty() {
+            out += &format!("NAT gateway UDP mappings: {}\n", ct.mappings);
+        }
     }
     out
 }

@@ -152,6 +152,27 @@ pub fn render(stats: &Stats, rebuilds: u64) -> anyhow::Result<String> {
             }
         }
     }
+    let g_packets = counter(
+        &mut registry,
+        "gateway_packets",
+        "Packets through a NAT gateway, both ways",
+    );
+    let g_bytes = counter(
+        &mut registry,
+        "gateway_bytes",
+        "Bytes (whole frames) through a NAT gateway, both ways",
+    );
+    let g_flows = counter(
+        &mut registry,
+        "gateway_flows",
+        "Flows a NAT gateway has taken",
+    );
+    for g in &stats.gateways {
+        let l = vec![("gateway", g.source.clone())];
+        g_packets.get_or_create(&l).inc_by(g.traffic.packets);
+        g_bytes.get_or_create(&l).inc_by(g.traffic.bytes);
+        g_flows.get_or_create(&l).inc_by(g.traffic.flows);
+    }
     for (reason, n) in &stats.reasons {
         reasons
             .get_or_create(&vec![("reason", reason.clone())])

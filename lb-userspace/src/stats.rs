@@ -23,6 +23,8 @@ use crate::{conntrack::SweepReport, registry::Registry};
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Stats {
     pub services: Vec<ServiceStats>,
+    #[serde(default)]
+    pub gateways: Vec<GatewayStats>,
     /// Packets per verdict, by reason name (every reason, zeros too).
     pub reasons: BTreeMap<String, u64>,
     /// What the tc program did with frames the XDP program handed it, by name.
@@ -49,6 +51,22 @@ pub struct ServiceStats {
     /// Flows open now on its backends (their `active_flows` summed).
     pub active_flows: u64,
     pub backends: Vec<BackendStats>,
+}
+
+/// One NAT gateway: packets and bytes both ways (`in`: private → outside), and flows created.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct GatewayStats {
+    /// The private network.
+    pub source: String,
+    /// The public addresses, comma-separated.
+    pub to: String,
+    /// The port range, "[first, last]".
+    pub ports: String,
+    pub id: u32,
+    #[serde(flatten)]
+    pub traffic: Traffic,
+    /// Flows open at the sweeper's latest pass (absent before the first).
+    pub open_flows: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -108,6 +126,9 @@ pub struct ConntrackStats {
     pub expired: u64,
     pub pruned: u64,
     pub orphans: u64,
+    /// NAT gateways' UDP mappings held now.
+    #[serde(default)]
+    pub mappings: u64,
     pub sweep_ms: f64,
     /// Flows by state name.
     pub states: BTreeMap<String, u64>,
@@ -161,6 +182,17 @@ pub fn read(
         }
         stats.services.push(s);
     }
+    for g in registry.gateways() {
+        let to: Vec<String> = g.config.to.iter().map(|a| a.to_string()).collect();
+        stats.gateways.push(GatewayStats {
+            source: g.config.source.to_string(),
+            to: to.join(","),
+            ports: registry.running().gateway_ports(&g.config).to_string(),
+            id: g.id,
+            traffic: tables.service_stats(g.id)?.into(),
+            open_flows: sweep.map(|ct| ct.by_service.get(&g.id).copied().unwrap_or(0)),
+        });
+    }
     for (reason, packets) in Reason::ALL.iter().zip(tables.reasons()?) {
         stats.reasons.insert(reason.name().into(), packets);
     }
@@ -181,6 +213,8 @@ pub fn read(
         expired: ct.expired,
         pruned: ct.pruned,
         orphans: ct.orphans,
+        // Each mapping is stored both ways.
+        mappings: ct.mappings / 2,
         sweep_ms: ct.took.as_secs_f64() * 1000.0,
         states: FlowState::ALL
             .iter()
@@ -220,6 +254,15 @@ pub fn format(stats: &Stats) -> String {
                 counters(&b.traffic)
             );
         }
+    }
+    for g in &stats.gateways {
+        let _ = writeln!(
+            out,
+            "gateway source={} to={} {}",
+            g.source,
+            g.to,
+            counters(&g.traffic)
+        );
     }
     for reason in Reason::ALL {
         let packets = stats.reasons.get(reason.name()).copied().unwrap_or(0);

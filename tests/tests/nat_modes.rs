@@ -324,6 +324,15 @@ fn a_nat_gateway_takes_private_hosts_out_through_one_address() {
         );
         no_checksum_errors(topo, &before)?;
         let stats = xlb.json(&["stats"])?;
+        // The gateway's own counters: 40 TCP connections to each of 3 servers, 2 UDP sockets
+        // to 3 servers, a ping to each (one identifier each).
+        let gateway = &stats["gateways"][0];
+        ensure!(
+            gateway["source"] == "10.10.1.0/24" && gateway["flows"] == 3 * 40 + 2 * 3 + 3,
+            "the gateway's stats: {gateway}"
+        );
+        let status = xlb.json(&["status"])?;
+        ensure!(status["gateways"] == 1, "status: {status}");
         for reason in [
             "drop/internal",
             "drop/conntrack_insert",
