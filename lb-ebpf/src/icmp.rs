@@ -9,7 +9,8 @@
 //! The quoted packet went one way through xlb; a reply to it would come the other way, and
 //! its conntrack entry (keyed by the quoted packet's addresses and ports, swapped) says how
 //! that direction is rewritten. The error is rewritten by that entry, like a packet of that
-//! direction: outer addresses by the entry's rewrite, the quote back to what it was.
+//! direction: outer addresses by the entry's rewrite (the source only if that direction's
+//! sources are translated), the quote back to what it was.
 //!
 //! The rest — replies, other types, fragments, errors about no tracked flow — goes to the
 //! kernel, counted (`pass/icmp`, `pass/icmp_untracked`).
@@ -190,9 +191,18 @@ fn error(ctx: &XdpContext, pkt: &Packet) -> Result<Reason, Reason> {
     if pkt.ttl <= 1 {
         return Err(Reason::PassTtlExpired);
     }
-    let mut hop = forward::route(ctx, pkt, &rewrite.src, &rewrite.dst)?;
+    // The error's source is translated as that direction's packets' source is: to the VIP
+    // or SNAT address where they get one; where they keep theirs (a dnat flow's client, a
+    // NAT gateway's destination), the router that sent it keeps its own, so a traceroute
+    // shows each hop.
+    let src = if rewrite.src.addr == key.src.addr {
+        &pkt.key.src
+    } else {
+        &rewrite.src
+    };
+    let mut hop = forward::route(ctx, pkt, src, &rewrite.dst)?;
     forward::prepare(ctx, &mut hop);
-    nat::rewrite_icmp_error(ctx, pkt, quote, rewrite, hop.ttl_decrement())?;
+    nat::rewrite_icmp_error(ctx, pkt, quote, rewrite, src, hop.ttl_decrement())?;
     let sent = forward::send(ctx, hop)?;
     stats::count_flow_packet(rewrite, pkt.frame_len);
     Ok(sent)

@@ -6,7 +6,7 @@
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
     csum::{replace, replace_udp, sum_words},
-    maps::{PROTO_ICMP, PROTO_UDP, Rewrite},
+    maps::{Endpoint, PROTO_ICMP, PROTO_UDP, Rewrite},
     reason::Reason,
 };
 use network_types::ip::Ipv4Hdr;
@@ -149,9 +149,10 @@ pub fn echo_reply(ctx: &XdpContext, pkt: &Packet) -> Result<(), Reason> {
     Ok(())
 }
 
-/// Translates an ICMP error about a tracked flow's packet: the outer header goes `entry.src`
-/// → `entry.dst` with the TTL lowered by `ttl_decrement`, as the flow's next packet in
-/// `entry`'s direction would, and the quoted packet, which went the other way, becomes what
+/// Translates an ICMP error about a tracked flow's packet: the outer header goes `src` (the
+/// error's own source, or `entry.src`) → `entry.dst` with the TTL lowered by
+/// `ttl_decrement`, as the flow's next packet in `entry`'s direction would, and the quoted
+/// packet, which went the other way, becomes what
 /// it was before xlb rewrote it: `entry.dst` → `entry.src`, addresses and ports. The outer
 /// IPv4, quoted IPv4, quoted L4 (when quoted) and ICMP checksums follow. Precondition:
 /// `quote` was read by `icmp::read_quote` from this frame, and `pkt.ttl > ttl_decrement`.
@@ -164,12 +165,13 @@ pub fn rewrite_icmp_error(
     pkt: &Packet,
     quote: &Quote,
     entry: &Rewrite,
+    src: &Endpoint,
     ttl_decrement: u8,
 ) -> Result<(), Reason> {
     rewrite_ipv4(
         ctx,
         pkt,
-        entry.src.v4_octets(),
+        src.v4_octets(),
         entry.dst.v4_octets(),
         pkt.ttl - ttl_decrement,
     )?;

@@ -1535,12 +1535,13 @@ fn icmp_and_dnat_cases(lab: &Lab) -> Vec<Case> {
         icmp_error(ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, 1280, &quote(&sent, 40)),
     ));
     v.push(case(
-        "33 dnat: fragmentation needed about a reply reaches the backend, from the client",
+        "33 dnat: fragmentation needed about a reply reaches the backend, from the router (the \
+         client's packets keep their source, so its errors do too)",
         vec![pkt(&syn, fx0), pkt(&syn_ack, fx1)],
         pkt(&error, fx0),
         redirected(icmp_sent(
             icmp(
-                CLIENT,
+                CLIENT_ROUTER,
                 BACKEND,
                 63,
                 icmp_error(
@@ -1552,7 +1553,7 @@ fn icmp_and_dnat_cases(lab: &Lab) -> Vec<Case> {
             ),
             icmp_error_v4(
                 &error.build(),
-                CLIENT,
+                CLIENT_ROUTER,
                 BACKEND,
                 sa(BACKEND, 8080),
                 client,
@@ -1721,6 +1722,40 @@ fn gateway_cases(lab: &Lab) -> Vec<Case> {
         vec![],
         pkt(&pong, fx1),
         untouched(XDP_PASS, Reason::PassIcmp),
+    ));
+
+    // A router beyond the gateway says a datagram's TTL ran out (a traceroute's probe): the
+    // private host hears it from that router, quoting its own datagram.
+    let probe_out = nat_built(&first, (sa(PUBLIC, udp_port), dns), 1);
+    let router = Ipv4Addr::new(10, 20, 1, 254);
+    let exceeded = lab.sent_by_backend(icmp(
+        router,
+        PUBLIC,
+        64,
+        icmp_error(ICMP_TIME_EXCEEDED, 0, 0, &quote(&probe_out, 30)),
+    ));
+    let probe_sent = Frame {
+        ttl: 63,
+        ..first.clone()
+    };
+    v.push(case(
+        "07b time exceeded from a router outside reaches the private host, from that router",
+        vec![pkt(&first, fx0)],
+        pkt(&exceeded, fx1),
+        redirected(
+            icmp_sent(
+                icmp(
+                    router,
+                    CLIENT,
+                    63,
+                    icmp_error(ICMP_TIME_EXCEEDED, 0, 0, &quote(&probe_sent, 30)),
+                ),
+                icmp_error_v4(&exceeded.build(), router, CLIENT, sa(CLIENT, 5000), dns, 1)
+                    .expect("an error about a flow"),
+                to_client,
+            ),
+            FlowState::New,
+        ),
     ));
 
     // What is not the gateway's.

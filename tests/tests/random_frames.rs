@@ -20,7 +20,8 @@
 //! * leave to the kernel, untouched and counted as such, what is for no service and no
 //!   gateway;
 //! * answer pings to a VIP, and translate an ICMP error about a tracked flow as the model's
-//!   reference translation says (outer and quoted headers, every checksum), and nothing else;
+//!   reference translation says (outer and quoted headers, every checksum; the router's
+//!   address kept where the flow's sources are not translated), and nothing else;
 //! * and, in the end, hold whole flows only, each in the state the model reached by applying
 //!   lb-common's rules to the packets it saw, and have counted in its service and backend
 //!   counters exactly the packets and bytes that left rewritten.
@@ -1042,8 +1043,15 @@ fn check_icmp(
             echo_reply_v4(input).context("the reference refuses it")?,
             src,
         )
-    } else if let Some((_, (rs, rd))) = about {
-        let translated = icmp_error_v4(input, *rs.ip(), *rd.ip(), rd, rs, ttl_decrement)
+    } else if let Some((reply, (rs, rd))) = about {
+        // The error's source is translated only where the flow's sources are (not a dnat
+        // flow's client, not a gateway's destination): else the router's is kept.
+        let outer_src = if *rs.ip() == *reply.src.to_socket_v4().ip() {
+            src
+        } else {
+            *rs.ip()
+        };
+        let translated = icmp_error_v4(input, outer_src, *rd.ip(), rd, rs, ttl_decrement)
             .context("the reference refuses it")?;
         (translated, *rd.ip())
     } else {
