@@ -232,6 +232,14 @@ pub const DIR_TO_CLIENT: u8 = 1;
 /// | client → VIP                 | client             | backend            |
 /// | backend → client             | VIP                | client             |
 ///
+/// A NAT gateway's flow ([`MODE_GATEWAY`]) keeps its destination; the "SNAT" endpoint is a
+/// public address and port (an ICMP echo's identifier stands in for the ports):
+///
+/// | key (as received)            | `src` (rewrite to) | `dst` (rewrite to) |
+/// |------------------------------|--------------------|--------------------|
+/// | private → destination        | public:port        | destination        |
+/// | destination → public:port    | destination        | private            |
+///
 /// An ICMP error that quotes a packet of one direction is rewritten by the *other*
 /// direction's entry, the one a reply to the quoted packet would take (`lb-ebpf/src/icmp.rs`).
 ///

@@ -104,14 +104,13 @@ impl Quote {
 }
 
 /// Whether an ICMP packet goes the way of a TCP or UDP one, as a flow's packet: an echo
-/// (request or reply) not addressed to a VIP, whole. A NAT gateway tracks and rewrites
-/// those by their identifier; what no flow or gateway takes goes to the kernel
-/// (`pass/icmp`), as `handle` would leave it.
+/// (request or reply) not addressed to a VIP. A NAT gateway tracks and rewrites those by
+/// their identifier (a first fragment of one is dropped, as a TCP or UDP one is); what no
+/// flow or gateway takes goes to the kernel (`pass/icmp`), as `handle` would leave it.
 #[inline(always)]
 pub fn is_flow(pkt: &Packet) -> bool {
     match pkt.echo {
         Echo::No => false,
-        _ if pkt.fragmented => false,
         Echo::Reply => true,
         // SAFETY: a presence check; the value is not read.
         Echo::Request => unsafe { VIPS.get(&pkt.key.dst.addr) }.is_none(),

@@ -1,4 +1,5 @@
-//! The xlb XDP program: IPv4 TCP/UDP load balancing by full NAT or destination NAT, with ICMP
+//! The xlb XDP program: IPv4 TCP/UDP load balancing by full NAT or destination NAT, an egress
+//! NAT gateway (TCP, UDP with endpoint-independent mappings, pings by identifier), ICMP
 //! answered or translated, and the small tc program that sends what the XDP program cannot
 //! send itself.
 //!
@@ -7,7 +8,8 @@
 //!    flags, and builds the packet's [`FlowKey`](lb_common::maps::FlowKey);
 //! 2. [`conntrack::lookup`] finds how this flow direction is rewritten and records what the
 //!    packet tells about the flow (TCP flags, time); or, for a new flow to a service,
-//!    [`conntrack::backend`] picks a backend from the service's Maglev slice,
+//!    [`conntrack::backend`] picks a backend from the service's Maglev slice (a NAT
+//!    gateway's flow, [`conntrack::gateway`], goes to its own destination),
 //!    [`forward::route`] finds the way to it, and [`conntrack::create`] stores both
 //!    directions with a SNAT port (or, in `dnat` mode, the client's own);
 //!    ICMP instead goes to [`icmp::handle`], which answers pings to a VIP and translates

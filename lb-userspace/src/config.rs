@@ -1394,6 +1394,24 @@ address = "10.20.0.12:8080"
         assert_eq!(s.backends[1].weight, 1, "weight defaults to 1");
     }
 
+    /// Every TOML snippet of the README parses (keys and types; snippets need not be whole
+    /// configs).
+    #[test]
+    fn the_readmes_snippets_parse() {
+        let readme = include_str!("../../README.md");
+        let blocks: Vec<&str> = readme
+            .split("```toml\n")
+            .skip(1)
+            .map(|b| b.split("```").next().unwrap_or(""))
+            .collect();
+        assert!(blocks.len() >= 4, "found {} TOML blocks", blocks.len());
+        for b in blocks {
+            if let Err(e) = Config::parse(b) {
+                panic!("a README snippet does not parse: {e}\n{b}");
+            }
+        }
+    }
+
     #[test]
     fn every_error_names_its_field() {
         let text = GOOD
