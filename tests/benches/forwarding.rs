@@ -189,7 +189,8 @@ fn main() -> Result<()> {
             .find(|(k, _)| *k == key)
             .map_or(0.0, |(_, r)| *r)
     };
-    let (null, xlb, nft) = (rate("null_forwarder"), rate("xlb"), rate("nftables"));
+    // (Not named `null`: inside `json!` that is the JSON literal, not the variable.)
+    let (null_forwarder, xlb, nft) = (rate("null_forwarder"), rate("xlb"), rate("nftables"));
     let json = serde_json::json!({
         "forwarding_mpps": {
             "command": run.command(),
@@ -202,7 +203,7 @@ fn main() -> Result<()> {
                  balancer's namespace into a sink namespace; Mpps = frames the sink received \
                  / seconds the generator ran"
             ),
-            "null_forwarder": null,
+            "null_forwarder": null_forwarder,
             "xlb": xlb,
             "nftables": nft,
             "many_flows": FLOWS,
@@ -233,7 +234,7 @@ fn main() -> Result<()> {
     )?;
     if run == Run::Smoke {
         println!(
-            "forwarding bench smoke: null {null:.2}, xlb {xlb:.2}, nftables {nft:.2} Mpps \
+            "forwarding bench smoke: null {null_forwarder:.2}, xlb {xlb:.2}, nftables {nft:.2} Mpps \
              (xlb over {FLOWS} flows {:.2}); figures written to {}",
             rate("xlb_many_flows"),
             written.display()
@@ -250,7 +251,7 @@ fn main() -> Result<()> {
                     rate("nftables_many_flows"),
                 )
             } else {
-                (null, nft)
+                (null_forwarder, nft)
             };
             println!("| {key} | {r:.2} | {:.2} | {:.2} |", r / floor, r / kernel);
         }
