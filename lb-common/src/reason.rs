@@ -16,7 +16,8 @@ pub enum Reason {
     PassNotIpv4 = 2,
     /// IPv4 but neither TCP, UDP nor ICMP: handed to the kernel untouched.
     PassNotTcpUdp = 3,
-    /// TCP/UDP that matches no service and no tracked flow: handed to the kernel untouched.
+    /// TCP/UDP that matches no service, no NAT gateway and no tracked flow: handed to the
+    /// kernel untouched.
     PassNoService = 4,
     /// A non-first IPv4 fragment (no L4 header to match on): handed to the kernel.
     PassFragment = 5,
@@ -84,11 +85,15 @@ pub enum Reason {
     /// Larger than the egress MTU, with DF set, and the ICMP answer could not be made or
     /// sent (no headroom, no way back to the sender).
     DropTooBig = 28,
+    /// A NAT gateway's new UDP flow found its private endpoint mapped, a moment before, by
+    /// a first packet of the same endpoint on another CPU: this one is dropped rather than
+    /// given a second public endpoint (its sender's next packet takes the mapping).
+    DropMappingRace = 29,
 }
 
 impl Reason {
     /// Number of reasons; the size of the `REASONS` array.
-    pub const COUNT: u32 = 29;
+    pub const COUNT: u32 = 30;
 
     /// All reasons, in index order.
     pub const ALL: [Reason; Self::COUNT as usize] = [
@@ -121,6 +126,7 @@ impl Reason {
         Reason::DropDnatTupleTaken,
         Reason::ForwardIcmpTooBig,
         Reason::DropTooBig,
+        Reason::DropMappingRace,
     ];
 
     /// The metric label: `verdict/why`, e.g. `drop/truncated`.
@@ -155,6 +161,7 @@ impl Reason {
             Reason::DropDnatTupleTaken => "drop/dnat_tuple_taken",
             Reason::ForwardIcmpTooBig => "forward/icmp_too_big",
             Reason::DropTooBig => "drop/too_big",
+            Reason::DropMappingRace => "drop/mapping_race",
         }
     }
 
@@ -192,7 +199,8 @@ impl Reason {
             | Reason::DropRstNoFlow
             | Reason::DropConntrackNoMemory
             | Reason::DropDnatTupleTaken
-            | Reason::DropTooBig => XDP_DROP,
+            | Reason::DropTooBig
+            | Reason::DropMappingRace => XDP_DROP,
         }
     }
 }

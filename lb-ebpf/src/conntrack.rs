@@ -12,11 +12,7 @@
     reason = "by-value keys would be copied onto the 512-byte BPF stack, which is nearly full"
 )]
 
-use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_NOEXIST},
-    maps::lpm_trie::Key,
-    programs::XdpContext,
-};
+use aya_ebpf::{bindings::BPF_NOEXIST, maps::lpm_trie::Key, programs::XdpContext};
 use lb_common::{
     conntrack::{FlowSeen, FlowState, REFRESH_NS, Seen, starts_anew},
     hash::{flow_hash, snat_candidate},
@@ -31,7 +27,7 @@ use lb_common::{
 
 use crate::{
     ACTIVE, BACKENDS, CONFIG, CONNTRACK, CREATE_SCRATCH, CURSORS, GATEWAYS, MAGLEV, MAPPINGS,
-    SERVICES, forward,
+    NEW_FLOW, SERVICES, forward,
     parse::{Echo, Packet},
 };
 
@@ -49,6 +45,49 @@ pub struct NewFlow<'a> {
     pub hash: u64,
     /// The interface the backend's replies will come in on: where packets to it leave.
     pub reply_ifindex: u32,
+}
+
+/// A new flow as `new_flow` chose it, copied into this CPU's slot of `NEW_FLOW` by [`stage`].
+#[repr(C)]
+pub struct Staged {
+    /// The service's entry, or the NAT gateway's.
+    pub service: ServiceEntry,
+    /// Where the flow goes: the backend, or a gateway's flow's own destination.
+    pub to: Endpoint,
+    pub _pad: [u8; 2],
+    /// `NO_BACKEND` for a NAT gateway's flow.
+    pub backend_id: u32,
+    /// The flow's hash.
+    pub hash: u64,
+}
+
+/// Copies a new flow's choice into this CPU's slot of `NEW_FLOW`, and returns it: the rest of
+/// the new-flow path reads it from there. The entry comes from `SERVICES` or `GATEWAYS` and
+/// the destination from `BACKENDS` or the packet; read through one map value, the verifier
+/// checks the path after once, not once per origin (which multiplied its work).
+///
+/// Errors: `DropInternal` when the slot is missing.
+#[inline(always)]
+pub fn stage(
+    service: &ServiceEntry,
+    backend_id: u32,
+    to: &Endpoint,
+    hash: u64,
+) -> Result<&'static Staged, Reason> {
+    let staged = NEW_FLOW.get_ptr_mut(0).ok_or(Reason::DropInternal)?;
+    // SAFETY: this CPU's slot of a one-entry per-CPU array; the program runs to completion
+    // on its CPU, and only `new_flow` (through this function) touches the slot, once per
+    // packet, before it reads it.
+    // Copied from pointer to pointer: an assignment of the 180-byte entry would go through
+    // a temporary on the stack, which has no room for one.
+    unsafe {
+        core::ptr::copy_nonoverlapping(service, &mut (*staged).service, 1);
+        core::ptr::copy_nonoverlapping(to, &mut (*staged).to, 1);
+        (*staged)._pad = [0; 2];
+        (*staged).backend_id = backend_id;
+        (*staged).hash = hash;
+        Ok(&*staged)
+    }
 }
 
 /// `create`'s working space, one per CPU (see `CREATE_SCRATCH` in main.rs).
@@ -182,13 +221,15 @@ pub fn gateway(pkt: &Packet) -> Option<&'static ServiceEntry> {
     GATEWAYS.get(&src)
 }
 
-/// The flow hash of `key` (`lb_common::hash::flow_hash` with the configured seed).
+/// The flow hash of `key` (`lb_common::hash::flow_hash` with the configured seed; seed 0
+/// if the settings are missing, which `backend` reports).
 ///
-/// Errors: `DropInternal` when the settings are missing.
-#[inline(always)]
-pub fn hash(key: &FlowKey) -> Result<u64, Reason> {
-    let cfg = CONFIG.get(0).ok_or(Reason::DropInternal)?;
-    Ok(flow_hash(key, cfg.hash_seed))
+/// Not inlined: the hash's byte shuffling spills many registers, and in a frame of its own
+/// it does not take the new-flow path's stack.
+#[inline(never)]
+pub fn hash(key: &FlowKey) -> u64 {
+    let seed = CONFIG.get(0).map_or(0, |cfg| cfg.hash_seed);
+    flow_hash(key, seed)
 }
 
 /// The service a packet is addressed to (its destination and protocol), if any.
@@ -217,7 +258,7 @@ pub fn backend(
     if cfg.maglev_size == 0 {
         return Err(Reason::DropInternal);
     }
-    let hash = flow_hash(key, cfg.hash_seed);
+    let hash = hash(key);
     if scheduler::is_least(service.scheduler) {
         let backend_id = least(service, cfg.maglev_size, hash)?;
         let backend = BACKENDS.get(backend_id).ok_or(Reason::DropInternal)?;
@@ -429,10 +470,17 @@ pub fn create(
             // SAFETY: a map value, valid for the program run; the store of "now" is one
             // aligned write that racing CPUs can only repeat.
             let held = unsafe { &mut *held };
-            held.taken_ns = now;
-            forward.rewrite.src = held.endpoint;
-            probe.fixed = 1;
-        } else {
+            if in_pool(service, &held.endpoint) {
+                held.taken_ns = now;
+                forward.rewrite.src = held.endpoint;
+                probe.fixed = 1;
+            } else {
+                // The gateway's pool or ports changed since: a mapping anew, from the
+                // pool as it is (the old public side goes with its last flow).
+                let _ = MAPPINGS.remove(&*mapping_key);
+            }
+        }
+        if probe.fixed == 0 {
             // The public side's lock, which `probe_step` takes for each candidate.
             mapping.endpoint = key.src;
             mapping._pad = [0; 6];
@@ -482,12 +530,19 @@ pub fn create(
         found: PROBE_NONE,
         error: 0,
     };
-    // SAFETY: `probe_step` is a BPF subprogram of the signature bpf_loop calls, and
+    // A step of its own for a gateway's UDP flow taking a new mapping: the verifier checks
+    // each step's body apart, neither with the other's branches.
+    let step = if probe.mapped != 0 && probe.fixed == 0 {
+        probe_mapped_step as *const ()
+    } else {
+        probe_step as *const ()
+    };
+    // SAFETY: both steps are BPF subprograms of the signature bpf_loop calls, and
     // `outcome` outlives the call.
     unsafe {
         aya_ebpf::helpers::bpf_loop(
             SNAT_PORT_PROBES,
-            probe_step as *const () as *mut core::ffi::c_void,
+            step as *mut core::ffi::c_void,
             &mut outcome as *mut Outcome as *mut core::ffi::c_void,
             0,
         );
@@ -521,11 +576,26 @@ pub fn create(
     };
     if probe.mapped != 0 && probe.fixed == 0 && inserted {
         // The private side of the mapping whose public side `probe_step` took: the private
-        // endpoint's next flows take the same. Should it not be stored, they take another.
+        // endpoint's next flows take the same. If another CPU mapped the private endpoint
+        // meanwhile (its first packets to two destinations at once), this packet gives its
+        // candidate back and is dropped: one private endpoint, one public endpoint.
         mapping_key.endpoint = key.src;
         mapping_key.side = MAPPING_PRIVATE;
         mapping.endpoint = forward.rewrite.src;
-        let _ = MAPPINGS.insert(&*mapping_key, &*mapping, BPF_ANY as u64);
+        match MAPPINGS.insert(&*mapping_key, &*mapping, BPF_NOEXIST as u64) {
+            Ok(()) => {}
+            Err(e) => {
+                let _ = CONNTRACK.remove(&*reverse_key);
+                mapping_key.endpoint = forward.rewrite.src;
+                mapping_key.side = MAPPING_PUBLIC;
+                let _ = MAPPINGS.remove(&*mapping_key);
+                return Err(if e == -EEXIST {
+                    Reason::DropMappingRace
+                } else {
+                    insert_error(e)
+                });
+            }
+        }
     }
     // A reverse entry found there is never ours to withdraw.
     insert_forward(key, forward, inserted.then_some(&*reverse_key), rewrite)
@@ -576,6 +646,19 @@ const PROBE_FOUND_OURS: u32 = 2;
 /// once, not once per probe.
 #[inline(never)]
 extern "C" fn probe_step(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    probe::<false>(i, ctx)
+}
+
+/// `probe_step` for a NAT gateway's UDP flow without a mapping: a candidate is taken only
+/// with its public endpoint's mapping, which must be no one else's.
+#[inline(never)]
+extern "C" fn probe_mapped_step(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    probe::<true>(i, ctx)
+}
+
+/// The body of the probe steps; `MAPPED`: `probe_mapped_step`'s.
+#[inline(always)]
+fn probe<const MAPPED: bool>(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
     // SAFETY: bpf_loop hands back the pointer `create` gave it, to its live `Outcome`.
     let outcome = unsafe { &mut *(ctx as *mut Outcome) };
     let Some(scratch) = CREATE_SCRATCH.get_ptr_mut(0) else {
@@ -595,7 +678,7 @@ extern "C" fn probe_step(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
     if i >= p.candidates {
         return 1;
     }
-    if p.fixed == 0 {
+    if MAPPED || p.fixed == 0 {
         let (index, port) = snat_candidate(p.hash, i, p.first, p.count, p.pool);
         forward.rewrite.src.addr = pool[index as usize & (MAX_SNAT_ADDRESSES - 1)].addr;
         forward.rewrite.src.port = port.to_be_bytes();
@@ -605,7 +688,7 @@ extern "C" fn probe_step(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
     reverse_key.proto = p.proto;
     reverse_key._pad = 0;
     match CONNTRACK.insert(&*reverse_key, &*reverse, BPF_NOEXIST as u64) {
-        Ok(()) if p.mapped != 0 && p.fixed == 0 => {
+        Ok(()) if MAPPED => {
             // The public endpoint must be no other private endpoint's, toward anyone.
             mapping_key.endpoint = forward.rewrite.src;
             mapping_key.proto = p.proto;
@@ -634,7 +717,9 @@ extern "C" fn probe_step(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
             if let Some(held) = CONNTRACK.get_ptr_mut(&*reverse_key) {
                 // SAFETY: a map value, valid for the program run.
                 let held = unsafe { &mut *held };
-                if held.rewrite == reverse.rewrite {
+                if held.rewrite == reverse.rewrite
+                    && (!MAPPED || public_is_ours(p, mapping_key, mapping, forward))
+                {
                     // The flow goes on: its record, plus this packet.
                     let facts = Seen::of_packet(p.proto, p.tcp_flags);
                     record(held, DIR_TO_BACKEND, &facts, false, p.now);
@@ -650,6 +735,36 @@ extern "C" fn probe_step(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
             1
         }
     }
+}
+
+/// Whether `endpoint` is an address of `service`'s pool with a port of its range.
+#[inline(always)]
+fn in_pool(service: &ServiceEntry, endpoint: &Endpoint) -> bool {
+    let port = u16::from_be_bytes(endpoint.port) as u32;
+    if port < service.port_first || port - service.port_first >= service.port_count {
+        return false;
+    }
+    let mut i = 0;
+    while i < MAX_SNAT_ADDRESSES {
+        if (i as u32) < service.snat_count && service.snat[i].addr == endpoint.addr {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
+/// For a gateway's UDP flow probing for a public endpoint: whether the candidate in
+/// `forward` (whose reverse entry holds this very flow) is this private endpoint's, by its
+/// public side. Another CPU creating the same flow may have inserted that reverse entry and
+/// be about to withdraw it, its public side being someone else's.
+#[inline(always)]
+fn public_is_ours(p: &Probe, key: &mut MappingKey, mapping: &Mapping, forward: &NatEntry) -> bool {
+    key.endpoint = forward.rewrite.src;
+    key.proto = p.proto;
+    key.side = MAPPING_PUBLIC;
+    // SAFETY: a map value, read in place and compared at once.
+    unsafe { MAPPINGS.get(&*key) }.is_some_and(|m| m.endpoint == mapping.endpoint)
 }
 
 /// The reason for a failed conntrack insert (other than EEXIST, which callers handle).

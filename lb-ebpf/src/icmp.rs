@@ -103,17 +103,25 @@ impl Quote {
     }
 }
 
-/// Whether an ICMP packet goes the way of a TCP or UDP one, as a flow's packet: an echo
-/// (request or reply) not addressed to a VIP. A NAT gateway tracks and rewrites those by
-/// their identifier (a first fragment of one is dropped, as a TCP or UDP one is); what no
-/// flow or gateway takes goes to the kernel (`pass/icmp`), as `handle` would leave it.
-#[inline(always)]
-pub fn is_flow(pkt: &Packet) -> bool {
+/// Whether [`handle`] takes the packet: ICMP but for an echo (request or reply) not
+/// addressed to a VIP, which goes the way of a TCP or UDP packet, as a flow's. A NAT gateway
+/// tracks and rewrites those by their identifier (a first fragment of one is dropped, as a
+/// TCP or UDP one is); what no flow or gateway takes goes to the kernel (`pass/icmp`), as
+/// `handle` would leave it.
+///
+/// Not inlined: the verifier then learns nothing about the packet's protocol in the caller,
+/// so the flow path it checks once for TCP and UDP does for pings too, instead of once
+/// more for a state where the protocol is known to be ICMP.
+#[inline(never)]
+pub fn takes(pkt: &Packet) -> bool {
+    if pkt.key.proto != PROTO_ICMP {
+        return false;
+    }
     match pkt.echo {
-        Echo::No => false,
-        Echo::Reply => true,
+        Echo::No => true,
+        Echo::Reply => false,
         // SAFETY: a presence check; the value is not read.
-        Echo::Request => unsafe { VIPS.get(&pkt.key.dst.addr) }.is_none(),
+        Echo::Request => unsafe { VIPS.get(&pkt.key.dst.addr) }.is_some(),
     }
 }
 

@@ -102,6 +102,11 @@ static CONFIG: Array<Settings> = Array::with_max_entries(1, 0);
 #[map]
 static CREATE_SCRATCH: PerCpuArray<conntrack::Scratch> = PerCpuArray::with_max_entries(1, 0);
 
+/// A new flow's service (or gateway) entry and destination, one slot per CPU (see
+/// `conntrack::stage`).
+#[map]
+static NEW_FLOW: PerCpuArray<conntrack::Staged> = PerCpuArray::with_max_entries(1, 0);
+
 /// Working space of `icmp::error`, one slot per CPU, for the same reason.
 #[map]
 static ICMP_SCRATCH: PerCpuArray<icmp::Scratch> = PerCpuArray::with_max_entries(1, 0);
@@ -199,17 +204,21 @@ fn process(ctx: &XdpContext) -> Result<Reason, Reason> {
     parse::parse(ctx, &mut pkt)?;
     // Pings through a NAT gateway are flows like any other (their identifier is their
     // port); the rest of ICMP has a path of its own.
-    if pkt.key.proto == PROTO_ICMP && !icmp::is_flow(&pkt) {
+    if icmp::takes(&pkt) {
         return icmp::handle(ctx, &pkt);
     }
     let mut rewrite = Rewrite::default();
     let fwd = forwardable(&pkt);
-    let mut hop = if conntrack::lookup(ctx, &pkt, fwd.is_ok(), &mut rewrite)? {
-        fwd?;
-        forward::route(ctx, &pkt, &rewrite.src, &rewrite.dst)?
-    } else {
-        new_flow(ctx, &pkt, &mut rewrite)?
+    let mut hop = Hop::Kernel {
+        ifindex: 0,
+        reason: Reason::PassFibOther,
     };
+    if conntrack::lookup(ctx, &pkt, fwd.is_ok(), &mut rewrite)? {
+        fwd?;
+        hop = forward::route(ctx, &pkt, &rewrite.src, &rewrite.dst)?;
+    } else {
+        new_flow(ctx, &pkt, &mut rewrite, &mut hop)?;
+    }
     if let Hop::TooBig { mtu, .. } = hop
         && pkt.dont_fragment
     {
@@ -226,10 +235,19 @@ fn process(ctx: &XdpContext) -> Result<Reason, Reason> {
 
 /// The first packet of a flow, if it is addressed to a service (or comes from a NAT
 /// gateway's private network): picks the backend (a gateway's is the packet's own
-/// destination), routes to it, and creates the flow, whose forward rewrite it writes to
-/// `rewrite`.
+/// destination), routes to it (`hop`), and creates the flow, whose forward rewrite it
+/// writes to `rewrite`.
+///
+/// `hop` is written, not returned: returned by value, the result goes through memory and
+/// LLVM may leave a pointer into the caller's stack in R0 at the exit, which the verifier
+/// refuses ("cannot return stack pointer to the caller").
 #[inline(never)]
-fn new_flow(ctx: &XdpContext, pkt: &parse::Packet, rewrite: &mut Rewrite) -> Result<Hop, Reason> {
+fn new_flow(
+    ctx: &XdpContext,
+    pkt: &parse::Packet,
+    rewrite: &mut Rewrite,
+    hop: &mut Hop,
+) -> Result<(), Reason> {
     // What is not ours goes to the kernel untouched.
     let not_ours = if pkt.key.proto == PROTO_ICMP {
         Reason::PassIcmp
@@ -240,21 +258,32 @@ fn new_flow(ctx: &XdpContext, pkt: &parse::Packet, rewrite: &mut Rewrite) -> Res
         Some(service) => (service, false),
         None => (conntrack::gateway(pkt).ok_or(not_ours)?, true),
     };
+    // A gateway's packet to where the FIB leaves it to the kernel (the host itself, no
+    // route) is not the gateway's, whatever else it is: asked first.
+    if gateway {
+        *hop = forward::route(ctx, pkt, &service.snat[0], &pkt.key.dst)?;
+        if matches!(hop, Hop::Kernel { .. }) {
+            return Err(not_ours);
+        }
+    }
     // Checked before the flow is created, so a packet we will not forward (a traceroute
     // probe with TTL 1, say) does not take a SNAT port.
     forwardable(pkt)?;
     if pkt.tcp_flags & TCP_RST != 0 {
         return Err(Reason::DropRstNoFlow);
     }
-    let (backend_id, to, hash) = if gateway {
-        (NO_BACKEND, &pkt.key.dst, conntrack::hash(&pkt.key)?)
+    let staged = if gateway {
+        conntrack::stage(service, NO_BACKEND, &pkt.key.dst, conntrack::hash(&pkt.key))?
     } else {
         let (id, backend, hash) = match quic::backend(ctx, pkt, service) {
             Some(chosen) => chosen,
             None => conntrack::backend(&pkt.key, service)?,
         };
-        (id, &backend.endpoint, hash)
+        conntrack::stage(service, id, &backend.endpoint, hash)?
     };
+    // From here on the flow is read from the staged copy: whichever map its entry came
+    // from (a service's or a gateway's), the verifier checks the rest of the path once.
+    let (service, to) = (&staged.service, &staged.to);
     // Routed before the flow is created: an unreachable backend takes no port, and the flow
     // learns which interface the backend's replies come in on.
     // A fullnat flow is routed from the pool's first address: the way to the backend.
@@ -263,32 +292,35 @@ fn new_flow(ctx: &XdpContext, pkt: &parse::Packet, rewrite: &mut Rewrite) -> Res
     } else {
         &service.snat[0]
     };
-    let hop = forward::route(ctx, pkt, snat, to)?;
-    if gateway && matches!(hop, Hop::Kernel { .. }) {
-        // Not a way out through xlb (to the host itself, say): the kernel's, untranslated.
-        return Err(not_ours);
+    if !gateway {
+        *hop = forward::route(ctx, pkt, snat, to)?;
     }
     if let Hop::TooBig { .. } = hop
         && pkt.dont_fragment
     {
         // Answered with "fragmentation needed", not forwarded: no flow for it (its sender
         // sends again, smaller, and that packet makes the flow).
-        return Ok(hop);
+        return Ok(());
     }
     let flow = conntrack::NewFlow {
         service,
-        backend_id,
+        backend_id: staged.backend_id,
         to,
-        hash,
+        hash: staged.hash,
         reply_ifindex: hop.ifindex(),
     };
+    // The hop is forgotten while the flow is made, and asked for again after: kept, each of
+    // its kinds would have the verifier check `create` once more (its work was half a
+    // million instructions). It costs a second FIB lookup per new flow; and it routes the
+    // flow as it was made, also when another CPU made it at the same moment toward another
+    // backend (the Maglev table changed in between), whose flow then stands.
+    *hop = Hop::Kernel {
+        ifindex: 0,
+        reason: Reason::PassFibOther,
+    };
     conntrack::create(ctx, pkt, &flow, rewrite)?;
-    if rewrite.dst != *to {
-        // Another CPU created the flow at the same moment, toward another backend (the
-        // Maglev table changed in between): its flow stands, so route to its backend.
-        return forward::route(ctx, pkt, &rewrite.src, &rewrite.dst);
-    }
-    Ok(hop)
+    *hop = forward::route(ctx, pkt, &rewrite.src, &rewrite.dst)?;
+    Ok(())
 }
 
 /// Whether a packet of ours can be rewritten and forwarded: its fragments cannot (later

@@ -1233,14 +1233,42 @@ impl Config {
             } else if unique.len() != to.len() {
                 err(at("to"), "an address is listed twice".into());
             }
-            if let Some(source) = source
-                && let Some(inside) = to.iter().find(|a| source.contains(**a))
+            if source.is_some_and(|s| s.prefix == 0) {
+                err(
+                    at("source"),
+                    "a private network of every address leaves nothing outside it: name the \
+                     private network (e.g. \"10.30.0.0/16\")"
+                        .into(),
+                );
+            }
+            // Inside any gateway's private network (this one's or another's), its replies
+            // would be taken for private traffic.
+            let sources: Vec<Network> = self
+                .nat_gateways
+                .iter()
+                .filter_map(|o| Network::parse(&o.source).ok())
+                .collect();
+            if let Some((inside, of)) = to
+                .iter()
+                .find_map(|a| sources.iter().find(|s| s.contains(*a)).map(|s| (a, s)))
             {
                 err(
                     at("to"),
                     format!(
-                        "{inside} is inside the private network {source}: its traffic would \
-                         not leave it"
+                        "{inside} is inside the private network {of}: its traffic would not \
+                         leave it"
+                    ),
+                );
+            }
+            if let Some(vip) = to
+                .iter()
+                .find(|a| services.iter().any(|s| s.vip.ip() == *a))
+            {
+                err(
+                    at("to"),
+                    format!(
+                        "{vip} is a service's VIP: a gateway's flows could take the ports its \
+                         clients come to. Use another address"
                     ),
                 );
             }
@@ -1667,6 +1695,18 @@ ports = [20000, 29999]
             ("10.30.0.0/24", "10.30.0.0/33", "source", "0 to 32 bits"),
             (
                 "10.30.0.0/24",
+                "0.0.0.0/0",
+                "source",
+                "leaves nothing outside it",
+            ),
+            (
+                "\"198.51.100.11\"",
+                "\"10.10.0.100\"",
+                "to",
+                "is a service's VIP",
+            ),
+            (
+                "10.30.0.0/24",
                 "10.30.0.0",
                 "source",
                 "is not \"address/prefix\"",
@@ -1703,6 +1743,17 @@ ports = [20000, 29999]
                 "{to}: no {want}...{says} in {p:?}"
             );
         }
+        // Inside another gateway's private network.
+        let other = GATEWAY
+            .replace("10.30.0.0/24", "10.31.0.0/24")
+            .replace("\"198.51.100.11\"", "\"10.30.0.9\"");
+        let p = problems(&format!("{GOOD}{GATEWAY}{other}"));
+        assert!(
+            p.iter().any(|p| p.starts_with(
+                "nat_gateway[1].to: 10.30.0.9 is inside the private network 10.30.0.0/24"
+            )),
+            "{p:?}"
+        );
         let twice = problems(&format!("{GOOD}{GATEWAY}{GATEWAY}"));
         assert!(
             twice

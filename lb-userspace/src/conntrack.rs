@@ -37,11 +37,40 @@ use aya::{
 use lb_common::{
     conntrack::{FlowState, Timeouts, remaining_ns},
     maps::{
-        DIR_TO_BACKEND, Endpoint, FlowKey, MAPPING_PUBLIC, Mapping, MappingKey, NO_BACKEND,
-        NatEntry, PROTO_UDP, names,
+        DIR_TO_BACKEND, Endpoint, FlowKey, MAPPING_PRIVATE, MAPPING_PUBLIC, Mapping, MappingKey,
+        NO_BACKEND, NatEntry, PROTO_UDP, Rewrite, names,
     },
     reason::Reason,
 };
+
+/// A mapping taken this long before a sweep began is kept by it even with no flow seen: a
+/// new flow stamps its mapping with the time its creation began, a moment before its
+/// entries are in the table, where the sweep may already have passed.
+pub const MAPPING_MARGIN: Duration = Duration::from_secs(1);
+
+/// Adds the public endpoint of a NAT gateway's UDP flow (its forward entry at `key`) to
+/// `mapped`: its mapping stays.
+fn keeps_mapping(mapped: &mut HashSet<Endpoint>, key: &FlowKey, rewrite: &Rewrite) {
+    if rewrite.direction == DIR_TO_BACKEND
+        && rewrite.backend_id == NO_BACKEND
+        && key.proto == PROTO_UDP
+    {
+        mapped.insert(rewrite.src);
+    }
+}
+
+/// The key of a mapping's other side.
+fn other_side(key: &MappingKey, value: &Mapping) -> MappingKey {
+    MappingKey {
+        endpoint: value.endpoint,
+        proto: key.proto,
+        side: if key.side == MAPPING_PUBLIC {
+            MAPPING_PRIVATE
+        } else {
+            MAPPING_PUBLIC
+        },
+    }
+}
 
 /// Under pressure (new flows refused: the table is full or SNAT ports ran out), flows that
 /// are still `New` and have been idle this long are removed early. A SYN flood's flows are
@@ -152,12 +181,8 @@ impl Table {
                 {
                     ended.push(*key);
                 }
-                if entry.rewrite.direction == DIR_TO_BACKEND
-                    && entry.rewrite.backend_id == NO_BACKEND
-                    && key.proto == PROTO_UDP
-                    && !doomed
-                {
-                    mapped.insert(entry.rewrite.src);
+                if !doomed {
+                    keeps_mapping(&mut mapped, key, &entry.rewrite);
                 }
                 if entry.rewrite.direction == DIR_TO_BACKEND {
                     let state = FlowState::of(key.proto, &entry.seen);
@@ -197,6 +222,14 @@ impl Table {
                 self.accounting.as_deref(),
             )?;
             let entries = match removed {
+                // Kept after all (a packet came meanwhile): a gateway's flow keeps its
+                // mapping too.
+                Removed::Nothing => {
+                    if let Some((_, rewrite)) = counted {
+                        keeps_mapping(&mut mapped, key, rewrite);
+                    }
+                    continue;
+                }
                 Removed::Flow(Verdict::Pruned) => {
                     report.pruned += 1;
                     2
@@ -209,7 +242,6 @@ impl Table {
                     report.orphans += 1;
                     1
                 }
-                Removed::Nothing => continue,
             };
             report.entries = report.entries.saturating_sub(entries);
             if let Some((state, rewrite)) = counted {
@@ -233,7 +265,10 @@ impl Table {
     }
 
     /// Removes the mappings whose public endpoint is not in `mapped` (the UDP flows the sweep
-    /// kept), both sides, unless either side was taken at or after `started_ns`.
+    /// kept), both sides, unless either side was taken after the sweep began (less
+    /// [`MAPPING_MARGIN`]). Each side is read again just before it goes: a flow may have
+    /// taken it since the sweep read them all. (A flow that takes it between that read and
+    /// the delete loses it, and its private endpoint's next flow gets a mapping anew.)
     fn sweep_mappings(
         &mut self,
         mapped: &HashSet<Endpoint>,
@@ -258,9 +293,19 @@ impl Table {
             let t = taken.entry(public(k, m)).or_default();
             *t = (*t).max(m.taken_ns);
         }
+        let since = started_ns.saturating_sub(MAPPING_MARGIN.as_nanos() as u64);
         for (k, m) in &all {
             let p = public(k, m);
-            if mapped.contains(&p) || taken[&p] >= started_ns {
+            let fresh = |m: &Mapping| m.taken_ns >= since;
+            if mapped.contains(&p) || taken[&p] >= since {
+                report.mappings += 1;
+                continue;
+            }
+            // Taken again since (either side)?
+            let again = [*k, other_side(k, m)]
+                .iter()
+                .any(|side| self.mappings.get(side, 0).is_ok_and(|m| fresh(&m)));
+            if again {
                 report.mappings += 1;
                 continue;
             }

@@ -92,12 +92,14 @@ fn pin_to(cpu: usize) -> Result<()> {
 /// Each frame's reason and output, on one CPU.
 type Outcomes = Vec<(Reason, Vec<u8>)>;
 
-/// Sends `frames` (arriving on `ingress`) through the program from CPUs 0 and 1 at once,
-/// frame by frame in lock-step. Returns, per CPU, each frame's reason and output.
+/// Sends `frames[0]` from CPU 0 and `frames[1]` from CPU 1 (arriving on `ingress`) through
+/// the program at once, frame by frame in lock-step. Returns, per CPU, each frame's reason
+/// (a drop counts as `DropSnatPortsExhausted`: both CPUs count at once, so the action is
+/// what tells) and output.
 fn from_two_cpus(
     ns: &NetNs,
     ebpf: &Ebpf,
-    frames: &[Vec<u8>],
+    frames: [&[Vec<u8>]; 2],
     ingress: Iface,
 ) -> Result<[Outcomes; 2]> {
     let barrier = Barrier::new(2);
@@ -121,8 +123,8 @@ fn from_two_cpus(
         })?
     };
     let (a, b) = std::thread::scope(|s| {
-        let a = s.spawn(|| run_on(0, frames));
-        let b = s.spawn(|| run_on(1, frames));
+        let a = s.spawn(|| run_on(0, frames[0]));
+        let b = s.spawn(|| run_on(1, frames[1]));
         (a.join(), b.join())
     });
     let (Ok(a), Ok(b)) = (a, b) else {
@@ -155,7 +157,7 @@ fn two_cpus_creating_the_same_flows_agree() {
             let frames: Vec<Vec<u8>> = (0..FLOWS)
                 .map(|i| frame(10000 + i).with_macs(CLIENT_MAC, fx0.mac).build())
                 .collect();
-            let [a, b] = from_two_cpus(ns, &ebpf, &frames, fx0)?;
+            let [a, b] = from_two_cpus(ns, &ebpf, [&frames, &frames], fx0)?;
             for (i, ((ra, fa), (rb, fb))) in a.iter().zip(&b).enumerate() {
                 ensure!(
                     *ra == Reason::ForwardRedirect && *rb == Reason::ForwardRedirect,
@@ -627,6 +629,19 @@ ports = [40000, 40999]
 
         let udp = |port: u16, to: Ipv4Addr| key(sa(CLIENT, port), sa(to, 53), PROTO_UDP);
         let expired = Duration::from_secs(TIMEOUTS.udp as u64 + 5);
+        // The mappings were taken a moment ago, which keeps them through any sweep that
+        // began within MAPPING_MARGIN of that: taken long ago, as their flows were.
+        {
+            let all = lab::mappings(&ebpf)?;
+            let mut map: HashMap<&mut MapData, MappingKey, Mapping> = ebpf
+                .map_mut(names::MAPPINGS)
+                .context("MAPPINGS")?
+                .try_into()?;
+            for (k, mut m) in all {
+                m.taken_ns = 1;
+                map.insert(k, m, 0)?;
+            }
+        }
         // One of 5000's flows expires: its mapping stays for the other.
         age(&mut ebpf, &udp(5000, a), expired)?;
         Table::open(&ebpf)?.sweep(&TIMEOUTS, false)?;
@@ -679,6 +694,106 @@ ports = [40000, 40999]
         // 5000 sends again: a mapping anew, no one else's.
         let again = send(&ebpf, 5000, a)?;
         ensure!(again != q, "5000 got 5001's {q}");
+        Ok(())
+    });
+}
+
+/// One private endpoint's first datagrams to two destinations, from two CPUs at once: it
+/// gets one public endpoint, whichever CPU maps it; a datagram that finds it mapped a moment
+/// before by the other CPU is dropped (`drop/mapping_race`), never given a second one.
+#[test]
+fn two_cpus_mapping_one_private_endpoint_give_it_one_public_endpoint() {
+    const ENDPOINTS: u16 = 2000;
+    in_lab(|ns| {
+        let checked = Config::parse(
+            r#"
+[dataplane]
+interfaces = ["fx0", "fx1"]
+maglev_table_size = 13
+[conntrack]
+entries = 65536
+[[nat_gateway]]
+source = "10.10.1.0/24"
+to = "10.20.0.5"
+ports = [40000, 44095]
+"#,
+        )?
+        .validate()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let lab::Program { ebpf, fx0, .. } = lab::load(&checked)?;
+        let to = |dst: Ipv4Addr| -> Vec<Vec<u8>> {
+            (0..ENDPOINTS)
+                .map(|i| {
+                    Frame::udp((CLIENT, 10000 + i), (dst, 53), b"stun?")
+                        .with_macs(CLIENT_MAC, fx0.mac)
+                        .build()
+                })
+                .collect()
+        };
+        let (a_frames, b_frames) = (to(lab::BACKEND), to(lab::SMALL_MTU_BACKEND));
+        let [a, b] = from_two_cpus(ns, &ebpf, [&a_frames, &b_frames], fx0)?;
+        let source = |frame: &[u8]| -> Result<SocketAddrV4> {
+            Ok(layout_v4(frame)
+                .context("output")?
+                .flow_key(frame)
+                .src
+                .to_socket_v4())
+        };
+        let forwarded = |r: &Reason| *r == Reason::ForwardRedirect;
+        let mut public_of = std::collections::HashMap::new();
+        let mut dropped = 0u64;
+        for (i, ((ra, fa), (rb, fb))) in a.iter().zip(&b).enumerate() {
+            let private = sa(CLIENT, 10000 + i as u16);
+            let public = match (forwarded(ra), forwarded(rb)) {
+                (true, true) => {
+                    let (pa, pb) = (source(fa)?, source(fb)?);
+                    ensure!(
+                        pa == pb,
+                        "{private} left as {pa} on CPU 0 and as {pb} on CPU 1"
+                    );
+                    pa
+                }
+                (true, false) => {
+                    dropped += 1;
+                    source(fa)?
+                }
+                (false, true) => {
+                    dropped += 1;
+                    source(fb)?
+                }
+                (false, false) => bail!("{private}: both datagrams dropped"),
+            };
+            public_of.insert(private, public);
+        }
+        // The mappings say the same: each private endpoint's public one, no one else's.
+        let mut privates = 0;
+        let mut publics = std::collections::HashSet::new();
+        for (k, m) in lab::mappings(&ebpf)? {
+            if k.side == MAPPING_PRIVATE {
+                privates += 1;
+                let private = k.endpoint.to_socket_v4();
+                ensure!(
+                    public_of.get(&private) == Some(&m.endpoint.to_socket_v4()),
+                    "{private} is mapped to {}, but left as {:?}",
+                    m.endpoint.to_socket_v4(),
+                    public_of.get(&private)
+                );
+            } else {
+                ensure!(publics.insert(k.endpoint), "{k:?} twice");
+            }
+        }
+        ensure!(
+            privates == ENDPOINTS as usize && publics.len() == ENDPOINTS as usize,
+            "{privates} private and {} public sides for {ENDPOINTS} endpoints",
+            publics.len()
+        );
+        let races = lab::reasons(&ebpf)?[Reason::DropMappingRace as usize];
+        ensure!(
+            races == dropped,
+            "{dropped} datagrams dropped, {races} counted as races"
+        );
+        println!("{dropped} of {ENDPOINTS} endpoints met the other CPU mapping them");
+        lab::check_whole_flows(&lab::conntrack(&ebpf)?)?;
         Ok(())
     });
 }

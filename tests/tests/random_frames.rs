@@ -847,6 +847,14 @@ fn run_and_check(
     let out_key = flow_key_v4(&run.frame).context("the output must parse")?;
     let (src, dst) = (out_key.src.to_socket_v4(), out_key.dst.to_socket_v4());
     if !was_tracked {
+        // Of ICMP, only an echo request may start a flow (the model takes an ICMP key it
+        // learns for one).
+        ensure!(
+            key.proto != PROTO_ICMP
+                || icmp_layout_v4(input)
+                    .is_some_and(|l| (l.kind, l.code) == (ICMP_ECHO_REQUEST, 0)),
+            "a new flow from an ICMP message that is no echo request"
+        );
         model
             .learn(&key, flags, src, dst)
             .context("the new flow the program created")?;

@@ -259,7 +259,8 @@ impl FlowModel {
         dst: SocketAddrV4,
     ) -> Result<()> {
         let t = tuple(key);
-        // Only echo requests reach here as ICMP: the program makes flows of nothing else.
+        // An ICMP key here is an echo request's: the caller checks that the program made a
+        // flow of nothing else.
         let Some(g) = self.gateway(key, key.proto == PROTO_ICMP) else {
             bail!("a new flow for {t:?}, which is addressed to no service and no gateway's");
         };
