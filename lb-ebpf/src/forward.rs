@@ -12,7 +12,7 @@ use aya_ebpf::{
         BPF_FIB_LKUP_RET_PROHIBIT, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LKUP_RET_UNREACHABLE,
         bpf_fib_lookup as FibParams,
     },
-    helpers::{bpf_xdp_adjust_meta, generated::bpf_fib_lookup},
+    helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_meta, generated::bpf_fib_lookup},
     programs::XdpContext,
 };
 use lb_common::{
@@ -23,7 +23,7 @@ use network_types::eth::EthHdr;
 
 use crate::{
     DEVMAP, NO_XDP_TX,
-    parse::{Packet, ptr_at},
+    parse::{ETH_P_8021Q_BE, Packet, VLAN_LEN, ptr_at},
 };
 
 const AF_INET: u8 = 2;
@@ -239,6 +239,30 @@ pub fn send(ctx: &XdpContext, hop: Hop) -> Result<Reason, Reason> {
         .redirect(ifindex, 0)
         .map(|_| Reason::ForwardRedirect)
         .map_err(|_| Reason::DropRedirectFailed)
+}
+
+/// Readies a rewritten frame's Ethernet header for `hop`: when xlb sends it out of an
+/// interface of its own (`Hop::Direct`), which is untagged, a VLAN tag the frame came with
+/// goes (the frame's start moves 4 bytes on, so the tag's inner EtherType becomes the
+/// Ethernet header's; [`send`] writes the MACs). A way out through a VLAN device is a handoff,
+/// and the kernel's stack keeps what it gets: both keep the tag.
+///
+/// Not inlined: on the hot path, whose frame (`xlb`'s) has no bytes to spare.
+#[inline(never)]
+pub fn untag_for(ctx: &XdpContext, hop: &Hop) -> Result<(), Reason> {
+    if !matches!(hop, Hop::Direct { .. }) {
+        return Ok(());
+    }
+    let ether_type: *const [u8; 2] = ptr_at(ctx, 12)?;
+    // SAFETY: ptr_at checked the EtherType's two bytes are inside the frame.
+    if u16::from_ne_bytes(unsafe { *ether_type }) != ETH_P_8021Q_BE {
+        return Ok(());
+    }
+    // SAFETY: the helper moves the frame's start within the frame, or fails cleanly.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, VLAN_LEN as i32) } != 0 {
+        return Err(Reason::DropInternal);
+    }
+    Ok(())
 }
 
 /// Writes the next hop's MACs into the frame's Ethernet header.

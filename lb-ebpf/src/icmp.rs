@@ -149,7 +149,7 @@ pub fn handle(ctx: &XdpContext, pkt: &Packet) -> Result<Reason, Reason> {
 fn echo(ctx: &XdpContext, pkt: &Packet) -> Result<Reason, Reason> {
     // A request with IP options (a source route, a route record) would need them answered
     // as RFC 1122 says: the kernel's job.
-    if pkt.l4_off() != ETH_LEN + Ipv4Hdr::LEN {
+    if pkt.l4_off() != pkt.l3_off() + Ipv4Hdr::LEN {
         return Err(Reason::PassIcmp);
     }
     // SAFETY: a presence check; the value is not read.
@@ -163,6 +163,7 @@ fn echo(ctx: &XdpContext, pkt: &Packet) -> Result<Reason, Reason> {
     }
     forward::prepare(ctx, &mut hop);
     nat::echo_reply(ctx, pkt)?;
+    forward::untag_for(ctx, &hop)?;
     forward::send(ctx, hop)
 }
 
@@ -210,6 +211,7 @@ fn error(ctx: &XdpContext, pkt: &Packet) -> Result<Reason, Reason> {
     let mut hop = forward::route(ctx, pkt, src, &rewrite.dst)?;
     forward::prepare(ctx, &mut hop);
     nat::rewrite_icmp_error(ctx, pkt, quote, rewrite, src, hop.ttl_decrement())?;
+    forward::untag_for(ctx, &hop)?;
     let sent = forward::send(ctx, hop)?;
     stats::count_flow_packet(rewrite, pkt.frame_len);
     Ok(sent)
@@ -243,10 +245,13 @@ pub fn too_big(ctx: &XdpContext, pkt: &Packet, mtu: u16) -> Result<Reason, Reaso
         return Err(Reason::DropTooBig);
     }
     // The IPv4 header (with options) and 8 bytes: at most 68.
-    let quote_len = (pkt.l4_off().wrapping_sub(ETH_LEN) + QUOTED_L4_MIN) & 0x7f;
-    // Room in front for the two new headers; the old Ethernet header is overwritten.
+    let quote_len = (pkt.l4_off().wrapping_sub(pkt.l3_off()) + QUOTED_L4_MIN) & 0x7f;
+    // Room in front for the two new headers; the old Ethernet header (and VLAN tag, whose
+    // 4 bytes the new headers take: the answer leaves untagged, or is tagged by the kernel's
+    // VLAN device on its way out) is overwritten.
+    let grow = (ERROR_HEADERS + ETH_LEN) as i32 - pkt.l3_off() as i32;
     // SAFETY: the helper moves the frame's start within the headroom, or fails cleanly.
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(ERROR_HEADERS as i32)) } != 0 {
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -grow) } != 0 {
         return Err(Reason::DropTooBig);
     }
     // The quote's sum, for the ICMP checksum, a word at a time (every packet pointer is
@@ -295,19 +300,32 @@ pub fn too_big(ctx: &XdpContext, pkt: &Packet, mtu: u16) -> Result<Reason, Reaso
     back.key.dst = Endpoint::v4(dst, [0; 2]);
     back.key.proto = PROTO_ICMP;
     back.tot_len = u16::from_be_bytes(tot_len);
-    let Hop::Direct {
-        ifindex,
-        smac,
-        dmac,
-    } = forward::route(ctx, &back, &back.key.src, &back.key.dst).map_err(|_| Reason::DropTooBig)?
-    else {
-        return Err(Reason::DropTooBig);
-    };
-    forward::set_macs(ctx, smac, dmac).map_err(|_| Reason::DropTooBig)?;
-    DEVMAP
-        .redirect(ifindex, 0)
-        .map(|_| Reason::ForwardIcmpTooBig)
-        .map_err(|_| Reason::DropRedirectFailed)
+    let mut hop =
+        forward::route(ctx, &back, &back.key.src, &back.key.dst).map_err(|_| Reason::DropTooBig)?;
+    match hop {
+        Hop::Direct {
+            ifindex,
+            smac,
+            dmac,
+        } => {
+            forward::set_macs(ctx, smac, dmac).map_err(|_| Reason::DropTooBig)?;
+            DEVMAP
+                .redirect(ifindex, 0)
+                .map(|_| Reason::ForwardIcmpTooBig)
+                .map_err(|_| Reason::DropRedirectFailed)
+        }
+        // The way back has no resolved neighbour yet, or leaves by an interface without
+        // xlb's program (a VLAN device, say): through the kernel's neighbour output, like
+        // any handoff.
+        Hop::Handoff { .. } => {
+            forward::prepare(ctx, &mut hop);
+            match hop {
+                Hop::Handoff { reason, .. } => Ok(reason),
+                _ => Err(Reason::DropTooBig),
+            }
+        }
+        Hop::Kernel { .. } | Hop::TooBig { .. } => Err(Reason::DropTooBig),
+    }
 }
 
 /// Reads where the error's quoted TCP/UDP packet lies, and the conntrack key a reply to it
@@ -316,7 +334,7 @@ pub fn too_big(ctx: &XdpContext, pkt: &Packet, mtu: u16) -> Result<Reason, Reaso
 #[inline(always)]
 fn read_quote(ctx: &XdpContext, pkt: &Packet, quote: &mut Quote, key: &mut FlowKey) -> bool {
     // The quote ends with the error's datagram; Ethernet padding after it is not quoted.
-    let end = ETH_LEN + pkt.tot_len as usize;
+    let end = pkt.l3_off() + pkt.tot_len as usize;
     let ip_off = pkt.l4_off() + ICMP_LEN;
     let Ok(inner) = ptr_at::<Ipv4Hdr>(ctx, ip_off) else {
         return false;

@@ -226,6 +226,7 @@ fn process(ctx: &XdpContext) -> Result<Reason, Reason> {
     }
     forward::prepare(ctx, &mut hop);
     nat::rewrite(ctx, &pkt, &rewrite, hop.ttl_decrement())?;
+    forward::untag_for(ctx, &hop)?;
     let sent = forward::send(ctx, hop)?;
     // Counted once the packet has left (or gone to the kernel rewritten), so a packet
     // dropped as unreachable does not show up as service traffic.

@@ -13,7 +13,7 @@ use network_types::ip::Ipv4Hdr;
 
 use crate::{
     icmp::{ECHO_REPLY, ECHO_REQUEST, Quote},
-    parse::{ECHO_ID_OFF, ETH_LEN, Echo, Packet, ptr_at},
+    parse::{ECHO_ID_OFF, Echo, Packet, ptr_at},
 };
 
 /// Rewrites the packet's source to `entry.src` and destination to `entry.dst`, and lowers
@@ -105,7 +105,7 @@ fn rewrite_ipv4(
 ) -> Result<(u32, u32), Reason> {
     let old_addrs = sum_words(&pkt.key.src.v4_octets()) + sum_words(&pkt.key.dst.v4_octets());
     let new_addrs = sum_words(&new_src) + sum_words(&new_dst);
-    let ip: *mut Ipv4Hdr = ptr_at(ctx, ETH_LEN)?;
+    let ip: *mut Ipv4Hdr = ptr_at(ctx, pkt.l3_off())?;
     // SAFETY: ptr_at checked that the 20-byte IPv4 header is inside the frame.
     let ip = unsafe { &mut *ip };
     // TTL shares a checksum word with the protocol byte.

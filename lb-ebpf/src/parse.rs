@@ -1,5 +1,8 @@
 //! Bounds-checked packet access and the IPv4 TCP/UDP/ICMP parser.
 //!
+//! A frame may carry one 802.1Q VLAN tag: the IPv4 header then starts 4 bytes later
+//! ([`Packet::l3_off`]); a second tag (QinQ) goes to the kernel.
+//!
 //! An ICMP echo's identifier stands in for a port in its key, as Linux conntrack does: a
 //! request's is its source port, a reply's its destination port, so a request and its
 //! reply have the swapped keys a TCP or UDP packet and its reply have, and a NAT gateway
@@ -16,6 +19,11 @@ use crate::icmp;
 
 /// EtherType of IPv4, as it sits in the frame (network byte order read as native u16).
 const ETH_P_IP_BE: u16 = u16::from_ne_bytes([0x08, 0x00]);
+/// EtherType of an 802.1Q VLAN tag, likewise.
+pub const ETH_P_8021Q_BE: u16 = u16::from_ne_bytes([0x81, 0x00]);
+/// An 802.1Q tag: its EtherType's place holds 0x8100, then 2 bytes of tag, then the
+/// EtherType of what follows.
+pub const VLAN_LEN: usize = 4;
 /// Flags/offset field bits (host order after `u16::from_be_bytes`).
 const IP_MF: u16 = 0x2000;
 const IP_DF: u16 = 0x4000;
@@ -87,6 +95,9 @@ pub struct Packet {
     /// Whether the packet is an ICMP echo request or reply (code 0), whose identifier is in
     /// the key.
     pub echo: Echo,
+    /// Offset of the IPv4 header: Ethernet, plus a VLAN tag's 4 bytes when there is one.
+    /// Read it through [`Packet::l3_off`].
+    l3_off: u8,
 }
 
 /// [`Packet::echo`].
@@ -102,8 +113,8 @@ pub enum Echo {
 /// Offset of the identifier inside an ICMP echo header.
 pub const ECHO_ID_OFF: usize = 4;
 
-/// Upper bound of any offset into the headers we touch: Ethernet (14) + IPv4 with options
-/// (at most 60) + the TCP checksum offset (16) = 90 < 128.
+/// Upper bound of any offset into the headers we touch: Ethernet (14) + a VLAN tag (4) +
+/// IPv4 with options (at most 60) + the TCP checksum offset (16) = 94 < 128.
 const HEADER_OFF_MASK: usize = 0x7f;
 
 impl Packet {
@@ -118,6 +129,11 @@ impl Packet {
     #[inline(always)]
     pub fn l4_check_off(&self) -> usize {
         self.l4_check_off as usize & HEADER_OFF_MASK
+    }
+
+    #[inline(always)]
+    pub fn l3_off(&self) -> usize {
+        self.l3_off as usize & 0x1f
     }
 }
 
@@ -134,11 +150,19 @@ impl Packet {
 pub fn parse(ctx: &XdpContext, pkt: &mut Packet) -> Result<(), Reason> {
     let eth: *const EthHdr = ptr_at(ctx, 0)?;
     // SAFETY: ptr_at checked that a whole EthHdr is inside the frame.
-    if unsafe { (*eth).ether_type } != ETH_P_IP_BE {
+    let mut ether_type = unsafe { (*eth).ether_type };
+    let mut l3_off = ETH_LEN;
+    if ether_type == ETH_P_8021Q_BE {
+        let inner: *const [u8; 2] = ptr_at(ctx, ETH_LEN + 2)?;
+        // SAFETY: ptr_at checked the inner EtherType's two bytes are inside the frame.
+        ether_type = u16::from_ne_bytes(unsafe { *inner });
+        l3_off = ETH_LEN + VLAN_LEN;
+    }
+    if ether_type != ETH_P_IP_BE {
         return Err(Reason::PassNotIpv4);
     }
 
-    let ip: *const Ipv4Hdr = ptr_at(ctx, ETH_LEN)?;
+    let ip: *const Ipv4Hdr = ptr_at(ctx, l3_off)?;
     // SAFETY: ptr_at checked that the fixed 20-byte IPv4 header is inside the frame.
     let ip = unsafe { &*ip };
     if ip.version() != 4 {
@@ -156,7 +180,7 @@ pub fn parse(ctx: &XdpContext, pkt: &mut Packet) -> Result<(), Reason> {
     let (start, end) = frame_bounds(ctx);
     let frame_len = (end - start) as u64;
     // Frames may be padded past tot_len (Ethernet minimum size), never shorter.
-    if ETH_LEN as u64 + tot_len as u64 > frame_len {
+    if l3_off as u64 + tot_len as u64 > frame_len {
         return Err(Reason::DropTruncated);
     }
 
@@ -178,7 +202,7 @@ pub fn parse(ctx: &XdpContext, pkt: &mut Packet) -> Result<(), Reason> {
     // tot_len >= IHL + the minimal L4 header, and the frame holds tot_len: so the whole
     // minimal header (ports and checksum) is inside the frame. Each access below still goes
     // through ptr_at, which is what the verifier checks.
-    let l4_off = ETH_LEN + ihl;
+    let l4_off = l3_off + ihl;
     let mut echo = Echo::No;
     let ports = if ip.proto == PROTO_ICMP {
         let icmp: *const [u8; ICMP_LEN] = ptr_at(ctx, l4_off)?;
@@ -225,6 +249,7 @@ pub fn parse(ctx: &XdpContext, pkt: &mut Packet) -> Result<(), Reason> {
         dont_fragment: frags & IP_DF != 0,
         frame_len: frame_len as u32,
         echo,
+        l3_off: l3_off as u8,
     };
     Ok(())
 }

@@ -44,7 +44,7 @@ use xlb_tests::{
     packet::{
         ETH_HLEN, Frame, ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_FRAG_NEEDED, ICMP_TIME_EXCEEDED,
         IP_MF, L4, PROTO_ICMP, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN, arp_request, hex_diff,
-        icmp_echo, icmp_error, icmp_message, summary, verify_checksums_v4,
+        icmp_echo, icmp_error, icmp_message, summary, tag, untag, verify_checksums_v4,
     },
 };
 
@@ -876,19 +876,6 @@ fn services_cases(lab: &Lab) -> Vec<Case> {
             Reason::PassNotTcpUdp,
         ),
         (
-            "07d VLAN-tagged TCP SYN to the VIP",
-            Pkt {
-                input: {
-                    let mut tagged = syn.build();
-                    tagged.splice(12..12, [0x81, 0x00, 0x00, 0x64]); // 802.1Q, VLAN 100
-                    tagged
-                },
-                ingress: fx0,
-                linear_len: None,
-            },
-            Reason::PassNotIpv4,
-        ),
-        (
             "07e TTL 1 to the VIP: passed untouched so the kernel sends time-exceeded; no flow",
             pkt(
                 &lab.sent_by_client(Frame {
@@ -1184,6 +1171,7 @@ fn services_cases(lab: &Lab) -> Vec<Case> {
         )
     });
     v.extend(icmp_and_dnat_cases(lab));
+    v.extend(vlan_cases(lab));
     v
 }
 
@@ -1829,6 +1817,131 @@ fn gateway_cases(lab: &Lab) -> Vec<Case> {
     v
 }
 
+/// VLAN-tagged frames (one 802.1Q tag): translated like untagged ones; the tag goes when xlb
+/// sends the frame out of an interface of its own (the FIB's way out is untagged), and stays
+/// when the frame goes to the kernel, which keeps it on its VLAN.
+fn vlan_cases(lab: &Lab) -> Vec<Case> {
+    let (fx0, fx1) = (lab.fx0, lab.fx1);
+    let mut v = Vec::new();
+    // Priority 1, VLAN 100.
+    const TCI: u16 = 0x2064;
+    let tagged = |f: &Frame| Frame {
+        vlan: Some(TCI),
+        ..f.clone()
+    };
+    let flow = lab.ports().flow(
+        PROTO_TCP,
+        sa(CLIENT, 40000),
+        sa(VIP, 80),
+        SNAT,
+        sa(BACKEND, 8080),
+    );
+    let syn = lab.sent_by_client(tcp((CLIENT, 40000), (VIP, 80), TCP_SYN));
+    v.push(case(
+        "60 a VLAN-tagged SYN to the VIP: translated, and untagged out of xlb's interface",
+        vec![],
+        pkt(&tagged(&syn), fx0),
+        lab.redirected_to_backend(&syn, &flow, FlowState::New),
+    ));
+    let syn_ack = lab.sent_by_backend(tcp(
+        (BACKEND, 8080),
+        (SNAT, flow.snat_port()),
+        TCP_SYN | TCP_ACK,
+    ));
+    v.push(case(
+        "61 the backend's untagged answer finds the flow the tagged SYN made",
+        vec![pkt(&tagged(&syn), fx0)],
+        pkt(&syn_ack, fx1),
+        lab.redirected_to_client(&syn_ack, &flow, FlowState::New),
+    ));
+    // The backend is the host itself: the kernel's, rewritten, with the tag as it came.
+    let local = lab.ports().flow(
+        PROTO_TCP,
+        sa(CLIENT, 40015),
+        sa(VIP_LOCAL, 80),
+        SNAT,
+        sa(LB_BACKEND_SIDE, 8080),
+    );
+    let syn_local = lab.sent_by_client(tcp((CLIENT, 40015), (VIP_LOCAL, 80), TCP_SYN));
+    let Output::Rewritten { built, reference } = rewritten(&syn_local, local.to_backend, None, 0)
+    else {
+        unreachable!("rewritten() rewrites");
+    };
+    v.push(case(
+        "62 a tagged SYN whose backend is the host itself: rewritten, to the kernel, tag kept",
+        vec![],
+        pkt(&tagged(&syn_local), fx0),
+        Expect {
+            action: XDP_PASS,
+            reason: Reason::PassFibOther,
+            output: Output::Rewritten {
+                built: tag(&built, TCI),
+                reference: tag(&reference, TCI),
+            },
+            meta: None,
+            state: Some(FlowState::New),
+        },
+    ));
+    // A ping to the VIP: answered, untagged out of fx0 (the FIB's way back to the client).
+    let ping = lab.sent_by_client(icmp(CLIENT, VIP, 64, icmp_echo(7, 1, b"ping")));
+    let reply = icmp(
+        VIP,
+        CLIENT,
+        64,
+        icmp_message(ICMP_ECHO_REPLY, 0, [0, 7, 0, 1], b"ping"),
+    );
+    v.push(case_tx(
+        "63 a tagged ping to the VIP: answered, untagged",
+        pkt(&tagged(&ping), fx0),
+        icmp_sent(
+            reply,
+            echo_reply_v4(&ping.build()).expect("an echo request"),
+            lab.to_client().expect("MACs"),
+        ),
+    ));
+    // Two tags (QinQ): not parsed, the kernel's.
+    let qinq = Frame {
+        ethertype: 0x8100,
+        ..tagged(&syn)
+    };
+    v.push(case(
+        "64 two VLAN tags (QinQ): to the kernel untouched",
+        vec![],
+        pkt(&qinq, fx0),
+        untouched(XDP_PASS, Reason::PassNotIpv4),
+    ));
+    // A tag cut short.
+    let cut = Frame {
+        truncate_to: Some(16),
+        ..tagged(&syn)
+    };
+    v.push(case(
+        "65 a frame that ends inside its VLAN tag: dropped as truncated",
+        vec![],
+        pkt(&cut, fx0),
+        untouched(XDP_DROP, Reason::DropTruncated),
+    ));
+    v
+}
+
+/// A case with no given packets whose packet is sent back out of the interface it came in
+/// on (XDP_TX), as `output`, creating no flow.
+fn case_tx(name: &str, when: Pkt, output: Output) -> Case {
+    Case {
+        name: name.to_string(),
+        given: vec![],
+        tamper: None,
+        when,
+        expect: Expect {
+            action: XDP_TX,
+            reason: Reason::ForwardTx,
+            output,
+            meta: None,
+            state: None,
+        },
+    }
+}
+
 /// An echo's identifier and sequence number, the four bytes after its checksum.
 fn id_seq(id: u16, seq: u16) -> [u8; 4] {
     let ([i0, i1], [s0, s1]) = (id.to_be_bytes(), seq.to_be_bytes());
@@ -2012,9 +2125,13 @@ fn action_name(action: u32) -> String {
     }
 }
 
-/// The flow key of a frame as sent: a TCP/UDP one's, or an ICMP echo's (by identifier).
+/// The flow key of a frame as sent: a TCP/UDP one's, or an ICMP echo's (by identifier),
+/// behind its VLAN tag if it has one.
 fn key_of(input: &[u8]) -> Option<FlowKey> {
-    xlb_tests::model::flow_key_v4(input)
+    match untag(input) {
+        Some((plain, _)) => xlb_tests::model::flow_key_v4(&plain),
+        None => xlb_tests::model::flow_key_v4(input),
+    }
 }
 
 fn run_case(ebpf: &mut Ebpf, lab: &Lab, c: &Case) -> Result<()> {
@@ -2086,7 +2203,9 @@ fn run_case(ebpf: &mut Ebpf, lab: &Lab, c: &Case) -> Result<()> {
                     "output differs from the frame built from scratch:\n{}",
                     hex_diff(built, &run.frame)
                 ));
-            } else if let Err(err) = verify_checksums_v4(&run.frame) {
+            } else if let Err(err) =
+                verify_checksums_v4(&untag(&run.frame).map_or(run.frame.clone(), |(p, _)| p))
+            {
                 problems.push(format!("output checksums: {err}"));
             }
         }

@@ -52,7 +52,7 @@ use xlb_tests::{
     packet::{
         ETH_HLEN, Frame, ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, ICMP_FRAG_NEEDED,
         ICMP_PARAM_PROBLEM, ICMP_TIME_EXCEEDED, IP_MF, IPV4_HLEN, L4, PROTO_ICMP, hex_diff,
-        icmp_echo, icmp_error, icmp_message, layout_v4, summary, verify_checksums_v4,
+        icmp_echo, icmp_error, icmp_message, layout_v4, summary, untag, verify_checksums_v4,
     },
 };
 
@@ -218,6 +218,12 @@ fn run(seed: u64, frames: u64) -> Result<(Histogram, Histogram)> {
         }
         let reason = run_and_check(&ebpf, &mut model, &input, ingress, fx0, fx1)
             .with_context(|| format!("frame {i}: {}", summary(&input)))?;
+        if untag(&input).is_some() {
+            *histogram.entry("(vlan-tagged frame)").or_insert(0) += 1;
+        }
+        // Counted by the whole frame, tag and all; classified by what is behind the tag.
+        let bytes = input.len() as u64;
+        let input = untag(&input).map_or(input, |(plain, _)| plain);
         *histogram.entry(reason.name()).or_insert(0) += 1;
         let forwarded = matches!(
             reason,
@@ -246,7 +252,7 @@ fn run(seed: u64, frames: u64) -> Result<(Histogram, Histogram)> {
             && icmp.as_ref().is_some_and(|l| l.kind == ICMP_ECHO_REQUEST);
         if forwarded && !answered {
             rewritten += 1;
-            rewritten_bytes += input.len() as u64;
+            rewritten_bytes += bytes;
             // The flow it belongs to: its own, or an error's, the flow it quotes.
             let flow_key = flow_key_v4(&input)
                 .or_else(|| icmp_quote_v4(&input).map(|(qs, qd, proto)| key(qd, qs, proto)));
@@ -255,7 +261,7 @@ fn run(seed: u64, frames: u64) -> Result<(Histogram, Histogram)> {
                 .is_some_and(|(f, _)| f.gateway);
             if gateway {
                 through_gateways += 1;
-                through_gateways_bytes += input.len() as u64;
+                through_gateways_bytes += bytes;
                 let what = if echo_flow {
                     "(gateway echo packet)"
                 } else {
@@ -469,6 +475,10 @@ fn random_frame(
     if rng.chance(3) {
         frame.ethertype = [0x86dd, 0x8100, 0x0806, rng.next() as u16][rng.below(4) as usize];
     }
+    if rng.chance(10) {
+        // An 802.1Q tag (a second one now and then, through `ethertype` above: QinQ).
+        frame.vlan = Some(rng.next() as u16);
+    }
     if rng.chance(4) {
         frame.version_override = Some(rng.below(16) as u8);
     }
@@ -637,6 +647,7 @@ fn random_icmp(
     // A well-formed packet, as xlb sent it: the malformations of the frame it came from
     // (lengths, padding) are not what an error quotes.
     quoted = Frame {
+        vlan: None,
         tot_len_override: None,
         ihl_override: None,
         version_override: None,
@@ -749,6 +760,26 @@ fn run_and_check(
         reason.name(),
         reason.xdp_action()
     );
+    // A VLAN-tagged frame is checked as its untagged self, once its tag's fate is: gone when
+    // xlb sends it out of an interface of its own, kept when it goes to the kernel (which
+    // leaves it on its VLAN) or stays untouched.
+    let (input, run) = match untag(input) {
+        None => (input.to_vec(), run),
+        Some((plain, tci)) => {
+            let sent_by_xlb = matches!(reason, Reason::ForwardTx | Reason::ForwardRedirect);
+            let frame = match untag(&run.frame) {
+                Some((out, t)) if t == tci && !sent_by_xlb => out,
+                None if sent_by_xlb => run.frame.clone(),
+                _ => bail!(
+                    "{} left a tagged frame (TCI {tci:#06x}) as:\n{}",
+                    reason.name(),
+                    hex_diff(input, &run.frame)
+                ),
+            };
+            (plain, lab::Run { frame, ..run })
+        }
+    };
+    let input = &input[..];
     if let Some(l) = icmp_layout_v4(input)
         && !is_echo_flow(model, input)
     {
@@ -1083,5 +1114,7 @@ fn check_icmp(
 
 /// The flow key of a tracked frame (one the program forwarded: it parses).
 fn key_of(f: &Frame) -> FlowKey {
-    flow_key_v4(&f.build()).expect("a tracked frame has a flow key")
+    let built = f.build();
+    let plain = untag(&built).map_or(built, |(plain, _)| plain);
+    flow_key_v4(&plain).expect("a tracked frame has a flow key")
 }

@@ -12,6 +12,9 @@ use super::checksum::l4_checksum;
 
 /// Length of an Ethernet header (no VLAN tag).
 pub const ETH_HLEN: usize = 14;
+/// EtherType of an 802.1Q VLAN tag, and the tag's length.
+pub const ETH_P_8021Q: u16 = 0x8100;
+pub const VLAN_HLEN: usize = 4;
 /// EtherTypes.
 pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_ARP: u16 = 0x0806;
@@ -62,6 +65,8 @@ impl L4 {
 pub struct Frame {
     pub dst_mac: [u8; 6],
     pub src_mac: [u8; 6],
+    /// An 802.1Q tag's TCI (priority, VLAN id) between the MACs and `ethertype`.
+    pub vlan: Option<u16>,
     pub ethertype: u16,
     pub src: Ipv4Addr,
     pub dst: Ipv4Addr,
@@ -100,6 +105,7 @@ impl Default for Frame {
         Frame {
             dst_mac: [0x02, 0, 0, 0, 0, 0x02],
             src_mac: [0x02, 0, 0, 0, 0, 0x01],
+            vlan: None,
             ethertype: ETH_P_IP,
             src: Ipv4Addr::new(10, 0, 0, 1),
             dst: Ipv4Addr::new(10, 0, 0, 2),
@@ -196,6 +202,10 @@ impl Frame {
         let mut frame = Vec::with_capacity(ETH_HLEN + tot_len as usize);
         frame.extend_from_slice(&self.dst_mac);
         frame.extend_from_slice(&self.src_mac);
+        if let Some(tci) = self.vlan {
+            frame.extend_from_slice(&ETH_P_8021Q.to_be_bytes());
+            frame.extend_from_slice(&tci.to_be_bytes());
+        }
         frame.extend_from_slice(&self.ethertype.to_be_bytes());
         frame.extend_from_slice(&ip);
         frame.extend_from_slice(&l4);
@@ -289,6 +299,26 @@ pub fn arp_request(src_mac: [u8; 6], sender: Ipv4Addr, target: Ipv4Addr) -> Vec<
     f.extend_from_slice(&[0; 6]);
     f.extend_from_slice(&target.octets());
     f
+}
+
+/// A frame with an 802.1Q tag, without it: (the untagged frame, the tag's TCI). `None` for a
+/// frame without one (or too short to hold one).
+pub fn untag(frame: &[u8]) -> Option<(Vec<u8>, u16)> {
+    if frame.len() < ETH_HLEN + VLAN_HLEN || frame[12..14] != ETH_P_8021Q.to_be_bytes() {
+        return None;
+    }
+    let mut plain = frame[..12].to_vec();
+    plain.extend_from_slice(&frame[16..]);
+    Some((plain, u16::from_be_bytes([frame[14], frame[15]])))
+}
+
+/// `frame` with an 802.1Q tag of TCI `tci` put in after its MACs.
+pub fn tag(frame: &[u8], tci: u16) -> Vec<u8> {
+    let mut tagged = frame[..12].to_vec();
+    tagged.extend_from_slice(&ETH_P_8021Q.to_be_bytes());
+    tagged.extend_from_slice(&tci.to_be_bytes());
+    tagged.extend_from_slice(&frame[12..]);
+    tagged
 }
 
 #[cfg(test)]
