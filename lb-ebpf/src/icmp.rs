@@ -39,8 +39,8 @@ use crate::{
     forward::{self, Hop},
     nat,
     parse::{
-        ETH_LEN, Echo, ICMP_LEN, IP_OFFSET_MASK, Packet, TCP_CHECK_OFF, UDP_CHECK_OFF,
-        frame_bounds, ptr_at,
+        ETH_LEN, Echo, ICMP_CHECK_OFF, ICMP_LEN, IP_OFFSET_MASK, Packet, TCP_CHECK_OFF,
+        UDP_CHECK_OFF, frame_bounds, ptr_at,
     },
     stats,
 };
@@ -76,8 +76,10 @@ pub struct Quote {
     l4_off: usize,
     /// 0 when the quote ends before the L4 checksum (a TCP quote of 8 bytes, say).
     l4_check_off: usize,
-    /// The quoted packet's protocol, TCP or UDP.
+    /// The quoted packet's protocol: TCP, UDP, or ICMP (an echo).
     pub proto: u8,
+    /// A quoted echo is a request (its identifier is its source port), not a reply.
+    pub echo_request: bool,
 }
 
 impl Quote {
@@ -328,10 +330,13 @@ pub fn too_big(ctx: &XdpContext, pkt: &Packet, mtu: u16) -> Result<Reason, Reaso
     }
 }
 
-/// Reads where the error's quoted TCP/UDP packet lies, and the conntrack key a reply to it
-/// would carry. False when the quote is not an unfragmented TCP/UDP-over-IPv4 packet with
-/// its ports inside the error's datagram.
-#[inline(always)]
+/// Reads where the error's quoted TCP/UDP packet (or ICMP echo) lies, and the conntrack key a
+/// reply to it would carry. False when the quote is not an unfragmented TCP/UDP-over-IPv4
+/// packet or echo with its ports (identifier) inside the error's datagram.
+///
+/// Not inlined: its locals then take no room in `error`'s frame, which is on the stack with
+/// the FIB lookup's.
+#[inline(never)]
 fn read_quote(ctx: &XdpContext, pkt: &Packet, quote: &mut Quote, key: &mut FlowKey) -> bool {
     // The quote ends with the error's datagram; Ethernet padding after it is not quoted.
     let end = pkt.l3_off() + pkt.tot_len as usize;
@@ -352,32 +357,42 @@ fn read_quote(ctx: &XdpContext, pkt: &Packet, quote: &mut Quote, key: &mut FlowK
     let check_off = match inner.proto {
         PROTO_TCP => TCP_CHECK_OFF,
         PROTO_UDP => UDP_CHECK_OFF,
+        PROTO_ICMP => ICMP_CHECK_OFF,
         _ => return false,
     };
     let l4_off = (ip_off + ihl) & QUOTE_OFF_MASK;
     if l4_off + QUOTED_L4_MIN > end {
         return false;
     }
-    let Ok(ports) = ptr_at::<[u8; 4]>(ctx, l4_off) else {
+    let Ok(head) = ptr_at::<[u8; QUOTED_L4_MIN]>(ctx, l4_off) else {
         return false;
     };
-    // SAFETY: ptr_at checked the four port bytes are inside the frame.
-    let ports = unsafe { *ports };
-    *key = FlowKey {
-        src: Endpoint::v4(inner.dst_addr, [ports[2], ports[3]]),
-        dst: Endpoint::v4(inner.src_addr, [ports[0], ports[1]]),
-        proto: inner.proto,
-        _pad: 0,
+    // SAFETY: ptr_at checked the eight bytes are inside the frame.
+    let head = unsafe { *head };
+    // A quoted echo's "ports" are its identifier (see `parse`); other ICMP is no flow's.
+    let mut echo_request = false;
+    let ports = match (inner.proto, head[0], head[1]) {
+        (PROTO_ICMP, ECHO_REQUEST, 0) => {
+            echo_request = true;
+            [head[4], head[5], 0, 0]
+        }
+        (PROTO_ICMP, ECHO_REPLY, 0) => [0, 0, head[4], head[5]],
+        (PROTO_ICMP, ..) => return false,
+        _ => [head[0], head[1], head[2], head[3]],
     };
-    *quote = Quote {
-        ip_off,
-        l4_off,
-        l4_check_off: if l4_off + check_off + 2 <= end {
-            l4_off + check_off
-        } else {
-            0
-        },
-        proto: inner.proto,
+    // Field by field: a struct built whole would be built on the stack first.
+    key.src = Endpoint::v4(inner.dst_addr, [ports[2], ports[3]]);
+    key.dst = Endpoint::v4(inner.src_addr, [ports[0], ports[1]]);
+    key.proto = inner.proto;
+    key._pad = 0;
+    quote.ip_off = ip_off;
+    quote.l4_off = l4_off;
+    quote.l4_check_off = if l4_off + check_off + 2 <= end {
+        l4_off + check_off
+    } else {
+        0
     };
+    quote.proto = inner.proto;
+    quote.echo_request = echo_request;
     true
 }

@@ -190,18 +190,32 @@ pub fn rewrite_icmp_error(
     inner.check = replace(u16::from_be_bytes(inner.check), old_addrs, new_addrs).to_be_bytes();
     let mut new = new_addrs + sum_words(&inner.check);
 
-    // The quoted ports, and the quoted L4 checksum when the quote reaches it.
-    let ports: *mut [u8; 4] = ptr_at(ctx, quote.l4_off())?;
-    // SAFETY: ptr_at checked the four port bytes are inside the frame.
-    let ports = unsafe { &mut *ports };
-    let old_ports = sum_words(ports);
-    *ports = [
-        entry.dst.port[0],
-        entry.dst.port[1],
-        entry.src.port[0],
-        entry.src.port[1],
-    ];
-    let new_ports = sum_words(ports);
+    // The quoted ports (a quoted echo's: its identifier, the request's source port or the
+    // reply's destination port), and the quoted L4 checksum when the quote reaches it.
+    let (old_ports, new_ports) = if quote.proto == PROTO_ICMP {
+        let id: *mut [u8; 2] = ptr_at(ctx, quote.l4_off() + ECHO_ID_OFF)?;
+        // SAFETY: ptr_at checked the identifier's two bytes are inside the frame.
+        let id = unsafe { &mut *id };
+        let old_id = sum_words(id);
+        *id = if quote.echo_request {
+            entry.dst.port
+        } else {
+            entry.src.port
+        };
+        (old_id, sum_words(id))
+    } else {
+        let ports: *mut [u8; 4] = ptr_at(ctx, quote.l4_off())?;
+        // SAFETY: ptr_at checked the four port bytes are inside the frame.
+        let ports = unsafe { &mut *ports };
+        let old_ports = sum_words(ports);
+        *ports = [
+            entry.dst.port[0],
+            entry.dst.port[1],
+            entry.src.port[0],
+            entry.src.port[1],
+        ];
+        (old_ports, sum_words(ports))
+    };
     old += old_ports;
     new += new_ports;
     if quote.has_l4_check() {
@@ -209,7 +223,12 @@ pub fn rewrite_icmp_error(
         // SAFETY: ptr_at checked the two checksum bytes are inside the frame.
         let check = unsafe { &mut *check };
         let value = u16::from_be_bytes(*check);
-        let (l4_old, l4_new) = (old_addrs + old_ports, new_addrs + new_ports);
+        // An ICMP checksum has no pseudo-header.
+        let (l4_old, l4_new) = if quote.proto == PROTO_ICMP {
+            (old_ports, new_ports)
+        } else {
+            (old_addrs + old_ports, new_addrs + new_ports)
+        };
         let updated = if quote.proto == PROTO_UDP {
             replace_udp(value, l4_old, l4_new)
         } else {

@@ -36,7 +36,7 @@ pub const TCP_CHECK_OFF: usize = 16;
 const TCP_FLAGS_OFF: usize = 13;
 pub const UDP_CHECK_OFF: usize = 6;
 /// Offset of the checksum field inside the ICMP header.
-const ICMP_CHECK_OFF: usize = 2;
+pub const ICMP_CHECK_OFF: usize = 2;
 const TCP_MIN_LEN: usize = 20;
 const UDP_LEN: usize = 8;
 /// An ICMP header: type, code, checksum, and four bytes the type gives a meaning to.

@@ -1704,7 +1704,7 @@ fn gateway_cases(lab: &Lab) -> Vec<Case> {
         pkt(&ping, fx0),
         redirected(
             icmp_sent(
-                ping_out,
+                ping_out.clone(),
                 echo_rewrite_v4(&ping.build(), sa(PUBLIC, echo_id), sa(BACKEND, 0), 1)
                     .expect("an echo"),
                 to_backend,
@@ -1735,6 +1735,45 @@ fn gateway_cases(lab: &Lab) -> Vec<Case> {
                 to_client,
             ),
             FlowState::Established,
+        ),
+    ));
+    // A router beyond the gateway says the ping's TTL ran out (mtr, traceroute -I): the
+    // private host hears it from that router, quoting its own ping, identifier and all.
+    let router = Ipv4Addr::new(10, 20, 1, 254);
+    let ping_exceeded = lab.sent_by_backend(icmp(
+        router,
+        PUBLIC,
+        64,
+        icmp_error(ICMP_TIME_EXCEEDED, 0, 0, &quote(&ping_out, 28)),
+    ));
+    let ping_sent = Frame {
+        ttl: 63,
+        ..ping.clone()
+    };
+    v.push(case(
+        "06a time exceeded about a ping reaches the private host, quoting its own identifier",
+        vec![pkt(&ping, fx0)],
+        pkt(&ping_exceeded, fx1),
+        redirected(
+            icmp_sent(
+                icmp(
+                    router,
+                    CLIENT,
+                    63,
+                    icmp_error(ICMP_TIME_EXCEEDED, 0, 0, &quote(&ping_sent, 28)),
+                ),
+                icmp_error_v4(
+                    &ping_exceeded.build(),
+                    router,
+                    CLIENT,
+                    sa(CLIENT, 7),
+                    sa(BACKEND, 0),
+                    1,
+                )
+                .expect("an error about a flow"),
+                to_client,
+            ),
+            FlowState::New,
         ),
     ));
     v.push(case(

@@ -171,6 +171,7 @@ fn random_frames_match_the_reference_model() {
         ("(icmp error translated)", 100),
         ("(gateway flow packet)", 100),
         ("(gateway echo packet)", 1000),
+        ("(icmp error about a ping translated)", 1000),
     ] {
         let n = histogram.get(outcome).copied().unwrap_or(0);
         assert!(n >= frames / per, "only {n} frames: {outcome}");
@@ -240,6 +241,8 @@ fn run(seed: u64, frames: u64) -> Result<(Histogram, Histogram)> {
         {
             let what = if l.kind == ICMP_ECHO_REQUEST {
                 "(icmp echo answered)"
+            } else if icmp_quote_v4(&input).is_some_and(|(.., proto)| proto == PROTO_ICMP) {
+                "(icmp error about a ping translated)"
             } else {
                 "(icmp error translated)"
             };
@@ -601,10 +604,21 @@ fn random_icmp(
         return (ping.with_macs(CLIENT_MAC, FX0_MAC), fx0);
     }
 
-    // (Errors quoting a ping are not translated: they quote no TCP/UDP flow's packet.)
-    let pick = (!tracked.is_empty() && rng.chance(85))
-        .then(|| &tracked[rng.below(tracked.len() as u64) as usize])
-        .filter(|f| f.l4.proto() != PROTO_ICMP);
+    let mut pick = (!tracked.is_empty() && rng.chance(85))
+        .then(|| &tracked[rng.below(tracked.len() as u64) as usize]);
+    // Pings through the gateway are few among the tracked flows: now and then, look for one
+    // (a bounded search).
+    if pick.is_some() && rng.chance(30) {
+        for _ in 0..64 {
+            let f = &tracked[rng.below(tracked.len() as u64) as usize];
+            if f.l4.proto() == PROTO_ICMP {
+                pick = Some(f);
+                break;
+            }
+        }
+    }
+    // A quoted ping (a tracked echo through the gateway): its type and identifier.
+    let mut echo = None;
     let client_router = Ipv4Addr::new(10, 10, 1, 200 + rng.below(50) as u8);
     let backend_router = Ipv4Addr::new(10, 20, 1, 200 + rng.below(50) as u8);
     // The quoted packet (as xlb sent it), who reports it, to whom, and on which side.
@@ -618,6 +632,10 @@ fn random_icmp(
                 dport: f.sport,
                 ..f.clone()
             };
+            if f.l4.proto() == PROTO_ICMP {
+                // The echo reply xlb sent the private host, with its own identifier.
+                echo = Some((ICMP_ECHO_REPLY, [f.payload[4], f.payload[5]]));
+            }
             (q, client_router, f.dst, true)
         }
         Some(f) => {
@@ -633,6 +651,10 @@ fn random_icmp(
                 dport: backend.port(),
                 ..f.clone()
             };
+            if f.l4.proto() == PROTO_ICMP {
+                // The echo request xlb sent out, with the public identifier.
+                echo = Some((ICMP_ECHO_REQUEST, snat.port().to_be_bytes()));
+            }
             (q, backend_router, *snat.ip(), false)
         }
         None => {
@@ -663,6 +685,15 @@ fn random_icmp(
     }
     let len = rng.below(40) as usize;
     quoted.payload = rng.bytes(len);
+    if echo.is_none() && matches!(quoted.l4, L4::Other { .. }) {
+        // A TCP or UDP packet built as raw bytes (a tracked frame whose protocol number was
+        // drawn at random): at least the 8 bytes an error quotes.
+        quoted.payload = rng.bytes(len.max(8));
+    }
+    if let Some((kind, [i0, i1])) = echo {
+        let [s0, s1] = (rng.next() as u16).to_be_bytes();
+        quoted.payload = icmp_message(kind, 0, [i0, i1, s0, s1], &quoted.payload);
+    }
     if rng.chance(20) {
         let len = 4 * rng.below(11) as usize;
         quoted.ip_options = rng.bytes(len);

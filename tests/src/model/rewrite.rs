@@ -196,16 +196,24 @@ pub fn icmp_quote_v4(frame: &[u8]) -> Option<(SocketAddrV4, SocketAddrV4, u8)> {
     if frame[q] >> 4 != 4
         || ihl < IPV4_HLEN
         || frags & IP_OFFSET_MASK != 0
-        || !matches!(proto, PROTO_TCP | PROTO_UDP)
+        || !matches!(proto, PROTO_TCP | PROTO_UDP | PROTO_ICMP)
         || q + ihl + 8 > l.end
     {
         return None;
     }
     let addr = |at: usize| Ipv4Addr::new(frame[at], frame[at + 1], frame[at + 2], frame[at + 3]);
     let port = |at: usize| u16::from_be_bytes([frame[at], frame[at + 1]]);
+    let q4 = q + ihl;
+    // A quoted echo's identifier stands in for its ports, as in `flow_key_v4`.
+    let (sport, dport) = match (proto, frame[q4], frame[q4 + 1]) {
+        (PROTO_ICMP, ICMP_ECHO_REQUEST, 0) => (port(q4 + 4), 0),
+        (PROTO_ICMP, ICMP_ECHO_REPLY, 0) => (0, port(q4 + 4)),
+        (PROTO_ICMP, ..) => return None,
+        _ => (port(q4), port(q4 + 2)),
+    };
     Some((
-        SocketAddrV4::new(addr(q + 12), port(q + ihl)),
-        SocketAddrV4::new(addr(q + 16), port(q + ihl + 2)),
+        SocketAddrV4::new(addr(q + 12), sport),
+        SocketAddrV4::new(addr(q + 16), dport),
         proto,
     ))
 }
@@ -216,7 +224,13 @@ pub fn icmp_quoted_check_off(frame: &[u8]) -> Option<usize> {
     let l = icmp_layout_v4(frame)?;
     let (_, _, proto) = icmp_quote_v4(frame)?;
     let q = l.icmp_off + 8;
-    let off = q + ((frame[q] & 0x0f) as usize) * 4 + if proto == PROTO_TCP { 16 } else { 6 };
+    let off = q
+        + ((frame[q] & 0x0f) as usize) * 4
+        + match proto {
+            PROTO_TCP => 16,
+            PROTO_UDP => 6,
+            _ => 2,
+        };
     (off + 2 <= l.end).then_some(off)
 }
 
@@ -254,8 +268,18 @@ pub fn icmp_error_v4(
     out[q + 10..q + 12].copy_from_slice(&[0, 0]);
     let check = checksum(&out[q..q + ihl]);
     out[q + 10..q + 12].copy_from_slice(&check.to_be_bytes());
-    out[q4..q4 + 2].copy_from_slice(&inner_src.port().to_be_bytes());
-    out[q4 + 2..q4 + 4].copy_from_slice(&inner_dst.port().to_be_bytes());
+    if proto == PROTO_ICMP {
+        // The identifier: a request's source port, a reply's destination port.
+        let id = if frame[q4] == ICMP_ECHO_REQUEST {
+            inner_src.port()
+        } else {
+            inner_dst.port()
+        };
+        out[q4 + 4..q4 + 6].copy_from_slice(&id.to_be_bytes());
+    } else {
+        out[q4..q4 + 2].copy_from_slice(&inner_src.port().to_be_bytes());
+        out[q4 + 2..q4 + 4].copy_from_slice(&inner_dst.port().to_be_bytes());
+    }
 
     if let Some(check_off) = icmp_quoted_check_off(frame)
         && !(proto == PROTO_UDP && frame[check_off..check_off + 2] == [0, 0])
@@ -274,24 +298,30 @@ pub fn icmp_error_v4(
         let mut seg = out[q4..l.end].to_vec();
         seg[check_off - q4..check_off - q4 + 2].copy_from_slice(&[0, 0]);
         let (old_src, old_dst) = addrs(frame);
+        // The pseudo-header's share: none for ICMP.
+        let pseudo = |src, dst| {
+            if proto == PROTO_ICMP {
+                0
+            } else {
+                pseudo_header_sum(src, dst, proto, seg_len as u16)
+            }
+        };
         // The whole segment is quoted, and its checksum is right over it: recompute it. (A
         // frame whose lengths lie may quote bytes the checksum never covered.)
         let whole = seg_len <= quoted
             && seg_len >= check_off + 2 - q4
-            && fold(
-                pseudo_header_sum(old_src, old_dst, proto, seg_len as u16)
-                    + sum_slice(&frame[q4..q4 + seg_len]),
-            ) == 0xffff;
+            && fold(pseudo(old_src, old_dst) + sum_slice(&frame[q4..q4 + seg_len])) == 0xffff;
         let new_check = if whole {
-            l4_checksum(new_src, new_dst, proto, &seg[..seg_len])
+            if proto == PROTO_ICMP {
+                checksum(&seg[..seg_len])
+            } else {
+                l4_checksum(new_src, new_dst, proto, &seg[..seg_len])
+            }
         } else {
             // What the part the quote cut off sums to: whatever made the original valid.
-            let known = pseudo_header_sum(old_src, old_dst, proto, seg_len as u16)
-                + sum_slice(&frame[q4..l.end]);
+            let known = pseudo(old_src, old_dst) + sum_slice(&frame[q4..l.end]);
             let missing = !fold(known) as u32;
-            let sum = pseudo_header_sum(new_src, new_dst, proto, seg_len as u16)
-                + sum_slice(&seg)
-                + missing;
+            let sum = pseudo(new_src, new_dst) + sum_slice(&seg) + missing;
             match !fold(sum) {
                 0 if proto == PROTO_UDP => 0xffff,
                 c => c,
