@@ -23,7 +23,7 @@ use network_types::eth::EthHdr;
 
 use crate::{
     DEVMAP, NO_XDP_TX,
-    parse::{ETH_P_8021Q_BE, Packet, VLAN_LEN, ptr_at},
+    parse::{ETH_LEN, ETH_P_8021Q_BE, Packet, VLAN_LEN, ptr_at},
 };
 
 const AF_INET: u8 = 2;
@@ -176,6 +176,29 @@ fn handoff(params: &FibParams, reason: Reason) -> Hop {
     }
 }
 
+/// The interface packets from the other end of a way out of `ifindex` arrive on, as XDP sees
+/// them: `ifindex` itself when it is one of xlb's interfaces; 0 (unknown: the first packet
+/// that comes tells, see `conntrack::lookup`) when it is not, such as a VLAN device, whose
+/// packets XDP sees on the parent interface.
+#[inline(always)]
+pub fn arrival_ifindex(ifindex: u32) -> u32 {
+    if DEVMAP.get(ifindex).is_some() {
+        ifindex
+    } else {
+        0
+    }
+}
+
+/// Whether a packet that came in now arrived where packets expected on interface `ifindex`
+/// do (0: anywhere, not known yet; see [`arrival_ifindex`]).
+///
+/// Not inlined: it keeps its caller's frame (`icmp::error`'s, on the stack with the FIB
+/// lookup's) as it was.
+#[inline(never)]
+pub fn arrives_here(ctx: &XdpContext, ifindex: u32) -> bool {
+    ifindex == 0 || ifindex == ctx.ingress_ifindex() as u32
+}
+
 /// Whether the packet's source routes back out of the interface it came in on: the strict
 /// reverse-path rule (rp_filter = 1), asked only when a tracked flow's packet arrives on
 /// another interface than the flow's packets did. No MTU check (`tot_len` 0): the way back
@@ -241,22 +264,32 @@ pub fn send(ctx: &XdpContext, hop: Hop) -> Result<Reason, Reason> {
         .map_err(|_| Reason::DropRedirectFailed)
 }
 
-/// Readies a rewritten frame's Ethernet header for `hop`: when xlb sends it out of an
-/// interface of its own (`Hop::Direct`), which is untagged, a VLAN tag the frame came with
+/// Readies a rewritten frame's Ethernet header for `hop`: a VLAN tag the frame came with
 /// goes (the frame's start moves 4 bytes on, so the tag's inner EtherType becomes the
-/// Ethernet header's; [`send`] writes the MACs). A way out through a VLAN device is a handoff,
-/// and the kernel's stack keeps what it gets: both keep the tag.
+/// Ethernet header's; [`send`] writes the MACs) when xlb sends it, itself (out of its own
+/// interfaces, which are untagged) or by a handoff (the way out's VLAN device, if it is one,
+/// tags it with its own VLAN; a plain interface must not send the ingress tag). Only a frame
+/// left to the kernel's stack keeps it, so the kernel takes it as it came.
 ///
 /// Not inlined: on the hot path, whose frame (`xlb`'s) has no bytes to spare.
 #[inline(never)]
 pub fn untag_for(ctx: &XdpContext, hop: &Hop) -> Result<(), Reason> {
-    if !matches!(hop, Hop::Direct { .. }) {
+    if matches!(hop, Hop::Kernel { .. } | Hop::TooBig { .. }) {
         return Ok(());
     }
-    let ether_type: *const [u8; 2] = ptr_at(ctx, 12)?;
-    // SAFETY: ptr_at checked the EtherType's two bytes are inside the frame.
-    if u16::from_ne_bytes(unsafe { *ether_type }) != ETH_P_8021Q_BE {
+    let eth: *mut [u8; ETH_LEN + 2] = ptr_at(ctx, 0)?;
+    // SAFETY: ptr_at checked the MACs, the EtherType and the tag's first two bytes are
+    // inside the frame.
+    let eth = unsafe { &mut *eth };
+    if u16::from_ne_bytes([eth[12], eth[13]]) != ETH_P_8021Q_BE {
         return Ok(());
+    }
+    // The MACs move 4 bytes on, over the tag's EtherType and TCI, last byte first: a
+    // handoff keeps them (the kernel takes the frame as addressed to this host).
+    let mut i = ETH_LEN - 2;
+    while i > 0 {
+        i -= 1;
+        eth[i + VLAN_LEN] = eth[i];
     }
     // SAFETY: the helper moves the frame's start within the frame, or fails cleanly.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, VLAN_LEN as i32) } != 0 {

@@ -57,7 +57,8 @@ const PARAM_PROBLEM: u8 = 12;
 const QUOTED_L4_MIN: usize = 8;
 
 /// Upper bound of any offset into a quoted packet: Ethernet (14) + IPv4 with options (60) +
-/// ICMP (8) + the quoted IPv4 header with options (60) + the TCP checksum (16 + 2) = 160.
+/// ICMP (8) + the quoted IPv4 header with options (60) + the TCP checksum (16 + 2) = 160,
+/// and 4 more behind a VLAN tag: 164.
 const QUOTE_OFF_MASK: usize = 0xff;
 
 /// `error`'s working space, one per CPU (`ICMP_SCRATCH` in main.rs): its frame cannot
@@ -195,7 +196,9 @@ fn error(ctx: &XdpContext, pkt: &Packet) -> Result<Reason, Reason> {
     // packets from that side arrive on (the entry's). Who sent it (a router) says nothing,
     // so unlike a flow's own packets there is no reverse-path fallback: a host on the other
     // side cannot shrink a flow's path MTU or reset it, whatever address it uses.
-    if entry.ifindex != ctx.ingress_ifindex() as u32 {
+    // (0: the flow's way out toward that side was not one of xlb's interfaces, so where its
+    // packets arrive is not known until one does: see `conntrack::lookup`.)
+    if !forward::arrives_here(ctx, entry.ifindex) {
         return Err(Reason::DropWrongInterface);
     }
     if pkt.ttl <= 1 {
@@ -231,11 +234,13 @@ const QUOTE_WORDS: usize = (60 + QUOTED_L4_MIN) / 4;
 /// Turns a packet too big for its way out (DF set; `mtu` is that way's) into ICMP
 /// "fragmentation needed" to its sender, from the address it sent to (the VIP, or the SNAT
 /// address for a backend's reply), quoting its IPv4 header and the 8 bytes after it as it
-/// sent them (before any rewrite: the packet has none yet), and sends that back by devmap
-/// redirect. The sender lowers its path MTU and sends again, smaller.
+/// sent them (before any rewrite: the packet has none yet), and sends that back, untagged, by
+/// devmap redirect, or by a handoff when the way back has no resolved neighbour or is not
+/// one of xlb's interfaces (a VLAN device, which tags it). The sender lowers its path MTU
+/// and sends again, smaller.
 ///
-/// Errors: `DropTooBig` when the frame cannot be reshaped or the way back is not one xlb
-/// can send on itself; `DropRedirectFailed`.
+/// Errors: `DropTooBig` when the frame cannot be reshaped, there is no way back, or the
+/// handoff has no room for its metadata; `DropRedirectFailed`.
 ///
 /// Not inlined: its frame is not on the stack with the other paths'.
 #[inline(never)]

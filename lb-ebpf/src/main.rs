@@ -308,7 +308,7 @@ fn new_flow(
         backend_id: staged.backend_id,
         to,
         hash: staged.hash,
-        reply_ifindex: hop.ifindex(),
+        reply_ifindex: forward::arrival_ifindex(hop.ifindex()),
     };
     // The hop is forgotten while the flow is made, and asked for again after: kept, each of
     // its kinds would have the verifier check `create` once more (its work was half a

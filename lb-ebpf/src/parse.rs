@@ -75,7 +75,8 @@ pub struct Packet {
     /// Addresses, ports and protocol as received. ICMP has no ports: they are 0, but for an
     /// echo's identifier (see the module doc).
     pub key: FlowKey,
-    /// Offset of the L4 header: Ethernet + IHL × 4 (options included). Read it through
+    /// Offset of the L4 header: Ethernet (and a VLAN tag) + IHL × 4 (options included). Read
+    /// it through
     /// [`Packet::l4_off`]. (Offsets and length are 16 and 32 bits wide: this struct lives in
     /// the hot path's frame, where every byte counts.)
     l4_off: u16,

@@ -1921,6 +1921,33 @@ fn vlan_cases(lab: &Lab) -> Vec<Case> {
             state: Some(FlowState::New),
         },
     ));
+    // A handoff (the backend's neighbour unresolved): untagged too, the MACs as they came
+    // (the kernel takes it as addressed to this host); a VLAN device on the way out would tag
+    // it anew.
+    let unresolved = lab.ports().flow(
+        PROTO_TCP,
+        sa(CLIENT, 40014),
+        sa(VIP_UNRESOLVED, 80),
+        SNAT,
+        sa(UNRESOLVED_BACKEND, 8080),
+    );
+    let syn_unresolved = lab.sent_by_client(tcp((CLIENT, 40014), (VIP_UNRESOLVED, 80), TCP_SYN));
+    v.push(case(
+        "62a a tagged SYN handed to tc (neighbour unresolved): untagged, MACs as they came",
+        vec![],
+        pkt(&tagged(&syn_unresolved), fx0),
+        Expect {
+            action: XDP_PASS,
+            reason: Reason::ForwardResolveNeighbour,
+            output: rewritten(&syn_unresolved, unresolved.to_backend, None, 1),
+            meta: Some(HandoffMeta {
+                magic: HANDOFF_MAGIC,
+                ifindex: fx1.ifindex,
+                next_hop: Endpoint::v4(UNRESOLVED_BACKEND.octets(), [0; 2]).addr,
+            }),
+            state: Some(FlowState::New),
+        },
+    ));
     // A ping to the VIP: answered, untagged out of fx0 (the FIB's way back to the client).
     let ping = lab.sent_by_client(icmp(CLIENT, VIP, 64, icmp_echo(7, 1, b"ping")));
     let reply = icmp(

@@ -792,12 +792,19 @@ fn run_and_check(
         reason.xdp_action()
     );
     // A VLAN-tagged frame is checked as its untagged self, once its tag's fate is: gone when
-    // xlb sends it out of an interface of its own, kept when it goes to the kernel (which
-    // leaves it on its VLAN) or stays untouched.
+    // xlb sends it (itself, or by a handoff: a VLAN device on the way out tags it anew),
+    // kept when it goes to the kernel's stack (which takes it as it came) or stays untouched.
     let (input, run) = match untag(input) {
         None => (input.to_vec(), run),
         Some((plain, tci)) => {
-            let sent_by_xlb = matches!(reason, Reason::ForwardTx | Reason::ForwardRedirect);
+            let sent_by_xlb = matches!(
+                reason,
+                Reason::ForwardTx
+                    | Reason::ForwardRedirect
+                    | Reason::ForwardResolveNeighbour
+                    | Reason::ForwardKernelOutput
+                    | Reason::ForwardIcmpTooBig
+            );
             let frame = match untag(&run.frame) {
                 Some((out, t)) if t == tci && !sent_by_xlb => out,
                 None if sent_by_xlb => run.frame.clone(),
