@@ -70,6 +70,26 @@ address = "10.20.1.2:5353"
     .expect("a valid config")
 }
 
+/// A NAT gateway for the client subnet, out as 10.20.0.5 with ports 40000 to `last`.
+fn gateway_config(last: u16) -> Checked {
+    Config::parse(&format!(
+        r#"
+[dataplane]
+interfaces = ["fx0", "fx1"]
+maglev_table_size = 13
+[conntrack]
+entries = 65536
+[[nat_gateway]]
+source = "10.10.1.0/24"
+to = "10.20.0.5"
+ports = [40000, {last}]
+"#
+    ))
+    .expect("parsing")
+    .validate()
+    .expect("a valid config")
+}
+
 /// Runs `test` inside a fresh lab namespace.
 fn in_lab<T: Send>(test: impl FnOnce(&NetNs) -> Result<T> + Send) -> T {
     lab::in_lab(PREFIX, test).unwrap_or_else(|e| panic!("{e:#}"))
@@ -561,19 +581,7 @@ fn the_sweeper_removes_what_has_expired_and_nothing_else() {
 #[test]
 fn a_gateways_mapping_lives_as_long_as_its_flows() {
     in_lab(|_| {
-        let checked = Config::parse(
-            r#"
-[dataplane]
-interfaces = ["fx0", "fx1"]
-maglev_table_size = 13
-[[nat_gateway]]
-source = "10.10.1.0/24"
-to = "10.20.0.5"
-ports = [40000, 40999]
-"#,
-        )?
-        .validate()
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let checked = gateway_config(40999);
         let lab::Program { mut ebpf, fx0, .. } = lab::load(&checked)?;
         // Sends a datagram from CLIENT:`port` to `to`; returns the public endpoint it left
         // from.
@@ -705,21 +713,7 @@ ports = [40000, 40999]
 fn two_cpus_mapping_one_private_endpoint_give_it_one_public_endpoint() {
     const ENDPOINTS: u16 = 2000;
     in_lab(|ns| {
-        let checked = Config::parse(
-            r#"
-[dataplane]
-interfaces = ["fx0", "fx1"]
-maglev_table_size = 13
-[conntrack]
-entries = 65536
-[[nat_gateway]]
-source = "10.10.1.0/24"
-to = "10.20.0.5"
-ports = [40000, 44095]
-"#,
-        )?
-        .validate()
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let checked = gateway_config(44095);
         let lab::Program { ebpf, fx0, .. } = lab::load(&checked)?;
         let to = |dst: Ipv4Addr| -> Vec<Vec<u8>> {
             (0..ENDPOINTS)

@@ -1739,42 +1739,12 @@ fn gateway_cases(lab: &Lab) -> Vec<Case> {
     ));
     // A router beyond the gateway says the ping's TTL ran out (mtr, traceroute -I): the
     // private host hears it from that router, quoting its own ping, identifier and all.
-    let router = Ipv4Addr::new(10, 20, 1, 254);
-    let ping_exceeded = lab.sent_by_backend(icmp(
-        router,
-        PUBLIC,
-        64,
-        icmp_error(ICMP_TIME_EXCEEDED, 0, 0, &quote(&ping_out, 28)),
-    ));
-    let ping_sent = Frame {
-        ttl: 63,
-        ..ping.clone()
-    };
-    v.push(case(
+    v.push(exceeded_beyond_gateway(
+        lab,
         "06a time exceeded about a ping reaches the private host, quoting its own identifier",
-        vec![pkt(&ping, fx0)],
-        pkt(&ping_exceeded, fx1),
-        redirected(
-            icmp_sent(
-                icmp(
-                    router,
-                    CLIENT,
-                    63,
-                    icmp_error(ICMP_TIME_EXCEEDED, 0, 0, &quote(&ping_sent, 28)),
-                ),
-                icmp_error_v4(
-                    &ping_exceeded.build(),
-                    router,
-                    CLIENT,
-                    sa(CLIENT, 7),
-                    sa(BACKEND, 0),
-                    1,
-                )
-                .expect("an error about a flow"),
-                to_client,
-            ),
-            FlowState::New,
-        ),
+        &ping,
+        &ping_out,
+        (sa(CLIENT, 7), sa(BACKEND, 0)),
     ));
     v.push(case(
         "07 an echo reply for an identifier never handed out is the kernel's",
@@ -1785,36 +1755,12 @@ fn gateway_cases(lab: &Lab) -> Vec<Case> {
 
     // A router beyond the gateway says a datagram's TTL ran out (a traceroute's probe): the
     // private host hears it from that router, quoting its own datagram.
-    let probe_out = nat_built(&first, (sa(PUBLIC, udp_port), dns), 1);
-    let router = Ipv4Addr::new(10, 20, 1, 254);
-    let exceeded = lab.sent_by_backend(icmp(
-        router,
-        PUBLIC,
-        64,
-        icmp_error(ICMP_TIME_EXCEEDED, 0, 0, &quote(&probe_out, 30)),
-    ));
-    let probe_sent = Frame {
-        ttl: 63,
-        ..first.clone()
-    };
-    v.push(case(
+    v.push(exceeded_beyond_gateway(
+        lab,
         "07b time exceeded from a router outside reaches the private host, from that router",
-        vec![pkt(&first, fx0)],
-        pkt(&exceeded, fx1),
-        redirected(
-            icmp_sent(
-                icmp(
-                    router,
-                    CLIENT,
-                    63,
-                    icmp_error(ICMP_TIME_EXCEEDED, 0, 0, &quote(&probe_sent, 30)),
-                ),
-                icmp_error_v4(&exceeded.build(), router, CLIENT, sa(CLIENT, 5000), dns, 1)
-                    .expect("an error about a flow"),
-                to_client,
-            ),
-            FlowState::New,
-        ),
+        &first,
+        &nat_built(&first, (sa(PUBLIC, udp_port), dns), 1),
+        (sa(CLIENT, 5000), dns),
     ));
 
     // What is not the gateway's.
@@ -2006,6 +1952,47 @@ fn case_tx(name: &str, when: Pkt, output: Output) -> Case {
             state: None,
         },
     }
+}
+
+/// A router beyond the NAT gateway (on fx1) says the TTL of `out` ran out: `out` is what xlb
+/// sent for the private host's first packet `sent` (which makes the flow), `inner` that
+/// packet's (source, destination) as the host sent it. The error must reach the private
+/// host from that router (the gateway's outside keeps its sources), quoting `sent` as it
+/// left xlb (TTL lowered), every checksum right.
+fn exceeded_beyond_gateway(
+    lab: &Lab,
+    name: &str,
+    sent: &Frame,
+    out: &Frame,
+    inner: (SocketAddrV4, SocketAddrV4),
+) -> Case {
+    let router = Ipv4Addr::new(10, 20, 1, 254);
+    let quoted = |f: &Frame| {
+        let len = f.build().len() - ETH_HLEN;
+        icmp_error(ICMP_TIME_EXCEEDED, 0, 0, &quote(f, len))
+    };
+    let exceeded = lab.sent_by_backend(icmp(router, PUBLIC, 64, quoted(out)));
+    let as_left = Frame {
+        ttl: sent.ttl - 1,
+        ..sent.clone()
+    };
+    case(
+        name,
+        vec![pkt(sent, lab.fx0)],
+        pkt(&exceeded, lab.fx1),
+        Expect {
+            action: XDP_REDIRECT,
+            reason: Reason::ForwardRedirect,
+            output: icmp_sent(
+                icmp(router, CLIENT, 63, quoted(&as_left)),
+                icmp_error_v4(&exceeded.build(), router, CLIENT, inner.0, inner.1, 1)
+                    .expect("an error about a flow"),
+                lab.to_client().expect("MACs"),
+            ),
+            meta: None,
+            state: Some(FlowState::New),
+        },
+    )
 }
 
 /// An echo's identifier and sequence number, the four bytes after its checksum.
