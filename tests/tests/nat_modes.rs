@@ -374,6 +374,80 @@ fn a_nat_gateway_takes_private_hosts_out_through_one_address() {
     });
 }
 
+/// What `socket` (the client's) is seen as by the server at `to`.
+fn seen_as(socket: &std::net::UdpSocket, to: SocketAddr) -> Result<SocketAddr> {
+    socket.send_to(b"who am i\n", to)?;
+    let mut buf = [0u8; 512];
+    let (n, from) = socket
+        .recv_from(&mut buf)
+        .with_context(|| format!("no UDP answer from {to}"))?;
+    ensure!(from == to, "an answer from {from}, asked {to}");
+    Ok(client::Answer::parse(&String::from_utf8_lossy(&buf[..n]))?.seen_peer)
+}
+
+/// The gateway's UDP mappings and ids live in the pinned maps: a private endpoint keeps its
+/// public endpoint while the daemon is dead (the data plane runs on) and after a new daemon
+/// adopts the data plane, which keeps the gateway's id (its counters).
+#[test]
+fn a_nat_gateways_mappings_outlive_its_daemon() {
+    let options = Options {
+        layout: Layout::Flat,
+        ..Options::default()
+    };
+    with_topology(PREFIX, options, |topo| {
+        topo.check_connectivity()?;
+        let _servers = BackendServers::start(topo)?;
+        let config = gateway_config(topo);
+        let xlb = XlbProcess::start(&topo.lb, &config)?;
+        let id = xlb.json(&["stats"])?["gateways"][0]["id"].clone();
+        let socket = topo.client.enter(|| -> Result<std::net::UdpSocket> {
+            let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
+            socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+            Ok(socket)
+        })??;
+        let servers: Vec<SocketAddr> = topo.backends.iter().map(|b| b.service_addr()).collect();
+        let public = seen_as(&socket, servers[0])?;
+        ensure!(
+            public.ip() == std::net::IpAddr::from(FLAT_LB_ADDR),
+            "seen as {public}"
+        );
+        let pins = xlb.kill_leaving_pins();
+        let while_dead = seen_as(&socket, servers[1]).context("with the daemon dead")?;
+        ensure!(
+            while_dead == public,
+            "with the daemon dead, seen as {while_dead}, not {public}"
+        );
+        let xlb = XlbProcess::start_on_pins(&topo.lb, &config, pins)?;
+        ensure!(
+            xlb.startup_lines()
+                .iter()
+                .any(|l| l.starts_with("adopted the data plane")),
+            "xlb did not adopt the data plane: {:?}",
+            xlb.startup_lines()
+        );
+        let after = seen_as(&socket, servers[2]).context("after the restart")?;
+        ensure!(
+            after == public,
+            "after the restart, seen as {after}, not {public}"
+        );
+        let stats = xlb.json(&["stats"])?;
+        ensure!(
+            stats["gateways"][0]["id"] == id,
+            "the gateway's id was {id}, is {}",
+            stats["gateways"][0]["id"]
+        );
+        let peers = tcp_peers(topo, 2)?;
+        ensure!(
+            peers
+                .iter()
+                .all(|p| p.ip() == std::net::IpAddr::from(FLAT_LB_ADDR)),
+            "after the restart the servers saw {peers:?}"
+        );
+        xlb.stop()?;
+        Ok(())
+    });
+}
+
 #[test]
 fn a_ping_to_a_vip_is_answered_by_the_data_plane() {
     with_topology(PREFIX, Options::default(), |topo| {
