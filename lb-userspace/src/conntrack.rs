@@ -31,7 +31,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use aya::{
-    Ebpf,
+    Ebpf, Pod,
     maps::{HashMap, Map, MapData, PerCpuArray},
 };
 use lb_common::{
@@ -127,8 +127,10 @@ pub struct Table {
     map: HashMap<MapData, FlowKey, NatEntry>,
     /// The map's fd, for `BPF_MAP_LOOKUP_BATCH`; owned by `map`.
     fd: RawFd,
-    /// `MAPPINGS`, which the flows of NAT gateways keep alive.
+    /// `MAPPINGS`, which the flows of NAT gateways keep alive, and its fd (owned by
+    /// `mappings`), for `BPF_MAP_LOOKUP_BATCH`.
     mappings: HashMap<MapData, MappingKey, Mapping>,
+    mappings_fd: RawFd,
     /// Who takes ended flows off the backends' open-flow counts; `None` where nothing
     /// counts (the BPF_PROG_TEST_RUN labs).
     accounting: Option<Arc<Mutex<Accounting>>>,
@@ -139,10 +141,12 @@ impl Table {
         let data = crate::loader::map_handle(ebpf, names::CONNTRACK)?;
         let fd = data.fd().as_fd().as_raw_fd();
         let mappings = crate::loader::map_handle(ebpf, names::MAPPINGS)?;
+        let mappings_fd = mappings.fd().as_fd().as_raw_fd();
         Ok(Table {
             map: Map::HashMap(data).try_into()?,
             fd,
             mappings: Map::HashMap(mappings).try_into()?,
+            mappings_fd,
             accounting: None,
         })
     }
@@ -168,41 +172,45 @@ impl Table {
         let mut ended = Vec::new();
         // The public endpoints NAT gateways' UDP flows use (their mappings stay).
         let mut mapped = HashSet::new();
-        for_each_batch(self.fd, |keys, entries| {
-            report.entries += keys.len() as u64;
-            // Once per batch, not per entry: a cut waits at most a batch.
-            let acc = self.accounting.as_deref().map(lock);
-            for (key, entry) in keys.iter().zip(entries) {
-                let doomed = judge(key, entry, timeouts, now, pressure) != Verdict::Keep;
-                if entry.rewrite.direction == DIR_TO_BACKEND
-                    && !doomed
-                    && let Some(acc) = &acc
-                    && acc.behind(key, entry)
-                {
-                    ended.push(*key);
-                }
-                if !doomed {
-                    keeps_mapping(&mut mapped, key, &entry.rewrite);
-                }
-                if entry.rewrite.direction == DIR_TO_BACKEND {
-                    let state = FlowState::of(key.proto, &entry.seen);
-                    report.flows[state as usize] += 1;
-                    *report
-                        .by_backend
-                        .entry(entry.rewrite.backend_id)
-                        .or_default() += 1;
-                    *report
-                        .by_service
-                        .entry(entry.rewrite.service_id)
-                        .or_default() += 1;
-                    if doomed {
-                        forward.push((*key, Some((state, entry.rewrite))));
+        for_each_batch(
+            self.fd,
+            names::CONNTRACK,
+            |keys: &[FlowKey], entries: &[NatEntry]| {
+                report.entries += keys.len() as u64;
+                // Once per batch, not per entry: a cut waits at most a batch.
+                let acc = self.accounting.as_deref().map(lock);
+                for (key, entry) in keys.iter().zip(entries) {
+                    let doomed = judge(key, entry, timeouts, now, pressure) != Verdict::Keep;
+                    if entry.rewrite.direction == DIR_TO_BACKEND
+                        && !doomed
+                        && let Some(acc) = &acc
+                        && acc.behind(key, entry)
+                    {
+                        ended.push(*key);
                     }
-                } else if doomed {
-                    reverse.push((*key, None));
+                    if !doomed {
+                        keeps_mapping(&mut mapped, key, &entry.rewrite);
+                    }
+                    if entry.rewrite.direction == DIR_TO_BACKEND {
+                        let state = FlowState::of(key.proto, &entry.seen);
+                        report.flows[state as usize] += 1;
+                        *report
+                            .by_backend
+                            .entry(entry.rewrite.backend_id)
+                            .or_default() += 1;
+                        *report
+                            .by_service
+                            .entry(entry.rewrite.service_id)
+                            .or_default() += 1;
+                        if doomed {
+                            forward.push((*key, Some((state, entry.rewrite))));
+                        }
+                    } else if doomed {
+                        reverse.push((*key, None));
+                    }
                 }
-            }
-        })?;
+            },
+        )?;
         if let Some(acc) = &self.accounting {
             let mut acc = lock(acc);
             for key in &ended {
@@ -275,11 +283,15 @@ impl Table {
         started_ns: u64,
         report: &mut SweepReport,
     ) -> anyhow::Result<()> {
-        let all: Vec<(MappingKey, Mapping)> = self
-            .mappings
-            .iter()
-            .collect::<Result<_, _>>()
-            .context("reading MAPPINGS")?;
+        // In batches: a gateway may hold a mapping per UDP flow.
+        let mut all: Vec<(MappingKey, Mapping)> = Vec::new();
+        for_each_batch(
+            self.mappings_fd,
+            names::MAPPINGS,
+            |keys: &[MappingKey], values: &[Mapping]| {
+                all.extend(keys.iter().copied().zip(values.iter().copied()));
+            },
+        )?;
         // Per public endpoint, the latest time either side was taken.
         let public = |k: &MappingKey, m: &Mapping| {
             if k.side == MAPPING_PUBLIC {
@@ -325,15 +337,19 @@ impl Table {
     /// to a backend that is still in the table.
     pub fn cut(&mut self, backend_id: u32) -> anyhow::Result<u64> {
         let mut doomed = Vec::new();
-        for_each_batch(self.fd, |keys, entries| {
-            for (key, entry) in keys.iter().zip(entries) {
-                if entry.rewrite.backend_id == backend_id
-                    && entry.rewrite.direction == DIR_TO_BACKEND
-                {
-                    doomed.push(*key);
+        for_each_batch(
+            self.fd,
+            names::CONNTRACK,
+            |keys: &[FlowKey], entries: &[NatEntry]| {
+                for (key, entry) in keys.iter().zip(entries) {
+                    if entry.rewrite.backend_id == backend_id
+                        && entry.rewrite.direction == DIR_TO_BACKEND
+                    {
+                        doomed.push(*key);
+                    }
                 }
-            }
-        })?;
+            },
+        )?;
         let mut acc = self.accounting.as_deref().map(lock);
         let mut cut = 0;
         for forward in &doomed {
@@ -363,13 +379,17 @@ impl Table {
     /// idle time, in the map's order.
     pub fn flows(&self, limit: usize) -> anyhow::Result<Vec<(FlowKey, NatEntry)>> {
         let mut flows = Vec::new();
-        for_each_batch(self.fd, |keys, entries| {
-            for (key, entry) in keys.iter().zip(entries) {
-                if flows.len() < limit && entry.rewrite.direction == DIR_TO_BACKEND {
-                    flows.push((*key, *entry));
+        for_each_batch(
+            self.fd,
+            names::CONNTRACK,
+            |keys: &[FlowKey], entries: &[NatEntry]| {
+                for (key, entry) in keys.iter().zip(entries) {
+                    if flows.len() < limit && entry.rewrite.direction == DIR_TO_BACKEND {
+                        flows.push((*key, *entry));
+                    }
                 }
-            }
-        })?;
+            },
+        )?;
         Ok(flows)
     }
 }
@@ -833,11 +853,17 @@ struct BatchAttr {
 
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 
-/// Calls `f` with every entry of the hash map `fd`, a batch at a time. Entries added or
-/// removed meanwhile may or may not be seen; none is seen twice.
-pub fn for_each_batch(fd: i32, mut f: impl FnMut(&[FlowKey], &[NatEntry])) -> anyhow::Result<()> {
-    let mut keys = vec![FlowKey::default(); BATCH];
-    let mut values = vec![NatEntry::default(); BATCH];
+/// Calls `f` with every entry of the hash map `fd`, whose keys are `K`s and values `V`s (a
+/// map an aya `HashMap<_, K, V>` was made of, which checked their sizes), a batch at a time.
+/// Entries added or removed meanwhile may or may not be seen; none is seen twice. `what`
+/// names the map in errors.
+pub fn for_each_batch<K: Pod + Default, V: Pod + Default>(
+    fd: RawFd,
+    what: &str,
+    mut f: impl FnMut(&[K], &[V]),
+) -> anyhow::Result<()> {
+    let mut keys = vec![K::default(); BATCH];
+    let mut values = vec![V::default(); BATCH];
     // The kernel's cursor for hash maps is a bucket number (u32); a u64 leaves room.
     let mut cursor = 0u64;
     let mut first = true;
@@ -857,8 +883,8 @@ pub fn for_each_batch(fd: i32, mut f: impl FnMut(&[FlowKey], &[NatEntry])) -> an
             ..BatchAttr::default()
         };
         // SAFETY: `attr` points at buffers of `count` keys and values of the map's key and
-        // value sizes (FlowKey and NatEntry, the map's declared types), and at two cursors,
-        // all alive for the call.
+        // value sizes (K and V, whose sizes the caller's typed map checked), and at two
+        // cursors, all alive for the call.
         let rc = unsafe {
             libc::syscall(
                 libc::SYS_bpf,
@@ -873,13 +899,13 @@ pub fn for_each_batch(fd: i32, mut f: impl FnMut(&[FlowKey], &[NatEntry])) -> an
             None | Some(libc::ENOENT) => {}
             // A bucket holds more entries than the buffer: retry the same bucket, larger.
             Some(libc::ENOSPC) => {
-                keys.resize(keys.len() * 2, FlowKey::default());
-                values.resize(values.len() * 2, NatEntry::default());
+                keys.resize(keys.len() * 2, K::default());
+                values.resize(values.len() * 2, V::default());
                 continue;
             }
             Some(_) => {
                 return Err(err.unwrap_or_else(std::io::Error::last_os_error))
-                    .context("BPF_MAP_LOOKUP_BATCH on CONNTRACK");
+                    .with_context(|| format!("BPF_MAP_LOOKUP_BATCH on {what}"));
             }
         }
         f(&keys[..n], &values[..n]);
