@@ -1003,21 +1003,7 @@ impl Config {
         }
         let snat_ports = match dp.snat_port_range {
             None => SnatPorts::DEFAULT,
-            Some([first, last]) => {
-                if first == 0 || first > last {
-                    err(
-                        "dataplane.snat_port_range".into(),
-                        format!(
-                            "must be [first, last] with 1 <= first <= last, got [{first}, {last}]"
-                        ),
-                    );
-                }
-                SnatPorts {
-                    first,
-                    last,
-                    explicit: true,
-                }
-            }
+            Some(range) => port_range(range, "dataplane.snat_port_range".into(), &mut err),
         };
 
         if self.services.len() > dp.max_services as usize {
@@ -1048,27 +1034,8 @@ impl Config {
                     None
                 }
                 (Mode::Fullnat, Some(pool)) => {
-                    let texts = pool.as_slice();
-                    let parsed: Vec<Ipv4Addr> = texts
-                        .iter()
-                        .filter_map(|t| parse_ipv4(t).map_err(|p| err(at("snat"), p)).ok())
-                        .collect();
-                    let unique: HashSet<&Ipv4Addr> = parsed.iter().collect();
-                    if texts.is_empty() || texts.len() > MAX_SNAT_ADDRESSES {
-                        err(
-                            at("snat"),
-                            format!(
-                                "{} addresses: a pool holds 1 to {MAX_SNAT_ADDRESSES}",
-                                texts.len()
-                            ),
-                        );
-                        None
-                    } else if unique.len() != parsed.len() {
-                        err(at("snat"), "an address is listed twice".into());
-                        None
-                    } else {
-                        (parsed.len() == texts.len()).then_some(parsed)
-                    }
+                    let (parsed, good) = parse_pool(pool.as_slice(), at("snat"), &mut err);
+                    good.then_some(parsed)
                 }
                 (Mode::Dnat, Some(_)) => {
                     err(
@@ -1216,23 +1183,7 @@ impl Config {
             {
                 err(at("source"), format!("{source} has another nat_gateway"));
             }
-            let texts = g.to.as_slice();
-            let to: Vec<Ipv4Addr> = texts
-                .iter()
-                .filter_map(|t| parse_ipv4(t).map_err(|p| err(at("to"), p)).ok())
-                .collect();
-            let unique: HashSet<&Ipv4Addr> = to.iter().collect();
-            if texts.is_empty() || texts.len() > MAX_SNAT_ADDRESSES {
-                err(
-                    at("to"),
-                    format!(
-                        "{} addresses: a pool holds 1 to {MAX_SNAT_ADDRESSES}",
-                        texts.len()
-                    ),
-                );
-            } else if unique.len() != to.len() {
-                err(at("to"), "an address is listed twice".into());
-            }
+            let (to, _) = parse_pool(g.to.as_slice(), at("to"), &mut err);
             if source.is_some_and(|s| s.prefix == 0) {
                 err(
                     at("source"),
@@ -1272,25 +1223,9 @@ impl Config {
                     ),
                 );
             }
-            let ports = match g.ports {
-                None => None,
-                Some([first, last]) => {
-                    if first == 0 || first > last {
-                        err(
-                            at("ports"),
-                            format!(
-                                "must be [first, last] with 1 <= first <= last, got [{first}, \
-                                 {last}]"
-                            ),
-                        );
-                    }
-                    Some(SnatPorts {
-                        first,
-                        last,
-                        explicit: true,
-                    })
-                }
-            };
+            let ports = g
+                .ports
+                .map(|range| port_range(range, at("ports"), &mut err));
             if let Some(source) = source {
                 gateways.push(Gateway { source, to, ports });
             }
@@ -1350,6 +1285,57 @@ impl Config {
             gateways,
             snat_ports,
         })
+    }
+}
+
+/// A pool of 1 to `MAX_SNAT_ADDRESSES` distinct IPv4 addresses (a service's `snat`, a
+/// gateway's `to`), each problem reported against `field`: the addresses that parse, and
+/// whether the pool is good.
+fn parse_pool(
+    texts: &[String],
+    field: String,
+    err: &mut impl FnMut(String, String),
+) -> (Vec<Ipv4Addr>, bool) {
+    let parsed: Vec<Ipv4Addr> = texts
+        .iter()
+        .filter_map(|t| parse_ipv4(t).map_err(|p| err(field.clone(), p)).ok())
+        .collect();
+    let unique: HashSet<&Ipv4Addr> = parsed.iter().collect();
+    if texts.is_empty() || texts.len() > MAX_SNAT_ADDRESSES {
+        err(
+            field,
+            format!(
+                "{} addresses: a pool holds 1 to {MAX_SNAT_ADDRESSES}",
+                texts.len()
+            ),
+        );
+        return (parsed, false);
+    }
+    if unique.len() != parsed.len() {
+        err(field, "an address is listed twice".into());
+        return (parsed, false);
+    }
+    let good = parsed.len() == texts.len();
+    (parsed, good)
+}
+
+/// An explicit port range `[first, last]` (`dataplane.snat_port_range`, a gateway's
+/// `ports`), a problem reported against `field`.
+fn port_range(
+    [first, last]: [u16; 2],
+    field: String,
+    err: &mut impl FnMut(String, String),
+) -> SnatPorts {
+    if first == 0 || first > last {
+        err(
+            field,
+            format!("must be [first, last] with 1 <= first <= last, got [{first}, {last}]"),
+        );
+    }
+    SnatPorts {
+        first,
+        last,
+        explicit: true,
     }
 }
 
