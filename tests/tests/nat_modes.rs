@@ -233,6 +233,26 @@ fn ping_backends(topo: &Topology) -> Result<()> {
     Ok(())
 }
 
+/// What `socket` (the client's) is seen as by the server at `to`.
+fn seen_as(socket: &std::net::UdpSocket, to: SocketAddr) -> Result<SocketAddr> {
+    socket.send_to(b"who am i\n", to)?;
+    let mut buf = [0u8; 512];
+    let (n, from) = socket
+        .recv_from(&mut buf)
+        .with_context(|| format!("no UDP answer from {to}"))?;
+    ensure!(from == to, "an answer from {from}, asked {to}");
+    Ok(client::Answer::parse(&String::from_utf8_lossy(&buf[..n]))?.seen_peer)
+}
+
+/// A UDP socket in the client's namespace, any port, answers awaited 2 seconds.
+fn udp_socket(topo: &Topology) -> Result<std::net::UdpSocket> {
+    topo.client.enter(|| -> Result<std::net::UdpSocket> {
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+        Ok(socket)
+    })?
+}
+
 #[test]
 fn a_nat_gateway_takes_private_hosts_out_through_one_address() {
     let options = Options {
@@ -289,28 +309,17 @@ fn a_nat_gateway_takes_private_hosts_out_through_one_address() {
         // UDP: each socket keeps one public endpoint toward every server; two sockets have
         // two.
         let targets: Vec<SocketAddr> = topo.backends.iter().map(|b| b.service_addr()).collect();
-        let seen = topo.client.enter(|| -> Result<Vec<Vec<SocketAddr>>> {
-            let mut per_socket = Vec::new();
-            for _ in 0..2 {
-                let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
-                socket.set_read_timeout(Some(Duration::from_secs(2)))?;
-                let mut seen = Vec::new();
-                for round in 0..2 {
-                    for t in &targets {
-                        socket.send_to(format!("hello {round}\n").as_bytes(), t)?;
-                        let mut buf = [0u8; 512];
-                        let (n, from) = socket
-                            .recv_from(&mut buf)
-                            .with_context(|| format!("no UDP answer from {t}"))?;
-                        ensure!(from == *t, "an answer from {from}, asked {t}");
-                        let answer = client::Answer::parse(&String::from_utf8_lossy(&buf[..n]))?;
-                        seen.push(answer.seen_peer);
-                    }
+        let mut seen = Vec::new();
+        for _ in 0..2 {
+            let socket = udp_socket(topo)?;
+            let mut by_socket = Vec::new();
+            for _round in 0..2 {
+                for t in &targets {
+                    by_socket.push(seen_as(&socket, *t)?);
                 }
-                per_socket.push(seen);
             }
-            Ok(per_socket)
-        })??;
+            seen.push(by_socket);
+        }
         for s in &seen {
             ensure!(
                 s.iter().all(|p| p == &s[0]) && in_range(&s[0]),
@@ -374,17 +383,6 @@ fn a_nat_gateway_takes_private_hosts_out_through_one_address() {
     });
 }
 
-/// What `socket` (the client's) is seen as by the server at `to`.
-fn seen_as(socket: &std::net::UdpSocket, to: SocketAddr) -> Result<SocketAddr> {
-    socket.send_to(b"who am i\n", to)?;
-    let mut buf = [0u8; 512];
-    let (n, from) = socket
-        .recv_from(&mut buf)
-        .with_context(|| format!("no UDP answer from {to}"))?;
-    ensure!(from == to, "an answer from {from}, asked {to}");
-    Ok(client::Answer::parse(&String::from_utf8_lossy(&buf[..n]))?.seen_peer)
-}
-
 /// The gateway's UDP mappings and ids live in the pinned maps: a private endpoint keeps its
 /// public endpoint while the daemon is dead (the data plane runs on) and after a new daemon
 /// adopts the data plane, which keeps the gateway's id (its counters).
@@ -400,11 +398,7 @@ fn a_nat_gateways_mappings_outlive_its_daemon() {
         let config = gateway_config(topo);
         let xlb = XlbProcess::start(&topo.lb, &config)?;
         let id = xlb.json(&["stats"])?["gateways"][0]["id"].clone();
-        let socket = topo.client.enter(|| -> Result<std::net::UdpSocket> {
-            let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
-            socket.set_read_timeout(Some(Duration::from_secs(2)))?;
-            Ok(socket)
-        })??;
+        let socket = udp_socket(topo)?;
         let servers: Vec<SocketAddr> = topo.backends.iter().map(|b| b.service_addr()).collect();
         let public = seen_as(&socket, servers[0])?;
         ensure!(
