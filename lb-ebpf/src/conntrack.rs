@@ -31,22 +31,6 @@ use crate::{
     parse::{Echo, Packet},
 };
 
-/// What `create` needs to know about a new flow besides its first packet (references into
-/// the maps, valid for the program run).
-pub struct NewFlow<'a> {
-    pub service: &'a ServiceEntry,
-    /// `NO_BACKEND` for a NAT gateway's flow.
-    pub backend_id: u32,
-    /// Where the flow goes: the backend's endpoint, or for a NAT gateway's flow the
-    /// packet's own destination.
-    pub to: &'a Endpoint,
-    /// The flow's hash (`lb_common::hash::flow_hash`), which picked the backend and picks
-    /// the SNAT port.
-    pub hash: u64,
-    /// The interface the backend's replies will come in on: where packets to it leave.
-    pub reply_ifindex: u32,
-}
-
 /// A new flow as `new_flow` chose it, copied into this CPU's slot of `NEW_FLOW` by [`stage`].
 #[repr(C)]
 pub struct Staged {
@@ -407,8 +391,8 @@ fn next_turn(id: u32) -> u32 {
     }
 }
 
-/// Creates both directions of a new flow (`flow` says where to) and writes the forward
-/// rewrite to `rewrite`.
+/// Creates both directions of a new flow (`flow`, staged by `new_flow`, says where to; its
+/// reply direction arrives on `reply_ifindex`) and writes the forward rewrite to `rewrite`.
 ///
 /// The SNAT address of the service's pool and the port are probed in the order of
 /// `lb_common::hash::snat_candidate`, whose first candidate is the flow's own hash. The
@@ -436,7 +420,8 @@ fn next_turn(id: u32) -> u32 {
 pub fn create(
     ctx: &XdpContext,
     pkt: &Packet,
-    flow: &NewFlow,
+    flow: &Staged,
+    reply_ifindex: u32,
     rewrite: &mut Rewrite,
 ) -> Result<(), Reason> {
     let key = &pkt.key;
@@ -458,7 +443,7 @@ pub fn create(
     let seen = FlowSeen::first(DIR_TO_BACKEND, Seen::of_packet(key.proto, pkt.tcp_flags));
     // The probes' parameters go straight to the scratch space: this frame is on the stack
     // under the hot path's (see `process` in main.rs).
-    let service = flow.service;
+    let service = &flow.service;
     probe.mapped = (service.mode == MODE_GATEWAY && key.proto == PROTO_UDP) as u8;
     probe.fixed = 0;
     probe.pool = service.snat_count;
@@ -504,7 +489,7 @@ pub fn create(
         // Every (address, port) of the pool once.
         probe.candidates = probe.count * probe.pool;
     }
-    forward.rewrite.dst = *flow.to;
+    forward.rewrite.dst = flow.to;
     forward.rewrite.service_id = flow.service.id;
     forward.rewrite.backend_id = flow.backend_id;
     forward.rewrite.direction = DIR_TO_BACKEND;
@@ -520,7 +505,7 @@ pub fn create(
     reverse.rewrite.direction = DIR_TO_CLIENT;
     reverse.rewrite._pad = [0; 3];
     reverse.seen = seen;
-    reverse.ifindex = flow.reply_ifindex;
+    reverse.ifindex = reply_ifindex;
     reverse.generation = 0;
     reverse.last_seen_ns = now;
 

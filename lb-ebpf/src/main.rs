@@ -303,13 +303,7 @@ fn new_flow(
         // sends again, smaller, and that packet makes the flow).
         return Ok(());
     }
-    let flow = conntrack::NewFlow {
-        service,
-        backend_id: staged.backend_id,
-        to,
-        hash: staged.hash,
-        reply_ifindex: forward::arrival_ifindex(hop.ifindex()),
-    };
+    let reply_ifindex = forward::arrival_ifindex(hop.ifindex());
     // The hop is forgotten while the flow is made, and asked for again after: kept, each of
     // its kinds would have the verifier check `create` once more (its work was half a
     // million instructions). It costs a second FIB lookup per new flow; and it routes the
@@ -319,7 +313,7 @@ fn new_flow(
         ifindex: 0,
         reason: Reason::PassFibOther,
     };
-    conntrack::create(ctx, pkt, &flow, rewrite)?;
+    conntrack::create(ctx, pkt, staged, reply_ifindex, rewrite)?;
     *hop = forward::route(ctx, pkt, &rewrite.src, &rewrite.dst)?;
     Ok(())
 }
