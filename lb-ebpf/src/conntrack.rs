@@ -118,9 +118,9 @@ pub fn lookup(
     let entry = unsafe { &mut *entry };
     let ingress = ctx.ingress_ifindex() as u32;
     if entry.ifindex != ingress {
-        // 0: not known when the flow was made (its way out toward this side was not one of
-        // xlb's interfaces: a VLAN device, say); the first packet from there tells.
-        if entry.ifindex != 0 && !forward::source_routes_back(ctx, pkt) {
+        // Not known when the flow was made (its way out toward this side was not one of
+        // xlb's interfaces: a VLAN device, say), the first packet from there tells.
+        if !forward::arrives_here(ctx, entry.ifindex) && !forward::source_routes_back(ctx, pkt) {
             return Err(Reason::DropWrongInterface);
         }
         // The route moved: the flow's packets come in here now.
