@@ -271,7 +271,12 @@ impl Registry {
                     config: Gateway {
                         source,
                         to: pool_of(&entry),
-                        ports: None,
+                        // As the entry has it: a config that says otherwise rewrites it.
+                        ports: Some(SnatPorts {
+                            first: entry.port_first as u16,
+                            last: (entry.port_first + entry.port_count.max(1) - 1) as u16,
+                            explicit: true,
+                        }),
                     },
                 },
             );
@@ -900,6 +905,8 @@ impl Registry {
         }
         for g in &cfg.gateways {
             let (id, added) = match self.gateways.get(&g.source) {
+                // Unchanged: its entry stays as it is (a write waits a grace period).
+                Some(live) if live.config == *g => continue,
                 Some(live) => (live.id, false),
                 None => {
                     let id = self.service_ids.take().expect("room was checked");
