@@ -10,7 +10,7 @@
 //! Addresses are 16 bytes wide for both families: an IPv4 address is stored IPv4-mapped
 //! (`::ffff:a.b.c.d`), so IPv6 can use the same maps and the same code paths.
 
-use core::net::{Ipv4Addr, SocketAddrV4};
+use core::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
 
 use crate::conntrack::FlowSeen;
 
@@ -188,6 +188,18 @@ impl Endpoint {
         [self.addr[12], self.addr[13], self.addr[14], self.addr[15]]
     }
 
+    /// An IPv6 endpoint; `addr` and `port` are in network byte order.
+    #[inline(always)]
+    pub const fn v6(addr: [u8; 16], port: [u8; 2]) -> Self {
+        Endpoint { addr, port }
+    }
+
+    /// Whether the address is IPv4-mapped (`::ffff:a.b.c.d`), that is an IPv4 endpoint.
+    #[inline(always)]
+    pub fn is_v4(&self) -> bool {
+        self.addr[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]
+    }
+
     pub fn from_socket_v4(sa: SocketAddrV4) -> Self {
         Self::v4(sa.ip().octets(), sa.port().to_be_bytes())
     }
@@ -197,6 +209,33 @@ impl Endpoint {
             Ipv4Addr::from(self.v4_octets()),
             u16::from_be_bytes(self.port),
         )
+    }
+
+    /// Either family: IPv4 stored IPv4-mapped, IPv6 as it is.
+    pub fn from_socket(sa: SocketAddr) -> Self {
+        Self::v6(Self::addr_of(sa.ip()), sa.port().to_be_bytes())
+    }
+
+    /// Back to a socket address of its own family: an IPv4-mapped one is IPv4.
+    pub fn to_socket(&self) -> SocketAddr {
+        SocketAddr::new(self.ip(), u16::from_be_bytes(self.port))
+    }
+
+    /// The address, of its own family.
+    pub fn ip(&self) -> IpAddr {
+        if self.is_v4() {
+            IpAddr::V4(Ipv4Addr::from(self.v4_octets()))
+        } else {
+            IpAddr::V6(Ipv6Addr::from(self.addr))
+        }
+    }
+
+    /// How an address is stored in the maps (IPv4 mapped).
+    pub fn addr_of(ip: IpAddr) -> [u8; 16] {
+        match ip {
+            IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+            IpAddr::V6(v6) => v6.octets(),
+        }
     }
 }
 
@@ -503,4 +542,28 @@ mod pod {
     unsafe impl aya::Pod for FlowStats {}
     unsafe impl aya::Pod for MappingKey {}
     unsafe impl aya::Pod for Mapping {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_keep_their_family() {
+        // RFC 4291 section 2.5.5.2: ::ffff:192.0.2.1 is 80 zero bits, 16 one bits, the address.
+        let v4: SocketAddr = "192.0.2.1:80".parse().unwrap();
+        let e = Endpoint::from_socket(v4);
+        assert_eq!(e.addr, [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 192, 0, 2, 1]);
+        assert_eq!(e.port, [0, 80]);
+        assert!(e.is_v4());
+        assert_eq!(e.to_socket(), v4);
+        assert_eq!(e, Endpoint::v4([192, 0, 2, 1], [0, 80]));
+
+        let v6: SocketAddr = "[2001:db8::100]:443".parse().unwrap();
+        let e = Endpoint::from_socket(v6);
+        assert_eq!(e.addr[..4], [0x20, 0x01, 0x0d, 0xb8]);
+        assert_eq!(e.addr[14..], [0x01, 0x00]);
+        assert!(!e.is_v4());
+        assert_eq!(e.to_socket(), v6);
+    }
 }
