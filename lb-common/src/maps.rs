@@ -146,7 +146,7 @@ pub const SNAT_PORT_PROBES: u32 = 64;
 /// The version of the maps' layout: the names, types and sizes in this module. A daemon
 /// that finds pinned maps of another version refuses them rather than misread them; bump it
 /// with every change to a pinned map's key or value.
-pub const LAYOUT_VERSION: u32 = 7;
+pub const LAYOUT_VERSION: u32 = 8;
 
 /// The most SNAT addresses one service's pool holds. A power of two: the XDP program bounds
 /// an index into the pool with a mask.
@@ -159,6 +159,7 @@ pub const NO_BACKEND: u32 = u32::MAX;
 pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMPV6: u8 = 58;
 
 /// An IP address and a port, both in network byte order. IPv4 is stored IPv4-mapped.
 #[repr(C)]
@@ -194,10 +195,10 @@ impl Endpoint {
         Endpoint { addr, port }
     }
 
-    /// Whether the address is IPv4-mapped (`::ffff:a.b.c.d`), that is an IPv4 endpoint.
+    /// Whether the address is IPv4-mapped, that is an IPv4 endpoint.
     #[inline(always)]
     pub fn is_v4(&self) -> bool {
-        self.addr[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]
+        is_v4_mapped(&self.addr)
     }
 
     pub fn from_socket_v4(sa: SocketAddrV4) -> Self {
@@ -237,6 +238,29 @@ impl Endpoint {
             IpAddr::V6(v6) => v6.octets(),
         }
     }
+}
+
+/// Whether an IPv6 address is IPv4-mapped (`::ffff:a.b.c.d`). Compared in words, not as a
+/// slice: the XDP program has no `memcmp`.
+#[inline(always)]
+pub fn is_v4_mapped(addr: &[u8; 16]) -> bool {
+    let head = u64::from_ne_bytes([
+        addr[0], addr[1], addr[2], addr[3], addr[4], addr[5], addr[6], addr[7],
+    ]);
+    head == 0 && [addr[8], addr[9], addr[10], addr[11]] == [0, 0, 0xff, 0xff]
+}
+
+/// A 16-byte address as four 32-bit words in network byte order (see
+/// [`HandoffMeta::next_hop`]).
+pub fn addr_words(addr: [u8; 16]) -> [u32; 4] {
+    let w = |i: usize| u32::from_ne_bytes([addr[i], addr[i + 1], addr[i + 2], addr[i + 3]]);
+    [w(0), w(4), w(8), w(12)]
+}
+
+/// [`is_v4_mapped`] for an address held as four 32-bit words in network byte order.
+#[inline(always)]
+pub fn is_v4_mapped_words(addr: &[u32; 4]) -> bool {
+    addr[0] == 0 && addr[1] == 0 && addr[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff])
 }
 
 /// Identifies one direction of a flow: the addresses and ports as they appear in the packet.
@@ -493,8 +517,10 @@ pub struct HandoffMeta {
     pub magic: u32,
     /// Interface to send the frame out of.
     pub ifindex: u32,
-    /// The next hop's address (IPv4-mapped), whose MAC the kernel resolves.
-    pub next_hop: [u8; 16],
+    /// The next hop's address, whose MAC the kernel resolves: IPv6, or IPv4-mapped; four
+    /// 32-bit words in network byte order, as the kernel's `bpf_fib_lookup` and
+    /// `bpf_redir_neigh` hold an IPv6 address.
+    pub next_hop: [u32; 4],
 }
 const _: () = assert!(size_of::<HandoffMeta>() == 24);
 // XDP metadata is at most 32 bytes, in 4-byte units.
@@ -553,7 +579,10 @@ mod tests {
         // RFC 4291 section 2.5.5.2: ::ffff:192.0.2.1 is 80 zero bits, 16 one bits, the address.
         let v4: SocketAddr = "192.0.2.1:80".parse().unwrap();
         let e = Endpoint::from_socket(v4);
-        assert_eq!(e.addr, [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 192, 0, 2, 1]);
+        assert_eq!(
+            e.addr,
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 192, 0, 2, 1]
+        );
         assert_eq!(e.port, [0, 80]);
         assert!(e.is_v4());
         assert_eq!(e.to_socket(), v4);

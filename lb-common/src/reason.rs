@@ -12,9 +12,10 @@ pub enum Reason {
     ForwardTx = 0,
     /// Rewritten and redirected to another interface through the devmap (XDP_REDIRECT).
     ForwardRedirect = 1,
-    /// Not IPv4 (ARP, IPv6, VLAN-tagged, ...): handed to the kernel untouched.
-    PassNotIpv4 = 2,
-    /// IPv4 but neither TCP, UDP nor ICMP: handed to the kernel untouched.
+    /// Neither IPv4 nor IPv6 (ARP, LLDP, two VLAN tags, ...): handed to the kernel untouched.
+    PassNotIp = 2,
+    /// IP but neither TCP, UDP nor ICMP (nor ICMPv6), or behind an IPv6 extension header
+    /// xlb does not walk (ESP, AH, "no next header"): handed to the kernel untouched.
     PassNotTcpUdp = 3,
     /// TCP/UDP that matches no service, no NAT gateway and no tracked flow: handed to the
     /// kernel untouched.
@@ -89,17 +90,28 @@ pub enum Reason {
     /// a first packet of the same endpoint on another CPU: this one is dropped rather than
     /// given a second public endpoint (its sender's next packet takes the mapping).
     DropMappingRace = 29,
+    /// IPv6 header that is not valid: a payload length of 0 (a jumbogram) or one the frame
+    /// does not hold, or an IPv4-mapped source or destination address (RFC 4291 2.5.5.2:
+    /// never on the wire; it would match an IPv4 service or flow).
+    DropBadIpv6Header = 30,
+    /// More IPv6 extension headers before the L4 header than xlb walks (4), or an L4 header
+    /// beyond the first 200 bytes of the frame: handed to the kernel untouched, not
+    /// mis-parsed.
+    PassIpv6Extensions = 31,
+    /// UDP over IPv6 with checksum 0, which IPv6 does not allow (RFC 8200 section 8.1):
+    /// the receiver would discard it, so xlb does.
+    DropUdpZeroChecksum = 32,
 }
 
 impl Reason {
     /// Number of reasons; the size of the `REASONS` array.
-    pub const COUNT: u32 = 30;
+    pub const COUNT: u32 = 33;
 
     /// All reasons, in index order.
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::ForwardTx,
         Reason::ForwardRedirect,
-        Reason::PassNotIpv4,
+        Reason::PassNotIp,
         Reason::PassNotTcpUdp,
         Reason::PassNoService,
         Reason::PassFragment,
@@ -127,6 +139,9 @@ impl Reason {
         Reason::ForwardIcmpTooBig,
         Reason::DropTooBig,
         Reason::DropMappingRace,
+        Reason::DropBadIpv6Header,
+        Reason::PassIpv6Extensions,
+        Reason::DropUdpZeroChecksum,
     ];
 
     /// The metric label: `verdict/why`, e.g. `drop/truncated`.
@@ -134,7 +149,7 @@ impl Reason {
         match self {
             Reason::ForwardTx => "forward/tx",
             Reason::ForwardRedirect => "forward/redirect",
-            Reason::PassNotIpv4 => "pass/not_ipv4",
+            Reason::PassNotIp => "pass/not_ip",
             Reason::PassNotTcpUdp => "pass/not_tcp_udp",
             Reason::PassNoService => "pass/no_service",
             Reason::PassFragment => "pass/fragment",
@@ -162,6 +177,9 @@ impl Reason {
             Reason::ForwardIcmpTooBig => "forward/icmp_too_big",
             Reason::DropTooBig => "drop/too_big",
             Reason::DropMappingRace => "drop/mapping_race",
+            Reason::DropBadIpv6Header => "drop/bad_ipv6_header",
+            Reason::PassIpv6Extensions => "pass/ipv6_extensions",
+            Reason::DropUdpZeroChecksum => "drop/udp_zero_checksum",
         }
     }
 
@@ -174,8 +192,9 @@ impl Reason {
         match self {
             Reason::ForwardTx => XDP_TX,
             Reason::ForwardRedirect | Reason::ForwardIcmpTooBig => XDP_REDIRECT,
-            Reason::PassNotIpv4
+            Reason::PassNotIp
             | Reason::PassNotTcpUdp
+            | Reason::PassIpv6Extensions
             | Reason::PassNoService
             | Reason::PassFragment
             | Reason::ForwardResolveNeighbour
@@ -200,7 +219,9 @@ impl Reason {
             | Reason::DropConntrackNoMemory
             | Reason::DropDnatTupleTaken
             | Reason::DropTooBig
-            | Reason::DropMappingRace => XDP_DROP,
+            | Reason::DropMappingRace
+            | Reason::DropBadIpv6Header
+            | Reason::DropUdpZeroChecksum => XDP_DROP,
         }
     }
 }

@@ -27,6 +27,7 @@ use crate::{
 };
 
 const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
 
 /// The next hop of a rewritten packet.
 pub enum Hop {
@@ -40,7 +41,8 @@ pub enum Hop {
     /// kernel's neighbour output; `reason` says why we could not send it ourselves.
     Handoff {
         ifindex: u32,
-        next_hop: [u8; 16],
+        /// IPv6 or IPv4-mapped, as [`HandoffMeta::next_hop`].
+        next_hop: [u32; 4],
         reason: Reason,
     },
     /// Leave it to the kernel's stack (MACs untouched, so the kernel still takes it as
@@ -53,6 +55,12 @@ pub enum Hop {
 }
 
 impl Hop {
+    /// No hop yet: what a [`route`] that fails leaves.
+    pub const NONE: Hop = Hop::Kernel {
+        ifindex: 0,
+        reason: Reason::PassFibOther,
+    };
+
     /// How much the rewrite lowers the TTL: by one when xlb or the tc program sends the
     /// packet, not at all when the kernel's stack forwards it (it lowers it itself).
     #[inline(always)]
@@ -90,14 +98,24 @@ fn fib(
 ) -> u32 {
     // SAFETY: bpf_fib_lookup is plain data; all-zero is its documented initial state.
     *params = unsafe { core::mem::zeroed() };
-    params.family = AF_INET;
     params.l4_protocol = pkt.key.proto;
     params.sport = u16::from_ne_bytes(src.port);
     params.dport = u16::from_ne_bytes(dst.port);
     params.__bindgen_anon_1.tot_len = tot_len;
     params.ifindex = ctx.ingress_ifindex() as u32;
-    params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src.v4_octets());
-    params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst.v4_octets());
+    if pkt.v6 {
+        params.family = AF_INET6;
+        // Byte for byte into the unions (16 bytes each), with no copy on the stack between.
+        // SAFETY: both members are 16-byte arrays of plain integers.
+        unsafe {
+            *(&mut params.__bindgen_anon_3 as *mut _ as *mut [u8; 16]) = src.addr;
+            *(&mut params.__bindgen_anon_4 as *mut _ as *mut [u8; 16]) = dst.addr;
+        }
+    } else {
+        params.family = AF_INET;
+        params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src.v4_octets());
+        params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst.v4_octets());
+    }
 
     // SAFETY: `params` is a valid, initialised struct of the size passed.
     let rc = unsafe {
@@ -111,40 +129,48 @@ fn fib(
     rc as u32
 }
 
-/// Looks up the next hop for the packet as it will be after its rewrite to `src` → `dst`.
+/// Looks up the next hop for the packet as it will be after its rewrite to `src` → `dst`,
+/// and writes it to `hop`.
 ///
 /// Errors: `DropUnreachable` when the FIB says blackhole, unreachable or prohibit.
 ///
 /// Not inlined: its 64-byte FIB parameter block then lives in a frame of its own, which is
-/// never on the stack at the same time as `conntrack::create`'s.
+/// never on the stack at the same time as `conntrack::create`'s. Writes `hop` rather than
+/// returning it: returned by value, the result goes through memory and LLVM may leave a
+/// pointer into the caller's stack in R0 at the exit, which the verifier refuses ("cannot
+/// return stack pointer to the caller").
 #[inline(never)]
 pub fn route(
     ctx: &XdpContext,
     pkt: &Packet,
     src: &Endpoint,
     dst: &Endpoint,
-) -> Result<Hop, Reason> {
+    hop: &mut Hop,
+) -> Result<(), Reason> {
     // SAFETY: plain data, filled in by `fib`.
     let mut params: FibParams = unsafe { core::mem::zeroed() };
     let rc = fib(ctx, pkt, src, dst, pkt.tot_len, &mut params);
+    // Each arm writes its hop in place: a hop built first and copied whole would copy the
+    // bytes its kind leaves undefined, which the verifier refuses to read.
     match rc {
         BPF_FIB_LKUP_RET_SUCCESS => {
             // Only interfaces xlb attached to are in the devmap; the tc program sends to
             // the others through the kernel.
             if DEVMAP.get(params.ifindex).is_none() {
-                return Ok(handoff(&params, Reason::ForwardKernelOutput));
+                handoff(&params, Reason::ForwardKernelOutput, hop);
+            } else {
+                *hop = Hop::Direct {
+                    ifindex: params.ifindex,
+                    smac: params.smac,
+                    dmac: params.dmac,
+                };
             }
-            Ok(Hop::Direct {
-                ifindex: params.ifindex,
-                smac: params.smac,
-                dmac: params.dmac,
-            })
         }
         // The kernel fills in the egress interface and the next hop (the gateway, or the
         // destination itself) also when the neighbour is missing (since Linux 5.10).
-        BPF_FIB_LKUP_RET_NO_NEIGH => Ok(handoff(&params, Reason::ForwardResolveNeighbour)),
+        BPF_FIB_LKUP_RET_NO_NEIGH => handoff(&params, Reason::ForwardResolveNeighbour, hop),
         BPF_FIB_LKUP_RET_BLACKHOLE | BPF_FIB_LKUP_RET_UNREACHABLE | BPF_FIB_LKUP_RET_PROHIBIT => {
-            Err(Reason::DropUnreachable)
+            return Err(Reason::DropUnreachable);
         }
         BPF_FIB_LKUP_RET_FRAG_NEEDED => {
             // SAFETY: the lookup filled in the MTU member of the union for this code.
@@ -152,28 +178,39 @@ pub fn route(
             // The kernel stops before it names the egress interface; ask again without the
             // MTU check for it (too-big packets are rare).
             fib(ctx, pkt, src, dst, 0, &mut params);
-            Ok(Hop::TooBig {
+            *hop = Hop::TooBig {
                 ifindex: params.ifindex,
                 mtu,
-            })
+            };
         }
         // Local delivery, forwarding disabled, ...: the kernel decides.
-        _ => Ok(Hop::Kernel {
-            ifindex: params.ifindex,
-            reason: Reason::PassFibOther,
-        }),
+        _ => {
+            *hop = Hop::Kernel {
+                ifindex: params.ifindex,
+                reason: Reason::PassFibOther,
+            }
+        }
     }
+    Ok(())
 }
 
+/// The next hop is in the union member of the family the lookup says: an IPv4 route may
+/// have an IPv6 gateway (`via inet6`), and the lookup then says IPv6.
 #[inline(always)]
-fn handoff(params: &FibParams, reason: Reason) -> Hop {
-    // SAFETY: reading the IPv4 member of the union the lookup filled in.
-    let next_hop = unsafe { params.__bindgen_anon_4.ipv4_dst }.to_ne_bytes();
-    Hop::Handoff {
+fn handoff(params: &FibParams, reason: Reason, hop: &mut Hop) {
+    let next_hop = if params.family == AF_INET6 {
+        // SAFETY: the lookup filled in the IPv6 member of the union.
+        unsafe { params.__bindgen_anon_4.ipv6_dst }
+    } else {
+        // SAFETY: the lookup filled in the IPv4 member of the union.
+        let v4 = unsafe { params.__bindgen_anon_4.ipv4_dst };
+        [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), v4]
+    };
+    *hop = Hop::Handoff {
         ifindex: params.ifindex,
-        next_hop: Endpoint::v4(next_hop, [0; 2]).addr,
+        next_hop,
         reason,
-    }
+    };
 }
 
 /// The interface packets from the other end of a way out of `ifindex` arrive on, as XDP sees
@@ -313,7 +350,7 @@ pub fn set_macs(ctx: &XdpContext, smac: [u8; 6], dmac: [u8; 6]) -> Result<(), Re
 /// Puts a [`HandoffMeta`] in front of the frame for the tc program (the frame then goes to
 /// the kernel with XDP_PASS). False when the driver has no room or support for metadata.
 #[inline(always)]
-fn hand_off(ctx: &XdpContext, ifindex: u32, next_hop: [u8; 16]) -> bool {
+fn hand_off(ctx: &XdpContext, ifindex: u32, next_hop: [u32; 4]) -> bool {
     const LEN: usize = size_of::<HandoffMeta>();
     // SAFETY: the helper only moves data_meta, within the headroom; it fails cleanly.
     if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -(LEN as i32)) } != 0 {

@@ -9,15 +9,16 @@
 //! `rp_filter` is strict. Neither check runs on this path.
 
 use aya_ebpf::{
-    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_redir_neigh},
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_redir_neigh, bpf_redir_neigh__bindgen_ty_1},
     helpers::generated::bpf_redirect_neigh,
     programs::TcContext,
 };
-use lb_common::maps::{HANDOFF_MAGIC, Handoff, HandoffMeta};
+use lb_common::maps::{HANDOFF_MAGIC, Handoff, HandoffMeta, is_v4_mapped_words};
 
 use crate::HANDOFFS;
 
 const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
 
 /// Returns the tc verdict: `TC_ACT_UNSPEC` (go on to the next program or the stack) for
 /// frames that are not handed off; the helper's verdict (`TC_ACT_REDIRECT`, or
@@ -36,16 +37,20 @@ pub fn send(ctx: &TcContext) -> i32 {
     if m.magic != HANDOFF_MAGIC {
         return TC_ACT_UNSPEC;
     }
-    let mut params = bpf_redir_neigh {
-        nh_family: AF_INET,
-        __bindgen_anon_1: aya_ebpf::bindings::bpf_redir_neigh__bindgen_ty_1 {
-            ipv4_nh: u32::from_ne_bytes([
-                m.next_hop[12],
-                m.next_hop[13],
-                m.next_hop[14],
-                m.next_hop[15],
-            ]),
-        },
+    let mut params = if is_v4_mapped_words(&m.next_hop) {
+        bpf_redir_neigh {
+            nh_family: AF_INET,
+            __bindgen_anon_1: bpf_redir_neigh__bindgen_ty_1 {
+                ipv4_nh: m.next_hop[3],
+            },
+        }
+    } else {
+        bpf_redir_neigh {
+            nh_family: AF_INET6,
+            __bindgen_anon_1: bpf_redir_neigh__bindgen_ty_1 {
+                ipv6_nh: m.next_hop,
+            },
+        }
     };
     // SAFETY: `params` is a valid, initialised struct of the size passed.
     let verdict = unsafe {

@@ -29,10 +29,10 @@ use aya_ebpf::{
 };
 use lb_common::{
     csum::{fold, sum_words},
-    maps::{Endpoint, FlowKey, PROTO_ICMP, PROTO_TCP, PROTO_UDP},
+    maps::{Endpoint, FlowKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP},
     reason::Reason,
 };
-use network_types::ip::Ipv4Hdr;
+use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
 use crate::{
     CONNTRACK, DEVMAP, ICMP_SCRATCH, VIPS,
@@ -49,6 +49,9 @@ use crate::{
 pub const ECHO_REPLY: u8 = 0;
 const DEST_UNREACH: u8 = 3;
 pub const ECHO_REQUEST: u8 = 8;
+/// ICMPv6 types.
+pub const ECHO_REQUEST_V6: u8 = 128;
+pub const ECHO_REPLY_V6: u8 = 129;
 const TIME_EXCEEDED: u8 = 11;
 const PARAM_PROBLEM: u8 = 12;
 
@@ -117,6 +120,11 @@ impl Quote {
 /// more for a state where the protocol is known to be ICMP.
 #[inline(never)]
 pub fn takes(pkt: &Packet) -> bool {
+    // ICMPv6 is neighbour discovery, router advertisements and multicast listeners too:
+    // none of it a flow's (there are no IPv6 NAT gateways).
+    if pkt.key.proto == PROTO_ICMPV6 {
+        return true;
+    }
     if pkt.key.proto != PROTO_ICMP {
         return false;
     }
@@ -140,6 +148,13 @@ pub fn handle(ctx: &XdpContext, pkt: &Packet) -> Result<Reason, Reason> {
     let header: *const [u8; 2] = ptr_at(ctx, pkt.l4_off())?;
     // SAFETY: ptr_at checked that type and code are inside the frame.
     let [kind, code] = unsafe { *header };
+    // ICMPv6 errors about IPv6 flows are not translated yet: the kernel sees them.
+    if pkt.v6 {
+        return match kind {
+            ECHO_REQUEST_V6 if code == 0 => echo(ctx, pkt),
+            _ => Err(Reason::PassIcmp),
+        };
+    }
     match kind {
         ECHO_REQUEST if code == 0 => echo(ctx, pkt),
         DEST_UNREACH | TIME_EXCEEDED | PARAM_PROBLEM => error(ctx, pkt),
@@ -150,16 +165,18 @@ pub fn handle(ctx: &XdpContext, pkt: &Packet) -> Result<Reason, Reason> {
 /// Answers a ping to a VIP, from the VIP.
 #[inline(never)]
 fn echo(ctx: &XdpContext, pkt: &Packet) -> Result<Reason, Reason> {
-    // A request with IP options (a source route, a route record) would need them answered
-    // as RFC 1122 says: the kernel's job.
-    if pkt.l4_off() != pkt.l3_off() + Ipv4Hdr::LEN {
+    // A request with IP options (a source route, a route record) or IPv6 extension headers
+    // would need them answered as RFC 1122 says: the kernel's job.
+    let ip_len = if pkt.v6 { Ipv6Hdr::LEN } else { Ipv4Hdr::LEN };
+    if pkt.l4_off() != pkt.l3_off() + ip_len {
         return Err(Reason::PassIcmp);
     }
     // SAFETY: a presence check; the value is not read.
     if unsafe { VIPS.get(&pkt.key.dst.addr) }.is_none() {
         return Err(Reason::PassIcmp);
     }
-    let mut hop = forward::route(ctx, pkt, &pkt.key.dst, &pkt.key.src)?;
+    let mut hop = Hop::NONE;
+    forward::route(ctx, pkt, &pkt.key.dst, &pkt.key.src, &mut hop)?;
     if matches!(hop, Hop::Kernel { .. } | Hop::TooBig { .. }) {
         // The FIB will not say how to reach the asker: the kernel answers, if it can.
         return Err(Reason::PassIcmp);
@@ -213,7 +230,8 @@ fn error(ctx: &XdpContext, pkt: &Packet) -> Result<Reason, Reason> {
     } else {
         &rewrite.src
     };
-    let mut hop = forward::route(ctx, pkt, src, &rewrite.dst)?;
+    let mut hop = Hop::NONE;
+    forward::route(ctx, pkt, src, &rewrite.dst, &mut hop)?;
     forward::prepare(ctx, &mut hop);
     nat::rewrite_icmp_error(ctx, pkt, quote, rewrite, src, hop.ttl_decrement())?;
     forward::untag_for(ctx, &hop)?;
@@ -245,6 +263,10 @@ const QUOTE_WORDS: usize = (60 + QUOTED_L4_MIN) / 4;
 /// Not inlined: its frame is not on the stack with the other paths'.
 #[inline(never)]
 pub fn too_big(ctx: &XdpContext, pkt: &Packet, mtu: u16) -> Result<Reason, Reason> {
+    // ICMPv6 "packet too big" is not made yet.
+    if pkt.v6 {
+        return Err(Reason::DropTooBig);
+    }
     // Never to a source that cannot be one (RFC 1122 3.2.2): "this network", loopback,
     // multicast and above.
     let to = pkt.key.src.v4_octets();
@@ -307,8 +329,9 @@ pub fn too_big(ctx: &XdpContext, pkt: &Packet, mtu: u16) -> Result<Reason, Reaso
     back.key.dst = Endpoint::v4(dst, [0; 2]);
     back.key.proto = PROTO_ICMP;
     back.tot_len = u16::from_be_bytes(tot_len);
-    let mut hop =
-        forward::route(ctx, &back, &back.key.src, &back.key.dst).map_err(|_| Reason::DropTooBig)?;
+    let mut hop = Hop::NONE;
+    forward::route(ctx, &back, &back.key.src, &back.key.dst, &mut hop)
+        .map_err(|_| Reason::DropTooBig)?;
     match hop {
         Hop::Direct {
             ifindex,

@@ -1,11 +1,12 @@
-//! The xlb XDP program: IPv4 TCP/UDP load balancing by full NAT or destination NAT, an egress
+//! The xlb XDP program: IPv4 and IPv6 TCP/UDP load balancing by full NAT or destination NAT, an egress
 //! NAT gateway (TCP, UDP with endpoint-independent mappings, pings by identifier), ICMP
 //! answered or translated, and the small tc program that sends what the XDP program cannot
 //! send itself.
 //!
 //! One packet's path, top to bottom:
-//! 1. [`parse::parse`] bounds-checks Ethernet, IPv4 (IHL-sized) and the L4 ports and TCP
-//!    flags, and builds the packet's [`FlowKey`](lb_common::maps::FlowKey);
+//! 1. [`parse::parse`] bounds-checks Ethernet, IPv4 (IHL-sized) or IPv6 (its extension
+//!    headers walked) and the L4 ports and TCP flags, and builds the packet's
+//!    [`FlowKey`](lb_common::maps::FlowKey) in the per-CPU `PACKET`;
 //! 2. [`conntrack::lookup`] finds how this flow direction is rewritten and records what the
 //!    packet tells about the flow (TCP flags, time); or, for a new flow to a service,
 //!    [`conntrack::backend`] picks a backend from the service's Maglev slice (a NAT
@@ -107,6 +108,13 @@ static CREATE_SCRATCH: PerCpuArray<conntrack::Scratch> = PerCpuArray::with_max_e
 #[map]
 static NEW_FLOW: PerCpuArray<conntrack::Staged> = PerCpuArray::with_max_entries(1, 0);
 
+/// The packet being processed, as `parse::parse` read it, one slot per CPU. Off the stack
+/// for room, and for the verifier: read back from a map, every field is as unknown to it
+/// after `parse` whichever way `parse` went (IPv4 or IPv6, options, extension headers),
+/// so it checks the rest of the program once for all of them instead of once per way.
+#[map]
+static PACKET: PerCpuArray<parse::Packet> = PerCpuArray::with_max_entries(1, 0);
+
 /// Working space of `icmp::error`, one slot per CPU, for the same reason.
 #[map]
 static ICMP_SCRATCH: PerCpuArray<icmp::Scratch> = PerCpuArray::with_max_entries(1, 0);
@@ -196,36 +204,37 @@ pub fn xlb_handoff(ctx: TcContext) -> i32 {
 /// `Ok` carries how a rewritten packet left.
 ///
 /// The BPF stack is 512 bytes for a whole chain of calls, so what this frame holds is kept
-/// small (the packet, its rewrite, its next hop) and the two conntrack paths are separate
-/// subprograms with frames of their own.
+/// small (the rewrite, the next hop; the packet is in `PACKET`) and the two conntrack paths
+/// are separate subprograms with frames of their own.
 #[inline(always)]
 fn process(ctx: &XdpContext) -> Result<Reason, Reason> {
-    let mut pkt = parse::Packet::default();
-    parse::parse(ctx, &mut pkt)?;
+    let pkt = PACKET.get_ptr_mut(0).ok_or(Reason::DropInternal)?;
+    // SAFETY: this CPU's slot of a one-entry per-CPU array. An XDP program runs to
+    // completion on its CPU (softirq), so no other run touches the slot meanwhile.
+    let pkt = unsafe { &mut *pkt };
+    parse::parse(ctx, pkt)?;
+    let pkt = &*pkt;
     // Pings through a NAT gateway are flows like any other (their identifier is their
     // port); the rest of ICMP has a path of its own.
-    if icmp::takes(&pkt) {
-        return icmp::handle(ctx, &pkt);
+    if icmp::takes(pkt) {
+        return icmp::handle(ctx, pkt);
     }
     let mut rewrite = Rewrite::default();
-    let fwd = forwardable(&pkt);
-    let mut hop = Hop::Kernel {
-        ifindex: 0,
-        reason: Reason::PassFibOther,
-    };
-    if conntrack::lookup(ctx, &pkt, fwd.is_ok(), &mut rewrite)? {
+    let fwd = forwardable(pkt);
+    let mut hop = Hop::NONE;
+    if conntrack::lookup(ctx, pkt, fwd.is_ok(), &mut rewrite)? {
         fwd?;
-        hop = forward::route(ctx, &pkt, &rewrite.src, &rewrite.dst)?;
+        forward::route(ctx, pkt, &rewrite.src, &rewrite.dst, &mut hop)?;
     } else {
-        new_flow(ctx, &pkt, &mut rewrite, &mut hop)?;
+        new_flow(ctx, pkt, &mut rewrite, &mut hop)?;
     }
     if let Hop::TooBig { mtu, .. } = hop
         && pkt.dont_fragment
     {
-        return icmp::too_big(ctx, &pkt, mtu);
+        return icmp::too_big(ctx, pkt, mtu);
     }
     forward::prepare(ctx, &mut hop);
-    nat::rewrite(ctx, &pkt, &rewrite, hop.ttl_decrement())?;
+    nat::rewrite(ctx, pkt, &rewrite, hop.ttl_decrement())?;
     forward::untag_for(ctx, &hop)?;
     let sent = forward::send(ctx, hop)?;
     // Counted once the packet has left (or gone to the kernel rewritten), so a packet
@@ -262,7 +271,7 @@ fn new_flow(
     // A gateway's packet to where the FIB leaves it to the kernel (the host itself, no
     // route) is not the gateway's, whatever else it is: asked first.
     if gateway {
-        *hop = forward::route(ctx, pkt, &service.snat[0], &pkt.key.dst)?;
+        forward::route(ctx, pkt, &service.snat[0], &pkt.key.dst, hop)?;
         if matches!(hop, Hop::Kernel { .. }) {
             return Err(not_ours);
         }
@@ -294,7 +303,7 @@ fn new_flow(
         &service.snat[0]
     };
     if !gateway {
-        *hop = forward::route(ctx, pkt, snat, to)?;
+        forward::route(ctx, pkt, snat, to, hop)?;
     }
     if let Hop::TooBig { .. } = hop
         && pkt.dont_fragment
@@ -309,12 +318,9 @@ fn new_flow(
     // million instructions). It costs a second FIB lookup per new flow; and it routes the
     // flow as it was made, also when another CPU made it at the same moment toward another
     // backend (the Maglev table changed in between), whose flow then stands.
-    *hop = Hop::Kernel {
-        ifindex: 0,
-        reason: Reason::PassFibOther,
-    };
+    *hop = Hop::NONE;
     conntrack::create(ctx, pkt, staged, reply_ifindex, rewrite)?;
-    *hop = forward::route(ctx, pkt, &rewrite.src, &rewrite.dst)?;
+    forward::route(ctx, pkt, &rewrite.src, &rewrite.dst, hop)?;
     Ok(())
 }
 

@@ -9,10 +9,10 @@ use lb_common::{
     maps::{Endpoint, PROTO_ICMP, PROTO_UDP, Rewrite},
     reason::Reason,
 };
-use network_types::ip::Ipv4Hdr;
+use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
 use crate::{
-    icmp::{ECHO_REPLY, ECHO_REQUEST, Quote},
+    icmp::{ECHO_REPLY, ECHO_REPLY_V6, ECHO_REQUEST, ECHO_REQUEST_V6, Quote},
     parse::{ECHO_ID_OFF, Echo, Packet, ptr_at},
 };
 
@@ -29,13 +29,8 @@ pub fn rewrite(
     entry: &Rewrite,
     ttl_decrement: u8,
 ) -> Result<(), Reason> {
-    let (old_addrs, new_addrs) = rewrite_ipv4(
-        ctx,
-        pkt,
-        entry.src.v4_octets(),
-        entry.dst.v4_octets(),
-        pkt.ttl - ttl_decrement,
-    )?;
+    let (old_addrs, new_addrs) =
+        rewrite_ip(ctx, pkt, &entry.src, &entry.dst, pkt.ttl - ttl_decrement)?;
     if pkt.key.proto == PROTO_ICMP {
         return rewrite_echo_id(ctx, pkt, entry);
     }
@@ -93,6 +88,69 @@ fn rewrite_echo_id(ctx: &XdpContext, pkt: &Packet, entry: &Rewrite) -> Result<()
     Ok(())
 }
 
+/// Sets the IP header's addresses and TTL (hop limit), of the packet's family. Returns the
+/// unfolded sums of the old and of the new addresses: the pseudo-header's share of an L4
+/// checksum.
+#[inline(always)]
+fn rewrite_ip(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    new_src: &Endpoint,
+    new_dst: &Endpoint,
+    new_ttl: u8,
+) -> Result<(u32, u32), Reason> {
+    if pkt.v6 {
+        rewrite_ipv6(ctx, pkt, &new_src.addr, &new_dst.addr, new_ttl)
+    } else {
+        rewrite_ipv4(ctx, pkt, new_src.v4_octets(), new_dst.v4_octets(), new_ttl)
+    }
+}
+
+/// Sets the IPv6 header's addresses and hop limit (it has no checksum of its own).
+#[inline(always)]
+fn rewrite_ipv6(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    new_src: &[u8; 16],
+    new_dst: &[u8; 16],
+    new_ttl: u8,
+) -> Result<(u32, u32), Reason> {
+    let ip: *mut Ipv6Hdr = ptr_at(ctx, pkt.l3_off())?;
+    // SAFETY: ptr_at checked that the 40-byte IPv6 header is inside the frame.
+    let ip = unsafe { &mut *ip };
+    let (mut old_addrs, mut new_addrs) = (0, 0);
+    replace_address(&mut ip.src_addr, new_src, &mut old_addrs, &mut new_addrs);
+    replace_address(&mut ip.dst_addr, new_dst, &mut old_addrs, &mut new_addrs);
+    ip.hop_limit = new_ttl;
+    Ok((old_addrs, new_addrs))
+}
+
+/// Overwrites an IPv6 address in the packet, a byte pair at a time, adding the old and the
+/// new words to the checksum sums as it goes. Volatile, so LLVM keeps that order: left to
+/// itself it loads all 32 bytes first, and they spill onto the 512-byte stack.
+#[inline(always)]
+fn replace_address(field: &mut [u8; 16], new: &[u8; 16], old_sum: &mut u32, new_sum: &mut u32) {
+    let mut i = 0;
+    while i < 16 {
+        // SAFETY: in-bounds indexes of two arrays the references keep valid.
+        unsafe {
+            let (o0, o1) = (
+                core::ptr::read_volatile(&field[i]),
+                core::ptr::read_volatile(&field[i + 1]),
+            );
+            let (n0, n1) = (
+                core::ptr::read_volatile(&new[i]),
+                core::ptr::read_volatile(&new[i + 1]),
+            );
+            *old_sum += u16::from_be_bytes([o0, o1]) as u32;
+            *new_sum += u16::from_be_bytes([n0, n1]) as u32;
+            core::ptr::write_volatile(&mut field[i], n0);
+            core::ptr::write_volatile(&mut field[i + 1], n1);
+        }
+        i += 2;
+    }
+}
+
 /// Sets the IPv4 header's addresses and TTL, updating its checksum. Returns the unfolded sums
 /// of the old and of the new addresses: the pseudo-header's share of an L4 checksum.
 #[inline(always)]
@@ -126,26 +184,26 @@ fn rewrite_ipv4(
 /// TTL of the echo replies xlb sends (Linux's default).
 const REPLY_TTL: u8 = 64;
 
-/// Turns an echo request (type 8, code 0) into its reply: the addresses swapped, a fresh
-/// TTL, type 0; identifier, sequence and data as they were.
+/// Turns an echo request (type 8, code 0; ICMPv6 type 128) into its reply: the addresses
+/// swapped, a fresh TTL, type 0 (129); identifier, sequence and data as they were. Swapped
+/// addresses leave ICMPv6's pseudo-header sum as it was: only the type changes the checksum.
 #[inline(never)]
 pub fn echo_reply(ctx: &XdpContext, pkt: &Packet) -> Result<(), Reason> {
-    rewrite_ipv4(
-        ctx,
-        pkt,
-        pkt.key.dst.v4_octets(),
-        pkt.key.src.v4_octets(),
-        REPLY_TTL,
-    )?;
+    rewrite_ip(ctx, pkt, &pkt.key.dst, &pkt.key.src, REPLY_TTL)?;
+    let (request, reply) = if pkt.v6 {
+        (ECHO_REQUEST_V6, ECHO_REPLY_V6)
+    } else {
+        (ECHO_REQUEST, ECHO_REPLY)
+    };
     let icmp: *mut [u8; 4] = ptr_at(ctx, pkt.l4_off())?;
     // SAFETY: ptr_at checked type, code and checksum are inside the frame.
     let icmp = unsafe { &mut *icmp };
     let check = replace(
         u16::from_be_bytes([icmp[2], icmp[3]]),
-        sum_words(&[ECHO_REQUEST, 0]),
-        sum_words(&[ECHO_REPLY, 0]),
+        sum_words(&[request, 0]),
+        sum_words(&[reply, 0]),
     );
-    *icmp = [ECHO_REPLY, 0, (check >> 8) as u8, check as u8];
+    *icmp = [reply, 0, (check >> 8) as u8, check as u8];
     Ok(())
 }
 

@@ -1,7 +1,13 @@
-//! Bounds-checked packet access and the IPv4 TCP/UDP/ICMP parser.
+//! Bounds-checked packet access and the TCP/UDP/ICMP parser, IPv4 and IPv6.
 //!
-//! A frame may carry one 802.1Q VLAN tag: the IPv4 header then starts 4 bytes later
+//! A frame may carry one 802.1Q VLAN tag: the IP header then starts 4 bytes later
 //! ([`Packet::l3_off`]); a second tag (QinQ) goes to the kernel.
+//!
+//! The two families differ only here and where a header is written (`nat`, `icmp`) or the
+//! FIB asked (`forward`): the rest of the program reads the same [`Packet`], whose key holds
+//! 16-byte addresses (IPv4 mapped). IPv6 extension headers (hop-by-hop, routing,
+//! destination options, fragment) are walked, at most [`IPV6_EXT_MAX`] of them; what lies
+//! further goes to the kernel with its own reason.
 //!
 //! An ICMP echo's identifier stands in for a port in its key, as Linux conntrack does: a
 //! request's is its source port, a reply's its destination port, so a request and its
@@ -10,15 +16,20 @@
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
-    maps::{Endpoint, FlowKey, PROTO_ICMP, PROTO_TCP, PROTO_UDP},
+    maps::{Endpoint, FlowKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, is_v4_mapped},
     reason::Reason,
 };
-use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+};
 
 use crate::icmp;
 
 /// EtherType of IPv4, as it sits in the frame (network byte order read as native u16).
 const ETH_P_IP_BE: u16 = u16::from_ne_bytes([0x08, 0x00]);
+/// EtherType of IPv6, likewise.
+const ETH_P_IPV6_BE: u16 = u16::from_ne_bytes([0x86, 0xdd]);
 /// EtherType of an 802.1Q VLAN tag, likewise.
 pub const ETH_P_8021Q_BE: u16 = u16::from_ne_bytes([0x81, 0x00]);
 /// An 802.1Q tag: its EtherType's place holds 0x8100, then 2 bytes of tag, then the
@@ -69,28 +80,47 @@ pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, Reason> {
     Ok((start + offset) as *mut T)
 }
 
-/// What the rest of the program needs to know about a TCP/UDP/ICMP-over-IPv4 packet.
+/// IPv6 extension headers walked before the L4 header.
+pub const IPV6_EXT_MAX: usize = 4;
+/// IPv6 next-header values of the extension headers `parse` walks.
+const IPV6_HOP_BY_HOP: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_DEST_OPTIONS: u8 = 60;
+/// In an IPv6 fragment header's offset field (host order): the offset, and "more fragments".
+const IPV6_OFFSET_MASK: u16 = 0xfff8;
+const IPV6_MF: u16 = 0x0001;
+/// The furthest an L4 header may start: its checksum, 16 bytes in, must stay within
+/// [`HEADER_OFF_MASK`].
+const L4_OFF_MAX: usize = 200;
+
+/// What the rest of the program needs to know about a TCP/UDP/ICMP packet of either family.
 #[derive(Default)]
 pub struct Packet {
     /// Addresses, ports and protocol as received. ICMP has no ports: they are 0, but for an
     /// echo's identifier (see the module doc).
     pub key: FlowKey,
-    /// Offset of the L4 header: Ethernet (and a VLAN tag) + IHL × 4 (options included). Read
-    /// it through
+    /// Offset of the L4 header: Ethernet (and a VLAN tag) + the IP header (IPv4's IHL × 4,
+    /// options included; IPv6's 40 and its extension headers). Read it through
     /// [`Packet::l4_off`]. (Offsets and length are 16 and 32 bits wide: this struct lives in
     /// the hot path's frame, where every byte counts.)
     l4_off: u16,
     /// Offset of the L4 checksum field. Read it through [`Packet::l4_check_off`].
     l4_check_off: u16,
+    /// IPv4's TTL, IPv6's hop limit.
     pub ttl: u8,
     /// The TCP flags byte; 0 for UDP.
     pub tcp_flags: u8,
-    /// IPv4 total length (host byte order).
+    /// The IP datagram's length, header included: IPv4's total length, IPv6's payload
+    /// length + 40 (host byte order).
     pub tot_len: u16,
     /// First fragment of a fragmented datagram (MF set, offset 0).
     pub fragmented: bool,
-    /// DF set: a router must not fragment it, and answers ICMP "fragmentation needed".
+    /// DF set, or IPv6 (whose routers never fragment): a router must not fragment it, and
+    /// answers ICMP "fragmentation needed" / ICMPv6 "packet too big".
     pub dont_fragment: bool,
+    /// An IPv6 packet.
+    pub v6: bool,
     /// Whole frame length, for byte counters.
     pub frame_len: u32,
     /// Whether the packet is an ICMP echo request or reply (code 0), whose identifier is in
@@ -114,9 +144,10 @@ pub enum Echo {
 /// Offset of the identifier inside an ICMP echo header.
 pub const ECHO_ID_OFF: usize = 4;
 
-/// Upper bound of any offset into the headers we touch: Ethernet (14) + a VLAN tag (4) +
-/// IPv4 with options (at most 60) + the TCP checksum offset (16) = 94 < 128.
-const HEADER_OFF_MASK: usize = 0x7f;
+/// Upper bound of any offset into the headers we touch: an L4 header starts at most at
+/// [`L4_OFF_MAX`] (IPv4 with options ends by 14 + 4 + 60 = 78), + the TCP checksum offset
+/// (16) + 2 < 256.
+const HEADER_OFF_MASK: usize = 0xff;
 
 impl Packet {
     // The verifier forgets a scalar's range when the compiler spills it to the stack as 32
@@ -138,11 +169,24 @@ impl Packet {
     }
 }
 
-/// Parses Ethernet + IPv4 + the first bytes of TCP/UDP, or the ICMP header (which
+/// What the IP header (and IPv6's extension headers) told.
+struct Network {
+    proto: u8,
+    /// A fragment after the first: no L4 header.
+    later_fragment: bool,
+    l4_off: usize,
+    tot_len: u16,
+    ttl: u8,
+    fragmented: bool,
+    dont_fragment: bool,
+}
+
+/// Parses Ethernet + IPv4 or IPv6 + the first bytes of TCP/UDP, or the ICMP header (which
 /// `icmp::handle` reads further).
 ///
-/// Errors: `PassNotIpv4` / `PassNotTcpUdp` / `PassFragment` (non-first fragments) for what
-/// the kernel should handle; `DropTruncated` / `DropBadIpv4Header` for malformed frames.
+/// Errors: `PassNotIp` / `PassNotTcpUdp` / `PassFragment` (non-first fragments) /
+/// `PassIpv6Extensions` for what the kernel should handle; `DropTruncated` /
+/// `DropBadIpv4Header` / `DropBadIpv6Header` / `DropUdpZeroChecksum` for malformed frames.
 ///
 /// Not inlined, for the same reason as `nat::rewrite`. Writes to `pkt` rather than returning
 /// `Result<Packet, _>`: bpf-linker describes such a niche-packed enum with a union member at
@@ -159,10 +203,104 @@ pub fn parse(ctx: &XdpContext, pkt: &mut Packet) -> Result<(), Reason> {
         ether_type = u16::from_ne_bytes(unsafe { *inner });
         l3_off = ETH_LEN + VLAN_LEN;
     }
-    if ether_type != ETH_P_IP_BE {
-        return Err(Reason::PassNotIpv4);
+    let (start, end) = frame_bounds(ctx);
+    let frame_len = end - start;
+    pkt.v6 = false;
+    let net = if ether_type == ETH_P_IP_BE {
+        ipv4(ctx, l3_off, frame_len, &mut pkt.key)?
+    } else if ether_type == ETH_P_IPV6_BE {
+        pkt.v6 = true;
+        ipv6(ctx, l3_off, frame_len, &mut pkt.key)?
+    } else {
+        return Err(Reason::PassNotIp);
+    };
+
+    let (l4_min, check_off) = match net.proto {
+        PROTO_TCP => (TCP_MIN_LEN, TCP_CHECK_OFF),
+        PROTO_UDP => (UDP_LEN, UDP_CHECK_OFF),
+        PROTO_ICMP if !pkt.v6 => (ICMP_LEN, ICMP_CHECK_OFF),
+        PROTO_ICMPV6 if pkt.v6 => (ICMP_LEN, ICMP_CHECK_OFF),
+        _ => return Err(Reason::PassNotTcpUdp),
+    };
+    if net.later_fragment {
+        return Err(Reason::PassFragment);
+    }
+    let l4_off = net.l4_off;
+    // The whole minimal L4 header (ports and checksum) lies inside the datagram, which lies
+    // inside the frame. Each access below still goes through ptr_at, which is what the
+    // verifier checks.
+    if l4_off + l4_min > l3_off + net.tot_len as usize {
+        return Err(Reason::DropTruncated);
     }
 
+    let mut echo = Echo::No;
+    let ports = if net.proto == PROTO_ICMP || net.proto == PROTO_ICMPV6 {
+        let icmp: *const [u8; ICMP_LEN] = ptr_at(ctx, l4_off)?;
+        // SAFETY: ptr_at checked the whole 8-byte ICMP header is inside the frame.
+        let icmp = unsafe { *icmp };
+        let id = [icmp[ECHO_ID_OFF], icmp[ECHO_ID_OFF + 1]];
+        let (request, reply) = if pkt.v6 {
+            (icmp::ECHO_REQUEST_V6, icmp::ECHO_REPLY_V6)
+        } else {
+            (icmp::ECHO_REQUEST, icmp::ECHO_REPLY)
+        };
+        match (icmp[0], icmp[1]) {
+            (kind, 0) if kind == request => {
+                echo = Echo::Request;
+                [id[0], id[1], 0, 0]
+            }
+            (kind, 0) if kind == reply => {
+                echo = Echo::Reply;
+                [0, 0, id[0], id[1]]
+            }
+            _ => [0; 4],
+        }
+    } else {
+        let ports: *const [u8; 4] = ptr_at(ctx, l4_off)?;
+        // SAFETY: ptr_at checked the four port bytes are inside the frame.
+        unsafe { *ports }
+    };
+    let tcp_flags = if net.proto == PROTO_TCP {
+        let flags: *const u8 = ptr_at(ctx, l4_off + TCP_FLAGS_OFF)?;
+        // SAFETY: ptr_at checked the flags byte is inside the frame.
+        unsafe { *flags }
+    } else {
+        0
+    };
+    if pkt.v6 && net.proto == PROTO_UDP {
+        let check: *const [u8; 2] = ptr_at(ctx, l4_off + UDP_CHECK_OFF)?;
+        // SAFETY: ptr_at checked the checksum's two bytes are inside the frame.
+        if unsafe { *check } == [0, 0] {
+            return Err(Reason::DropUdpZeroChecksum);
+        }
+    }
+
+    // Field by field: the addresses are in place already (written by `ipv4` / `ipv6`).
+    pkt.key.src.port = [ports[0], ports[1]];
+    pkt.key.dst.port = [ports[2], ports[3]];
+    pkt.key.proto = net.proto;
+    pkt.key._pad = 0;
+    pkt.l4_off = l4_off as u16;
+    pkt.l4_check_off = (l4_off + check_off) as u16;
+    pkt.ttl = net.ttl;
+    pkt.tcp_flags = tcp_flags;
+    pkt.tot_len = net.tot_len;
+    pkt.fragmented = net.fragmented;
+    pkt.dont_fragment = net.dont_fragment;
+    pkt.frame_len = frame_len as u32;
+    pkt.echo = echo;
+    pkt.l3_off = l3_off as u8;
+    Ok(())
+}
+
+/// The IPv4 header at `l3_off`: writes its addresses into `key`.
+#[inline(always)]
+fn ipv4(
+    ctx: &XdpContext,
+    l3_off: usize,
+    frame_len: usize,
+    key: &mut FlowKey,
+) -> Result<Network, Reason> {
     let ip: *const Ipv4Hdr = ptr_at(ctx, l3_off)?;
     // SAFETY: ptr_at checked that the fixed 20-byte IPv4 header is inside the frame.
     let ip = unsafe { &*ip };
@@ -178,79 +316,99 @@ pub fn parse(ctx: &XdpContext, pkt: &mut Packet) -> Result<(), Reason> {
     if (tot_len as usize) < ihl {
         return Err(Reason::DropBadIpv4Header);
     }
-    let (start, end) = frame_bounds(ctx);
-    let frame_len = (end - start) as u64;
     // Frames may be padded past tot_len (Ethernet minimum size), never shorter.
-    if l3_off as u64 + tot_len as u64 > frame_len {
+    if l3_off + tot_len as usize > frame_len {
         return Err(Reason::DropTruncated);
     }
-
-    let (l4_min, check_off) = match ip.proto {
-        PROTO_TCP => (TCP_MIN_LEN, TCP_CHECK_OFF),
-        PROTO_UDP => (UDP_LEN, UDP_CHECK_OFF),
-        PROTO_ICMP => (ICMP_LEN, ICMP_CHECK_OFF),
-        _ => return Err(Reason::PassNotTcpUdp),
-    };
     let frags = u16::from_be_bytes(ip.frags);
-    if frags & IP_OFFSET_MASK != 0 {
-        return Err(Reason::PassFragment);
+    key.src.addr = Endpoint::v4(ip.src_addr, [0; 2]).addr;
+    key.dst.addr = Endpoint::v4(ip.dst_addr, [0; 2]).addr;
+    Ok(Network {
+        proto: ip.proto,
+        later_fragment: frags & IP_OFFSET_MASK != 0,
+        l4_off: l3_off + ihl,
+        tot_len,
+        ttl: ip.ttl,
+        fragmented: frags & IP_MF != 0,
+        dont_fragment: frags & IP_DF != 0,
+    })
+}
+
+/// The IPv6 header at `l3_off` and its extension headers: writes its addresses into `key`.
+#[inline(always)]
+fn ipv6(
+    ctx: &XdpContext,
+    l3_off: usize,
+    frame_len: usize,
+    key: &mut FlowKey,
+) -> Result<Network, Reason> {
+    let ip: *const Ipv6Hdr = ptr_at(ctx, l3_off)?;
+    // SAFETY: ptr_at checked that the 40-byte IPv6 header is inside the frame.
+    let ip = unsafe { &*ip };
+    if ip.version() != 6 {
+        return Err(Reason::DropBadIpv6Header);
     }
-    let fragmented = frags & IP_MF != 0;
-    if (tot_len as usize) < ihl + l4_min {
+    let payload_len = u16::from_be_bytes(ip.payload_len) as usize;
+    // 0: a jumbogram (RFC 2675), which no Ethernet frame holds.
+    if payload_len == 0 {
+        return Err(Reason::DropBadIpv6Header);
+    }
+    if l3_off + Ipv6Hdr::LEN + payload_len > frame_len {
         return Err(Reason::DropTruncated);
     }
+    // An IPv4-mapped address would match IPv4 services and flows.
+    if is_v4_mapped(&ip.src_addr) || is_v4_mapped(&ip.dst_addr) {
+        return Err(Reason::DropBadIpv6Header);
+    }
+    key.src.addr = ip.src_addr;
+    key.dst.addr = ip.dst_addr;
 
-    // tot_len >= IHL + the minimal L4 header, and the frame holds tot_len: so the whole
-    // minimal header (ports and checksum) is inside the frame. Each access below still goes
-    // through ptr_at, which is what the verifier checks.
-    let l4_off = l3_off + ihl;
-    let mut echo = Echo::No;
-    let ports = if ip.proto == PROTO_ICMP {
-        let icmp: *const [u8; ICMP_LEN] = ptr_at(ctx, l4_off)?;
-        // SAFETY: ptr_at checked the whole 8-byte ICMP header is inside the frame.
-        let icmp = unsafe { *icmp };
-        let id = [icmp[ECHO_ID_OFF], icmp[ECHO_ID_OFF + 1]];
-        match (icmp[0], icmp[1]) {
-            (icmp::ECHO_REQUEST, 0) => {
-                echo = Echo::Request;
-                [id[0], id[1], 0, 0]
+    let mut proto = ip.next_hdr;
+    let mut off = l3_off + Ipv6Hdr::LEN;
+    let mut fragmented = false;
+    let mut later_fragment = false;
+    let mut walked = 0;
+    loop {
+        match proto {
+            PROTO_TCP | PROTO_UDP | PROTO_ICMPV6 => break,
+            IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTIONS => {
+                let ext: *const [u8; 2] = ptr_at(ctx, off)?;
+                // SAFETY: ptr_at checked next header and length are inside the frame.
+                let [next, len] = unsafe { *ext };
+                proto = next;
+                // Length in 8-byte units, not counting the first 8.
+                off += (len as usize + 1) * 8;
             }
-            (icmp::ECHO_REPLY, 0) => {
-                echo = Echo::Reply;
-                [0, 0, id[0], id[1]]
+            IPV6_FRAGMENT => {
+                let ext: *const [u8; 4] = ptr_at(ctx, off)?;
+                // SAFETY: ptr_at checked the header's first four bytes are in the frame.
+                let ext = unsafe { *ext };
+                proto = ext[0];
+                let offset = u16::from_be_bytes([ext[2], ext[3]]);
+                off += 8;
+                // A later fragment carries no header after this one: its protocol is all
+                // there is to know.
+                if offset & IPV6_OFFSET_MASK != 0 {
+                    later_fragment = true;
+                    break;
+                }
+                fragmented = offset & IPV6_MF != 0;
             }
-            _ => [0; 4],
+            // ESP, AH, "no next header", and what no packet of ours carries.
+            _ => return Err(Reason::PassNotTcpUdp),
         }
-    } else {
-        let ports: *const [u8; 4] = ptr_at(ctx, l4_off)?;
-        // SAFETY: ptr_at checked the four port bytes are inside the frame.
-        unsafe { *ports }
-    };
-    let tcp_flags = if ip.proto == PROTO_TCP {
-        let flags: *const u8 = ptr_at(ctx, l4_off + TCP_FLAGS_OFF)?;
-        // SAFETY: ptr_at checked the flags byte is inside the frame.
-        unsafe { *flags }
-    } else {
-        0
-    };
-
-    *pkt = Packet {
-        key: FlowKey {
-            src: Endpoint::v4(ip.src_addr, [ports[0], ports[1]]),
-            dst: Endpoint::v4(ip.dst_addr, [ports[2], ports[3]]),
-            proto: ip.proto,
-            _pad: 0,
-        },
-        l4_off: l4_off as u16,
-        l4_check_off: (l4_off + check_off) as u16,
-        ttl: ip.ttl,
-        tcp_flags,
-        tot_len,
+        walked += 1;
+        if walked > IPV6_EXT_MAX || off > L4_OFF_MAX {
+            return Err(Reason::PassIpv6Extensions);
+        }
+    }
+    Ok(Network {
+        proto,
+        later_fragment,
+        l4_off: off & HEADER_OFF_MASK,
+        tot_len: (Ipv6Hdr::LEN + payload_len) as u16,
+        ttl: ip.hop_limit,
         fragmented,
-        dont_fragment: frags & IP_DF != 0,
-        frame_len: frame_len as u32,
-        echo,
-        l3_off: l3_off as u8,
-    };
-    Ok(())
+        dont_fragment: true,
+    })
 }

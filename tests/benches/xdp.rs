@@ -524,7 +524,7 @@ fn run(
             name: "ARP (not IPv4)",
             key: "not_ipv4",
             program: XDP,
-            reason: Some(Reason::PassNotIpv4),
+            reason: Some(Reason::PassNotIp),
             frame: Box::new(move |_| (arp_request(CLIENT_MAC, CLIENT, VIP), fx0)),
             nanos: Vec::new(),
         },

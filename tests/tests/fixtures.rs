@@ -30,7 +30,7 @@ use lb_common::{
     hash::{flow_hash, snat_port},
     maps::{
         Endpoint, FlowKey, HANDOFF_MAGIC, HandoffMeta, MAPPING_PRIVATE, Mapping, MappingKey,
-        NatEntry, PROTO_TCP, PROTO_UDP, SNAT_PORT_PROBES, names,
+        NatEntry, PROTO_TCP, PROTO_UDP, SNAT_PORT_PROBES, addr_words, names,
     },
     reason::Reason,
 };
@@ -845,7 +845,7 @@ fn services_cases(lab: &Lab) -> Vec<Case> {
                 ingress: fx0,
                 linear_len: None,
             },
-            Reason::PassNotIpv4,
+            Reason::PassNotIp,
         ),
         (
             "07c ICMP echo to an address that is no VIP",
@@ -1113,7 +1113,7 @@ fn services_cases(lab: &Lab) -> Vec<Case> {
             meta: Some(HandoffMeta {
                 magic: HANDOFF_MAGIC,
                 ifindex: fx1.ifindex,
-                next_hop: Endpoint::v4(UNRESOLVED_BACKEND.octets(), [0; 2]).addr,
+                next_hop: addr_words(Endpoint::v4(UNRESOLVED_BACKEND.octets(), [0; 2]).addr),
             }),
             state: Some(FlowState::New),
         },
@@ -1889,7 +1889,7 @@ fn vlan_cases(lab: &Lab) -> Vec<Case> {
             meta: Some(HandoffMeta {
                 magic: HANDOFF_MAGIC,
                 ifindex: fx1.ifindex,
-                next_hop: Endpoint::v4(UNRESOLVED_BACKEND.octets(), [0; 2]).addr,
+                next_hop: addr_words(Endpoint::v4(UNRESOLVED_BACKEND.octets(), [0; 2]).addr),
             }),
             state: Some(FlowState::New),
         },
@@ -1920,7 +1920,7 @@ fn vlan_cases(lab: &Lab) -> Vec<Case> {
         "64 two VLAN tags (QinQ): to the kernel untouched",
         vec![],
         pkt(&qinq, fx0),
-        untouched(XDP_PASS, Reason::PassNotIpv4),
+        untouched(XDP_PASS, Reason::PassNotIp),
     ));
     // A tag cut short.
     let cut = Frame {

@@ -38,7 +38,7 @@ use aya::{
 };
 use lb_common::{
     conntrack::FlowState,
-    maps::{Endpoint, FlowKey, FlowStats, HANDOFF_MAGIC, HandoffMeta, names},
+    maps::{Endpoint, FlowKey, FlowStats, HANDOFF_MAGIC, HandoffMeta, addr_words, names},
     reason::Reason,
 };
 use lb_userspace::config::Config;
@@ -145,7 +145,7 @@ fn random_frames_match_the_reference_model() {
     for reason in [
         Reason::ForwardRedirect,
         Reason::ForwardResolveNeighbour,
-        Reason::PassNotIpv4,
+        Reason::PassNotIp,
         Reason::PassNotTcpUdp,
         Reason::PassNoService,
         Reason::PassFragment,
@@ -838,7 +838,7 @@ fn run_and_check(
     let flags = layout_v4(input).map_or(0, |l| tcp_flags(input, &l));
     let reached_conntrack = !matches!(
         reason,
-        Reason::PassNotIpv4
+        Reason::PassNotIp
             | Reason::PassNotTcpUdp
             | Reason::PassFragment
             | Reason::DropTruncated
@@ -1021,7 +1021,7 @@ fn as_sent(
     let want_meta = handoff.then(|| HandoffMeta {
         magic: HANDOFF_MAGIC,
         ifindex: egress.ifindex,
-        next_hop: Endpoint::v4(toward.octets(), [0; 2]).addr,
+        next_hop: addr_words(Endpoint::v4(toward.octets(), [0; 2]).addr),
     });
     ensure!(
         run.meta == want_meta,
