@@ -393,3 +393,24 @@ pub fn check_forwarding(interface: &str, family: &str) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    #[test]
+    fn an_ipv6_service_needs_ipv6_forwarding() {
+        let config = |service: &str| {
+            Config::parse(&format!("[dataplane]\ninterfaces = [\"xlb0\"]\n{service}"))
+                .unwrap()
+                .validate()
+                .unwrap()
+        };
+        assert_eq!(forwarded_families(&config("")), ["ipv4"]);
+        let v4 = "[[service]]\nvip = \"10.10.0.100:80\"\nprotocol = \"tcp\"\nmode = \"dnat\"\n";
+        assert_eq!(forwarded_families(&config(v4)), ["ipv4"]);
+        let v6 = v4.replace("10.10.0.100:80", "[2001:db8::100]:80");
+        assert_eq!(forwarded_families(&config(&v6)), ["ipv4", "ipv6"]);
+    }
+}
