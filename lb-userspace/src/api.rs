@@ -20,7 +20,7 @@
 //! config file could not. Errors answer `{"error": "..."}` with a 4xx or 5xx status.
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     os::unix::fs::PermissionsExt as _,
     path::Path,
     sync::{Arc, Mutex},
@@ -79,15 +79,17 @@ pub struct StatusInterface {
 /// `POST /v1/services`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct NewService {
-    pub vip: SocketAddrV4,
+    /// IPv4 or IPv6 ("[address]:port").
+    pub vip: SocketAddr,
     pub protocol: Protocol,
     /// None: fullnat.
     #[serde(default)]
     pub mode: Option<Mode>,
-    /// The SNAT pool: one address or a list; none: in fullnat mode, the first IPv4 address of
-    /// the first interface.
+    /// The SNAT pool: one address or a list, of the VIP's family; none: in fullnat mode, the
+    /// first address of the VIP's family on the interfaces (for IPv6, a global one; see
+    /// [`default_snat`]).
     #[serde(default)]
-    pub snat: Option<OneOrMore<Ipv4Addr>>,
+    pub snat: Option<OneOrMore<IpAddr>>,
     /// None: maglev.
     #[serde(default)]
     pub scheduler: Option<Scheduler>,
@@ -98,7 +100,8 @@ pub struct NewService {
 /// `POST /v1/services/{proto}/{vip}/backends`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct NewBackend {
-    pub address: SocketAddrV4,
+    /// Of the service's VIP's family.
+    pub address: SocketAddr,
     pub weight: u32,
     #[serde(default)]
     pub quic_id: Option<u16>,
@@ -265,28 +268,25 @@ pub fn serve(
     })
 }
 
+/// A service's path, as the router matches it ([`client::service_path`] makes it). The
+/// `Path` extractor percent-decodes each segment, so an IPv6 VIP's encoded brackets arrive
+/// as brackets.
+///
+/// [`client::service_path`]: crate::client::service_path
+const SERVICE_PATH: &str = "/v1/services/{proto}/{vip}";
+/// A backend's path ([`client::backend_path`](crate::client::backend_path) makes it).
+const BACKEND_PATH: &str = "/v1/services/{proto}/{vip}/backends/{addr}";
+
 fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/v1/status", get(status))
         .route("/v1/stats", get(get_stats))
         .route("/v1/services", post(add_service))
-        .route(
-            "/v1/services/{proto}/{vip}",
-            axum::routing::delete(remove_service),
-        )
-        .route("/v1/services/{proto}/{vip}/backends", post(add_backend))
-        .route(
-            "/v1/services/{proto}/{vip}/backends/{addr}",
-            axum::routing::delete(remove_backend),
-        )
-        .route(
-            "/v1/services/{proto}/{vip}/backends/{addr}/drain",
-            post(drain_backend),
-        )
-        .route(
-            "/v1/services/{proto}/{vip}/backends/{addr}/weight",
-            put(weight_backend),
-        )
+        .route(SERVICE_PATH, axum::routing::delete(remove_service))
+        .route(&format!("{SERVICE_PATH}/backends"), post(add_backend))
+        .route(BACKEND_PATH, axum::routing::delete(remove_backend))
+        .route(&format!("{BACKEND_PATH}/drain"), post(drain_backend))
+        .route(&format!("{BACKEND_PATH}/weight"), put(weight_backend))
         .route("/v1/conntrack", get(flows))
         .route("/v1/apply", post(apply))
         .with_state(shared)
@@ -351,7 +351,7 @@ fn service_name(proto: &str, vip: &str) -> Result<ServiceName, ApiError> {
     Ok(ServiceName { vip, protocol })
 }
 
-fn parse_backend(addr: &str) -> Result<SocketAddrV4, ApiError> {
+fn parse_backend(addr: &str) -> Result<SocketAddr, ApiError> {
     addr.parse()
         .map_err(|_| bad(format!("{addr:?} is not \"address:port\"")))
 }
@@ -390,7 +390,7 @@ fn find_service<'a>(cfg: &'a mut Checked, name: &ServiceName) -> Result<&'a mut 
         .ok_or_else(|| not_found(format!("no service {name}")))
 }
 
-fn find_backend(service: &mut Service, address: SocketAddrV4) -> Result<&mut Backend, ApiError> {
+fn find_backend(service: &mut Service, address: SocketAddr) -> Result<&mut Backend, ApiError> {
     let name = format!("{}/{}", service.vip, service.protocol);
     service
         .backends
@@ -427,7 +427,7 @@ async fn add_service(
             (Mode::Dnat, true) => Vec::new(),
             (Mode::Fullnat, false) => snat,
             (Mode::Fullnat, true) => vec![
-                default_snat(&interfaces)
+                default_snat(&interfaces, new.vip.ip())
                     .map_err(|e| bad(format!("no --snat given, and no default: {e:#}")))?,
             ],
         };
@@ -612,10 +612,10 @@ async fn flows(
                         lb_common::maps::PROTO_UDP => "udp".into(),
                         p => p.to_string(),
                     },
-                    client: key.src.to_socket_v4().to_string(),
-                    vip: key.dst.to_socket_v4().to_string(),
-                    backend: entry.rewrite.dst.to_socket_v4().to_string(),
-                    snat: entry.rewrite.src.to_socket_v4().to_string(),
+                    client: key.src.to_socket().to_string(),
+                    vip: key.dst.to_socket().to_string(),
+                    backend: entry.rewrite.dst.to_socket().to_string(),
+                    snat: entry.rewrite.src.to_socket().to_string(),
                     state: state.name().into(),
                     idle_s: idle as f64 / 1e9,
                     expires_in_s: remaining_ns(&entry, key.proto, &timeouts, now) as f64 / 1e9,
@@ -625,4 +625,89 @@ async fn flows(
     })
     .await
     .map(Json)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use axum::routing::delete;
+    use hyper::Method;
+
+    use super::*;
+    use crate::client::{Client, backend_path, service_path};
+
+    /// What the router answers for a service's or backend's path: the names parsed back.
+    fn echo_router() -> Router {
+        Router::new()
+            .route(
+                SERVICE_PATH,
+                delete(
+                    |UrlPath((proto, vip)): UrlPath<(String, String)>| async move {
+                        service_name(&proto, &vip).map(|name| Json(name.to_string()))
+                    },
+                ),
+            )
+            .route(
+                BACKEND_PATH,
+                delete(
+                    |UrlPath((proto, vip, addr)): UrlPath<(String, String, String)>| async move {
+                        let name = service_name(&proto, &vip)?;
+                        let address = parse_backend(&addr)?;
+                        Ok::<_, ApiError>(Json(format!("{name} {address}")))
+                    },
+                ),
+            )
+    }
+
+    /// The paths the client makes for an IPv6 service and backend are valid URL paths, and
+    /// the server parses them back to the same service and backend (over a real socket, so
+    /// through hyper's URI checks and axum's decoding); IPv4 ones are as they always were.
+    #[tokio::test]
+    async fn service_and_backend_paths_round_trip() {
+        let vip: SocketAddr = "[2001:db8::100]:80".parse().unwrap();
+        let backend: SocketAddr = "[2001:db8:20::2]:8080".parse().unwrap();
+        assert_eq!(
+            backend_path(&vip, Protocol::Udp, &backend),
+            "/v1/services/udp/%5B2001:db8::100%5D:80/backends/%5B2001:db8:20::2%5D:8080"
+        );
+        let v4: SocketAddr = "10.10.0.100:443".parse().unwrap();
+        assert_eq!(
+            service_path(&v4, Protocol::Tcp),
+            "/v1/services/tcp/10.10.0.100:443"
+        );
+
+        let dir = std::env::temp_dir().join(format!("xlb-api-paths-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("api.sock");
+        let _ = std::fs::remove_file(&socket);
+        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+        let server = tokio::spawn(async move { axum::serve(listener, echo_router()).await });
+        let client = Client::new(socket);
+        let ask = async |path: String| {
+            client
+                .call(Method::DELETE, &path, None)
+                .await
+                .unwrap_or_else(|e| panic!("{path}: {e:#}"))
+        };
+        assert_eq!(
+            ask(service_path(&vip, Protocol::Tcp)).await,
+            "[2001:db8::100]:80/tcp"
+        );
+        assert_eq!(
+            ask(backend_path(&vip, Protocol::Udp, &backend)).await,
+            "[2001:db8::100]:80/udp [2001:db8:20::2]:8080"
+        );
+        assert_eq!(
+            ask(backend_path(
+                &v4,
+                Protocol::Tcp,
+                &"10.20.0.2:80".parse().unwrap()
+            ))
+            .await,
+            "10.10.0.100:443/tcp 10.20.0.2:80"
+        );
+        server.abort();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

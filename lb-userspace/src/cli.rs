@@ -1,7 +1,11 @@
 //! The `xlb` command line: `xlb run` (the daemon, [`daemon`]) and `xlb check` work on a
 //! config file; every other command is a client of the running daemon's API ([`client`]).
 
-use std::{net::SocketAddrV4, path::PathBuf, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
 
 use clap::{Args, CommandFactory as _, Parser, Subcommand};
 use hyper::Method;
@@ -129,8 +133,8 @@ impl ClientArgs {
 /// A service, as commands name it.
 #[derive(Debug, Args)]
 pub struct ServiceArg {
-    /// The service's VIP:PORT.
-    pub vip: SocketAddrV4,
+    /// The service's VIP:PORT ([VIP]:PORT for IPv6).
+    pub vip: SocketAddr,
     #[arg(long, short, value_enum, default_value_t = Protocol::Tcp)]
     pub protocol: Protocol,
 }
@@ -138,6 +142,10 @@ pub struct ServiceArg {
 impl ServiceArg {
     fn path(&self) -> String {
         client::service_path(&self.vip, self.protocol)
+    }
+
+    fn backend_path(&self, address: &SocketAddr) -> String {
+        client::backend_path(&self.vip, self.protocol, address)
     }
 }
 
@@ -156,10 +164,11 @@ pub enum ServiceCommand {
         /// route replies through xlb.
         #[arg(long, value_enum, default_value_t = Mode::Fullnat)]
         mode: Mode,
-        /// fullnat: the source address toward the backends; give it again for a pool
-        /// (default: the first IPv4 address of the first interface).
+        /// fullnat: the source address toward the backends, of the VIP's family; give it
+        /// again for a pool (default: the first address of that family on the interfaces,
+        /// for IPv6 a global one).
         #[arg(long)]
-        snat: Vec<std::net::Ipv4Addr>,
+        snat: Vec<IpAddr>,
         /// How new flows pick a backend.
         #[arg(long, value_enum, default_value_t = Scheduler::Maglev)]
         scheduler: Scheduler,
@@ -192,7 +201,7 @@ pub enum BackendCommand {
         #[command(flatten)]
         service: ServiceArg,
         /// The backend's ADDR:PORT.
-        address: SocketAddrV4,
+        address: SocketAddr,
         #[arg(long, default_value_t = 1)]
         weight: u32,
         /// For a QUIC service: the id (1-65535) the backend puts in its connection IDs.
@@ -206,7 +215,7 @@ pub enum BackendCommand {
     Rm {
         #[command(flatten)]
         service: ServiceArg,
-        address: SocketAddrV4,
+        address: SocketAddr,
         /// Also remove its open flows.
         #[arg(long)]
         cut: bool,
@@ -217,7 +226,7 @@ pub enum BackendCommand {
     Drain {
         #[command(flatten)]
         service: ServiceArg,
-        address: SocketAddrV4,
+        address: SocketAddr,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -225,7 +234,7 @@ pub enum BackendCommand {
     Weight {
         #[command(flatten)]
         service: ServiceArg,
-        address: SocketAddrV4,
+        address: SocketAddr,
         weight: u32,
         #[command(flatten)]
         client: ClientArgs,
@@ -448,7 +457,7 @@ async fn backend(command: BackendCommand) -> anyhow::Result<()> {
             cut,
             client,
         } => {
-            let path = format!("{}/backends/{address}?cut={cut}", service.path());
+            let path = format!("{}?cut={cut}", service.backend_path(&address));
             change(&client, Method::DELETE, &path, None, "backend removed").await
         }
         BackendCommand::Drain {
@@ -456,7 +465,7 @@ async fn backend(command: BackendCommand) -> anyhow::Result<()> {
             address,
             client,
         } => {
-            let path = format!("{}/backends/{address}/drain", service.path());
+            let path = format!("{}/drain", service.backend_path(&address));
             change(&client, Method::POST, &path, None, "backend draining").await
         }
         BackendCommand::Weight {
@@ -466,7 +475,7 @@ async fn backend(command: BackendCommand) -> anyhow::Result<()> {
             client,
         } => {
             let body = serde_json::to_value(Weight { weight })?;
-            let path = format!("{}/backends/{address}/weight", service.path());
+            let path = format!("{}/weight", service.backend_path(&address));
             change(&client, Method::PUT, &path, Some(body), "weight set").await
         }
     }

@@ -4,6 +4,7 @@
 
 use std::{
     io::ErrorKind,
+    net::SocketAddr,
     path::{Path, PathBuf},
 };
 
@@ -17,6 +18,7 @@ use serde_json::Value;
 
 use crate::{
     api::{Changed, Flow, Status},
+    config::Protocol,
     stats::{BackendStats, Stats},
 };
 
@@ -114,9 +116,25 @@ impl Client {
     }
 }
 
-/// Path segment of a service: `{proto}/{vip}`.
-pub fn service_path(vip: &std::net::SocketAddrV4, protocol: crate::config::Protocol) -> String {
-    format!("/v1/services/{protocol}/{vip}")
+/// The API path of a service: `/v1/services/{proto}/{vip}`.
+pub fn service_path(vip: &SocketAddr, protocol: Protocol) -> String {
+    format!("/v1/services/{protocol}/{}", endpoint_segment(vip))
+}
+
+/// The API path of a backend of a service: `.../backends/{addr}`.
+pub fn backend_path(vip: &SocketAddr, protocol: Protocol, address: &SocketAddr) -> String {
+    format!(
+        "{}/backends/{}",
+        service_path(vip, protocol),
+        endpoint_segment(address)
+    )
+}
+
+/// An endpoint as one segment of a URL path. An IPv6 endpoint's brackets are
+/// percent-encoded: RFC 3986 allows them only around a URL's host, not in its path. The
+/// API's router decodes them (axum's `Path`); ':' may stay as it is.
+fn endpoint_segment(endpoint: &SocketAddr) -> String {
+    endpoint.to_string().replace('[', "%5B").replace(']', "%5D")
 }
 
 fn table(header: &[&str]) -> Table {

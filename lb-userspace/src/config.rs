@@ -4,7 +4,7 @@
 use std::{
     collections::HashSet,
     fmt,
-    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
 };
 
@@ -227,7 +227,8 @@ pub enum XdpModeConfig {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceConfig {
-    /// What clients connect to: "address:port".
+    /// What clients connect to: "address:port", or "[address]:port" for IPv6. The VIP, the
+    /// backends and `snat` are all of one family.
     pub vip: String,
     /// `tcp` or `udp`.
     pub protocol: Protocol,
@@ -462,7 +463,7 @@ impl Mode {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackendConfig {
-    /// "address:port" of the backend.
+    /// "address:port" of the backend ("[address]:port" for IPv6), of the VIP's family.
     pub address: String,
     /// Relative share of new flows; 0 takes no new flows but keeps its existing ones.
     #[serde(default = "default_weight")]
@@ -507,7 +508,8 @@ impl fmt::Display for Gateway {
     }
 }
 
-/// An IPv4 network: an address whose bits past `prefix` are zero.
+/// An IPv4 network: an address whose bits past `prefix` are zero. (NAT gateways, its only
+/// use, are IPv4 only.)
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Network {
     pub addr: Ipv4Addr,
@@ -519,6 +521,9 @@ impl Network {
     pub fn parse(text: &str) -> Result<Network, String> {
         let bad = || format!("{text:?} is not \"address/prefix\" (for example \"10.30.0.0/24\")");
         let (addr, prefix) = text.split_once('/').ok_or_else(bad)?;
+        if addr.parse::<std::net::Ipv6Addr>().is_ok() {
+            return Err(format!("{text:?} is IPv6: {NO_IPV6_GATEWAYS}"));
+        }
         let addr: Ipv4Addr = addr.parse().map_err(|_| bad())?;
         let prefix: u8 = prefix.parse().map_err(|_| bad())?;
         if prefix > 32 {
@@ -588,7 +593,8 @@ impl fmt::Display for SnatPorts {
 pub struct HostFacts {
     /// The host's own addresses (all interfaces of this network namespace).
     pub addresses: Vec<IpAddr>,
-    /// `net.ipv4.ip_local_port_range`: the ports the host's own connections use.
+    /// `net.ipv4.ip_local_port_range`: the ports the host's own connections use (IPv6 ones
+    /// too: the kernel has one range for both families).
     pub ephemeral_ports: [u16; 2],
 }
 
@@ -607,14 +613,18 @@ impl HostFacts {
             anyhow::bail!("{RANGE}: {text:?} is not two ports");
         };
         Ok(HostFacts {
-            addresses: local_addresses()?,
+            addresses: interface_addresses()?
+                .into_iter()
+                .map(|(_, addr)| addr)
+                .collect(),
             ephemeral_ports: [lo, hi],
         })
     }
 }
 
-/// Every address of this network namespace's interfaces (getifaddrs).
-fn local_addresses() -> anyhow::Result<Vec<IpAddr>> {
+/// Every address of this network namespace's interfaces, with the interface's name, in
+/// getifaddrs' order (per interface, the order the addresses were added in).
+pub fn interface_addresses() -> anyhow::Result<Vec<(String, IpAddr)>> {
     let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills `list` with a linked list it allocates, freed below.
     if unsafe { libc::getifaddrs(&mut list) } != 0 {
@@ -627,18 +637,25 @@ fn local_addresses() -> anyhow::Result<Vec<IpAddr>> {
         // SAFETY: `cur` is a node of the list getifaddrs returned, not freed yet.
         let ifa = unsafe { &*cur };
         if !ifa.ifa_addr.is_null() {
-            // SAFETY: ifa_addr points to a sockaddr whose family says its real type.
+            // SAFETY: ifa_name is a NUL-terminated string; ifa_addr points to a sockaddr whose
+            // family says its real type.
+            let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) };
             let family = unsafe { (*ifa.ifa_addr).sa_family } as i32;
-            if family == libc::AF_INET {
+            let addr = if family == libc::AF_INET {
                 // SAFETY: an AF_INET sockaddr is a sockaddr_in.
                 let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-                out.push(IpAddr::V4(Ipv4Addr::from(u32::from_be(
+                Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(
                     sin.sin_addr.s_addr,
-                ))));
+                ))))
             } else if family == libc::AF_INET6 {
                 // SAFETY: an AF_INET6 sockaddr is a sockaddr_in6.
                 let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
-                out.push(IpAddr::V6(sin6.sin6_addr.s6_addr.into()));
+                Some(IpAddr::V6(sin6.sin6_addr.s6_addr.into()))
+            } else {
+                None
+            };
+            if let Some(addr) = addr {
+                out.push((name.to_string_lossy().into_owned(), addr));
             }
         }
         cur = ifa.ifa_next;
@@ -729,14 +746,12 @@ impl Checked {
     /// `ports` when it sets them (then refused if they overlap, too).
     pub fn fit_to_host(&mut self, host: &HostFacts) -> Result<(), ConfigErrors> {
         let [lo, hi] = host.ephemeral_ports;
-        let owned = |pool: &[Ipv4Addr]| {
-            pool.iter()
-                .any(|a| host.addresses.contains(&IpAddr::V4(*a)))
-        };
+        let own = |a: IpAddr| host.addresses.contains(&a);
+        let owned_gateway = |g: &Gateway| g.to.iter().any(|&a| own(a.into()));
         let mut errors = Vec::new();
         for (i, g) in self.gateways.iter().enumerate() {
             if let Some(ports) = g.ports
-                && owned(&g.to)
+                && owned_gateway(g)
                 && ports.overlaps(lo, hi)
             {
                 errors.push(FieldError {
@@ -756,12 +771,12 @@ impl Checked {
         let own_service = self
             .services
             .iter()
-            .find(|s| owned(&s.snat))
+            .find(|s| s.snat.iter().any(|&a| own(a)))
             .map(|s| format!("service {s}'s snat {}", s.snat_text()));
         let own_gateway = self
             .gateways
             .iter()
-            .find(|g| g.ports.is_none() && owned(&g.to))
+            .find(|g| g.ports.is_none() && owned_gateway(g))
             .map(|g| format!("{g}'s `to`"));
         let Some(first_own) = own_service.or(own_gateway) else {
             return Ok(());
@@ -818,11 +833,12 @@ impl Checked {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Service {
-    pub vip: SocketAddrV4,
+    /// IPv4 or IPv6; the backends and the SNAT pool are of its family.
+    pub vip: SocketAddr,
     pub protocol: Protocol,
     pub mode: Mode,
     /// The SNAT pool: one address or more in `fullnat` mode, none in `dnat`.
-    pub snat: Vec<Ipv4Addr>,
+    pub snat: Vec<IpAddr>,
     pub scheduler: Scheduler,
     /// Route QUIC short-header packets by connection ID (see [`ServiceConfig::quic`]).
     pub quic: bool,
@@ -850,7 +866,7 @@ impl fmt::Display for Service {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Backend {
-    pub address: SocketAddrV4,
+    pub address: SocketAddr,
     pub weight: u32,
     pub drain: bool,
     pub quic_id: Option<u16>,
@@ -1028,13 +1044,21 @@ impl Config {
                 err(at("vip"), format!("{vip}/{} is defined twice", s.protocol));
             }
             // None: a problem was reported.
-            let snat: Option<Vec<Ipv4Addr>> = match (s.mode, &s.snat) {
+            let snat: Option<Vec<IpAddr>> = match (s.mode, &s.snat) {
                 (Mode::Fullnat, None) => {
                     err(at("snat"), "mode fullnat needs a snat address".into());
                     None
                 }
                 (Mode::Fullnat, Some(pool)) => {
-                    let (parsed, good) = parse_pool(pool.as_slice(), at("snat"), &mut err);
+                    let (parsed, mut good) = parse_pool(pool.as_slice(), at("snat"), &mut err);
+                    for &a in &parsed {
+                        if let Some(vip) = vip
+                            && let Some(problem) = family_mismatch(vip, s.protocol, a, a)
+                        {
+                            err(at("snat"), problem);
+                            good = false;
+                        }
+                    }
                     good.then_some(parsed)
                 }
                 (Mode::Dnat, Some(_)) => {
@@ -1058,6 +1082,12 @@ impl Config {
                 };
                 if !seen_backends.insert(address) {
                     err(field, format!("{address} is listed twice in this service"));
+                    continue;
+                }
+                if let Some(vip) = vip
+                    && let Some(problem) = family_mismatch(vip, s.protocol, address.ip(), address)
+                {
+                    err(field, problem);
                     continue;
                 }
                 if let Some(id) = b.quic_id {
@@ -1184,6 +1214,16 @@ impl Config {
                 err(at("source"), format!("{source} has another nat_gateway"));
             }
             let (to, _) = parse_pool(g.to.as_slice(), at("to"), &mut err);
+            let to: Vec<Ipv4Addr> = to
+                .into_iter()
+                .filter_map(|a| match a {
+                    IpAddr::V4(a) => Some(a),
+                    IpAddr::V6(a) => {
+                        err(at("to"), format!("{a} is IPv6: {NO_IPV6_GATEWAYS}"));
+                        None
+                    }
+                })
+                .collect();
             if source.is_some_and(|s| s.prefix == 0) {
                 err(
                     at("source"),
@@ -1213,7 +1253,7 @@ impl Config {
             }
             if let Some(vip) = to
                 .iter()
-                .find(|a| services.iter().any(|s| s.vip.ip() == *a))
+                .find(|&&a| services.iter().any(|s| s.vip.ip() == IpAddr::V4(a)))
             {
                 err(
                     at("to"),
@@ -1288,19 +1328,19 @@ impl Config {
     }
 }
 
-/// A pool of 1 to `MAX_SNAT_ADDRESSES` distinct IPv4 addresses (a service's `snat`, a
-/// gateway's `to`), each problem reported against `field`: the addresses that parse, and
-/// whether the pool is good.
+/// A pool of 1 to `MAX_SNAT_ADDRESSES` distinct addresses (a service's `snat`, a gateway's
+/// `to`), each problem reported against `field`: the addresses that parse, and whether the
+/// pool is good.
 fn parse_pool(
     texts: &[String],
     field: String,
     err: &mut impl FnMut(String, String),
-) -> (Vec<Ipv4Addr>, bool) {
-    let parsed: Vec<Ipv4Addr> = texts
+) -> (Vec<IpAddr>, bool) {
+    let parsed: Vec<IpAddr> = texts
         .iter()
-        .filter_map(|t| parse_ipv4(t).map_err(|p| err(field.clone(), p)).ok())
+        .filter_map(|t| parse_address(t).map_err(|p| err(field.clone(), p)).ok())
         .collect();
-    let unique: HashSet<&Ipv4Addr> = parsed.iter().collect();
+    let unique: HashSet<&IpAddr> = parsed.iter().collect();
     if texts.is_empty() || texts.len() > MAX_SNAT_ADDRESSES {
         err(
             field,
@@ -1339,29 +1379,104 @@ fn port_range(
     }
 }
 
-fn parse_endpoint(text: &str) -> Result<SocketAddrV4, String> {
-    match text.parse::<SocketAddr>() {
-        Ok(SocketAddr::V4(sa)) if sa.port() == 0 => Err(format!("{text:?}: port 0 is not a port")),
-        Ok(SocketAddr::V4(sa)) if sa.ip().is_unspecified() || sa.ip().is_broadcast() => {
-            Err(format!("{text:?}: not a unicast address"))
+/// What a NAT gateway with an IPv6 `source` or `to` is told.
+const NO_IPV6_GATEWAYS: &str = "IPv6 NAT gateways are not supported (source and to must be IPv4)";
+
+/// A VIP's or backend's "address:port", "[address]:port" for IPv6.
+fn parse_endpoint(text: &str) -> Result<SocketAddr, String> {
+    let endpoint = match text.parse::<SocketAddr>() {
+        Ok(endpoint) => endpoint,
+        // "2001:db8::1:80" is an address, not an address and a port.
+        Err(_) if text.parse::<Ipv6Addr>().is_ok() => {
+            return Err(format!(
+                "{text:?} is not \"[address]:port\": an IPv6 address goes in brackets (for \
+                 example \"[2001:db8::1]:80\")"
+            ));
         }
-        Ok(SocketAddr::V4(sa)) => Ok(sa),
-        Ok(SocketAddr::V6(_)) => Err(format!("{text:?}: IPv6 is not supported yet")),
-        Err(_) => Err(format!(
-            "{text:?} is not \"address:port\" (for example \"10.0.0.1:80\")"
-        )),
+        Err(_) => {
+            return Err(format!(
+                "{text:?} is not \"address:port\" (for example \"10.0.0.1:80\" or \
+                 \"[2001:db8::1]:80\")"
+            ));
+        }
+    };
+    if endpoint.port() == 0 {
+        return Err(format!("{text:?}: port 0 is not a port"));
+    }
+    if let SocketAddr::V6(v6) = endpoint
+        && v6.scope_id() != 0
+    {
+        return Err(format!(
+            "{text:?}: the maps keep no scope id (%{}): use a global address",
+            v6.scope_id()
+        ));
+    }
+    usable(text, endpoint.ip())?;
+    Ok(endpoint)
+}
+
+/// A SNAT or gateway address, of either family.
+fn parse_address(text: &str) -> Result<IpAddr, String> {
+    let addr = text
+        .parse::<IpAddr>()
+        .map_err(|_| format!("{text:?} is not an IP address"))?;
+    usable(text, addr)?;
+    Ok(addr)
+}
+
+/// Refuses an address (written `text`) that a service, backend or pool cannot use.
+fn usable(text: &str, addr: IpAddr) -> Result<(), String> {
+    let unicast = match addr {
+        IpAddr::V4(a) => !a.is_unspecified() && !a.is_broadcast(),
+        IpAddr::V6(a) => !a.is_unspecified() && !a.is_multicast(),
+    };
+    if !unicast {
+        return Err(format!("{text:?}: not a unicast address"));
+    }
+    let IpAddr::V6(v6) = addr else {
+        return Ok(());
+    };
+    // Stored IPv4-mapped, it would read back as the IPv4 address: say it that way.
+    if let Some(v4) = v6.to_ipv4_mapped() {
+        return Err(format!(
+            "{text:?} is an IPv4-mapped IPv6 address: write the IPv4 address {v4}"
+        ));
+    }
+    if v6.is_unicast_link_local() {
+        return Err(format!(
+            "{text:?} is link-local: it means something only together with an interface, \
+             which xlb does not keep; use a global address"
+        ));
+    }
+    Ok(())
+}
+
+/// "IPv4" or "IPv6".
+fn family_name(addr: IpAddr) -> &'static str {
+    match addr {
+        IpAddr::V4(_) => "IPv4",
+        IpAddr::V6(_) => "IPv6",
     }
 }
 
-fn parse_ipv4(text: &str) -> Result<Ipv4Addr, String> {
-    match text.parse::<IpAddr>() {
-        Ok(IpAddr::V4(a)) if a.is_unspecified() || a.is_broadcast() => {
-            Err(format!("{text:?}: not a unicast address"))
-        }
-        Ok(IpAddr::V4(a)) => Ok(a),
-        Ok(IpAddr::V6(_)) => Err(format!("{text:?}: IPv6 is not supported yet")),
-        Err(_) => Err(format!("{text:?} is not an IPv4 address")),
-    }
+/// Why `addr` (written `what`: the address, or the endpoint it is in) cannot be part of the
+/// service at `vip`/`protocol`, if it is of the other family: a service's VIP, backends and
+/// SNAT pool are all IPv4 or all IPv6, since the data path rewrites addresses within one
+/// family and does not translate between them.
+fn family_mismatch(
+    vip: SocketAddr,
+    protocol: Protocol,
+    addr: IpAddr,
+    what: impl fmt::Display,
+) -> Option<String> {
+    (vip.is_ipv4() != addr.is_ipv4()).then(|| {
+        format!(
+            "{what} is {} but the VIP of service {vip}/{protocol} is {}: a service's VIP, \
+             backends and snat are all of one family",
+            family_name(addr),
+            family_name(vip.ip()),
+        )
+    })
 }
 
 #[cfg(test)]
@@ -1436,7 +1551,7 @@ address = "10.20.0.12:8080"
         let p = problems(&text);
         let expect = [
             "service[0].vip: \"10.10.0.100\" is not \"address:port\"",
-            "service[0].snat: \"ten\" is not an IPv4 address",
+            "service[0].snat: \"ten\" is not an IP address",
             "service[0].backend[1].address: 10.20.0.11:8080 is listed twice",
             "dataplane.maglev_table_size: must be a prime",
         ];
@@ -1479,11 +1594,6 @@ address = "10.20.0.12:8080"
         let p = problems(&GOOD.replace("entries = 1048576", "entries = 0"));
         assert!(
             p.iter().any(|p| p.starts_with("conntrack.entries")),
-            "{p:?}"
-        );
-        let p = problems(&GOOD.replace("10.20.0.11:8080", "[::1]:8080"));
-        assert!(
-            p.iter().any(|p| p.contains("IPv6 is not supported yet")),
             "{p:?}"
         );
         let p = problems(
@@ -1554,7 +1664,7 @@ address = "10.20.0.12:8080"
             ),
             (
                 GOOD.replace(fullnat, "snat = [\"10.20.0.1\", \"x\"]"),
-                "service[0].snat: \"x\" is not an IPv4 address",
+                "service[0].snat: \"x\" is not an IP address",
             ),
         ] {
             let p = problems(&text);
@@ -1564,6 +1674,226 @@ address = "10.20.0.12:8080"
             );
         }
         assert!(Config::parse(&GOOD.replace("\"fullnat\"", "\"halfnat\"")).is_err());
+    }
+
+    const GOOD_V6: &str = r#"
+[dataplane]
+interfaces = ["xlb-lb0"]
+
+[[service]]
+vip = "[2001:db8::100]:80"
+protocol = "tcp"
+snat = "2001:db8:20::1"
+
+[[service.backend]]
+address = "[2001:db8:20::11]:8080"
+weight = 2
+
+[[service.backend]]
+address = "[2001:db8:20::12]:8080"
+"#;
+
+    #[test]
+    fn ipv6_services_are_parsed_and_round_trip() {
+        let c = Config::parse(GOOD_V6).unwrap().validate().unwrap();
+        let s = &c.services[0];
+        let v6 = |segments: [u16; 8]| IpAddr::V6(Ipv6Addr::from(segments));
+        assert_eq!(
+            s.vip,
+            SocketAddr::new(v6([0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x100]), 80)
+        );
+        assert_eq!(s.snat, [v6([0x2001, 0xdb8, 0x20, 0, 0, 0, 0, 1])]);
+        let backends: Vec<(SocketAddr, u32)> =
+            s.backends.iter().map(|b| (b.address, b.weight)).collect();
+        assert_eq!(
+            backends,
+            [
+                (
+                    SocketAddr::new(v6([0x2001, 0xdb8, 0x20, 0, 0, 0, 0, 0x11]), 8080),
+                    2
+                ),
+                (
+                    SocketAddr::new(v6([0x2001, 0xdb8, 0x20, 0, 0, 0, 0, 0x12]), 8080),
+                    1
+                ),
+            ]
+        );
+        assert_eq!(s.to_string(), "[2001:db8::100]:80/tcp");
+        // Its file form writes the brackets back, and reads back the same.
+        let file = c.to_config();
+        assert_eq!(file.services[0].vip, "[2001:db8::100]:80");
+        assert_eq!(
+            file.services[0].backends[0].address,
+            "[2001:db8:20::11]:8080"
+        );
+        assert_eq!(file.validate().unwrap().services, c.services);
+
+        // A pool; dnat; an IPv4 service beside them; the same VIP with another protocol.
+        let text = format!(
+            "{}{}",
+            GOOD_V6.replace(
+                "snat = \"2001:db8:20::1\"",
+                "snat = [\"2001:db8:20::1\", \"2001:db8:20::2\"]"
+            ),
+            r#"
+[[service]]
+vip = "[2001:db8::100]:80"
+protocol = "udp"
+mode = "dnat"
+[[service.backend]]
+address = "[2001:db8:20::11]:8080"
+
+[[service]]
+vip = "10.10.0.100:80"
+protocol = "tcp"
+snat = "10.20.0.1"
+[[service.backend]]
+address = "10.20.0.11:8080"
+"#
+        );
+        let c = Config::parse(&text).unwrap().validate().unwrap();
+        assert_eq!(c.services[0].snat_text(), "2001:db8:20::1,2001:db8:20::2");
+        assert_eq!(
+            (c.services[1].mode, c.services[1].snat.len()),
+            (Mode::Dnat, 0)
+        );
+        assert_eq!(c.services[2].vip, "10.10.0.100:80".parse().unwrap());
+        assert_eq!(c.to_config().validate().unwrap().services, c.services);
+    }
+
+    #[test]
+    fn a_services_vip_backends_and_snat_are_of_one_family() {
+        let v4_backend = format!("{GOOD_V6}[[service.backend]]\naddress = \"10.0.0.2:80\"\n");
+        for (text, problem) in [
+            (
+                v4_backend,
+                "service[0].backend[2].address: 10.0.0.2:80 is IPv4 but the VIP of service \
+                 [2001:db8::100]:80/tcp is IPv6",
+            ),
+            (
+                GOOD_V6.replace("snat = \"2001:db8:20::1\"", "snat = \"10.20.0.1\""),
+                "service[0].snat: 10.20.0.1 is IPv4 but the VIP of service [2001:db8::100]:80/tcp \
+                 is IPv6",
+            ),
+            (
+                GOOD.replace("10.20.0.12:8080", "[2001:db8:20::12]:8080"),
+                "service[0].backend[1].address: [2001:db8:20::12]:8080 is IPv6 but the VIP of \
+                 service 10.10.0.100:80/tcp is IPv4",
+            ),
+            (
+                GOOD.replace(
+                    "snat = \"10.20.0.1\"",
+                    "snat = [\"10.20.0.1\", \"2001:db8:20::1\"]",
+                ),
+                "service[0].snat: 2001:db8:20::1 is IPv6 but the VIP of service \
+                 10.10.0.100:80/tcp is IPv4",
+            ),
+        ] {
+            let p = problems(&text);
+            assert!(
+                p.iter().any(|p| p.starts_with(problem)),
+                "{problem:?} not in {p:#?}"
+            );
+        }
+    }
+
+    #[test]
+    fn ipv6_addresses_a_service_cannot_use_are_refused() {
+        let vip = "[2001:db8::100]:80";
+        for (from, to, problem) in [
+            (
+                vip,
+                "2001:db8::100:80",
+                "service[0].vip: \"2001:db8::100:80\" is not \"[address]:port\": an IPv6 \
+                 address goes in brackets",
+            ),
+            (
+                vip,
+                "[::]:80",
+                "service[0].vip: \"[::]:80\": not a unicast address",
+            ),
+            (
+                vip,
+                "[ff02::1]:80",
+                "service[0].vip: \"[ff02::1]:80\": not a unicast address",
+            ),
+            (
+                vip,
+                "[fe80::1]:80",
+                "service[0].vip: \"[fe80::1]:80\" is link-local",
+            ),
+            (
+                vip,
+                "[2001:db8::100%3]:80",
+                "service[0].vip: \"[2001:db8::100%3]:80\": the maps keep no scope id",
+            ),
+            (
+                vip,
+                "[::ffff:10.10.0.100]:80",
+                "service[0].vip: \"[::ffff:10.10.0.100]:80\" is an IPv4-mapped IPv6 address: \
+                 write the IPv4 address 10.10.0.100",
+            ),
+            (
+                "[2001:db8:20::11]:8080",
+                "[2001:db8:20::11]:0",
+                "service[0].backend[0].address: \"[2001:db8:20::11]:0\": port 0",
+            ),
+            (
+                "\"2001:db8:20::1\"",
+                "\"fe80::1\"",
+                "service[0].snat: \"fe80::1\" is link-local",
+            ),
+            (
+                "\"2001:db8:20::1\"",
+                "[\"2001:db8:20::1\", \"2001:db8:20::1\"]",
+                "service[0].snat: an address is listed twice",
+            ),
+        ] {
+            let p = problems(&GOOD_V6.replace(from, to));
+            assert!(
+                p.iter().any(|p| p.starts_with(problem)),
+                "{problem:?} not in {p:#?}"
+            );
+        }
+        let p = problems(&format!(
+            "{GOOD_V6}{}",
+            &GOOD_V6[GOOD_V6.find("[[service]]").unwrap()..]
+        ));
+        assert!(
+            p.iter()
+                .any(|p| p.starts_with("service[1].vip: [2001:db8::100]:80/tcp is defined twice")),
+            "{p:#?}"
+        );
+    }
+
+    /// The kernel's one ephemeral port range covers IPv6 sockets too: an IPv6 SNAT address
+    /// of the host's own keeps clear of it as an IPv4 one does.
+    #[test]
+    fn an_ipv6_snat_address_of_the_hosts_keeps_clear_of_its_ephemeral_ports() {
+        let checked = || Config::parse(GOOD_V6).unwrap().validate().unwrap();
+        let mut c = checked();
+        c.fit_to_host(&host("2001:db8:20::99", 32768, 60999))
+            .unwrap();
+        assert_eq!(c.snat_ports, SnatPorts::DEFAULT);
+        let mut c = checked();
+        c.fit_to_host(&host("2001:db8:20::1", 32768, 60999))
+            .unwrap();
+        assert_eq!((c.snat_ports.first, c.snat_ports.last), (1024, 32767));
+        let explicit = GOOD_V6.replace(
+            "[dataplane]",
+            "[dataplane]\nsnat_port_range = [30000, 40000]",
+        );
+        let e = Config::parse(&explicit)
+            .unwrap()
+            .validate()
+            .unwrap()
+            .fit_to_host(&host("2001:db8:20::1", 32768, 60999))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("dataplane.snat_port_range: [30000, 40000] overlaps"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1711,9 +2041,15 @@ ports = [20000, 29999]
             ),
             (
                 "\"198.51.100.11\"",
-                "\"::1\"",
+                "\"2001:db8:51::11\"",
                 "to",
-                "IPv6 is not supported yet",
+                "2001:db8:51::11 is IPv6: IPv6 NAT gateways are not supported",
+            ),
+            (
+                "10.30.0.0/24",
+                "fd00:30::/64",
+                "source",
+                "\"fd00:30::/64\" is IPv6: IPv6 NAT gateways are not supported",
             ),
             (
                 "[20000, 29999]",

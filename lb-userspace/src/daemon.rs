@@ -5,7 +5,7 @@
 
 use std::{
     collections::HashSet,
-    net::Ipv4Addr,
+    net::IpAddr,
     path::PathBuf,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -319,13 +319,13 @@ fn forward_ebpf_logs(ebpf: &mut aya::Ebpf) -> anyhow::Result<()> {
 #[derive(Default)]
 struct Neighbours {
     sets: Vec<ManagedNeighbours>,
-    covered: HashSet<Ipv4Addr>,
+    covered: HashSet<IpAddr>,
     unsupported: bool,
 }
 
 impl Neighbours {
-    async fn cover(&mut self, addresses: Vec<Ipv4Addr>) {
-        let new: Vec<Ipv4Addr> = addresses
+    async fn cover(&mut self, addresses: Vec<IpAddr>) {
+        let new: Vec<IpAddr> = addresses
             .into_iter()
             .filter(|a| !self.covered.contains(a))
             .collect();

@@ -69,7 +69,7 @@ pub async fn run(cfg: Option<&Checked>, socket: &Path) -> Vec<Check> {
 
     if let Some(cfg) = cfg {
         for interface in &cfg.dataplane.interfaces {
-            checks.push(interface_check(interface));
+            checks.push(interface_check(interface, loader::forwarded_families(cfg)));
         }
         match veth::check(&cfg.dataplane.interfaces).await {
             Ok(problems) if problems.is_empty() => {
@@ -126,7 +126,7 @@ fn bpffs(pin_path: &Path) -> Check {
     }
 }
 
-fn interface_check(interface: &str) -> Check {
+fn interface_check(interface: &str, families: &[&str]) -> Check {
     if let Err(e) = loader::ifindex(interface) {
         return check(
             Verdict::Fail,
@@ -134,16 +134,14 @@ fn interface_check(interface: &str) -> Check {
             format!("{e:#}"),
         );
     }
-    let forwarding =
-        std::fs::read_to_string(format!("/proc/sys/net/ipv4/conf/{interface}/forwarding"))
-            .map(|v| v.trim() == "1")
-            .unwrap_or(false);
-    if !forwarding {
-        return check(
-            Verdict::Fail,
-            format!("interface {interface}"),
-            format!("IPv4 forwarding is off: sysctl -w net.ipv4.conf.{interface}.forwarding=1"),
-        );
+    for family in families {
+        if let Err(e) = loader::check_forwarding(interface, family) {
+            return check(
+                Verdict::Fail,
+                format!("interface {interface}"),
+                format!("{e:#}"),
+            );
+        }
     }
     let driver = ethtool::driver(interface)
         .ok()
@@ -175,7 +173,10 @@ fn interface_check(interface: &str) -> Check {
         check(
             Verdict::Ok,
             format!("interface {interface}"),
-            format!("driver {driver}: native XDP; IPv4 forwarding on"),
+            format!(
+                "driver {driver}: native XDP; forwarding on ({})",
+                families.join(", ")
+            ),
         )
     } else {
         check(

@@ -8,7 +8,7 @@
 
 use std::{
     collections::HashMap,
-    net::SocketAddrV4,
+    net::SocketAddr,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -28,7 +28,7 @@ use crate::{
 /// The running checkers, kept in step with the registry by [`Checks::follow`].
 pub struct Checks {
     shared: Arc<Shared>,
-    running: HashMap<(ServiceName, SocketAddrV4), (HealthConfig, JoinHandle<()>)>,
+    running: HashMap<(ServiceName, SocketAddr), (HealthConfig, JoinHandle<()>)>,
 }
 
 impl Checks {
@@ -99,12 +99,7 @@ impl Drop for Checks {
     }
 }
 
-async fn check_loop(
-    shared: Arc<Shared>,
-    name: ServiceName,
-    address: SocketAddrV4,
-    h: HealthConfig,
-) {
+async fn check_loop(shared: Arc<Shared>, name: ServiceName, address: SocketAddr, h: HealthConfig) {
     let interval = Duration::from_millis(h.interval_ms as u64);
     let timeout = Duration::from_millis(h.timeout_ms as u64);
     let mut ticker = tokio::time::interval(interval);
@@ -162,7 +157,7 @@ async fn check_loop(
 }
 
 /// Records the backend's smoothed response time in the registry, off the async threads.
-async fn set_latency(shared: &Arc<Shared>, name: ServiceName, address: SocketAddrV4, us: u32) {
+async fn set_latency(shared: &Arc<Shared>, name: ServiceName, address: SocketAddr, us: u32) {
     let shared = shared.clone();
     let done = tokio::task::spawn_blocking(move || {
         let mut registry = shared.registry.lock().unwrap_or_else(|e| e.into_inner());
@@ -175,7 +170,7 @@ async fn set_latency(shared: &Arc<Shared>, name: ServiceName, address: SocketAdd
 }
 
 /// Whether the registry has the backend down, if the registry is free to say.
-fn registry_down(shared: &Shared, name: &ServiceName, address: SocketAddrV4) -> Option<bool> {
+fn registry_down(shared: &Shared, name: &ServiceName, address: SocketAddr) -> Option<bool> {
     let registry = match shared.registry.try_lock() {
         Ok(registry) => registry,
         Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
@@ -189,7 +184,7 @@ fn registry_down(shared: &Shared, name: &ServiceName, address: SocketAddrV4) -> 
 
 /// Marks the backend down or up in the registry (a table rebuild), off the async threads;
 /// returns once done, so one checker's verdicts land in order.
-async fn set_down(shared: &Arc<Shared>, name: ServiceName, address: SocketAddrV4, down: bool) {
+async fn set_down(shared: &Arc<Shared>, name: ServiceName, address: SocketAddr, down: bool) {
     let shared = shared.clone();
     let done = tokio::task::spawn_blocking(move || {
         let mut registry = shared.registry.lock().unwrap_or_else(|e| e.into_inner());
@@ -204,18 +199,14 @@ async fn set_down(shared: &Arc<Shared>, name: ServiceName, address: SocketAddrV4
 }
 
 /// One check; `Err` says why it failed.
-async fn probe(h: &HealthConfig, address: SocketAddrV4) -> Result<(), String> {
+async fn probe(h: &HealthConfig, address: SocketAddr) -> Result<(), String> {
     let mut stream = TcpStream::connect(address)
         .await
         .map_err(|e| format!("connect: {e}"))?;
     match h.kind {
         HealthKind::Tcp | HealthKind::None => Ok(()),
         HealthKind::Http => {
-            let request = format!(
-                "GET {} HTTP/1.0\r\nHost: {address}\r\nUser-Agent: xlb-health\r\nConnection: \
-                 close\r\n\r\n",
-                h.path
-            );
+            let request = http_request(&h.path, address);
             stream
                 .write_all(request.as_bytes())
                 .await
@@ -237,6 +228,16 @@ async fn probe(h: &HealthConfig, address: SocketAddrV4) -> Result<(), String> {
     }
 }
 
+/// The check's request to the backend at `address`. The Host header is the address and port
+/// as a URL has them (RFC 9110, 7.2): an IPv6 address in brackets, which `SocketAddr`'s
+/// Display gives.
+fn http_request(path: &str, address: SocketAddr) -> String {
+    format!(
+        "GET {path} HTTP/1.0\r\nHost: {address}\r\nUser-Agent: xlb-health\r\nConnection: \
+         close\r\n\r\n"
+    )
+}
+
 /// Whether an HTTP answer's status line says 2xx or 3xx.
 fn http_status_ok(head: &[u8]) -> Result<(), String> {
     let text = String::from_utf8_lossy(head);
@@ -255,6 +256,20 @@ fn http_status_ok(head: &[u8]) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_host_header_brackets_an_ipv6_address() {
+        let v6 = http_request("/healthz", "[2001:db8:20::2]:8080".parse().unwrap());
+        assert!(
+            v6.starts_with("GET /healthz HTTP/1.0\r\nHost: [2001:db8:20::2]:8080\r\n"),
+            "{v6:?}"
+        );
+        let v4 = http_request("/", "10.20.0.2:80".parse().unwrap());
+        assert!(
+            v4.starts_with("GET / HTTP/1.0\r\nHost: 10.20.0.2:80\r\n"),
+            "{v4:?}"
+        );
+    }
 
     #[test]
     fn http_status_lines() {

@@ -245,13 +245,26 @@ pub fn check_kernel() -> anyhow::Result<()> {
 }
 
 /// Checks, before anything is loaded, that every configured interface exists and forwards
-/// IPv4, so a typo fails in milliseconds with the interface's name.
+/// IPv4, and IPv6 too when a service is IPv6, so a typo fails in milliseconds with the
+/// interface's name.
 pub fn check_interfaces(cfg: &Checked) -> anyhow::Result<()> {
     for interface in &cfg.dataplane.interfaces {
         ifindex(interface)?;
-        check_forwarding(interface)?;
+        for family in forwarded_families(cfg) {
+            check_forwarding(interface, family)?;
+        }
     }
     Ok(())
+}
+
+/// The families whose forwarding the config needs, as their sysctls name them: "ipv4"
+/// always (NAT gateways, the handoff), "ipv6" too when a service is IPv6.
+pub fn forwarded_families(cfg: &Checked) -> &'static [&'static str] {
+    if cfg.services.iter().any(|s| s.vip.is_ipv6()) {
+        &["ipv4", "ipv6"]
+    } else {
+        &["ipv4"]
+    }
 }
 
 /// Attaches the tc program that sends what the XDP program hands over, at the interface's
@@ -361,17 +374,43 @@ pub fn ifindex(interface: &str) -> anyhow::Result<u32> {
     Ok(index)
 }
 
-/// bpf_fib_lookup refuses to route packets that arrive on an interface with IPv4 forwarding
-/// off (BPF_FIB_LKUP_RET_FWD_DISABLED), and so would the kernel: say so up front.
-fn check_forwarding(interface: &str) -> anyhow::Result<()> {
-    let path = format!("/proc/sys/net/ipv4/conf/{interface}/forwarding");
+/// bpf_fib_lookup refuses to route packets that arrive on an interface with forwarding off
+/// for their family (BPF_FIB_LKUP_RET_FWD_DISABLED), and so would the kernel: say so up
+/// front. `family` is the sysctl's: "ipv4" or "ipv6".
+pub fn check_forwarding(interface: &str, family: &str) -> anyhow::Result<()> {
+    let path = format!("/proc/sys/net/{family}/conf/{interface}/forwarding");
     let value = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
     if value.trim() != "1" {
+        let (name, all) = match family {
+            "ipv6" => ("IPv6", "net.ipv6.conf.all.forwarding=1"),
+            _ => ("IPv4", "net.ipv4.ip_forward=1"),
+        };
         bail!(
-            "IPv4 forwarding is off on {interface}; xlb forwards packets between its \
-             interfaces. Enable it with: sysctl -w net.ipv4.conf.{interface}.forwarding=1 \
-             (or net.ipv4.ip_forward=1)"
+            "{name} forwarding is off on {interface}; xlb forwards packets between its \
+             interfaces. Enable it with: sysctl -w net.{family}.conf.{interface}.forwarding=1 \
+             (or {all})"
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    #[test]
+    fn an_ipv6_service_needs_ipv6_forwarding() {
+        let config = |service: &str| {
+            Config::parse(&format!("[dataplane]\ninterfaces = [\"xlb0\"]\n{service}"))
+                .unwrap()
+                .validate()
+                .unwrap()
+        };
+        assert_eq!(forwarded_families(&config("")), ["ipv4"]);
+        let v4 = "[[service]]\nvip = \"10.10.0.100:80\"\nprotocol = \"tcp\"\nmode = \"dnat\"\n";
+        assert_eq!(forwarded_families(&config(v4)), ["ipv4"]);
+        let v6 = v4.replace("10.10.0.100:80", "[2001:db8::100]:80");
+        assert_eq!(forwarded_families(&config(&v6)), ["ipv4", "ipv6"]);
+    }
 }

@@ -3,7 +3,7 @@
 //! ([`Shared::stats`]), so the metrics and `xlb stats` never disagree.
 //!
 //! Names: `xlb_` prefix, `_total` on counters; labels `service` ("vip/protocol"), `backend`
-//! ("address:port"), `reason`, `state`.
+//! ("address:port", "[address]:port" for IPv6), `reason`, `state`.
 
 use std::{net::SocketAddr, sync::Arc};
 

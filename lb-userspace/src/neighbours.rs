@@ -12,13 +12,15 @@
 //!
 //! Everything here goes through rtnetlink in the network namespace of the calling thread, on
 //! the current tokio runtime (each call opens its own socket and drives it with a task).
-//! IPv4 backends only for now, but next hops are [`IpAddr`]s throughout (an IPv4 route may
-//! have an IPv6 gateway, `via inet6`), so widening to IPv6 backends touches only the
-//! signature of [`ManagedNeighbours::install`].
+//! Backends of either family: the route lookup asks in the backend's family (`AF_INET6` and
+//! a /128 for an IPv6 one, see `route_query`), and the neighbour messages carry the next
+//! hop's own family, which need not be the backend's (an IPv4 route may have an IPv6
+//! gateway, `via inet6`; an IPv6 route's gateway is usually link-local). An IPv6 next hop's
+//! managed entry is an NDP one, which the kernel resolves and re-probes the same way.
 
 use std::collections::HashMap;
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::time::Duration;
 
 use anyhow::{Context as _, anyhow, bail};
@@ -210,12 +212,11 @@ impl ManagedNeighbours {
     /// in [`ManagedNeighbours::unroutable`], not as an error. Errors are failures to talk to
     /// the kernel or to install an entry; entries created before such an error are deleted
     /// again. Fails on kernels older than 5.16, which do not know managed entries.
-    pub async fn install(addrs: &[Ipv4Addr]) -> anyhow::Result<ManagedNeighbours> {
+    pub async fn install(addrs: &[IpAddr]) -> anyhow::Result<ManagedNeighbours> {
         let netlink = Netlink::open()?;
         let mut routed = Vec::new();
         let mut unroutable = Vec::new();
         for &addr in addrs {
-            let addr = IpAddr::V4(addr);
             match netlink.route_to(addr).await? {
                 Ok(key) => routed.push((addr, key)),
                 Err(reason) => {
@@ -477,6 +478,22 @@ fn next_hop_of(dst: IpAddr, route: &RouteMessage) -> Result<NextHopKey, String> 
     }
 }
 
+/// `ip route get DST`: an `RTM_GETROUTE` in `dst`'s family for the host route to it. With a
+/// destination, rtnetlink sends it without `NLM_F_DUMP`, so the kernel answers with the one
+/// route it would use.
+fn route_query(dst: IpAddr) -> RouteMessage {
+    let mut query = RouteMessage::default();
+    query.header.address_family = family_of(dst);
+    query.header.destination_prefix_length = match dst {
+        IpAddr::V4(_) => 32,
+        IpAddr::V6(_) => 128,
+    };
+    query
+        .attributes
+        .push(RouteAttribute::Destination(RouteAddress::from(dst)));
+    query
+}
+
 /// What to do about a next hop, given its entry in the neighbour table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Plan {
@@ -560,16 +577,13 @@ impl Netlink {
     /// The next hop toward `dst`; the inner `Err` says why there is none (the kernel found no
     /// usable route), the outer one is a failure to ask.
     async fn route_to(&self, dst: IpAddr) -> anyhow::Result<Result<NextHopKey, String>> {
-        let mut query = RouteMessage::default();
-        query.header.address_family = family_of(dst);
-        query.header.destination_prefix_length = match dst {
-            IpAddr::V4(_) => 32,
-            IpAddr::V6(_) => 128,
-        };
-        query
-            .attributes
-            .push(RouteAttribute::Destination(RouteAddress::from(dst)));
-        let answer = self.handle.route().get(query).execute().try_next().await;
+        let answer = self
+            .handle
+            .route()
+            .get(route_query(dst))
+            .execute()
+            .try_next()
+            .await;
         Ok(match answer {
             Ok(Some(route)) => next_hop_of(dst, &route),
             Ok(None) => Err("the kernel answered the route lookup with nothing".to_string()),
@@ -768,6 +782,72 @@ mod tests {
                 address: IpAddr::V6(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1)),
                 ifindex: 5,
             })
+        );
+    }
+
+    #[test]
+    fn an_ipv6_backend_is_routed_in_its_own_family() {
+        let backend: IpAddr = "2001:db8:20::2".parse().unwrap();
+        let query = route_query(backend);
+        assert_eq!(query.header.address_family, AddressFamily::Inet6);
+        assert_eq!(query.header.destination_prefix_length, 128);
+        assert_eq!(
+            query.attributes,
+            vec![RouteAttribute::Destination(RouteAddress::Inet6(
+                "2001:db8:20::2".parse().unwrap()
+            ))]
+        );
+        let v4 = route_query(v4("10.1.0.5"));
+        assert_eq!(
+            (
+                v4.header.address_family,
+                v4.header.destination_prefix_length
+            ),
+            (AddressFamily::Inet, 32)
+        );
+
+        // Behind a router, whose address is link-local: the next hop is the router there.
+        let router: IpAddr = "fe80::1".parse().unwrap();
+        let mut via = route(
+            RouteType::Unicast,
+            vec![
+                RouteAttribute::Gateway(RouteAddress::Inet6("fe80::1".parse().unwrap())),
+                RouteAttribute::Oif(3),
+            ],
+        );
+        via.header.address_family = AddressFamily::Inet6;
+        assert_eq!(
+            next_hop_of(backend, &via),
+            Ok(NextHopKey {
+                address: router,
+                ifindex: 3
+            })
+        );
+        // On the link: the backend itself.
+        let direct = route(RouteType::Unicast, vec![RouteAttribute::Oif(4)]);
+        assert_eq!(
+            next_hop_of(backend, &direct),
+            Ok(NextHopKey {
+                address: backend,
+                ifindex: 4
+            })
+        );
+        let mut hop = NeighbourMessage::default();
+        hop.header.family = AddressFamily::Inet6;
+        hop.header.ifindex = 3;
+        hop.header.state = NeighbourState::Stale;
+        hop.attributes = vec![NeighbourAttribute::Destination(NeighbourAddress::Inet6(
+            "fe80::1".parse().unwrap(),
+        ))];
+        assert_eq!(
+            parse_neighbour(&hop),
+            Some((
+                NextHopKey {
+                    address: router,
+                    ifindex: 3
+                },
+                neighbour(0x04, false, false)
+            ))
         );
     }
 

@@ -16,7 +16,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     time::Instant,
 };
 
@@ -42,7 +42,7 @@ use crate::{
 /// What names a service: its VIP and protocol.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct ServiceName {
-    pub vip: SocketAddrV4,
+    pub vip: SocketAddr,
     pub protocol: Protocol,
 }
 
@@ -62,7 +62,7 @@ impl ServiceName {
 
     fn key(&self) -> ServiceKey {
         ServiceKey {
-            vip: Endpoint::from_socket_v4(self.vip),
+            vip: Endpoint::from_socket(self.vip),
             proto: self.protocol.number(),
             _pad: 0,
         }
@@ -270,7 +270,14 @@ impl Registry {
                     id: entry.id,
                     config: Gateway {
                         source,
-                        to: pool_of(&entry),
+                        // Only IPv4 gateways are written.
+                        to: pool_of(&entry)
+                            .into_iter()
+                            .filter_map(|a| match a {
+                                IpAddr::V4(a) => Some(a),
+                                IpAddr::V6(_) => None,
+                            })
+                            .collect(),
                         // As the entry has it: a config that says otherwise rewrites it.
                         ports: Some(SnatPorts {
                             first: entry.port_first as u16,
@@ -287,7 +294,7 @@ impl Registry {
                 continue;
             };
             let name = ServiceName {
-                vip: key.vip.to_socket_v4(),
+                vip: key.vip.to_socket(),
                 protocol,
             };
             let table = self.tables.table(&entry)?;
@@ -316,7 +323,7 @@ impl Registry {
             );
         }
         // Per service: (id, address, in the table in use, response time).
-        let mut found: BTreeMap<u32, Vec<(u32, SocketAddrV4, bool, u32)>> = BTreeMap::new();
+        let mut found: BTreeMap<u32, Vec<(u32, SocketAddr, bool, u32)>> = BTreeMap::new();
         for (id, entry) in self.tables.backends()? {
             if !self.services.values().any(|s| s.id == entry.service_id) {
                 // A backend of a service removed before: flows may still point at both.
@@ -331,7 +338,7 @@ impl Registry {
                 .is_some_and(|t| t.contains(&id));
             found.entry(entry.service_id).or_default().push((
                 id,
-                entry.endpoint.to_socket_v4(),
+                entry.endpoint.to_socket(),
                 listed,
                 entry.latency_us,
             ));
@@ -388,10 +395,10 @@ impl Registry {
         &self.tables
     }
 
-    /// Every backend's address.
-    pub fn backend_addresses(&self) -> Vec<Ipv4Addr> {
+    /// Every backend's address, of either family.
+    pub fn backend_addresses(&self) -> Vec<IpAddr> {
         self.services()
-            .flat_map(|s| s.backends.iter().map(|b| *b.config.address.ip()))
+            .flat_map(|s| s.backends.iter().map(|b| b.config.address.ip()))
             .collect()
     }
 
@@ -454,7 +461,7 @@ impl Registry {
     pub fn set_down(
         &mut self,
         name: &ServiceName,
-        address: SocketAddrV4,
+        address: SocketAddr,
         down: bool,
     ) -> anyhow::Result<bool> {
         let Some(service) = self.services.get_mut(name) else {
@@ -489,7 +496,7 @@ impl Registry {
     pub fn set_latency(
         &mut self,
         name: &ServiceName,
-        address: SocketAddrV4,
+        address: SocketAddr,
         latency_us: u32,
     ) -> anyhow::Result<()> {
         let Some(service) = self.services.get_mut(name) else {
@@ -677,7 +684,7 @@ impl Registry {
                 }
             }
         };
-        let before: Vec<(SocketAddrV4, u32)> = table_inputs(&live);
+        let before: Vec<(SocketAddr, u32)> = table_inputs(&live);
         let entry_changed = live.config.snat != service.snat
             || live.config.mode != service.mode
             || live.config.scheduler != service.scheduler
@@ -766,7 +773,7 @@ impl Registry {
         let mut vips: BTreeMap<[u8; 16], u32> = BTreeMap::new();
         for live in self.services.values() {
             *vips
-                .entry(Endpoint::from_socket_v4(live.name.vip).addr)
+                .entry(Endpoint::addr_of(live.name.vip.ip()))
                 .or_default() += 1;
         }
         self.tables.set_vips(&vips)
@@ -777,6 +784,7 @@ impl Registry {
         let mut inputs: Vec<(String, u32, u32)> = live
             .backends
             .iter()
+            // "address:port", "[address]:port" for IPv6: a name is the backend's everywhere.
             .map(|b| (b.config.address.to_string(), b.table_weight(), b.id))
             .collect();
         // The table depends on the set, not on the order it was listed or added in: a
@@ -917,7 +925,8 @@ impl Registry {
                     (id, true)
                 }
             };
-            let entry = entry_of(id, MODE_GATEWAY, &g.to, cfg.gateway_ports(g));
+            let pool: Vec<IpAddr> = g.to.iter().map(|&a| a.into()).collect();
+            let entry = entry_of(id, MODE_GATEWAY, &pool, cfg.gateway_ports(g));
             let (addr, prefix_len) = trie_key(g.source);
             if let Err(e) = self.tables.set_gateway(addr, prefix_len, entry) {
                 if added {
@@ -947,10 +956,10 @@ impl Registry {
 
 /// A `SERVICES` or `GATEWAYS` entry's common part: id, mode, SNAT pool and port range (the
 /// scheduler's fields zero).
-fn entry_of(id: u32, mode: u32, pool: &[Ipv4Addr], ports: SnatPorts) -> ServiceEntry {
+fn entry_of(id: u32, mode: u32, pool: &[IpAddr], ports: SnatPorts) -> ServiceEntry {
     let mut snat = [Endpoint::default(); MAX_SNAT_ADDRESSES];
-    for (slot, a) in snat.iter_mut().zip(pool) {
-        *slot = Endpoint::v4(a.octets(), [0; 2]);
+    for (slot, &a) in snat.iter_mut().zip(pool) {
+        *slot = Endpoint::from_socket(SocketAddr::new(a, 0));
     }
     ServiceEntry {
         snat,
@@ -964,19 +973,19 @@ fn entry_of(id: u32, mode: u32, pool: &[Ipv4Addr], ports: SnatPorts) -> ServiceE
 }
 
 /// The SNAT pool an entry holds.
-fn pool_of(entry: &ServiceEntry) -> Vec<Ipv4Addr> {
+fn pool_of(entry: &ServiceEntry) -> Vec<IpAddr> {
     entry
         .snat
         .iter()
         .take(entry.snat_count as usize)
-        .map(|e| *e.to_socket_v4().ip())
+        .map(Endpoint::ip)
         .collect()
 }
 
 /// `GATEWAYS`' key of a network: its address IPv4-mapped, and the prefix length of that.
 fn trie_key(network: Network) -> ([u8; 16], u32) {
     (
-        Endpoint::v4(network.addr.octets(), [0; 2]).addr,
+        Endpoint::addr_of(IpAddr::V4(network.addr)),
         96 + network.prefix as u32,
     )
 }
@@ -984,17 +993,16 @@ fn trie_key(network: Network) -> ([u8; 16], u32) {
 /// The network of a `GATEWAYS` key, if it is an IPv4 one.
 fn network_of(addr: [u8; 16], prefix_len: u32) -> Option<Network> {
     let prefix = prefix_len.checked_sub(96).filter(|p| *p <= 32)? as u8;
-    let endpoint = Endpoint { addr, port: [0; 2] };
-    Some(Network {
-        addr: *endpoint.to_socket_v4().ip(),
-        prefix,
-    })
+    match (Endpoint { addr, port: [0; 2] }).ip() {
+        IpAddr::V4(addr) => Some(Network { addr, prefix }),
+        IpAddr::V6(_) => None,
+    }
 }
 
 /// What the data path knows of a backend of service `service_id`.
 fn backend_entry(service_id: u32, b: &LiveBackend) -> BackendEntry {
     BackendEntry {
-        endpoint: Endpoint::from_socket_v4(b.config.address),
+        endpoint: Endpoint::from_socket(b.config.address),
         _pad: [0; 2],
         service_id,
         weight: b.config.weight,
@@ -1010,8 +1018,8 @@ struct Taken {
 }
 
 /// What decides a service's table: each backend's address and weight in it.
-fn table_inputs(live: &LiveService) -> Vec<(SocketAddrV4, u32)> {
-    let mut inputs: Vec<(SocketAddrV4, u32)> = live
+fn table_inputs(live: &LiveService) -> Vec<(SocketAddr, u32)> {
+    let mut inputs: Vec<(SocketAddr, u32)> = live
         .backends
         .iter()
         .map(|b| (b.config.address, b.table_weight()))
@@ -1034,45 +1042,139 @@ pub enum ApplyError {
     Maps(#[from] anyhow::Error),
 }
 
-/// The SNAT address a service gets when `xlb service add` names none: the first IPv4
-/// address of the first interface xlb runs on.
-pub fn default_snat(interfaces: &[String]) -> anyhow::Result<Ipv4Addr> {
-    let first = interfaces
-        .first()
-        .ok_or_else(|| anyhow::anyhow!("no interface"))?;
-    let mut addrs: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills a list it allocates; we free it with freeifaddrs below.
-    if unsafe { libc::getifaddrs(&mut addrs) } != 0 {
-        return Err(std::io::Error::last_os_error().into());
-    }
-    let mut found = None;
-    let mut cur = addrs;
-    while !cur.is_null() {
-        // SAFETY: a node of the list getifaddrs returned, valid until freeifaddrs.
-        let ifa = unsafe { &*cur };
-        cur = ifa.ifa_next;
-        if ifa.ifa_addr.is_null() {
-            continue;
+/// The SNAT address a service at `vip` gets when `xlb service add` names none: the first
+/// address of the VIP's family on the interfaces xlb runs on (see [`choose_snat`]).
+pub fn default_snat(interfaces: &[String], vip: IpAddr) -> anyhow::Result<IpAddr> {
+    let addresses = crate::config::interface_addresses()?;
+    choose_snat(interfaces, &addresses, vip).ok_or_else(|| {
+        let what = match vip {
+            IpAddr::V4(_) => "an IPv4 address",
+            IpAddr::V6(_) => "a global IPv6 address (link-local and loopback ones do not count)",
+        };
+        anyhow::anyhow!("none of {} has {what}", interfaces.join(", "))
+    })
+}
+
+/// From `addresses` (interface name, address, in getifaddrs' order), the first of `vip`'s
+/// family on the first of `interfaces` that has one. For IPv6, only a global address will
+/// do: backends cannot answer a link-local one from off the link, nor a loopback one at all.
+fn choose_snat(
+    interfaces: &[String],
+    addresses: &[(String, IpAddr)],
+    vip: IpAddr,
+) -> Option<IpAddr> {
+    let fits = |a: &IpAddr| match (vip, a) {
+        (IpAddr::V4(_), IpAddr::V4(_)) => true,
+        (IpAddr::V6(_), IpAddr::V6(a)) => {
+            !a.is_unicast_link_local() && !a.is_loopback() && !a.is_unspecified()
         }
-        // SAFETY: ifa_name is a NUL-terminated string; ifa_addr points to a sockaddr whose
-        // family says its type.
-        let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) };
-        let family = unsafe { (*ifa.ifa_addr).sa_family } as i32;
-        if name.to_bytes() == first.as_bytes() && family == libc::AF_INET {
-            // SAFETY: an AF_INET address is a sockaddr_in.
-            let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-            found = Some(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
-            break;
-        }
-    }
-    // SAFETY: the list from getifaddrs, freed once.
-    unsafe { libc::freeifaddrs(addrs) };
-    found.ok_or_else(|| anyhow::anyhow!("{first} has no IPv4 address"))
+        _ => false,
+    };
+    interfaces.iter().find_map(|interface| {
+        addresses
+            .iter()
+            .find(|(name, a)| name == interface && fits(a))
+            .map(|(_, a)| *a)
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What the maps get: IPv6 addresses as they are, IPv4 ones IPv4-mapped, and both read
+    /// back as written.
+    #[test]
+    fn entries_hold_either_family_and_read_back() {
+        let pool: Vec<IpAddr> = vec![
+            "2001:db8:20::1".parse().unwrap(),
+            "2001:db8:20::2".parse().unwrap(),
+        ];
+        let entry = entry_of(3, lb_common::maps::MODE_FULLNAT, &pool, SnatPorts::DEFAULT);
+        assert_eq!(entry.snat_count, 2);
+        assert_eq!(
+            entry.snat[1].addr,
+            [
+                0x20, 0x01, 0x0d, 0xb8, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2
+            ]
+        );
+        assert_eq!(entry.snat[1].port, [0, 0]);
+        assert_eq!(pool_of(&entry), pool);
+
+        let v4: Vec<IpAddr> = vec!["10.20.0.1".parse().unwrap()];
+        let entry = entry_of(3, lb_common::maps::MODE_FULLNAT, &v4, SnatPorts::DEFAULT);
+        assert_eq!(
+            entry.snat[0].addr,
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 20, 0, 1]
+        );
+        assert_eq!(pool_of(&entry), v4);
+
+        let backend = LiveBackend {
+            id: 7,
+            config: Backend {
+                address: "[2001:db8:20::11]:8080".parse().unwrap(),
+                weight: 2,
+                drain: false,
+                quic_id: None,
+            },
+            down: false,
+            latency_us: 0,
+        };
+        let entry = backend_entry(3, &backend);
+        assert_eq!(
+            entry.endpoint.addr,
+            [
+                0x20, 0x01, 0x0d, 0xb8, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x11
+            ]
+        );
+        assert_eq!(entry.endpoint.port, 8080u16.to_be_bytes());
+        assert_eq!(entry.endpoint.to_socket(), backend.config.address);
+
+        let name = ServiceName {
+            vip: "[2001:db8::100]:80".parse().unwrap(),
+            protocol: Protocol::Tcp,
+        };
+        assert_eq!(name.to_string(), "[2001:db8::100]:80/tcp");
+        assert_eq!(name.key().vip.to_socket(), name.vip);
+        // A gateway key that is not IPv4-mapped is no gateway of ours.
+        assert_eq!(network_of(name.key().vip.addr, 120), None);
+    }
+
+    #[test]
+    fn the_default_snat_is_of_the_vips_family_and_global() {
+        let interfaces = ["xlb0".to_string(), "xlb1".to_string()];
+        let addresses: Vec<(String, IpAddr)> = [
+            ("lo", "127.0.0.1"),
+            ("lo", "::1"),
+            ("xlb0", "fe80::1"),
+            ("xlb0", "10.20.0.1"),
+            ("xlb0", "10.20.0.2"),
+            ("xlb1", "10.21.0.1"),
+            ("xlb1", "fe80::2"),
+            ("xlb1", "2001:db8:21::1"),
+            ("xlb1", "2001:db8:21::2"),
+        ]
+        .iter()
+        .map(|(n, a)| (n.to_string(), a.parse().unwrap()))
+        .collect();
+        let v4: IpAddr = "10.10.0.100".parse().unwrap();
+        let v6: IpAddr = "2001:db8::100".parse().unwrap();
+        // The first interface's first IPv4 address, as ever.
+        assert_eq!(
+            choose_snat(&interfaces, &addresses, v4),
+            Some("10.20.0.1".parse().unwrap())
+        );
+        // xlb0 has only a link-local IPv6 address: the next interface's first global one.
+        assert_eq!(
+            choose_snat(&interfaces, &addresses, v6),
+            Some("2001:db8:21::1".parse().unwrap())
+        );
+        // Link-local and loopback never do, wherever they are.
+        let only_local = &addresses[..3];
+        assert_eq!(choose_snat(&["lo".to_string()], only_local, v6), None);
+        assert_eq!(choose_snat(&interfaces, only_local, v6), None);
+        assert_eq!(choose_snat(&interfaces, &[], v4), None);
+    }
 
     #[test]
     fn ids_are_not_reused_while_flows_point_at_them() {

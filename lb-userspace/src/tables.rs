@@ -210,8 +210,8 @@ impl Tables {
         }
     }
 
-    /// Makes `VIPS` hold exactly `wanted`: each address services listen on (IPv4-mapped),
-    /// and how many do.
+    /// Makes `VIPS` hold exactly `wanted`: each address services listen on (as
+    /// `Endpoint::addr_of` stores it: IPv6 as it is, IPv4 mapped), and how many do.
     pub fn set_vips(&mut self, wanted: &BTreeMap<[u8; 16], u32>) -> anyhow::Result<()> {
         let held: Vec<[u8; 16]> = self.vips.keys().collect::<Result<_, _>>()?;
         for addr in held.iter().filter(|a| !wanted.contains_key(*a)) {

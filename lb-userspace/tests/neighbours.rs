@@ -240,7 +240,7 @@ fn install_leaves_others_entries_alone_and_reports_what_it_cannot_route() {
         "extern_learn",
     ]);
 
-    let backends: Vec<Ipv4Addr> = [
+    let backends: Vec<IpAddr> = [
         "10.77.1.2",  // on the link: its own next hop
         "10.77.2.10", // behind the gateway 10.77.3.2
         "10.77.2.11", // behind the same gateway
