@@ -29,7 +29,10 @@
 //! The seed is fixed so a failure reproduces; `XLB_RANDOM_SEED` and `XLB_RANDOM_FRAMES`
 //! change it and the count.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+};
 
 use anyhow::{Context as _, Result, bail, ensure};
 use aya::{
@@ -388,9 +391,9 @@ fn random_frame(
             .rewrite(&key_of(f))
             .expect("tracked frames are the model's flows");
         let mut reply = Frame {
-            src: *backend.ip(),
+            src: ip4(backend),
             sport: backend.port(),
-            dst: *snat.ip(),
+            dst: ip4(snat),
             dport: snat.port(),
             l4: random_l4(rng, &f.l4),
             ..Frame::default()
@@ -529,7 +532,7 @@ fn is_echo_flow(model: &FlowModel, frame: &[u8]) -> bool {
         frame[ETH_HLEN + 19],
     );
     match (l.kind, l.code) {
-        (ICMP_ECHO_REQUEST, 0) => !model.is_vip(dst),
+        (ICMP_ECHO_REQUEST, 0) => !model.is_vip(dst.into()),
         (ICMP_ECHO_REPLY, 0) => true,
         _ => false,
     }
@@ -645,9 +648,9 @@ fn random_icmp(
                 .rewrite(&key_of(f))
                 .expect("tracked frames are the model's flows");
             let q = Frame {
-                src: *snat.ip(),
+                src: ip4(snat),
                 sport: snat.port(),
-                dst: *backend.ip(),
+                dst: ip4(backend),
                 dport: backend.port(),
                 ..f.clone()
             };
@@ -655,7 +658,7 @@ fn random_icmp(
                 // The echo request xlb sent out, with the public identifier.
                 echo = Some((ICMP_ECHO_REQUEST, snat.port().to_be_bytes()));
             }
-            (q, backend_router, *snat.ip(), false)
+            (q, backend_router, ip4(snat), false)
         }
         None => {
             let q = Frame::tcp(
@@ -925,28 +928,28 @@ fn run_and_check(
             "a new flow from an ICMP message that is no echo request"
         );
         model
-            .learn(&key, flags, src, dst)
+            .learn(&key, flags, src.into(), dst.into())
             .context("the new flow the program created")?;
     }
     let (want_src, want_dst) = model.rewrite(&key).context("the model tracks the flow")?;
     ensure!(
-        (src, dst) == (want_src, want_dst),
+        (src, dst) == (v4(want_src), v4(want_dst)),
         "rewritten to {src} → {dst}; the model says {want_src} → {want_dst}"
     );
     let (expected, check_off) = match icmp_layout_v4(input) {
         Some(l) => (
-            echo_rewrite_v4(input, want_src, want_dst, ttl_decrement),
+            echo_rewrite_v4(input, v4(want_src), v4(want_dst), ttl_decrement),
             l.icmp_off + 2,
         ),
         None => (
-            nat_rewrite_v4(input, want_src, want_dst, ttl_decrement),
+            nat_rewrite_v4(input, v4(want_src), v4(want_dst), ttl_decrement),
             layout_v4(input)
                 .context("a rewritten frame parses")?
                 .check_off,
         ),
     };
     let expected = expected.context("the reference refuses the frame")?;
-    let expected = as_sent(&run, expected, reason, *want_dst.ip(), ingress, fx0, fx1)?;
+    let expected = as_sent(&run, expected, reason, ip4(want_dst), ingress, fx0, fx1)?;
     matches_reference(
         input,
         &run,
@@ -1057,7 +1060,8 @@ fn check_icmp(
     let (src, dst) = (addr(ip + 12), addr(ip + 16));
     let ihl = ((input[ip] & 0x0f) as usize) * 4;
     // A ping to a VIP (without IP options, which the kernel answers) is answered.
-    let echo = (l.kind, l.code) == (ICMP_ECHO_REQUEST, 0) && ihl == IPV4_HLEN && model.is_vip(dst);
+    let echo =
+        (l.kind, l.code) == (ICMP_ECHO_REQUEST, 0) && ihl == IPV4_HLEN && model.is_vip(dst.into());
     // An error addressed to the source of a packet of a tracked flow it quotes is about that
     // flow: (the reply direction's key, its rewrite).
     let about = if is_icmp_error(l.kind) {
@@ -1123,14 +1127,14 @@ fn check_icmp(
     } else if let Some((reply, (rs, rd))) = about {
         // The error's source is translated only where the flow's sources are (not a dnat
         // flow's client, not a gateway's destination): else the router's is kept.
-        let outer_src = if *rs.ip() == *reply.src.to_socket_v4().ip() {
+        let outer_src = if ip4(rs) == *reply.src.to_socket_v4().ip() {
             src
         } else {
-            *rs.ip()
+            ip4(rs)
         };
-        let translated = icmp_error_v4(input, outer_src, *rd.ip(), rd, rs, ttl_decrement)
+        let translated = icmp_error_v4(input, outer_src, ip4(rd), v4(rd), v4(rs), ttl_decrement)
             .context("the reference refuses it")?;
-        (translated, *rd.ip())
+        (translated, ip4(rd))
     } else {
         bail!(
             "{}: an ICMP message the model neither answers nor translates",
@@ -1155,4 +1159,16 @@ fn key_of(f: &Frame) -> FlowKey {
     let built = f.build();
     let plain = untag(&built).map_or(built, |(plain, _)| plain);
     flow_key_v4(&plain).expect("a tracked frame has a flow key")
+}
+
+/// An endpoint of the model's that this test knows to be IPv4.
+fn v4(sa: SocketAddr) -> SocketAddrV4 {
+    match sa {
+        SocketAddr::V4(v4) => v4,
+        SocketAddr::V6(v6) => panic!("{v6} where only IPv4 is sent"),
+    }
+}
+
+fn ip4(sa: SocketAddr) -> Ipv4Addr {
+    *v4(sa).ip()
 }

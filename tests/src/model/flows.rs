@@ -20,7 +20,7 @@
 
 use std::{
     collections::HashMap,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
 };
 
 use anyhow::{Result, bail, ensure};
@@ -33,12 +33,12 @@ use lb_userspace::config::{Checked, Network};
 /// One service, as the config says.
 #[derive(Clone, Debug)]
 pub struct ServiceSpec {
-    pub vip: SocketAddrV4,
+    pub vip: SocketAddr,
     pub proto: u8,
     /// The SNAT pool; empty in `dnat` mode, where the flow keeps the client's address and
     /// port.
-    pub snat: Vec<Ipv4Addr>,
-    pub backends: Vec<SocketAddrV4>,
+    pub snat: Vec<IpAddr>,
+    pub backends: Vec<SocketAddr>,
 }
 
 /// One NAT gateway, as the config says.
@@ -53,11 +53,11 @@ pub struct GatewaySpec {
 /// both the destination.
 #[derive(Clone, Debug)]
 pub struct ModelFlow {
-    pub client: SocketAddrV4,
-    pub vip: SocketAddrV4,
+    pub client: SocketAddr,
+    pub vip: SocketAddr,
     pub proto: u8,
-    pub backend: SocketAddrV4,
-    pub snat: SocketAddrV4,
+    pub backend: SocketAddr,
+    pub snat: SocketAddr,
     pub seen: FlowSeen,
     /// Through a NAT gateway (no backend of a service).
     pub gateway: bool,
@@ -74,20 +74,20 @@ impl ModelFlow {
     }
 }
 
-/// A flow key from addresses.
-pub fn key(src: SocketAddrV4, dst: SocketAddrV4, proto: u8) -> FlowKey {
+/// A flow key from addresses of either family.
+pub fn key(src: impl Into<SocketAddr>, dst: impl Into<SocketAddr>, proto: u8) -> FlowKey {
     FlowKey {
-        src: lb_common::maps::Endpoint::from_socket_v4(src),
-        dst: lb_common::maps::Endpoint::from_socket_v4(dst),
+        src: lb_common::maps::Endpoint::from_socket(src.into()),
+        dst: lb_common::maps::Endpoint::from_socket(dst.into()),
         proto,
         _pad: 0,
     }
 }
 
-type Tuple = (SocketAddrV4, SocketAddrV4, u8);
+type Tuple = (SocketAddr, SocketAddr, u8);
 
 fn tuple(k: &FlowKey) -> Tuple {
-    (k.src.to_socket_v4(), k.dst.to_socket_v4(), k.proto)
+    (k.src.to_socket(), k.dst.to_socket(), k.proto)
 }
 
 /// The model: services from the config, flows from what the program did.
@@ -97,7 +97,7 @@ pub struct FlowModel {
     gateways: Vec<GatewaySpec>,
     ports: (u16, u16),
     /// A NAT gateway's UDP mappings: private endpoint → public endpoint.
-    mappings: HashMap<SocketAddrV4, SocketAddrV4>,
+    mappings: HashMap<SocketAddr, SocketAddr>,
     /// By forward tuple (client, VIP, protocol).
     flows: HashMap<Tuple, ModelFlow>,
     /// Reverse tuple (backend, SNAT address:port, protocol) → forward tuple.
@@ -137,8 +137,8 @@ impl FlowModel {
     }
 
     /// Whether some service listens on `addr` (whose pings the program answers).
-    pub fn is_vip(&self, addr: Ipv4Addr) -> bool {
-        self.services.iter().any(|s| *s.vip.ip() == addr)
+    pub fn is_vip(&self, addr: IpAddr) -> bool {
+        self.services.iter().any(|s| s.vip.ip() == addr)
     }
 
     /// The service a frame with `key` is addressed to.
@@ -158,12 +158,16 @@ impl FlowModel {
         if self.service(key).is_some() || (proto == PROTO_ICMP && !echo_request) {
             return None;
         }
-        if self.gateways.iter().any(|g| g.source.contains(*dst.ip())) {
+        // Gateways are IPv4 only.
+        let (IpAddr::V4(src), IpAddr::V4(dst)) = (src.ip(), dst.ip()) else {
+            return None;
+        };
+        if self.gateways.iter().any(|g| g.source.contains(dst)) {
             return None;
         }
         self.gateways
             .iter()
-            .filter(|g| g.source.contains(*src.ip()))
+            .filter(|g| g.source.contains(src))
             .max_by_key(|g| g.source.prefix)
     }
 
@@ -178,7 +182,7 @@ impl FlowModel {
     }
 
     /// What a frame with `key` of a tracked flow must be rewritten to: (source, destination).
-    pub fn rewrite(&self, key: &FlowKey) -> Option<(SocketAddrV4, SocketAddrV4)> {
+    pub fn rewrite(&self, key: &FlowKey) -> Option<(SocketAddr, SocketAddr)> {
         let (f, dir) = self.flow(key)?;
         Some(if dir == DIR_TO_BACKEND {
             (f.snat, f.backend)
@@ -211,8 +215,8 @@ impl FlowModel {
         &mut self,
         key: &FlowKey,
         tcp_flags: u8,
-        src: SocketAddrV4,
-        dst: SocketAddrV4,
+        src: SocketAddr,
+        dst: SocketAddr,
     ) -> Result<()> {
         let t = tuple(key);
         ensure!(!self.flows.contains_key(&t), "{t:?} is tracked already");
@@ -228,7 +232,7 @@ impl FlowModel {
             ),
             pool => {
                 ensure!(
-                    pool.contains(src.ip()),
+                    pool.contains(&src.ip()),
                     "a new flow to {} leaves from {src}, not from the service's SNAT pool \
                      {pool:?}",
                     service.vip,
@@ -255,8 +259,8 @@ impl FlowModel {
         &mut self,
         key: &FlowKey,
         tcp_flags: u8,
-        src: SocketAddrV4,
-        dst: SocketAddrV4,
+        src: SocketAddr,
+        dst: SocketAddr,
     ) -> Result<()> {
         let t = tuple(key);
         // An ICMP key here is an echo request's: the caller checks that the program made a
@@ -271,7 +275,8 @@ impl FlowModel {
             t.1
         );
         ensure!(
-            g.to.contains(src.ip()) && (g.ports.0..=g.ports.1).contains(&src.port()),
+            g.to.iter().any(|a| IpAddr::V4(*a) == src.ip())
+                && (g.ports.0..=g.ports.1).contains(&src.port()),
             "a flow through {} leaves from {src}, not from {:?} with a port in {:?}",
             g.source,
             g.to,
@@ -301,8 +306,8 @@ impl FlowModel {
         &mut self,
         key: &FlowKey,
         tcp_flags: u8,
-        src: SocketAddrV4,
-        dst: SocketAddrV4,
+        src: SocketAddr,
+        dst: SocketAddr,
         gateway: bool,
     ) -> Result<()> {
         let t = tuple(key);
@@ -372,7 +377,7 @@ snat = "10.20.0.1"
 address = "10.20.1.2:8080"
 "#;
 
-    fn sa(s: &str) -> SocketAddrV4 {
+    fn sa(s: &str) -> SocketAddr {
         s.parse().unwrap()
     }
 
