@@ -13,8 +13,16 @@
 //!   route 10.20.1.7/32 dev fx1 mtu lock 576
 //!   blackhole 10.99.0.0/16
 //! ```
+//! And the same in IPv6, subnet for subnet, host for host (`10.10.1.2` is
+//! `2001:db8:10:1::2`, with the same MAC):
+//! ```text
+//!   fx0 2001:db8:10:1::1/64   neigh 2001:db8:10:1::2
+//!   fx1 2001:db8:20:1::1/64   neigh 2001:db8:20:1::2, 2001:db8:20:1::7 (not ::9)
+//!   route 2001:db8:20:1::7/128 dev fx1 mtu lock 1280
+//!   blackhole 2001:db8:99::/48
+//! ```
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Context as _, Result, bail, ensure};
 use aya::{
@@ -56,6 +64,23 @@ pub const VIP_UNRESOLVED: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 103);
 /// The SNAT address toward the backends behind fx1 (assigned nowhere, as in production).
 pub const SNAT: Ipv4Addr = Ipv4Addr::new(10, 20, 0, 1);
 
+/// The IPv6 twins of the addresses above.
+pub const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x10, 1, 0, 0, 0, 2);
+pub const BACKEND6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x20, 1, 0, 0, 0, 2);
+pub const UNRESOLVED_BACKEND6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x20, 1, 0, 0, 0, 9);
+pub const SMALL_MTU_BACKEND6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x20, 1, 0, 0, 0, 7);
+/// IPv6's minimum MTU (RFC 8200 section 5).
+pub const SMALL_MTU6: u16 = 1280;
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x10, 0, 0, 0, 0, 0x100);
+pub const SNAT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x20, 0, 0, 0, 0, 1);
+
+/// The static IPv6 neighbours, as [`NEIGHBOURS`].
+pub const NEIGHBOURS6: [(Ipv6Addr, [u8; 6], &str); 3] = [
+    (CLIENT6, CLIENT_MAC, FX0),
+    (BACKEND6, BACKEND_MAC, FX1),
+    (SMALL_MTU_BACKEND6, BACKEND_MAC, FX1),
+];
+
 /// The static neighbours: address, MAC, and the interface they sit behind.
 pub const NEIGHBOURS: [(Ipv4Addr, [u8; 6], &str); 4] = [
     (CLIENT, CLIENT_MAC, FX0),
@@ -66,11 +91,18 @@ pub const NEIGHBOURS: [(Ipv4Addr, [u8; 6], &str); 4] = [
 
 /// The interface each of the lab's /24 subnets is on: where the FIB sends a packet to an
 /// address in it.
-pub fn subnet_interface(addr: Ipv4Addr) -> Option<&'static str> {
-    match addr.octets() {
-        [10, 10, 1, _] => Some(FX0),
-        [10, 20, 1, _] => Some(FX1),
-        _ => None,
+pub fn subnet_interface(addr: impl Into<IpAddr>) -> Option<&'static str> {
+    match addr.into() {
+        IpAddr::V4(v4) => match v4.octets() {
+            [10, 10, 1, _] => Some(FX0),
+            [10, 20, 1, _] => Some(FX1),
+            _ => None,
+        },
+        IpAddr::V6(v6) => match v6.segments() {
+            [0x2001, 0xdb8, 0x10, 1, ..] => Some(FX0),
+            [0x2001, 0xdb8, 0x20, 1, ..] => Some(FX1),
+            _ => None,
+        },
     }
 }
 
@@ -92,9 +124,11 @@ pub fn in_lab<T: Send>(prefix: &str, test: impl FnOnce(&NetNs) -> Result<T> + Se
 /// Builds the lab inside `ns` (a fresh namespace).
 pub fn setup(ns: &NetNs) -> Result<()> {
     ns.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
-    for (name, mac, addr) in [
-        (FX0, FX0_MAC, "10.10.1.1/24"),
-        (FX1, FX1_MAC, "10.20.1.1/24"),
+    ns.exec("sysctl", &["-qw", "net.ipv6.conf.all.disable_ipv6=0"])?;
+    ns.exec("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"])?;
+    for (name, mac, addr, addr6) in [
+        (FX0, FX0_MAC, "10.10.1.1/24", "2001:db8:10:1::1/64"),
+        (FX1, FX1_MAC, "10.20.1.1/24", "2001:db8:20:1::1/64"),
     ] {
         let peer = format!("{name}p");
         ns.ip(&[
@@ -110,6 +144,8 @@ pub fn setup(ns: &NetNs) -> Result<()> {
             &peer,
         ])?;
         ns.ip(&["addr", "add", addr, "dev", name])?;
+        // No duplicate address detection: the address is usable at once.
+        ns.ip(&["addr", "add", addr6, "dev", name, "nodad"])?;
         ns.ip(&["link", "set", name, "up"])?;
         ns.ip(&["link", "set", &peer, "up"])?;
     }
@@ -126,6 +162,31 @@ pub fn setup(ns: &NetNs) -> Result<()> {
             "permanent",
         ])?;
     }
+    for (addr, mac, dev) in NEIGHBOURS6 {
+        ns.ip(&[
+            "neigh",
+            "replace",
+            &addr.to_string(),
+            "lladdr",
+            &mac_string(mac),
+            "dev",
+            dev,
+            "nud",
+            "permanent",
+        ])?;
+    }
+    ns.ip(&["-6", "route", "add", "blackhole", "2001:db8:99::/48"])?;
+    ns.ip(&[
+        "-6",
+        "route",
+        "add",
+        &format!("{SMALL_MTU_BACKEND6}/128"),
+        "dev",
+        FX1,
+        "mtu",
+        "lock",
+        &SMALL_MTU6.to_string(),
+    ])?;
     ns.ip(&["route", "add", "blackhole", "10.99.0.0/16"])?;
     ns.ip(&[
         "route",

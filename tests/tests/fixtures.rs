@@ -18,7 +18,7 @@
 //! fails listing all of them, with hex diffs.
 
 use std::collections::HashSet;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
 use anyhow::{Context, Result, bail};
 use aya::{
@@ -40,11 +40,16 @@ use xlb_tests::{
         self, BACKEND, BACKEND_MAC, CLIENT, CLIENT_MAC, Iface, NEAR_BACKEND, NEAR_BACKEND_MAC,
         SMALL_MTU, SMALL_MTU_BACKEND, SNAT, UNRESOLVED_BACKEND, VIP, VIP_UNRESOLVED,
     },
-    model::{echo_reply_v4, echo_rewrite_v4, icmp_error_v4, nat_rewrite_v4, too_big_v4},
+    model::{
+        echo_reply_v4, echo_reply_v6, echo_rewrite_v4, icmp_error_v4, nat_rewrite, nat_rewrite_v4,
+        too_big_v4,
+    },
     packet::{
         ETH_HLEN, Frame, ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_FRAG_NEEDED, ICMP_TIME_EXCEEDED,
-        IP_MF, L4, PROTO_ICMP, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN, arp_request, hex_diff,
-        icmp_echo, icmp_error, icmp_message, summary, tag, untag, verify_checksums_v4,
+        ICMPV6_ECHO_REPLY, ICMPV6_ECHO_REQUEST, ICMPV6_NEIGHBOUR_SOLICITATION, IP_MF,
+        IPV6_DEST_OPTIONS, IPV6_FRAGMENT, IPV6_HOP_BY_HOP, L4, PROTO_ICMP, TCP_ACK, TCP_FIN,
+        TCP_PSH, TCP_RST, TCP_SYN, arp_request, hex_diff, icmp_echo, icmp_error, icmp_message,
+        icmp6_message, summary, tag, untag, verify_checksums,
     },
 };
 
@@ -246,6 +251,11 @@ const SUITES: &[Suite] = &[
         config: GATEWAY_TOML,
         cases: gateway_cases,
     },
+    Suite {
+        name: "IPv6",
+        config: IPV6_TOML,
+        cases: ipv6_cases,
+    },
 ];
 
 #[test]
@@ -435,10 +445,16 @@ impl Flow {
 }
 
 impl Ports {
-    fn port(&self, proto: u8, client: SocketAddrV4, vip: SocketAddrV4, probe: u32) -> u16 {
+    fn port(
+        &self,
+        proto: u8,
+        client: impl Into<SocketAddr>,
+        vip: impl Into<SocketAddr>,
+        probe: u32,
+    ) -> u16 {
         let key = FlowKey {
-            src: Endpoint::from_socket_v4(client),
-            dst: Endpoint::from_socket_v4(vip),
+            src: Endpoint::from_socket(client.into()),
+            dst: Endpoint::from_socket(vip.into()),
             proto,
             _pad: 0,
         };
@@ -2182,8 +2198,8 @@ fn action_name(action: u32) -> String {
 /// behind its VLAN tag if it has one.
 fn key_of(input: &[u8]) -> Option<FlowKey> {
     match untag(input) {
-        Some((plain, _)) => xlb_tests::model::flow_key_v4(&plain),
-        None => xlb_tests::model::flow_key_v4(input),
+        Some((plain, _)) => xlb_tests::model::flow_key(&plain),
+        None => xlb_tests::model::flow_key(input),
     }
 }
 
@@ -2257,7 +2273,7 @@ fn run_case(ebpf: &mut Ebpf, lab: &Lab, c: &Case) -> Result<()> {
                     hex_diff(built, &run.frame)
                 ));
             } else if let Err(err) =
-                verify_checksums_v4(&untag(&run.frame).map_or(run.frame.clone(), |(p, _)| p))
+                verify_checksums(&untag(&run.frame).map_or(run.frame.clone(), |(p, _)| p))
             {
                 problems.push(format!("output checksums: {err}"));
             }
@@ -2293,4 +2309,501 @@ fn run_case(ebpf: &mut Ebpf, lab: &Lab, c: &Case) -> Result<()> {
         e.reason.name(),
         problems.join("\n")
     )
+}
+
+const IPV6_TOML: &str = r#"
+[dataplane]
+interfaces = ["fx0", "fx1"]
+maglev_table_size = 13
+max_services = 8
+max_backends = 8
+snat_port_range = [20000, 29999]
+hash_seed = 0x5eed1234
+
+[[service]]
+vip = "[2001:db8:10::100]:80"
+protocol = "tcp"
+snat = "2001:db8:20::1"
+[[service.backend]]
+address = "[2001:db8:20:1::2]:8080"
+
+[[service]]
+vip = "[2001:db8:10::100]:53"
+protocol = "udp"
+snat = "2001:db8:20::1"
+[[service.backend]]
+address = "[2001:db8:20:1::2]:5353"
+
+[[service]]
+vip = "[2001:db8:10::101]:80"
+protocol = "tcp"
+mode = "dnat"
+[[service.backend]]
+address = "[2001:db8:20:1::2]:8080"
+
+[[service]]
+vip = "[2001:db8:10::103]:80"
+protocol = "tcp"
+snat = "2001:db8:20::1"
+[[service.backend]]
+address = "[2001:db8:20:1::9]:8080"
+
+[[service]]
+vip = "[2001:db8:10::105]:80"
+protocol = "tcp"
+snat = "2001:db8:20::1"
+[[service.backend]]
+address = "[2001:db8:99::1]:8080"
+
+# An IPv4 service on the same port: the families do not meet.
+[[service]]
+vip = "10.10.0.100:80"
+protocol = "tcp"
+snat = "10.20.0.1"
+[[service.backend]]
+address = "10.20.1.2:8080"
+"#;
+
+/// The IPv6 suite's VIPs (see `IPV6_TOML`): full NAT, dnat, a backend with no neighbour
+/// entry, a blackholed backend.
+const VIP6_DNAT: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x10, 0, 0, 0, 0, 0x101);
+const VIP6_UNRESOLVED: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x10, 0, 0, 0, 0, 0x103);
+const VIP6_BLACKHOLE: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x10, 0, 0, 0, 0, 0x105);
+
+fn sa6(ip: Ipv6Addr, port: u16) -> SocketAddrV6 {
+    SocketAddrV6::new(ip, port, 0, 0)
+}
+
+/// `frame` (IPv6) rewritten to `to` with its hop limit lowered by `ttl_decrement`, built
+/// from scratch and by the reference rewrite, with `macs` when xlb sends it itself.
+fn rewritten6(
+    input: &Frame,
+    to: (SocketAddrV6, SocketAddrV6),
+    macs: Option<([u8; 6], [u8; 6])>,
+    ttl_decrement: u8,
+) -> Output {
+    let mut built = Frame {
+        v6: Some((*to.0.ip(), *to.1.ip())),
+        sport: to.0.port(),
+        dport: to.1.port(),
+        ttl: input.ttl - ttl_decrement,
+        ..input.clone()
+    };
+    let mut reference = nat_rewrite(&input.build(), to.0.into(), to.1.into(), ttl_decrement)
+        .unwrap_or_else(|| panic!("the reference rewrite refused {input:?}"));
+    if let Some((src, dst)) = macs {
+        built = built.with_macs(src, dst);
+        set_macs(&mut reference, (src, dst));
+    }
+    Output::Rewritten {
+        built: built.build(),
+        reference,
+    }
+}
+
+/// An IPv6 packet redirected by xlb to `to`, with `macs`, its flow in `state` afterwards.
+fn redirected6(
+    input: &Frame,
+    to: (SocketAddrV6, SocketAddrV6),
+    macs: Option<([u8; 6], [u8; 6])>,
+    state: FlowState,
+) -> Expect {
+    Expect {
+        action: XDP_REDIRECT,
+        reason: Reason::ForwardRedirect,
+        output: rewritten6(input, to, macs, 1),
+        meta: None,
+        state: Some(state),
+    }
+}
+
+/// The SNAT endpoint a first packet client → vip (IPv6) gets toward `backend`.
+fn snat6(
+    ports: &mut Ports,
+    proto: u8,
+    client: SocketAddrV6,
+    vip: SocketAddrV6,
+    backend: SocketAddrV6,
+) -> SocketAddrV6 {
+    for probe in 0..SNAT_PORT_PROBES.min(ports.ports.count()) {
+        let snat = sa6(lab::SNAT6, ports.port(proto, client, vip, probe));
+        let reverse = FlowKey {
+            src: Endpoint::from_socket(backend.into()),
+            dst: Endpoint::from_socket(snat.into()),
+            proto,
+            _pad: 0,
+        };
+        if ports.taken.insert(reverse) {
+            return snat;
+        }
+    }
+    panic!("the model ran out of SNAT ports");
+}
+
+fn ipv6_cases(lab: &Lab) -> Vec<Case> {
+    use lab::{BACKEND6, CLIENT6, SMALL_MTU_BACKEND6, VIP6};
+    let (fx0, fx1) = (lab.fx0, lab.fx1);
+    let mut ports = lab.ports();
+    let mut v = Vec::new();
+    let client = sa6(CLIENT6, 40000);
+    let vip = sa6(VIP6, 80);
+    let backend = sa6(BACKEND6, 8080);
+    let snat = snat6(&mut ports, PROTO_TCP, client, vip, backend);
+    let c = |flags: u8| lab.sent_by_client(Frame::tcp6((CLIENT6, 40000), (VIP6, 80), flags));
+    let b = |flags: u8| {
+        lab.sent_by_backend(Frame::tcp6(
+            (BACKEND6, 8080),
+            (*snat.ip(), snat.port()),
+            flags,
+        ))
+    };
+    let (syn, syn_ack, ack) = (c(TCP_SYN), b(TCP_SYN | TCP_ACK), c(TCP_ACK));
+    v.push(case(
+        "v6-01 TCP SYN client → VIP: SNAT + DNAT over IPv6, redirected to the backend side",
+        vec![],
+        pkt(&syn, fx0),
+        redirected6(&syn, (snat, backend), lab.to_backend(), FlowState::New),
+    ));
+    v.push(case(
+        "v6-02 SYN-ACK backend → SNAT:port: back to the client from the VIP",
+        vec![pkt(&syn, fx0)],
+        pkt(&syn_ack, fx1),
+        redirected6(&syn_ack, (vip, client), lab.to_client(), FlowState::New),
+    ));
+    v.push(case(
+        "v6-03 the client's ACK: established",
+        vec![pkt(&syn, fx0), pkt(&syn_ack, fx1)],
+        pkt(&ack, fx0),
+        redirected6(
+            &ack,
+            (snat, backend),
+            lab.to_backend(),
+            FlowState::Established,
+        ),
+    ));
+    // Extension headers the program walks stay as they are, between the rewritten IPv6
+    // header and the rewritten TCP header.
+    let with_ext = Frame {
+        ext_headers: vec![
+            (IPV6_HOP_BY_HOP, vec![1, 4, 0, 0, 0, 0]),
+            (
+                IPV6_DEST_OPTIONS,
+                vec![1, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            ),
+        ],
+        payload: b"data".to_vec(),
+        ..c(TCP_ACK | TCP_PSH)
+    };
+    v.push(case(
+        "v6-04 hop-by-hop and destination options before TCP: walked, kept, rewritten",
+        vec![pkt(&syn, fx0), pkt(&syn_ack, fx1)],
+        pkt(&with_ext, fx0),
+        redirected6(
+            &with_ext,
+            (snat, backend),
+            lab.to_backend(),
+            FlowState::Established,
+        ),
+    ));
+    let five = Frame {
+        ext_headers: vec![(IPV6_DEST_OPTIONS, vec![1, 4, 0, 0, 0, 0]); 5],
+        ..syn.clone()
+    };
+    v.push(case(
+        "v6-05 five extension headers, one more than the program walks: to the kernel",
+        vec![],
+        pkt(&five, fx0),
+        untouched(XDP_PASS, Reason::PassIpv6Extensions),
+    ));
+    let esp = Frame {
+        l4: L4::Other { proto: 50 },
+        payload: vec![0; 24],
+        ..syn.clone()
+    };
+    v.push(case(
+        "v6-06 ESP: not ours to parse, to the kernel",
+        vec![],
+        pkt(&esp, fx0),
+        untouched(XDP_PASS, Reason::PassNotTcpUdp),
+    ));
+    let first_fragment = Frame {
+        ext_headers: vec![(IPV6_FRAGMENT, vec![0, 1, 0, 0, 0, 9])],
+        ..syn.clone()
+    };
+    v.push(case(
+        "v6-07 a first fragment to a service: dropped, as IPv4's",
+        vec![],
+        pkt(&first_fragment, fx0),
+        untouched(XDP_DROP, Reason::DropFragment),
+    ));
+    let later_fragment = Frame {
+        ext_headers: vec![(IPV6_FRAGMENT, vec![0, 8 << 3, 0, 0, 0, 9])],
+        ..syn.clone()
+    };
+    v.push(case(
+        "v6-08 a later fragment: no ports, to the kernel",
+        vec![],
+        pkt(&later_fragment, fx0),
+        untouched(XDP_PASS, Reason::PassFragment),
+    ));
+    let mapped: Ipv6Addr = "::ffff:10.10.1.2".parse().unwrap();
+    let from_mapped = Frame {
+        v6: Some((mapped, VIP6)),
+        ..syn.clone()
+    };
+    v.push(case(
+        "v6-09 an IPv4-mapped source (never on the wire): dropped as a bad header",
+        vec![],
+        pkt(&from_mapped, fx0),
+        untouched(XDP_DROP, Reason::DropBadIpv6Header),
+    ));
+    let to_mapped_vip = Frame {
+        v6: Some((CLIENT6, "::ffff:10.10.0.100".parse().unwrap())),
+        ..syn.clone()
+    };
+    v.push(case(
+        "v6-10 to the IPv4 VIP's mapped address: dropped, never the IPv4 service's",
+        vec![],
+        pkt(&to_mapped_vip, fx0),
+        untouched(XDP_DROP, Reason::DropBadIpv6Header),
+    ));
+    for (name, frame, reason) in [
+        (
+            "v6-11 payload length 0 (a jumbogram): a bad header",
+            Frame {
+                tot_len_override: Some(0),
+                ..syn.clone()
+            },
+            Reason::DropBadIpv6Header,
+        ),
+        (
+            "v6-12 a payload length beyond the frame: truncated",
+            Frame {
+                tot_len_override: Some(200),
+                ..syn.clone()
+            },
+            Reason::DropTruncated,
+        ),
+        (
+            "v6-13 version 4 behind the IPv6 EtherType: a bad header",
+            Frame {
+                version_override: Some(4),
+                ..syn.clone()
+            },
+            Reason::DropBadIpv6Header,
+        ),
+        (
+            "v6-14 cut inside the IPv6 header: truncated",
+            Frame {
+                truncate_to: Some(ETH_HLEN + 30),
+                ..syn.clone()
+            },
+            Reason::DropTruncated,
+        ),
+    ] {
+        v.push(case(
+            name,
+            vec![],
+            pkt(&frame, fx0),
+            untouched(XDP_DROP, reason),
+        ));
+    }
+    let udp = lab.sent_by_client(Frame::udp6((CLIENT6, 5000), (VIP6, 53), b"query"));
+    let udp_backend = sa6(BACKEND6, 5353);
+    let udp_snat = snat6(
+        &mut ports,
+        PROTO_UDP,
+        sa6(CLIENT6, 5000),
+        sa6(VIP6, 53),
+        udp_backend,
+    );
+    v.push(case(
+        "v6-15 UDP client → VIP: rewritten, checksum over the new pseudo-header",
+        vec![],
+        pkt(&udp, fx0),
+        redirected6(
+            &udp,
+            (udp_snat, udp_backend),
+            lab.to_backend(),
+            FlowState::New,
+        ),
+    ));
+    let no_checksum = Frame {
+        l4: L4::Udp { checksum: false },
+        ..udp.clone()
+    };
+    v.push(case(
+        "v6-16 UDP with checksum 0, which IPv6 forbids: dropped",
+        vec![],
+        pkt(&no_checksum, fx0),
+        untouched(XDP_DROP, Reason::DropUdpZeroChecksum),
+    ));
+    let dnat_syn = lab.sent_by_client(Frame::tcp6((CLIENT6, 40001), (VIP6_DNAT, 80), TCP_SYN));
+    v.push(case(
+        "v6-17 dnat: the backend sees the client's own address and port",
+        vec![],
+        pkt(&dnat_syn, fx0),
+        redirected6(
+            &dnat_syn,
+            (sa6(CLIENT6, 40001), backend),
+            lab.to_backend(),
+            FlowState::New,
+        ),
+    ));
+    let dnat_reply = lab.sent_by_backend(Frame::tcp6(
+        (BACKEND6, 8080),
+        (CLIENT6, 40001),
+        TCP_SYN | TCP_ACK,
+    ));
+    v.push(case(
+        "v6-18 dnat: the backend's reply to the client leaves from the VIP",
+        vec![pkt(&dnat_syn, fx0)],
+        pkt(&dnat_reply, fx1),
+        redirected6(
+            &dnat_reply,
+            (sa6(VIP6_DNAT, 80), sa6(CLIENT6, 40001)),
+            lab.to_client(),
+            FlowState::New,
+        ),
+    ));
+    let unresolved = lab.sent_by_client(Frame::tcp6(
+        (CLIENT6, 40002),
+        (VIP6_UNRESOLVED, 80),
+        TCP_SYN,
+    ));
+    let unresolved_backend = sa6(lab::UNRESOLVED_BACKEND6, 8080);
+    let unresolved_snat = snat6(
+        &mut ports,
+        PROTO_TCP,
+        sa6(CLIENT6, 40002),
+        sa6(VIP6_UNRESOLVED, 80),
+        unresolved_backend,
+    );
+    v.push(case(
+        "v6-19 a backend with no neighbour entry: rewritten and handed to tc with its IPv6 next hop",
+        vec![],
+        pkt(&unresolved, fx0),
+        Expect {
+            action: XDP_PASS,
+            reason: Reason::ForwardResolveNeighbour,
+            output: rewritten6(&unresolved, (unresolved_snat, unresolved_backend), None, 1),
+            meta: Some(HandoffMeta {
+                magic: HANDOFF_MAGIC,
+                ifindex: fx1.ifindex,
+                next_hop: addr_words(lab::UNRESOLVED_BACKEND6.octets()),
+            }),
+            state: Some(FlowState::New),
+        },
+    ));
+    let blackholed =
+        lab.sent_by_client(Frame::tcp6((CLIENT6, 40003), (VIP6_BLACKHOLE, 80), TCP_SYN));
+    v.push(case(
+        "v6-20 a blackholed backend: dropped as unreachable, no flow",
+        vec![],
+        pkt(&blackholed, fx0),
+        untouched(XDP_DROP, Reason::DropUnreachable),
+    ));
+    v.push(case(
+        "v6-21 hop limit 1: to the kernel untouched, which answers time exceeded",
+        vec![],
+        pkt(
+            &Frame {
+                ttl: 1,
+                ..syn.clone()
+            },
+            fx0,
+        ),
+        untouched(XDP_PASS, Reason::PassTtlExpired),
+    ));
+    let elsewhere = lab.sent_by_client(Frame::tcp6(
+        (CLIENT6, 40000),
+        (SMALL_MTU_BACKEND6, 80),
+        TCP_SYN,
+    ));
+    v.push(case(
+        "v6-22 TCP to an IPv6 address that is no VIP: to the kernel",
+        vec![],
+        pkt(&elsewhere, fx0),
+        untouched(XDP_PASS, Reason::PassNoService),
+    ));
+    let ping = lab.sent_by_client(Frame::icmp6(
+        CLIENT6,
+        VIP6,
+        icmp6_message(CLIENT6, VIP6, ICMPV6_ECHO_REQUEST, 0, [0, 7, 0, 1], b"ping"),
+    ));
+    let answer = lab.sent_by_client(Frame::icmp6(
+        VIP6,
+        CLIENT6,
+        icmp6_message(VIP6, CLIENT6, ICMPV6_ECHO_REPLY, 0, [0, 7, 0, 1], b"ping"),
+    ));
+    let mut reference = echo_reply_v6(&ping.build()).expect("the reference answers");
+    set_macs(&mut reference, (fx0.mac, CLIENT_MAC));
+    v.push(case(
+        "v6-23 ICMPv6 echo request to the VIP: answered from the VIP, back out of fx0",
+        vec![],
+        pkt(&ping, fx0),
+        Expect {
+            action: XDP_TX,
+            reason: Reason::ForwardTx,
+            output: Output::Rewritten {
+                built: Frame { ttl: 64, ..answer }
+                    .with_macs(fx0.mac, CLIENT_MAC)
+                    .build(),
+                reference,
+            },
+            meta: None,
+            state: None,
+        },
+    ));
+    let solicitation = lab.sent_by_client(Frame::icmp6(
+        CLIENT6,
+        VIP6,
+        icmp6_message(
+            CLIENT6,
+            VIP6,
+            ICMPV6_NEIGHBOUR_SOLICITATION,
+            0,
+            [0; 4],
+            &VIP6.octets(),
+        ),
+    ));
+    v.push(case(
+        "v6-24 neighbour solicitation (for the VIP, even): the kernel's",
+        vec![],
+        pkt(&solicitation, fx0),
+        untouched(XDP_PASS, Reason::PassIcmp),
+    ));
+    let ping_elsewhere = lab.sent_by_client(Frame::icmp6(
+        CLIENT6,
+        BACKEND6,
+        icmp6_message(
+            CLIENT6,
+            BACKEND6,
+            ICMPV6_ECHO_REQUEST,
+            0,
+            [0, 7, 0, 1],
+            b"ping",
+        ),
+    ));
+    v.push(case(
+        "v6-25 a ping to an address that is no VIP: the kernel's",
+        vec![],
+        pkt(&ping_elsewhere, fx0),
+        untouched(XDP_PASS, Reason::PassIcmp),
+    ));
+    let v4_syn = lab.sent_by_client(tcp((CLIENT, 40000), (VIP, 80), TCP_SYN));
+    let v4_flow = ports.flow(
+        PROTO_TCP,
+        sa(CLIENT, 40000),
+        sa(VIP, 80),
+        SNAT,
+        sa(BACKEND, 8080),
+    );
+    v.push(case(
+        "v6-26 the IPv4 service on the same port, next to an IPv6 flow: its own flow",
+        vec![pkt(&syn, fx0)],
+        pkt(&v4_syn, fx0),
+        lab.redirected_to_backend(&v4_syn, &v4_flow, FlowState::New),
+    ));
+    v
 }

@@ -3,7 +3,7 @@
 //! reply — computed from scratch (checksums recomputed over the whole header and segment)
 //! rather than incrementally as the program does.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
 use lb_common::{
     csum::{checksum, fold, sum_slice},
@@ -11,12 +11,13 @@ use lb_common::{
 };
 
 use crate::packet::{
-    checksum::{l4_checksum, pseudo_header_sum},
+    checksum::{l4_checksum, l4_checksum_v6, pseudo_header_sum},
     frame::{
         ETH_HLEN, ETH_P_IP, ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST,
-        ICMP_PARAM_PROBLEM, ICMP_TIME_EXCEEDED, IP_OFFSET_MASK, IPV4_HLEN, PROTO_ICMP,
+        ICMP_PARAM_PROBLEM, ICMP_TIME_EXCEEDED, ICMPV6_ECHO_REPLY, ICMPV6_ECHO_REQUEST,
+        IP_OFFSET_MASK, IPV4_HLEN, IPV6_HLEN, PROTO_ICMP, PROTO_ICMPV6,
     },
-    layout::{is_fragment, layout_v4},
+    layout::{is_fragment, layout_v4, layout_v6, parse_v6},
 };
 
 /// The reference NAT rewrite: `frame` with its source set to `src`, its destination to `dst`
@@ -59,6 +60,84 @@ pub fn nat_rewrite_v4(
         out[l.check_off..l.check_off + 2].copy_from_slice(&check.to_be_bytes());
     }
     Some(out)
+}
+
+/// The reference NAT rewrite of a TCP/UDP-over-IPv6 frame, as [`nat_rewrite_v4`]'s: the
+/// addresses and ports set, the hop limit lowered by `ttl_decrement`, the L4 checksum
+/// recomputed over the new pseudo-header (IPv6 has no header checksum). Extension headers,
+/// payload and padding as they were. `None` when the program would not rewrite it: it does
+/// not parse to TCP/UDP, is a fragment, or has a hop limit of 0 or 1.
+pub fn nat_rewrite_v6(
+    frame: &[u8],
+    src: SocketAddrV6,
+    dst: SocketAddrV6,
+    ttl_decrement: u8,
+) -> Option<Vec<u8>> {
+    let l = layout_v6(frame)?;
+    let ip = ETH_HLEN;
+    if parse_v6(frame).ok()?.fragment || frame[ip + 7] <= 1 {
+        return None;
+    }
+    let mut out = frame.to_vec();
+    out[ip + 7] -= ttl_decrement;
+    out[ip + 8..ip + 24].copy_from_slice(&src.ip().octets());
+    out[ip + 24..ip + 40].copy_from_slice(&dst.ip().octets());
+    out[l.l4_off..l.l4_off + 2].copy_from_slice(&src.port().to_be_bytes());
+    out[l.l4_off + 2..l.l4_off + 4].copy_from_slice(&dst.port().to_be_bytes());
+    out[l.check_off..l.check_off + 2].copy_from_slice(&[0, 0]);
+    let seg = &out[l.l4_off..ETH_HLEN + l.tot_len];
+    let check = l4_checksum_v6(*src.ip(), *dst.ip(), l.proto, seg);
+    out[l.check_off..l.check_off + 2].copy_from_slice(&check.to_be_bytes());
+    Some(out)
+}
+
+/// [`nat_rewrite_v4`] or [`nat_rewrite_v6`], by the endpoints' family (which must be the
+/// frame's).
+pub fn nat_rewrite(
+    frame: &[u8],
+    src: SocketAddr,
+    dst: SocketAddr,
+    ttl_decrement: u8,
+) -> Option<Vec<u8>> {
+    match (src, dst) {
+        (SocketAddr::V4(s), SocketAddr::V4(d)) => nat_rewrite_v4(frame, s, d, ttl_decrement),
+        (SocketAddr::V6(s), SocketAddr::V6(d)) => nat_rewrite_v6(frame, s, d, ttl_decrement),
+        _ => None,
+    }
+}
+
+/// The reference answer to an ICMPv6 echo request (type 128, code 0) with no extension
+/// headers: addresses swapped, hop limit 64, type 129, the checksum recomputed; MACs
+/// untouched. `None` for anything else.
+pub fn echo_reply_v6(frame: &[u8]) -> Option<Vec<u8>> {
+    let l = parse_v6(frame).ok()?;
+    let at = l.l4_off;
+    if l.proto != PROTO_ICMPV6
+        || l.fragment
+        || at != ETH_HLEN + IPV6_HLEN
+        || at + 8 > ETH_HLEN + l.tot_len
+        || (frame[at], frame[at + 1]) != (ICMPV6_ECHO_REQUEST, 0)
+    {
+        return None;
+    }
+    let ip = ETH_HLEN;
+    let addr = |o: usize| Ipv6Addr::from(<[u8; 16]>::try_from(&frame[o..o + 16]).unwrap());
+    let (src, dst) = (addr(ip + 8), addr(ip + 24));
+    let mut out = frame.to_vec();
+    out[ip + 7] = 64;
+    out[ip + 8..ip + 24].copy_from_slice(&dst.octets());
+    out[ip + 24..ip + 40].copy_from_slice(&src.octets());
+    out[at] = ICMPV6_ECHO_REPLY;
+    out[at + 2..at + 4].copy_from_slice(&[0, 0]);
+    let check = l4_checksum_v6(dst, src, PROTO_ICMPV6, &out[at..ETH_HLEN + l.tot_len]);
+    out[at + 2..at + 4].copy_from_slice(&check.to_be_bytes());
+    Some(out)
+}
+
+/// The flow key of a frame the program tracks as a flow's packet, either family: a TCP/UDP
+/// one, or an ICMP (IPv4) echo ([`flow_key_v4`]).
+pub fn flow_key(frame: &[u8]) -> Option<FlowKey> {
+    flow_key_v4(frame).or_else(|| layout_v6(frame).map(|l| l.flow_key(frame)))
 }
 
 /// Where the parts of an ICMP-over-IPv4 frame are, after the checks the XDP program makes:

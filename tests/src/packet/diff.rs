@@ -1,10 +1,13 @@
 //! Readable descriptions of frames for test failures: a one-line summary and a hex diff.
 
-use std::{fmt::Write as _, net::Ipv4Addr};
+use std::{
+    fmt::Write as _,
+    net::{Ipv4Addr, Ipv6Addr},
+};
 
 use lb_common::maps::{PROTO_TCP, PROTO_UDP};
 
-use super::frame::{ETH_HLEN, ETH_P_IP, IPV4_HLEN};
+use super::frame::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPV4_HLEN, IPV6_HLEN};
 
 /// One line about a frame, for messages: `IPv4 10.0.0.1:40000 > 10.0.0.2:80 TCP ttl 64`.
 pub fn summary(frame: &[u8]) -> String {
@@ -24,6 +27,30 @@ pub fn summary(frame: &[u8]) -> String {
         mac(&frame[0..6]),
         u16::from_be_bytes([frame[12], frame[13]])
     );
+    if frame[12..14] == ETH_P_IPV6.to_be_bytes() && frame.len() >= ETH_HLEN + IPV6_HLEN {
+        let ip = &frame[ETH_HLEN..];
+        let addr = |o: usize| Ipv6Addr::from(<[u8; 16]>::try_from(&ip[o..o + 16]).unwrap());
+        let _ = write!(
+            s,
+            "; IPv{} payload {} next {} hops {}; {} > {}",
+            ip[0] >> 4,
+            u16::from_be_bytes([ip[4], ip[5]]),
+            ip[6],
+            ip[7],
+            addr(8),
+            addr(24)
+        );
+        if let Some(l) = super::layout::layout_v6(frame) {
+            let p = &frame[l.l4_off..];
+            let _ = write!(
+                s,
+                "; ports {} > {}",
+                u16::from_be_bytes([p[0], p[1]]),
+                u16::from_be_bytes([p[2], p[3]])
+            );
+        }
+        return s;
+    }
     if frame[12..14] != ETH_P_IP.to_be_bytes() || frame.len() < ETH_HLEN + IPV4_HLEN {
         return s;
     }

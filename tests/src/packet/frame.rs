@@ -1,14 +1,14 @@
-//! A builder for Ethernet + IPv4 + TCP/UDP frames that computes every checksum from scratch,
-//! with knobs for making malformed frames on purpose.
+//! A builder for Ethernet + IPv4 or IPv6 + TCP/UDP frames that computes every checksum from
+//! scratch, with knobs for making malformed frames on purpose.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use lb_common::{
     csum::checksum,
     maps::{PROTO_TCP, PROTO_UDP},
 };
 
-use super::checksum::l4_checksum;
+use super::checksum::{l4_checksum, l4_checksum_v6};
 
 /// Length of an Ethernet header (no VLAN tag).
 pub const ETH_HLEN: usize = 14;
@@ -17,9 +17,19 @@ pub const ETH_P_8021Q: u16 = 0x8100;
 pub const VLAN_HLEN: usize = 4;
 /// EtherTypes.
 pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86dd;
 pub const ETH_P_ARP: u16 = 0x0806;
-/// IP protocol number of ICMP.
+/// IP protocol number of ICMP, and of ICMPv6.
 pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_ICMPV6: u8 = 58;
+/// IPv6 extension headers (next-header values).
+pub const IPV6_HOP_BY_HOP: u8 = 0;
+pub const IPV6_ROUTING: u8 = 43;
+pub const IPV6_FRAGMENT: u8 = 44;
+pub const IPV6_DEST_OPTIONS: u8 = 60;
+/// "No next header".
+pub const IPV6_NONE: u8 = 59;
+pub const IPV6_HLEN: usize = 40;
 /// IPv4 flags/fragment-offset bits (host order).
 pub const IP_DF: u16 = 0x4000;
 pub const IP_MF: u16 = 0x2000;
@@ -85,8 +95,17 @@ pub struct Frame {
     pub ip_options: Vec<u8>,
     pub l4: L4,
     pub payload: Vec<u8>,
-    /// Written into the version nibble instead of 4.
+    /// Written into the version nibble instead of 4 (6).
     pub version_override: Option<u8>,
+    /// IPv6 addresses: the frame is IPv6 (see [`Frame::tcp6`]); `src`, `dst`, `id`, `frags`
+    /// and `ip_options` are then unused, `ttl` is the hop limit and `tot_len_override` the
+    /// payload length's.
+    pub v6: Option<(Ipv6Addr, Ipv6Addr)>,
+    /// IPv6 extension headers between the IPv6 header and the L4 header, in order: each its
+    /// next-header value and its bytes after the first two (next header, length): 6, 14,
+    /// 22, ... bytes; a fragment header's are 6 (offset and flags, identification), its
+    /// length byte reserved (0).
+    pub ext_headers: Vec<(u8, Vec<u8>)>,
     /// Written into the IHL nibble instead of the real header length / 4.
     pub ihl_override: Option<u8>,
     /// Written into the IPv4 total length instead of the real one (the checksums still
@@ -123,6 +142,8 @@ impl Default for Frame {
             },
             payload: Vec::new(),
             version_override: None,
+            v6: None,
+            ext_headers: Vec::new(),
             ihl_override: None,
             tot_len_override: None,
             pad_to: None,
@@ -161,6 +182,45 @@ impl Frame {
         }
     }
 
+    /// A TCP segment with `flags` between two IPv6 endpoints, hop limit 64.
+    pub fn tcp6(src: (Ipv6Addr, u16), dst: (Ipv6Addr, u16), flags: u8) -> Frame {
+        Frame {
+            ethertype: ETH_P_IPV6,
+            v6: Some((src.0, dst.0)),
+            ..Frame::tcp(
+                (Ipv4Addr::UNSPECIFIED, src.1),
+                (Ipv4Addr::UNSPECIFIED, dst.1),
+                flags,
+            )
+        }
+    }
+
+    /// A UDP datagram between two IPv6 endpoints, with a checksum, carrying `payload`.
+    pub fn udp6(src: (Ipv6Addr, u16), dst: (Ipv6Addr, u16), payload: &[u8]) -> Frame {
+        Frame {
+            ethertype: ETH_P_IPV6,
+            v6: Some((src.0, dst.0)),
+            ..Frame::udp(
+                (Ipv4Addr::UNSPECIFIED, src.1),
+                (Ipv4Addr::UNSPECIFIED, dst.1),
+                payload,
+            )
+        }
+    }
+
+    /// An ICMPv6 message (build it with [`icmp6_message`]) between two IPv6 addresses.
+    pub fn icmp6(src: Ipv6Addr, dst: Ipv6Addr, message: Vec<u8>) -> Frame {
+        Frame {
+            ethertype: ETH_P_IPV6,
+            v6: Some((src, dst)),
+            l4: L4::Other {
+                proto: PROTO_ICMPV6,
+            },
+            payload: message,
+            ..Frame::default()
+        }
+    }
+
     /// The same frame with other MACs (builder style).
     pub fn with_macs(mut self, src_mac: [u8; 6], dst_mac: [u8; 6]) -> Frame {
         self.src_mac = src_mac;
@@ -173,6 +233,9 @@ impl Frame {
     /// # Panics
     /// If `ip_options` is not a multiple of 4 bytes or longer than 40.
     pub fn build(&self) -> Vec<u8> {
+        if let Some((src, dst)) = self.v6 {
+            return self.build_v6(src, dst);
+        }
         assert!(
             self.ip_options.len().is_multiple_of(4) && self.ip_options.len() <= 40,
             "IPv4 options must be a multiple of 4 bytes, at most 40: got {}",
@@ -220,6 +283,62 @@ impl Frame {
         frame
     }
 
+    /// [`build`](Frame::build) for an IPv6 frame.
+    fn build_v6(&self, src: Ipv6Addr, dst: Ipv6Addr) -> Vec<u8> {
+        let l4 = self.l4_segment();
+        let mut ext = Vec::new();
+        for (i, (kind, body)) in self.ext_headers.iter().enumerate() {
+            let next = match self.ext_headers.get(i + 1) {
+                Some((next, _)) => *next,
+                None => self.l4.proto(),
+            };
+            let len = if *kind == IPV6_FRAGMENT {
+                assert_eq!(body.len(), 6, "a fragment header's body is 6 bytes");
+                0
+            } else {
+                assert!(
+                    (body.len() + 2).is_multiple_of(8),
+                    "an extension header is a multiple of 8 bytes long"
+                );
+                ((body.len() + 2) / 8 - 1) as u8
+            };
+            ext.push(next);
+            ext.push(len);
+            ext.extend_from_slice(body);
+        }
+        let first = self
+            .ext_headers
+            .first()
+            .map_or(self.l4.proto(), |(kind, _)| *kind);
+        let payload_len = (ext.len() + l4.len()) as u16;
+        let version = self.version_override.unwrap_or(6);
+        let mut frame = Vec::with_capacity(ETH_HLEN + IPV6_HLEN + payload_len as usize);
+        frame.extend_from_slice(&self.dst_mac);
+        frame.extend_from_slice(&self.src_mac);
+        if let Some(tci) = self.vlan {
+            frame.extend_from_slice(&ETH_P_8021Q.to_be_bytes());
+            frame.extend_from_slice(&tci.to_be_bytes());
+        }
+        frame.extend_from_slice(&self.ethertype.to_be_bytes());
+        frame.extend_from_slice(&[version << 4 | self.tos >> 4, self.tos << 4, 0, 0]);
+        frame.extend_from_slice(&self.tot_len_override.unwrap_or(payload_len).to_be_bytes());
+        frame.push(first);
+        frame.push(self.ttl);
+        frame.extend_from_slice(&src.octets());
+        frame.extend_from_slice(&dst.octets());
+        frame.extend_from_slice(&ext);
+        frame.extend_from_slice(&l4);
+        if let Some(len) = self.pad_to
+            && frame.len() < len
+        {
+            frame.resize(len, 0);
+        }
+        if let Some(len) = self.truncate_to {
+            frame.truncate(len);
+        }
+        frame
+    }
+
     /// The L4 header and payload, with the L4 checksum computed over the pseudo header.
     fn l4_segment(&self) -> Vec<u8> {
         let mut seg = Vec::new();
@@ -246,7 +365,10 @@ impl Frame {
         };
         seg.extend_from_slice(&self.payload);
         if let Some(off) = check_off {
-            let check = l4_checksum(self.src.octets(), self.dst.octets(), self.l4.proto(), &seg);
+            let check = match self.v6 {
+                Some((src, dst)) => l4_checksum_v6(src, dst, self.l4.proto(), &seg),
+                None => l4_checksum(self.src.octets(), self.dst.octets(), self.l4.proto(), &seg),
+            };
             seg[off..off + 2].copy_from_slice(&check.to_be_bytes());
         }
         seg
@@ -285,6 +407,33 @@ pub fn icmp_echo(id: u16, seq: u16, data: &[u8]) -> Vec<u8> {
 pub fn icmp_error(kind: u8, code: u8, mtu: u16, quoted: &[u8]) -> Vec<u8> {
     let [m0, m1] = mtu.to_be_bytes();
     icmp_message(kind, code, [0, 0, m0, m1], quoted)
+}
+
+/// ICMPv6 types.
+pub const ICMPV6_DEST_UNREACH: u8 = 1;
+pub const ICMPV6_PACKET_TOO_BIG: u8 = 2;
+pub const ICMPV6_TIME_EXCEEDED: u8 = 3;
+pub const ICMPV6_ECHO_REQUEST: u8 = 128;
+pub const ICMPV6_ECHO_REPLY: u8 = 129;
+pub const ICMPV6_NEIGHBOUR_SOLICITATION: u8 = 135;
+
+/// An ICMPv6 message from `src` to `dst` with a valid checksum (which covers the IPv6
+/// pseudo-header): type, code, the four bytes after the checksum, then `data`. Put it in a
+/// frame with [`Frame::icmp6`] between the same addresses.
+pub fn icmp6_message(
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    kind: u8,
+    code: u8,
+    rest: [u8; 4],
+    data: &[u8],
+) -> Vec<u8> {
+    let mut msg = vec![kind, code, 0, 0];
+    msg.extend_from_slice(&rest);
+    msg.extend_from_slice(data);
+    let check = l4_checksum_v6(src, dst, PROTO_ICMPV6, &msg);
+    msg[2..4].copy_from_slice(&check.to_be_bytes());
+    msg
 }
 
 /// A broadcast ARP request "who has `target`? tell `sender`".
@@ -370,5 +519,59 @@ mod tests {
         }
         .build();
         verify_checksums_v4(&icmp).unwrap();
+    }
+
+    #[test]
+    fn built_ipv6_frames_have_valid_checksums_and_layout() {
+        use crate::packet::{checksum::verify_checksums_v6, layout::parse_v6, layout_v6};
+        use lb_common::reason::Reason;
+        let (a, b): (Ipv6Addr, Ipv6Addr) = (
+            "2001:db8::1".parse().unwrap(),
+            "2001:db8::2".parse().unwrap(),
+        );
+        let syn = Frame::tcp6((a, 40000), (b, 80), TCP_SYN).build();
+        // RFC 8200: version 6, payload length 20, next header 6, hop limit 64.
+        assert_eq!(syn.len(), 14 + 40 + 20);
+        assert_eq!(&syn[12..14], &[0x86, 0xdd]);
+        assert_eq!(syn[14] >> 4, 6);
+        assert_eq!(&syn[18..22], &[0, 20, 6, 64]);
+        assert_eq!(&syn[22..38], &a.octets());
+        verify_checksums_v6(&syn).unwrap();
+        let l = layout_v6(&syn).unwrap();
+        assert_eq!((l.l4_off, l.check_off, l.tot_len), (54, 70, 60));
+
+        // Hop-by-hop (8 bytes), a fragment header (first fragment), then UDP.
+        let mut udp = Frame::udp6((a, 5000), (b, 53), b"odd");
+        udp.ext_headers = vec![
+            (IPV6_HOP_BY_HOP, vec![1, 4, 0, 0, 0, 0]),
+            (IPV6_FRAGMENT, vec![0, 1, 0, 0, 0, 7]),
+        ];
+        let f = udp.build();
+        assert_eq!(f[20], IPV6_HOP_BY_HOP);
+        assert_eq!(&f[54..56], &[IPV6_FRAGMENT, 0]);
+        assert_eq!(&f[62..64], &[17, 0]);
+        verify_checksums_v6(&f).unwrap();
+        let l = parse_v6(&f).unwrap();
+        assert!(l.fragment && !l.later_fragment);
+        assert_eq!(l.l4_off, 14 + 40 + 16);
+
+        // Five extension headers are one more than the program walks.
+        udp.ext_headers = vec![(IPV6_DEST_OPTIONS, vec![1, 4, 0, 0, 0, 0]); 5];
+        assert_eq!(
+            parse_v6(&udp.build()).err(),
+            Some(Reason::PassIpv6Extensions)
+        );
+        // A zero UDP checksum is no checksum, which IPv6 does not allow.
+        udp.ext_headers.clear();
+        udp.l4 = L4::Udp { checksum: false };
+        assert!(verify_checksums_v6(&udp.build()).is_err());
+
+        let ping = Frame::icmp6(
+            a,
+            b,
+            icmp6_message(a, b, ICMPV6_ECHO_REQUEST, 0, [0, 7, 0, 1], b"x"),
+        )
+        .build();
+        verify_checksums_v6(&ping).unwrap();
     }
 }
