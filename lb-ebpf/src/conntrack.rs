@@ -116,6 +116,15 @@ pub fn lookup(
     // below are independent aligned stores of "now" or of 1 (or a full reset on a restart),
     // which racing CPUs can only repeat, never undo.
     let entry = unsafe { &mut *entry };
+    // An echo's key holds its identifier in one port and 0 in the other, so a request and a
+    // reply with identifier 0 have one key. A flow's requests go out and its replies come
+    // back: a reply that finds the outgoing entry (or a request the returning one) is no
+    // packet of the flow.
+    if pkt.echo != Echo::No
+        && (pkt.echo == Echo::Request) != (entry.rewrite.direction == DIR_TO_BACKEND)
+    {
+        return Ok(false);
+    }
     let ingress = ctx.ingress_ifindex() as u32;
     if entry.ifindex != ingress {
         // Not known when the flow was made (its way out toward this side was not one of

@@ -2515,6 +2515,17 @@ fn ipv6_cases(lab: &Lab) -> Vec<Case> {
         pkt(&five, fx0),
         untouched(XDP_PASS, Reason::PassIpv6Extensions),
     ));
+    let far = Frame {
+        ext_headers: vec![(IPV6_DEST_OPTIONS, vec![1; 198])],
+        ..syn.clone()
+    };
+    v.push(case(
+        "v6-05b one destination-options header of 200 bytes: TCP starts beyond the program's \
+         reach, to the kernel",
+        vec![],
+        pkt(&far, fx0),
+        untouched(XDP_PASS, Reason::PassIpv6Extensions),
+    ));
     let esp = Frame {
         l4: L4::Other { proto: 50 },
         payload: vec![0; 24],

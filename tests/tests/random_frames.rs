@@ -1,13 +1,15 @@
 //! Random frames through the real XDP program, checked against the reference model
 //! (`xlb_tests::model`).
 //!
-//! Tens of thousands of frames go through BPF_PROG_TEST_RUN: well-formed TCP and UDP to the
-//! VIPs (full NAT and dnat services) and elsewhere, out through a NAT gateway (and pings
-//! through it), packets and replies of flows already
+//! Tens of thousands of frames go through BPF_PROG_TEST_RUN: well-formed TCP and UDP, IPv4
+//! and IPv6, to the VIPs (full NAT and dnat services) and elsewhere, out through a NAT
+//! gateway (and pings through it), packets and replies of flows already
 //! tracked, with random TCP flags (so flows open, close, reset and start anew), pings, ICMP
 //! errors quoting tracked flows' packets (either way, cut anywhere) and untracked ones, and
 //! frames with a random version, IHL, total length, TTL, options, fragment bits or
-//! ethertype, or cut short. Whatever comes in, the program must:
+//! ethertype, or cut short; IPv6 ones with extension headers (walked, fragments, too many,
+//! kinds not walked), IPv4-mapped addresses, UDP without a checksum, and ICMPv6. An IPv6
+//! frame's verdict up to the flows is what its layout by RFC 8200 (`parse_v6`) says. Whatever comes in, the program must:
 //! * never abort (XDP_ABORTED), and count exactly one reason whose action it returns;
 //! * leave every frame it does not rewrite byte for byte as it was;
 //! * rewrite what it forwards as the flow model says, which learns flows only from the
@@ -31,7 +33,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4},
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
@@ -41,21 +43,27 @@ use aya::{
 };
 use lb_common::{
     conntrack::FlowState,
-    maps::{Endpoint, FlowKey, FlowStats, HANDOFF_MAGIC, HandoffMeta, addr_words, names},
+    maps::{
+        DIR_TO_BACKEND, Endpoint, FlowKey, FlowStats, HANDOFF_MAGIC, HandoffMeta, PROTO_TCP,
+        PROTO_UDP, addr_words, names,
+    },
     reason::Reason,
 };
 use lb_userspace::config::Config;
 use xlb_tests::{
     lab::{self, BACKEND_MAC, CLIENT, CLIENT_MAC, FX0_MAC, FX1_MAC, Iface, VIP, VIP_UNRESOLVED},
     model::{
-        FlowModel, echo_reply_v4, echo_rewrite_v4, flow_key_v4, flows::key, icmp_error_v4,
-        icmp_layout_v4, icmp_quote_v4, icmp_quoted_check_off, is_icmp_error, nat_rewrite_v4,
-        rewrite::IcmpLayout,
+        FlowModel, echo_reply_v4, echo_reply_v6, echo_rewrite_v4, flow_key, flows::key,
+        icmp_error_v4, icmp_layout_v4, icmp_quote_v4, icmp_quoted_check_off, is_icmp_error,
+        nat_rewrite, rewrite::IcmpLayout,
     },
     packet::{
-        ETH_HLEN, Frame, ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, ICMP_FRAG_NEEDED,
-        ICMP_PARAM_PROBLEM, ICMP_TIME_EXCEEDED, IP_MF, IPV4_HLEN, L4, PROTO_ICMP, hex_diff,
-        icmp_echo, icmp_error, icmp_message, layout_v4, summary, untag, verify_checksums_v4,
+        ETH_HLEN, ETH_P_IPV6, Frame, ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST,
+        ICMP_FRAG_NEEDED, ICMP_PARAM_PROBLEM, ICMP_TIME_EXCEEDED, ICMPV6_ECHO_REQUEST,
+        ICMPV6_NEIGHBOUR_SOLICITATION, IP_MF, IPV4_HLEN, IPV6_DEST_OPTIONS, IPV6_FRAGMENT,
+        IPV6_HLEN, IPV6_HOP_BY_HOP, IPV6_NONE, IPV6_ROUTING, L4, PROTO_ICMP, PROTO_ICMPV6,
+        hex_diff, icmp_echo, icmp_error, icmp_message, icmp6_message, layout, parse_v6, summary,
+        untag, verify_checksums,
     },
 };
 
@@ -103,6 +111,25 @@ protocol = "udp"
 mode = "dnat"
 [[service.backend]]
 address = "10.20.1.2:5353"
+# IPv6: full NAT for TCP and UDP, dnat for TCP.
+[[service]]
+vip = "[2001:db8:10::100]:80"
+protocol = "tcp"
+snat = "2001:db8:20::1"
+[[service.backend]]
+address = "[2001:db8:20:1::2]:8080"
+[[service]]
+vip = "[2001:db8:10::100]:53"
+protocol = "udp"
+snat = ["2001:db8:20::1", "2001:db8:20::2"]
+[[service.backend]]
+address = "[2001:db8:20:1::2]:5353"
+[[service]]
+vip = "[2001:db8:10::104]:80"
+protocol = "tcp"
+mode = "dnat"
+[[service.backend]]
+address = "[2001:db8:20:1::2]:8080"
 # The upper half of the client subnet goes out through a NAT gateway.
 [[nat_gateway]]
 source = "10.10.1.128/25"
@@ -161,6 +188,9 @@ fn random_frames_match_the_reference_model() {
         Reason::PassIcmp,
         Reason::PassIcmpUntracked,
         Reason::DropDnatTupleTaken,
+        Reason::DropBadIpv6Header,
+        Reason::PassIpv6Extensions,
+        Reason::DropUdpZeroChecksum,
     ] {
         let n = histogram.get(reason.name()).copied().unwrap_or(0);
         assert!(
@@ -175,6 +205,8 @@ fn random_frames_match_the_reference_model() {
         ("(gateway flow packet)", 100),
         ("(gateway echo packet)", 1000),
         ("(icmp error about a ping translated)", 1000),
+        ("(ipv6 flow packet)", 100),
+        ("(icmpv6 echo answered)", 1000),
     ] {
         let n = histogram.get(outcome).copied().unwrap_or(0);
         assert!(n >= frames / per, "only {n} frames: {outcome}");
@@ -208,6 +240,9 @@ fn run(seed: u64, frames: u64) -> Result<(Histogram, Histogram)> {
     let mut model = FlowModel::new(&checked);
     // Inputs of flows the program forwarded, to send again (conntrack hits) and to answer.
     let mut tracked: Vec<Frame> = Vec::new();
+    // The same for IPv6 flows (ICMP errors quote IPv4 ones only: ICMPv6 errors are not
+    // translated yet).
+    let mut tracked6: Vec<Frame> = Vec::new();
     let mut histogram = BTreeMap::new();
     // Packets and bytes of the frames that left rewritten: what the service (and gateway)
     // counters must add up to; the backend counters, less the gateways' flows.
@@ -215,7 +250,7 @@ fn run(seed: u64, frames: u64) -> Result<(Histogram, Histogram)> {
     let (mut through_gateways, mut through_gateways_bytes) = (0u64, 0u64);
 
     for i in 0..frames {
-        let (frame, ingress) = random_frame(&mut rng, &tracked, &model, fx0, fx1);
+        let (frame, ingress) = random_frame(&mut rng, [&tracked, &tracked6], &model, fx0, fx1);
         let input = frame.build();
         if input.len() < ETH_HLEN {
             continue; // BPF_PROG_TEST_RUN refuses frames shorter than an Ethernet header.
@@ -251,16 +286,25 @@ fn run(seed: u64, frames: u64) -> Result<(Histogram, Histogram)> {
             };
             *histogram.entry(what).or_insert(0) += 1;
         }
+        // ICMPv6 is never a flow's: what of it is forwarded is a ping answered.
+        let icmp6 = parse_v6(&input).is_ok_and(|l| l.proto == PROTO_ICMPV6);
+        if forwarded && icmp6 {
+            *histogram.entry("(icmpv6 echo answered)").or_insert(0) += 1;
+        }
+        if forwarded && !icmp6 && parse_v6(&input).is_ok() {
+            *histogram.entry("(ipv6 flow packet)").or_insert(0) += 1;
+        }
         // Echo replies to pings of a VIP belong to no flow: the flow counters do not count
         // them.
-        let answered = icmp.is_some()
-            && !echo_flow
-            && icmp.as_ref().is_some_and(|l| l.kind == ICMP_ECHO_REQUEST);
+        let answered = icmp6
+            || (icmp.is_some()
+                && !echo_flow
+                && icmp.as_ref().is_some_and(|l| l.kind == ICMP_ECHO_REQUEST));
         if forwarded && !answered {
             rewritten += 1;
             rewritten_bytes += bytes;
             // The flow it belongs to: its own, or an error's, the flow it quotes.
-            let flow_key = flow_key_v4(&input)
+            let flow_key = flow_key(&input)
                 .or_else(|| icmp_quote_v4(&input).map(|(qs, qd, proto)| key(qd, qs, proto)));
             let gateway = flow_key
                 .and_then(|k| model.flow(&k))
@@ -279,8 +323,13 @@ fn run(seed: u64, frames: u64) -> Result<(Histogram, Histogram)> {
         if matches!(reason, Reason::ForwardTx | Reason::ForwardRedirect)
             && ingress == fx0
             && (icmp.is_none() || echo_flow)
+            && !icmp6
         {
-            tracked.push(frame);
+            if frame.v6.is_some() {
+                tracked6.push(frame);
+            } else {
+                tracked.push(frame);
+            }
         }
     }
 
@@ -361,16 +410,26 @@ fn flow_stats_total(ebpf: &Ebpf, map: &str, count: u32) -> Result<(u64, u64)> {
 /// A frame and the interface it arrives on.
 fn random_frame(
     rng: &mut Rng,
-    tracked: &[Frame],
+    [tracked4, tracked6]: [&[Frame]; 2],
     model: &FlowModel,
     fx0: Iface,
     fx1: Iface,
 ) -> (Frame, Iface) {
     let roll = rng.below(100);
     let mut icmp = false;
+    // One tracked flow in four is an IPv6 one, when there are.
+    let tracked = if rng.chance(25) && !tracked6.is_empty() {
+        tracked6
+    } else {
+        tracked4
+    };
     let (mut frame, ingress) = if (35..47).contains(&roll) {
         icmp = true;
-        random_icmp(rng, tracked, model, fx0, fx1)
+        random_icmp(rng, tracked4, model, fx0, fx1)
+    } else if (47..62).contains(&roll) {
+        let (frame, ingress) = random_v6(rng, fx0);
+        icmp = frame.l4.proto() == PROTO_ICMPV6;
+        (frame, ingress)
     } else if roll < 20 && !tracked.is_empty() {
         // Another packet of a tracked flow, with random flags (a ping: another sequence
         // number and data).
@@ -391,13 +450,19 @@ fn random_frame(
             .rewrite(&key_of(f))
             .expect("tracked frames are the model's flows");
         let mut reply = Frame {
-            src: ip4(backend),
             sport: backend.port(),
-            dst: ip4(snat),
             dport: snat.port(),
             l4: random_l4(rng, &f.l4),
             ..Frame::default()
         };
+        match (backend.ip(), snat.ip()) {
+            (IpAddr::V4(b), IpAddr::V4(s)) => (reply.src, reply.dst) = (b, s),
+            (IpAddr::V6(b), IpAddr::V6(s)) => {
+                reply.v6 = Some((b, s));
+                reply.ethertype = ETH_P_IPV6;
+            }
+            _ => panic!("a flow of two families"),
+        }
         if f.l4.proto() == PROTO_ICMP {
             icmp = true;
             let [i0, i1] = snat.port().to_be_bytes();
@@ -478,8 +543,12 @@ fn random_frame(
             proto: rng.next() as u8,
         };
     }
+    if frame.v6.is_some() {
+        mangle_v6(rng, &mut frame);
+    }
     if rng.chance(3) {
-        frame.ethertype = [0x86dd, 0x8100, 0x0806, rng.next() as u16][rng.below(4) as usize];
+        frame.ethertype =
+            [0x86dd, 0x0800, 0x8100, 0x0806, rng.next() as u16][rng.below(5) as usize];
     }
     if rng.chance(10) {
         // An 802.1Q tag (a second one now and then, through `ethertype` above: QinQ).
@@ -501,6 +570,116 @@ fn random_frame(
         frame.truncate_to = Some(ETH_HLEN + rng.below(70) as usize);
     }
     (frame, ingress)
+}
+
+/// The IPv6 services' VIPs (see CONFIG), and addresses of the lab's that are not.
+const VIP6_DNAT: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x10, 0, 0, 0, 0, 0x104);
+const LAB_OWN: [IpAddr; 4] = [
+    IpAddr::V4(Ipv4Addr::new(10, 10, 1, 1)),
+    IpAddr::V4(Ipv4Addr::new(10, 20, 1, 1)),
+    IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0x10, 1, 0, 0, 0, 1)),
+    IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0x20, 1, 0, 0, 0, 1)),
+];
+
+/// Something new over IPv6 from the client side: TCP or UDP to the IPv6 VIPs or elsewhere,
+/// or ICMPv6 (a ping to a VIP or not, a neighbour solicitation, any other type).
+fn random_v6(rng: &mut Rng, fx0: Iface) -> (Frame, Iface) {
+    let client = if rng.chance(70) {
+        lab::CLIENT6
+    } else {
+        Ipv6Addr::new(0x2001, 0xdb8, 0x10, 1, 0, 0, 0, 2 + rng.below(200) as u16)
+    };
+    let dst = match rng.below(14) {
+        0..=6 => lab::VIP6,
+        7..=8 => VIP6_DNAT,
+        9 => lab::BACKEND6,
+        10 => lab::UNRESOLVED_BACKEND6,
+        11 => Ipv6Addr::new(0x2001, 0xdb8, 0x10, 1, 0, 0, 0, 1),
+        12 => Ipv6Addr::new(0x2001, 0xdb8, 0x99, 0, 0, 0, 0, 1),
+        _ => Ipv6Addr::new(0x2001, 0xdb8, 0x77, 0, 0, 0, 0, 1),
+    };
+    let sport = 1024 + rng.below(200) as u16;
+    let frame = match rng.below(20) {
+        0..=11 => Frame {
+            l4: random_l4(
+                rng,
+                &L4::Tcp {
+                    flags: 0,
+                    seq: 1000,
+                    ack: 0,
+                },
+            ),
+            ..Frame::tcp6((client, sport), (dst, 80), 0)
+        },
+        12..=17 => {
+            let mut f = Frame::udp6((client, sport), (dst, 53), &[]);
+            f.l4 = L4::Udp {
+                checksum: rng.chance(95),
+            };
+            f
+        }
+        _ => {
+            let (kind, code) = match rng.below(10) {
+                0..=5 => (ICMPV6_ECHO_REQUEST, 0),
+                6 => (ICMPV6_ECHO_REQUEST, 1),
+                7 => (ICMPV6_NEIGHBOUR_SOLICITATION, 0),
+                _ => (rng.next() as u8, 0),
+            };
+            let len = rng.below(56) as usize;
+            let rest = [0, rng.next() as u8, 0, rng.next() as u8];
+            Frame::icmp6(
+                client,
+                dst,
+                icmp6_message(client, dst, kind, code, rest, &rng.bytes(len)),
+            )
+        }
+    };
+    (frame.with_macs(CLIENT_MAC, FX0_MAC), fx0)
+}
+
+/// IPv6's own malformations: extension headers (of the kinds walked, a fragment header
+/// first, later or whole, and kinds that are not), more of them than the program walks, and
+/// IPv4-mapped addresses.
+fn mangle_v6(rng: &mut Rng, frame: &mut Frame) {
+    if rng.chance(15) {
+        let n = 1 + rng.below(5) as usize;
+        frame.ext_headers = (0..n)
+            .map(|_| match rng.below(10) {
+                0..=2 => (IPV6_HOP_BY_HOP, ext_body(rng)),
+                3..=4 => (IPV6_DEST_OPTIONS, ext_body(rng)),
+                5 => (IPV6_ROUTING, ext_body(rng)),
+                6..=8 => {
+                    let offset: u16 = match rng.below(3) {
+                        0 => 1,                                // first, more to come
+                        1 => (1 + rng.below(100) as u16) << 3, // later
+                        _ => 0,                                // whole (atomic)
+                    };
+                    let [o0, o1] = offset.to_be_bytes();
+                    (IPV6_FRAGMENT, vec![o0, o1, 0, 0, 0, 1])
+                }
+                _ => (
+                    [50, 51, IPV6_NONE, 135][rng.below(4) as usize],
+                    ext_body(rng),
+                ),
+            })
+            .collect();
+    }
+    if rng.chance(1) {
+        let mapped = Ipv4Addr::new(10, 10, 0, 100).to_ipv6_mapped();
+        if let Some((src, dst)) = frame.v6.as_mut() {
+            if rng.chance(50) {
+                *src = mapped;
+            } else {
+                *dst = mapped;
+            }
+        }
+    }
+}
+
+/// The bytes of an extension header after its first two: 6, 14 or 22 of them.
+fn ext_body(rng: &mut Rng) -> Vec<u8> {
+    let len = [6, 14, 22][rng.below(3) as usize];
+    rng.bytes(len)
 }
 
 /// A destination beyond the NAT gateway: the lab's hosts on fx1 (resolved, not, behind a
@@ -821,13 +1000,19 @@ fn run_and_check(
         }
     };
     let input = &input[..];
+    if input.len() >= ETH_HLEN
+        && input[12..14] == ETH_P_IPV6.to_be_bytes()
+        && let Some(done) = check_v6(model, input, &run, reason, ingress, fx0, fx1)?
+    {
+        return Ok(done);
+    }
     if let Some(l) = icmp_layout_v4(input)
         && !is_echo_flow(model, input)
     {
         return check_icmp(model, input, &run, reason, &l, ingress, fx0, fx1);
     }
     if reason == Reason::DropDnatTupleTaken {
-        let key = layout_v4(input).map(|l| l.flow_key(input));
+        let key = layout(input).map(|l| l.flow_key(input));
         ensure!(
             key.is_some_and(|k| model.dnat_tuple_taken(&k)),
             "dropped as {}, but the model sees no flow on its backend from its client port",
@@ -837,8 +1022,8 @@ fn run_and_check(
 
     // What found a tracked flow was recorded there, if it was to be forwarded (not with its
     // TTL about to expire, not a first fragment), whatever became of it after.
-    let key = flow_key_v4(input);
-    let flags = layout_v4(input).map_or(0, |l| tcp_flags(input, &l));
+    let key = flow_key(input);
+    let flags = layout(input).map_or(0, |l| tcp_flags(input, &l));
     let reached_conntrack = !matches!(
         reason,
         Reason::PassNotIp
@@ -846,11 +1031,21 @@ fn run_and_check(
             | Reason::PassFragment
             | Reason::DropTruncated
             | Reason::DropBadIpv4Header
+            | Reason::DropBadIpv6Header
+            | Reason::PassIpv6Extensions
+            | Reason::DropUdpZeroChecksum
             | Reason::DropWrongInterface
             | Reason::PassTtlExpired
             | Reason::DropFragment
     );
-    let was_tracked = key.as_ref().is_some_and(|k| model.flow(k).is_some());
+    // An echo request is a packet of a flow's outgoing direction only, a reply of its
+    // returning one: with identifier 0 their keys are one.
+    let echo_request = icmp_layout_v4(input).map(|l| l.kind == ICMP_ECHO_REQUEST);
+    let was_tracked = key.as_ref().is_some_and(|k| {
+        model.flow(k).is_some_and(|(_, dir)| {
+            echo_request.is_none_or(|request| request == (dir == DIR_TO_BACKEND))
+        })
+    });
     if reached_conntrack
         && was_tracked
         && let Some(k) = &key
@@ -871,9 +1066,8 @@ fn run_and_check(
         };
         let request =
             icmp_layout_v4(input).is_some_and(|l| (l.kind, l.code) == (ICMP_ECHO_REQUEST, 0));
-        let dst = *k.dst.to_socket_v4().ip();
-        let kernels = lab::subnet_interface(dst).is_none()
-            || [Ipv4Addr::new(10, 10, 1, 1), Ipv4Addr::new(10, 20, 1, 1)].contains(&dst);
+        let dst = k.dst.ip();
+        let kernels = lab::subnet_interface(dst).is_none() || LAB_OWN.contains(&dst);
         let ours = model.service(k).is_some() || model.gateway(k, request).is_some();
         ensure!(
             ours || reason == not_ours,
@@ -916,8 +1110,8 @@ fn run_and_check(
     // Rewritten: to what the model says for a tracked flow, or, for a new one, to what the
     // model accepts as a new flow of the frame's service or gateway.
     let key = key.context("a rewritten frame has a flow key")?;
-    let out_key = flow_key_v4(&run.frame).context("the output must parse")?;
-    let (src, dst) = (out_key.src.to_socket_v4(), out_key.dst.to_socket_v4());
+    let out_key = flow_key(&run.frame).context("the output must parse")?;
+    let (src, dst) = (out_key.src.to_socket(), out_key.dst.to_socket());
     if !was_tracked {
         // Of ICMP, only an echo request may start a flow (the model takes an ICMP key it
         // learns for one).
@@ -928,13 +1122,14 @@ fn run_and_check(
             "a new flow from an ICMP message that is no echo request"
         );
         model
-            .learn(&key, flags, src.into(), dst.into())
+            .learn(&key, flags, src, dst)
             .context("the new flow the program created")?;
     }
     let (want_src, want_dst) = model.rewrite(&key).context("the model tracks the flow")?;
     ensure!(
-        (src, dst) == (v4(want_src), v4(want_dst)),
-        "rewritten to {src} → {dst}; the model says {want_src} → {want_dst}"
+        (src, dst) == (want_src, want_dst),
+        "rewritten to {src} → {dst}; the model says {want_src} → {want_dst}:\n{}",
+        hex_diff(input, &run.frame)
     );
     let (expected, check_off) = match icmp_layout_v4(input) {
         Some(l) => (
@@ -942,14 +1137,12 @@ fn run_and_check(
             l.icmp_off + 2,
         ),
         None => (
-            nat_rewrite_v4(input, v4(want_src), v4(want_dst), ttl_decrement),
-            layout_v4(input)
-                .context("a rewritten frame parses")?
-                .check_off,
+            nat_rewrite(input, want_src, want_dst, ttl_decrement),
+            layout(input).context("a rewritten frame parses")?.check_off,
         ),
     };
     let expected = expected.context("the reference refuses the frame")?;
-    let expected = as_sent(&run, expected, reason, ip4(want_dst), ingress, fx0, fx1)?;
+    let expected = as_sent(&run, expected, reason, want_dst.ip(), ingress, fx0, fx1)?;
     matches_reference(
         input,
         &run,
@@ -968,8 +1161,8 @@ fn matches_reference(
     mut expected: Vec<u8>,
     checksums: &[std::ops::Range<usize>],
 ) -> Result<()> {
-    if verify_checksums_v4(input).is_ok() {
-        verify_checksums_v4(&run.frame).map_err(|e| anyhow::anyhow!("output checksum: {e}"))?;
+    if verify_checksums(input).is_ok() {
+        verify_checksums(&run.frame).map_err(|e| anyhow::anyhow!("output checksum: {e}"))?;
     } else {
         for range in checksums {
             expected[range.clone()].copy_from_slice(&run.frame[range.clone()]);
@@ -990,14 +1183,22 @@ fn as_sent(
     run: &lab::Run,
     mut expected: Vec<u8>,
     reason: Reason,
-    toward: Ipv4Addr,
+    toward: IpAddr,
     ingress: Iface,
     fx0: Iface,
     fx1: Iface,
 ) -> Result<Vec<u8>> {
     let macs = matches!(reason, Reason::ForwardTx | Reason::ForwardRedirect);
     let handoff = reason == Reason::ForwardResolveNeighbour;
-    let neighbour = lab::NEIGHBOURS.iter().find(|(a, ..)| *a == toward);
+    let neighbour = lab::NEIGHBOURS
+        .iter()
+        .map(|&(a, mac, dev)| (IpAddr::V4(a), mac, dev))
+        .chain(
+            lab::NEIGHBOURS6
+                .iter()
+                .map(|&(a, mac, dev)| (IpAddr::V6(a), mac, dev)),
+        )
+        .find(|(a, ..)| *a == toward);
     let egress = match lab::subnet_interface(toward) {
         Some(lab::FX0) => fx0,
         Some(_) => fx1,
@@ -1008,7 +1209,7 @@ fn as_sent(
             bail!("sent to {toward}, which has no neighbour in the lab");
         };
         ensure!(
-            lab::subnet_interface(toward) == Some(*dev),
+            lab::subnet_interface(toward) == Some(dev),
             "the lab's neighbour {toward} is not on its subnet's interface"
         );
         ensure!(
@@ -1018,13 +1219,13 @@ fn as_sent(
             egress.ifindex,
             ingress.ifindex
         );
-        expected[0..6].copy_from_slice(mac);
+        expected[0..6].copy_from_slice(&mac);
         expected[6..12].copy_from_slice(&egress.mac);
     }
     let want_meta = handoff.then(|| HandoffMeta {
         magic: HANDOFF_MAGIC,
         ifindex: egress.ifindex,
-        next_hop: addr_words(Endpoint::v4(toward.octets(), [0; 2]).addr),
+        next_hop: addr_words(Endpoint::addr_of(toward)),
     });
     ensure!(
         run.meta == want_meta,
@@ -1141,7 +1342,7 @@ fn check_icmp(
             reason.name()
         );
     };
-    let expected = as_sent(run, expected, reason, toward, ingress, fx0, fx1)?;
+    let expected = as_sent(run, expected, reason, toward.into(), ingress, fx0, fx1)?;
     // The quoted L4 checksum too: a frame whose lengths lie may "quote" padding the
     // checksum never covered.
     let mut checksums = vec![ip + 10..ip + 12, l.icmp_off + 2..l.icmp_off + 4];
@@ -1154,11 +1355,84 @@ fn check_icmp(
     Ok(reason)
 }
 
+/// What the program must make of an IPv6 frame before any flow is looked for: the reason
+/// the frame's layout (RFC 8200, `parse_v6`) gives one it does not go into, or ICMPv6's
+/// fate (a ping to a VIP answered, the rest to the kernel). `None` for TCP and UDP that
+/// go on to the flows, checked as IPv4's are.
+#[allow(clippy::too_many_arguments)]
+fn check_v6(
+    model: &FlowModel,
+    input: &[u8],
+    run: &lab::Run,
+    reason: Reason,
+    ingress: Iface,
+    fx0: Iface,
+    fx1: Iface,
+) -> Result<Option<Reason>> {
+    let verdict = match parse_v6(input) {
+        Err(r) => r,
+        Ok(l) => {
+            let l4_min = match l.proto {
+                PROTO_TCP => 20,
+                PROTO_UDP | PROTO_ICMPV6 => 8,
+                _ => 0,
+            };
+            let at = l.l4_off;
+            if l4_min == 0 {
+                Reason::PassNotTcpUdp
+            } else if l.later_fragment {
+                Reason::PassFragment
+            } else if at + l4_min > ETH_HLEN + l.tot_len {
+                Reason::DropTruncated
+            } else if l.proto == PROTO_UDP && input[at + 6..at + 8] == [0, 0] {
+                Reason::DropUdpZeroChecksum
+            } else if l.proto != PROTO_ICMPV6 {
+                return Ok(None);
+            } else {
+                let dst = Ipv6Addr::from(<[u8; 16]>::try_from(&input[38..54]).unwrap());
+                let src = Ipv6Addr::from(<[u8; 16]>::try_from(&input[22..38]).unwrap());
+                let ping = (input[at], input[at + 1]) == (ICMPV6_ECHO_REQUEST, 0);
+                if ping && !l.fragment && at == ETH_HLEN + IPV6_HLEN && model.is_vip(dst.into()) {
+                    ensure!(
+                        matches!(
+                            reason,
+                            Reason::ForwardTx
+                                | Reason::ForwardRedirect
+                                | Reason::ForwardResolveNeighbour
+                        ),
+                        "{}, but a ping to a VIP is answered",
+                        reason.name()
+                    );
+                    let expected = echo_reply_v6(input).context("the reference refuses it")?;
+                    let expected = as_sent(run, expected, reason, src.into(), ingress, fx0, fx1)?;
+                    let checksum = at + 2..at + 4;
+                    matches_reference(input, run, expected, std::slice::from_ref(&checksum))?;
+                    return Ok(Some(reason));
+                }
+                Reason::PassIcmp
+            }
+        }
+    };
+    ensure!(
+        reason == verdict,
+        "counted {}, but the frame's IPv6 layout says {}",
+        reason.name(),
+        verdict.name()
+    );
+    ensure!(
+        run.frame == input && run.meta.is_none(),
+        "{} must leave the frame alone:\n{}",
+        reason.name(),
+        hex_diff(input, &run.frame)
+    );
+    Ok(Some(reason))
+}
+
 /// The flow key of a tracked frame (one the program forwarded: it parses).
 fn key_of(f: &Frame) -> FlowKey {
     let built = f.build();
     let plain = untag(&built).map_or(built, |(plain, _)| plain);
-    flow_key_v4(&plain).expect("a tracked frame has a flow key")
+    flow_key(&plain).expect("a tracked frame has a flow key")
 }
 
 /// An endpoint of the model's that this test knows to be IPv4.
