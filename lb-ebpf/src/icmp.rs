@@ -51,6 +51,10 @@ const DEST_UNREACH: u8 = 3;
 pub const ECHO_REQUEST: u8 = 8;
 /// ICMPv6 types.
 pub const ECHO_REQUEST_V6: u8 = 128;
+const DEST_UNREACH_V6: u8 = 1;
+const PACKET_TOO_BIG_V6: u8 = 2;
+const TIME_EXCEEDED_V6: u8 = 3;
+const PARAM_PROBLEM_V6: u8 = 4;
 pub const ECHO_REPLY_V6: u8 = 129;
 const TIME_EXCEEDED: u8 = 11;
 const PARAM_PROBLEM: u8 = 12;
@@ -148,10 +152,12 @@ pub fn handle(ctx: &XdpContext, pkt: &Packet) -> Result<Reason, Reason> {
     let header: *const [u8; 2] = ptr_at(ctx, pkt.l4_off())?;
     // SAFETY: ptr_at checked that type and code are inside the frame.
     let [kind, code] = unsafe { *header };
-    // ICMPv6 errors about IPv6 flows are not translated yet: the kernel sees them.
     if pkt.v6 {
         return match kind {
             ECHO_REQUEST_V6 if code == 0 => echo(ctx, pkt),
+            DEST_UNREACH_V6 | PACKET_TOO_BIG_V6 | TIME_EXCEEDED_V6 | PARAM_PROBLEM_V6 => {
+                error(ctx, pkt)
+            }
             _ => Err(Reason::PassIcmp),
         };
     }
@@ -240,22 +246,14 @@ fn error(ctx: &XdpContext, pkt: &Packet) -> Result<Reason, Reason> {
     Ok(sent)
 }
 
-/// The code of "fragmentation needed and DF set" (type 3).
-const FRAG_NEEDED: u8 = 4;
-/// The IPv4 and ICMP headers an error puts in front of its quote.
-const ERROR_HEADERS: usize = Ipv4Hdr::LEN + ICMP_LEN;
-/// Where the quote starts in an error xlb makes: after Ethernet and `ERROR_HEADERS`.
-const QUOTE_AT: usize = ETH_LEN + ERROR_HEADERS;
-/// The longest quote xlb makes, in 32-bit words: an IPv4 header with options (60) + 8.
-const QUOTE_WORDS: usize = (60 + QUOTED_L4_MIN) / 4;
-
-/// Turns a packet too big for its way out (DF set; `mtu` is that way's) into ICMP
-/// "fragmentation needed" to its sender, from the address it sent to (the VIP, or the SNAT
-/// address for a backend's reply), quoting its IPv4 header and the 8 bytes after it as it
-/// sent them (before any rewrite: the packet has none yet), and sends that back, untagged, by
-/// devmap redirect, or by a handoff when the way back has no resolved neighbour or is not
-/// one of xlb's interfaces (a VLAN device, which tags it). The sender lowers its path MTU
-/// and sends again, smaller.
+/// Turns a packet too big for its way out (DF set, or IPv6; `mtu` is that way's) into ICMP
+/// "fragmentation needed" (ICMPv6 "packet too big") to its sender, from the address it sent
+/// to (the VIP, or the SNAT address for a backend's reply), quoting its IP header (options
+/// or extension headers included) and the 8 bytes after it as it sent them (before any
+/// rewrite: the packet has none yet), and sends that back, untagged, by devmap redirect, or
+/// by a handoff when the way back has no resolved neighbour or is not one of xlb's
+/// interfaces (a VLAN device, which tags it). The sender lowers its path MTU and sends
+/// again, smaller.
 ///
 /// Errors: `DropTooBig` when the frame cannot be reshaped, there is no way back, or the
 /// handoff has no room for its metadata; `DropRedirectFailed`.
@@ -263,72 +261,19 @@ const QUOTE_WORDS: usize = (60 + QUOTED_L4_MIN) / 4;
 /// Not inlined: its frame is not on the stack with the other paths'.
 #[inline(never)]
 pub fn too_big(ctx: &XdpContext, pkt: &Packet, mtu: u16) -> Result<Reason, Reason> {
-    // ICMPv6 "packet too big" is not made yet.
-    if pkt.v6 {
-        return Err(Reason::DropTooBig);
+    let tot_len = if pkt.v6 {
+        too_big_v6(ctx, pkt, mtu)
+    } else {
+        too_big_v4(ctx, pkt, mtu)
     }
-    // Never to a source that cannot be one (RFC 1122 3.2.2): "this network", loopback,
-    // multicast and above.
-    let to = pkt.key.src.v4_octets();
-    if to[0] == 0 || to[0] == 127 || to[0] >= 224 {
-        return Err(Reason::DropTooBig);
-    }
-    // The IPv4 header (with options) and 8 bytes: at most 68.
-    let quote_len = (pkt.l4_off().wrapping_sub(pkt.l3_off()) + QUOTED_L4_MIN) & 0x7f;
-    // Room in front for the two new headers; the old Ethernet header (and VLAN tag, whose
-    // 4 bytes the new headers take: the answer leaves untagged, or is tagged by the kernel's
-    // VLAN device on its way out) is overwritten.
-    let grow = (ERROR_HEADERS + ETH_LEN) as i32 - pkt.l3_off() as i32;
-    // SAFETY: the helper moves the frame's start within the headroom, or fails cleanly.
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -grow) } != 0 {
-        return Err(Reason::DropTooBig);
-    }
-    // The quote's sum, for the ICMP checksum, a word at a time (every packet pointer is
-    // derived again: the helper invalidated them).
-    let mut quote_sum = 0u32;
-    for i in 0..QUOTE_WORDS {
-        if i * 4 >= quote_len {
-            break;
-        }
-        let word: *const [u8; 4] = ptr_at(ctx, QUOTE_AT + i * 4).map_err(|_| Reason::DropTooBig)?;
-        // SAFETY: ptr_at checked the four bytes are inside the frame.
-        quote_sum += sum_words(unsafe { &*word });
-    }
-    let (src, dst) = (pkt.key.dst.v4_octets(), pkt.key.src.v4_octets());
-    let tot_len = ((ERROR_HEADERS + quote_len) as u16).to_be_bytes();
-    // DF set, so ID 0 is fine (RFC 6864: an atomic datagram).
-    let mut ip = [
-        0x45, 0xc0, tot_len[0], tot_len[1], 0, 0, 0x40, 0, 64, PROTO_ICMP, 0, 0, src[0], src[1],
-        src[2], src[3], dst[0], dst[1], dst[2], dst[3],
-    ];
-    let check = (!fold(sum_words(&ip))).to_be_bytes();
-    ip[10] = check[0];
-    ip[11] = check[1];
-    let mtu = mtu.to_be_bytes();
-    let mut icmp = [DEST_UNREACH, FRAG_NEEDED, 0, 0, 0, 0, mtu[0], mtu[1]];
-    let check = (!fold(sum_words(&icmp) + quote_sum)).to_be_bytes();
-    icmp[2] = check[0];
-    icmp[3] = check[1];
-    let headers: *mut [u8; QUOTE_AT] = ptr_at(ctx, 0).map_err(|_| Reason::DropTooBig)?;
-    // SAFETY: ptr_at checked that the Ethernet, IPv4 and ICMP headers' room is in the frame.
-    let headers = unsafe { &mut *headers };
-    headers[12] = 0x08;
-    headers[13] = 0x00;
-    headers[ETH_LEN..ETH_LEN + Ipv4Hdr::LEN].copy_from_slice(&ip);
-    headers[ETH_LEN + Ipv4Hdr::LEN..QUOTE_AT].copy_from_slice(&icmp);
-    // Nothing after the quote.
-    let (start, end) = frame_bounds(ctx);
-    let delta = (QUOTE_AT + quote_len) as i32 - (end - start) as i32;
-    // SAFETY: the helper only moves the frame's end, or fails cleanly.
-    if unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta) } != 0 {
-        return Err(Reason::DropTooBig);
-    }
+    .map_err(|_| Reason::DropTooBig)?;
     // Back the way the packet came, sent like any frame xlb sends itself.
     let mut back = Packet::default();
-    back.key.src = Endpoint::v4(src, [0; 2]);
-    back.key.dst = Endpoint::v4(dst, [0; 2]);
-    back.key.proto = PROTO_ICMP;
-    back.tot_len = u16::from_be_bytes(tot_len);
+    back.key.src = pkt.key.dst;
+    back.key.dst = pkt.key.src;
+    back.key.proto = if pkt.v6 { PROTO_ICMPV6 } else { PROTO_ICMP };
+    back.v6 = pkt.v6;
+    back.tot_len = tot_len;
     let mut hop = Hop::NONE;
     forward::route(ctx, &back, &back.key.src, &back.key.dst, &mut hop)
         .map_err(|_| Reason::DropTooBig)?;
@@ -358,6 +303,146 @@ pub fn too_big(ctx: &XdpContext, pkt: &Packet, mtu: u16) -> Result<Reason, Reaso
     }
 }
 
+/// The code of "fragmentation needed and DF set" (type 3).
+const FRAG_NEEDED: u8 = 4;
+/// The IPv4 and ICMP headers an error puts in front of its quote.
+const ERROR_HEADERS: usize = Ipv4Hdr::LEN + ICMP_LEN;
+/// Where the quote starts in an error xlb makes: after Ethernet and `ERROR_HEADERS`.
+const QUOTE_AT: usize = ETH_LEN + ERROR_HEADERS;
+/// The longest quote xlb makes, in 32-bit words: an IPv4 header with options (60) + 8.
+const QUOTE_WORDS: usize = (60 + QUOTED_L4_MIN) / 4;
+/// The same for ICMPv6: the IPv6 and ICMPv6 headers, where the quote starts, and its
+/// longest (the IPv6 header and extension headers, which end by `parse`'s 200, + 8).
+const ERROR_HEADERS_V6: usize = Ipv6Hdr::LEN + ICMP_LEN;
+const QUOTE_AT_V6: usize = ETH_LEN + ERROR_HEADERS_V6;
+const QUOTE_WORDS_V6: usize = (200 + QUOTED_L4_MIN) / 4;
+
+/// Makes the frame an ICMP "fragmentation needed" about the packet it holds (see
+/// [`too_big`]); returns its IPv4 total length.
+#[inline(always)]
+fn too_big_v4(ctx: &XdpContext, pkt: &Packet, mtu: u16) -> Result<u16, Reason> {
+    // Never to a source that cannot be one (RFC 1122 3.2.2): "this network", loopback,
+    // multicast and above.
+    let to = pkt.key.src.v4_octets();
+    if to[0] == 0 || to[0] == 127 || to[0] >= 224 {
+        return Err(Reason::DropTooBig);
+    }
+    // The IPv4 header (with options) and 8 bytes: at most 68.
+    let quote_len = (pkt.l4_off().wrapping_sub(pkt.l3_off()) + QUOTED_L4_MIN) & 0x7f;
+    // Room in front for the two new headers; the old Ethernet header (and VLAN tag, whose
+    // 4 bytes the new headers take: the answer leaves untagged, or is tagged by the kernel's
+    // VLAN device on its way out) is overwritten.
+    let grow = (ERROR_HEADERS + ETH_LEN) as i32 - pkt.l3_off() as i32;
+    // SAFETY: the helper moves the frame's start within the headroom, or fails cleanly.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -grow) } != 0 {
+        return Err(Reason::DropTooBig);
+    }
+    // The quote's sum, for the ICMP checksum, a word at a time (every packet pointer is
+    // derived again: the helper invalidated them).
+    let mut quote_sum = 0u32;
+    for i in 0..QUOTE_WORDS {
+        if i * 4 >= quote_len {
+            break;
+        }
+        let word: *const [u8; 4] = ptr_at(ctx, QUOTE_AT + i * 4)?;
+        // SAFETY: ptr_at checked the four bytes are inside the frame.
+        quote_sum += sum_words(unsafe { &*word });
+    }
+    let (src, dst) = (pkt.key.dst.v4_octets(), pkt.key.src.v4_octets());
+    let tot_len = ((ERROR_HEADERS + quote_len) as u16).to_be_bytes();
+    // DF set, so ID 0 is fine (RFC 6864: an atomic datagram).
+    let mut ip = [
+        0x45, 0xc0, tot_len[0], tot_len[1], 0, 0, 0x40, 0, 64, PROTO_ICMP, 0, 0, src[0], src[1],
+        src[2], src[3], dst[0], dst[1], dst[2], dst[3],
+    ];
+    let check = (!fold(sum_words(&ip))).to_be_bytes();
+    ip[10] = check[0];
+    ip[11] = check[1];
+    let mtu = mtu.to_be_bytes();
+    let mut icmp = [DEST_UNREACH, FRAG_NEEDED, 0, 0, 0, 0, mtu[0], mtu[1]];
+    let check = (!fold(sum_words(&icmp) + quote_sum)).to_be_bytes();
+    icmp[2] = check[0];
+    icmp[3] = check[1];
+    let headers: *mut [u8; QUOTE_AT] = ptr_at(ctx, 0)?;
+    // SAFETY: ptr_at checked that the Ethernet, IPv4 and ICMP headers' room is in the frame.
+    let headers = unsafe { &mut *headers };
+    headers[12] = 0x08;
+    headers[13] = 0x00;
+    headers[ETH_LEN..ETH_LEN + Ipv4Hdr::LEN].copy_from_slice(&ip);
+    headers[ETH_LEN + Ipv4Hdr::LEN..QUOTE_AT].copy_from_slice(&icmp);
+    cut_after(ctx, QUOTE_AT + quote_len)?;
+    Ok(u16::from_be_bytes(tot_len))
+}
+
+/// Makes the frame an ICMPv6 "packet too big" about the IPv6 packet it holds (see
+/// [`too_big`]); returns its IPv6 payload length + 40.
+#[inline(always)]
+fn too_big_v6(ctx: &XdpContext, pkt: &Packet, mtu: u16) -> Result<u16, Reason> {
+    // Never to a source that cannot be one (RFC 4443 2.4 (e)): unspecified, loopback,
+    // multicast.
+    let to = &pkt.key.src.addr;
+    if to[0] == 0xff || pkt.key.src.addr == [0; 16] || pkt.key.src.addr == LOOPBACK_V6 {
+        return Err(Reason::DropTooBig);
+    }
+    // The IPv6 header and its extension headers (which end by 200), and 8 bytes.
+    let quote_len = (pkt.l4_off().wrapping_sub(pkt.l3_off()) + QUOTED_L4_MIN) & 0xff;
+    let grow = (ERROR_HEADERS_V6 + ETH_LEN) as i32 - pkt.l3_off() as i32;
+    // SAFETY: the helper moves the frame's start within the headroom, or fails cleanly.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -grow) } != 0 {
+        return Err(Reason::DropTooBig);
+    }
+    // ICMPv6's checksum covers a pseudo-header (RFC 8200 8.1): the addresses, the
+    // message's length and the next header, 58.
+    let len = (ICMP_LEN + quote_len) as u16;
+    let mut sum = sum_words(&pkt.key.src.addr)
+        + sum_words(&pkt.key.dst.addr)
+        + len as u32
+        + PROTO_ICMPV6 as u32;
+    for i in 0..QUOTE_WORDS_V6 {
+        if i * 4 >= quote_len {
+            break;
+        }
+        let word: *const [u8; 4] = ptr_at(ctx, QUOTE_AT_V6 + i * 4)?;
+        // SAFETY: ptr_at checked the four bytes are inside the frame.
+        sum += sum_words(unsafe { &*word });
+    }
+    let mtu = (mtu as u32).to_be_bytes();
+    let icmp = [PACKET_TOO_BIG_V6, 0, 0, 0, mtu[0], mtu[1], mtu[2], mtu[3]];
+    let check = (!fold(sum + sum_words(&icmp))).to_be_bytes();
+    let headers: *mut [u8; QUOTE_AT_V6] = ptr_at(ctx, 0)?;
+    // SAFETY: ptr_at checked that the Ethernet, IPv6 and ICMPv6 headers' room is in the
+    // frame.
+    let h = unsafe { &mut *headers };
+    h[12] = 0x86;
+    h[13] = 0xdd;
+    let ip = ETH_LEN;
+    let plen = len.to_be_bytes();
+    h[ip..ip + 8].copy_from_slice(&[0x60, 0, 0, 0, plen[0], plen[1], PROTO_ICMPV6, 64]);
+    h[ip + 8..ip + 24].copy_from_slice(&pkt.key.dst.addr);
+    h[ip + 24..ip + 40].copy_from_slice(&pkt.key.src.addr);
+    let at = ip + Ipv6Hdr::LEN;
+    h[at..at + ICMP_LEN].copy_from_slice(&icmp);
+    h[at + 2] = check[0];
+    h[at + 3] = check[1];
+    cut_after(ctx, QUOTE_AT_V6 + quote_len)?;
+    Ok(Ipv6Hdr::LEN as u16 + len)
+}
+
+/// `::1`.
+const LOOPBACK_V6: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+
+/// Ends the frame `len` bytes in: nothing after the quote.
+#[inline(always)]
+fn cut_after(ctx: &XdpContext, len: usize) -> Result<(), Reason> {
+    let (start, end) = frame_bounds(ctx);
+    let delta = len as i32 - (end - start) as i32;
+    // SAFETY: the helper only moves the frame's end, or fails cleanly.
+    if unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta) } != 0 {
+        return Err(Reason::DropTooBig);
+    }
+    Ok(())
+}
+
 /// Reads where the error's quoted TCP/UDP packet (or ICMP echo) lies, and the conntrack key a
 /// reply to it would carry. False when the quote is not an unfragmented TCP/UDP-over-IPv4
 /// packet or echo with its ports (identifier) inside the error's datagram.
@@ -366,6 +451,9 @@ pub fn too_big(ctx: &XdpContext, pkt: &Packet, mtu: u16) -> Result<Reason, Reaso
 /// the FIB lookup's.
 #[inline(never)]
 fn read_quote(ctx: &XdpContext, pkt: &Packet, quote: &mut Quote, key: &mut FlowKey) -> bool {
+    if pkt.v6 {
+        return read_quote_v6(ctx, pkt, quote, key);
+    }
     // The quote ends with the error's datagram; Ethernet padding after it is not quoted.
     let end = pkt.l3_off() + pkt.tot_len as usize;
     let ip_off = pkt.l4_off() + ICMP_LEN;
@@ -422,5 +510,55 @@ fn read_quote(ctx: &XdpContext, pkt: &Packet, quote: &mut Quote, key: &mut FlowK
     };
     quote.proto = inner.proto;
     quote.echo_request = echo_request;
+    true
+}
+
+/// [`read_quote`] for an ICMPv6 error: its quote must be a TCP or UDP packet whose IPv6
+/// header is followed by the L4 header (no extension headers), and the error itself must
+/// have none either (so every offset stays within [`QUOTE_OFF_MASK`]).
+#[inline(always)]
+fn read_quote_v6(ctx: &XdpContext, pkt: &Packet, quote: &mut Quote, key: &mut FlowKey) -> bool {
+    if pkt.l4_off() != pkt.l3_off() + Ipv6Hdr::LEN {
+        return false;
+    }
+    let end = pkt.l3_off() + pkt.tot_len as usize;
+    let ip_off = pkt.l4_off() + ICMP_LEN;
+    let Ok(inner) = ptr_at::<Ipv6Hdr>(ctx, ip_off) else {
+        return false;
+    };
+    // SAFETY: ptr_at checked that the 40-byte IPv6 header is inside the frame.
+    let inner = unsafe { &*inner };
+    if inner.version() != 6 {
+        return false;
+    }
+    let check_off = match inner.next_hdr {
+        PROTO_TCP => TCP_CHECK_OFF,
+        PROTO_UDP => UDP_CHECK_OFF,
+        _ => return false,
+    };
+    let l4_off = (ip_off + Ipv6Hdr::LEN) & QUOTE_OFF_MASK;
+    if l4_off + QUOTED_L4_MIN > end {
+        return false;
+    }
+    let Ok(ports) = ptr_at::<[u8; 4]>(ctx, l4_off) else {
+        return false;
+    };
+    // SAFETY: ptr_at checked the four port bytes are inside the frame.
+    let ports = unsafe { *ports };
+    key.src.addr = inner.dst_addr;
+    key.src.port = [ports[2], ports[3]];
+    key.dst.addr = inner.src_addr;
+    key.dst.port = [ports[0], ports[1]];
+    key.proto = inner.next_hdr;
+    key._pad = 0;
+    quote.ip_off = ip_off;
+    quote.l4_off = l4_off;
+    quote.l4_check_off = if l4_off + check_off + 2 <= end {
+        l4_off + check_off
+    } else {
+        0
+    };
+    quote.proto = inner.next_hdr;
+    quote.echo_request = false;
     true
 }

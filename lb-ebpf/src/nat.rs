@@ -125,11 +125,22 @@ fn rewrite_ipv6(
     Ok((old_addrs, new_addrs))
 }
 
-/// Overwrites an IPv6 address in the packet, a byte pair at a time, adding the old and the
-/// new words to the checksum sums as it goes. Volatile, so LLVM keeps that order: left to
-/// itself it loads all 32 bytes first, and they spill onto the 512-byte stack.
+/// Overwrites an IPv6 address in the packet with `new`, and adds the old and the new
+/// address's words to the checksum sums.
 #[inline(always)]
 fn replace_address(field: &mut [u8; 16], new: &[u8; 16], old_sum: &mut u32, new_sum: &mut u32) {
+    let sums = swap_address(field, new);
+    *old_sum += (sums >> 32) as u32;
+    *new_sum += sums as u32;
+}
+
+/// Writes `new` over `field`, a byte pair at a time; returns the sum of the old words (high
+/// half) and of the new (low half). Not inlined, and volatile: left to itself LLVM loads
+/// all 32 bytes first, in whatever frame it is inlined into, and they spill onto the
+/// 512-byte stack.
+#[inline(never)]
+fn swap_address(field: &mut [u8; 16], new: &[u8; 16]) -> u64 {
+    let (mut old_sum, mut new_sum) = (0u64, 0u64);
     let mut i = 0;
     while i < 16 {
         // SAFETY: in-bounds indexes of two arrays the references keep valid.
@@ -142,13 +153,14 @@ fn replace_address(field: &mut [u8; 16], new: &[u8; 16], old_sum: &mut u32, new_
                 core::ptr::read_volatile(&new[i]),
                 core::ptr::read_volatile(&new[i + 1]),
             );
-            *old_sum += u16::from_be_bytes([o0, o1]) as u32;
-            *new_sum += u16::from_be_bytes([n0, n1]) as u32;
+            old_sum += u16::from_be_bytes([o0, o1]) as u64;
+            new_sum += u16::from_be_bytes([n0, n1]) as u64;
             core::ptr::write_volatile(&mut field[i], n0);
             core::ptr::write_volatile(&mut field[i + 1], n1);
         }
         i += 2;
     }
+    old_sum << 32 | new_sum
 }
 
 /// Sets the IPv4 header's addresses and TTL, updating its checksum. Returns the unfolded sums
@@ -226,6 +238,9 @@ pub fn rewrite_icmp_error(
     src: &Endpoint,
     ttl_decrement: u8,
 ) -> Result<(), Reason> {
+    if pkt.v6 {
+        return rewrite_icmp6_error(ctx, pkt, quote, entry, src, ttl_decrement);
+    }
     rewrite_ipv4(
         ctx,
         pkt,
@@ -297,6 +312,76 @@ pub fn rewrite_icmp_error(
         *check = updated.to_be_bytes();
     }
 
+    let icmp_check: *mut [u8; 2] = ptr_at(ctx, pkt.l4_check_off())?;
+    // SAFETY: ptr_at checked the two checksum bytes are inside the frame.
+    let icmp_check = unsafe { &mut *icmp_check };
+    *icmp_check = replace(u16::from_be_bytes(*icmp_check), old, new).to_be_bytes();
+    Ok(())
+}
+
+/// [`rewrite_icmp_error`] for ICMPv6: the same rewrites, with no IPv4 header checksums; the
+/// ICMPv6 checksum covers the outer addresses too (its pseudo-header), so it follows them
+/// as well as every word changed in the quote.
+#[inline(always)]
+fn rewrite_icmp6_error(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    quote: &Quote,
+    entry: &Rewrite,
+    src: &Endpoint,
+    ttl_decrement: u8,
+) -> Result<(), Reason> {
+    let (mut old, mut new) = rewrite_ipv6(
+        ctx,
+        pkt,
+        &src.addr,
+        &entry.dst.addr,
+        pkt.ttl - ttl_decrement,
+    )?;
+    let inner: *mut Ipv6Hdr = ptr_at(ctx, quote.ip_off())?;
+    // SAFETY: ptr_at checked that the quoted 40-byte IPv6 header is inside the frame.
+    let inner = unsafe { &mut *inner };
+    let (mut old_addrs, mut new_addrs) = (0, 0);
+    replace_address(
+        &mut inner.src_addr,
+        &entry.dst.addr,
+        &mut old_addrs,
+        &mut new_addrs,
+    );
+    replace_address(
+        &mut inner.dst_addr,
+        &entry.src.addr,
+        &mut old_addrs,
+        &mut new_addrs,
+    );
+    let ports: *mut [u8; 4] = ptr_at(ctx, quote.l4_off())?;
+    // SAFETY: ptr_at checked the four port bytes are inside the frame.
+    let ports = unsafe { &mut *ports };
+    let old_ports = sum_words(ports);
+    *ports = [
+        entry.dst.port[0],
+        entry.dst.port[1],
+        entry.src.port[0],
+        entry.src.port[1],
+    ];
+    let new_ports = sum_words(ports);
+    old += old_addrs + old_ports;
+    new += new_addrs + new_ports;
+    if quote.has_l4_check() {
+        let check: *mut [u8; 2] = ptr_at(ctx, quote.l4_check_off())?;
+        // SAFETY: ptr_at checked the two checksum bytes are inside the frame.
+        let check = unsafe { &mut *check };
+        let value = u16::from_be_bytes(*check);
+        let (l4_old, l4_new) = (old_addrs + old_ports, new_addrs + new_ports);
+        let updated = if quote.proto == PROTO_UDP {
+            replace_udp(value, l4_old, l4_new)
+        } else {
+            replace(value, l4_old, l4_new)
+        };
+        old += value as u32;
+        new += updated as u32;
+        *check = updated.to_be_bytes();
+    }
     let icmp_check: *mut [u8; 2] = ptr_at(ctx, pkt.l4_check_off())?;
     // SAFETY: ptr_at checked the two checksum bytes are inside the frame.
     let icmp_check = unsafe { &mut *icmp_check };

@@ -46,10 +46,11 @@ use xlb_tests::{
     },
     packet::{
         ETH_HLEN, Frame, ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_FRAG_NEEDED, ICMP_TIME_EXCEEDED,
-        ICMPV6_ECHO_REPLY, ICMPV6_ECHO_REQUEST, ICMPV6_NEIGHBOUR_SOLICITATION, IP_MF,
-        IPV6_DEST_OPTIONS, IPV6_FRAGMENT, IPV6_HOP_BY_HOP, L4, PROTO_ICMP, TCP_ACK, TCP_FIN,
-        TCP_PSH, TCP_RST, TCP_SYN, arp_request, hex_diff, icmp_echo, icmp_error, icmp_message,
-        icmp6_message, summary, tag, untag, verify_checksums,
+        ICMPV6_ECHO_REPLY, ICMPV6_ECHO_REQUEST, ICMPV6_NEIGHBOUR_SOLICITATION,
+        ICMPV6_PACKET_TOO_BIG, ICMPV6_TIME_EXCEEDED, IP_MF, IPV6_DEST_OPTIONS, IPV6_FRAGMENT,
+        IPV6_HLEN, IPV6_HOP_BY_HOP, L4, PROTO_ICMP, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN,
+        arp_request, hex_diff, icmp_echo, icmp_error, icmp_message, icmp6_message, summary, tag,
+        untag, verify_checksums,
     },
 };
 
@@ -2355,6 +2356,13 @@ snat = "2001:db8:20::1"
 [[service.backend]]
 address = "[2001:db8:99::1]:8080"
 
+[[service]]
+vip = "[2001:db8:10::107]:80"
+protocol = "tcp"
+snat = "2001:db8:20::1"
+[[service.backend]]
+address = "[2001:db8:20:1::7]:8080"
+
 # An IPv4 service on the same port: the families do not meet.
 [[service]]
 vip = "10.10.0.100:80"
@@ -2369,6 +2377,37 @@ address = "10.20.1.2:8080"
 const VIP6_DNAT: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x10, 0, 0, 0, 0, 0x101);
 const VIP6_UNRESOLVED: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x10, 0, 0, 0, 0, 0x103);
 const VIP6_BLACKHOLE: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x10, 0, 0, 0, 0, 0x105);
+/// Its backend is behind a route of MTU 1280.
+const VIP6_SMALL_MTU: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x10, 0, 0, 0, 0, 0x107);
+/// A router on the client side, and one on the backend side.
+const CLIENT_ROUTER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x10, 1, 0, 0, 0, 0xfe);
+const BACKEND_ROUTER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x20, 1, 0, 0, 0, 0xfe);
+
+/// An ICMPv6 error of `kind` from `from` to `to` quoting `quoted` (a built frame: its IPv6
+/// packet, cut to `cut` bytes), MTU 1280 for "packet too big".
+fn icmp6_error(from: Ipv6Addr, to: Ipv6Addr, kind: u8, quoted: &Frame, cut: usize) -> Frame {
+    let packet = quoted.build()[ETH_HLEN..].to_vec();
+    let cut = cut.min(packet.len());
+    let rest = if kind == ICMPV6_PACKET_TOO_BIG {
+        1280u32.to_be_bytes()
+    } else {
+        [0; 4]
+    };
+    Frame::icmp6(
+        from,
+        to,
+        icmp6_message(from, to, kind, 0, rest, &packet[..cut]),
+    )
+}
+
+/// An ICMPv6 message xlb sends itself: built from scratch, which is the reference too.
+fn icmp6_sent(frame: Frame, macs: ([u8; 6], [u8; 6])) -> Output {
+    let built = frame.with_macs(macs.0, macs.1).build();
+    Output::Rewritten {
+        reference: built.clone(),
+        built,
+    }
+}
 
 fn sa6(ip: Ipv6Addr, port: u16) -> SocketAddrV6 {
     SocketAddrV6::new(ip, port, 0, 0)
@@ -2802,6 +2841,156 @@ fn ipv6_cases(lab: &Lab) -> Vec<Case> {
         pkt(&ping_elsewhere, fx0),
         untouched(XDP_PASS, Reason::PassIcmp),
     ));
+    // ICMPv6 errors. The router on the client side cannot pass xlb's SYN-ACK (VIP → client)
+    // on: its "packet too big" to the VIP reaches the backend, from the SNAT address, about
+    // the packet the backend sent (backend → SNAT:port), every checksum made anew.
+    let sent_to_client = Frame::tcp6((VIP6, 80), (CLIENT6, 40000), TCP_SYN | TCP_ACK);
+    let sent_by_backend = Frame::tcp6(
+        (BACKEND6, 8080),
+        (*snat.ip(), snat.port()),
+        TCP_SYN | TCP_ACK,
+    );
+    let handshake = vec![pkt(&syn, fx0), pkt(&syn_ack, fx1)];
+    for (name, cut) in [
+        (
+            "v6-27 packet too big about a reply to the client: to the backend, translated",
+            1000,
+        ),
+        (
+            "v6-28 the same, quoting only the IPv6 header and 8 bytes (no TCP checksum)",
+            48,
+        ),
+    ] {
+        let error = lab.sent_by_client(icmp6_error(
+            CLIENT_ROUTER6,
+            VIP6,
+            ICMPV6_PACKET_TOO_BIG,
+            &sent_to_client,
+            cut,
+        ));
+        let translated = Frame {
+            ttl: 63,
+            ..icmp6_error(
+                *snat.ip(),
+                BACKEND6,
+                ICMPV6_PACKET_TOO_BIG,
+                &sent_by_backend,
+                cut,
+            )
+        };
+        v.push(case(
+            name,
+            handshake.clone(),
+            pkt(&error, fx0),
+            Expect {
+                action: XDP_REDIRECT,
+                reason: Reason::ForwardRedirect,
+                output: icmp6_sent(translated, (fx1.mac, BACKEND_MAC)),
+                meta: None,
+                state: None,
+            },
+        ));
+    }
+    // The backend side's router cannot pass xlb's SYN (SNAT:port → backend): the client
+    // hears of its own SYN (client → VIP), from the VIP.
+    let sent_to_backend = Frame::tcp6((*snat.ip(), snat.port()), (BACKEND6, 8080), TCP_SYN);
+    let exceeded = lab.sent_by_backend(icmp6_error(
+        BACKEND_ROUTER6,
+        *snat.ip(),
+        ICMPV6_TIME_EXCEEDED,
+        &sent_to_backend,
+        1000,
+    ));
+    let to_client = Frame {
+        ttl: 63,
+        ..icmp6_error(VIP6, CLIENT6, ICMPV6_TIME_EXCEEDED, &syn, 1000)
+    };
+    v.push(case(
+        "v6-29 time exceeded about xlb's SYN to the backend: to the client, from the VIP",
+        vec![pkt(&syn, fx0)],
+        pkt(&exceeded, fx1),
+        Expect {
+            action: XDP_REDIRECT,
+            reason: Reason::ForwardRedirect,
+            output: icmp6_sent(to_client, (fx0.mac, CLIENT_MAC)),
+            meta: None,
+            state: None,
+        },
+    ));
+    // dnat: the client's packets keep their source, so errors about them keep the router's.
+    let dnat_reply_sent = Frame::tcp6((VIP6_DNAT, 80), (CLIENT6, 40001), TCP_SYN | TCP_ACK);
+    let dnat_backend_sent = Frame::tcp6((BACKEND6, 8080), (CLIENT6, 40001), TCP_SYN | TCP_ACK);
+    let error = lab.sent_by_client(icmp6_error(
+        CLIENT_ROUTER6,
+        VIP6_DNAT,
+        ICMPV6_PACKET_TOO_BIG,
+        &dnat_reply_sent,
+        1000,
+    ));
+    let translated = Frame {
+        ttl: 63,
+        ..icmp6_error(
+            CLIENT_ROUTER6,
+            BACKEND6,
+            ICMPV6_PACKET_TOO_BIG,
+            &dnat_backend_sent,
+            1000,
+        )
+    };
+    v.push(case(
+        "v6-30 dnat: packet too big about a reply reaches the backend, from the router",
+        vec![pkt(&dnat_syn, fx0), pkt(&dnat_reply, fx1)],
+        pkt(&error, fx0),
+        Expect {
+            action: XDP_REDIRECT,
+            reason: Reason::ForwardRedirect,
+            output: icmp6_sent(translated, (fx1.mac, BACKEND_MAC)),
+            meta: None,
+            state: None,
+        },
+    ));
+    let untracked = lab.sent_by_client(icmp6_error(
+        CLIENT_ROUTER6,
+        VIP6,
+        ICMPV6_PACKET_TOO_BIG,
+        &sent_to_client,
+        1000,
+    ));
+    v.push(case(
+        "v6-31 an error about no tracked flow: to the kernel",
+        vec![],
+        pkt(&untracked, fx0),
+        untouched(XDP_PASS, Reason::PassIcmpUntracked),
+    ));
+    // A client's segment too big for the way to the backend (MTU 1280): xlb says so itself,
+    // from the VIP, quoting the IPv6 header and 8 bytes; no flow.
+    let big = lab.sent_by_client(Frame {
+        payload: vec![7; 1300],
+        ..Frame::tcp6((CLIENT6, 40005), (VIP6_SMALL_MTU, 80), TCP_ACK)
+    });
+    let answer = Frame {
+        ttl: 64,
+        ..icmp6_error(
+            VIP6_SMALL_MTU,
+            CLIENT6,
+            ICMPV6_PACKET_TOO_BIG,
+            &big,
+            IPV6_HLEN + 8,
+        )
+    };
+    v.push(case(
+        "v6-32 too big for the way to the backend: xlb answers packet too big, MTU 1280",
+        vec![],
+        pkt(&big, fx0),
+        Expect {
+            action: XDP_REDIRECT,
+            reason: Reason::ForwardIcmpTooBig,
+            output: icmp6_sent(answer, (fx0.mac, CLIENT_MAC)),
+            meta: None,
+            state: None,
+        },
+    ));
+
     let v4_syn = lab.sent_by_client(tcp((CLIENT, 40000), (VIP, 80), TCP_SYN));
     let v4_flow = ports.flow(
         PROTO_TCP,
