@@ -54,16 +54,16 @@ use xlb_tests::{
     lab::{self, BACKEND_MAC, CLIENT, CLIENT_MAC, FX0_MAC, FX1_MAC, Iface, VIP, VIP_UNRESOLVED},
     model::{
         FlowModel, echo_reply_v4, echo_reply_v6, echo_rewrite_v4, flow_key, flows::key,
-        icmp_error_v4, icmp_layout_v4, icmp_quote_v4, icmp_quoted_check_off, is_icmp_error,
-        nat_rewrite, rewrite::IcmpLayout,
+        icmp_error_v4, icmp_error_v6, icmp_layout_v4, icmp_quote_v4, icmp_quote_v6,
+        icmp_quoted_check_off, is_icmp_error, nat_rewrite, rewrite::IcmpLayout,
     },
     packet::{
         ETH_HLEN, ETH_P_IPV6, Frame, ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST,
         ICMP_FRAG_NEEDED, ICMP_PARAM_PROBLEM, ICMP_TIME_EXCEEDED, ICMPV6_ECHO_REQUEST,
-        ICMPV6_NEIGHBOUR_SOLICITATION, IP_MF, IPV4_HLEN, IPV6_DEST_OPTIONS, IPV6_FRAGMENT,
-        IPV6_HLEN, IPV6_HOP_BY_HOP, IPV6_NONE, IPV6_ROUTING, L4, PROTO_ICMP, PROTO_ICMPV6,
-        hex_diff, icmp_echo, icmp_error, icmp_message, icmp6_message, layout, parse_v6, summary,
-        untag, verify_checksums,
+        ICMPV6_NEIGHBOUR_SOLICITATION, ICMPV6_PACKET_TOO_BIG, ICMPV6_TIME_EXCEEDED, IP_MF,
+        IPV4_HLEN, IPV6_DEST_OPTIONS, IPV6_FRAGMENT, IPV6_HLEN, IPV6_HOP_BY_HOP, IPV6_NONE,
+        IPV6_ROUTING, L4, PROTO_ICMP, PROTO_ICMPV6, hex_diff, icmp_echo, icmp_error, icmp_message,
+        icmp6_message, layout, parse_v6, summary, untag, verify_checksums,
     },
 };
 
@@ -207,6 +207,7 @@ fn random_frames_match_the_reference_model() {
         ("(icmp error about a ping translated)", 1000),
         ("(ipv6 flow packet)", 100),
         ("(icmpv6 echo answered)", 1000),
+        ("(icmpv6 error translated)", 1000),
     ] {
         let n = histogram.get(outcome).copied().unwrap_or(0);
         assert!(n >= frames / per, "only {n} frames: {outcome}");
@@ -286,17 +287,24 @@ fn run(seed: u64, frames: u64) -> Result<(Histogram, Histogram)> {
             };
             *histogram.entry(what).or_insert(0) += 1;
         }
-        // ICMPv6 is never a flow's: what of it is forwarded is a ping answered.
+        // ICMPv6 is never a flow's: what of it is forwarded is a ping answered or an error
+        // translated (which the flow counters count, as IPv4's).
         let icmp6 = parse_v6(&input).is_ok_and(|l| l.proto == PROTO_ICMPV6);
+        let error6 = icmp6 && icmp_quote_v6(&input).is_some();
         if forwarded && icmp6 {
-            *histogram.entry("(icmpv6 echo answered)").or_insert(0) += 1;
+            let what = if error6 {
+                "(icmpv6 error translated)"
+            } else {
+                "(icmpv6 echo answered)"
+            };
+            *histogram.entry(what).or_insert(0) += 1;
         }
         if forwarded && !icmp6 && parse_v6(&input).is_ok() {
             *histogram.entry("(ipv6 flow packet)").or_insert(0) += 1;
         }
         // Echo replies to pings of a VIP belong to no flow: the flow counters do not count
         // them.
-        let answered = icmp6
+        let answered = (icmp6 && !error6)
             || (icmp.is_some()
                 && !echo_flow
                 && icmp.as_ref().is_some_and(|l| l.kind == ICMP_ECHO_REQUEST));
@@ -305,7 +313,8 @@ fn run(seed: u64, frames: u64) -> Result<(Histogram, Histogram)> {
             rewritten_bytes += bytes;
             // The flow it belongs to: its own, or an error's, the flow it quotes.
             let flow_key = flow_key(&input)
-                .or_else(|| icmp_quote_v4(&input).map(|(qs, qd, proto)| key(qd, qs, proto)));
+                .or_else(|| icmp_quote_v4(&input).map(|(qs, qd, proto)| key(qd, qs, proto)))
+                .or_else(|| icmp_quote_v6(&input).map(|(qs, qd, proto, _)| key(qd, qs, proto)));
             let gateway = flow_key
                 .and_then(|k| model.flow(&k))
                 .is_some_and(|(f, _)| f.gateway);
@@ -427,7 +436,11 @@ fn random_frame(
         icmp = true;
         random_icmp(rng, tracked4, model, fx0, fx1)
     } else if (47..62).contains(&roll) {
-        let (frame, ingress) = random_v6(rng, fx0);
+        let (frame, ingress) = if !tracked6.is_empty() && rng.chance(25) {
+            random_icmp6_error(rng, tracked6, model, fx0, fx1)
+        } else {
+            random_v6(rng, fx0)
+        };
         icmp = frame.l4.proto() == PROTO_ICMPV6;
         (frame, ingress)
     } else if roll < 20 && !tracked.is_empty() {
@@ -1392,6 +1405,10 @@ fn check_v6(
                 let dst = Ipv6Addr::from(<[u8; 16]>::try_from(&input[38..54]).unwrap());
                 let src = Ipv6Addr::from(<[u8; 16]>::try_from(&input[22..38]).unwrap());
                 let ping = (input[at], input[at + 1]) == (ICMPV6_ECHO_REQUEST, 0);
+                if !l.fragment && (1..=4).contains(&input[at]) {
+                    return check_icmp6_error(model, input, run, reason, ingress, fx0, fx1)
+                        .map(Some);
+                }
                 if ping && !l.fragment && at == ETH_HLEN + IPV6_HLEN && model.is_vip(dst.into()) {
                     ensure!(
                         matches!(
@@ -1426,6 +1443,209 @@ fn check_v6(
         hex_diff(input, &run.frame)
     );
     Ok(Some(reason))
+}
+
+/// Checks what the program made of an ICMPv6 error, as `check_icmp` does IPv4's: one about
+/// a tracked flow's packet, addressed to that packet's source and arriving where the flow's
+/// packets from its destination do, is translated by the reply direction's rewrite; the
+/// rest goes to the kernel untouched.
+#[allow(clippy::too_many_arguments)]
+fn check_icmp6_error(
+    model: &FlowModel,
+    input: &[u8],
+    run: &lab::Run,
+    reason: Reason,
+    ingress: Iface,
+    fx0: Iface,
+    fx1: Iface,
+) -> Result<Reason> {
+    let addr = |o: usize| Ipv6Addr::from(<[u8; 16]>::try_from(&input[o..o + 16]).unwrap());
+    let (src, dst) = (addr(ETH_HLEN + 8), addr(ETH_HLEN + 24));
+    let about = icmp_quote_v6(input)
+        .filter(|(qs, ..)| *qs.ip() == dst)
+        .and_then(|(qs, qd, proto, _)| {
+            let reply = key(qd, qs, proto);
+            model.rewrite(&reply).map(|r| (reply, r))
+        });
+    let verdict = match &about {
+        Some((reply, _)) => {
+            let arrived = if ingress.ifindex == fx0.ifindex {
+                lab::FX0
+            } else {
+                lab::FX1
+            };
+            if lab::subnet_interface(reply.src.ip()) != Some(arrived) {
+                Some(Reason::DropWrongInterface)
+            } else if input[ETH_HLEN + 7] <= 1 {
+                Some(Reason::PassTtlExpired)
+            } else {
+                None
+            }
+        }
+        None => Some(Reason::PassIcmpUntracked),
+    };
+    let ttl_decrement = match reason {
+        Reason::ForwardTx | Reason::ForwardRedirect | Reason::ForwardResolveNeighbour => 1,
+        Reason::PassFibOther => 0,
+        _ => {
+            ensure!(
+                run.frame == input && run.meta.is_none(),
+                "{} must leave the frame alone:\n{}",
+                reason.name(),
+                hex_diff(input, &run.frame)
+            );
+            ensure!(
+                verdict == Some(reason),
+                "counted {}, but the model says {}",
+                reason.name(),
+                verdict.map_or("translate it", Reason::name)
+            );
+            return Ok(reason);
+        }
+    };
+    if let Some(v) = verdict {
+        bail!("{} it, but the model says {}", reason.name(), v.name());
+    }
+    let (reply, (rs, rd)) = about.context("a translated error is about a flow")?;
+    let (SocketAddr::V6(rs), SocketAddr::V6(rd)) = (rs, rd) else {
+        bail!("an IPv6 flow rewritten to IPv4");
+    };
+    // The error's source is translated where the flow's sources are, else kept.
+    let outer_src = if IpAddr::V6(*rs.ip()) == reply.src.ip() {
+        src
+    } else {
+        *rs.ip()
+    };
+    let expected = icmp_error_v6(input, outer_src, *rd.ip(), rd, rs, ttl_decrement)
+        .context("the reference refuses it")?;
+    let expected = as_sent(
+        run,
+        expected,
+        reason,
+        IpAddr::V6(*rd.ip()),
+        ingress,
+        fx0,
+        fx1,
+    )?;
+    let at = ETH_HLEN + IPV6_HLEN;
+    let mut checksums = vec![at + 2..at + 4];
+    if let Some((.., proto, q4)) = icmp_quote_v6(input) {
+        let off = q4 + if proto == PROTO_TCP { 16 } else { 6 };
+        let end = at + u16::from_be_bytes([input[ETH_HLEN + 4], input[ETH_HLEN + 5]]) as usize;
+        if off + 2 <= end {
+            checksums.push(off..off + 2);
+        }
+    }
+    matches_reference(input, run, expected, &checksums)?;
+    Ok(reason)
+}
+
+/// An ICMPv6 error from a router on either side about a packet xlb sent for a tracked IPv6
+/// flow, either way, cut anywhere; now and then from the wrong side or with hop limit 1.
+fn random_icmp6_error(
+    rng: &mut Rng,
+    tracked6: &[Frame],
+    model: &FlowModel,
+    fx0: Iface,
+    fx1: Iface,
+) -> (Frame, Iface) {
+    let f = &tracked6[rng.below(tracked6.len() as u64) as usize];
+    let (client, vip) = f.v6.expect("an IPv6 frame");
+    let client_router = Ipv6Addr::new(
+        0x2001,
+        0xdb8,
+        0x10,
+        1,
+        0,
+        0,
+        0,
+        0x200 + rng.below(50) as u16,
+    );
+    let backend_router = Ipv6Addr::new(
+        0x2001,
+        0xdb8,
+        0x20,
+        1,
+        0,
+        0,
+        0,
+        0x200 + rng.below(50) as u16,
+    );
+    let (quoted, router, to, client_side) = if rng.chance(50) {
+        // xlb's reply toward the client, VIP → client, reported to the VIP.
+        let q = Frame {
+            v6: Some((vip, client)),
+            sport: f.dport,
+            dport: f.sport,
+            ..f.clone()
+        };
+        (q, client_router, vip, true)
+    } else {
+        // xlb's packet toward the backend, reported to its source (SNAT, or the client's).
+        let (snat, backend) = model
+            .rewrite(&key_of(f))
+            .expect("tracked frames are the model's flows");
+        let (IpAddr::V6(s), IpAddr::V6(b)) = (snat.ip(), backend.ip()) else {
+            panic!("an IPv6 flow rewritten to IPv4");
+        };
+        let q = Frame {
+            v6: Some((s, b)),
+            sport: snat.port(),
+            dport: backend.port(),
+            ..f.clone()
+        };
+        (q, backend_router, s, false)
+    };
+    let mut quoted = Frame {
+        vlan: None,
+        tot_len_override: None,
+        version_override: None,
+        pad_to: None,
+        truncate_to: None,
+        ext_headers: Vec::new(),
+        ..quoted
+    };
+    quoted.l4 = random_l4(rng, &quoted.l4);
+    let len = rng.below(40) as usize;
+    quoted.payload = rng.bytes(len);
+    let whole = quoted.build()[ETH_HLEN..].to_vec();
+    let cut = match rng.below(6) {
+        0 | 1 => IPV6_HLEN + 8,
+        2 | 3 => whole.len(),
+        4 => IPV6_HLEN + 8 + rng.below((whole.len() - IPV6_HLEN - 8) as u64 + 1) as usize,
+        _ => rng.below(IPV6_HLEN as u64 + 8) as usize,
+    };
+    let kind = match rng.below(10) {
+        0..=3 => ICMPV6_PACKET_TOO_BIG,
+        4..=5 => 1,
+        6..=7 => ICMPV6_TIME_EXCEEDED,
+        8 => 4,
+        _ => rng.below(256) as u8,
+    };
+    let wrong_side = rng.chance(5);
+    let router = match (wrong_side, client_side) {
+        (true, true) => backend_router,
+        (true, false) => client_router,
+        _ => router,
+    };
+    let rest = if kind == ICMPV6_PACKET_TOO_BIG {
+        1280u32.to_be_bytes()
+    } else {
+        [0; 4]
+    };
+    let error = Frame {
+        ttl: if rng.chance(5) { 1 } else { 64 },
+        ..Frame::icmp6(
+            router,
+            to,
+            icmp6_message(router, to, kind, rng.below(2) as u8, rest, &whole[..cut]),
+        )
+    };
+    if client_side != wrong_side {
+        (error.with_macs(CLIENT_MAC, FX0_MAC), fx0)
+    } else {
+        (error.with_macs(BACKEND_MAC, FX1_MAC), fx1)
+    }
 }
 
 /// The flow key of a tracked frame (one the program forwarded: it parses).

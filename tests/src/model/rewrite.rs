@@ -11,7 +11,7 @@ use lb_common::{
 };
 
 use crate::packet::{
-    checksum::{l4_checksum, l4_checksum_v6, pseudo_header_sum},
+    checksum::{l4_checksum, l4_checksum_v6, pseudo_header_sum, pseudo_header_sum_v6},
     frame::{
         ETH_HLEN, ETH_P_IP, ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST,
         ICMP_PARAM_PROBLEM, ICMP_TIME_EXCEEDED, ICMPV6_ECHO_REPLY, ICMPV6_ECHO_REQUEST,
@@ -435,6 +435,108 @@ pub fn too_big_v4(frame: &[u8], mtu: u16) -> Option<Vec<u8>> {
     out.extend_from_slice(&frame[ETH_HLEN + 12..ETH_HLEN + 16]);
     out.extend_from_slice(&icmp);
     fix_ipv4_checksum(&mut out);
+    Some(out)
+}
+
+/// The quoted TCP/UDP packet of an ICMPv6 error, as the program reads it: `(source,
+/// destination, protocol, offset of its L4 header)`. `None` unless the error is an ICMPv6
+/// error (types 1 to 4) with no extension headers, quoting an IPv6 header followed at once
+/// by TCP or UDP, with the ports inside the error.
+pub fn icmp_quote_v6(frame: &[u8]) -> Option<(SocketAddrV6, SocketAddrV6, u8, usize)> {
+    let l = parse_v6(frame).ok()?;
+    let at = l.l4_off;
+    let end = ETH_HLEN + l.tot_len;
+    if l.proto != PROTO_ICMPV6
+        || l.fragment
+        || at != ETH_HLEN + IPV6_HLEN
+        || at + 8 > end
+        || !(1..=4).contains(&frame[at])
+    {
+        return None;
+    }
+    let q = at + 8;
+    if q + IPV6_HLEN > end || frame[q] >> 4 != 6 {
+        return None;
+    }
+    let proto = frame[q + 6];
+    let q4 = q + IPV6_HLEN;
+    if !matches!(proto, PROTO_TCP | PROTO_UDP) || q4 + 8 > end {
+        return None;
+    }
+    let addr = |o: usize| Ipv6Addr::from(<[u8; 16]>::try_from(&frame[o..o + 16]).unwrap());
+    let port = |o: usize| u16::from_be_bytes([frame[o], frame[o + 1]]);
+    Some((
+        SocketAddrV6::new(addr(q + 8), port(q4), 0, 0),
+        SocketAddrV6::new(addr(q + 24), port(q4 + 2), 0, 0),
+        proto,
+        q4,
+    ))
+}
+
+/// The reference translation of an ICMPv6 error, as [`icmp_error_v4`]'s: the outer header
+/// to `outer_src` → `outer_dst`, hop limit lowered by `ttl_decrement`; the quoted packet to
+/// `inner_src` → `inner_dst`; its L4 checksum, when quoted, from scratch when the whole
+/// segment is there and right, else from what the original says of the part cut off; the
+/// ICMPv6 checksum from scratch over the new pseudo-header. `None` when the program would
+/// not translate it.
+pub fn icmp_error_v6(
+    frame: &[u8],
+    outer_src: Ipv6Addr,
+    outer_dst: Ipv6Addr,
+    inner_src: SocketAddrV6,
+    inner_dst: SocketAddrV6,
+    ttl_decrement: u8,
+) -> Option<Vec<u8>> {
+    let (_, _, proto, q4) = icmp_quote_v6(frame)?;
+    let ip = ETH_HLEN;
+    if frame[ip + 7] <= 1 {
+        return None;
+    }
+    let end = ETH_HLEN + IPV6_HLEN + u16::from_be_bytes([frame[ip + 4], frame[ip + 5]]) as usize;
+    let at = ETH_HLEN + IPV6_HLEN;
+    let q = at + 8;
+    let mut out = frame.to_vec();
+    out[ip + 7] -= ttl_decrement;
+    out[ip + 8..ip + 24].copy_from_slice(&outer_src.octets());
+    out[ip + 24..ip + 40].copy_from_slice(&outer_dst.octets());
+    out[q + 8..q + 24].copy_from_slice(&inner_src.ip().octets());
+    out[q + 24..q + 40].copy_from_slice(&inner_dst.ip().octets());
+    out[q4..q4 + 2].copy_from_slice(&inner_src.port().to_be_bytes());
+    out[q4 + 2..q4 + 4].copy_from_slice(&inner_dst.port().to_be_bytes());
+    let check_off = q4 + if proto == PROTO_TCP { 16 } else { 6 };
+    if check_off + 2 <= end && !(proto == PROTO_UDP && frame[check_off..check_off + 2] == [0, 0]) {
+        let seg_len = u16::from_be_bytes([frame[q + 4], frame[q + 5]]) as usize;
+        let quoted = end - q4;
+        let addr =
+            |f: &[u8], o: usize| Ipv6Addr::from(<[u8; 16]>::try_from(&f[o..o + 16]).unwrap());
+        let pseudo = |f: &[u8], len: usize| {
+            pseudo_header_sum_v6(addr(f, q + 8), addr(f, q + 24), proto, len as u32)
+        };
+        let whole = seg_len <= quoted
+            && seg_len >= check_off + 2 - q4
+            && fold(pseudo(frame, seg_len) + sum_slice(&frame[q4..q4 + seg_len])) == 0xffff;
+        out[check_off..check_off + 2].copy_from_slice(&[0, 0]);
+        let new_check = if whole {
+            l4_checksum_v6(
+                *inner_src.ip(),
+                *inner_dst.ip(),
+                proto,
+                &out[q4..q4 + seg_len],
+            )
+        } else {
+            let known = pseudo(frame, seg_len) + sum_slice(&frame[q4..end]);
+            let missing = !fold(known) as u32;
+            let sum = pseudo(&out, seg_len) + sum_slice(&out[q4..end]) + missing;
+            match !fold(sum) {
+                0 if proto == PROTO_UDP => 0xffff,
+                c => c,
+            }
+        };
+        out[check_off..check_off + 2].copy_from_slice(&new_check.to_be_bytes());
+    }
+    out[at + 2..at + 4].copy_from_slice(&[0, 0]);
+    let check = l4_checksum_v6(outer_src, outer_dst, PROTO_ICMPV6, &out[at..end]);
+    out[at + 2..at + 4].copy_from_slice(&check.to_be_bytes());
     Some(out)
 }
 
