@@ -1528,7 +1528,9 @@ fn check_icmp6_error(
         fx1,
     )?;
     let at = ETH_HLEN + IPV6_HLEN;
-    let mut checksums = vec![at + 2..at + 4];
+    // The ICMPv6 checksum, and the quoted L4 one when quoted.
+    let mut checksums = Vec::with_capacity(2);
+    checksums.push(at + 2..at + 4);
     if let Some((.., proto, q4)) = icmp_quote_v6(input) {
         let off = q4 + if proto == PROTO_TCP { 16 } else { 6 };
         let end = at + u16::from_be_bytes([input[ETH_HLEN + 4], input[ETH_HLEN + 5]]) as usize;
