@@ -10,12 +10,15 @@ use anyhow::{Context, Result};
 use crate::netns::NetNs;
 
 /// Counters that must not move while traffic goes through xlb: a receiver found a bad
-/// TCP, UDP, IPv4 header or ICMP checksum, i.e. the XDP rewrite got a checksum wrong.
-pub const CHECKSUM_COUNTERS: [&str; 4] = [
+/// TCP, UDP, IPv4 header, ICMP, UDP/IPv6 or ICMPv6 checksum, i.e. the XDP rewrite got a
+/// checksum wrong (TCP's counter is both families').
+pub const CHECKSUM_COUNTERS: [&str; 6] = [
     "TcpInCsumErrors",
     "UdpInCsumErrors",
     "IpExtInCsumErrors",
     "IcmpInCsumErrors",
+    "Udp6InCsumErrors",
+    "Icmp6InCsumErrors",
 ];
 
 /// One snapshot of a namespace's counters.
