@@ -291,17 +291,33 @@ pub fn rewrite_icmp_error(
     };
     old += old_ports;
     new += new_ports;
+    // An ICMP checksum has no pseudo-header.
+    let quoted_l4 = if quote.proto == PROTO_ICMP {
+        (old_ports, new_ports)
+    } else {
+        (old_addrs + old_ports, new_addrs + new_ports)
+    };
+    finish_error_checksums(ctx, pkt, quote, quoted_l4, old, new)
+}
+
+/// The end of an error's translation, either family: the quoted L4 checksum, when the quote
+/// reaches it, follows `quoted_l4` (the unfolded sums of the words of its segment and
+/// pseudo-header that changed, old and new); then the error's own checksum follows
+/// everything that changed in what it covers: `old` and `new`, and that checksum.
+#[inline(always)]
+fn finish_error_checksums(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    quote: &Quote,
+    (l4_old, l4_new): (u32, u32),
+    mut old: u32,
+    mut new: u32,
+) -> Result<(), Reason> {
     if quote.has_l4_check() {
         let check: *mut [u8; 2] = ptr_at(ctx, quote.l4_check_off())?;
         // SAFETY: ptr_at checked the two checksum bytes are inside the frame.
         let check = unsafe { &mut *check };
         let value = u16::from_be_bytes(*check);
-        // An ICMP checksum has no pseudo-header.
-        let (l4_old, l4_new) = if quote.proto == PROTO_ICMP {
-            (old_ports, new_ports)
-        } else {
-            (old_addrs + old_ports, new_addrs + new_ports)
-        };
         let updated = if quote.proto == PROTO_UDP {
             replace_udp(value, l4_old, l4_new)
         } else {
@@ -311,7 +327,6 @@ pub fn rewrite_icmp_error(
         new += updated as u32;
         *check = updated.to_be_bytes();
     }
-
     let icmp_check: *mut [u8; 2] = ptr_at(ctx, pkt.l4_check_off())?;
     // SAFETY: ptr_at checked the two checksum bytes are inside the frame.
     let icmp_check = unsafe { &mut *icmp_check };
@@ -331,7 +346,7 @@ fn rewrite_icmp6_error(
     src: &Endpoint,
     ttl_decrement: u8,
 ) -> Result<(), Reason> {
-    let (mut old, mut new) = rewrite_ipv6(
+    let (old, new) = rewrite_ipv6(
         ctx,
         pkt,
         &src.addr,
@@ -365,26 +380,13 @@ fn rewrite_icmp6_error(
         entry.src.port[1],
     ];
     let new_ports = sum_words(ports);
-    old += old_addrs + old_ports;
-    new += new_addrs + new_ports;
-    if quote.has_l4_check() {
-        let check: *mut [u8; 2] = ptr_at(ctx, quote.l4_check_off())?;
-        // SAFETY: ptr_at checked the two checksum bytes are inside the frame.
-        let check = unsafe { &mut *check };
-        let value = u16::from_be_bytes(*check);
-        let (l4_old, l4_new) = (old_addrs + old_ports, new_addrs + new_ports);
-        let updated = if quote.proto == PROTO_UDP {
-            replace_udp(value, l4_old, l4_new)
-        } else {
-            replace(value, l4_old, l4_new)
-        };
-        old += value as u32;
-        new += updated as u32;
-        *check = updated.to_be_bytes();
-    }
-    let icmp_check: *mut [u8; 2] = ptr_at(ctx, pkt.l4_check_off())?;
-    // SAFETY: ptr_at checked the two checksum bytes are inside the frame.
-    let icmp_check = unsafe { &mut *icmp_check };
-    *icmp_check = replace(u16::from_be_bytes(*icmp_check), old, new).to_be_bytes();
-    Ok(())
+    let quoted_l4 = (old_addrs + old_ports, new_addrs + new_ports);
+    finish_error_checksums(
+        ctx,
+        pkt,
+        quote,
+        quoted_l4,
+        old + quoted_l4.0,
+        new + quoted_l4.1,
+    )
 }

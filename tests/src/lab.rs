@@ -149,20 +149,15 @@ pub fn setup(ns: &NetNs) -> Result<()> {
         ns.ip(&["link", "set", name, "up"])?;
         ns.ip(&["link", "set", &peer, "up"])?;
     }
-    for (addr, mac, dev) in NEIGHBOURS {
-        ns.ip(&[
-            "neigh",
-            "replace",
-            &addr.to_string(),
-            "lladdr",
-            &mac_string(mac),
-            "dev",
-            dev,
-            "nud",
-            "permanent",
-        ])?;
-    }
-    for (addr, mac, dev) in NEIGHBOURS6 {
+    let neighbours = NEIGHBOURS
+        .iter()
+        .map(|&(a, mac, dev)| (IpAddr::V4(a), mac, dev))
+        .chain(
+            NEIGHBOURS6
+                .iter()
+                .map(|&(a, mac, dev)| (IpAddr::V6(a), mac, dev)),
+        );
+    for (addr, mac, dev) in neighbours {
         ns.ip(&[
             "neigh",
             "replace",

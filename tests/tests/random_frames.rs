@@ -1311,28 +1311,9 @@ fn check_icmp(
         None if is_icmp_error(l.kind) => Some(Reason::PassIcmpUntracked),
         None => Some(Reason::PassIcmp),
     };
-    let ttl_decrement = match reason {
-        Reason::ForwardTx | Reason::ForwardRedirect | Reason::ForwardResolveNeighbour => 1,
-        Reason::PassFibOther => 0,
-        _ => {
-            ensure!(
-                run.frame == input && run.meta.is_none(),
-                "{} must leave the frame alone:\n{}",
-                reason.name(),
-                hex_diff(input, &run.frame)
-            );
-            ensure!(
-                verdict == Some(reason),
-                "counted {}, but the model says {}",
-                reason.name(),
-                verdict.map_or("forward it", Reason::name)
-            );
-            return Ok(reason);
-        }
+    let Some(ttl_decrement) = sent_as_the_model_says(input, run, reason, verdict)? else {
+        return Ok(reason);
     };
-    if let Some(v) = verdict {
-        bail!("{} it, but the model says {}", reason.name(), v.name());
-    }
     let (expected, toward) = if echo {
         (
             echo_reply_v4(input).context("the reference refuses it")?,
@@ -1445,6 +1426,40 @@ fn check_v6(
     Ok(Some(reason))
 }
 
+/// Holds an ICMP message's fate to the model's `verdict` (`None`: sent on): a message sent
+/// on returns the TTL decrement its reason implies; one left alone, `None`, once checked
+/// untouched and counted as the model says.
+fn sent_as_the_model_says(
+    input: &[u8],
+    run: &lab::Run,
+    reason: Reason,
+    verdict: Option<Reason>,
+) -> Result<Option<u8>> {
+    let ttl_decrement = match reason {
+        Reason::ForwardTx | Reason::ForwardRedirect | Reason::ForwardResolveNeighbour => 1,
+        Reason::PassFibOther => 0,
+        _ => {
+            ensure!(
+                run.frame == input && run.meta.is_none(),
+                "{} must leave the frame alone:\n{}",
+                reason.name(),
+                hex_diff(input, &run.frame)
+            );
+            ensure!(
+                verdict == Some(reason),
+                "counted {}, but the model says {}",
+                reason.name(),
+                verdict.map_or("send it on", Reason::name)
+            );
+            return Ok(None);
+        }
+    };
+    if let Some(v) = verdict {
+        bail!("{} it, but the model says {}", reason.name(), v.name());
+    }
+    Ok(Some(ttl_decrement))
+}
+
 /// Checks what the program made of an ICMPv6 error, as `check_icmp` does IPv4's: one about
 /// a tracked flow's packet, addressed to that packet's source and arriving where the flow's
 /// packets from its destination do, is translated by the reply direction's rewrite; the
@@ -1484,28 +1499,9 @@ fn check_icmp6_error(
         }
         None => Some(Reason::PassIcmpUntracked),
     };
-    let ttl_decrement = match reason {
-        Reason::ForwardTx | Reason::ForwardRedirect | Reason::ForwardResolveNeighbour => 1,
-        Reason::PassFibOther => 0,
-        _ => {
-            ensure!(
-                run.frame == input && run.meta.is_none(),
-                "{} must leave the frame alone:\n{}",
-                reason.name(),
-                hex_diff(input, &run.frame)
-            );
-            ensure!(
-                verdict == Some(reason),
-                "counted {}, but the model says {}",
-                reason.name(),
-                verdict.map_or("translate it", Reason::name)
-            );
-            return Ok(reason);
-        }
+    let Some(ttl_decrement) = sent_as_the_model_says(input, run, reason, verdict)? else {
+        return Ok(reason);
     };
-    if let Some(v) = verdict {
-        bail!("{} it, but the model says {}", reason.name(), v.name());
-    }
     let (reply, (rs, rd)) = about.context("a translated error is about a flow")?;
     let (SocketAddr::V6(rs), SocketAddr::V6(rd)) = (rs, rd) else {
         bail!("an IPv6 flow rewritten to IPv4");

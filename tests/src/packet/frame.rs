@@ -262,7 +262,12 @@ impl Frame {
         let check = checksum(&ip);
         ip[10..12].copy_from_slice(&check.to_be_bytes());
 
-        let mut frame = Vec::with_capacity(ETH_HLEN + tot_len as usize);
+        self.framed(&[&ip, &l4])
+    }
+
+    /// The Ethernet header (and VLAN tag) followed by `parts`, padded and cut as asked.
+    fn framed(&self, parts: &[&[u8]]) -> Vec<u8> {
+        let mut frame = Vec::with_capacity(ETH_HLEN + parts.iter().map(|p| p.len()).sum::<usize>());
         frame.extend_from_slice(&self.dst_mac);
         frame.extend_from_slice(&self.src_mac);
         if let Some(tci) = self.vlan {
@@ -270,8 +275,9 @@ impl Frame {
             frame.extend_from_slice(&tci.to_be_bytes());
         }
         frame.extend_from_slice(&self.ethertype.to_be_bytes());
-        frame.extend_from_slice(&ip);
-        frame.extend_from_slice(&l4);
+        for part in parts {
+            frame.extend_from_slice(part);
+        }
         if let Some(len) = self.pad_to
             && frame.len() < len
         {
@@ -312,31 +318,14 @@ impl Frame {
             .map_or(self.l4.proto(), |(kind, _)| *kind);
         let payload_len = (ext.len() + l4.len()) as u16;
         let version = self.version_override.unwrap_or(6);
-        let mut frame = Vec::with_capacity(ETH_HLEN + IPV6_HLEN + payload_len as usize);
-        frame.extend_from_slice(&self.dst_mac);
-        frame.extend_from_slice(&self.src_mac);
-        if let Some(tci) = self.vlan {
-            frame.extend_from_slice(&ETH_P_8021Q.to_be_bytes());
-            frame.extend_from_slice(&tci.to_be_bytes());
-        }
-        frame.extend_from_slice(&self.ethertype.to_be_bytes());
-        frame.extend_from_slice(&[version << 4 | self.tos >> 4, self.tos << 4, 0, 0]);
-        frame.extend_from_slice(&self.tot_len_override.unwrap_or(payload_len).to_be_bytes());
-        frame.push(first);
-        frame.push(self.ttl);
-        frame.extend_from_slice(&src.octets());
-        frame.extend_from_slice(&dst.octets());
-        frame.extend_from_slice(&ext);
-        frame.extend_from_slice(&l4);
-        if let Some(len) = self.pad_to
-            && frame.len() < len
-        {
-            frame.resize(len, 0);
-        }
-        if let Some(len) = self.truncate_to {
-            frame.truncate(len);
-        }
-        frame
+        let mut header = Vec::with_capacity(IPV6_HLEN);
+        header.extend_from_slice(&[version << 4 | self.tos >> 4, self.tos << 4, 0, 0]);
+        header.extend_from_slice(&self.tot_len_override.unwrap_or(payload_len).to_be_bytes());
+        header.push(first);
+        header.push(self.ttl);
+        header.extend_from_slice(&src.octets());
+        header.extend_from_slice(&dst.octets());
+        self.framed(&[&header, &ext, &l4])
     }
 
     /// The L4 header and payload, with the L4 checksum computed over the pseudo header.
