@@ -1,43 +1,57 @@
 //! The test network: one client, the load balancer, three backends, each in its own
 //! network namespace, wired with veth pairs. Two layouts:
 //!
+//! Every link is dual-stack: each interface with an IPv4 address has an IPv6 one in a
+//! parallel scheme (`10.10.1.0/24` ↔ `2001:db8:10:1::/64`, `10.20.N.0/24` ↔
+//! `2001:db8:20:N::/64`), added without duplicate address detection so it is usable at once.
+//!
 //! [`Layout::Routed`] (the default): each backend on a link and subnet of its own.
 //! ```text
-//!  ns client                 ns lb (xlb attaches XDP to all four)          ns b1 / b2 / b3
-//!  cli0 10.10.1.2/24 ─── xlb-c  10.10.1.1/24
-//!                            xlb-b1 10.20.1.1/24 ───────────────────── bk0 10.20.1.2/24
-//!                            xlb-b2 10.20.2.1/24 ───────────────────── bk0 10.20.2.2/24
-//!                            xlb-b3 10.20.3.1/24 ───────────────────── bk0 10.20.3.2/24
+//!  ns client                   ns lb (xlb attaches XDP to all four)       ns b1 / b2 / b3
+//!  cli0 10.10.1.2/24       ─── xlb-c  10.10.1.1/24
+//!       2001:db8:10:1::2/64           2001:db8:10:1::1/64
+//!                              xlb-b1 10.20.1.1/24 ──────────────────── bk0 10.20.1.2/24
+//!                                     2001:db8:20:1::1/64                   2001:db8:20:1::2/64
+//!                              xlb-b2 10.20.2.1/24 ──────────────────── bk0 10.20.2.2/24
+//!                                     2001:db8:20:2::1/64                   2001:db8:20:2::2/64
+//!                              xlb-b3 10.20.3.1/24 ──────────────────── bk0 10.20.3.2/24
+//!                                     2001:db8:20:3::1/64                   2001:db8:20:3::2/64
 //! ```
-//! * The VIP 10.10.0.100 and the SNAT address 10.20.0.1 are assigned to no interface. The
-//!   client's default route sends VIP traffic to the load balancer, and each backend's
-//!   default route sends replies to the SNAT address back to the load balancer, where XDP
-//!   catches both directions.
+//! * The VIPs 10.10.0.100 and 2001:db8:10::100 and the SNAT addresses 10.20.0.1 and
+//!   2001:db8:20::1 are assigned to no interface. The client's default routes (both
+//!   families) send VIP traffic to the load balancer, and each backend's default routes send
+//!   replies to the SNAT address back to the load balancer, where XDP catches both
+//!   directions. The load balancer forwards both families.
 //!
 //! [`Layout::Flat`]: the backends share one subnet with the load balancer, behind a bridge
 //! in a namespace of its own, as a Kubernetes node's pods or a rack's servers do.
 //! ```text
-//!  ns client                 ns lb (XDP on both)        ns switch (bridge br0)     ns b1 / b2 / b3
-//!  cli0 10.10.1.2/24 ─── xlb-c 10.10.1.1/24
-//!                            xlb-s 10.20.0.1/24 ─────── sw-lb ┐
-//!                                                             br0 ── sw-bN ─────── bk0 10.20.0.1N/24
+//!  ns client                 ns lb (XDP on both)         ns switch (bridge br0)   ns b1 / b2 / b3
+//!  cli0 10.10.1.2/24     ─── xlb-c 10.10.1.1/24
+//!       2001:db8:10:1::2/64        2001:db8:10:1::1/64
+//!                            xlb-s 10.20.0.1/24 ──────── sw-lb ┐
+//!                                  2001:db8:20::1/64           │
+//!                                                              br0 ── sw-bN ──── bk0 10.20.0.1N/24
+//!                                                                                    2001:db8:20::1N/64
 //! ```
-//! * There the SNAT address is naturally the load balancer's own 10.20.0.1, as kube-proxy's
-//!   NodePort does: backends reach it on the link, with no route at all.
+//! * There the SNAT address is naturally the load balancer's own 10.20.0.1 (2001:db8:20::1),
+//!   as kube-proxy's NodePort does: backends reach it on the link, with no route at all.
 //!
 //! With [`Options::router_mtu`], a router sits between the client and the load balancer, and
 //! its link toward the client has that (smaller) MTU, while the client and the backends keep
 //! 1500: a path MTU that only ICMP "fragmentation needed" from the router reveals.
 //! ```text
 //!  ns client                 ns router                              ns lb
-//!  cli0 10.10.1.2/24 ─── rt-c 10.10.1.1/24 (MTU 1280)
-//!                        rt-l 10.10.9.2/24 ──────────────── xlb-c 10.10.9.1/24
+//!  cli0 10.10.1.2/24       ─── rt-c 10.10.1.1/24 (MTU 1280)
+//!       2001:db8:10:1::2/64           2001:db8:10:1::1/64
+//!                              rt-l 10.10.9.2/24 ─────────────── xlb-c 10.10.9.1/24
+//!                                   2001:db8:10:9::2/64                2001:db8:10:9::1/64
 //! ```
 //!
 //! Either way no interface is ever created in the root namespace: each veth pair is created
 //! inside one of the test's namespaces with its peer placed straight into another.
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::sync::Mutex;
 
 use anyhow::{Context, Result};
@@ -71,6 +85,23 @@ pub const LB_INTERFACES: [&str; 4] = ["xlb-c", "xlb-b1", "xlb-b2", "xlb-b3"];
 pub const FLAT_LB_INTERFACES: [&str; 2] = ["xlb-c", "xlb-s"];
 /// The load balancer's own address toward the backends in the flat layout: its SNAT address.
 pub const FLAT_LB_ADDR: Ipv4Addr = Ipv4Addr::new(10, 20, 0, 1);
+
+/// The IPv6 service address clients connect to ([`VIP`]'s counterpart). Assigned nowhere.
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x10, 0, 0, 0, 0, 0x100);
+/// The IPv6 source address xlb gives packets toward backends ([`SNAT`]'s counterpart).
+/// Assigned nowhere in the routed layout; the load balancer's own in the flat one.
+pub const SNAT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x20, 0, 0, 0, 0, 1);
+/// The client's IPv6 address (on `cli0`).
+pub const CLIENT_ADDR6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x10, 1, 0, 0, 0, 2);
+/// The load balancer's own IPv6 address on the client side (`xlb-c`); the client's IPv6
+/// gateway. With a router, the router's address there.
+pub const LB_CLIENT_ADDR6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x10, 1, 0, 0, 0, 1);
+/// With a router: the load balancer's IPv6 address on the link to it (`xlb-c`).
+pub const LB_ROUTER_SIDE_ADDR6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x10, 9, 0, 0, 0, 1);
+/// With a router: the router's IPv6 address on its link to the load balancer (`rt-l`).
+pub const ROUTER_ADDR6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x10, 9, 0, 0, 0, 2);
+/// The load balancer's own IPv6 address toward the backends in the flat layout: [`SNAT6`].
+pub const FLAT_LB_ADDR6: Ipv6Addr = SNAT6;
 
 /// How the backends are wired to the load balancer.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -124,6 +155,16 @@ pub fn vip_udp() -> SocketAddr {
     SocketAddr::V4(SocketAddrV4::new(VIP, VIP_UDP_PORT))
 }
 
+/// `[VIP6]:80`.
+pub fn vip6_tcp() -> SocketAddr {
+    SocketAddr::V6(SocketAddrV6::new(VIP6, VIP_TCP_PORT, 0, 0))
+}
+
+/// `[VIP6]:53`.
+pub fn vip6_udp() -> SocketAddr {
+    SocketAddr::V6(SocketAddrV6::new(VIP6, VIP_UDP_PORT, 0, 0))
+}
+
 /// One backend host.
 #[derive(Debug)]
 pub struct BackendNode {
@@ -135,6 +176,11 @@ pub struct BackendNode {
     /// The load balancer's address on the link, the backend's default gateway: 10.20.N.1
     /// (flat: 10.20.0.1).
     pub gateway: Ipv4Addr,
+    /// 2001:db8:20:N::2 (flat: 2001:db8:20::1N), on `bk0`.
+    pub addr6: Ipv6Addr,
+    /// The load balancer's IPv6 address on the link, the backend's default IPv6 gateway:
+    /// 2001:db8:20:N::1 (flat: 2001:db8:20::1).
+    pub gateway6: Ipv6Addr,
     /// The load balancer side of the link: `xlb-bN` (flat: `xlb-s`).
     pub lb_iface: String,
 }
@@ -143,6 +189,11 @@ impl BackendNode {
     /// `10.20.N.2:8080`, as written in the xlb config.
     pub fn service_addr(&self) -> SocketAddr {
         SocketAddr::V4(SocketAddrV4::new(self.addr, BACKEND_PORT))
+    }
+
+    /// `[2001:db8:20:N::2]:8080`, as written in the xlb config.
+    pub fn service_addr6(&self) -> SocketAddr {
+        SocketAddr::V6(SocketAddrV6::new(self.addr6, BACKEND_PORT, 0, 0))
     }
 }
 
@@ -199,6 +250,17 @@ impl Topology {
                 } else {
                     Ipv4Addr::new(10, 20, n, 1)
                 },
+                // `1N` as written, i.e. hexadecimal 0x1N: 2001:db8:20::11, ::12, ::13.
+                addr6: if flat {
+                    Ipv6Addr::new(0x2001, 0xdb8, 0x20, 0, 0, 0, 0, 0x10 + u16::from(n))
+                } else {
+                    Ipv6Addr::new(0x2001, 0xdb8, 0x20, u16::from(n), 0, 0, 0, 2)
+                },
+                gateway6: if flat {
+                    FLAT_LB_ADDR6
+                } else {
+                    Ipv6Addr::new(0x2001, 0xdb8, 0x20, u16::from(n), 0, 0, 0, 1)
+                },
                 lb_iface: if flat {
                     FLAT_LB_INTERFACES[1].to_string()
                 } else {
@@ -230,11 +292,19 @@ impl Topology {
 
     fn configure(&self) -> Result<()> {
         for ns in self.namespaces() {
-            // IPv6 is off so router/neighbour solicitations and MLD reports don't pass
-            // through the XDP program and show up in its counters; the test is IPv4 only.
-            // Set before creating links so new interfaces inherit it from `default`.
-            sysctl(ns, "net.ipv6.conf.all.disable_ipv6=1")?;
-            sysctl(ns, "net.ipv6.conf.default.disable_ipv6=1")?;
+            // IPv6 on (whatever the host's defaults), and without duplicate address
+            // detection, also for the link-local addresses the interfaces get: a tentative
+            // link-local address would keep the kernel from soliciting neighbours for the
+            // packets it forwards for a second or two. Set before creating links so new
+            // interfaces inherit it from `default`.
+            for setting in [
+                "net.ipv6.conf.all.disable_ipv6=0",
+                "net.ipv6.conf.default.disable_ipv6=0",
+                "net.ipv6.conf.all.accept_dad=0",
+                "net.ipv6.conf.default.accept_dad=0",
+            ] {
+                sysctl(ns, setting)?;
+            }
             ns.ip(&["link", "set", "lo", "up"])?;
         }
 
@@ -243,47 +313,35 @@ impl Topology {
         // which the filter does not see).
         let lb = &self.lb;
         sysctl(lb, "net.ipv4.ip_forward=1")?;
+        sysctl(lb, "net.ipv6.conf.all.forwarding=1")?;
         sysctl(lb, "net.ipv4.conf.all.rp_filter=1")?;
         sysctl(lb, "net.ipv4.conf.default.rp_filter=1")?;
 
         // Client link: straight to the load balancer, or through the router.
-        let (lb_addr, gateway) = match &self.router {
-            None => (LB_CLIENT_ADDR, &self.client),
-            Some(router) => (LB_ROUTER_SIDE_ADDR, router),
+        let (lb_addr, lb_addr6, gateway) = match &self.router {
+            None => (LB_CLIENT_ADDR, LB_CLIENT_ADDR6, &self.client),
+            Some(router) => (LB_ROUTER_SIDE_ADDR, LB_ROUTER_SIDE_ADDR6, router),
         };
         veth(lb, LB_INTERFACES[0], gateway, self.lb_client_peer())?;
-        lb.ip(&[
-            "addr",
-            "add",
-            &format!("{lb_addr}/24"),
-            "dev",
-            LB_INTERFACES[0],
-        ])?;
+        add_addr(lb, LB_INTERFACES[0], lb_addr.into())?;
+        add_addr(lb, LB_INTERFACES[0], lb_addr6.into())?;
         lb.ip(&["link", "set", LB_INTERFACES[0], "up"])?;
         if let Some(mtu) = self.options.lb_client_mtu {
             lb.ip(&["link", "set", LB_INTERFACES[0], "mtu", &mtu.to_string()])?;
         }
         if let (Some(router), Some(mtu)) = (&self.router, self.options.router_mtu) {
             sysctl(router, "net.ipv4.ip_forward=1")?;
-            router.ip(&["addr", "add", &format!("{ROUTER_ADDR}/24"), "dev", "rt-l"])?;
+            sysctl(router, "net.ipv6.conf.all.forwarding=1")?;
+            add_addr(router, "rt-l", ROUTER_ADDR.into())?;
+            add_addr(router, "rt-l", ROUTER_ADDR6.into())?;
             router.ip(&["link", "set", "rt-l", "up"])?;
             self.peer_offloads(router, "rt-l")?;
             veth(router, "rt-c", &self.client, CLIENT_IFACE)?;
-            router.ip(&[
-                "addr",
-                "add",
-                &format!("{LB_CLIENT_ADDR}/24"),
-                "dev",
-                "rt-c",
-            ])?;
+            add_addr(router, "rt-c", LB_CLIENT_ADDR.into())?;
+            add_addr(router, "rt-c", LB_CLIENT_ADDR6.into())?;
             router.ip(&["link", "set", "rt-c", "mtu", &mtu.to_string(), "up"])?;
-            router.ip(&[
-                "route",
-                "add",
-                "default",
-                "via",
-                &LB_ROUTER_SIDE_ADDR.to_string(),
-            ])?;
+            default_route(router, LB_ROUTER_SIDE_ADDR.into())?;
+            default_route(router, LB_ROUTER_SIDE_ADDR6.into())?;
             lb.ip(&[
                 "route",
                 "add",
@@ -291,23 +349,21 @@ impl Topology {
                 "via",
                 &ROUTER_ADDR.to_string(),
             ])?;
+            lb.ip(&[
+                "-6",
+                "route",
+                "add",
+                "2001:db8:10:1::/64",
+                "via",
+                &ROUTER_ADDR6.to_string(),
+            ])?;
         }
         let c = &self.client;
-        c.ip(&[
-            "addr",
-            "add",
-            &format!("{CLIENT_ADDR}/24"),
-            "dev",
-            CLIENT_IFACE,
-        ])?;
+        add_addr(c, CLIENT_IFACE, CLIENT_ADDR.into())?;
+        add_addr(c, CLIENT_IFACE, CLIENT_ADDR6.into())?;
         c.ip(&["link", "set", CLIENT_IFACE, "up"])?;
-        c.ip(&[
-            "route",
-            "add",
-            "default",
-            "via",
-            &LB_CLIENT_ADDR.to_string(),
-        ])?;
+        default_route(c, LB_CLIENT_ADDR.into())?;
+        default_route(c, LB_CLIENT_ADDR6.into())?;
         self.peer_offloads(c, CLIENT_IFACE)?;
 
         // Backend links.
@@ -316,7 +372,8 @@ impl Topology {
             sw.ip(&["link", "set", "br0", "up"])?;
             let lb_if = FLAT_LB_INTERFACES[1];
             veth(lb, lb_if, sw, "sw-lb")?;
-            lb.ip(&["addr", "add", &format!("{FLAT_LB_ADDR}/24"), "dev", lb_if])?;
+            add_addr(lb, lb_if, FLAT_LB_ADDR.into())?;
+            add_addr(lb, lb_if, FLAT_LB_ADDR6.into())?;
             lb.ip(&["link", "set", lb_if, "up"])?;
             sw.ip(&["link", "set", "sw-lb", "master", "br0", "up"])?;
             self.peer_offloads(sw, "sw-lb")?;
@@ -328,24 +385,15 @@ impl Topology {
                 sw.ip(&["link", "set", &port, "master", "br0", "up"])?;
             } else {
                 veth(lb, &b.lb_iface, &b.ns, BACKEND_IFACE)?;
-                lb.ip(&[
-                    "addr",
-                    "add",
-                    &format!("{}/24", b.gateway),
-                    "dev",
-                    &b.lb_iface,
-                ])?;
+                add_addr(lb, &b.lb_iface, b.gateway.into())?;
+                add_addr(lb, &b.lb_iface, b.gateway6.into())?;
                 lb.ip(&["link", "set", &b.lb_iface, "up"])?;
             }
-            b.ns.ip(&[
-                "addr",
-                "add",
-                &format!("{}/24", b.addr),
-                "dev",
-                BACKEND_IFACE,
-            ])?;
+            add_addr(&b.ns, BACKEND_IFACE, b.addr.into())?;
+            add_addr(&b.ns, BACKEND_IFACE, b.addr6.into())?;
             b.ns.ip(&["link", "set", BACKEND_IFACE, "up"])?;
-            b.ns.ip(&["route", "add", "default", "via", &b.gateway.to_string()])?;
+            default_route(&b.ns, b.gateway.into())?;
+            default_route(&b.ns, b.gateway6.into())?;
             if self.switch.is_none() {
                 self.peer_offloads(&b.ns, BACKEND_IFACE)?;
             }
@@ -382,18 +430,26 @@ impl Topology {
     }
 
     /// Pings the load balancer from the client and each backend's gateway from the backend,
-    /// so a broken topology is reported as such and not as an xlb failure.
+    /// over IPv4 and IPv6, so a broken topology is reported as such and not as an xlb
+    /// failure.
     pub fn check_connectivity(&self) -> Result<()> {
         cmd::require_tool("ping", "iputils-ping")?;
-        let lb_addr = if self.router.is_some() {
-            LB_ROUTER_SIDE_ADDR
+        let (lb_addr, lb_addr6) = if self.router.is_some() {
+            (LB_ROUTER_SIDE_ADDR, LB_ROUTER_SIDE_ADDR6)
         } else {
-            LB_CLIENT_ADDR
+            (LB_CLIENT_ADDR, LB_CLIENT_ADDR6)
         };
         ping(&self.client, lb_addr).context("client cannot reach the load balancer")?;
+        ping(&self.client, lb_addr6).context("client cannot reach the load balancer over IPv6")?;
         for b in &self.backends {
             ping(&b.ns, b.gateway)
                 .with_context(|| format!("backend {} cannot reach the load balancer", b.name))?;
+            ping(&b.ns, b.gateway6).with_context(|| {
+                format!(
+                    "backend {} cannot reach the load balancer over IPv6",
+                    b.name
+                )
+            })?;
         }
         Ok(())
     }
@@ -436,9 +492,43 @@ impl Drop for Topology {
     }
 }
 
-/// `ping -c 1 -W 2 addr` from inside `ns`.
-pub fn ping(ns: &NetNs, addr: Ipv4Addr) -> Result<()> {
-    ns.exec("ping", &["-c", "1", "-W", "2", &addr.to_string()])?;
+/// `ping -c 1 -W 2 addr` from inside `ns` (`ping -6` for an IPv6 address).
+pub fn ping(ns: &NetNs, addr: impl Into<IpAddr>) -> Result<()> {
+    let addr = addr.into();
+    let family = if addr.is_ipv6() { "-6" } else { "-4" };
+    ns.exec("ping", &[family, "-c", "1", "-W", "2", &addr.to_string()])?;
+    Ok(())
+}
+
+/// Adds `addr` to `iface` in `ns` with this network's prefix lengths: /24 for IPv4, /64 for
+/// IPv6, the latter without duplicate address detection (`nodad`), so it is usable at once.
+fn add_addr(ns: &NetNs, iface: &str, addr: IpAddr) -> Result<()> {
+    match addr {
+        IpAddr::V4(a) => ns.ip(&["addr", "add", &format!("{a}/24"), "dev", iface])?,
+        IpAddr::V6(a) => ns.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{a}/64"),
+            "dev",
+            iface,
+            "nodad",
+        ])?,
+    };
+    Ok(())
+}
+
+/// The default route of `gateway`'s family in `ns`, via `gateway`.
+fn default_route(ns: &NetNs, gateway: IpAddr) -> Result<()> {
+    let family = if gateway.is_ipv6() { "-6" } else { "-4" };
+    ns.ip(&[
+        family,
+        "route",
+        "add",
+        "default",
+        "via",
+        &gateway.to_string(),
+    ])?;
     Ok(())
 }
 
