@@ -5,7 +5,7 @@
 //! [`NetNs::enter`]). Nothing is retried: a lost packet shows up as a failed request.
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
@@ -163,10 +163,14 @@ pub fn udp_request(target: SocketAddr, timeout: Duration) -> Result<UdpReply> {
     udp_request_with(target, REQUEST.as_bytes(), timeout)
 }
 
-/// Like [`udp_request`], with `payload` for the datagram (the servers answer any).
+/// Like [`udp_request`], with `payload` for the datagram (the servers answer any). The
+/// socket is of `target`'s family, bound to its unspecified address.
 pub fn udp_request_with(target: SocketAddr, payload: &[u8], timeout: Duration) -> Result<UdpReply> {
-    let socket = UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))
-        .context("binding a UDP client socket")?;
+    let any = match target {
+        SocketAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+        SocketAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
+    };
+    let socket = UdpSocket::bind(any).context("binding a UDP client socket")?;
     socket.set_read_timeout(Some(timeout))?;
     socket.set_write_timeout(Some(IO_TIMEOUT))?;
     socket
@@ -250,5 +254,7 @@ mod tests {
         assert!(Answer::parse("b2").is_err());
         assert!(Answer::parse("b2 nonsense").is_err());
         assert!(Answer::parse(" 10.20.0.1:1").is_err());
+        let a = Answer::parse("b3 [2001:db8:20::1]:40002\n").unwrap();
+        assert_eq!(a.seen_peer, "[2001:db8:20::1]:40002".parse().unwrap());
     }
 }

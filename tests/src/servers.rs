@@ -56,13 +56,24 @@ impl LineServer {
         tcp: Option<SocketAddr>,
         udp: Option<SocketAddr>,
     ) -> Result<LineServer> {
+        Self::start_on(ns, name, tcp.as_slice(), udp.as_slice())
+    }
+
+    /// Starts a server called `name` in `ns`, listening on every address of `tcp` and `udp`
+    /// (e.g. an IPv4 and an IPv6 one), all counted in the one [`ServerStats`].
+    pub fn start_on(
+        ns: &NetNs,
+        name: &str,
+        tcp: &[SocketAddr],
+        udp: &[SocketAddr],
+    ) -> Result<LineServer> {
         let mut server = LineServer {
             name: name.to_string(),
             stats: Arc::default(),
             stop: Arc::new(AtomicBool::new(false)),
             threads: Vec::new(),
         };
-        if let Some(addr) = tcp {
+        for &addr in tcp {
             let listener = ns
                 .enter(|| TcpListener::bind(addr))?
                 .with_context(|| format!("server {name}: binding TCP {addr} in {}", ns.name()))?;
@@ -73,7 +84,7 @@ impl LineServer {
                 tcp_loop(listener, &name, &stats, &stop)
             }));
         }
-        if let Some(addr) = udp {
+        for &addr in udp {
             let socket = ns
                 .enter(|| UdpSocket::bind(addr))?
                 .with_context(|| format!("server {name}: binding UDP {addr} in {}", ns.name()))?;
@@ -193,19 +204,23 @@ pub fn answer(name: &str, peer: SocketAddr) -> String {
     format!("{name} {peer}\n")
 }
 
-/// The TCP and UDP servers on port 8080 of every backend of a [`Topology`].
+/// The TCP and UDP servers on port 8080 of every backend of a [`Topology`], both families.
 #[derive(Debug)]
 pub struct BackendServers {
     pub servers: Vec<LineServer>,
 }
 
 impl BackendServers {
-    /// Starts a server named after each backend (`b1`, ...) on `0.0.0.0:8080`, TCP and UDP.
+    /// Starts a server named after each backend (`b1`, ...) on `0.0.0.0:8080` and on its
+    /// IPv6 address's port 8080 (`[2001:db8:20:N::2]:8080`), TCP and UDP. (The IPv6 socket
+    /// is bound to the address, not to `[::]`, which would also take IPv4 and clash with the
+    /// IPv4 socket.)
     pub fn start(topology: &Topology) -> Result<BackendServers> {
         let any: SocketAddr = ([0, 0, 0, 0], BACKEND_PORT).into();
         let mut servers = Vec::new();
         for b in &topology.backends {
-            servers.push(LineServer::start(&b.ns, &b.name, Some(any), Some(any))?);
+            let addrs = [any, b.service_addr6()];
+            servers.push(LineServer::start_on(&b.ns, &b.name, &addrs, &addrs)?);
         }
         Ok(BackendServers { servers })
     }
