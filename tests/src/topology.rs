@@ -1,9 +1,11 @@
 //! The test network: one client, the load balancer, three backends, each in its own
-//! network namespace, wired with veth pairs. Two layouts:
+//! network namespace, wired with veth pairs.
 //!
 //! Every link is dual-stack: each interface with an IPv4 address has an IPv6 one in a
 //! parallel scheme (`10.10.1.0/24` ↔ `2001:db8:10:1::/64`, `10.20.N.0/24` ↔
 //! `2001:db8:20:N::/64`), added without duplicate address detection so it is usable at once.
+//!
+//! Two layouts:
 //!
 //! [`Layout::Routed`] (the default): each backend on a link and subnet of its own.
 //! ```text
@@ -41,7 +43,7 @@
 //! its link toward the client has that (smaller) MTU, while the client and the backends keep
 //! 1500: a path MTU that only ICMP "fragmentation needed" from the router reveals.
 //! ```text
-//!  ns client                 ns router                              ns lb
+//!  ns client                   ns router                            ns lb
 //!  cli0 10.10.1.2/24       ─── rt-c 10.10.1.1/24 (MTU 1280)
 //!       2001:db8:10:1::2/64           2001:db8:10:1::1/64
 //!                              rt-l 10.10.9.2/24 ─────────────── xlb-c 10.10.9.1/24
