@@ -7,7 +7,9 @@
 //!   xlb has a 1280-byte link toward the client, while the client and the backends have MTU
 //!   1500, so the client's MSS lets the backend send 1500-byte packets. The router's
 //!   "fragmentation needed" is addressed to the VIP (the packets' source); only if xlb
-//!   translates it and hands it to the backend does a 10 MB download finish.
+//!   translates it and hands it to the backend does a 10 MB download finish. The same over
+//!   IPv6, where the router's error is ICMPv6 "packet too big"; and with xlb's own link the
+//!   narrow one, where xlb must say so itself, in both families.
 //!
 //! * A SNAT pool of two addresses holds more flows to one backend than one address has
 //!   ports, and the backend sees both addresses.
@@ -17,10 +19,11 @@
 //!   UDP socket keeps one public address and port toward every server (endpoint-independent
 //!   mapping); the gateway comes and goes with `xlb apply`.
 //!
-//! Every host's checksum error counters (TCP, UDP, IPv4, ICMP) stay at zero throughout.
+//! Every host's checksum error counters (TCP, UDP, IPv4, ICMP, and IPv6's) stay at zero
+//! throughout.
 
 use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
@@ -45,13 +48,25 @@ const ROUTER_MTU: u32 = 1280;
 
 /// A config with one TCP and one UDP service on the VIP, in `mode`, over `backends`.
 fn config(mode: &str, backends: &[SocketAddr]) -> String {
+    config_of(Family::V4, mode, backends)
+}
+
+/// [`config`] on the VIP and SNAT address of `family`.
+fn config_of(family: Family, mode: &str, backends: &[SocketAddr]) -> String {
+    let (vips, snat) = match family {
+        Family::V4 => ([topology::vip_tcp(), topology::vip_udp()], IpAddr::V4(SNAT)),
+        Family::V6 => (
+            [topology::vip6_tcp(), topology::vip6_udp()],
+            IpAddr::V6(topology::SNAT6),
+        ),
+    };
     let snat = if mode == "fullnat" {
-        format!("snat = \"{SNAT}\"\n")
+        format!("snat = \"{snat}\"\n")
     } else {
         String::new()
     };
     let mut c = format!("[dataplane]\ninterfaces = {LB_INTERFACES:?}\n");
-    for (vip, protocol) in [(topology::vip_tcp(), "tcp"), (topology::vip_udp(), "udp")] {
+    for (vip, protocol) in [(vips[0], "tcp"), (vips[1], "udp")] {
         c += &format!(
             "\n[[service]]\nvip = \"{vip}\"\nprotocol = \"{protocol}\"\nmode = \"{mode}\"\n{snat}"
         );
@@ -484,19 +499,38 @@ fn a_ping_to_a_vip_is_answered_by_the_data_plane() {
 
 #[test]
 fn path_mtu_discovery_works_through_fullnat() {
-    path_mtu_discovery("fullnat", Bottleneck::Router);
+    path_mtu_discovery(Family::V4, "fullnat", Bottleneck::Router);
 }
 
 #[test]
 fn path_mtu_discovery_works_through_dnat() {
-    path_mtu_discovery("dnat", Bottleneck::Router);
+    path_mtu_discovery(Family::V4, "dnat", Bottleneck::Router);
 }
 
 /// xlb's own link toward the client is the narrow one: xlb must say so itself.
 #[test]
 fn path_mtu_discovery_works_when_xlb_is_the_bottleneck() {
-    path_mtu_discovery("fullnat", Bottleneck::Xlb);
-    path_mtu_discovery("dnat", Bottleneck::Xlb);
+    path_mtu_discovery(Family::V4, "fullnat", Bottleneck::Xlb);
+    path_mtu_discovery(Family::V4, "dnat", Bottleneck::Xlb);
+}
+
+#[test]
+fn path_mtu_discovery_works_over_ipv6_through_fullnat_and_dnat() {
+    path_mtu_discovery(Family::V6, "fullnat", Bottleneck::Router);
+    path_mtu_discovery(Family::V6, "dnat", Bottleneck::Router);
+}
+
+#[test]
+fn path_mtu_discovery_works_over_ipv6_when_xlb_is_the_bottleneck() {
+    path_mtu_discovery(Family::V6, "fullnat", Bottleneck::Xlb);
+    path_mtu_discovery(Family::V6, "dnat", Bottleneck::Xlb);
+}
+
+/// Which IP family a test's service and traffic are.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Family {
+    V4,
+    V6,
 }
 
 /// Where the 1280-byte link is.
@@ -509,7 +543,7 @@ enum Bottleneck {
     Xlb,
 }
 
-fn path_mtu_discovery(mode: &str, bottleneck: Bottleneck) {
+fn path_mtu_discovery(family: Family, mode: &str, bottleneck: Bottleneck) {
     let options = match bottleneck {
         Bottleneck::Router => Options {
             router_mtu: Some(ROUTER_MTU),
@@ -523,23 +557,37 @@ fn path_mtu_discovery(mode: &str, bottleneck: Bottleneck) {
     with_topology(PREFIX, options, |topo| {
         topo.check_connectivity()?;
         let b1 = &topo.backends[0];
-        let server = DownloadServer::start(&b1.ns, DOWNLOAD_BYTES)?;
-        let xlb = XlbProcess::start(&topo.lb, &config(mode, &[b1.service_addr()]))?;
+        let (any, backend, vip, heard) = match family {
+            Family::V4 => (
+                IpAddr::from([0u8; 4]),
+                b1.service_addr(),
+                topology::vip_tcp(),
+                "IcmpInDestUnreachs",
+            ),
+            Family::V6 => (
+                IpAddr::from([0u16; 8]),
+                b1.service_addr6(),
+                topology::vip6_tcp(),
+                "Icmp6InPktTooBigs",
+            ),
+        };
+        let server = DownloadServer::start(&b1.ns, (any, BACKEND_PORT).into(), DOWNLOAD_BYTES)?;
+        let xlb = XlbProcess::start(&topo.lb, &config_of(family, mode, &[backend]))?;
         let before = snapshot(topo)?;
         let icmp_before = Counters::read(&b1.ns)?;
 
-        let received = topo.client.enter(|| download(topology::vip_tcp()))??;
+        let received = topo.client.enter(|| download(vip))??;
         ensure!(
             received == DOWNLOAD_BYTES,
-            "{mode}: downloaded {received} of {DOWNLOAD_BYTES} bytes"
+            "{family:?} {mode}: downloaded {received} of {DOWNLOAD_BYTES} bytes"
         );
         drop(server);
         // The backend heard of the smaller MTU: from xlb, as only xlb can have sent it.
-        let unreachables = Counters::read(&b1.ns)?.delta(&icmp_before, "IcmpInDestUnreachs")?;
+        let unreachables = Counters::read(&b1.ns)?.delta(&icmp_before, heard)?;
         ensure!(
             unreachables > 0,
-            "{mode}: the download finished, but the backend got no ICMP unreachable: did the \
-             MSS hide the bottleneck?"
+            "{family:?} {mode}: the download finished, but the backend got no {heard}: did \
+             the MSS hide the bottleneck?"
         );
         let stats = xlb.json(&["stats"])?;
         let untracked = stats["reasons"]["pass/icmp_untracked"]
@@ -547,14 +595,14 @@ fn path_mtu_discovery(mode: &str, bottleneck: Bottleneck) {
             .unwrap_or(0);
         ensure!(
             untracked == 0,
-            "{mode}: {untracked} ICMP errors were not matched to the flow"
+            "{family:?} {mode}: {untracked} ICMP errors were not matched to the flow"
         );
         let answered = stats["reasons"]["forward/icmp_too_big"]
             .as_u64()
             .unwrap_or(0);
         ensure!(
             (answered > 0) == (bottleneck == Bottleneck::Xlb),
-            "{mode}: xlb answered {answered} packets as too big"
+            "{family:?} {mode}: xlb answered {answered} packets as too big"
         );
         no_checksum_errors(topo, &before)
     });
@@ -647,8 +695,7 @@ struct DownloadServer {
 }
 
 impl DownloadServer {
-    fn start(ns: &NetNs, bytes: usize) -> Result<DownloadServer> {
-        let addr: SocketAddr = ([0, 0, 0, 0], BACKEND_PORT).into();
+    fn start(ns: &NetNs, addr: SocketAddr, bytes: usize) -> Result<DownloadServer> {
         let listener = ns
             .enter(|| TcpListener::bind(addr))?
             .with_context(|| format!("binding {addr} in {}", ns.name()))?;
