@@ -19,7 +19,8 @@ use lb_common::{
     maps::{
         BackendEntry, DIR_TO_BACKEND, DIR_TO_CLIENT, Endpoint, FlowKey, MAPPING_PRIVATE,
         MAPPING_PUBLIC, MAX_SNAT_ADDRESSES, MODE_DNAT, MODE_GATEWAY, Mapping, MappingKey,
-        NO_BACKEND, NatEntry, PROTO_UDP, Rewrite, SNAT_PORT_PROBES, ServiceEntry, ServiceKey,
+        NO_BACKEND, NatEntry, PROTO_ICMP, PROTO_ICMPV6, PROTO_UDP, Rewrite, SNAT_PORT_PROBES,
+        ServiceEntry, ServiceKey,
     },
     reason::Reason,
     scheduler,
@@ -204,7 +205,8 @@ fn now() -> u64 {
 /// ICMP, only an echo request starts a flow.
 #[inline(always)]
 pub fn gateway(pkt: &Packet) -> Option<&'static ServiceEntry> {
-    if pkt.key.proto == lb_common::maps::PROTO_ICMP && pkt.echo != Echo::Request {
+    let icmp = pkt.key.proto == PROTO_ICMP || pkt.key.proto == PROTO_ICMPV6;
+    if icmp && pkt.echo != Echo::Request {
         return None;
     }
     // The address's full length: the trie finds the longest prefix that covers it.

@@ -113,7 +113,7 @@ impl Quote {
     }
 }
 
-/// Whether [`handle`] takes the packet: ICMP but for an echo (request or reply) not
+/// Whether [`handle`] takes the packet: ICMP or ICMPv6 but for an echo (request or reply) not
 /// addressed to a VIP, which goes the way of a TCP or UDP packet, as a flow's. A NAT gateway
 /// tracks and rewrites those by their identifier (a first fragment of one is dropped, as a
 /// TCP or UDP one is); what no flow or gateway takes goes to the kernel (`pass/icmp`), as
@@ -124,12 +124,7 @@ impl Quote {
 /// more for a state where the protocol is known to be ICMP.
 #[inline(never)]
 pub fn takes(pkt: &Packet) -> bool {
-    // ICMPv6 is neighbour discovery, router advertisements and multicast listeners too:
-    // none of it a flow's (there are no IPv6 NAT gateways).
-    if pkt.key.proto == PROTO_ICMPV6 {
-        return true;
-    }
-    if pkt.key.proto != PROTO_ICMP {
+    if pkt.key.proto != PROTO_ICMP && pkt.key.proto != PROTO_ICMPV6 {
         return false;
     }
     match pkt.echo {

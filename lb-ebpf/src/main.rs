@@ -50,7 +50,8 @@ use lb_common::{
     maps::{
         BackendEntry, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAGLEV_SIZE, DEFAULT_MAX_BACKENDS,
         DEFAULT_MAX_SERVICES, FlowKey, FlowStats, Handoff, MAX_INTERFACES, MODE_DNAT, Mapping,
-        MappingKey, NO_BACKEND, NatEntry, PROTO_ICMP, Rewrite, ServiceEntry, ServiceKey, Settings,
+        MappingKey, NO_BACKEND, NatEntry, PROTO_ICMP, PROTO_ICMPV6, Rewrite, ServiceEntry,
+        ServiceKey, Settings,
     },
     reason::Reason,
 };
@@ -259,7 +260,7 @@ fn new_flow(
     hop: &mut Hop,
 ) -> Result<(), Reason> {
     // What is not ours goes to the kernel untouched.
-    let not_ours = if pkt.key.proto == PROTO_ICMP {
+    let not_ours = if pkt.key.proto == PROTO_ICMP || pkt.key.proto == PROTO_ICMPV6 {
         Reason::PassIcmp
     } else {
         Reason::PassNoService

@@ -6,7 +6,7 @@
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
     csum::{replace, replace_udp, sum_words},
-    maps::{Endpoint, PROTO_ICMP, PROTO_UDP, Rewrite},
+    maps::{Endpoint, PROTO_ICMP, PROTO_ICMPV6, PROTO_UDP, Rewrite},
     reason::Reason,
 };
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
@@ -32,7 +32,11 @@ pub fn rewrite(
     let (old_addrs, new_addrs) =
         rewrite_ip(ctx, pkt, &entry.src, &entry.dst, pkt.ttl - ttl_decrement)?;
     if pkt.key.proto == PROTO_ICMP {
-        return rewrite_echo_id(ctx, pkt, entry);
+        return rewrite_echo_id(ctx, pkt, entry, 0, 0);
+    }
+    if pkt.key.proto == PROTO_ICMPV6 {
+        // ICMPv6's checksum covers a pseudo-header: the addresses' change too.
+        return rewrite_echo_id(ctx, pkt, entry, old_addrs, new_addrs);
     }
 
     // The L4 checksum covers the pseudo-header addresses and the ports (not the TTL).
@@ -69,10 +73,17 @@ pub fn rewrite(
 }
 
 /// Sets an ICMP echo's identifier: a request's is the flow's source port, a reply's its
-/// destination port (see `parse`). The ICMP checksum has no pseudo-header: only the
-/// identifier changes it.
+/// destination port (see `parse`). ICMP's checksum has no pseudo-header: only the
+/// identifier changes it; ICMPv6's has, whose change the caller passes (`old_pseudo` →
+/// `new_pseudo`; 0 and 0 for ICMP).
 #[inline(always)]
-fn rewrite_echo_id(ctx: &XdpContext, pkt: &Packet, entry: &Rewrite) -> Result<(), Reason> {
+fn rewrite_echo_id(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    entry: &Rewrite,
+    old_pseudo: u32,
+    new_pseudo: u32,
+) -> Result<(), Reason> {
     let (old, new) = if pkt.echo == Echo::Request {
         (pkt.key.src.port, entry.src.port)
     } else {
@@ -81,7 +92,12 @@ fn rewrite_echo_id(ctx: &XdpContext, pkt: &Packet, entry: &Rewrite) -> Result<()
     let check: *mut [u8; 2] = ptr_at(ctx, pkt.l4_check_off())?;
     // SAFETY: ptr_at checked the two checksum bytes are inside the frame.
     let check = unsafe { &mut *check };
-    *check = replace(u16::from_be_bytes(*check), sum_words(&old), sum_words(&new)).to_be_bytes();
+    *check = replace(
+        u16::from_be_bytes(*check),
+        old_pseudo + sum_words(&old),
+        new_pseudo + sum_words(&new),
+    )
+    .to_be_bytes();
     let id: *mut [u8; 2] = ptr_at(ctx, pkt.l4_off() + ECHO_ID_OFF)?;
     // SAFETY: ptr_at checked the identifier's two bytes are inside the frame.
     unsafe { *id = new };

@@ -496,8 +496,8 @@ pub struct Checked {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Gateway {
     pub source: Network,
-    /// The public pool: 1 to `MAX_SNAT_ADDRESSES` addresses.
-    pub to: Vec<Ipv4Addr>,
+    /// The public pool: 1 to `MAX_SNAT_ADDRESSES` addresses, of `source`'s family.
+    pub to: Vec<IpAddr>,
     /// Its own port range; `None`: the config's SNAT port range.
     pub ports: Option<SnatPorts>,
 }
@@ -508,31 +508,52 @@ impl fmt::Display for Gateway {
     }
 }
 
-/// An IPv4 network: an address whose bits past `prefix` are zero. (NAT gateways, its only
-/// use, are IPv4 only.)
+/// An IP network of either family: an address whose bits past `prefix` are zero.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Network {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub prefix: u8,
 }
 
 impl Network {
     /// Parses "address/prefix"; the address must be the network's own (no host bits).
     pub fn parse(text: &str) -> Result<Network, String> {
-        let bad = || format!("{text:?} is not \"address/prefix\" (for example \"10.30.0.0/24\")");
+        let bad = || {
+            format!(
+                "{text:?} is not \"address/prefix\" (for example \"10.30.0.0/24\" or \
+                 \"2001:db8:30::/64\")"
+            )
+        };
         let (addr, prefix) = text.split_once('/').ok_or_else(bad)?;
-        if addr.parse::<std::net::Ipv6Addr>().is_ok() {
-            return Err(format!("{text:?} is IPv6: {NO_IPV6_GATEWAYS}"));
+        let addr: IpAddr = addr.parse().map_err(|_| bad())?;
+        if let IpAddr::V6(v6) = addr
+            && v6.to_ipv4_mapped().is_some()
+        {
+            return Err(format!(
+                "{text:?} is IPv4-mapped, which is never on the wire: write the IPv4 network"
+            ));
         }
-        let addr: Ipv4Addr = addr.parse().map_err(|_| bad())?;
         let prefix: u8 = prefix.parse().map_err(|_| bad())?;
-        if prefix > 32 {
-            return Err(format!("{text:?}: an IPv4 prefix is 0 to 32 bits"));
+        let bits = Self::bits(addr);
+        if prefix > bits {
+            return Err(format!(
+                "{text:?}: a prefix of this family is 0 to {bits} bits"
+            ));
         }
         let network = Network {
-            addr: Ipv4Addr::from(u32::from(addr) & Self::mask(prefix)),
+            addr: Self::masked(addr, prefix),
             prefix,
         };
+        // The data plane keeps IPv4 networks IPv4-mapped, in one table with IPv6's.
+        if addr.is_ipv6()
+            && prefix > 0
+            && network.contains(Ipv4Addr::UNSPECIFIED.to_ipv6_mapped().into())
+        {
+            return Err(format!(
+                "{text:?} covers the IPv4-mapped addresses (::ffff:0:0/96): name a narrower \
+                 IPv6 network"
+            ));
+        }
         if network.addr != addr {
             return Err(format!(
                 "{text:?} has bits set past the prefix: the network is {network}"
@@ -541,12 +562,27 @@ impl Network {
         Ok(network)
     }
 
-    fn mask(prefix: u8) -> u32 {
-        u32::MAX.checked_shl(32 - prefix as u32).unwrap_or(0)
+    fn bits(addr: IpAddr) -> u8 {
+        if addr.is_ipv4() { 32 } else { 128 }
     }
 
-    pub fn contains(&self, addr: Ipv4Addr) -> bool {
-        u32::from(addr) & Self::mask(self.prefix) == u32::from(self.addr)
+    /// `addr` with the bits past `prefix` cleared.
+    fn masked(addr: IpAddr, prefix: u8) -> IpAddr {
+        match addr {
+            IpAddr::V4(a) => {
+                let mask = u32::MAX.checked_shl(32 - prefix as u32).unwrap_or(0);
+                IpAddr::V4((u32::from(a) & mask).into())
+            }
+            IpAddr::V6(a) => {
+                let mask = u128::MAX.checked_shl(128 - prefix as u32).unwrap_or(0);
+                IpAddr::V6((u128::from(a) & mask).into())
+            }
+        }
+    }
+
+    /// Whether `addr` is in the network (an address of the other family never is).
+    pub fn contains(&self, addr: IpAddr) -> bool {
+        addr.is_ipv4() == self.addr.is_ipv4() && Self::masked(addr, self.prefix) == self.addr
     }
 }
 
@@ -747,7 +783,7 @@ impl Checked {
     pub fn fit_to_host(&mut self, host: &HostFacts) -> Result<(), ConfigErrors> {
         let [lo, hi] = host.ephemeral_ports;
         let own = |a: IpAddr| host.addresses.contains(&a);
-        let owned_gateway = |g: &Gateway| g.to.iter().any(|&a| own(a.into()));
+        let owned_gateway = |g: &Gateway| g.to.iter().any(|&a| own(a));
         let mut errors = Vec::new();
         for (i, g) in self.gateways.iter().enumerate() {
             if let Some(ports) = g.ports
@@ -1214,16 +1250,17 @@ impl Config {
                 err(at("source"), format!("{source} has another nat_gateway"));
             }
             let (to, _) = parse_pool(g.to.as_slice(), at("to"), &mut err);
-            let to: Vec<Ipv4Addr> = to
-                .into_iter()
-                .filter_map(|a| match a {
-                    IpAddr::V4(a) => Some(a),
-                    IpAddr::V6(a) => {
-                        err(at("to"), format!("{a} is IPv6: {NO_IPV6_GATEWAYS}"));
-                        None
-                    }
-                })
-                .collect();
+            if let Some(source) = source
+                && let Some(other) = to.iter().find(|a| a.is_ipv4() != source.addr.is_ipv4())
+            {
+                err(
+                    at("to"),
+                    format!(
+                        "{other} is not of the family of the private network {source}: a \
+                         gateway's source and to are one family"
+                    ),
+                );
+            }
             if source.is_some_and(|s| s.prefix == 0) {
                 err(
                     at("source"),
@@ -1253,7 +1290,7 @@ impl Config {
             }
             if let Some(vip) = to
                 .iter()
-                .find(|&&a| services.iter().any(|s| s.vip.ip() == IpAddr::V4(a)))
+                .find(|&&a| services.iter().any(|s| s.vip.ip() == a))
             {
                 err(
                     at("to"),
@@ -1378,9 +1415,6 @@ fn port_range(
         explicit: true,
     }
 }
-
-/// What a NAT gateway with an IPv6 `source` or `to` is told.
-const NO_IPV6_GATEWAYS: &str = "IPv6 NAT gateways are not supported (source and to must be IPv4)";
 
 /// A VIP's or backend's "address:port", "[address]:port" for IPv6.
 fn parse_endpoint(text: &str) -> Result<SocketAddr, String> {
@@ -1977,6 +2011,27 @@ ports = [20000, 29999]
 "#;
 
     #[test]
+    fn an_ipv6_nat_gateway_takes_ipv6_networks_and_addresses() {
+        let gateway = "\n[[nat_gateway]]\nsource = \"fd00:30::/64\"\n\
+                       to = [\"2001:db8:51::10\", \"2001:db8:51::11\"]\nports = [20000, 29999]\n";
+        let c = Config::parse(&format!("{GOOD}{gateway}"))
+            .unwrap()
+            .validate()
+            .unwrap();
+        let g = &c.gateways[0];
+        assert_eq!(g.source.to_string(), "fd00:30::/64");
+        // The last address of the /64, and the first past it.
+        assert!(
+            g.source
+                .contains("fd00:30::ffff:ffff:ffff:ffff".parse().unwrap())
+        );
+        assert!(!g.source.contains("fd00:30:0:1::".parse().unwrap()));
+        assert!(!g.source.contains("10.30.0.1".parse().unwrap()));
+        assert_eq!(g.to.len(), 2);
+        assert_eq!(c.to_config().validate().unwrap().gateways, c.gateways);
+    }
+
+    #[test]
     fn a_nat_gateway_is_checked_field_by_field() {
         let c = Config::parse(&format!("{GOOD}{GATEWAY}"))
             .unwrap()
@@ -2043,13 +2098,26 @@ ports = [20000, 29999]
                 "\"198.51.100.11\"",
                 "\"2001:db8:51::11\"",
                 "to",
-                "2001:db8:51::11 is IPv6: IPv6 NAT gateways are not supported",
+                "2001:db8:51::11 is not of the family of the private network 10.30.0.0/24",
             ),
             (
                 "10.30.0.0/24",
                 "fd00:30::/64",
+                "to",
+                "198.51.100.10 is not of the family of the private network fd00:30::/64",
+            ),
+            ("10.30.0.0/24", "fd00:30::/129", "source", "0 to 128 bits"),
+            (
+                "10.30.0.0/24",
+                "fd00:30::1/64",
                 "source",
-                "\"fd00:30::/64\" is IPv6: IPv6 NAT gateways are not supported",
+                "the network is fd00:30::/64",
+            ),
+            (
+                "10.30.0.0/24",
+                "::ffff:10.30.0.0/120",
+                "source",
+                "IPv4-mapped",
             ),
             (
                 "[20000, 29999]",

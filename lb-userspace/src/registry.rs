@@ -270,14 +270,7 @@ impl Registry {
                     id: entry.id,
                     config: Gateway {
                         source,
-                        // Only IPv4 gateways are written.
-                        to: pool_of(&entry)
-                            .into_iter()
-                            .filter_map(|a| match a {
-                                IpAddr::V4(a) => Some(a),
-                                IpAddr::V6(_) => None,
-                            })
-                            .collect(),
+                        to: pool_of(&entry),
                         // As the entry has it: a config that says otherwise rewrites it.
                         ports: Some(SnatPorts {
                             first: entry.port_first as u16,
@@ -925,7 +918,7 @@ impl Registry {
                     (id, true)
                 }
             };
-            let pool: Vec<IpAddr> = g.to.iter().map(|&a| a.into()).collect();
+            let pool: Vec<IpAddr> = g.to.clone();
             let entry = entry_of(id, MODE_GATEWAY, &pool, cfg.gateway_ports(g));
             let (addr, prefix_len) = trie_key(g.source);
             if let Err(e) = self.tables.set_gateway(addr, prefix_len, entry) {
@@ -982,21 +975,24 @@ fn pool_of(entry: &ServiceEntry) -> Vec<IpAddr> {
         .collect()
 }
 
-/// `GATEWAYS`' key of a network: its address IPv4-mapped, and the prefix length of that.
+/// `GATEWAYS`' key of a network: its address as the maps hold it (IPv4 mapped), and the
+/// prefix length of that (an IPv4 prefix is 96 bits further in).
 fn trie_key(network: Network) -> ([u8; 16], u32) {
+    let offset = if network.addr.is_ipv4() { 96 } else { 0 };
     (
-        Endpoint::addr_of(IpAddr::V4(network.addr)),
-        96 + network.prefix as u32,
+        Endpoint::addr_of(network.addr),
+        offset + network.prefix as u32,
     )
 }
 
-/// The network of a `GATEWAYS` key, if it is an IPv4 one.
+/// The network of a `GATEWAYS` key: the inverse of [`trie_key`].
 fn network_of(addr: [u8; 16], prefix_len: u32) -> Option<Network> {
-    let prefix = prefix_len.checked_sub(96).filter(|p| *p <= 32)? as u8;
-    match (Endpoint { addr, port: [0; 2] }).ip() {
-        IpAddr::V4(addr) => Some(Network { addr, prefix }),
-        IpAddr::V6(_) => None,
-    }
+    let addr = (Endpoint { addr, port: [0; 2] }).ip();
+    let prefix = match addr {
+        IpAddr::V4(_) => prefix_len.checked_sub(96).filter(|p| *p <= 32)?,
+        IpAddr::V6(_) => prefix_len.min(128),
+    } as u8;
+    Some(Network { addr, prefix })
 }
 
 /// What the data path knows of a backend of service `service_id`.
@@ -1136,8 +1132,14 @@ mod tests {
         };
         assert_eq!(name.to_string(), "[2001:db8::100]:80/tcp");
         assert_eq!(name.key().vip.to_socket(), name.vip);
-        // A gateway key that is not IPv4-mapped is no gateway of ours.
-        assert_eq!(network_of(name.key().vip.addr, 120), None);
+        // Gateway keys of both families read back as the networks they were made of.
+        for text in ["10.30.0.0/24", "fd00:30::/64", "2001:db8::/32"] {
+            let network = Network::parse(text).unwrap();
+            let (addr, len) = trie_key(network);
+            assert_eq!(network_of(addr, len), Some(network), "{text}");
+        }
+        assert_eq!(trie_key(Network::parse("10.30.0.0/24").unwrap()).1, 96 + 24);
+        assert_eq!(trie_key(Network::parse("fd00:30::/64").unwrap()).1, 64);
     }
 
     #[test]

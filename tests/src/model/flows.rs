@@ -20,13 +20,13 @@
 
 use std::{
     collections::HashMap,
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
 };
 
 use anyhow::{Result, bail, ensure};
 use lb_common::{
     conntrack::{FlowSeen, FlowState, Seen, starts_anew},
-    maps::{DIR_TO_BACKEND, DIR_TO_CLIENT, FlowKey, PROTO_ICMP, PROTO_UDP},
+    maps::{DIR_TO_BACKEND, DIR_TO_CLIENT, FlowKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_UDP},
 };
 use lb_userspace::config::{Checked, Network};
 
@@ -45,7 +45,7 @@ pub struct ServiceSpec {
 #[derive(Clone, Debug)]
 pub struct GatewaySpec {
     pub source: Network,
-    pub to: Vec<Ipv4Addr>,
+    pub to: Vec<IpAddr>,
     pub ports: (u16, u16),
 }
 
@@ -151,23 +151,20 @@ impl FlowModel {
 
     /// The NAT gateway a first frame with `key` goes out through: the one of the longest
     /// prefix that holds its source, unless one holds its destination too, or it is
-    /// addressed to a service. Of ICMP, only echo requests (`key` as `flow_key_v4` makes it:
-    /// the identifier in the source port) start flows.
+    /// addressed to a service. Of ICMP and ICMPv6, only echo requests (`key` as `flow_key`
+    /// makes it: the identifier in the source port) start flows.
     pub fn gateway(&self, key: &FlowKey, echo_request: bool) -> Option<&GatewaySpec> {
         let (src, dst, proto) = tuple(key);
-        if self.service(key).is_some() || (proto == PROTO_ICMP && !echo_request) {
+        let icmp = proto == PROTO_ICMP || proto == PROTO_ICMPV6;
+        if self.service(key).is_some() || (icmp && !echo_request) {
             return None;
         }
-        // Gateways are IPv4 only.
-        let (IpAddr::V4(src), IpAddr::V4(dst)) = (src.ip(), dst.ip()) else {
-            return None;
-        };
-        if self.gateways.iter().any(|g| g.source.contains(dst)) {
+        if self.gateways.iter().any(|g| g.source.contains(dst.ip())) {
             return None;
         }
         self.gateways
             .iter()
-            .filter(|g| g.source.contains(src))
+            .filter(|g| g.source.contains(src.ip()))
             .max_by_key(|g| g.source.prefix)
     }
 
@@ -265,7 +262,8 @@ impl FlowModel {
         let t = tuple(key);
         // An ICMP key here is an echo request's: the caller checks that the program made a
         // flow of nothing else.
-        let Some(g) = self.gateway(key, key.proto == PROTO_ICMP) else {
+        let Some(g) = self.gateway(key, key.proto == PROTO_ICMP || key.proto == PROTO_ICMPV6)
+        else {
             bail!("a new flow for {t:?}, which is addressed to no service and no gateway's");
         };
         ensure!(
@@ -275,8 +273,7 @@ impl FlowModel {
             t.1
         );
         ensure!(
-            g.to.iter().any(|a| IpAddr::V4(*a) == src.ip())
-                && (g.ports.0..=g.ports.1).contains(&src.port()),
+            g.to.contains(&src.ip()) && (g.ports.0..=g.ports.1).contains(&src.port()),
             "a flow through {} leaves from {src}, not from {:?} with a port in {:?}",
             g.source,
             g.to,

@@ -135,9 +135,69 @@ pub fn echo_reply_v6(frame: &[u8]) -> Option<Vec<u8>> {
 }
 
 /// The flow key of a frame the program tracks as a flow's packet, either family: a TCP/UDP
-/// one, or an ICMP (IPv4) echo ([`flow_key_v4`]).
+/// one, or an ICMP echo ([`flow_key_v4`], [`echo_key_v6`]).
 pub fn flow_key(frame: &[u8]) -> Option<FlowKey> {
-    flow_key_v4(frame).or_else(|| layout_v6(frame).map(|l| l.flow_key(frame)))
+    flow_key_v4(frame)
+        .or_else(|| layout_v6(frame).map(|l| l.flow_key(frame)))
+        .or_else(|| echo_key_v6(frame))
+}
+
+/// The flow key of an ICMPv6 echo request or reply (code 0, whole, not a fragment), as
+/// [`flow_key_v4`] makes an ICMP one's: the identifier in the request's source port or the
+/// reply's destination port.
+pub fn echo_key_v6(frame: &[u8]) -> Option<FlowKey> {
+    let (at, request) = echo_v6(frame)?;
+    let id = [frame[at + 4], frame[at + 5]];
+    let (sport, dport) = if request { (id, [0; 2]) } else { ([0; 2], id) };
+    let addr = |o: usize| <[u8; 16]>::try_from(&frame[o..o + 16]).unwrap();
+    Some(FlowKey {
+        src: Endpoint::v6(addr(ETH_HLEN + 8), sport),
+        dst: Endpoint::v6(addr(ETH_HLEN + 24), dport),
+        proto: PROTO_ICMPV6,
+        _pad: 0,
+    })
+}
+
+/// Where an ICMPv6 echo's header is and whether it is a request: `None` for anything else
+/// (another type, code not 0, cut short, a fragment).
+pub fn echo_v6(frame: &[u8]) -> Option<(usize, bool)> {
+    let l = parse_v6(frame).ok()?;
+    let at = l.l4_off;
+    if l.proto != PROTO_ICMPV6 || l.fragment || l.later_fragment || at + 8 > ETH_HLEN + l.tot_len {
+        return None;
+    }
+    match (frame[at], frame[at + 1]) {
+        (ICMPV6_ECHO_REQUEST, 0) => Some((at, true)),
+        (ICMPV6_ECHO_REPLY, 0) => Some((at, false)),
+        _ => None,
+    }
+}
+
+/// The reference rewrite of an ICMPv6 echo of a flow, as [`echo_rewrite_v4`]'s: addresses
+/// to `src` → `dst`, hop limit lowered, the identifier set, the checksum recomputed over the
+/// new pseudo-header. `None` for anything else, or a hop limit of 0 or 1.
+pub fn echo_rewrite_v6(
+    frame: &[u8],
+    src: SocketAddrV6,
+    dst: SocketAddrV6,
+    ttl_decrement: u8,
+) -> Option<Vec<u8>> {
+    let (at, request) = echo_v6(frame)?;
+    let ip = ETH_HLEN;
+    if frame[ip + 7] <= 1 {
+        return None;
+    }
+    let end = ip + IPV6_HLEN + u16::from_be_bytes([frame[ip + 4], frame[ip + 5]]) as usize;
+    let id = if request { src.port() } else { dst.port() };
+    let mut out = frame.to_vec();
+    out[ip + 7] -= ttl_decrement;
+    out[ip + 8..ip + 24].copy_from_slice(&src.ip().octets());
+    out[ip + 24..ip + 40].copy_from_slice(&dst.ip().octets());
+    out[at + 4..at + 6].copy_from_slice(&id.to_be_bytes());
+    out[at + 2..at + 4].copy_from_slice(&[0, 0]);
+    let check = l4_checksum_v6(*src.ip(), *dst.ip(), PROTO_ICMPV6, &out[at..end]);
+    out[at + 2..at + 4].copy_from_slice(&check.to_be_bytes());
+    Some(out)
 }
 
 /// Where the parts of an ICMP-over-IPv4 frame are, after the checks the XDP program makes:
