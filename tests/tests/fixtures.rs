@@ -30,7 +30,7 @@ use lb_common::{
     hash::{flow_hash, snat_port},
     maps::{
         Endpoint, FlowKey, HANDOFF_MAGIC, HandoffMeta, MAPPING_PRIVATE, Mapping, MappingKey,
-        NatEntry, PROTO_TCP, PROTO_UDP, SNAT_PORT_PROBES, addr_words, names,
+        NatEntry, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, SNAT_PORT_PROBES, addr_words, names,
     },
     reason::Reason,
 };
@@ -1573,10 +1573,15 @@ fn icmp_and_dnat_cases(lab: &Lab) -> Vec<Case> {
 
 /// The gateway's first choice of public port for a first packet `src` → `dst`: the first
 /// probe of the flow hash over its range (one address).
-fn gateway_port(lab: &Lab, proto: u8, src: SocketAddrV4, dst: SocketAddrV4) -> u16 {
+fn gateway_port(
+    lab: &Lab,
+    proto: u8,
+    src: impl Into<SocketAddr>,
+    dst: impl Into<SocketAddr>,
+) -> u16 {
     let key = FlowKey {
-        src: Endpoint::from_socket_v4(src),
-        dst: Endpoint::from_socket_v4(dst),
+        src: Endpoint::from_socket(src.into()),
+        dst: Endpoint::from_socket(dst.into()),
         proto,
         _pad: 0,
     };
@@ -2363,6 +2368,12 @@ snat = "2001:db8:20::1"
 [[service.backend]]
 address = "[2001:db8:20:1::7]:8080"
 
+# The upper half of the client link goes out through an IPv6 NAT gateway.
+[[nat_gateway]]
+source = "2001:db8:10:1:8000::/65"
+to = "2001:db8:20::5"
+ports = [40000, 40099]
+
 # An IPv4 service on the same port: the families do not meet.
 [[service]]
 vip = "10.10.0.100:80"
@@ -2988,6 +2999,155 @@ fn ipv6_cases(lab: &Lab) -> Vec<Case> {
             output: icmp6_sent(answer, (fx0.mac, CLIENT_MAC)),
             meta: None,
             state: None,
+        },
+    ));
+
+    // The IPv6 NAT gateway: a private host of the upper half of the client link reaches the
+    // backend side from the public address, by TCP, UDP (one mapping toward every
+    // destination) and ping.
+    let private = Ipv6Addr::new(0x2001, 0xdb8, 0x10, 1, 0x8000, 0, 0, 2);
+    let public = Ipv6Addr::new(0x2001, 0xdb8, 0x20, 0, 0, 0, 0, 5);
+    let out_syn = lab.sent_by_client(Frame::tcp6((private, 5000), (BACKEND6, 80), TCP_SYN));
+    let port = gateway_port(lab, PROTO_TCP, sa6(private, 5000), sa6(BACKEND6, 80));
+    v.push(case(
+        "v6-33 gateway: TCP SYN out leaves from the public address and a port of its range",
+        vec![],
+        pkt(&out_syn, fx0),
+        redirected6(
+            &out_syn,
+            (sa6(public, port), sa6(BACKEND6, 80)),
+            lab.to_backend(),
+            FlowState::New,
+        ),
+    ));
+    let in_syn_ack = lab.sent_by_backend(Frame::tcp6(
+        (BACKEND6, 80),
+        (public, port),
+        TCP_SYN | TCP_ACK,
+    ));
+    v.push(case(
+        "v6-34 gateway: the answer comes back to the private host (no neighbour entry: tc)",
+        vec![pkt(&out_syn, fx0)],
+        pkt(&in_syn_ack, fx1),
+        Expect {
+            action: XDP_PASS,
+            reason: Reason::ForwardResolveNeighbour,
+            output: rewritten6(
+                &in_syn_ack,
+                (sa6(BACKEND6, 80), sa6(private, 5000)),
+                None,
+                1,
+            ),
+            meta: Some(HandoffMeta {
+                magic: HANDOFF_MAGIC,
+                ifindex: fx0.ifindex,
+                next_hop: addr_words(private.octets()),
+            }),
+            state: Some(FlowState::New),
+        },
+    ));
+    let datagram = lab.sent_by_client(Frame::udp6((private, 6000), (BACKEND6, 53), b"q"));
+    let mapped = gateway_port(lab, PROTO_UDP, sa6(private, 6000), sa6(BACKEND6, 53));
+    let elsewhere =
+        lab.sent_by_client(Frame::udp6((private, 6000), (SMALL_MTU_BACKEND6, 53), b"q"));
+    v.push(case(
+        "v6-35 gateway: UDP toward a second destination keeps the private endpoint's mapping",
+        vec![pkt(&datagram, fx0)],
+        pkt(&elsewhere, fx0),
+        redirected6(
+            &elsewhere,
+            (sa6(public, mapped), sa6(SMALL_MTU_BACKEND6, 53)),
+            lab.to_backend(),
+            FlowState::New,
+        ),
+    ));
+    let ping_out = lab.sent_by_client(Frame::icmp6(
+        private,
+        BACKEND6,
+        icmp6_message(
+            private,
+            BACKEND6,
+            ICMPV6_ECHO_REQUEST,
+            0,
+            [0, 7, 0, 1],
+            b"ping",
+        ),
+    ));
+    let id = gateway_port(lab, PROTO_ICMPV6, sa6(private, 7), sa6(BACKEND6, 0));
+    let [i0, i1] = id.to_be_bytes();
+    let ping_sent = Frame {
+        ttl: 63,
+        ..Frame::icmp6(
+            public,
+            BACKEND6,
+            icmp6_message(
+                public,
+                BACKEND6,
+                ICMPV6_ECHO_REQUEST,
+                0,
+                [i0, i1, 0, 1],
+                b"ping",
+            ),
+        )
+    };
+    v.push(case(
+        "v6-36 gateway: a ping out gets an identifier of the range, checksum over the new \
+         pseudo-header",
+        vec![],
+        pkt(&ping_out, fx0),
+        Expect {
+            action: XDP_REDIRECT,
+            reason: Reason::ForwardRedirect,
+            output: icmp6_sent(ping_sent, (fx1.mac, BACKEND_MAC)),
+            meta: None,
+            state: Some(FlowState::New),
+        },
+    ));
+    let pong = lab.sent_by_backend(Frame::icmp6(
+        BACKEND6,
+        public,
+        icmp6_message(
+            BACKEND6,
+            public,
+            ICMPV6_ECHO_REPLY,
+            0,
+            [i0, i1, 0, 1],
+            b"ping",
+        ),
+    ));
+    let pong_back = Frame {
+        ttl: 63,
+        ..Frame::icmp6(
+            BACKEND6,
+            private,
+            icmp6_message(
+                BACKEND6,
+                private,
+                ICMPV6_ECHO_REPLY,
+                0,
+                [0, 7, 0, 1],
+                b"ping",
+            ),
+        )
+    };
+    let pong_back = pong_back.with_macs(BACKEND_MAC, fx1.mac).build();
+    v.push(case(
+        "v6-37 gateway: the echo reply comes back with the private host's identifier",
+        vec![pkt(&ping_out, fx0)],
+        pkt(&pong, fx1),
+        Expect {
+            action: XDP_PASS,
+            reason: Reason::ForwardResolveNeighbour,
+            output: Output::Rewritten {
+                reference: pong_back.clone(),
+                built: pong_back,
+            },
+            meta: Some(HandoffMeta {
+                magic: HANDOFF_MAGIC,
+                ifindex: fx0.ifindex,
+                next_hop: addr_words(private.octets()),
+            }),
+            state: Some(FlowState::Established),
         },
     ));
 
