@@ -33,7 +33,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
@@ -53,17 +53,18 @@ use lb_userspace::config::Config;
 use xlb_tests::{
     lab::{self, BACKEND_MAC, CLIENT, CLIENT_MAC, FX0_MAC, FX1_MAC, Iface, VIP, VIP_UNRESOLVED},
     model::{
-        FlowModel, echo_reply_v4, echo_reply_v6, echo_rewrite_v4, flow_key, flows::key,
-        icmp_error_v4, icmp_error_v6, icmp_layout_v4, icmp_quote_v4, icmp_quote_v6,
-        icmp_quoted_check_off, is_icmp_error, nat_rewrite, rewrite::IcmpLayout,
+        FlowModel, echo_reply_v4, echo_reply_v6, echo_rewrite_v4, echo_rewrite_v6, echo_v6,
+        flow_key, flows::key, icmp_error_v4, icmp_error_v6, icmp_layout_v4, icmp_quote_v4,
+        icmp_quote_v6, icmp_quoted_check_off, is_icmp_error, nat_rewrite, rewrite::IcmpLayout,
     },
     packet::{
         ETH_HLEN, ETH_P_IPV6, Frame, ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST,
-        ICMP_FRAG_NEEDED, ICMP_PARAM_PROBLEM, ICMP_TIME_EXCEEDED, ICMPV6_ECHO_REQUEST,
-        ICMPV6_NEIGHBOUR_SOLICITATION, ICMPV6_PACKET_TOO_BIG, ICMPV6_TIME_EXCEEDED, IP_MF,
-        IPV4_HLEN, IPV6_DEST_OPTIONS, IPV6_FRAGMENT, IPV6_HLEN, IPV6_HOP_BY_HOP, IPV6_NONE,
-        IPV6_ROUTING, L4, PROTO_ICMP, PROTO_ICMPV6, hex_diff, icmp_echo, icmp_error, icmp_message,
-        icmp6_message, layout, parse_v6, summary, untag, verify_checksums,
+        ICMP_FRAG_NEEDED, ICMP_PARAM_PROBLEM, ICMP_TIME_EXCEEDED, ICMPV6_ECHO_REPLY,
+        ICMPV6_ECHO_REQUEST, ICMPV6_NEIGHBOUR_SOLICITATION, ICMPV6_PACKET_TOO_BIG,
+        ICMPV6_TIME_EXCEEDED, IP_MF, IPV4_HLEN, IPV6_DEST_OPTIONS, IPV6_FRAGMENT, IPV6_HLEN,
+        IPV6_HOP_BY_HOP, IPV6_NONE, IPV6_ROUTING, L4, PROTO_ICMP, PROTO_ICMPV6, hex_diff,
+        icmp_echo, icmp_error, icmp_message, icmp6_message, layout, parse_v6, summary, untag,
+        verify_checksums,
     },
 };
 
@@ -130,7 +131,11 @@ protocol = "tcp"
 mode = "dnat"
 [[service.backend]]
 address = "[2001:db8:20:1::2]:8080"
-# The upper half of the client subnet goes out through a NAT gateway.
+# The upper half of the client link goes out through a NAT gateway, in both families.
+[[nat_gateway]]
+source = "2001:db8:10:1:8000::/65"
+to = ["2001:db8:20::5", "2001:db8:20::6"]
+ports = [40000, 40999]
 [[nat_gateway]]
 source = "10.10.1.128/25"
 to = ["10.20.0.5", "10.20.0.6"]
@@ -208,6 +213,8 @@ fn random_frames_match_the_reference_model() {
         ("(ipv6 flow packet)", 100),
         ("(icmpv6 echo answered)", 1000),
         ("(icmpv6 error translated)", 1000),
+        ("(ipv6 gateway flow packet)", 1000),
+        ("(ipv6 gateway echo packet)", 10000),
     ] {
         let n = histogram.get(outcome).copied().unwrap_or(0);
         assert!(n >= frames / per, "only {n} frames: {outcome}");
@@ -291,7 +298,7 @@ fn run(seed: u64, frames: u64) -> Result<(Histogram, Histogram)> {
         // translated (which the flow counters count, as IPv4's).
         let icmp6 = parse_v6(&input).is_ok_and(|l| l.proto == PROTO_ICMPV6);
         let error6 = icmp6 && icmp_quote_v6(&input).is_some();
-        if forwarded && icmp6 {
+        if forwarded && icmp6 && !echo_flow {
             let what = if error6 {
                 "(icmpv6 error translated)"
             } else {
@@ -304,7 +311,7 @@ fn run(seed: u64, frames: u64) -> Result<(Histogram, Histogram)> {
         }
         // Echo replies to pings of a VIP belong to no flow: the flow counters do not count
         // them.
-        let answered = (icmp6 && !error6)
+        let answered = (icmp6 && !error6 && !echo_flow)
             || (icmp.is_some()
                 && !echo_flow
                 && icmp.as_ref().is_some_and(|l| l.kind == ICMP_ECHO_REQUEST));
@@ -327,12 +334,20 @@ fn run(seed: u64, frames: u64) -> Result<(Histogram, Histogram)> {
                     "(gateway flow packet)"
                 };
                 *histogram.entry(what).or_insert(0) += 1;
+                if parse_v6(&input).is_ok() {
+                    let what = if echo_flow {
+                        "(ipv6 gateway echo packet)"
+                    } else {
+                        "(ipv6 gateway flow packet)"
+                    };
+                    *histogram.entry(what).or_insert(0) += 1;
+                }
             }
         }
         if matches!(reason, Reason::ForwardTx | Reason::ForwardRedirect)
             && ingress == fx0
             && (icmp.is_none() || echo_flow)
-            && !icmp6
+            && (!icmp6 || echo_flow)
         {
             if frame.v6.is_some() {
                 tracked6.push(frame);
@@ -454,6 +469,22 @@ fn random_frame(
             let len = rng.below(56) as usize;
             f.payload = icmp_echo(id, rng.next() as u16, &rng.bytes(len));
         }
+        if f.l4.proto() == PROTO_ICMPV6
+            && let Some((src, dst)) = f.v6
+        {
+            icmp = true;
+            let (id, len) = ([f.payload[4], f.payload[5]], rng.below(56) as usize);
+            let [s0, s1] = (rng.next() as u16).to_be_bytes();
+            let data = rng.bytes(len);
+            f.payload = icmp6_message(
+                src,
+                dst,
+                ICMPV6_ECHO_REQUEST,
+                0,
+                [id[0], id[1], s0, s1],
+                &data,
+            );
+        }
         (f, fx0)
     } else if roll < 35 && !tracked.is_empty() {
         // The backend's reply to a tracked flow, with random flags: to the SNAT port the
@@ -482,6 +513,16 @@ fn random_frame(
             let [s0, s1] = (rng.next() as u16).to_be_bytes();
             let len = rng.below(56) as usize;
             reply.payload = icmp_message(ICMP_ECHO_REPLY, 0, [i0, i1, s0, s1], &rng.bytes(len));
+        }
+        if f.l4.proto() == PROTO_ICMPV6
+            && let Some((b, s)) = reply.v6
+        {
+            icmp = true;
+            let [i0, i1] = snat.port().to_be_bytes();
+            let [s0, s1] = (rng.next() as u16).to_be_bytes();
+            let len = rng.below(56) as usize;
+            let data = rng.bytes(len);
+            reply.payload = icmp6_message(b, s, ICMPV6_ECHO_REPLY, 0, [i0, i1, s0, s1], &data);
         }
         (reply.with_macs(BACKEND_MAC, FX1_MAC), fx1)
     } else {
@@ -597,10 +638,20 @@ const LAB_OWN: [IpAddr; 4] = [
 /// Something new over IPv6 from the client side: TCP or UDP to the IPv6 VIPs or elsewhere,
 /// or ICMPv6 (a ping to a VIP or not, a neighbour solicitation, any other type).
 fn random_v6(rng: &mut Rng, fx0: Iface) -> (Frame, Iface) {
-    let client = if rng.chance(70) {
-        lab::CLIENT6
-    } else {
-        Ipv6Addr::new(0x2001, 0xdb8, 0x10, 1, 0, 0, 0, 2 + rng.below(200) as u16)
+    let client = match rng.below(10) {
+        0..=5 => lab::CLIENT6,
+        // The NAT gateway's half of the link, now and then to the outside.
+        6..=7 => Ipv6Addr::new(
+            0x2001,
+            0xdb8,
+            0x10,
+            1,
+            0x8000,
+            0,
+            0,
+            2 + rng.below(100) as u16,
+        ),
+        _ => Ipv6Addr::new(0x2001, 0xdb8, 0x10, 1, 0, 0, 0, 2 + rng.below(200) as u16),
     };
     let dst = match rng.below(14) {
         0..=6 => lab::VIP6,
@@ -714,6 +765,10 @@ const GATEWAY_TO: [Ipv4Addr; 2] = [Ipv4Addr::new(10, 20, 0, 5), Ipv4Addr::new(10
 /// Whether the program takes `frame` as a flow's packet although it is ICMP: an echo request
 /// or reply, whole, but a request to a VIP (which it answers).
 fn is_echo_flow(model: &FlowModel, frame: &[u8]) -> bool {
+    if let Some((_, request)) = echo_v6(frame) {
+        let dst = Ipv6Addr::from(<[u8; 16]>::try_from(&frame[38..54]).unwrap());
+        return !request || !model.is_vip(dst.into());
+    }
     let Some(l) = icmp_layout_v4(frame) else {
         return false;
     };
@@ -1053,7 +1108,9 @@ fn run_and_check(
     );
     // An echo request is a packet of a flow's outgoing direction only, a reply of its
     // returning one: with identifier 0 their keys are one.
-    let echo_request = icmp_layout_v4(input).map(|l| l.kind == ICMP_ECHO_REQUEST);
+    let echo_request = icmp_layout_v4(input)
+        .map(|l| l.kind == ICMP_ECHO_REQUEST)
+        .or_else(|| echo_v6(input).map(|(_, request)| request));
     let was_tracked = key.as_ref().is_some_and(|k| {
         model.flow(k).is_some_and(|(_, dir)| {
             echo_request.is_none_or(|request| request == (dir == DIR_TO_BACKEND))
@@ -1071,14 +1128,13 @@ fn run_and_check(
         && !was_tracked
         && reached_conntrack
     {
-        let icmp = k.proto == PROTO_ICMP;
+        let icmp = k.proto == PROTO_ICMP || k.proto == PROTO_ICMPV6;
         let not_ours = if icmp {
             Reason::PassIcmp
         } else {
             Reason::PassNoService
         };
-        let request =
-            icmp_layout_v4(input).is_some_and(|l| (l.kind, l.code) == (ICMP_ECHO_REQUEST, 0));
+        let request = echo_request == Some(true);
         let dst = k.dst.ip();
         let kernels = lab::subnet_interface(dst).is_none() || LAB_OWN.contains(&dst);
         let ours = model.service(k).is_some() || model.gateway(k, request).is_some();
@@ -1129,9 +1185,7 @@ fn run_and_check(
         // Of ICMP, only an echo request may start a flow (the model takes an ICMP key it
         // learns for one).
         ensure!(
-            key.proto != PROTO_ICMP
-                || icmp_layout_v4(input)
-                    .is_some_and(|l| (l.kind, l.code) == (ICMP_ECHO_REQUEST, 0)),
+            (key.proto != PROTO_ICMP && key.proto != PROTO_ICMPV6) || echo_request == Some(true),
             "a new flow from an ICMP message that is no echo request"
         );
         model
@@ -1144,12 +1198,16 @@ fn run_and_check(
         "rewritten to {src} → {dst}; the model says {want_src} → {want_dst}:\n{}",
         hex_diff(input, &run.frame)
     );
-    let (expected, check_off) = match icmp_layout_v4(input) {
-        Some(l) => (
+    let (expected, check_off) = match (icmp_layout_v4(input), echo_v6(input)) {
+        (Some(l), _) => (
             echo_rewrite_v4(input, v4(want_src), v4(want_dst), ttl_decrement),
             l.icmp_off + 2,
         ),
-        None => (
+        (None, Some((at, _))) => (
+            echo_rewrite_v6(input, v6(want_src), v6(want_dst), ttl_decrement),
+            at + 2,
+        ),
+        (None, None) => (
             nat_rewrite(input, want_src, want_dst, ttl_decrement),
             layout(input).context("a rewritten frame parses")?.check_off,
         ),
@@ -1386,6 +1444,12 @@ fn check_v6(
                 let dst = Ipv6Addr::from(<[u8; 16]>::try_from(&input[38..54]).unwrap());
                 let src = Ipv6Addr::from(<[u8; 16]>::try_from(&input[22..38]).unwrap());
                 let ping = (input[at], input[at + 1]) == (ICMPV6_ECHO_REQUEST, 0);
+                let reply = (input[at], input[at + 1]) == (ICMPV6_ECHO_REPLY, 0);
+                // An echo but a request to a VIP is a flow's packet, as TCP's and UDP's
+                // (through a NAT gateway), whole or a fragment.
+                if reply || (ping && !model.is_vip(dst.into())) {
+                    return Ok(None);
+                }
                 if !l.fragment && (1..=4).contains(&input[at]) {
                     return check_icmp6_error(model, input, run, reason, ingress, fx0, fx1)
                         .map(Some);
@@ -1605,6 +1669,13 @@ fn random_icmp6_error(
     };
     quoted.l4 = random_l4(rng, &quoted.l4);
     let len = rng.below(40) as usize;
+    // A quoted ping (a gateway's: no translation of errors about it yet) is raw bytes: 8 of
+    // them at least, as a TCP or UDP header would be.
+    let len = if matches!(quoted.l4, L4::Other { .. }) {
+        len.max(8)
+    } else {
+        len
+    };
     quoted.payload = rng.bytes(len);
     let whole = quoted.build()[ETH_HLEN..].to_vec();
     let cut = match rng.below(6) {
@@ -1658,6 +1729,14 @@ fn v4(sa: SocketAddr) -> SocketAddrV4 {
     match sa {
         SocketAddr::V4(v4) => v4,
         SocketAddr::V6(v6) => panic!("{v6} where only IPv4 is sent"),
+    }
+}
+
+/// An endpoint of the model's that this test knows to be IPv6.
+fn v6(sa: SocketAddr) -> SocketAddrV6 {
+    match sa {
+        SocketAddr::V6(v6) => v6,
+        SocketAddr::V4(v4) => panic!("{v4} where only IPv6 is sent"),
     }
 }
 
