@@ -8,6 +8,8 @@
 //! * An IPv6 `dnat` VIP: the backends see the client's own IPv6 address and port, and answer
 //!   through xlb (their default route), which gives them the VIP back as source.
 //! * A ping to the IPv6 VIP, an address no host has, is answered by the data plane.
+//! * An IPv6 NAT gateway: the client's network reaches the servers over TCP, UDP (one
+//!   public endpoint per socket toward all) and ping, seen only as the public address.
 //!
 //! Each test first checks that without xlb the client cannot reach the VIP (no host has it,
 //! the load balancer has no route to it), so only xlb's translation can make it pass. Every
@@ -573,6 +575,128 @@ fn a_ping_to_an_ipv6_vip_is_answered() {
         );
         before.no_checksum_errors_since(&topo.namespaces())?;
         xlb.stop().context("stopping xlb")?;
+        Ok(())
+    });
+}
+
+/// What the servers saw of `n` TCP connections from the client to each backend's IPv6
+/// address.
+fn tcp_peers6(topo: &Topology, n: usize) -> Result<Vec<SocketAddr>> {
+    let mut peers = Vec::new();
+    for b in &topo.backends {
+        let replies = client::tcp_requests(&topo.client, b.service_addr6(), n, 4)?;
+        let replies = client::all_ok(&format!("TCP to {}", b.service_addr6()), replies)?;
+        peers.extend(replies.iter().map(|r| r.answer.seen_peer));
+    }
+    Ok(peers)
+}
+
+/// An IPv6 NAT gateway, in the flat layout: the client's IPv6 network goes out as the load
+/// balancer's own IPv6 address on the backends' link. The servers answer pings only from
+/// that address (an nftables rule), so a ping that was not translated goes unanswered.
+#[test]
+fn an_ipv6_nat_gateway_takes_private_hosts_out_through_one_address() {
+    const PORTS: (u16, u16) = (20000, 20999);
+    let options = Options {
+        layout: topology::Layout::Flat,
+        ..Options::default()
+    };
+    with_topology(PREFIX, options, |topo| {
+        topo.check_connectivity()?;
+        let _servers = BackendServers::start(topo)?;
+        let public = IpAddr::V6(topology::FLAT_LB_ADDR6);
+        xlb_tests::cmd::require_tool("nft", "nftables")?;
+        for b in &topo.backends {
+            for rule in [
+                "add table ip6 xlbgw6".to_string(),
+                "add chain ip6 xlbgw6 input { type filter hook input priority 0 ; }".into(),
+                format!(
+                    "add rule ip6 xlbgw6 input ip6 saddr != {public} icmpv6 type \
+                     echo-request drop"
+                ),
+            ] {
+                b.ns.exec("nft", &[&rule])?;
+            }
+        }
+        let ping_all = || -> Result<()> {
+            for b in &topo.backends {
+                topology::ping(&topo.client, b.addr6)
+                    .with_context(|| format!("ping {}", b.addr6))?;
+            }
+            Ok(())
+        };
+        ensure!(
+            ping_all().is_err(),
+            "a backend answered the client's own ping"
+        );
+        // Without xlb the kernel forwards untranslated: the servers see the client.
+        let peers = tcp_peers6(topo, 2)?;
+        ensure!(
+            peers.iter().all(|p| p.ip() == IpAddr::V6(CLIENT_ADDR6)),
+            "without xlb the servers saw {peers:?}"
+        );
+
+        let config = format!(
+            "[dataplane]\ninterfaces = {:?}\n\n[[nat_gateway]]\nsource = \"2001:db8:10:1::/64\"\n\
+             to = \"{public}\"\nports = [{}, {}]\n",
+            topo.lb_interfaces(),
+            PORTS.0,
+            PORTS.1
+        );
+        let xlb = XlbProcess::start(&topo.lb, &config)?;
+        let before = Snapshot::take(&topo.namespaces())?;
+        let in_range = |p: &SocketAddr| p.ip() == public && (PORTS.0..=PORTS.1).contains(&p.port());
+        let peers = tcp_peers6(topo, 20)?;
+        ensure!(
+            peers.iter().all(in_range),
+            "through the gateway the servers saw {:?}",
+            peers.iter().filter(|p| !in_range(p)).collect::<Vec<_>>()
+        );
+        ping_all().context("pings through the gateway")?;
+
+        // UDP: one socket keeps one public endpoint toward every server.
+        let socket = topo.client.enter(|| -> Result<std::net::UdpSocket> {
+            let socket = std::net::UdpSocket::bind("[::]:0")?;
+            socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+            Ok(socket)
+        })??;
+        let mut seen = Vec::new();
+        for _round in 0..2 {
+            for b in &topo.backends {
+                let to = b.service_addr6();
+                socket.send_to(b"who am i\n", to)?;
+                let mut buf = [0u8; 512];
+                let (n, from) = socket
+                    .recv_from(&mut buf)
+                    .with_context(|| format!("no UDP answer from {to}"))?;
+                ensure!(from == to, "an answer from {from}, asked {to}");
+                seen.push(client::Answer::parse(&String::from_utf8_lossy(&buf[..n]))?.seen_peer);
+            }
+        }
+        ensure!(
+            seen.iter().all(|p| *p == seen[0]) && in_range(&seen[0]),
+            "one socket was seen as {seen:?}: not one public endpoint in range"
+        );
+        before.no_checksum_errors_since(&topo.namespaces())?;
+
+        // 20 TCP connections to each of 3 servers, one UDP socket to 3, a ping to each.
+        let stats = xlb.json(&["stats"])?;
+        let gateway = &stats["gateways"][0];
+        ensure!(
+            gateway["source"] == "2001:db8:10:1::/64" && gateway["flows"] == 3 * 20 + 3 + 3,
+            "the gateway's stats: {gateway}"
+        );
+        for reason in [
+            "drop/internal",
+            "drop/conntrack_insert",
+            "pass/icmp_untracked",
+        ] {
+            ensure!(
+                stats["reasons"][reason].as_u64().unwrap_or(0) == 0,
+                "{reason} counted: {}",
+                stats["reasons"]
+            );
+        }
         Ok(())
     });
 }
