@@ -12,7 +12,10 @@ use aya_ebpf::{
         BPF_FIB_LKUP_RET_PROHIBIT, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LKUP_RET_UNREACHABLE,
         bpf_fib_lookup as FibParams,
     },
-    helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_meta, generated::bpf_fib_lookup},
+    helpers::{
+        bpf_ktime_get_coarse_ns, bpf_xdp_adjust_head, bpf_xdp_adjust_meta,
+        generated::bpf_fib_lookup,
+    },
     programs::XdpContext,
 };
 use lb_common::{
@@ -22,12 +25,36 @@ use lb_common::{
 use network_types::eth::EthHdr;
 
 use crate::{
-    DEVMAP, NO_XDP_TX,
+    DEVMAP, NEXT_HOPS, NO_XDP_TX,
     parse::{ETH_LEN, ETH_P_8021Q_BE, Packet, VLAN_LEN, ptr_at},
 };
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
+
+/// How long a next hop the FIB gave is used without asking again: a route or neighbour
+/// change reaches flows' packets within this.
+const HOP_CACHE_NS: u64 = 1_000_000_000;
+
+/// Key of `NEXT_HOPS`: what a FIB lookup of ours depends on (no MTU: see [`CachedHop`]).
+#[repr(C)]
+pub struct HopKey {
+    src: [u8; 16],
+    dst: [u8; 16],
+    ingress: u32,
+}
+
+/// Value of `NEXT_HOPS`: a direct hop the FIB gave, with its way's MTU (a longer packet
+/// asks the FIB, which says too big) and until when it is used.
+#[repr(C)]
+pub struct CachedHop {
+    ifindex: u32,
+    mtu: u32,
+    smac: [u8; 6],
+    dmac: [u8; 6],
+    _pad: [u8; 4],
+    expires_ns: u64,
+}
 
 /// The next hop of a rewritten packet.
 pub enum Hop {
@@ -147,6 +174,25 @@ pub fn route(
     dst: &Endpoint,
     hop: &mut Hop,
 ) -> Result<(), Reason> {
+    let key = HopKey {
+        src: src.addr,
+        dst: dst.addr,
+        ingress: ctx.ingress_ifindex() as u32,
+    };
+    // SAFETY: bpf_ktime_get_coarse_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    // SAFETY: a map value, valid for the program run; read, never written in place.
+    if let Some(cached) = unsafe { NEXT_HOPS.get(&key) }
+        && now < cached.expires_ns
+        && pkt.tot_len as u32 <= cached.mtu
+    {
+        *hop = Hop::Direct {
+            ifindex: cached.ifindex,
+            smac: cached.smac,
+            dmac: cached.dmac,
+        };
+        return Ok(());
+    }
     // SAFETY: plain data, filled in by `fib`.
     let mut params: FibParams = unsafe { core::mem::zeroed() };
     let rc = fib(ctx, pkt, src, dst, pkt.tot_len, &mut params);
@@ -164,6 +210,19 @@ pub fn route(
                     smac: params.smac,
                     dmac: params.dmac,
                 };
+                // The way's MTU, which the lookup leaves in place of the length it checked.
+                // SAFETY: the union's member for a successful lookup.
+                let mtu = unsafe { params.__bindgen_anon_1.mtu_result } as u32;
+                let cached = CachedHop {
+                    ifindex: params.ifindex,
+                    mtu,
+                    smac: params.smac,
+                    dmac: params.dmac,
+                    _pad: [0; 4],
+                    expires_ns: now + HOP_CACHE_NS,
+                };
+                // Best effort: a full table only means the next packet asks the FIB.
+                let _ = NEXT_HOPS.insert(&key, &cached, 0);
             }
         }
         // The kernel fills in the egress interface and the next hop (the gateway, or the

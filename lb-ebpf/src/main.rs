@@ -41,7 +41,7 @@ mod stats;
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     macros::{classifier, map, xdp},
-    maps::{Array, DevMapHash, HashMap, LpmTrie, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     programs::{TcContext, XdpContext},
 };
 use forward::Hop;
@@ -122,6 +122,12 @@ static ICMP_SCRATCH: PerCpuArray<icmp::Scratch> = PerCpuArray::with_max_entries(
 
 #[map]
 static DEVMAP: DevMapHash = DevMapHash::with_max_entries(MAX_INTERFACES, 0);
+
+/// Next hops the FIB gave, by source, destination and ingress interface, for a second
+/// (`forward::route`): a flow's packets skip the lookup. LRU: a cache, evicting is fine.
+#[map]
+static NEXT_HOPS: LruHashMap<forward::HopKey, forward::CachedHop> =
+    LruHashMap::with_max_entries(65536, 0);
 
 /// Interfaces (by ifindex) out of which a frame that came in on them is sent by devmap
 /// redirect, not XDP_TX: veths, whose XDP_TX frames reach the peer only when it has an XDP

@@ -3165,5 +3165,32 @@ fn ipv6_cases(lab: &Lab) -> Vec<Case> {
         pkt(&v4_syn, fx0),
         lab.redirected_to_backend(&v4_syn, &v4_flow, FlowState::New),
     ));
+
+    // Last of all (it leaves the lab's neighbour changed): a flow's next hop is kept a
+    // second (`forward::route`'s cache), then asked of the FIB again, so a backend's new MAC
+    // reaches the flow's packets.
+    const NEW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x0b, 0x99];
+    v.push(Case {
+        name: "v6-38 the backend's MAC changes: a second on, the flow's packets go to the new one"
+            .into(),
+        given: vec![(pkt(&syn, fx0), Reason::ForwardRedirect)],
+        tamper: Some(Box::new(|_: &mut Ebpf| {
+            let mac = NEW_MAC.map(|b| format!("{b:02x}")).join(":");
+            let out = std::process::Command::new("ip")
+                .args(["neigh", "replace", &BACKEND6.to_string(), "lladdr", &mac])
+                .args(["dev", lab::FX1, "nud", "permanent"])
+                .output()?;
+            anyhow::ensure!(out.status.success(), "ip neigh replace: {out:?}");
+            std::thread::sleep(std::time::Duration::from_millis(1100));
+            Ok(())
+        })),
+        when: pkt(&ack, fx0),
+        expect: redirected6(
+            &ack,
+            (snat, backend),
+            Some((fx1.mac, NEW_MAC)),
+            FlowState::New,
+        ),
+    });
     v
 }
