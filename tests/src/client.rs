@@ -242,6 +242,34 @@ pub fn all_ok<T>(what: &str, results: Vec<Result<T>>) -> Result<Vec<T>> {
     Ok(ok)
 }
 
+/// Checks an answer that came back through a `fullnat` service at `vip`: from the VIP
+/// (`from`: a TCP socket's peer, a UDP reply's source), answered by one of the topology's
+/// backends, which saw `snat` as the source. `local` is the client socket, for messages.
+pub fn check_fullnat(
+    local: SocketAddr,
+    from: SocketAddr,
+    answer: &Answer,
+    vip: SocketAddr,
+    snat: std::net::IpAddr,
+) -> Result<()> {
+    anyhow::ensure!(
+        from == vip,
+        "{local}: the answer came from {from}, not the VIP {vip}"
+    );
+    anyhow::ensure!(
+        crate::topology::BACKEND_NAMES.contains(&answer.server.as_str()),
+        "{local}: answered by unknown server {:?}",
+        answer.server
+    );
+    anyhow::ensure!(
+        answer.seen_peer.ip() == snat,
+        "{local}: backend {} saw source {}, expected the SNAT address {snat}",
+        answer.server,
+        answer.seen_peer
+    );
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

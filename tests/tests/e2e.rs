@@ -190,25 +190,7 @@ fn check_tcp(topo: &Topology, servers: &BackendServers) -> Result<Vec<TcpReply>>
     for r in &replies {
         // The client connected to the VIP, and it got an answer: TCP only accepts segments
         // from the address and port it connected to, so the reply came from VIP:80.
-        ensure!(
-            r.peer == vip,
-            "{}: socket peer is {}, not the VIP {vip}",
-            r.local,
-            r.peer
-        );
-        ensure!(
-            BACKEND_NAMES.contains(&r.answer.server.as_str()),
-            "{}: answered by unknown server {:?}",
-            r.local,
-            r.answer.server
-        );
-        ensure!(
-            r.answer.seen_peer.ip() == IpAddr::V4(SNAT),
-            "{}: backend {} saw source {}, expected the SNAT address {SNAT}",
-            r.local,
-            r.answer.server,
-            r.answer.seen_peer
-        );
+        client::check_fullnat(r.local, r.peer, &r.answer, vip, IpAddr::V4(SNAT))?;
     }
     // The client's kernel may reuse a source port once its connection is closed (the
     // backend closes first, so the client side does not wait in TIME_WAIT). xlb then starts
@@ -276,25 +258,7 @@ fn check_udp(topo: &Topology, servers: &BackendServers) -> Result<Vec<UdpReply>>
     let results = client::udp_requests(&topo.client, vip, UDP_REQUESTS, UDP_TIMEOUT)?;
     let replies = client::all_ok("UDP requests to the VIP", results)?;
     for r in &replies {
-        ensure!(
-            r.from == vip,
-            "{}: reply came from {}, expected the VIP {vip}",
-            r.local,
-            r.from
-        );
-        ensure!(
-            BACKEND_NAMES.contains(&r.answer.server.as_str()),
-            "{}: answered by unknown server {:?}",
-            r.local,
-            r.answer.server
-        );
-        ensure!(
-            r.answer.seen_peer.ip() == IpAddr::V4(SNAT),
-            "{}: backend {} saw source {}, expected the SNAT address {SNAT}",
-            r.local,
-            r.answer.server,
-            r.answer.seen_peer
-        );
+        client::check_fullnat(r.local, r.from, &r.answer, vip, IpAddr::V4(SNAT))?;
     }
     let answered = servers.total_udp_datagrams();
     ensure!(

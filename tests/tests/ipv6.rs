@@ -177,29 +177,10 @@ fn no_drops(stats: &Value) -> Result<()> {
     Ok(())
 }
 
-/// Checks TCP replies through a `fullnat` service at `vip`: from the VIP (the socket's
-/// peer), answered by a known backend that saw `snat` as source.
+/// Checks TCP replies through a `fullnat` service at `vip` (see `client::check_fullnat`).
 fn check_tcp_fullnat(replies: &[TcpReply], vip: SocketAddr, snat: IpAddr) -> Result<()> {
     for r in replies {
-        ensure!(
-            r.peer == vip,
-            "{}: socket peer is {}, not the VIP {vip}",
-            r.local,
-            r.peer
-        );
-        ensure!(
-            BACKEND_NAMES.contains(&r.answer.server.as_str()),
-            "{}: answered by unknown server {:?}",
-            r.local,
-            r.answer.server
-        );
-        ensure!(
-            r.answer.seen_peer.ip() == snat,
-            "{}: backend {} saw source {}, expected the SNAT address {snat}",
-            r.local,
-            r.answer.server,
-            r.answer.seen_peer
-        );
+        client::check_fullnat(r.local, r.peer, &r.answer, vip, snat)?;
     }
     Ok(())
 }
@@ -207,25 +188,7 @@ fn check_tcp_fullnat(replies: &[TcpReply], vip: SocketAddr, snat: IpAddr) -> Res
 /// Checks UDP replies through a `fullnat` service at `vip`, as [`check_tcp_fullnat`].
 fn check_udp_fullnat(replies: &[UdpReply], vip: SocketAddr, snat: IpAddr) -> Result<()> {
     for r in replies {
-        ensure!(
-            r.from == vip,
-            "{}: reply came from {}, expected the VIP {vip}",
-            r.local,
-            r.from
-        );
-        ensure!(
-            BACKEND_NAMES.contains(&r.answer.server.as_str()),
-            "{}: answered by unknown server {:?}",
-            r.local,
-            r.answer.server
-        );
-        ensure!(
-            r.answer.seen_peer.ip() == snat,
-            "{}: backend {} saw source {}, expected the SNAT address {snat}",
-            r.local,
-            r.answer.server,
-            r.answer.seen_peer
-        );
+        client::check_fullnat(r.local, r.from, &r.answer, vip, snat)?;
     }
     Ok(())
 }
