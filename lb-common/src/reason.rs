@@ -90,16 +90,18 @@ pub enum Reason {
     /// a first packet of the same endpoint on another CPU: this one is dropped rather than
     /// given a second public endpoint (its sender's next packet takes the mapping).
     DropMappingRace = 29,
-    /// IPv6 header that is not valid: a payload length of 0 (a jumbogram) or one the frame
-    /// does not hold, or an IPv4-mapped source or destination address (RFC 4291 2.5.5.2:
-    /// never on the wire; it would match an IPv4 service or flow).
+    /// IPv6 header that is not valid: version not 6, a payload length of 0 (a jumbogram),
+    /// or an IPv4-mapped source or destination address (RFC 4291 2.5.5.2: never on the
+    /// wire; it would match an IPv4 service or flow). (A payload the frame does not hold is
+    /// `drop/truncated`.)
     DropBadIpv6Header = 30,
-    /// More IPv6 extension headers before the L4 header than xlb walks (4), or an L4 header
-    /// beyond the first 200 bytes of the frame: handed to the kernel untouched, not
-    /// mis-parsed.
+    /// More IPv6 extension headers before the L4 header than xlb walks (4), an L4 header
+    /// beyond the first 200 bytes of the frame, or a routing header with segments left (the
+    /// destination is not the final one): handed to the kernel untouched, not mis-parsed.
     PassIpv6Extensions = 31,
-    /// UDP over IPv6 with checksum 0, which IPv6 does not allow (RFC 8200 section 8.1):
-    /// the receiver would discard it, so xlb does.
+    /// UDP over IPv6 with checksum 0 (RFC 8200 section 8.1 forbids it, tunnels may use it,
+    /// RFC 6935) to a service or flow of xlb's: it would have to be sent with checksum 0.
+    /// Not xlb's, it goes to the kernel like any other packet.
     DropUdpZeroChecksum = 32,
 }
 

@@ -25,7 +25,7 @@ use lb_common::{
 use network_types::eth::EthHdr;
 
 use crate::{
-    DEVMAP, NEXT_HOPS, NO_XDP_TX,
+    DEVMAP, HOP_SCRATCH, NEXT_HOPS, NO_XDP_TX,
     parse::{ETH_LEN, ETH_P_8021Q_BE, Packet, VLAN_LEN, ptr_at},
 };
 
@@ -36,12 +36,18 @@ const AF_INET6: u8 = 10;
 /// change reaches flows' packets within this.
 const HOP_CACHE_NS: u64 = 1_000_000_000;
 
-/// Key of `NEXT_HOPS`: what a FIB lookup of ours depends on (no MTU: see [`CachedHop`]).
+/// Key of `NEXT_HOPS`: everything a FIB lookup of ours is given (the length aside: see
+/// [`CachedHop`]), since rules (`ip rule ... ipproto/sport/dport`) and multipath hashing
+/// may choose by any of it.
 #[repr(C)]
 pub struct HopKey {
     src: [u8; 16],
     dst: [u8; 16],
     ingress: u32,
+    sport: [u8; 2],
+    dport: [u8; 2],
+    proto: u8,
+    _pad: [u8; 3],
 }
 
 /// Value of `NEXT_HOPS`: a direct hop the FIB gave, with its way's MTU (a longer packet
@@ -54,6 +60,94 @@ pub struct CachedHop {
     dmac: [u8; 6],
     _pad: [u8; 4],
     expires_ns: u64,
+}
+
+/// `NEXT_HOPS`' key and value, built in `HOP_SCRATCH` (one per CPU), not on the stack,
+/// where `route` runs under `icmp::error`'s frame.
+#[repr(C)]
+pub struct HopScratch {
+    key: HopKey,
+    hop: CachedHop,
+}
+
+/// This CPU's [`HopScratch`], its key written for a lookup for `pkt` from `src` to `dst`.
+#[inline(always)]
+fn hop_key(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    src: &Endpoint,
+    dst: &Endpoint,
+) -> Option<&'static mut HopScratch> {
+    let scratch = HOP_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: this CPU's slot of a one-entry per-CPU array; an XDP program runs to
+    // completion on its CPU, so no other run touches it meanwhile.
+    let scratch = unsafe { &mut *scratch };
+    let key = &mut scratch.key;
+    key.src = src.addr;
+    key.dst = dst.addr;
+    key.ingress = ctx.ingress_ifindex() as u32;
+    key.sport = src.port;
+    key.dport = dst.port;
+    key.proto = pkt.key.proto;
+    key._pad = [0; 3];
+    Some(scratch)
+}
+
+/// Writes to `hop` the direct hop kept for this lookup, if one is kept, fresh, and its way's
+/// MTU takes the packet. Not inlined, as [`remember_hop`]: the key's 48 bytes stay out of
+/// `route`'s frame, which is on the stack under `icmp::error`'s.
+#[inline(never)]
+fn cached_hop(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    src: &Endpoint,
+    dst: &Endpoint,
+    hop: &mut Hop,
+) -> bool {
+    let Some(scratch) = hop_key(ctx, pkt, src, dst) else {
+        return false;
+    };
+    // SAFETY: bpf_ktime_get_coarse_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    // SAFETY: a map value, valid for the program run; read, never written in place.
+    match unsafe { NEXT_HOPS.get(&scratch.key) } {
+        Some(cached) if now < cached.expires_ns && pkt.tot_len as u32 <= cached.mtu => {
+            *hop = Hop::Direct {
+                ifindex: cached.ifindex,
+                smac: cached.smac,
+                dmac: cached.dmac,
+            };
+            true
+        }
+        _ => false,
+    }
+}
+
+/// Keeps the direct hop a successful lookup (`params`) gave, for [`HOP_CACHE_NS`].
+#[inline(never)]
+fn remember_hop(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    src: &Endpoint,
+    dst: &Endpoint,
+    params: &FibParams,
+) {
+    let Some(scratch) = hop_key(ctx, pkt, src, dst) else {
+        return;
+    };
+    // SAFETY: bpf_ktime_get_coarse_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let hop = &mut scratch.hop;
+    hop.ifindex = params.ifindex;
+    // The way's MTU, which the lookup leaves in place of the length it checked.
+    // SAFETY: the union's member for a successful lookup.
+    hop.mtu = unsafe { params.__bindgen_anon_1.mtu_result } as u32;
+    hop.smac = params.smac;
+    hop.dmac = params.dmac;
+    hop._pad = [0; 4];
+    hop.expires_ns = now + HOP_CACHE_NS;
+    // Best effort: a full table only means the next packet asks the FIB.
+    let _ = NEXT_HOPS.insert(&scratch.key, &scratch.hop, 0);
 }
 
 /// The next hop of a rewritten packet.
@@ -174,23 +268,7 @@ pub fn route(
     dst: &Endpoint,
     hop: &mut Hop,
 ) -> Result<(), Reason> {
-    let key = HopKey {
-        src: src.addr,
-        dst: dst.addr,
-        ingress: ctx.ingress_ifindex() as u32,
-    };
-    // SAFETY: bpf_ktime_get_coarse_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
-    // SAFETY: a map value, valid for the program run; read, never written in place.
-    if let Some(cached) = unsafe { NEXT_HOPS.get(&key) }
-        && now < cached.expires_ns
-        && pkt.tot_len as u32 <= cached.mtu
-    {
-        *hop = Hop::Direct {
-            ifindex: cached.ifindex,
-            smac: cached.smac,
-            dmac: cached.dmac,
-        };
+    if cached_hop(ctx, pkt, src, dst, hop) {
         return Ok(());
     }
     // SAFETY: plain data, filled in by `fib`.
@@ -210,19 +288,7 @@ pub fn route(
                     smac: params.smac,
                     dmac: params.dmac,
                 };
-                // The way's MTU, which the lookup leaves in place of the length it checked.
-                // SAFETY: the union's member for a successful lookup.
-                let mtu = unsafe { params.__bindgen_anon_1.mtu_result } as u32;
-                let cached = CachedHop {
-                    ifindex: params.ifindex,
-                    mtu,
-                    smac: params.smac,
-                    dmac: params.dmac,
-                    _pad: [0; 4],
-                    expires_ns: now + HOP_CACHE_NS,
-                };
-                // Best effort: a full table only means the next packet asks the FIB.
-                let _ = NEXT_HOPS.insert(&key, &cached, 0);
+                remember_hop(ctx, pkt, src, dst, &params);
             }
         }
         // The kernel fills in the egress interface and the next hop (the gateway, or the

@@ -15,9 +15,12 @@
 //! The rest — replies, other types, fragments, errors about no tracked flow — goes to the
 //! kernel, counted (`pass/icmp`, `pass/icmp_untracked`).
 //!
-//! And xlb sends one error of its own: "fragmentation needed" to the sender of a packet too
-//! big for the way out of xlb ([`too_big`]), as a router on the path would, so path MTU
-//! discovery also works when xlb's own link is the narrowest.
+//! ICMPv6 takes the same paths (echo request 128; errors 1 to 4, "packet too big" among
+//! them).
+//!
+//! And xlb sends one error of its own: "fragmentation needed" (ICMPv6 "packet too big") to
+//! the sender of a packet too big for the way out of xlb ([`too_big`]), as a router on the
+//! path would, so path MTU discovery also works when xlb's own link is the narrowest.
 #![expect(
     clippy::needless_borrows_for_generic_args,
     reason = "by-value keys would be copied onto the 512-byte BPF stack"
@@ -65,7 +68,8 @@ const QUOTED_L4_MIN: usize = 8;
 
 /// Upper bound of any offset into a quoted packet: Ethernet (14) + IPv4 with options (60) +
 /// ICMP (8) + the quoted IPv4 header with options (60) + the TCP checksum (16 + 2) = 160,
-/// and 4 more behind a VLAN tag: 164.
+/// and 4 more behind a VLAN tag: 164. (IPv6, whose error and quote carry no extension
+/// headers here: 18 + 40 + 8 + 40 + 18 = 124.)
 const QUOTE_OFF_MASK: usize = 0xff;
 
 /// `error`'s working space, one per CPU (`ICMP_SCRATCH` in main.rs): its frame cannot
@@ -227,6 +231,11 @@ fn error(ctx: &XdpContext, pkt: &Packet) -> Result<Reason, Reason> {
     // NAT gateway's destination), the router that sent it keeps its own, so a traceroute
     // shows each hop.
     let src = if rewrite.src.addr == key.src.addr {
+        // A link-local address must not leave its link (RFC 4291 2.5.6): such a router's
+        // error stays the kernel's.
+        if pkt.v6 && pkt.key.src.addr[0] == 0xfe && pkt.key.src.addr[1] & 0xc0 == 0x80 {
+            return Err(Reason::PassIcmpUntracked);
+        }
         &pkt.key.src
     } else {
         &rewrite.src

@@ -129,6 +129,10 @@ static DEVMAP: DevMapHash = DevMapHash::with_max_entries(MAX_INTERFACES, 0);
 static NEXT_HOPS: LruHashMap<forward::HopKey, forward::CachedHop> =
     LruHashMap::with_max_entries(65536, 0);
 
+/// Where `forward::route` builds `NEXT_HOPS`' keys and values, one per CPU.
+#[map]
+static HOP_SCRATCH: PerCpuArray<forward::HopScratch> = PerCpuArray::with_max_entries(1, 0);
+
 /// Interfaces (by ifindex) out of which a frame that came in on them is sent by devmap
 /// redirect, not XDP_TX: veths, whose XDP_TX frames reach the peer only when it has an XDP
 /// program of its own (redirected ones need only GRO).
@@ -341,6 +345,10 @@ fn forwardable(pkt: &parse::Packet) -> Result<(), Reason> {
     }
     if pkt.ttl <= 1 {
         return Err(Reason::PassTtlExpired);
+    }
+    // Ours, so rewritten: no checksum to update, and none may be sent.
+    if pkt.udp_no_checksum {
+        return Err(Reason::DropUdpZeroChecksum);
     }
     Ok(())
 }

@@ -121,12 +121,15 @@ pub struct Packet {
     pub dont_fragment: bool,
     /// An IPv6 packet.
     pub v6: bool,
+    /// UDP over IPv6 with checksum 0, which IPv6 forbids but tunnels may use (RFC 6935):
+    /// passed when it is not ours, dropped when it is (`main::forwardable`).
+    pub udp_no_checksum: bool,
     /// Whole frame length, for byte counters.
     pub frame_len: u32,
     /// Whether the packet is an ICMP echo request or reply (code 0), whose identifier is in
     /// the key.
     pub echo: Echo,
-    /// Offset of the IPv4 header: Ethernet, plus a VLAN tag's 4 bytes when there is one.
+    /// Offset of the IP header: Ethernet, plus a VLAN tag's 4 bytes when there is one.
     /// Read it through [`Packet::l3_off`].
     l3_off: u8,
 }
@@ -186,7 +189,7 @@ struct Network {
 ///
 /// Errors: `PassNotIp` / `PassNotTcpUdp` / `PassFragment` (non-first fragments) /
 /// `PassIpv6Extensions` for what the kernel should handle; `DropTruncated` /
-/// `DropBadIpv4Header` / `DropBadIpv6Header` / `DropUdpZeroChecksum` for malformed frames.
+/// `DropBadIpv4Header` / `DropBadIpv6Header` for malformed frames.
 ///
 /// Not inlined, for the same reason as `nat::rewrite`. Writes to `pkt` rather than returning
 /// `Result<Packet, _>`: bpf-linker describes such a niche-packed enum with a union member at
@@ -267,12 +270,11 @@ pub fn parse(ctx: &XdpContext, pkt: &mut Packet) -> Result<(), Reason> {
     } else {
         0
     };
+    let mut udp_no_checksum = false;
     if pkt.v6 && net.proto == PROTO_UDP {
         let check: *const [u8; 2] = ptr_at(ctx, l4_off + UDP_CHECK_OFF)?;
         // SAFETY: ptr_at checked the checksum's two bytes are inside the frame.
-        if unsafe { *check } == [0, 0] {
-            return Err(Reason::DropUdpZeroChecksum);
-        }
+        udp_no_checksum = unsafe { *check } == [0, 0];
     }
 
     // Field by field: the addresses are in place already (written by `ipv4` / `ipv6`).
@@ -287,6 +289,7 @@ pub fn parse(ctx: &XdpContext, pkt: &mut Packet) -> Result<(), Reason> {
     pkt.tot_len = net.tot_len;
     pkt.fragmented = net.fragmented;
     pkt.dont_fragment = net.dont_fragment;
+    pkt.udp_no_checksum = udp_no_checksum;
     pkt.frame_len = frame_len as u32;
     pkt.echo = echo;
     pkt.l3_off = l3_off as u8;
@@ -372,9 +375,14 @@ fn ipv6(
         match proto {
             PROTO_TCP | PROTO_UDP | PROTO_ICMPV6 => break,
             IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTIONS => {
-                let ext: *const [u8; 2] = ptr_at(ctx, off)?;
-                // SAFETY: ptr_at checked next header and length are inside the frame.
-                let [next, len] = unsafe { *ext };
+                let ext: *const [u8; 4] = ptr_at(ctx, off)?;
+                // SAFETY: ptr_at checked the header's first four bytes are in the frame.
+                let [next, len, _, segments_left] = unsafe { *ext };
+                // A routing header with segments left: the destination is not the final
+                // one, which the L4 checksum covers (RFC 8200 8.1). Not ours to rewrite.
+                if proto == IPV6_ROUTING && segments_left != 0 {
+                    return Err(Reason::PassIpv6Extensions);
+                }
                 proto = next;
                 // Length in 8-byte units, not counting the first 8.
                 off += (len as usize + 1) * 8;

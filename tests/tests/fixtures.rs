@@ -48,9 +48,9 @@ use xlb_tests::{
         ETH_HLEN, Frame, ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_FRAG_NEEDED, ICMP_TIME_EXCEEDED,
         ICMPV6_ECHO_REPLY, ICMPV6_ECHO_REQUEST, ICMPV6_NEIGHBOUR_SOLICITATION,
         ICMPV6_PACKET_TOO_BIG, ICMPV6_TIME_EXCEEDED, IP_MF, IPV6_DEST_OPTIONS, IPV6_FRAGMENT,
-        IPV6_HLEN, IPV6_HOP_BY_HOP, L4, PROTO_ICMP, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN,
-        arp_request, hex_diff, icmp_echo, icmp_error, icmp_message, icmp6_message, summary, tag,
-        untag, verify_checksums,
+        IPV6_HLEN, IPV6_HOP_BY_HOP, IPV6_ROUTING, L4, PROTO_ICMP, TCP_ACK, TCP_FIN, TCP_PSH,
+        TCP_RST, TCP_SYN, arp_request, hex_diff, icmp_echo, icmp_error, icmp_message,
+        icmp6_message, summary, tag, untag, verify_checksums,
     },
 };
 
@@ -2694,10 +2694,35 @@ fn ipv6_cases(lab: &Lab) -> Vec<Case> {
         ..udp.clone()
     };
     v.push(case(
-        "v6-16 UDP with checksum 0, which IPv6 forbids: dropped",
+        "v6-16 UDP to a service with checksum 0, which IPv6 forbids: dropped",
         vec![],
         pkt(&no_checksum, fx0),
         untouched(XDP_DROP, Reason::DropUdpZeroChecksum),
+    ));
+    let tunnel = lab.sent_by_client(Frame {
+        l4: L4::Udp { checksum: false },
+        ..Frame::udp6((CLIENT6, 5000), (BACKEND6, 4789), b"vxlan")
+    });
+    v.push(case(
+        "v6-16b UDP with checksum 0 that is no service's (a tunnel's, RFC 6935): the kernel's",
+        vec![],
+        pkt(&tunnel, fx0),
+        untouched(XDP_PASS, Reason::PassNoService),
+    ));
+    let routed = Frame {
+        ext_headers: vec![(IPV6_ROUTING, {
+            let mut body = vec![4, 1, 0, 0, 0, 0];
+            body.extend_from_slice(&BACKEND6.octets());
+            body
+        })],
+        ..syn.clone()
+    };
+    v.push(case(
+        "v6-16c a routing header with a segment left (the VIP is not the final destination): \
+         the kernel's",
+        vec![],
+        pkt(&routed, fx0),
+        untouched(XDP_PASS, Reason::PassIpv6Extensions),
     ));
     let dnat_syn = lab.sent_by_client(Frame::tcp6((CLIENT6, 40001), (VIP6_DNAT, 80), TCP_SYN));
     v.push(case(

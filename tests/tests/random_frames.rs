@@ -678,7 +678,7 @@ fn random_v6(rng: &mut Rng, fx0: Iface) -> (Frame, Iface) {
         12..=17 => {
             let mut f = Frame::udp6((client, sport), (dst, 53), &[]);
             f.l4 = L4::Udp {
-                checksum: rng.chance(95),
+                checksum: rng.chance(88),
             };
             f
         }
@@ -1111,6 +1111,26 @@ fn run_and_check(
     let echo_request = icmp_layout_v4(input)
         .map(|l| l.kind == ICMP_ECHO_REQUEST)
         .or_else(|| echo_v6(input).map(|(_, request)| request));
+    // UDP/IPv6 without a checksum is dropped only when it is ours (else the kernel's).
+    if reason == Reason::DropUdpZeroChecksum {
+        let l = layout(input).filter(|l| l.v6 && l.proto == PROTO_UDP);
+        let zero = l.is_some_and(|l| input[l.check_off..l.check_off + 2] == [0, 0]);
+        let ours = key.as_ref().is_some_and(|k| {
+            model.flow(k).is_some()
+                || model.service(k).is_some()
+                || model.gateway(k, false).is_some()
+        });
+        ensure!(
+            zero && ours,
+            "{}, but the packet is {}",
+            reason.name(),
+            if zero {
+                "no service's, flow's or gateway's"
+            } else {
+                "no UDP/IPv6 without a checksum"
+            }
+        );
+    }
     let was_tracked = key.as_ref().is_some_and(|k| {
         model.flow(k).is_some_and(|(_, dir)| {
             echo_request.is_none_or(|request| request == (dir == DIR_TO_BACKEND))
@@ -1436,8 +1456,6 @@ fn check_v6(
                 Reason::PassFragment
             } else if at + l4_min > ETH_HLEN + l.tot_len {
                 Reason::DropTruncated
-            } else if l.proto == PROTO_UDP && input[at + 6..at + 8] == [0, 0] {
-                Reason::DropUdpZeroChecksum
             } else if l.proto != PROTO_ICMPV6 {
                 return Ok(None);
             } else {

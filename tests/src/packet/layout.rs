@@ -111,7 +111,8 @@ pub const L4_OFF_MAX: usize = 200;
 /// An IPv6 frame's headers as RFC 8200 lays them out, or the reason the program gives a
 /// frame it cannot or must not go into: a bad header (version, a payload length of 0 or
 /// longer than the frame, an IPv4-mapped address), an extension header it does not walk
-/// (ESP, AH, no next header, unknown: not TCP/UDP), or more of them than it walks.
+/// (ESP, AH, no next header, unknown: not TCP/UDP), more of them than it walks, or a
+/// routing header with segments left.
 pub fn parse_v6(frame: &[u8]) -> Result<Ip6Layout, Reason> {
     if frame.len() < ETH_HLEN || frame[12..14] != ETH_P_IPV6.to_be_bytes() {
         return Err(Reason::PassNotIp);
@@ -142,7 +143,11 @@ pub fn parse_v6(frame: &[u8]) -> Result<Ip6Layout, Reason> {
         let header = |len: usize| frame.get(off..off + len).ok_or(Reason::DropTruncated);
         match proto {
             IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTIONS => {
-                let h = header(2)?;
+                let h = header(4)?;
+                // Segments left: the destination is not the final one (RFC 8200 4.4).
+                if proto == IPV6_ROUTING && h[3] != 0 {
+                    return Err(Reason::PassIpv6Extensions);
+                }
                 proto = h[0];
                 off += (h[1] as usize + 1) * 8;
             }
