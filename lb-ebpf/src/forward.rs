@@ -36,16 +36,17 @@ const AF_INET6: u8 = 10;
 /// change reaches flows' packets within this.
 const HOP_CACHE_NS: u64 = 1_000_000_000;
 
-/// Key of `NEXT_HOPS`: everything a FIB lookup of ours is given (the length aside: see
-/// [`CachedHop`]), since rules (`ip rule ... ipproto/sport/dport`) and multipath hashing
-/// may choose by any of it.
+/// Key of `NEXT_HOPS`: what a FIB lookup of ours is given but the ports and the length (see
+/// [`CachedHop`]). With the ports the cache would hold a hop per flow and miss on every
+/// new one; without, a route that chooses by port (`ip rule ... sport/dport`, multipath
+/// hashing on ports: `fib_multipath_hash_policy` 1) is followed per source, destination
+/// and protocol, for a second at a time. The default policies hash addresses (and, for
+/// IPv6, the protocol), which the key holds.
 #[repr(C)]
 pub struct HopKey {
     src: [u8; 16],
     dst: [u8; 16],
     ingress: u32,
-    sport: [u8; 2],
-    dport: [u8; 2],
     proto: u8,
     _pad: [u8; 3],
 }
@@ -86,8 +87,6 @@ fn hop_key(
     key.src = src.addr;
     key.dst = dst.addr;
     key.ingress = ctx.ingress_ifindex() as u32;
-    key.sport = src.port;
-    key.dport = dst.port;
     key.proto = pkt.key.proto;
     key._pad = [0; 3];
     Some(scratch)
