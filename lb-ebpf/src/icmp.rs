@@ -95,6 +95,29 @@ pub struct Quote {
 }
 
 impl Quote {
+    /// Records where a quote read by `read_quote` lies: its L4 checksum `check_off` into
+    /// the L4 header, or none if the error's datagram (ending at `end`) cuts it off.
+    #[inline(always)]
+    fn set(
+        &mut self,
+        ip_off: usize,
+        l4_off: usize,
+        check_off: usize,
+        end: usize,
+        proto: u8,
+        echo_request: bool,
+    ) {
+        self.ip_off = ip_off;
+        self.l4_off = l4_off;
+        self.l4_check_off = if l4_off + check_off + 2 <= end {
+            l4_off + check_off
+        } else {
+            0
+        };
+        self.proto = proto;
+        self.echo_request = echo_request;
+    }
+
     // Re-bounded at every use, as `Packet`'s offsets are (see `parse::Packet`).
     #[inline(always)]
     pub fn ip_off(&self) -> usize {
@@ -505,15 +528,7 @@ fn read_quote(ctx: &XdpContext, pkt: &Packet, quote: &mut Quote, key: &mut FlowK
     key.dst = Endpoint::v4(inner.src_addr, [ports[0], ports[1]]);
     key.proto = inner.proto;
     key._pad = 0;
-    quote.ip_off = ip_off;
-    quote.l4_off = l4_off;
-    quote.l4_check_off = if l4_off + check_off + 2 <= end {
-        l4_off + check_off
-    } else {
-        0
-    };
-    quote.proto = inner.proto;
-    quote.echo_request = echo_request;
+    quote.set(ip_off, l4_off, check_off, end, inner.proto, echo_request);
     true
 }
 
@@ -555,14 +570,6 @@ fn read_quote_v6(ctx: &XdpContext, pkt: &Packet, quote: &mut Quote, key: &mut Fl
     key.dst.port = [ports[0], ports[1]];
     key.proto = inner.next_hdr;
     key._pad = 0;
-    quote.ip_off = ip_off;
-    quote.l4_off = l4_off;
-    quote.l4_check_off = if l4_off + check_off + 2 <= end {
-        l4_off + check_off
-    } else {
-        0
-    };
-    quote.proto = inner.next_hdr;
-    quote.echo_request = false;
+    quote.set(ip_off, l4_off, check_off, end, inner.next_hdr, false);
     true
 }

@@ -293,17 +293,7 @@ pub fn rewrite_icmp_error(
         };
         (old_id, sum_words(id))
     } else {
-        let ports: *mut [u8; 4] = ptr_at(ctx, quote.l4_off())?;
-        // SAFETY: ptr_at checked the four port bytes are inside the frame.
-        let ports = unsafe { &mut *ports };
-        let old_ports = sum_words(ports);
-        *ports = [
-            entry.dst.port[0],
-            entry.dst.port[1],
-            entry.src.port[0],
-            entry.src.port[1],
-        ];
-        (old_ports, sum_words(ports))
+        restore_quoted_ports(ctx, quote, entry)?
     };
     old += old_ports;
     new += new_ports;
@@ -314,6 +304,28 @@ pub fn rewrite_icmp_error(
         (old_addrs + old_ports, new_addrs + new_ports)
     };
     finish_error_checksums(ctx, pkt, quote, quoted_l4, old, new)
+}
+
+/// Puts a quoted TCP/UDP packet's ports back as they were before xlb rewrote it (the
+/// rewrite's destination → source, either family); returns the unfolded sums of the old and
+/// the new ports.
+#[inline(always)]
+fn restore_quoted_ports(
+    ctx: &XdpContext,
+    quote: &Quote,
+    entry: &Rewrite,
+) -> Result<(u32, u32), Reason> {
+    let ports: *mut [u8; 4] = ptr_at(ctx, quote.l4_off())?;
+    // SAFETY: ptr_at checked the four port bytes are inside the frame.
+    let ports = unsafe { &mut *ports };
+    let old_ports = sum_words(ports);
+    *ports = [
+        entry.dst.port[0],
+        entry.dst.port[1],
+        entry.src.port[0],
+        entry.src.port[1],
+    ];
+    Ok((old_ports, sum_words(ports)))
 }
 
 /// The end of an error's translation, either family: the quoted L4 checksum, when the quote
@@ -385,17 +397,7 @@ fn rewrite_icmp6_error(
         &mut old_addrs,
         &mut new_addrs,
     );
-    let ports: *mut [u8; 4] = ptr_at(ctx, quote.l4_off())?;
-    // SAFETY: ptr_at checked the four port bytes are inside the frame.
-    let ports = unsafe { &mut *ports };
-    let old_ports = sum_words(ports);
-    *ports = [
-        entry.dst.port[0],
-        entry.dst.port[1],
-        entry.src.port[0],
-        entry.src.port[1],
-    ];
-    let new_ports = sum_words(ports);
+    let (old_ports, new_ports) = restore_quoted_ports(ctx, quote, entry)?;
     let quoted_l4 = (old_addrs + old_ports, new_addrs + new_ports);
     finish_error_checksums(
         ctx,
