@@ -92,8 +92,9 @@ fn hop_key(
     Some(scratch)
 }
 
-/// Writes to `hop` the direct hop kept for this lookup, if one is kept, fresh, and its way's
-/// MTU takes the packet. Not inlined, as [`remember_hop`]: the key's 48 bytes stay out of
+/// Writes this lookup's key into the CPU's [`HopScratch`] (where [`remember_hop`] finds it
+/// after a miss), and to `hop` the direct hop kept for it, if one is kept, fresh, and its
+/// way's MTU takes the packet. Not inlined, as `remember_hop`: their work stays out of
 /// `route`'s frame, which is on the stack under `icmp::error`'s.
 #[inline(never)]
 fn cached_hop(
@@ -122,18 +123,15 @@ fn cached_hop(
     }
 }
 
-/// Keeps the direct hop a successful lookup (`params`) gave, for [`HOP_CACHE_NS`].
+/// Keeps the direct hop a successful lookup (`params`) gave, for [`HOP_CACHE_NS`], under
+/// the key [`cached_hop`] wrote for the same lookup a moment before.
 #[inline(never)]
-fn remember_hop(
-    ctx: &XdpContext,
-    pkt: &Packet,
-    src: &Endpoint,
-    dst: &Endpoint,
-    params: &FibParams,
-) {
-    let Some(scratch) = hop_key(ctx, pkt, src, dst) else {
+fn remember_hop(params: &FibParams) {
+    let Some(scratch) = HOP_SCRATCH.get_ptr_mut(0) else {
         return;
     };
+    // SAFETY: as in `hop_key`: this CPU's slot, which nothing else touches meanwhile.
+    let scratch = unsafe { &mut *scratch };
     // SAFETY: bpf_ktime_get_coarse_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let hop = &mut scratch.hop;
@@ -287,7 +285,7 @@ pub fn route(
                     smac: params.smac,
                     dmac: params.dmac,
                 };
-                remember_hop(ctx, pkt, src, dst, &params);
+                remember_hop(&params);
             }
         }
         // The kernel fills in the egress interface and the next hop (the gateway, or the
