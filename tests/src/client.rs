@@ -270,6 +270,32 @@ pub fn check_fullnat(
     Ok(())
 }
 
+/// Checks an answer that came back through a `dnat` service at `vip`: from the VIP
+/// (`from`: a TCP socket's peer, a UDP reply's source), and the backend saw the client
+/// itself, its address `client` and the socket's port. `local` is the client socket (bound
+/// to any address, so its port is what identifies it).
+pub fn check_dnat(
+    local: SocketAddr,
+    from: SocketAddr,
+    answer: &Answer,
+    vip: SocketAddr,
+    client: std::net::IpAddr,
+) -> Result<()> {
+    let seen_as = SocketAddr::new(client, local.port());
+    anyhow::ensure!(
+        answer.seen_peer == seen_as,
+        "{} saw {} for the client socket {local}, not the client's own {seen_as}",
+        answer.server,
+        answer.seen_peer
+    );
+    // From the VIP, not from the backend's own address.
+    anyhow::ensure!(
+        from == vip,
+        "{local}: the answer came from {from}, not the VIP {vip}"
+    );
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -407,31 +407,25 @@ fn an_ipv6_dnat_service_shows_the_client_its_address() {
         let tcp = client::tcp_requests(&topo.client, vip_tcp, CONNECTIONS, 4)?;
         let tcp = client::all_ok("TCP through the IPv6 dnat service", tcp)?;
         for r in &tcp {
-            // The server saw exactly the client's socket, address and port; the client's
-            // socket is connected to the VIP, which TCP holds the answers to.
-            ensure!(
-                r.answer.seen_peer == r.local && r.local.ip() == IpAddr::V6(CLIENT_ADDR6),
-                "{} saw {} for the client socket {}",
-                r.answer.server,
-                r.answer.seen_peer,
-                r.local
-            );
-            ensure!(r.peer == vip_tcp, "a connection's peer is {}", r.peer);
+            client::check_dnat(
+                r.local,
+                r.peer,
+                &r.answer,
+                vip_tcp,
+                IpAddr::V6(CLIENT_ADDR6),
+            )?;
         }
         let udp = client::udp_requests(&topo.client, vip_udp, DATAGRAMS, UDP_TIMEOUT)?;
         let udp = client::all_ok("UDP through the IPv6 dnat service", udp)?;
         for r in &udp {
             // (The socket is bound to [::]: its address is the client's.)
-            let client = SocketAddr::from((CLIENT_ADDR6, r.local.port()));
-            ensure!(
-                r.answer.seen_peer == client,
-                "{} saw {} for {}",
-                r.answer.server,
-                r.answer.seen_peer,
-                r.local
-            );
-            // The reply came from the VIP, not from the backend's own address.
-            ensure!(r.from == vip_udp, "a reply came from {}", r.from);
+            client::check_dnat(
+                r.local,
+                r.from,
+                &r.answer,
+                vip_udp,
+                IpAddr::V6(CLIENT_ADDR6),
+            )?;
         }
         for b in BACKEND_NAMES {
             let served = servers.stats(b).map_or(0, |s| s.tcp_connections);

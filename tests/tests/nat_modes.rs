@@ -142,14 +142,13 @@ fn dnat_backends_see_the_client_and_replies_come_from_the_vip() {
         let tcp = client::tcp_requests(&topo.client, topology::vip_tcp(), 120, 8)?;
         let tcp = client::all_ok("TCP through the dnat service", tcp)?;
         for r in &tcp {
-            // The server saw exactly the client's socket: address and port.
-            ensure!(
-                r.answer.seen_peer == r.local,
-                "{} saw {} for the client socket {}",
-                r.answer.server,
-                r.answer.seen_peer,
-                r.local
-            );
+            client::check_dnat(
+                r.local,
+                r.peer,
+                &r.answer,
+                topology::vip_tcp(),
+                CLIENT_ADDR.into(),
+            )?;
         }
         let udp = client::udp_requests(
             &topo.client,
@@ -160,20 +159,13 @@ fn dnat_backends_see_the_client_and_replies_come_from_the_vip() {
         let udp = client::all_ok("UDP through the dnat service", udp)?;
         for r in &udp {
             // (The socket is bound to 0.0.0.0: its address is the client's.)
-            let client = SocketAddr::from((CLIENT_ADDR, r.local.port()));
-            ensure!(
-                r.answer.seen_peer == client,
-                "{} saw {} for {}",
-                r.answer.server,
-                r.answer.seen_peer,
-                r.local
-            );
-            // The reply came from the VIP, not from the backend's own address.
-            ensure!(
-                r.from == topology::vip_udp(),
-                "a reply came from {}",
-                r.from
-            );
+            client::check_dnat(
+                r.local,
+                r.from,
+                &r.answer,
+                topology::vip_udp(),
+                CLIENT_ADDR.into(),
+            )?;
         }
         for b in &topo.backends {
             let served = servers.stats(&b.name).map_or(0, |s| s.tcp_connections);
