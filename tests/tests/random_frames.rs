@@ -296,7 +296,8 @@ fn run(seed: u64, frames: u64) -> Result<(Histogram, Histogram)> {
         }
         // ICMPv6 is never a flow's: what of it is forwarded is a ping answered or an error
         // translated (which the flow counters count, as IPv4's).
-        let icmp6 = parse_v6(&input).is_ok_and(|l| l.proto == PROTO_ICMPV6);
+        let v6 = parse_v6(&input).ok();
+        let icmp6 = v6.as_ref().is_some_and(|l| l.proto == PROTO_ICMPV6);
         let error6 = icmp6 && icmp_quote_v6(&input).is_some();
         if forwarded && icmp6 && !echo_flow {
             let what = if error6 {
@@ -306,7 +307,7 @@ fn run(seed: u64, frames: u64) -> Result<(Histogram, Histogram)> {
             };
             *histogram.entry(what).or_insert(0) += 1;
         }
-        if forwarded && !icmp6 && parse_v6(&input).is_ok() {
+        if forwarded && !icmp6 && v6.is_some() {
             *histogram.entry("(ipv6 flow packet)").or_insert(0) += 1;
         }
         // Echo replies to pings of a VIP belong to no flow: the flow counters do not count
@@ -334,7 +335,7 @@ fn run(seed: u64, frames: u64) -> Result<(Histogram, Histogram)> {
                     "(gateway flow packet)"
                 };
                 *histogram.entry(what).or_insert(0) += 1;
-                if parse_v6(&input).is_ok() {
+                if v6.is_some() {
                     let what = if echo_flow {
                         "(ipv6 gateway echo packet)"
                     } else {
