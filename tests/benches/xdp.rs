@@ -88,6 +88,13 @@ fn main() -> Result<()> {
     // The table the per-packet scenarios run against: a million flows (the smoke run's
     // ten thousand).
     let prefill = if bench { 1 << 20 } else { 10_000 };
+    if paths_asked().is_some() {
+        // Rounds from XLB_BENCH_ROUNDS (default 20) of 1,500 runs each.
+        let rounds = std::env::var("XLB_BENCH_ROUNDS").map_or(Ok(20), |r| r.parse())?;
+        let table = lab::in_lab("xlbbench", |ns| run(ns, rounds, 1_500, prefill, &mut json))?;
+        println!("machine: {}\n{table}", machine());
+        return Ok(());
+    }
     let (table, sweeps, switches) = lab::in_lab("xlbbench", |ns| {
         Ok((
             run(ns, rounds, per_round, prefill, &mut json)?,
@@ -511,7 +518,7 @@ fn run(
         payload: icmp_echo(1, 1, &[0x5a; 56]),
         ..Frame::default()
     };
-    let mut scenarios = [
+    let scenarios = [
         Scenario {
             name: "null program (XDP_PASS, nothing else)",
             key: "null",
@@ -602,6 +609,13 @@ fn run(
         },
     ];
 
+    // XLB_BENCH_PATHS=established,new_flow (keys of `per_packet_ns`): only those paths and
+    // the null program, e.g. under `perf record` or to compare two builds quickly.
+    let only = paths_asked();
+    let mut scenarios: Vec<Scenario> = scenarios
+        .into_iter()
+        .filter(|s| only.as_ref().is_none_or(|o| s.key == "null" || o.iter().any(|p| p == s.key)))
+        .collect();
     let mut run_index = 0u32;
     for _ in 0..rounds {
         for s in &mut scenarios {
@@ -665,6 +679,13 @@ fn run(
          before the first run.\n"
     ));
     Ok(table)
+}
+
+/// The paths `XLB_BENCH_PATHS` asks for (comma-separated keys of `per_packet_ns`), if set:
+/// then only those run, with the null program, and nothing is recorded.
+fn paths_asked() -> Option<Vec<String>> {
+    let paths = std::env::var("XLB_BENCH_PATHS").ok()?;
+    Some(paths.split(',').map(|p| p.trim().to_string()).collect())
 }
 
 /// Non-zero reason counters, for error messages.
