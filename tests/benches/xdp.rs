@@ -614,7 +614,10 @@ fn run(
     let only = paths_asked();
     let mut scenarios: Vec<Scenario> = scenarios
         .into_iter()
-        .filter(|s| only.as_ref().is_none_or(|o| s.key == "null" || o.iter().any(|p| p == s.key)))
+        .filter(|s| {
+            only.as_ref()
+                .is_none_or(|o| s.key == "null" || o.iter().any(|p| p == s.key))
+        })
         .collect();
     let mut run_index = 0u32;
     for _ in 0..rounds {
