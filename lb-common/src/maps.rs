@@ -337,8 +337,9 @@ pub struct NatEntry {
     /// How many times the flow has started anew (a client's SYN on a closed flow): the
     /// sweeper's count of its starts, for `ACTIVE`.
     pub generation: u32,
-    /// When the flow last carried a packet, either way (`bpf_ktime_get_ns`,
-    /// CLOCK_MONOTONIC), to within [`REFRESH_NS`](crate::conntrack::REFRESH_NS).
+    /// When the flow last carried a packet, either way (`bpf_ktime_get_coarse_ns`:
+    /// CLOCK_MONOTONIC at most a tick behind), to within
+    /// [`REFRESH_NS`](crate::conntrack::REFRESH_NS).
     pub last_seen_ns: u64,
 }
 const _: () = assert!(size_of::<NatEntry>() == 72);
@@ -402,7 +403,8 @@ pub struct Mapping {
     /// The endpoint on the other side.
     pub endpoint: Endpoint,
     pub _pad: [u8; 6],
-    /// When a flow last took the mapping (`bpf_ktime_get_ns`): the sweeper keeps a mapping
+    /// When a flow last took the mapping (`bpf_ktime_get_coarse_ns`, as
+    /// [`NatEntry::last_seen_ns`]): the sweeper keeps a mapping
     /// taken after its sweep began, whose flow it may not have seen yet.
     pub taken_ns: u64,
 }

@@ -12,10 +12,7 @@ use aya_ebpf::{
         BPF_FIB_LKUP_RET_PROHIBIT, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LKUP_RET_UNREACHABLE,
         bpf_fib_lookup as FibParams,
     },
-    helpers::{
-        bpf_ktime_get_coarse_ns, bpf_xdp_adjust_head, bpf_xdp_adjust_meta,
-        generated::bpf_fib_lookup,
-    },
+    helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_meta, generated::bpf_fib_lookup},
     programs::XdpContext,
 };
 use lb_common::{
@@ -107,8 +104,7 @@ fn cached_hop(
     let Some(scratch) = hop_key(ctx, pkt, src, dst) else {
         return false;
     };
-    // SAFETY: bpf_ktime_get_coarse_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = crate::conntrack::now();
     // SAFETY: a map value, valid for the program run; read, never written in place.
     match unsafe { NEXT_HOPS.get(&scratch.key) } {
         Some(cached) if now < cached.expires_ns && pkt.tot_len as u32 <= cached.mtu => {
@@ -132,8 +128,7 @@ fn remember_hop(params: &FibParams) {
     };
     // SAFETY: as in `hop_key`: this CPU's slot, which nothing else touches meanwhile.
     let scratch = unsafe { &mut *scratch };
-    // SAFETY: bpf_ktime_get_coarse_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = crate::conntrack::now();
     let hop = &mut scratch.hop;
     hop.ifindex = params.ifindex;
     // The way's MTU, which the lookup leaves in place of the length it checked.
@@ -430,12 +425,19 @@ pub fn send(ctx: &XdpContext, hop: Hop) -> Result<Reason, Reason> {
 /// tags it with its own VLAN; a plain interface must not send the ingress tag). Only a frame
 /// left to the kernel's stack keeps it, so the kernel takes it as it came.
 ///
-/// Not inlined: on the hot path, whose frame (`xlb`'s) has no bytes to spare.
-#[inline(never)]
-pub fn untag_for(ctx: &XdpContext, hop: &Hop) -> Result<(), Reason> {
-    if matches!(hop, Hop::Kernel { .. } | Hop::TooBig { .. }) {
+/// Inlined, for the untagged frame's two tests; the work of a tagged one is not (the hot
+/// path's frame, `xlb`'s, has no bytes to spare).
+#[inline(always)]
+pub fn untag_for(ctx: &XdpContext, pkt: &Packet, hop: &Hop) -> Result<(), Reason> {
+    if !pkt.tagged() || matches!(hop, Hop::Kernel { .. } | Hop::TooBig { .. }) {
         return Ok(());
     }
+    untag(ctx)
+}
+
+/// Removes the VLAN tag behind the MACs (see [`untag_for`]).
+#[inline(never)]
+fn untag(ctx: &XdpContext) -> Result<(), Reason> {
     let eth: *mut [u8; ETH_LEN + 2] = ptr_at(ctx, 0)?;
     // SAFETY: ptr_at checked the MACs, the EtherType and the tag's first two bytes are
     // inside the frame.

@@ -151,7 +151,7 @@ impl Quote {
 /// more for a state where the protocol is known to be ICMP.
 #[inline(never)]
 pub fn takes(pkt: &Packet) -> bool {
-    if pkt.key.proto != PROTO_ICMP && pkt.key.proto != PROTO_ICMPV6 {
+    if !pkt.is_icmp() {
         return false;
     }
     match pkt.echo {
@@ -211,7 +211,7 @@ fn echo(ctx: &XdpContext, pkt: &Packet) -> Result<Reason, Reason> {
     }
     forward::prepare(ctx, &mut hop);
     nat::echo_reply(ctx, pkt)?;
-    forward::untag_for(ctx, &hop)?;
+    forward::untag_for(ctx, pkt, &hop)?;
     forward::send(ctx, hop)
 }
 
@@ -267,7 +267,7 @@ fn error(ctx: &XdpContext, pkt: &Packet) -> Result<Reason, Reason> {
     forward::route(ctx, pkt, src, &rewrite.dst, &mut hop)?;
     forward::prepare(ctx, &mut hop);
     nat::rewrite_icmp_error(ctx, pkt, quote, rewrite, src, hop.ttl_decrement())?;
-    forward::untag_for(ctx, &hop)?;
+    forward::untag_for(ctx, pkt, &hop)?;
     let sent = forward::send(ctx, hop)?;
     stats::count_flow_packet(rewrite, pkt.frame_len);
     Ok(sent)

@@ -50,8 +50,7 @@ use lb_common::{
     maps::{
         BackendEntry, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAGLEV_SIZE, DEFAULT_MAX_BACKENDS,
         DEFAULT_MAX_SERVICES, FlowKey, FlowStats, Handoff, MAX_INTERFACES, MODE_DNAT, Mapping,
-        MappingKey, NO_BACKEND, NatEntry, PROTO_ICMP, PROTO_ICMPV6, Rewrite, ServiceEntry,
-        ServiceKey, Settings,
+        MappingKey, NO_BACKEND, NatEntry, Rewrite, ServiceEntry, ServiceKey, Settings,
     },
     reason::Reason,
 };
@@ -227,7 +226,7 @@ fn process(ctx: &XdpContext) -> Result<Reason, Reason> {
     let pkt = &*pkt;
     // Pings through a NAT gateway are flows like any other (their identifier is their
     // port); the rest of ICMP has a path of its own.
-    if icmp::takes(pkt) {
+    if pkt.is_icmp() && icmp::takes(pkt) {
         return icmp::handle(ctx, pkt);
     }
     let mut rewrite = Rewrite::default();
@@ -246,7 +245,7 @@ fn process(ctx: &XdpContext) -> Result<Reason, Reason> {
     }
     forward::prepare(ctx, &mut hop);
     nat::rewrite(ctx, pkt, &rewrite, hop.ttl_decrement())?;
-    forward::untag_for(ctx, &hop)?;
+    forward::untag_for(ctx, pkt, &hop)?;
     let sent = forward::send(ctx, hop)?;
     // Counted once the packet has left (or gone to the kernel rewritten), so a packet
     // dropped as unreachable does not show up as service traffic.
@@ -270,7 +269,7 @@ fn new_flow(
     hop: &mut Hop,
 ) -> Result<(), Reason> {
     // What is not ours goes to the kernel untouched.
-    let not_ours = if pkt.key.proto == PROTO_ICMP || pkt.key.proto == PROTO_ICMPV6 {
+    let not_ours = if pkt.is_icmp() {
         Reason::PassIcmp
     } else {
         Reason::PassNoService

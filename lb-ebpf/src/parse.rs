@@ -170,6 +170,19 @@ impl Packet {
     pub fn l3_off(&self) -> usize {
         self.l3_off as usize & 0x1f
     }
+
+    /// ICMP or ICMPv6 (parse keeps each to its own IP version).
+    #[inline(always)]
+    pub fn is_icmp(&self) -> bool {
+        self.key.proto == PROTO_ICMP || self.key.proto == PROTO_ICMPV6
+    }
+
+    /// Whether the frame came with a VLAN tag (its IP header is not right after the MACs
+    /// and EtherType).
+    #[inline(always)]
+    pub fn tagged(&self) -> bool {
+        self.l3_off() != ETH_LEN
+    }
 }
 
 /// What the IP header (and IPv6's extension headers) told.

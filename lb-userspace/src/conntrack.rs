@@ -109,8 +109,9 @@ impl SweepReport {
     }
 }
 
-/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`, which the XDP program
-/// stamps entries with.
+/// CLOCK_MONOTONIC in nanoseconds: the clock the XDP program stamps entries with, which
+/// reads it coarse (`bpf_ktime_get_coarse_ns`: as of the last timer tick, at most 10 ms
+/// behind; every timeout and margin here is far longer).
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
