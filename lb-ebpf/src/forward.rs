@@ -33,13 +33,20 @@ const AF_INET6: u8 = 10;
 /// change reaches flows' packets within this.
 const HOP_CACHE_NS: u64 = 1_000_000_000;
 
-/// Key of `NEXT_HOPS`: what a FIB lookup of ours is given but the ports and the length (see
-/// [`CachedHop`]). With the ports the cache would hold a hop per flow and miss on every
-/// new one; without, a route that chooses by port (`ip rule ... sport/dport`, multipath
-/// hashing on ports: `fib_multipath_hash_policy` 1) is followed per source, destination
-/// and protocol, for a second at a time. The default policies hash addresses (and, for
-/// IPv6, the protocol), which the key holds.
-#[repr(C)]
+const _: () = assert!(size_of::<HopKey>() == 40 && size_of::<HopSlot>() == 64);
+
+/// Slots of `NEXT_HOPS` per CPU: 4096 × 64 bytes, a quarter of a MiB per CPU.
+pub const HOP_SLOTS: u32 = 4096;
+
+/// What a FIB lookup of ours is given but the ports and the length (see [`CachedHop`]):
+/// the key of a slot of `NEXT_HOPS`. With the ports the cache would hold a hop per flow
+/// and miss on every new one; without, a route that chooses by port (`ip rule ...
+/// sport/dport`, multipath hashing on ports: `fib_multipath_hash_policy` 1) is followed per
+/// source, destination and protocol, for a second at a time. The default policies hash
+/// addresses (and, for IPv6, the protocol), which the key holds.
+///
+/// Eight-byte aligned, forty bytes, every byte written: hashed and compared as five words.
+#[repr(C, align(8))]
 pub struct HopKey {
     src: [u8; 16],
     dst: [u8; 16],
@@ -48,24 +55,79 @@ pub struct HopKey {
     _pad: [u8; 3],
 }
 
-/// Value of `NEXT_HOPS`: a direct hop the FIB gave, with its way's MTU (a longer packet
-/// asks the FIB, which says too big) and until when it is used.
+impl HopKey {
+    /// Word `i` (of five) of the key, read from memory. Volatile: otherwise LLVM rebuilds
+    /// each word from the bytes `hop_key` has just stored, in registers and stack spills
+    /// (400 instructions and a hundred more bytes of stack, where five loads do).
+    #[inline(always)]
+    fn word(&self, i: usize) -> u64 {
+        // SAFETY: HopKey is 40 bytes, 8-byte aligned, with no padding the code does not
+        // write (`_pad` is a field): five initialised words, and `i` is below 5 wherever
+        // this is called (constant after unrolling).
+        unsafe { (self as *const HopKey as *const u64).add(i).read_volatile() }
+    }
+
+    /// Whether `other` is the same key, word by word (an array compare would copy both
+    /// keys to the stack first).
+    #[inline(always)]
+    fn same_as(&self, other: &HopKey) -> bool {
+        (0..5).all(|i| self.word(i) == other.word(i))
+    }
+
+    /// Becomes `other`.
+    #[inline(always)]
+    fn copy_from(&mut self, other: &HopKey) {
+        let to = self as *mut HopKey as *mut u64;
+        for i in 0..5 {
+            // SAFETY: as in `word`; any five words are a valid HopKey.
+            unsafe { to.add(i).write(other.word(i)) };
+        }
+    }
+
+    /// The slot of `NEXT_HOPS` this key has (a multiplicative hash of its words).
+    #[inline(always)]
+    fn slot(&self) -> u32 {
+        let h = (self.word(0) ^ self.word(2)).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            ^ (self.word(1) ^ self.word(3)).wrapping_mul(0xc2b2_ae3d_27d4_eb4f)
+            ^ self.word(4).wrapping_mul(0x1656_67b1_9e37_79f9);
+        (h.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) as u32 % HOP_SLOTS
+    }
+}
+
+/// A direct hop the FIB gave, with its way's MTU (a longer packet asks the FIB, which
+/// says too big) and until when it is used ([`ticks`]).
 #[repr(C)]
 pub struct CachedHop {
     ifindex: u32,
-    mtu: u32,
+    expires: u32,
+    mtu: u16,
     smac: [u8; 6],
     dmac: [u8; 6],
-    _pad: [u8; 4],
-    expires_ns: u64,
+    _pad: [u8; 2],
 }
 
-/// `NEXT_HOPS`' key and value, built in `HOP_SCRATCH` (one per CPU), not on the stack,
-/// where `route` runs under `icmp::error`'s frame.
+/// The clock in units of 2^20 ns (about a millisecond), in 32 bits: it wraps every 52 days,
+/// so times are compared by their wrapping difference.
+#[inline(always)]
+fn ticks() -> u32 {
+    (crate::conntrack::now() >> 20) as u32
+}
+
+/// A slot of `NEXT_HOPS`: a direct-mapped cache, one per CPU. A key whose slot another
+/// holds replaces it (and its next packet asks the FIB); an empty slot's key has ingress
+/// 0, which no packet has. Per CPU, a slot is only ever written and read by the program
+/// running on that CPU, to completion, so a read never sees half of a write.
+#[repr(C)]
+pub struct HopSlot {
+    key: HopKey,
+    hop: CachedHop,
+}
+
+/// Where `route` builds a lookup's key (one per CPU), which [`remember_hop`] stores if
+/// the FIB gives a direct hop.
 #[repr(C)]
 pub struct HopScratch {
     key: HopKey,
-    hop: CachedHop,
 }
 
 /// This CPU's [`HopScratch`], its key written for a lookup for `pkt` from `src` to `dst`.
@@ -75,18 +137,17 @@ fn hop_key(
     pkt: &Packet,
     src: &Endpoint,
     dst: &Endpoint,
-) -> Option<&'static mut HopScratch> {
+) -> Option<&'static HopKey> {
     let scratch = HOP_SCRATCH.get_ptr_mut(0)?;
     // SAFETY: this CPU's slot of a one-entry per-CPU array; an XDP program runs to
     // completion on its CPU, so no other run touches it meanwhile.
-    let scratch = unsafe { &mut *scratch };
-    let key = &mut scratch.key;
+    let key = unsafe { &mut (*scratch).key };
     key.src = src.addr;
     key.dst = dst.addr;
     key.ingress = ctx.ingress_ifindex() as u32;
     key.proto = pkt.key.proto;
     key._pad = [0; 3];
-    Some(scratch)
+    Some(key)
 }
 
 /// Writes this lookup's key into the CPU's [`HopScratch`] (where [`remember_hop`] finds it
@@ -101,22 +162,25 @@ fn cached_hop(
     dst: &Endpoint,
     hop: &mut Hop,
 ) -> bool {
-    let Some(scratch) = hop_key(ctx, pkt, src, dst) else {
+    let Some(key) = hop_key(ctx, pkt, src, dst) else {
         return false;
     };
-    let now = crate::conntrack::now();
-    // SAFETY: a map value, valid for the program run; read, never written in place.
-    match unsafe { NEXT_HOPS.get(&scratch.key) } {
-        Some(cached) if now < cached.expires_ns && pkt.tot_len as u32 <= cached.mtu => {
-            *hop = Hop::Direct {
-                ifindex: cached.ifindex,
-                smac: cached.smac,
-                dmac: cached.dmac,
-            };
-            true
-        }
-        _ => false,
+    let Some(slot) = NEXT_HOPS.get(key.slot()) else {
+        return false;
+    };
+    if !slot.key.same_as(key) {
+        return false;
     }
+    let cached = &slot.hop;
+    if cached.expires.wrapping_sub(ticks()) as i32 <= 0 || pkt.tot_len > cached.mtu {
+        return false;
+    }
+    *hop = Hop::Direct {
+        ifindex: cached.ifindex,
+        smac: cached.smac,
+        dmac: cached.dmac,
+    };
+    true
 }
 
 /// Keeps the direct hop a successful lookup (`params`) gave, for [`HOP_CACHE_NS`], under
@@ -127,19 +191,22 @@ fn remember_hop(params: &FibParams) {
         return;
     };
     // SAFETY: as in `hop_key`: this CPU's slot, which nothing else touches meanwhile.
-    let scratch = unsafe { &mut *scratch };
-    let now = crate::conntrack::now();
-    let hop = &mut scratch.hop;
+    let key = unsafe { &(*scratch).key };
+    let Some(slot) = NEXT_HOPS.get_ptr_mut(key.slot()) else {
+        return;
+    };
+    // SAFETY: this CPU's slot of a per-CPU array, as above.
+    let slot = unsafe { &mut *slot };
+    slot.key.copy_from(key);
+    let hop = &mut slot.hop;
     hop.ifindex = params.ifindex;
     // The way's MTU, which the lookup leaves in place of the length it checked.
     // SAFETY: the union's member for a successful lookup.
-    hop.mtu = unsafe { params.__bindgen_anon_1.mtu_result } as u32;
+    hop.mtu = unsafe { params.__bindgen_anon_1.mtu_result };
     hop.smac = params.smac;
     hop.dmac = params.dmac;
-    hop._pad = [0; 4];
-    hop.expires_ns = now + HOP_CACHE_NS;
-    // Best effort: a full table only means the next packet asks the FIB.
-    let _ = NEXT_HOPS.insert(&scratch.key, &scratch.hop, 0);
+    hop._pad = [0; 2];
+    hop.expires = ticks().wrapping_add((HOP_CACHE_NS >> 20) as u32);
 }
 
 /// The next hop of a rewritten packet.

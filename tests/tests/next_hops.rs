@@ -1,0 +1,144 @@
+//! The next-hop cache (`NEXT_HOPS`, 4,096 slots per CPU) at capacity: with more
+//! destinations than it has slots, keys share slots and replace each other, and every
+//! packet must still leave with its own destination's MAC, which the test wrote into the
+//! neighbour table itself.
+//!
+//! The replies of 5,000 IPv6 flows, each from a client of its own: a reply goes from the
+//! VIP to its client, so each is a different key of the cache. Each client's neighbour
+//! entry has a MAC of its own. The replies go through twice, in opposite orders, so the
+//! second pass meets slots held by other keys as well as its own.
+
+use std::net::{Ipv6Addr, SocketAddrV6};
+
+use anyhow::{Context as _, Result, ensure};
+use lb_common::{
+    maps::{Endpoint, FlowKey, PROTO_TCP},
+    reason::Reason,
+};
+use lb_userspace::config::Config;
+use xlb_tests::{
+    lab::{self, BACKEND_MAC, BACKEND6, CLIENT_MAC, FX0, FX0_MAC, FX1_MAC, VIP6},
+    packet::{ETH_HLEN, Frame, TCP_ACK, TCP_SYN},
+};
+
+/// More than the cache's 4,096 slots.
+const CLIENTS: u16 = 5_000;
+
+const CONFIG: &str = r#"
+[dataplane]
+interfaces = ["fx0", "fx1"]
+[conntrack]
+entries = 20000
+
+[[service]]
+vip = "[2001:db8:10::100]:80"
+protocol = "tcp"
+snat = "2001:db8:20::1"
+[[service.backend]]
+address = "[2001:db8:20:1::2]:8080"
+"#;
+
+/// Client `i`, on fx0's subnet.
+fn client(i: u16) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 0xdb8, 0x10, 1, 0, 0, 1, i)
+}
+
+/// Client `i`'s MAC: no two alike, none the lab's own.
+fn client_mac(i: u16) -> [u8; 6] {
+    let [hi, lo] = i.to_be_bytes();
+    [0x02, 0, 0, 0xcc, hi, lo]
+}
+
+#[test]
+fn more_destinations_than_slots_each_leave_to_their_own_mac() -> Result<()> {
+    lab::in_lab("xlbhops", |ns| {
+        // One `ip -batch` for the 5,000 neighbours (5,000 processes take a minute).
+        let batch = std::env::temp_dir().join(format!("{}-neighbours", ns.name()));
+        let lines: String = (0..CLIENTS)
+            .map(|i| {
+                let mac = client_mac(i).map(|b| format!("{b:02x}")).join(":");
+                format!(
+                    "neigh replace {} lladdr {mac} dev {FX0} nud permanent\n",
+                    client(i)
+                )
+            })
+            .collect();
+        std::fs::write(&batch, lines)?;
+        let added = ns.ip(&["-batch", &batch.to_string_lossy()]);
+        std::fs::remove_file(&batch)?;
+        added.context("adding the clients' neighbours")?;
+
+        let checked = Config::parse(CONFIG)?
+            .validate()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let lab::Program { ebpf, fx0, fx1 } = lab::load(&checked)?;
+        let vip = SocketAddrV6::new(VIP6, 80, 0, 0);
+
+        // Each client's flow, and where its backend's replies are addressed.
+        let mut snat = Vec::with_capacity(CLIENTS as usize);
+        for i in 0..CLIENTS {
+            let from = SocketAddrV6::new(client(i), 40000, 0, 0);
+            let syn = Frame::tcp6((client(i), 40000), (VIP6, 80), TCP_SYN)
+                .with_macs(CLIENT_MAC, FX0_MAC)
+                .build();
+            let run = lab::run(&ebpf, &syn, fx0.ifindex, None)?;
+            ensure!(
+                run.counted == [(Reason::ForwardRedirect, 1)],
+                "client {i}'s SYN: {:?}",
+                run.counted
+            );
+            let key = FlowKey {
+                src: Endpoint::from_socket(from.into()),
+                dst: Endpoint::from_socket(vip.into()),
+                proto: PROTO_TCP,
+                _pad: 0,
+            };
+            let entry = lab::conntrack_entry(&ebpf, &key)?
+                .with_context(|| format!("client {i}'s flow was not made"))?;
+            snat.push(entry.rewrite.src.to_socket());
+        }
+
+        let reply = |i: u16| -> Result<()> {
+            let to = snat[i as usize];
+            let Some((to_ip, to_port)) = (match to {
+                std::net::SocketAddr::V6(a) => Some((*a.ip(), a.port())),
+                _ => None,
+            }) else {
+                anyhow::bail!("client {i}'s flow has an IPv4 SNAT endpoint: {to}");
+            };
+            let frame = Frame::tcp6((BACKEND6, 8080), (to_ip, to_port), TCP_ACK)
+                .with_macs(BACKEND_MAC, FX1_MAC)
+                .build();
+            let run = lab::run(&ebpf, &frame, fx1.ifindex, None)?;
+            ensure!(
+                run.counted == [(Reason::ForwardRedirect, 1)],
+                "the reply to client {i}: {:?}",
+                run.counted
+            );
+            let out = &run.frame;
+            ensure!(out.len() > ETH_HLEN + 40, "the reply to client {i} is cut");
+            let dmac: [u8; 6] = out[0..6].try_into()?;
+            let smac: [u8; 6] = out[6..12].try_into()?;
+            let dst: [u8; 16] = out[ETH_HLEN + 24..ETH_HLEN + 40].try_into()?;
+            ensure!(
+                Ipv6Addr::from(dst) == client(i),
+                "the reply to client {i} went to {}",
+                Ipv6Addr::from(dst)
+            );
+            ensure!(
+                dmac == client_mac(i) && smac == FX0_MAC,
+                "the reply to client {i} left from {smac:02x?} to {dmac:02x?}, not from \
+                 fx0 {FX0_MAC:02x?} to the client's {:02x?}",
+                client_mac(i)
+            );
+            Ok(())
+        };
+        for i in 0..CLIENTS {
+            reply(i)?;
+        }
+        for i in (0..CLIENTS).rev() {
+            reply(i)?;
+        }
+        Ok(())
+    })
+}
