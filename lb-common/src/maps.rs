@@ -162,7 +162,11 @@ pub const PROTO_UDP: u8 = 17;
 pub const PROTO_ICMPV6: u8 = 58;
 
 /// An IP address and a port, both in network byte order. IPv4 is stored IPv4-mapped.
-#[repr(C)]
+///
+/// Two-byte aligned (every struct here has its endpoints at even offsets, so no size
+/// changes): the BPF target cannot load a word from an address it does not know is
+/// aligned, so a copy or compare of one-byte-aligned endpoints went a byte at a time.
+#[repr(C, align(2))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Endpoint {
     pub addr: [u8; 16],
