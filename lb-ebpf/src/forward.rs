@@ -152,9 +152,9 @@ fn hop_key(
 
 /// Writes this lookup's key into the CPU's [`HopScratch`] (where [`remember_hop`] finds it
 /// after a miss), and to `hop` the direct hop kept for it, if one is kept, fresh, and its
-/// way's MTU takes the packet. Not inlined, as `remember_hop`: their work stays out of
-/// `route`'s frame, which is on the stack under `icmp::error`'s.
-#[inline(never)]
+/// way's MTU takes the packet. Inlined into `route` (a subprogram call and return cost a
+/// tracked packet 15 ns, 4%); `remember_hop`, which only a miss needs, is not.
+#[inline(always)]
 fn cached_hop(
     ctx: &XdpContext,
     pkt: &Packet,
