@@ -140,7 +140,7 @@ pub fn lookup(
         return Ok(true);
     }
     // Read the clock only on a hit: most packets that miss are not ours.
-    let now = now();
+    let now = pkt.now();
     let proto = pkt.key.proto;
     let dir = entry.rewrite.direction;
     let facts = Seen::of_packet(proto, pkt.tcp_flags);
@@ -190,17 +190,6 @@ fn stale(last_seen_ns: u64, now: u64) -> bool {
 fn record(entry: &mut NatEntry, dir: u8, facts: &Seen, anew: bool, now: u64) {
     entry.seen.record(dir, facts, anew);
     entry.last_seen_ns = now;
-}
-
-/// The data plane's clock, in nanoseconds: CLOCK_MONOTONIC as of the last timer tick (at
-/// most a tick, 1-10 ms, behind), the clock of `NatEntry::last_seen_ns` and of the next-hop
-/// cache. Every time it keeps is coarser than a tick, and the coarse read costs a third of
-/// an exact one (`bpf_ktime_get_ns` reads the TSC: 8% of a tracked packet's samples in a
-/// profile, the coarse read 3%).
-#[inline(always)]
-pub fn now() -> u64 {
-    // SAFETY: bpf_ktime_get_coarse_ns has no preconditions.
-    unsafe { aya_ebpf::helpers::bpf_ktime_get_coarse_ns() }
 }
 
 /// The NAT gateway whose private network the packet comes from, if any, and if it is not
@@ -439,7 +428,7 @@ pub fn create(
 ) -> Result<(), Reason> {
     let key = &pkt.key;
     let hash = flow.hash;
-    let now = now();
+    let now = pkt.now();
 
     let scratch = CREATE_SCRATCH.get_ptr_mut(0).ok_or(Reason::DropInternal)?;
     // SAFETY: this CPU's slot of a one-entry per-CPU array. An XDP program runs to

@@ -106,11 +106,11 @@ pub struct CachedHop {
     _pad: [u8; 2],
 }
 
-/// The clock in units of 2^20 ns (about a millisecond), in 32 bits: it wraps every 52 days,
-/// so times are compared by their wrapping difference.
+/// [`Packet::now`] in units of 2^20 ns (about a millisecond), in 32 bits: it wraps every
+/// 52 days, so times are compared by their wrapping difference.
 #[inline(always)]
-fn ticks() -> u32 {
-    (crate::conntrack::now() >> 20) as u32
+fn ticks(pkt: &Packet) -> u32 {
+    (pkt.now() >> 20) as u32
 }
 
 /// A slot of `NEXT_HOPS`: a direct-mapped cache, one per CPU. A key whose slot another
@@ -172,7 +172,7 @@ fn cached_hop(
         return false;
     }
     let cached = &slot.hop;
-    if cached.expires.wrapping_sub(ticks()) as i32 <= 0 || pkt.tot_len > cached.mtu {
+    if cached.expires.wrapping_sub(ticks(pkt)) as i32 <= 0 || pkt.tot_len > cached.mtu {
         return false;
     }
     *hop = Hop::Direct {
@@ -186,7 +186,7 @@ fn cached_hop(
 /// Keeps the direct hop a successful lookup (`params`) gave, for [`HOP_CACHE_NS`], under
 /// the key [`cached_hop`] wrote for the same lookup a moment before.
 #[inline(never)]
-fn remember_hop(params: &FibParams) {
+fn remember_hop(pkt: &Packet, params: &FibParams) {
     let Some(scratch) = HOP_SCRATCH.get_ptr_mut(0) else {
         return;
     };
@@ -206,7 +206,7 @@ fn remember_hop(params: &FibParams) {
     hop.smac = params.smac;
     hop.dmac = params.dmac;
     hop._pad = [0; 2];
-    hop.expires = ticks().wrapping_add((HOP_CACHE_NS >> 20) as u32);
+    hop.expires = ticks(pkt).wrapping_add((HOP_CACHE_NS >> 20) as u32);
 }
 
 /// The next hop of a rewritten packet.
@@ -347,7 +347,7 @@ pub fn route(
                     smac: params.smac,
                     dmac: params.dmac,
                 };
-                remember_hop(&params);
+                remember_hop(pkt, &params);
             }
         }
         // The kernel fills in the egress interface and the next hop (the gateway, or the
