@@ -115,6 +115,11 @@ static NEW_FLOW: PerCpuArray<conntrack::Staged> = PerCpuArray::with_max_entries(
 #[map]
 static PACKET: PerCpuArray<parse::Packet> = PerCpuArray::with_max_entries(1, 0);
 
+/// How the packet being processed is rewritten (its flow's `Rewrite` for its direction),
+/// one slot per CPU: off the stack, so `parse` fits inline in `xlb`'s frame.
+#[map]
+static REWRITE: PerCpuArray<Rewrite> = PerCpuArray::with_max_entries(1, 0);
+
 /// Working space of `icmp::error`, one slot per CPU, for the same reason.
 #[map]
 static ICMP_SCRATCH: PerCpuArray<icmp::Scratch> = PerCpuArray::with_max_entries(1, 0);
@@ -217,8 +222,9 @@ pub fn xlb_handoff(ctx: TcContext) -> i32 {
 /// `Ok` carries how a rewritten packet left.
 ///
 /// The BPF stack is 512 bytes for a whole chain of calls, so what this frame holds is kept
-/// small (the rewrite, the next hop; the packet is in `PACKET`) and the two conntrack paths
-/// are separate subprograms with frames of their own.
+/// small (the next hop and `parse`'s work; the packet is in `PACKET`, its rewrite in
+/// `REWRITE`) and the two conntrack paths are separate subprograms with frames of their
+/// own.
 #[inline(always)]
 fn process(ctx: &XdpContext) -> Result<Reason, Reason> {
     let pkt = PACKET.get_ptr_mut(0).ok_or(Reason::DropInternal)?;
@@ -232,14 +238,17 @@ fn process(ctx: &XdpContext) -> Result<Reason, Reason> {
     if pkt.is_icmp() && icmp::takes(pkt) {
         return icmp::handle(ctx, pkt);
     }
-    let mut rewrite = Rewrite::default();
+    let rewrite = REWRITE.get_ptr_mut(0).ok_or(Reason::DropInternal)?;
+    // SAFETY: this CPU's slot, as `pkt`'s.
+    let rewrite = unsafe { &mut *rewrite };
+    *rewrite = Rewrite::default();
     let fwd = forwardable(pkt);
     let mut hop = Hop::NONE;
-    if conntrack::lookup(ctx, pkt, fwd.is_ok(), &mut rewrite)? {
+    if conntrack::lookup(ctx, pkt, fwd.is_ok(), rewrite)? {
         fwd?;
         forward::route(ctx, pkt, &rewrite.src, &rewrite.dst, &mut hop)?;
     } else {
-        new_flow(ctx, pkt, &mut rewrite, &mut hop)?;
+        new_flow(ctx, pkt, rewrite, &mut hop)?;
     }
     if let Hop::TooBig { mtu, .. } = hop
         && pkt.dont_fragment
@@ -247,12 +256,12 @@ fn process(ctx: &XdpContext) -> Result<Reason, Reason> {
         return icmp::too_big(ctx, pkt, mtu);
     }
     forward::prepare(ctx, &mut hop);
-    nat::rewrite(ctx, pkt, &rewrite, hop.ttl_decrement())?;
+    nat::rewrite(ctx, pkt, rewrite, hop.ttl_decrement())?;
     forward::untag_for(ctx, pkt, &hop)?;
     let sent = forward::send(ctx, hop)?;
     // Counted once the packet has left (or gone to the kernel rewritten), so a packet
     // dropped as unreachable does not show up as service traffic.
-    stats::count_flow_packet(&rewrite, pkt.frame_len);
+    stats::count_flow_packet(rewrite, pkt.frame_len);
     Ok(sent)
 }
 
