@@ -91,7 +91,10 @@ fn main() -> Result<()> {
     if paths_asked().is_some() {
         // Rounds from XLB_BENCH_ROUNDS (default 20) of 1,500 runs each.
         let rounds = std::env::var("XLB_BENCH_ROUNDS").map_or(Ok(20), |r| r.parse())?;
-        let table = lab::in_lab("xlbbench", |ns| run(ns, rounds, 1_500, prefill, &mut json))?;
+        let only = paths_asked();
+        let table = lab::in_lab("xlbbench", |ns| {
+            run(ns, rounds, 1_500, prefill, only.as_deref(), &mut json)
+        })?;
         println!(
             "machine: {}\nverifier: {}\n{table}",
             machine(),
@@ -101,16 +104,31 @@ fn main() -> Result<()> {
     }
     let (table, sweeps, switches) = lab::in_lab("xlbbench", |ns| {
         Ok((
-            run(ns, rounds, per_round, prefill, &mut json)?,
+            run(ns, rounds, per_round, prefill, None, &mut json)?,
             sweep_cost(flows, &mut json)?,
             table_switch_cost(changes, &mut json)?,
         ))
     })?;
+    // The same paths with an empty table: what a new flow and a tracked packet cost when
+    // the table's memory is all in the CPU's caches, against the million-flow figures above
+    // (a new flow's inserts land in a random bucket of a table of millions).
+    let empty_table = if bench {
+        let mut empty = serde_json::json!({});
+        let only = ["established".to_string(), "new_flow".to_string()];
+        let table = lab::in_lab("xlbbench", |ns| {
+            run(ns, rounds / 2, per_round, 0, Some(&only), &mut empty)
+        })?;
+        json["per_packet_ns_empty_table"] = empty["per_packet_ns"].clone();
+        table
+    } else {
+        String::new()
+    };
     let maglev = maglev_figures(bench, &mut json)?;
     let written = run_kind.record(&json)?;
     if bench {
         println!("machine: {}", machine());
         println!("{table}");
+        println!("The same with an empty table:\n{empty_table}");
         println!("{sweeps}");
         println!("{switches}");
         println!("{maglev}");
@@ -447,6 +465,7 @@ fn run(
     rounds: u32,
     per_round: u32,
     prefill: u32,
+    only: Option<&[String]>,
     json: &mut serde_json::Value,
 ) -> Result<String> {
     let checked = Config::parse(&config(prefill))?
@@ -613,15 +632,10 @@ fn run(
         },
     ];
 
-    // XLB_BENCH_PATHS=established,new_flow (keys of `per_packet_ns`): only those paths and
-    // the null program, e.g. under `perf record` or to compare two builds quickly.
-    let only = paths_asked();
+    // `only` (keys of `per_packet_ns`): those paths and the null program.
     let mut scenarios: Vec<Scenario> = scenarios
         .into_iter()
-        .filter(|s| {
-            only.as_ref()
-                .is_none_or(|o| s.key == "null" || o.iter().any(|p| p == s.key))
-        })
+        .filter(|s| only.is_none_or(|o| s.key == "null" || o.iter().any(|p| p == s.key)))
         .collect();
     let mut run_index = 0u32;
     for _ in 0..rounds {

@@ -214,6 +214,21 @@ pub fn summary_markdown(all: &serde_json::Value, name: &str) -> String {
         ("established packet", "per_packet_ns.established", "ns"),
         ("backend's reply", "per_packet_ns.reply", "ns"),
         ("new flow", "per_packet_ns.new_flow", "ns"),
+        (
+            "null program, in the empty-table run",
+            "per_packet_ns_empty_table.null",
+            "ns",
+        ),
+        (
+            "established packet, empty table",
+            "per_packet_ns_empty_table.established",
+            "ns",
+        ),
+        (
+            "new flow, empty table",
+            "per_packet_ns_empty_table.new_flow",
+            "ns",
+        ),
         ("ICMP error translated", "per_packet_ns.icmp_error", "ns"),
         ("ping to a VIP answered", "per_packet_ns.echo", "ns"),
         (
@@ -261,6 +276,11 @@ pub fn summary_markdown(all: &serde_json::Value, name: &str) -> String {
             "Maglev build, N = 1000, M = 655373",
             "maglev.build_ms.n1000_m655373",
             "ms",
+        ),
+        (
+            "slots moved when 1% of 1000 backends go, M = 655373",
+            "maglev.moved_pct_remove_1pct_m655373",
+            "%",
         ),
         ("Maglev max/min share", "maglev.max_over_min_share", "×"),
         (
