@@ -144,10 +144,14 @@ impl Taken {
             at[k] = step(at[k - 1], c.skip as u64, m);
         }
         loop {
-            for &slot in &at {
-                if self.is_free(slot) {
-                    return slot;
-                }
+            // One branch per turn, not one per probe: while most slots are free it is
+            // taken nearly always, and the CPU guesses it right.
+            let mut free = 0u32;
+            for (k, &slot) in at.iter().enumerate() {
+                free |= (self.is_free(slot) as u32) << k;
+            }
+            if free != 0 {
+                return at[free.trailing_zeros() as usize];
             }
             for slot in &mut at {
                 *slot = step(*slot, c.stride as u64, m);
