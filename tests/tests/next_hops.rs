@@ -17,7 +17,10 @@ use lb_common::{
 };
 use lb_userspace::config::Config;
 use xlb_tests::{
-    lab::{self, BACKEND_MAC, BACKEND6, CLIENT_MAC, FX0, FX0_MAC, FX1_MAC, VIP6},
+    lab::{
+        self, BACKEND, BACKEND_MAC, BACKEND6, CLIENT, CLIENT_MAC, FX0, FX0_MAC, FX1_MAC, SNAT, VIP,
+        VIP6,
+    },
     packet::{ETH_HLEN, Frame, TCP_ACK, TCP_SYN},
 };
 
@@ -139,6 +142,69 @@ fn more_destinations_than_slots_each_leave_to_their_own_mac() -> Result<()> {
         for i in (0..CLIENTS).rev() {
             reply(i)?;
         }
+        Ok(())
+    })
+}
+
+/// A hop is kept with its way's MTU, not the length of the packet that made it: after a
+/// SYN, a full-sized packet of the flow uses the kept hop too. Seen from outside through a
+/// neighbour change: within the second a hop is kept, the kept hop still has the old MAC,
+/// where a packet that asked the FIB anew would get the new one.
+#[test]
+fn a_kept_hop_serves_every_length_its_way_takes() -> Result<()> {
+    const NEW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x0b, 0x99];
+    lab::in_lab("xlbhopmtu", |ns| {
+        let config = format!(
+            "[dataplane]\ninterfaces = [\"fx0\", \"fx1\"]\n[[service]]\nvip = \"{VIP}:80\"\n\
+             protocol = \"tcp\"\nsnat = \"{SNAT}\"\n[[service.backend]]\naddress = \
+             \"{BACKEND}:8080\"\n"
+        );
+        let checked = Config::parse(&config)?
+            .validate()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let lab::Program { ebpf, fx0, .. } = lab::load(&checked)?;
+        let to_backend = |flags: u8, payload: usize| -> Result<[u8; 6]> {
+            let mut frame = Frame::tcp((CLIENT, 40000), (VIP, 80), flags);
+            frame.payload = vec![0x5a; payload];
+            let run = lab::run(
+                &ebpf,
+                &frame.with_macs(CLIENT_MAC, FX0_MAC).build(),
+                fx0.ifindex,
+                None,
+            )?;
+            ensure!(
+                run.counted == [(Reason::ForwardRedirect, 1)],
+                "a packet of {payload} bytes: {:?}",
+                run.counted
+            );
+            Ok(run.frame[0..6].try_into()?)
+        };
+        ensure!(to_backend(TCP_SYN, 0)? == BACKEND_MAC, "the SYN's MAC");
+        let mac = NEW_MAC.map(|b| format!("{b:02x}")).join(":");
+        ns.ip(&[
+            "neigh",
+            "replace",
+            &BACKEND.to_string(),
+            "lladdr",
+            &mac,
+            "dev",
+            lab::FX1,
+            "nud",
+            "permanent",
+        ])
+        .context("changing the backend's MAC")?;
+        let kept = to_backend(TCP_ACK, 1400)?;
+        ensure!(
+            kept == BACKEND_MAC,
+            "a 1,454-byte packet right after the SYN went to {kept:02x?}: it asked the FIB \
+             again instead of using the hop kept for its way (MTU 1,500)"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        let fresh = to_backend(TCP_ACK, 1400)?;
+        ensure!(
+            fresh == NEW_MAC,
+            "a second on, the packet went to {fresh:02x?}"
+        );
         Ok(())
     })
 }
