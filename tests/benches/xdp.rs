@@ -92,8 +92,8 @@ fn main() -> Result<()> {
         // Rounds from XLB_BENCH_ROUNDS (default 20) of 1,500 runs each.
         let rounds = std::env::var("XLB_BENCH_ROUNDS").map_or(Ok(20), |r| r.parse())?;
         let only = paths_asked();
-        let table = lab::in_lab("xlbbench", |ns| {
-            run(ns, rounds, 1_500, prefill, only.as_deref(), &mut json)
+        let table = lab::in_lab("xlbbench", |_| {
+            run(rounds, 1_500, prefill, only.as_deref(), &mut json)
         })?;
         println!(
             "machine: {}\nverifier: {}\n{table}",
@@ -102,9 +102,9 @@ fn main() -> Result<()> {
         );
         return Ok(());
     }
-    let (table, sweeps, switches) = lab::in_lab("xlbbench", |ns| {
+    let (table, sweeps, switches) = lab::in_lab("xlbbench", |_| {
         Ok((
-            run(ns, rounds, per_round, prefill, None, &mut json)?,
+            run(rounds, per_round, prefill, None, &mut json)?,
             sweep_cost(flows, &mut json)?,
             table_switch_cost(changes, &mut json)?,
         ))
@@ -115,8 +115,8 @@ fn main() -> Result<()> {
     let empty_table = if bench {
         let mut empty = serde_json::json!({});
         let only = ["established".to_string(), "new_flow".to_string()];
-        let table = lab::in_lab("xlbbench", |ns| {
-            run(ns, rounds / 2, per_round, 0, Some(&only), &mut empty)
+        let table = lab::in_lab("xlbbench", |_| {
+            run(rounds / 2, per_round, 0, Some(&only), &mut empty)
         })?;
         json["per_packet_ns_empty_table"] = empty["per_packet_ns"].clone();
         table
@@ -461,7 +461,6 @@ fn fill_conntrack(ebpf: &mut Ebpf, flows: u32, now: u64) -> Result<()> {
 /// The per-path cost in a realistic state: a service of 100 backends, and `prefill`
 /// established flows in the table before the first run (a million in the full run).
 fn run(
-    ns: &xlb_tests::netns::NetNs,
     rounds: u32,
     per_round: u32,
     prefill: u32,
@@ -472,18 +471,7 @@ fn run(
         .validate()
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     for b in backends() {
-        let mac = lab::BACKEND_MAC.map(|o| format!("{o:02x}")).join(":");
-        ns.ip(&[
-            "neigh",
-            "replace",
-            &b.to_string(),
-            "lladdr",
-            &mac,
-            "dev",
-            lab::FX1,
-            "nud",
-            "permanent",
-        ])?;
+        lab::set_neighbour(b.into(), lab::BACKEND_MAC, lab::FX1)?;
     }
     let lab::Program { mut ebpf, fx0, fx1 } = lab::load(&checked)?;
     let null: &mut aya::programs::Xdp = ebpf

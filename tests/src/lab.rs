@@ -236,6 +236,22 @@ pub struct Program {
     pub fx1: Iface,
 }
 
+/// Makes `mac` the permanent neighbour entry of `addr` on `dev`, in the calling thread's
+/// namespace (inside [`in_lab`]'s test).
+pub fn set_neighbour(addr: IpAddr, mac: [u8; 6], dev: &str) -> Result<()> {
+    let mac = mac.map(|b| format!("{b:02x}")).join(":");
+    let out = std::process::Command::new("ip")
+        .args(["neigh", "replace", &addr.to_string(), "lladdr", &mac])
+        .args(["dev", dev, "nud", "permanent"])
+        .output()
+        .context("running ip neigh replace")?;
+    ensure!(
+        out.status.success(),
+        "ip neigh replace {addr} {mac}: {out:?}"
+    );
+    Ok(())
+}
+
 /// Loads the program for BPF_PROG_TEST_RUN. Call it on a thread inside the lab's namespace
 /// (`NetNs::enter`): ifindexes, the devmap and the FIB are per namespace.
 pub fn load(checked: &Checked) -> Result<Program> {

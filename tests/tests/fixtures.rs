@@ -3200,12 +3200,7 @@ fn ipv6_cases(lab: &Lab) -> Vec<Case> {
             .into(),
         given: vec![(pkt(&syn, fx0), Reason::ForwardRedirect)],
         tamper: Some(Box::new(|_: &mut Ebpf| {
-            let mac = NEW_MAC.map(|b| format!("{b:02x}")).join(":");
-            let out = std::process::Command::new("ip")
-                .args(["neigh", "replace", &BACKEND6.to_string(), "lladdr", &mac])
-                .args(["dev", lab::FX1, "nud", "permanent"])
-                .output()?;
-            anyhow::ensure!(out.status.success(), "ip neigh replace: {out:?}");
+            lab::set_neighbour(BACKEND6.into(), NEW_MAC, lab::FX1)?;
             std::thread::sleep(std::time::Duration::from_millis(1100));
             Ok(())
         })),

@@ -153,7 +153,7 @@ fn more_destinations_than_slots_each_leave_to_their_own_mac() -> Result<()> {
 #[test]
 fn a_kept_hop_serves_every_length_its_way_takes() -> Result<()> {
     const NEW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x0b, 0x99];
-    lab::in_lab("xlbhopmtu", |ns| {
+    lab::in_lab("xlbhopmtu", |_| {
         let config = format!(
             "[dataplane]\ninterfaces = [\"fx0\", \"fx1\"]\n[[service]]\nvip = \"{VIP}:80\"\n\
              protocol = \"tcp\"\nsnat = \"{SNAT}\"\n[[service.backend]]\naddress = \
@@ -180,19 +180,7 @@ fn a_kept_hop_serves_every_length_its_way_takes() -> Result<()> {
             Ok(run.frame[0..6].try_into()?)
         };
         ensure!(to_backend(TCP_SYN, 0)? == BACKEND_MAC, "the SYN's MAC");
-        let mac = NEW_MAC.map(|b| format!("{b:02x}")).join(":");
-        ns.ip(&[
-            "neigh",
-            "replace",
-            &BACKEND.to_string(),
-            "lladdr",
-            &mac,
-            "dev",
-            lab::FX1,
-            "nud",
-            "permanent",
-        ])
-        .context("changing the backend's MAC")?;
+        lab::set_neighbour(BACKEND.into(), NEW_MAC, lab::FX1)?;
         let kept = to_backend(TCP_ACK, 1400)?;
         ensure!(
             kept == BACKEND_MAC,
