@@ -123,14 +123,7 @@ pub struct HopSlot {
     hop: CachedHop,
 }
 
-/// Where `route` builds a lookup's key (one per CPU), which [`remember_hop`] stores if
-/// the FIB gives a direct hop.
-#[repr(C)]
-pub struct HopScratch {
-    key: HopKey,
-}
-
-/// This CPU's [`HopScratch`], its key written for a lookup for `pkt` from `src` to `dst`.
+/// This CPU's `HOP_SCRATCH` key, written for a lookup for `pkt` from `src` to `dst`.
 #[inline(always)]
 fn hop_key(
     ctx: &XdpContext,
@@ -141,7 +134,7 @@ fn hop_key(
     let scratch = HOP_SCRATCH.get_ptr_mut(0)?;
     // SAFETY: this CPU's slot of a one-entry per-CPU array; an XDP program runs to
     // completion on its CPU, so no other run touches it meanwhile.
-    let key = unsafe { &mut (*scratch).key };
+    let key = unsafe { &mut *scratch };
     key.src = src.addr;
     key.dst = dst.addr;
     key.ingress = ctx.ingress_ifindex() as u32;
@@ -150,7 +143,7 @@ fn hop_key(
     Some(key)
 }
 
-/// Writes this lookup's key into the CPU's [`HopScratch`] (where [`remember_hop`] finds it
+/// Writes this lookup's key into the CPU's `HOP_SCRATCH` (where [`remember_hop`] finds it
 /// after a miss), and to `hop` the direct hop kept for it, if one is kept, fresh, and its
 /// way's MTU takes the packet. Inlined into `route` (a subprogram call and return cost a
 /// tracked packet 15 ns, 4%); `remember_hop`, which only a miss needs, is not.
@@ -191,7 +184,7 @@ fn remember_hop(ctx: &XdpContext, pkt: &Packet, params: &mut FibParams) {
         return;
     };
     // SAFETY: as in `hop_key`: this CPU's slot, which nothing else touches meanwhile.
-    let key = unsafe { &(*scratch).key };
+    let key = unsafe { &*scratch };
     let Some(slot) = NEXT_HOPS.get_ptr_mut(key.slot()) else {
         return;
     };

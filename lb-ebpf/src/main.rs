@@ -136,9 +136,10 @@ static DEVMAP: DevMapHash = DevMapHash::with_max_entries(MAX_INTERFACES, 0);
 static NEXT_HOPS: PerCpuArray<forward::HopSlot> =
     PerCpuArray::with_max_entries(forward::HOP_SLOTS, 0);
 
-/// Where `forward::route` builds `NEXT_HOPS`' keys, one per CPU.
+/// Where `forward::route` builds a lookup's `NEXT_HOPS` key, one per CPU, which
+/// `forward::remember_hop` stores if the FIB gives a direct hop.
 #[map]
-static HOP_SCRATCH: PerCpuArray<forward::HopScratch> = PerCpuArray::with_max_entries(1, 0);
+static HOP_SCRATCH: PerCpuArray<forward::HopKey> = PerCpuArray::with_max_entries(1, 0);
 
 /// Interfaces (by ifindex) out of which a frame that came in on them is sent by devmap
 /// redirect, not XDP_TX: veths, whose XDP_TX frames reach the peer only when it has an XDP

@@ -88,12 +88,11 @@ fn main() -> Result<()> {
     // The table the per-packet scenarios run against: a million flows (the smoke run's
     // ten thousand).
     let prefill = if bench { 1 << 20 } else { 10_000 };
-    if paths_asked().is_some() {
+    if let Some(only) = paths_asked() {
         // Rounds from XLB_BENCH_ROUNDS (default 20) of 1,500 runs each.
         let rounds = std::env::var("XLB_BENCH_ROUNDS").map_or(Ok(20), |r| r.parse())?;
-        let only = paths_asked();
         let table = lab::in_lab("xlbbench", |_| {
-            run(rounds, 1_500, prefill, only.as_deref(), &mut json)
+            run(rounds, 1_500, prefill, Some(&only), &mut json)
         })?;
         println!(
             "machine: {}\nverifier: {}\n{table}",
