@@ -10,7 +10,7 @@ use std::fs::OpenOptions;
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -69,6 +69,9 @@ pub struct XlbProcess {
     /// them with the rest.
     seen: Vec<String>,
     stderr_tail: Arc<Mutex<Vec<String>>>,
+    /// Set by the stderr reader at end of file: once xlb has exited, its last words are in
+    /// `stderr_tail` only after this.
+    stderr_done: Arc<AtomicBool>,
     /// Set once the child has been waited for.
     exited: Option<ExitStatus>,
 }
@@ -173,6 +176,8 @@ impl XlbProcess {
         let stderr_tail = Arc::new(Mutex::new(Vec::new()));
         let err = child.stderr.take().expect("stderr is piped");
         let tail = stderr_tail.clone();
+        let stderr_done = Arc::new(AtomicBool::new(false));
+        let done = stderr_done.clone();
         thread::spawn(move || {
             for line in BufReader::new(err).lines() {
                 let Ok(line) = line else { break };
@@ -185,6 +190,7 @@ impl XlbProcess {
                 }
                 t.push(line);
             }
+            done.store(true, Ordering::Release);
         });
 
         let mut xlb = XlbProcess {
@@ -199,6 +205,7 @@ impl XlbProcess {
             stdout,
             seen: Vec::new(),
             stderr_tail,
+            stderr_done,
             exited: None,
         };
         xlb.wait_ready()?;
@@ -272,6 +279,7 @@ impl XlbProcess {
                     );
                 }
                 Err(RecvTimeoutError::Disconnected) => {
+                    self.wait_exit(Duration::from_secs(5));
                     bail!(
                         "xlb exited while we waited for a line\n{}",
                         self.describe_output(&self.seen)
@@ -434,6 +442,14 @@ impl XlbProcess {
     }
 
     fn describe_output(&self, stdout: &[String]) -> String {
+        if self.exited.is_some() {
+            // The reader thread may still hold the last lines of an exited xlb (its error
+            // message): wait for it to reach end of file, briefly.
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while !self.stderr_done.load(Ordering::Acquire) && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(10));
+            }
+        }
         let tail = self.stderr_tail.lock().unwrap_or_else(|e| e.into_inner());
         format!(
             "--- xlb stdout ---\n{}\n--- xlb stderr (last {} lines) ---\n{}",
