@@ -108,8 +108,8 @@ pub mod names {
 pub mod programs {
     /// The XDP program every frame goes through.
     pub const XDP: &str = "xlb";
-    /// The tc ingress program that sends frames the XDP program handed to the kernel with
-    /// a [`HandoffMeta`](super::HandoffMeta).
+    /// The tc ingress program that sends the frames the XDP program handed to the kernel
+    /// (see [`handoff_mark`](super::handoff_mark)).
     pub const TC_HANDOFF: &str = "xlb_handoff";
     /// An XDP program that does nothing (XDP_PASS), never attached: the benchmark's floor,
     /// the fixed cost of running any XDP program.
@@ -252,19 +252,6 @@ pub fn is_v4_mapped(addr: &[u8; 16]) -> bool {
         addr[0], addr[1], addr[2], addr[3], addr[4], addr[5], addr[6], addr[7],
     ]);
     head == 0 && [addr[8], addr[9], addr[10], addr[11]] == [0, 0, 0xff, 0xff]
-}
-
-/// A 16-byte address as four 32-bit words in network byte order (see
-/// [`HandoffMeta::next_hop`]).
-pub fn addr_words(addr: [u8; 16]) -> [u32; 4] {
-    let w = |i: usize| u32::from_ne_bytes([addr[i], addr[i + 1], addr[i + 2], addr[i + 3]]);
-    [w(0), w(4), w(8), w(12)]
-}
-
-/// [`is_v4_mapped`] for an address held as four 32-bit words in network byte order.
-#[inline(always)]
-pub fn is_v4_mapped_words(addr: &[u32; 4]) -> bool {
-    addr[0] == 0 && addr[1] == 0 && addr[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff])
 }
 
 /// Identifies one direction of a flow: the addresses and ports as they appear in the packet.
@@ -509,31 +496,39 @@ impl FlowStats {
     }
 }
 
-/// What the XDP program puts in front of a frame (XDP metadata, `bpf_xdp_adjust_meta`) it
-/// hands to the kernel for the tc program to send: the frame is rewritten and its TTL
-/// lowered, but the MACs are not known (the next hop is not resolved yet) or the egress
-/// interface has no XDP program of ours. The tc program sends it with `bpf_redirect_neigh`,
-/// through the kernel's neighbour output, which resolves the MAC and queues the frame
-/// meanwhile. That path skips the kernel's input route checks, which drop a forwarded frame
-/// whose source is one of the host's own addresses (a SNAT address or a VIP on the host).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct HandoffMeta {
-    /// [`HANDOFF_MAGIC`]: this metadata is ours.
-    pub magic: u32,
-    /// Interface to send the frame out of.
-    pub ifindex: u32,
-    /// The next hop's address, whose MAC the kernel resolves: IPv6, or IPv4-mapped; four
-    /// 32-bit words in network byte order, as the kernel's `bpf_fib_lookup` and
-    /// `bpf_redir_neigh` hold an IPv6 address.
-    pub next_hop: [u32; 4],
-}
-const _: () = assert!(size_of::<HandoffMeta>() == 24);
-// XDP metadata is at most 32 bytes, in 4-byte units.
-const _: () = assert!(size_of::<HandoffMeta>() <= 32 && size_of::<HandoffMeta>().is_multiple_of(4));
+/// How the XDP program hands a frame to the tc program: the frame is rewritten and its TTL
+/// lowered, but xlb cannot send it itself (its next hop's MAC is not resolved yet, or it
+/// leaves by an interface without xlb's XDP program), so it goes to the kernel (XDP_PASS)
+/// with this mark in place of its MACs, which the kernel's neighbour output writes anew
+/// anyway. The tc program sends a marked frame with `bpf_redirect_neigh`, which routes it
+/// out of the marked interface, resolves the next hop's MAC and queues the frame meanwhile.
+/// That path skips the kernel's input route checks, which drop a forwarded frame whose
+/// source is one of the host's own addresses (a SNAT address or a VIP on the host).
+///
+/// The mark is in the frame, not in XDP metadata: every driver and kernel keeps a frame's
+/// bytes, where some refuse metadata (`bpf_xdp_adjust_meta`) altogether. No frame from the
+/// wire can carry it to the tc program: the XDP program, which sees every frame first,
+/// drops those that come with it (`drop/forged_handoff`).
+pub mod handoff_mark {
+    /// The destination MAC of a handed-off frame: locally administered, unicast ("xlbho"),
+    /// so without the tc program the kernel drops it as addressed to another host.
+    pub const DMAC: [u8; 6] = [0x02, b'x', b'l', b'b', b'h', b'o'];
 
-/// [`HandoffMeta::magic`]: "xlbH".
-pub const HANDOFF_MAGIC: u32 = u32::from_be_bytes(*b"xlbH");
+    /// The source MAC of a frame handed off to leave by `ifindex`: the index, big-endian,
+    /// behind a locally administered unicast prefix.
+    #[inline(always)]
+    pub const fn smac(ifindex: u32) -> [u8; 6] {
+        let b = ifindex.to_be_bytes();
+        [0x02, 0, b[0], b[1], b[2], b[3]]
+    }
+
+    /// The interface a frame with these MACs is handed off to leave by, if it is marked.
+    #[inline(always)]
+    pub fn ifindex(dmac: &[u8; 6], smac: &[u8; 6]) -> Option<u32> {
+        (*dmac == DMAC && smac[..2] == [0x02, 0])
+            .then(|| u32::from_be_bytes([smac[2], smac[3], smac[4], smac[5]]))
+    }
+}
 
 /// Indexes of `HANDOFFS`: what the tc program did with handed-off frames.
 #[repr(u32)]
@@ -566,7 +561,6 @@ mod pod {
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for NatEntry {}
     unsafe impl aya::Pod for Rewrite {}
-    unsafe impl aya::Pod for HandoffMeta {}
     unsafe impl aya::Pod for ServiceKey {}
     unsafe impl aya::Pod for ServiceEntry {}
     unsafe impl aya::Pod for BackendEntry {}

@@ -23,7 +23,7 @@ pub enum Reason {
     /// A non-first IPv4 fragment (no L4 header to match on): handed to the kernel.
     PassFragment = 5,
     /// Rewritten, but the FIB has no neighbour entry for the next hop yet: handed to the tc
-    /// program ([`HandoffMeta`](crate::maps::HandoffMeta)), which sends it through the
+    /// program ([`handoff_mark`](crate::maps::handoff_mark)), which sends it through the
     /// kernel's neighbour output; that resolves the MAC and holds the frame meanwhile.
     ForwardResolveNeighbour = 6,
     /// Rewritten, but the FIB says the kernel must deal with it (local delivery, forwarding
@@ -62,10 +62,10 @@ pub enum Reason {
     /// A TCP RST to a service with no tracked flow: there is no connection to reset, and it
     /// must not open one.
     DropRstNoFlow = 21,
-    /// A frame for the tc program, but the driver refused XDP metadata to carry it: handed
-    /// to the kernel's stack to forward instead (which drops it when its source is one of
-    /// the host's own addresses).
-    PassNoMetadata = 22,
+    /// A frame that came in with the mark of a frame handed to the tc program
+    /// ([`handoff_mark`](crate::maps::handoff_mark)): only the XDP program may make one, or
+    /// any neighbour could have the tc program send its frames anywhere.
+    DropForgedHandoff = 22,
     /// A new flow, but the conntrack map could not allocate an entry (memory pressure).
     DropConntrackNoMemory = 23,
     /// ICMP the data plane neither answers nor translates (an echo request to an address
@@ -133,7 +133,7 @@ impl Reason {
         Reason::DropConntrackFull,
         Reason::DropWrongInterface,
         Reason::DropRstNoFlow,
-        Reason::PassNoMetadata,
+        Reason::DropForgedHandoff,
         Reason::DropConntrackNoMemory,
         Reason::PassIcmp,
         Reason::PassIcmpUntracked,
@@ -171,7 +171,7 @@ impl Reason {
             Reason::DropConntrackFull => "drop/conntrack_full",
             Reason::DropWrongInterface => "drop/wrong_interface",
             Reason::DropRstNoFlow => "drop/rst_no_flow",
-            Reason::PassNoMetadata => "pass/no_metadata",
+            Reason::DropForgedHandoff => "drop/forged_handoff",
             Reason::DropConntrackNoMemory => "drop/conntrack_no_memory",
             Reason::PassIcmp => "pass/icmp",
             Reason::PassIcmpUntracked => "pass/icmp_untracked",
@@ -203,7 +203,6 @@ impl Reason {
             | Reason::ForwardKernelOutput
             | Reason::PassFibOther
             | Reason::PassTtlExpired
-            | Reason::PassNoMetadata
             | Reason::PassIcmp
             | Reason::PassIcmpUntracked => XDP_PASS,
             Reason::DropTruncated
@@ -223,7 +222,8 @@ impl Reason {
             | Reason::DropTooBig
             | Reason::DropMappingRace
             | Reason::DropBadIpv6Header
-            | Reason::DropUdpZeroChecksum => XDP_DROP,
+            | Reason::DropUdpZeroChecksum
+            | Reason::DropForgedHandoff => XDP_DROP,
         }
     }
 }

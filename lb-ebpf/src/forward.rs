@@ -12,11 +12,11 @@ use aya_ebpf::{
         BPF_FIB_LKUP_RET_PROHIBIT, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LKUP_RET_UNREACHABLE,
         bpf_fib_lookup as FibParams,
     },
-    helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_meta, generated::bpf_fib_lookup},
+    helpers::{bpf_xdp_adjust_head, generated::bpf_fib_lookup},
     programs::XdpContext,
 };
 use lb_common::{
-    maps::{Endpoint, HANDOFF_MAGIC, HandoffMeta},
+    maps::{Endpoint, handoff_mark},
     reason::Reason,
 };
 use network_types::eth::EthHdr;
@@ -219,14 +219,9 @@ pub enum Hop {
         smac: [u8; 6],
         dmac: [u8; 6],
     },
-    /// Hand it to the tc program, which sends it out of `ifindex` to `next_hop` through the
-    /// kernel's neighbour output; `reason` says why we could not send it ourselves.
-    Handoff {
-        ifindex: u32,
-        /// IPv6 or IPv4-mapped, as [`HandoffMeta::next_hop`].
-        next_hop: [u32; 4],
-        reason: Reason,
-    },
+    /// Hand it to the tc program, which sends it out of `ifindex` through the kernel's
+    /// neighbour output; `reason` says why we could not send it ourselves.
+    Handoff { ifindex: u32, reason: Reason },
     /// Leave it to the kernel's stack (MACs untouched, so the kernel still takes it as
     /// addressed to this host), for the given reason. `ifindex` is what the FIB said.
     Kernel { ifindex: u32, reason: Reason },
@@ -357,7 +352,10 @@ pub fn route(
             // Only interfaces xlb attached to are in the devmap; the tc program sends to
             // the others through the kernel.
             if DEVMAP.get(params.ifindex).is_none() {
-                handoff(&params, Reason::ForwardKernelOutput, hop);
+                *hop = Hop::Handoff {
+                    ifindex: params.ifindex,
+                    reason: Reason::ForwardKernelOutput,
+                };
             } else {
                 *hop = Hop::Direct {
                     ifindex: params.ifindex,
@@ -367,9 +365,14 @@ pub fn route(
                 remember_hop(ctx, pkt, &mut params);
             }
         }
-        // The kernel fills in the egress interface and the next hop (the gateway, or the
-        // destination itself) also when the neighbour is missing (since Linux 5.10).
-        BPF_FIB_LKUP_RET_NO_NEIGH => handoff(&params, Reason::ForwardResolveNeighbour, hop),
+        // The kernel fills in the egress interface also when the neighbour is missing
+        // (since Linux 5.10).
+        BPF_FIB_LKUP_RET_NO_NEIGH => {
+            *hop = Hop::Handoff {
+                ifindex: params.ifindex,
+                reason: Reason::ForwardResolveNeighbour,
+            }
+        }
         BPF_FIB_LKUP_RET_BLACKHOLE | BPF_FIB_LKUP_RET_UNREACHABLE | BPF_FIB_LKUP_RET_PROHIBIT => {
             return Err(Reason::DropUnreachable);
         }
@@ -393,25 +396,6 @@ pub fn route(
         }
     }
     Ok(())
-}
-
-/// The next hop is in the union member of the family the lookup says: an IPv4 route may
-/// have an IPv6 gateway (`via inet6`), and the lookup then says IPv6.
-#[inline(always)]
-fn handoff(params: &FibParams, reason: Reason, hop: &mut Hop) {
-    let next_hop = if params.family == AF_INET6 {
-        // SAFETY: the lookup filled in the IPv6 member of the union.
-        unsafe { params.__bindgen_anon_4.ipv6_dst }
-    } else {
-        // SAFETY: the lookup filled in the IPv4 member of the union.
-        let v4 = unsafe { params.__bindgen_anon_4.ipv4_dst };
-        [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), v4]
-    };
-    *hop = Hop::Handoff {
-        ifindex: params.ifindex,
-        next_hop,
-        reason,
-    };
 }
 
 /// The interface packets from the other end of a way out of `ifindex` arrive on, as XDP sees
@@ -452,38 +436,23 @@ pub fn source_routes_back(ctx: &XdpContext, pkt: &Packet) -> bool {
         && params.ifindex == ctx.ingress_ifindex() as u32
 }
 
-/// Readies a handoff before the packet is rewritten: puts its metadata in front of the frame.
-/// When the driver refuses XDP metadata, the hop becomes the kernel's stack instead (the
-/// rewrite then leaves the TTL for the kernel to lower), counted as `pass/no_metadata`.
-/// Other hops need nothing: they pay for no call.
+/// Marks a frame for a handoff before it is rewritten ([`handoff_mark`]); other hops need
+/// nothing, and pay for no call.
 #[inline(always)]
-pub fn prepare(ctx: &XdpContext, hop: &mut Hop) {
-    if let Hop::Handoff { .. } = hop {
-        prepare_handoff(ctx, hop);
+pub fn prepare(ctx: &XdpContext, hop: &Hop) -> Result<(), Reason> {
+    if let Hop::Handoff { ifindex, .. } = *hop {
+        mark_handoff(ctx, ifindex)?;
     }
+    Ok(())
 }
 
-/// `prepare` for a handoff. Not inlined: the metadata is built in a frame of its own, not in
-/// each caller's.
-#[inline(never)]
-fn prepare_handoff(ctx: &XdpContext, hop: &mut Hop) {
-    if let Hop::Handoff {
-        ifindex, next_hop, ..
-    } = *hop
-        && !hand_off(ctx, ifindex, next_hop)
-    {
-        *hop = Hop::Kernel {
-            ifindex,
-            reason: Reason::PassNoMetadata,
-        };
-    }
-}
-
-/// Sends a rewritten packet to `hop` (readied by [`prepare`]).
+/// Sends a rewritten packet to `hop` (readied by [`prepare`]): out of an interface, or to
+/// the kernel (a handoff's, marked for the tc program, too).
 #[inline(always)]
 pub fn send(ctx: &XdpContext, hop: Hop) -> Result<Reason, Reason> {
     let (ifindex, smac, dmac) = match hop {
-        Hop::Kernel { reason, .. } | Hop::Handoff { reason, .. } => return Ok(reason),
+        Hop::Kernel { reason, .. } => return Ok(reason),
+        Hop::Handoff { reason, .. } => return Ok(reason),
         Hop::TooBig { .. } => return Ok(Reason::PassFibOther),
         Hop::Direct {
             ifindex,
@@ -543,6 +512,13 @@ fn untag(ctx: &XdpContext) -> Result<(), Reason> {
     Ok(())
 }
 
+/// Marks a frame for the tc program to send out of `ifindex` ([`handoff_mark`]). Not
+/// inlined: the mark is built in a frame of its own, not in the hot path's.
+#[inline(never)]
+fn mark_handoff(ctx: &XdpContext, ifindex: u32) -> Result<(), Reason> {
+    set_macs(ctx, handoff_mark::smac(ifindex), handoff_mark::DMAC)
+}
+
 /// Writes the next hop's MACs into the frame's Ethernet header.
 #[inline(always)]
 pub fn set_macs(ctx: &XdpContext, smac: [u8; 6], dmac: [u8; 6]) -> Result<(), Reason> {
@@ -553,31 +529,4 @@ pub fn set_macs(ctx: &XdpContext, smac: [u8; 6], dmac: [u8; 6]) -> Result<(), Re
         (*eth).src_addr = smac;
     }
     Ok(())
-}
-
-/// Puts a [`HandoffMeta`] in front of the frame for the tc program (the frame then goes to
-/// the kernel with XDP_PASS). False when the driver has no room or support for metadata.
-#[inline(always)]
-fn hand_off(ctx: &XdpContext, ifindex: u32, next_hop: [u32; 4]) -> bool {
-    const LEN: usize = size_of::<HandoffMeta>();
-    // SAFETY: the helper only moves data_meta, within the headroom; it fails cleanly.
-    if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -(LEN as i32)) } != 0 {
-        return false;
-    }
-    // The helper invalidated every packet pointer: derive them again and check the
-    // metadata fits before the packet data.
-    let meta = ctx.metadata();
-    if meta + LEN > ctx.metadata_end() {
-        return false;
-    }
-    // SAFETY: the check above keeps the whole struct inside the metadata area, which is
-    // 4-byte aligned (the helper only accepts multiples of 4) as HandoffMeta needs.
-    unsafe {
-        *(meta as *mut HandoffMeta) = HandoffMeta {
-            magic: HANDOFF_MAGIC,
-            ifindex,
-            next_hop,
-        };
-    }
-    true
 }

@@ -209,7 +209,7 @@ fn echo(ctx: &XdpContext, pkt: &Packet) -> Result<Reason, Reason> {
         // The FIB will not say how to reach the asker: the kernel answers, if it can.
         return Err(Reason::PassIcmp);
     }
-    forward::prepare(ctx, &mut hop);
+    forward::prepare(ctx, &hop)?;
     nat::echo_reply(ctx, pkt)?;
     forward::untag_for(ctx, pkt, &hop)?;
     forward::send(ctx, hop)
@@ -265,7 +265,7 @@ fn error(ctx: &XdpContext, pkt: &Packet) -> Result<Reason, Reason> {
     };
     let mut hop = Hop::NONE;
     forward::route(ctx, pkt, src, &rewrite.dst, &mut hop)?;
-    forward::prepare(ctx, &mut hop);
+    forward::prepare(ctx, &hop)?;
     nat::rewrite_icmp_error(ctx, pkt, quote, rewrite, src, hop.ttl_decrement())?;
     forward::untag_for(ctx, pkt, &hop)?;
     let sent = forward::send(ctx, hop)?;
@@ -282,8 +282,8 @@ fn error(ctx: &XdpContext, pkt: &Packet) -> Result<Reason, Reason> {
 /// interfaces (a VLAN device, which tags it). The sender lowers its path MTU and sends
 /// again, smaller.
 ///
-/// Errors: `DropTooBig` when the frame cannot be reshaped, there is no way back, or the
-/// handoff has no room for its metadata; `DropRedirectFailed`.
+/// Errors: `DropTooBig` when the frame cannot be reshaped or there is no way back;
+/// `DropRedirectFailed`.
 ///
 /// Not inlined: its frame is not on the stack with the other paths'.
 #[inline(never)]
@@ -319,13 +319,9 @@ pub fn too_big(ctx: &XdpContext, pkt: &Packet, mtu: u16) -> Result<Reason, Reaso
         // The way back has no resolved neighbour yet, or leaves by an interface without
         // xlb's program (a VLAN device, say): through the kernel's neighbour output, like
         // any handoff.
-        Hop::Handoff { .. } => {
-            forward::prepare(ctx, &mut hop);
-            match hop {
-                Hop::Handoff { reason, .. } => Ok(reason),
-                _ => Err(Reason::DropTooBig),
-            }
-        }
+        Hop::Handoff { reason, .. } => forward::prepare(ctx, &hop)
+            .map(|_| reason)
+            .map_err(|_| Reason::DropTooBig),
         Hop::Kernel { .. } | Hop::TooBig { .. } => Err(Reason::DropTooBig),
     }
 }

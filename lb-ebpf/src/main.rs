@@ -256,7 +256,7 @@ fn process(ctx: &XdpContext) -> Result<Reason, Reason> {
     {
         return icmp::too_big(ctx, pkt, mtu);
     }
-    forward::prepare(ctx, &mut hop);
+    forward::prepare(ctx, &hop)?;
     nat::rewrite(ctx, pkt, rewrite, hop.ttl_decrement())?;
     forward::untag_for(ctx, pkt, &hop)?;
     let sent = forward::send(ctx, hop)?;

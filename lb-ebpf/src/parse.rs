@@ -18,7 +18,10 @@ use core::cell::Cell;
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
-    maps::{Endpoint, FlowKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, is_v4_mapped},
+    maps::{
+        Endpoint, FlowKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, handoff_mark,
+        is_v4_mapped,
+    },
     reason::Reason,
 };
 use network_types::{
@@ -228,12 +231,30 @@ struct Network {
     dont_fragment: bool,
 }
 
+/// Whether the six bytes at `mac` are [`handoff_mark::DMAC`]: compared as two words
+/// read in place (a copy of the array would take room on the stack).
+#[inline(always)]
+fn is_handoff_dmac(mac: *const u8) -> bool {
+    const D: [u8; 6] = handoff_mark::DMAC;
+    // SAFETY: the caller checked that six bytes at `mac` are inside the frame; unaligned
+    // reads of plain bytes.
+    let (head, tail) = unsafe {
+        (
+            core::ptr::read_unaligned(mac as *const u32),
+            core::ptr::read_unaligned(mac.add(4) as *const u16),
+        )
+    };
+    head == u32::from_ne_bytes([D[0], D[1], D[2], D[3]]) && tail == u16::from_ne_bytes([D[4], D[5]])
+}
+
 /// Parses Ethernet + IPv4 or IPv6 + the first bytes of TCP/UDP, or the ICMP header (which
 /// `icmp::handle` reads further).
 ///
 /// Errors: `PassNotIp` / `PassNotTcpUdp` / `PassFragment` (non-first fragments) /
 /// `PassIpv6Extensions` for what the kernel should handle; `DropTruncated` /
-/// `DropBadIpv4Header` / `DropBadIpv6Header` for malformed frames.
+/// `DropBadIpv4Header` / `DropBadIpv6Header` for malformed frames; `DropForgedHandoff` for a
+/// frame that comes with the mark only xlb may put on a frame (asked first: every frame the
+/// kernel gets from here on passes the tc program, which trusts the mark).
 ///
 /// Inlined into `xlb` (a subprogram call and return cost a tracked packet some 10 ns),
 /// whose frame has room since the rewrite is off it (`REWRITE`). Writes to `pkt` rather than returning
@@ -243,6 +264,10 @@ struct Network {
 pub fn parse(ctx: &XdpContext, pkt: &mut Packet) -> Result<(), Reason> {
     let eth: *const EthHdr = ptr_at(ctx, 0)?;
     // SAFETY: ptr_at checked that a whole EthHdr is inside the frame.
+    if is_handoff_dmac(eth as *const u8) {
+        return Err(Reason::DropForgedHandoff);
+    }
+    // SAFETY: as above.
     let mut ether_type = unsafe { (*eth).ether_type };
     let mut l3_off = ETH_LEN;
     if ether_type == ETH_P_8021Q_BE {

@@ -32,7 +32,7 @@ use aya::{
 };
 use lb_common::{
     conntrack::{FlowState, REFRESH_NS},
-    maps::{FlowKey, HANDOFF_MAGIC, HandoffMeta, Mapping, MappingKey, NatEntry, names},
+    maps::{FlowKey, Mapping, MappingKey, NatEntry, names},
     reason::Reason,
 };
 use lb_userspace::{config::Checked, registry::Registry};
@@ -73,6 +73,18 @@ pub const SMALL_MTU_BACKEND6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x20, 1, 0
 pub const SMALL_MTU6: u16 = 1280;
 pub const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x10, 0, 0, 0, 0, 0x100);
 pub const SNAT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x20, 0, 0, 0, 0, 1);
+
+/// The destination MAC of a frame handed to the tc program: "xlbho" behind 0x02 (locally
+/// administered, unicast), written out here as docs/architecture.md gives it, not taken
+/// from the code under test.
+pub const HANDOFF_DMAC: [u8; 6] = [0x02, 0x78, 0x6c, 0x62, 0x68, 0x6f];
+
+/// The MACs (source, destination) of a frame handed to the tc program to leave by
+/// `ifindex`: the source MAC carries the index, big-endian, behind 0x02 0x00.
+pub fn handoff_macs(ifindex: u32) -> ([u8; 6], [u8; 6]) {
+    let i = ifindex.to_be_bytes();
+    ([0x02, 0x00, i[0], i[1], i[2], i[3]], HANDOFF_DMAC)
+}
 
 /// The static IPv6 neighbours, as [`NEIGHBOURS`].
 pub const NEIGHBOURS6: [(Ipv6Addr, [u8; 6], &str); 3] = [
@@ -285,10 +297,8 @@ pub fn reasons(ebpf: &Ebpf) -> Result<Vec<u64>> {
 pub struct Run {
     /// The XDP action it returned.
     pub action: u32,
-    /// The frame as it left (without the metadata in front of it).
+    /// The frame as it left.
     pub frame: Vec<u8>,
-    /// The handoff metadata the program put in front of the frame, if any.
-    pub meta: Option<HandoffMeta>,
     /// The `REASONS` counters that moved, and by how much.
     pub counted: Vec<(Reason, u64)>,
     /// How long the program ran, as the kernel measured it.
@@ -305,7 +315,7 @@ pub fn run(ebpf: &Ebpf, input: &[u8], ingress: u32, linear_len: Option<usize>) -
         .try_into()?;
     let ctx = xdp_md(linear_len.unwrap_or(input.len()) as u32, ingress);
     let mut ctx_out = vec![0u8; ctx.len()];
-    // Room for the frame and the metadata the program may add in front of it.
+    // Room for the frame as the program may reshape it.
     let mut out = vec![0u8; input.len() + 256];
     let before = reasons(ebpf)?;
     let result = prog
@@ -321,27 +331,13 @@ pub fn run(ebpf: &Ebpf, input: &[u8], ingress: u32, linear_len: Option<usize>) -
         .context("BPF_PROG_TEST_RUN")?;
     let after = reasons(ebpf)?;
     out.truncate(result.data_size_out as usize);
-    // The output starts at the metadata; the returned xdp_md says where the frame starts.
-    let word = |i: usize| u32::from_ne_bytes(ctx_out[4 * i..4 * i + 4].try_into().unwrap());
-    let frame_at = word(0) as usize;
+    // The output would start with XDP metadata, and the returned xdp_md say where the frame
+    // starts; xlb puts none in front of a frame (a handoff is marked in its MACs).
+    let frame_at = u32::from_ne_bytes(ctx_out[0..4].try_into().unwrap());
     ensure!(
-        frame_at <= out.len(),
-        "the returned xdp_md puts the frame at {frame_at}, past the {} bytes returned",
-        out.len()
+        frame_at == 0,
+        "{frame_at} bytes of XDP metadata in front of the frame"
     );
-    let meta = match frame_at {
-        0 => None,
-        n if n == size_of::<HandoffMeta>() => {
-            // SAFETY: HandoffMeta is plain old data of exactly these n bytes.
-            let m: HandoffMeta = unsafe { std::ptr::read_unaligned(out.as_ptr().cast()) };
-            ensure!(
-                m.magic == HANDOFF_MAGIC,
-                "metadata without our magic: {m:?}"
-            );
-            Some(m)
-        }
-        n => bail!("{n} bytes of metadata: not a HandoffMeta"),
-    };
     let counted = Reason::ALL
         .iter()
         .zip(before.iter().zip(&after))
@@ -350,8 +346,7 @@ pub fn run(ebpf: &Ebpf, input: &[u8], ingress: u32, linear_len: Option<usize>) -
         .collect();
     Ok(Run {
         action: result.return_value,
-        frame: out[frame_at..].to_vec(),
-        meta,
+        frame: out,
         counted,
         duration: result.duration,
     })

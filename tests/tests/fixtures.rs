@@ -1,7 +1,7 @@
 //! Table-driven tests of the real XDP program with BPF_PROG_TEST_RUN: each case is the
 //! packets that set a flow up (`given`), optional changes to the maps (`tamper`), one packet
 //! under test (`when`), and what must come of it: the XDP action, the one `REASONS` counter,
-//! the output frame, the handoff metadata, and the flow's state afterwards.
+//! the output frame (a handoff's marked in its MACs), and the flow's state afterwards.
 //!
 //! Cases come in suites, one per config. A suite loads the program once (not attached) in
 //! the one-namespace lab of `xlb_tests::lab`, with its maps filled by the control plane's
@@ -29,8 +29,8 @@ use lb_common::{
     conntrack::FlowState,
     hash::{flow_hash, snat_port},
     maps::{
-        Endpoint, FlowKey, HANDOFF_MAGIC, HandoffMeta, MAPPING_PRIVATE, Mapping, MappingKey,
-        NatEntry, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, SNAT_PORT_PROBES, addr_words, names,
+        Endpoint, FlowKey, MAPPING_PRIVATE, Mapping, MappingKey, NatEntry, PROTO_ICMPV6, PROTO_TCP,
+        PROTO_UDP, SNAT_PORT_PROBES, names,
     },
     reason::Reason,
 };
@@ -371,8 +371,6 @@ struct Expect {
     action: u32,
     reason: Reason,
     output: Output,
-    /// The handoff metadata in front of the frame: `Some` exactly when it is handed to tc.
-    meta: Option<HandoffMeta>,
     /// The state of the flow the packet's key belongs to, afterwards; `None` asks for no
     /// entry at that key at all.
     state: Option<FlowState>,
@@ -417,7 +415,6 @@ fn untouched(action: u32, reason: Reason) -> Expect {
         action,
         reason,
         output: Output::Unchanged,
-        meta: None,
         state: None,
     }
 }
@@ -552,7 +549,6 @@ fn forwarded(
             Reason::ForwardRedirect
         },
         output: rewritten(input, to, macs, 1),
-        meta: None,
         state: Some(state),
     }
 }
@@ -719,6 +715,13 @@ fn services_cases(lab: &Lab) -> Vec<Case> {
         vec![],
         pkt(&c(TCP_RST | TCP_ACK), fx0),
         untouched(XDP_DROP, Reason::DropRstNoFlow),
+    ));
+    v.push(case(
+        "03i2 a SYN to the VIP that comes with the handoff mark: dropped, opens no flow (else \
+         the tc program would send it wherever the mark says)",
+        vec![],
+        pkt(&c(TCP_SYN).with_macs(CLIENT_MAC, lab::HANDOFF_DMAC), fx0),
+        untouched(XDP_DROP, Reason::DropForgedHandoff),
     ));
     v.push(case(
         "03j an ACK to the VIP with no flow (state lost): tracked as a new flow, first-choice port",
@@ -1119,19 +1122,19 @@ fn services_cases(lab: &Lab) -> Vec<Case> {
     );
     let syn_unresolved = lab.sent_by_client(tcp((CLIENT, 40014), (VIP_UNRESOLVED, 80), TCP_SYN));
     v.push(case(
-        "11 backend without a neighbour entry: rewritten, TTL lowered, MACs untouched, handed \
-         to tc with the egress interface and the next hop",
+        "11 backend without a neighbour entry: rewritten, TTL lowered, handed to tc: the \
+         handoff mark with the egress interface in place of the MACs",
         vec![],
         pkt(&syn_unresolved, fx0),
         Expect {
             action: XDP_PASS,
             reason: Reason::ForwardResolveNeighbour,
-            output: rewritten(&syn_unresolved, unresolved.to_backend, None, 1),
-            meta: Some(HandoffMeta {
-                magic: HANDOFF_MAGIC,
-                ifindex: fx1.ifindex,
-                next_hop: addr_words(Endpoint::v4(UNRESOLVED_BACKEND.octets(), [0; 2]).addr),
-            }),
+            output: rewritten(
+                &syn_unresolved,
+                unresolved.to_backend,
+                Some(lab::handoff_macs(fx1.ifindex)),
+                1,
+            ),
             state: Some(FlowState::New),
         },
     ));
@@ -1151,7 +1154,6 @@ fn services_cases(lab: &Lab) -> Vec<Case> {
             action: XDP_PASS,
             reason: Reason::PassFibOther,
             output: rewritten(&syn_local, local.to_backend, None, 0),
-            meta: None,
             state: Some(FlowState::New),
         },
     ));
@@ -1241,7 +1243,6 @@ fn answered_too_big(
             too_big_v4(&input.build(), SMALL_MTU).expect("a TCP/UDP frame"),
             macs,
         ),
-        meta: None,
         state,
     }
 }
@@ -1257,7 +1258,6 @@ fn icmp_and_dnat_cases(lab: &Lab) -> Vec<Case> {
         action: XDP_REDIRECT,
         reason: Reason::ForwardRedirect,
         output,
-        meta: None,
         state: None,
     };
 
@@ -1281,7 +1281,6 @@ fn icmp_and_dnat_cases(lab: &Lab) -> Vec<Case> {
                 echo_reply_v4(&ping.build()).expect("an echo request"),
                 to_client,
             ),
-            meta: None,
             state: None,
         },
     });
@@ -1495,7 +1494,6 @@ fn icmp_and_dnat_cases(lab: &Lab) -> Vec<Case> {
             action: XDP_PASS,
             reason: Reason::PassFibOther,
             output: rewritten(&unfragmentable, small.to_backend, None, 0),
-            meta: None,
             state: Some(FlowState::New),
         },
     ));
@@ -1717,7 +1715,6 @@ fn gateway_cases(lab: &Lab) -> Vec<Case> {
         action: XDP_REDIRECT,
         reason: Reason::ForwardRedirect,
         output,
-        meta: None,
         state: Some(state),
     };
     v.push(case(
@@ -1885,7 +1882,6 @@ fn vlan_cases(lab: &Lab) -> Vec<Case> {
                 built: tag(&built, TCI),
                 reference: tag(&reference, TCI),
             },
-            meta: None,
             state: Some(FlowState::New),
         },
     ));
@@ -1901,18 +1897,18 @@ fn vlan_cases(lab: &Lab) -> Vec<Case> {
     );
     let syn_unresolved = lab.sent_by_client(tcp((CLIENT, 40014), (VIP_UNRESOLVED, 80), TCP_SYN));
     v.push(case(
-        "62a a tagged SYN handed to tc (neighbour unresolved): untagged, MACs as they came",
+        "62a a tagged SYN handed to tc (neighbour unresolved): untagged, marked for tc",
         vec![],
         pkt(&tagged(&syn_unresolved), fx0),
         Expect {
             action: XDP_PASS,
             reason: Reason::ForwardResolveNeighbour,
-            output: rewritten(&syn_unresolved, unresolved.to_backend, None, 1),
-            meta: Some(HandoffMeta {
-                magic: HANDOFF_MAGIC,
-                ifindex: fx1.ifindex,
-                next_hop: addr_words(Endpoint::v4(UNRESOLVED_BACKEND.octets(), [0; 2]).addr),
-            }),
+            output: rewritten(
+                &syn_unresolved,
+                unresolved.to_backend,
+                Some(lab::handoff_macs(fx1.ifindex)),
+                1,
+            ),
             state: Some(FlowState::New),
         },
     ));
@@ -1970,7 +1966,6 @@ fn case_tx(name: &str, when: Pkt, output: Output) -> Case {
             action: XDP_TX,
             reason: Reason::ForwardTx,
             output,
-            meta: None,
             state: None,
         },
     }
@@ -2011,7 +2006,6 @@ fn exceeded_beyond_gateway(
                     .expect("an error about a flow"),
                 lab.to_client().expect("MACs"),
             ),
-            meta: None,
             state: Some(FlowState::New),
         },
     )
@@ -2250,12 +2244,6 @@ fn run_case(ebpf: &mut Ebpf, lab: &Lab, c: &Case) -> Result<()> {
             run.counted
         ));
     }
-    if run.meta != e.meta {
-        problems.push(format!(
-            "handoff metadata: expected {:?}, got {:?}",
-            e.meta, run.meta
-        ));
-    }
     match &e.output {
         Output::Unchanged => {
             if run.frame != c.when.input {
@@ -2462,7 +2450,6 @@ fn redirected6(
         action: XDP_REDIRECT,
         reason: Reason::ForwardRedirect,
         output: rewritten6(input, to, macs, 1),
-        meta: None,
         state: Some(state),
     }
 }
@@ -2766,18 +2753,18 @@ fn ipv6_cases(lab: &Lab) -> Vec<Case> {
         unresolved_backend,
     );
     v.push(case(
-        "v6-19 a backend with no neighbour entry: rewritten and handed to tc with its IPv6 next hop",
+        "v6-19 a backend with no neighbour entry: rewritten and handed to tc",
         vec![],
         pkt(&unresolved, fx0),
         Expect {
             action: XDP_PASS,
             reason: Reason::ForwardResolveNeighbour,
-            output: rewritten6(&unresolved, (unresolved_snat, unresolved_backend), None, 1),
-            meta: Some(HandoffMeta {
-                magic: HANDOFF_MAGIC,
-                ifindex: fx1.ifindex,
-                next_hop: addr_words(lab::UNRESOLVED_BACKEND6.octets()),
-            }),
+            output: rewritten6(
+                &unresolved,
+                (unresolved_snat, unresolved_backend),
+                Some(lab::handoff_macs(fx1.ifindex)),
+                1,
+            ),
             state: Some(FlowState::New),
         },
     ));
@@ -2837,7 +2824,6 @@ fn ipv6_cases(lab: &Lab) -> Vec<Case> {
                     .build(),
                 reference,
             },
-            meta: None,
             state: None,
         },
     ));
@@ -2922,7 +2908,6 @@ fn ipv6_cases(lab: &Lab) -> Vec<Case> {
                 action: XDP_REDIRECT,
                 reason: Reason::ForwardRedirect,
                 output: icmp6_sent(translated, (fx1.mac, BACKEND_MAC)),
-                meta: None,
                 state: None,
             },
         ));
@@ -2949,7 +2934,6 @@ fn ipv6_cases(lab: &Lab) -> Vec<Case> {
             action: XDP_REDIRECT,
             reason: Reason::ForwardRedirect,
             output: icmp6_sent(to_client, (fx0.mac, CLIENT_MAC)),
-            meta: None,
             state: None,
         },
     ));
@@ -2981,7 +2965,6 @@ fn ipv6_cases(lab: &Lab) -> Vec<Case> {
             action: XDP_REDIRECT,
             reason: Reason::ForwardRedirect,
             output: icmp6_sent(translated, (fx1.mac, BACKEND_MAC)),
-            meta: None,
             state: None,
         },
     ));
@@ -3022,7 +3005,6 @@ fn ipv6_cases(lab: &Lab) -> Vec<Case> {
             action: XDP_REDIRECT,
             reason: Reason::ForwardIcmpTooBig,
             output: icmp6_sent(answer, (fx0.mac, CLIENT_MAC)),
-            meta: None,
             state: None,
         },
     ));
@@ -3060,14 +3042,9 @@ fn ipv6_cases(lab: &Lab) -> Vec<Case> {
             output: rewritten6(
                 &in_syn_ack,
                 (sa6(BACKEND6, 80), sa6(private, 5000)),
-                None,
+                Some(lab::handoff_macs(fx0.ifindex)),
                 1,
             ),
-            meta: Some(HandoffMeta {
-                magic: HANDOFF_MAGIC,
-                ifindex: fx0.ifindex,
-                next_hop: addr_words(private.octets()),
-            }),
             state: Some(FlowState::New),
         },
     ));
@@ -3124,7 +3101,6 @@ fn ipv6_cases(lab: &Lab) -> Vec<Case> {
             action: XDP_REDIRECT,
             reason: Reason::ForwardRedirect,
             output: icmp6_sent(ping_sent, (fx1.mac, BACKEND_MAC)),
-            meta: None,
             state: Some(FlowState::New),
         },
     ));
@@ -3155,7 +3131,8 @@ fn ipv6_cases(lab: &Lab) -> Vec<Case> {
             ),
         )
     };
-    let pong_back = pong_back.with_macs(BACKEND_MAC, fx1.mac).build();
+    let (smac, dmac) = lab::handoff_macs(fx0.ifindex);
+    let pong_back = pong_back.with_macs(smac, dmac).build();
     v.push(case(
         "v6-37 gateway: the echo reply comes back with the private host's identifier",
         vec![pkt(&ping_out, fx0)],
@@ -3167,11 +3144,6 @@ fn ipv6_cases(lab: &Lab) -> Vec<Case> {
                 reference: pong_back.clone(),
                 built: pong_back,
             },
-            meta: Some(HandoffMeta {
-                magic: HANDOFF_MAGIC,
-                ifindex: fx0.ifindex,
-                next_hop: addr_words(private.octets()),
-            }),
             state: Some(FlowState::Established),
         },
     ));

@@ -18,7 +18,7 @@
 //!   its (backend, SNAT address, port) alone, and its replies go from the VIP to its client;
 //!   a gateway's flow keeps its destination, leaves from the gateway's pool and ports, and a
 //!   UDP one from its private endpoint's one public endpoint;
-//!   with the right MACs, TTL and handoff metadata, and valid checksums when the input's were;
+//!   with the right MACs (or the handoff mark), TTL, and valid checksums when the input's were;
 //! * leave to the kernel, untouched and counted as such, what is for no service and no
 //!   gateway;
 //! * answer pings to a VIP, and translate an ICMP error about a tracked flow as the model's
@@ -43,10 +43,7 @@ use aya::{
 };
 use lb_common::{
     conntrack::FlowState,
-    maps::{
-        DIR_TO_BACKEND, Endpoint, FlowKey, FlowStats, HANDOFF_MAGIC, HandoffMeta, PROTO_TCP,
-        PROTO_UDP, addr_words, names,
-    },
+    maps::{DIR_TO_BACKEND, FlowKey, FlowStats, PROTO_TCP, PROTO_UDP, names},
     reason::Reason,
 };
 use lb_userspace::config::Config;
@@ -196,6 +193,7 @@ fn random_frames_match_the_reference_model() {
         Reason::DropBadIpv6Header,
         Reason::PassIpv6Extensions,
         Reason::DropUdpZeroChecksum,
+        Reason::DropForgedHandoff,
     ] {
         let n = histogram.get(reason.name()).copied().unwrap_or(0);
         assert!(
@@ -258,7 +256,11 @@ fn run(seed: u64, frames: u64) -> Result<(Histogram, Histogram)> {
     let (mut through_gateways, mut through_gateways_bytes) = (0u64, 0u64);
 
     for i in 0..frames {
-        let (frame, ingress) = random_frame(&mut rng, [&tracked, &tracked6], &model, fx0, fx1);
+        let (mut frame, ingress) = random_frame(&mut rng, [&tracked, &tracked6], &model, fx0, fx1);
+        // Now and then a frame from the wire that carries the handoff mark.
+        if rng.chance(1) {
+            frame = frame.with_macs(CLIENT_MAC, lab::HANDOFF_DMAC);
+        }
         let input = frame.build();
         if input.len() < ETH_HLEN {
             continue; // BPF_PROG_TEST_RUN refuses frames shorter than an Ethernet header.
@@ -1035,6 +1037,18 @@ fn run_and_check(
             run.counted
         );
     };
+    // Only xlb may mark a frame for the tc program: one that comes marked goes no further,
+    // whatever else it is.
+    let forged = input.len() >= 6 && input[0..6] == lab::HANDOFF_DMAC;
+    ensure!(
+        forged == (reason == Reason::DropForgedHandoff),
+        "a frame {} the handoff mark ended as {}",
+        if forged { "with" } else { "without" },
+        reason.name()
+    );
+    if forged {
+        return Ok(reason);
+    }
     ensure!(
         run.action == reason.xdp_action(),
         "returned action {} for reason {} (action {})",
@@ -1187,12 +1201,6 @@ fn run_and_check(
                 reason.name(),
                 hex_diff(input, &run.frame)
             );
-            ensure!(
-                run.meta.is_none(),
-                "{}: handoff metadata {:?}",
-                reason.name(),
-                run.meta
-            );
             return Ok(reason);
         }
     };
@@ -1234,7 +1242,7 @@ fn run_and_check(
         ),
     };
     let expected = expected.context("the reference refuses the frame")?;
-    let expected = as_sent(&run, expected, reason, want_dst.ip(), ingress, fx0, fx1)?;
+    let expected = as_sent(expected, reason, want_dst.ip(), ingress, fx0, fx1)?;
     matches_reference(
         input,
         &run,
@@ -1269,10 +1277,9 @@ fn matches_reference(
 }
 
 /// `expected` as it must leave toward `toward` for `reason`: with the neighbour's and the
-/// egress interface's MACs when sent by the program, or with its MACs as they were and
-/// handoff metadata when handed to the tc program. Checks the egress and the metadata.
+/// egress interface's MACs when sent by the program, or with the handoff mark naming the
+/// egress interface in their place when handed to the tc program. Checks the egress.
 fn as_sent(
-    run: &lab::Run,
     mut expected: Vec<u8>,
     reason: Reason,
     toward: IpAddr,
@@ -1314,21 +1321,14 @@ fn as_sent(
         expected[0..6].copy_from_slice(&mac);
         expected[6..12].copy_from_slice(&egress.mac);
     }
-    let want_meta = handoff.then(|| HandoffMeta {
-        magic: HANDOFF_MAGIC,
-        ifindex: egress.ifindex,
-        next_hop: addr_words(Endpoint::addr_of(toward)),
-    });
-    ensure!(
-        run.meta == want_meta,
-        "handoff metadata {:?}, expected {want_meta:?}",
-        run.meta
-    );
     if handoff {
         ensure!(
             neighbour.is_none(),
             "handed off toward {toward}, which has a neighbour"
         );
+        let (smac, dmac) = lab::handoff_macs(egress.ifindex);
+        expected[0..6].copy_from_slice(&dmac);
+        expected[6..12].copy_from_slice(&smac);
     }
     Ok(expected)
 }
@@ -1415,7 +1415,7 @@ fn check_icmp(
             reason.name()
         );
     };
-    let expected = as_sent(run, expected, reason, toward.into(), ingress, fx0, fx1)?;
+    let expected = as_sent(expected, reason, toward.into(), ingress, fx0, fx1)?;
     // The quoted L4 checksum too: a frame whose lengths lie may "quote" padding the
     // checksum never covered.
     let mut checksums = vec![ip + 10..ip + 12, l.icmp_off + 2..l.icmp_off + 4];
@@ -1485,7 +1485,7 @@ fn check_v6(
                         reason.name()
                     );
                     let expected = echo_reply_v6(input).context("the reference refuses it")?;
-                    let expected = as_sent(run, expected, reason, src.into(), ingress, fx0, fx1)?;
+                    let expected = as_sent(expected, reason, src.into(), ingress, fx0, fx1)?;
                     let checksum = at + 2..at + 4;
                     matches_reference(input, run, expected, std::slice::from_ref(&checksum))?;
                     return Ok(Some(reason));
@@ -1501,7 +1501,7 @@ fn check_v6(
         verdict.name()
     );
     ensure!(
-        run.frame == input && run.meta.is_none(),
+        run.frame == input,
         "{} must leave the frame alone:\n{}",
         reason.name(),
         hex_diff(input, &run.frame)
@@ -1523,7 +1523,7 @@ fn sent_as_the_model_says(
         Reason::PassFibOther => 0,
         _ => {
             ensure!(
-                run.frame == input && run.meta.is_none(),
+                run.frame == input,
                 "{} must leave the frame alone:\n{}",
                 reason.name(),
                 hex_diff(input, &run.frame)
@@ -1597,15 +1597,7 @@ fn check_icmp6_error(
     };
     let expected = icmp_error_v6(input, outer_src, *rd.ip(), rd, rs, ttl_decrement)
         .context("the reference refuses it")?;
-    let expected = as_sent(
-        run,
-        expected,
-        reason,
-        IpAddr::V6(*rd.ip()),
-        ingress,
-        fx0,
-        fx1,
-    )?;
+    let expected = as_sent(expected, reason, IpAddr::V6(*rd.ip()), ingress, fx0, fx1)?;
     let at = ETH_HLEN + IPV6_HLEN;
     // The ICMPv6 checksum, and the quoted L4 one when quoted.
     let mut checksums = Vec::with_capacity(2);
