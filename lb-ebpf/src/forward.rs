@@ -158,14 +158,22 @@ fn cached_hop(
     let Some(key) = hop_key(ctx, pkt, src, dst) else {
         return false;
     };
-    let Some(slot) = NEXT_HOPS.get(key.slot()) else {
+    let Some(slot) = NEXT_HOPS.get_ptr_mut(key.slot()) else {
         return false;
     };
+    // SAFETY: this CPU's slot of a per-CPU array; nothing else touches it meanwhile.
+    let slot = unsafe { &mut *slot };
     if !slot.key.same_as(key) {
         return false;
     }
     let cached = &slot.hop;
-    if cached.expires.wrapping_sub(ticks(pkt)) as i32 <= 0 || pkt.tot_len > cached.mtu {
+    if cached.expires.wrapping_sub(ticks(pkt)) as i32 <= 0 {
+        // Expired: forgotten, so that it cannot seem fresh again once the clock, in ticks,
+        // has come round (2^31 ticks, some 26 days, on) while nothing took its slot.
+        slot.key.ingress = 0;
+        return false;
+    }
+    if pkt.tot_len > cached.mtu {
         return false;
     }
     *hop = Hop::Direct {
@@ -199,9 +207,11 @@ fn remember_hop(ctx: &XdpContext, pkt: &Packet, params: &mut FibParams) {
     // The way's MTU. A successful lookup does not say it (it leaves the length it checked
     // where a failed one puts the MTU), so ask once more for the longest length there is:
     // "too big" then gives the MTU. (A lookup that now says something else, a route that
-    // changed in between, leaves the length the way is known to take.) Asked between the
-    // key's addresses, without ports, as the key is kept.
-    let rc = fib_between(ctx, pkt, &key.src, &key.dst, (0, 0), u16::MAX, params);
+    // changed in between, leaves the length the way is known to take.) Asked with the
+    // first lookup's ports, which the kernel left in `params`, so that a route chosen by
+    // ports (a rule, a multipath hash on them) is the one whose MTU is kept with its hop.
+    let ports = (params.sport, params.dport);
+    let rc = fib_between(ctx, pkt, &key.src, &key.dst, ports, u16::MAX, params);
     hop.mtu = match rc {
         // SAFETY: the union's member a "too big" lookup writes.
         BPF_FIB_LKUP_RET_FRAG_NEEDED => unsafe { params.__bindgen_anon_1.mtu_result },
