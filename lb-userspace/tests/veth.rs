@@ -522,14 +522,26 @@ impl Receiver {
         })
     }
 
-    /// Reads every frame waiting and returns how many there were.
+    /// Reads every frame waiting and returns how many arrived (frames the interface sent,
+    /// which a packet socket sees too, are not counted).
     fn drain(&self) -> u64 {
         let mut buf = [0u8; 2048];
         let mut count = 0;
         loop {
-            // SAFETY: `buf` is writable for its whole length.
-            let n =
-                unsafe { libc::recv(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            // SAFETY: all-zero is a valid sockaddr_ll, which recvfrom fills in.
+            let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            let mut len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+            // SAFETY: `buf` and `from` are writable for the lengths passed.
+            let n = unsafe {
+                libc::recvfrom(
+                    self.0.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    0,
+                    (&raw mut from).cast(),
+                    &raw mut len,
+                )
+            };
             if n < 0 {
                 let err = std::io::Error::last_os_error();
                 // ENETDOWN: the interface went down (once), nothing to read.
@@ -539,9 +551,60 @@ impl Receiver {
                 );
                 return count;
             }
-            count += 1;
+            if from.sll_pkttype != libc::PACKET_OUTGOING {
+                count += 1;
+            }
         }
     }
+}
+
+/// Sends `count` test frames out of `iface` (in `ns`) through a packet socket: they arrive
+/// on its veth peer, whose XDP program, if it has one, gets them first.
+fn send_frames(ns: &Ns, iface: &str, count: u32) {
+    let ifindex = ns.ifindex(iface);
+    ns.enter(|| {
+        // Protocol 0: a socket that only sends.
+        // SAFETY: socket() takes no pointers; the result is checked.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+        assert!(fd >= 0, "AF_PACKET: {}", std::io::Error::last_os_error());
+        // SAFETY: a new fd that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: all-zero is a valid sockaddr_ll; the fields we need are set below.
+        let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        to.sll_family = libc::AF_PACKET as u16;
+        to.sll_ifindex = ifindex as i32;
+        to.sll_halen = 6;
+        let frame = test_frame();
+        to.sll_addr[..6].copy_from_slice(&frame[..6]);
+        for _ in 0..count {
+            // SAFETY: `frame` and `to` are readable for the lengths passed.
+            let n = unsafe {
+                libc::sendto(
+                    fd.as_raw_fd(),
+                    frame.as_ptr().cast(),
+                    frame.len(),
+                    0,
+                    (&raw const to).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(
+                n,
+                frame.len() as isize,
+                "sendto {iface}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    });
+}
+
+/// A minimal broadcast frame of the test EtherType.
+fn test_frame() -> [u8; 64] {
+    let mut frame = [0u8; 64];
+    frame[..6].copy_from_slice(&[0xff; 6]);
+    frame[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 1]);
+    frame[12..14].copy_from_slice(&ETHERTYPE.to_be_bytes());
+    frame
 }
 
 const FRAMES: u32 = 100;
@@ -549,13 +612,12 @@ const FRAMES: u32 = 100;
 /// Makes `FRAMES` frames arrive on `xa` (in `a`), whose XDP program sends them on, and
 /// returns how many `receiver` received and how many `ethtool::xdp_send_errors("xa")`
 /// counted.
-fn send_via_xa(a: &Ns, receiver: &Receiver, inject: &OwnedFd) -> (u64, u64) {
+fn send_via_xa(a: &Ns, receiver: &Receiver) -> (u64, u64) {
     let errors = || a.enter(|| ethtool::xdp_send_errors("xa")).unwrap();
     receiver.drain();
     let errors_before = errors();
-    // Sent out of xp (xa's peer) with XDP_TX, the way a program on xp would.
-    let xp = a.ifindex("xp");
-    a.enter(|| bpf::xdp_tx_live(inject, xp, FRAMES));
+    // Sent out of xp, xa's peer.
+    send_frames(a, "xp", FRAMES);
     // Each veth hop runs in NAPI (softirq), after the syscall has returned: wait until
     // every frame is accounted for and the counts hold still, or for two seconds when some
     // are lost without a trace.
@@ -588,7 +650,6 @@ fn redirect_lab(a: &Ns, b: &Ns) {
 fn redirects_into_a_veth_arrive_exactly_when_check_says_so() {
     let (a, b) = (Ns::new("a"), Ns::new("b"));
     redirect_lab(&a, &b);
-    let inject = bpf::load_xdp(bpf::XDP_TX);
     let pass = bpf::load_xdp(bpf::XDP_PASS);
     let redirect = bpf::load_redirect(a.ifindex("va"));
     let _on_xa = a.enter(|| bpf::attach_xdp(&redirect, "xa", bpf::XDP_FLAGS_DRV_MODE));
@@ -604,26 +665,26 @@ fn redirects_into_a_veth_arrive_exactly_when_check_says_so() {
     // (received by vb, send errors counted on xa, where the program runs)
     b.exec("ethtool", &["-K", "vb", "gro", "off"]);
     assert_eq!(a.check(&["va"]), problems(&[DropsRedirects]));
-    assert_eq!(send_via_xa(&a, &vb, &inject), (0, all), "GRO off");
+    assert_eq!(send_via_xa(&a, &vb), (0, all), "GRO off");
 
     let link = b.enter(|| bpf::attach_xdp(&pass, "vb", bpf::XDP_FLAGS_SKB_MODE));
     assert_eq!(a.check(&["va"]), problems(&[DropsRedirects]));
-    assert_eq!(send_via_xa(&a, &vb, &inject), (0, all), "generic XDP");
+    assert_eq!(send_via_xa(&a, &vb), (0, all), "generic XDP");
     detach(link, &b, "vb");
 
     let link = b.enter(|| bpf::attach_xdp(&pass, "vb", bpf::XDP_FLAGS_DRV_MODE));
     assert_eq!(a.check(&["va"]), []);
-    assert_eq!(send_via_xa(&a, &vb, &inject), (all, 0), "native XDP");
+    assert_eq!(send_via_xa(&a, &vb), (all, 0), "native XDP");
     detach(link, &b, "vb");
 
     b.exec("ethtool", &["-K", "vb", "gro", "on"]);
     assert_eq!(a.check(&["va"]), []);
-    assert_eq!(send_via_xa(&a, &vb, &inject), (all, 0), "GRO on");
+    assert_eq!(send_via_xa(&a, &vb), (all, 0), "GRO on");
 
     // Not something check reports (va has no carrier then): the frames are lost, and
     // only va's tx_dropped counts them, no ethtool counter.
     b.ip(&["link", "set", "vb", "down"]);
-    assert_eq!(send_via_xa(&a, &vb, &inject), (0, 0), "peer down");
+    assert_eq!(send_via_xa(&a, &vb), (0, 0), "peer down");
 }
 
 /// Why xlb never uses XDP_TX on a veth (it redirects instead, see `NO_XDP_TX`), so `check`
@@ -633,24 +694,24 @@ fn redirects_into_a_veth_arrive_exactly_when_check_says_so() {
 fn xdp_tx_out_of_a_veth_needs_an_xdp_program_on_the_peer() {
     let (a, b) = (Ns::new("a"), Ns::new("b"));
     redirect_lab(&a, &b);
-    let inject = bpf::load_xdp(bpf::XDP_TX);
+    let tx = bpf::load_xdp(bpf::XDP_TX);
     let pass = bpf::load_xdp(bpf::XDP_PASS);
-    let _on_xa = a.enter(|| bpf::attach_xdp(&inject, "xa", bpf::XDP_FLAGS_DRV_MODE));
+    let _on_xa = a.enter(|| bpf::attach_xdp(&tx, "xa", bpf::XDP_FLAGS_DRV_MODE));
     let xp = Receiver::open(&a, "xp");
     let all = u64::from(FRAMES);
     a.exec("ethtool", &["-K", "xp", "tx", "off"]);
 
     a.exec("ethtool", &["-K", "xp", "gro", "off"]);
-    assert_eq!(send_via_xa(&a, &xp, &inject), (0, all), "GRO off");
+    assert_eq!(send_via_xa(&a, &xp), (0, all), "GRO off");
 
     // GRO is not enough for XDP_TX: the veth only wakes its peer's NAPI after an XDP_TX
     // when the peer has an XDP program, so the frames wait in the peer's ring (256
     // places); once it is full, the rest are dropped (and counted).
     a.exec("ethtool", &["-K", "xp", "gro", "on"]);
-    assert_eq!(send_via_xa(&a, &xp, &inject), (0, 0), "GRO on");
-    assert_eq!(send_via_xa(&a, &xp, &inject), (0, 0), "GRO on, 200 waiting");
+    assert_eq!(send_via_xa(&a, &xp), (0, 0), "GRO on");
+    assert_eq!(send_via_xa(&a, &xp), (0, 0), "GRO on, 200 waiting");
     assert_eq!(
-        send_via_xa(&a, &xp, &inject),
+        send_via_xa(&a, &xp),
         (0, 3 * all - 256),
         "GRO on, ring full"
     );
@@ -658,14 +719,14 @@ fn xdp_tx_out_of_a_veth_needs_an_xdp_program_on_the_peer() {
     // A native XDP program wakes the ring: the 256 that waited arrive with the new ones.
     let _on_xp = a.enter(|| bpf::attach_xdp(&pass, "xp", bpf::XDP_FLAGS_DRV_MODE));
     // Some of the new ones may still find the ring full and be dropped (counted).
-    let (received, errors) = send_via_xa(&a, &xp, &inject);
+    let (received, errors) = send_via_xa(&a, &xp);
     assert_eq!(
         received + errors,
         256 + all,
         "native XDP: {received} + {errors}"
     );
     assert!(received > 256, "native XDP: {received} received");
-    assert_eq!(send_via_xa(&a, &xp, &inject), (all, 0), "native XDP");
+    assert_eq!(send_via_xa(&a, &xp), (all, 0), "native XDP");
 }
 
 /// Drops an XDP link and waits until the kernel has detached the program: the last
@@ -680,9 +741,7 @@ fn detach(link: OwnedFd, ns: &Ns, iface: &str) {
     }
 }
 
-/// Just enough of bpf(2) to load a two-instruction XDP program, attach it, and run it
-/// in live-frames mode (BPF_PROG_TEST_RUN with BPF_F_TEST_XDP_LIVE_FRAMES), which
-/// transmits what it returns XDP_TX for out of the interface named in its context.
+/// Just enough of bpf(2) to load a two-instruction XDP program and attach it.
 mod bpf {
     use super::*;
 
@@ -692,11 +751,9 @@ mod bpf {
     pub const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
 
     const BPF_PROG_LOAD: libc::c_long = 5;
-    const BPF_PROG_TEST_RUN: libc::c_long = 10;
     const BPF_LINK_CREATE: libc::c_long = 28;
     const BPF_PROG_TYPE_XDP: u32 = 6;
     const BPF_XDP: u32 = 37;
-    const BPF_F_TEST_XDP_LIVE_FRAMES: u32 = 1 << 1;
 
     /// The head of `union bpf_attr` for BPF_PROG_LOAD; the kernel zero-fills the rest.
     #[repr(C)]
@@ -715,27 +772,6 @@ mod bpf {
         expected_attach_type: u32,
     }
 
-    /// `union bpf_attr` for BPF_PROG_TEST_RUN.
-    #[repr(C)]
-    struct TestRun {
-        prog_fd: u32,
-        retval: u32,
-        data_size_in: u32,
-        data_size_out: u32,
-        data_in: u64,
-        data_out: u64,
-        repeat: u32,
-        duration: u32,
-        ctx_size_in: u32,
-        ctx_size_out: u32,
-        ctx_in: u64,
-        ctx_out: u64,
-        flags: u32,
-        cpu: u32,
-        batch_size: u32,
-        _pad: u32,
-    }
-
     /// The head of `union bpf_attr` for BPF_LINK_CREATE.
     #[repr(C)]
     struct LinkCreate {
@@ -743,17 +779,6 @@ mod bpf {
         target_ifindex: u32,
         attach_type: u32,
         flags: u32,
-    }
-
-    /// `struct xdp_md`, the context of an XDP program.
-    #[repr(C)]
-    struct XdpMd {
-        data: u32,
-        data_end: u32,
-        data_meta: u32,
-        ingress_ifindex: u32,
-        rx_queue_index: u32,
-        egress_ifindex: u32,
     }
 
     fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> libc::c_long {
@@ -825,53 +850,5 @@ mod bpf {
             flags,
         };
         fd(bpf(BPF_LINK_CREATE, &mut attr), "BPF_LINK_CREATE (XDP)")
-    }
-
-    /// A minimal broadcast frame of the test EtherType.
-    pub fn test_frame() -> [u8; 64] {
-        let mut frame = [0u8; 64];
-        frame[..6].copy_from_slice(&[0xff; 6]);
-        frame[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 1]);
-        frame[12..14].copy_from_slice(&ETHERTYPE.to_be_bytes());
-        frame
-    }
-
-    /// Runs `prog` on `count` copies of a minimal broadcast frame as if it had arrived on
-    /// `ifindex` (of the calling thread's namespace), for real: XDP_TX transmits.
-    pub fn xdp_tx_live(prog: &OwnedFd, ifindex: u32, count: u32) {
-        let frame = test_frame();
-        let mut ctx = XdpMd {
-            data: 0,
-            data_end: frame.len() as u32,
-            data_meta: 0,
-            ingress_ifindex: ifindex,
-            rx_queue_index: 0,
-            egress_ifindex: 0,
-        };
-        let mut attr = TestRun {
-            prog_fd: prog.as_raw_fd() as u32,
-            retval: 0,
-            data_size_in: frame.len() as u32,
-            data_size_out: 0,
-            data_in: frame.as_ptr() as u64,
-            data_out: 0,
-            repeat: count,
-            duration: 0,
-            ctx_size_in: std::mem::size_of::<XdpMd>() as u32,
-            ctx_size_out: 0,
-            ctx_in: (&raw mut ctx) as u64,
-            ctx_out: 0,
-            flags: BPF_F_TEST_XDP_LIVE_FRAMES,
-            cpu: 0,
-            batch_size: 0,
-            _pad: 0,
-        };
-        let rc = bpf(BPF_PROG_TEST_RUN, &mut attr);
-        assert_eq!(
-            rc,
-            0,
-            "BPF_PROG_TEST_RUN (live frames): {}",
-            std::io::Error::last_os_error()
-        );
     }
 }
