@@ -16,6 +16,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
+    hash::next_hop_slot,
     maps::{Endpoint, handoff_mark},
     reason::Reason,
 };
@@ -34,9 +35,6 @@ const AF_INET6: u8 = 10;
 const HOP_CACHE_NS: u64 = 1_000_000_000;
 
 const _: () = assert!(size_of::<HopKey>() == 40 && size_of::<HopSlot>() == 64);
-
-/// Slots of `NEXT_HOPS` per CPU: 4096 × 64 bytes, a quarter of a MiB per CPU.
-pub const HOP_SLOTS: u32 = 4096;
 
 /// What a FIB lookup of ours is given but the ports and the length (see [`CachedHop`]):
 /// the key of a slot of `NEXT_HOPS`. With the ports the cache would hold a hop per flow
@@ -84,13 +82,16 @@ impl HopKey {
         }
     }
 
-    /// The slot of `NEXT_HOPS` this key has (a multiplicative hash of its words).
+    /// The slot of `NEXT_HOPS` this key has ([`next_hop_slot`] of its words).
     #[inline(always)]
     fn slot(&self) -> u32 {
-        let h = (self.word(0) ^ self.word(2)).wrapping_mul(0x9e37_79b9_7f4a_7c15)
-            ^ (self.word(1) ^ self.word(3)).wrapping_mul(0xc2b2_ae3d_27d4_eb4f)
-            ^ self.word(4).wrapping_mul(0x1656_67b1_9e37_79f9);
-        (h.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) as u32 % HOP_SLOTS
+        next_hop_slot([
+            self.word(0),
+            self.word(1),
+            self.word(2),
+            self.word(3),
+            self.word(4),
+        ])
     }
 }
 

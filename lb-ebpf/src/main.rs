@@ -47,6 +47,7 @@ use aya_ebpf::{
 use forward::Hop;
 use lb_common::{
     conntrack::TCP_RST,
+    hash::NEXT_HOP_SLOTS,
     maps::{
         BackendEntry, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAGLEV_SIZE, DEFAULT_MAX_BACKENDS,
         DEFAULT_MAX_SERVICES, FlowKey, FlowStats, Handoff, MAX_INTERFACES, MODE_DNAT, Mapping,
@@ -129,12 +130,11 @@ static DEVMAP: DevMapHash = DevMapHash::with_max_entries(MAX_INTERFACES, 0);
 
 /// Next hops the FIB gave, by source, destination, protocol and ingress interface, for a
 /// second (`forward::route`): a flow's packets skip the lookup. A direct-mapped cache per
-/// CPU (`forward::HopSlot`): a slot's read and write never race, and a hit costs an
-/// inlined array lookup and five compares where a hash map's hashed 40 bytes and walked a
-/// bucket.
+/// CPU (`forward::HopSlot`, 4096 × 64 bytes, a quarter of a MiB per CPU): a slot's read
+/// and write never race, and a hit costs an inlined array lookup and five compares where a
+/// hash map's hashed 40 bytes and walked a bucket.
 #[map]
-static NEXT_HOPS: PerCpuArray<forward::HopSlot> =
-    PerCpuArray::with_max_entries(forward::HOP_SLOTS, 0);
+static NEXT_HOPS: PerCpuArray<forward::HopSlot> = PerCpuArray::with_max_entries(NEXT_HOP_SLOTS, 0);
 
 /// Where `forward::route` builds a lookup's `NEXT_HOPS` key, one per CPU, which
 /// `forward::remember_hop` stores if the FIB gives a direct hop.
