@@ -188,7 +188,7 @@ fn cached_hop(
 /// Keeps the direct hop a successful lookup (`params`) gave, for [`HOP_CACHE_NS`], under
 /// the key [`cached_hop`] wrote for the same lookup a moment before.
 #[inline(never)]
-fn remember_hop(ctx: &XdpContext, pkt: &Packet, params: &mut FibParams) {
+fn remember_hop(pkt: &Packet, params: &FibParams) {
     let Some(scratch) = HOP_SCRATCH.get_ptr_mut(0) else {
         return;
     };
@@ -205,20 +205,10 @@ fn remember_hop(ctx: &XdpContext, pkt: &Packet, params: &mut FibParams) {
     hop.smac = params.smac;
     hop.dmac = params.dmac;
     hop._pad = [0; 2];
-    // The way's MTU. A successful lookup does not say it (it leaves the length it checked
-    // where a failed one puts the MTU), so ask once more for the longest length there is:
-    // "too big" then gives the MTU. (A lookup that now says something else, a route that
-    // changed in between, leaves the length the way is known to take.) Asked with the
-    // first lookup's ports, which the kernel left in `params`, so that a route chosen by
-    // ports (a rule, a multipath hash on them) is the one whose MTU is kept with its hop.
-    let ports = (params.sport, params.dport);
-    let rc = fib_between(ctx, pkt, &key.src, &key.dst, ports, u16::MAX, params);
-    hop.mtu = match rc {
-        // SAFETY: the union's member a "too big" lookup writes.
-        BPF_FIB_LKUP_RET_FRAG_NEEDED => unsafe { params.__bindgen_anon_1.mtu_result },
-        BPF_FIB_LKUP_RET_SUCCESS => u16::MAX,
-        _ => pkt.tot_len,
-    };
+    // The way's MTU: a successful lookup that checked a length (XDP's always do) puts it
+    // where the length was (Linux 5.12 and later).
+    // SAFETY: the union's member a lookup with an MTU check writes.
+    hop.mtu = unsafe { params.__bindgen_anon_1.mtu_result };
     hop.expires = ticks(pkt).wrapping_add((HOP_CACHE_NS >> 20) as u32);
 }
 
@@ -284,26 +274,11 @@ fn fib(
     tot_len: u16,
     params: &mut FibParams,
 ) -> u32 {
-    let ports = (u16::from_ne_bytes(src.port), u16::from_ne_bytes(dst.port));
-    fib_between(ctx, pkt, &src.addr, &dst.addr, ports, tot_len, params)
-}
-
-/// [`fib`] from address `src` to `dst`, with these ports (network byte order).
-#[inline(always)]
-fn fib_between(
-    ctx: &XdpContext,
-    pkt: &Packet,
-    src: &[u8; 16],
-    dst: &[u8; 16],
-    (sport, dport): (u16, u16),
-    tot_len: u16,
-    params: &mut FibParams,
-) -> u32 {
     // SAFETY: bpf_fib_lookup is plain data; all-zero is its documented initial state.
     *params = unsafe { core::mem::zeroed() };
     params.l4_protocol = pkt.key.proto;
-    params.sport = sport;
-    params.dport = dport;
+    params.sport = u16::from_ne_bytes(src.port);
+    params.dport = u16::from_ne_bytes(dst.port);
     params.__bindgen_anon_1.tot_len = tot_len;
     params.ifindex = ctx.ingress_ifindex() as u32;
     if pkt.v6 {
@@ -311,13 +286,13 @@ fn fib_between(
         // Byte for byte into the unions (16 bytes each), with no copy on the stack between.
         // SAFETY: both members are 16-byte arrays of plain integers.
         unsafe {
-            *(&mut params.__bindgen_anon_3 as *mut _ as *mut [u8; 16]) = *src;
-            *(&mut params.__bindgen_anon_4 as *mut _ as *mut [u8; 16]) = *dst;
+            *(&mut params.__bindgen_anon_3 as *mut _ as *mut [u8; 16]) = src.addr;
+            *(&mut params.__bindgen_anon_4 as *mut _ as *mut [u8; 16]) = dst.addr;
         }
     } else {
         params.family = AF_INET;
-        params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes([src[12], src[13], src[14], src[15]]);
-        params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes([dst[12], dst[13], dst[14], dst[15]]);
+        params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src.v4_octets());
+        params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst.v4_octets());
     }
 
     // SAFETY: `params` is a valid, initialised struct of the size passed.
@@ -373,7 +348,7 @@ pub fn route(
                     smac: params.smac,
                     dmac: params.dmac,
                 };
-                remember_hop(ctx, pkt, &mut params);
+                remember_hop(pkt, &params);
             }
         }
         // The kernel fills in the egress interface also when the neighbour is missing
