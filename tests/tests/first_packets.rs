@@ -9,6 +9,9 @@
 //!   was the host's own address), and every connection timed out.
 //! * A veth set-up without the README's two rules: xlb says so at start, with the fix, and
 //!   counts the frames the kernel then drops.
+//! * A backend behind a device of the load balancer without xlb's program (a macvlan, as a
+//!   VLAN device would be): every packet toward it goes by the tc program, out of that
+//!   device; its replies come back on the interface xlb is attached to.
 //!
 //! Needs root, the `xlb` binary (`$XLB_BIN`) and `ip`, `ethtool`, `nstat`, `ping`.
 
@@ -23,7 +26,8 @@ use xlb_tests::nstat::Snapshot;
 use xlb_tests::servers::BackendServers;
 use xlb_tests::stats::Stats;
 use xlb_tests::topology::{
-    self, FLAT_LB_ADDR, Layout, Options, Topology, VIP, VIP_TCP_PORT, with_topology,
+    self, BACKEND_IFACE, FLAT_LB_ADDR, Layout, Options, SNAT, Topology, VIP, VIP_TCP_PORT,
+    with_topology,
 };
 use xlb_tests::xlb::XlbProcess;
 
@@ -227,6 +231,104 @@ fn veth_without_the_readme_rules_is_reported_and_its_drops_counted() {
             "{redirected} frames redirected into dropping veths, but the interfaces count \
              {dropped} dropped: {:?}",
             stats.send_errors
+        );
+        Ok(())
+    });
+}
+
+/// Backend b1's link gets a macvlan device on the load balancer's end (`xlb-b1m`, on
+/// `xlb-b1`), which takes the load balancer's address on it; xlb stays attached to
+/// `xlb-b1` only, as it would to a VLAN device's parent. Toward b1 the FIB then names
+/// `xlb-b1m`, which has no program of xlb's: each packet is rewritten, handed to the tc
+/// program, and leaves through the macvlan device (`forward/kernel_output`), which sends it
+/// out of `xlb-b1` with a MAC of its own. b1's replies, to that MAC, arrive on `xlb-b1`,
+/// where xlb takes them, and leave toward the client. (A VLAN device would be the same
+/// path, tagged; this kernel has no 802.1Q module.)
+#[test]
+fn a_backend_behind_a_device_without_xlbs_program() {
+    with_topology(PREFIX, Options::default(), |topo| {
+        topo.check_connectivity()?;
+        let b1 = topo.backend("b1").context("backend b1")?;
+        let device = format!("{}m", b1.lb_iface);
+        let cidr = format!("{}/24", b1.gateway);
+        let lb = &topo.lb;
+        lb.ip(&["addr", "del", &cidr, "dev", &b1.lb_iface])?;
+        lb.ip(&[
+            "link",
+            "add",
+            "link",
+            &b1.lb_iface,
+            "name",
+            &device,
+            "type",
+            "macvlan",
+        ])?;
+        lb.ip(&["link", "set", &device, "type", "macvlan", "mode", "bridge"])?;
+        lb.ip(&["addr", "add", &cidr, "dev", &device])?;
+        lb.ip(&["link", "set", &device, "up"])?;
+        b1.ns.ip(&["neigh", "flush", "all"])?;
+        let gateway = b1.gateway.to_string();
+        b1.ns.ip(&[
+            "route",
+            "replace",
+            "default",
+            "via",
+            &gateway,
+            "dev",
+            BACKEND_IFACE,
+        ])?;
+        topology::ping(&b1.ns, b1.gateway).context("b1 to the load balancer's macvlan")?;
+        let servers = BackendServers::start(topo).context("starting the backend servers")?;
+
+        let config = format!(
+            "[dataplane]\ninterfaces = {:?}\n\n[[service]]\nvip = \"{}\"\n\
+             protocol = \"tcp\"\nsnat = \"{SNAT}\"\n[[service.backend]]\naddress = \"{}\"\n",
+            topo.lb_interfaces(),
+            topology::vip_tcp(),
+            b1.service_addr()
+        );
+        let xlb = XlbProcess::start(&topo.lb, &config).context("starting xlb")?;
+        let results = client::tcp_requests(&topo.client, topology::vip_tcp(), 50, 4)?;
+        let replies = client::all_ok("TCP connections to a backend behind a macvlan", results)?;
+        for r in &replies {
+            client::check_fullnat(
+                r.local,
+                r.peer,
+                &r.answer,
+                topology::vip_tcp(),
+                IpAddr::V4(SNAT),
+            )?;
+            ensure!(
+                r.answer.server == "b1",
+                "{} was answered by {}",
+                r.local,
+                r.answer.server
+            );
+        }
+        let served = servers.stats("b1").map_or(0, |s| s.tcp_connections);
+        ensure!(served == 50, "b1 accepted {served} connections");
+
+        let stats = Stats::parse(&xlb.stop()?).context("parsing xlb's counters")?;
+        let drops = stats.nonzero_reasons("drop/");
+        ensure!(drops.is_empty(), "xlb dropped packets: {drops:?}");
+        let out = stats.reason(Reason::ForwardKernelOutput.name());
+        let sent = stats.handoffs.get("sent").copied().unwrap_or(0);
+        // Every packet toward b1 (at least a SYN, an ACK and the request per connection)
+        // went out through the macvlan device by the tc program; the replies came back by
+        // xlb itself.
+        ensure!(
+            out >= 150 && sent >= out,
+            "{out} packets left by the kernel's output, the tc program sent {sent}"
+        );
+        ensure!(
+            stats.reason(Reason::ForwardRedirect.name()) >= 100,
+            "b1's replies were not redirected to the client by xlb: {:?}",
+            stats.reasons
+        );
+        ensure!(
+            stats.handoffs.get("failed").copied().unwrap_or(0) == 0,
+            "the tc program could not send some frames: {:?}",
+            stats.handoffs
         );
         Ok(())
     });
