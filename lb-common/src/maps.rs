@@ -146,7 +146,7 @@ pub const SNAT_PORT_PROBES: u32 = 64;
 /// The version of the maps' layout: the names, types and sizes in this module. A daemon
 /// that finds pinned maps of another version refuses them rather than misread them; bump it
 /// with every change to a pinned map's key or value.
-pub const LAYOUT_VERSION: u32 = 8;
+pub const LAYOUT_VERSION: u32 = 9;
 
 /// The most SNAT addresses one service's pool holds. A power of two: the XDP program bounds
 /// an index into the pool with a mask.
@@ -468,8 +468,12 @@ pub struct Settings {
     pub hash_seed: u32,
     /// [`LAYOUT_VERSION`] of the daemon that wrote it.
     pub layout_version: u32,
+    /// The source MAC of the frames the XDP program hands to the tc program
+    /// ([`handoff_mark`]): random, made once with the maps and kept with them, never zero.
+    pub handoff_secret: [u8; 6],
+    pub _pad: [u8; 2],
 }
-const _: () = assert!(size_of::<Settings>() == 12);
+const _: () = assert!(size_of::<Settings>() == 20);
 
 /// Value of `SERVICE_STATS` and `BACKEND_STATS` (per CPU; userspace sums the CPUs).
 #[repr(C)]
@@ -500,33 +504,29 @@ impl FlowStats {
 /// lowered, but xlb cannot send it itself (its next hop's MAC is not resolved yet, or it
 /// leaves by an interface without xlb's XDP program), so it goes to the kernel (XDP_PASS)
 /// with this mark in place of its MACs, which the kernel's neighbour output writes anew
-/// anyway. The tc program sends a marked frame with `bpf_redirect_neigh`, which routes it
-/// out of the marked interface, resolves the next hop's MAC and queues the frame meanwhile.
-/// That path skips the kernel's input route checks, which drop a forwarded frame whose
-/// source is one of the host's own addresses (a SNAT address or a VIP on the host).
+/// anyway: the destination MAC [`DMAC`](handoff_mark::DMAC), and as source MAC the data
+/// plane's secret, [`Settings::handoff_secret`]. The tc program asks the FIB the way the
+/// XDP program did (the same input lookup, on the same frame) and sends a marked frame
+/// with `bpf_redirect_neigh` to the next hop it names, through the kernel's neighbour
+/// output, which resolves the MAC and queues the frame meanwhile. That path skips the
+/// kernel's input route checks, which drop a forwarded frame whose source is one of the
+/// host's own addresses (a SNAT address or a VIP on the host).
 ///
 /// The mark is in the frame, not in XDP metadata: every driver and kernel keeps a frame's
-/// bytes, where some refuse metadata (`bpf_xdp_adjust_meta`) altogether. No frame from the
-/// wire can carry it to the tc program: the XDP program, which sees every frame first,
-/// drops those that come with it (`drop/forged_handoff`).
+/// bytes, where some refuse metadata (`bpf_xdp_adjust_meta`) altogether. A frame from the
+/// wire that comes with the mark's destination MAC is dropped by the XDP program, which
+/// sees every frame before tc does (`drop/forged_handoff`); the secret covers the ways
+/// around it (a frame redirected into the interface by another program, which skips
+/// XDP).
 pub mod handoff_mark {
     /// The destination MAC of a handed-off frame: locally administered, unicast ("xlbho"),
     /// so without the tc program the kernel drops it as addressed to another host.
     pub const DMAC: [u8; 6] = [0x02, b'x', b'l', b'b', b'h', b'o'];
 
-    /// The source MAC of a frame handed off to leave by `ifindex`: the index, big-endian,
-    /// behind a locally administered unicast prefix.
+    /// Whether a frame with these MACs is marked with `secret` (never a zero one).
     #[inline(always)]
-    pub const fn smac(ifindex: u32) -> [u8; 6] {
-        let b = ifindex.to_be_bytes();
-        [0x02, 0, b[0], b[1], b[2], b[3]]
-    }
-
-    /// The interface a frame with these MACs is handed off to leave by, if it is marked.
-    #[inline(always)]
-    pub fn ifindex(dmac: &[u8; 6], smac: &[u8; 6]) -> Option<u32> {
-        (*dmac == DMAC && smac[..2] == [0x02, 0])
-            .then(|| u32::from_be_bytes([smac[2], smac[3], smac[4], smac[5]]))
+    pub fn is_marked(dmac: &[u8; 6], smac: &[u8; 6], secret: &[u8; 6]) -> bool {
+        *dmac == DMAC && smac == secret && *secret != [0; 6]
     }
 }
 

@@ -23,7 +23,7 @@ use lb_common::{
 use network_types::eth::EthHdr;
 
 use crate::{
-    DEVMAP, HOP_SCRATCH, NEXT_HOPS, NO_XDP_TX,
+    CONFIG, DEVMAP, HOP_SCRATCH, NEXT_HOPS, NO_XDP_TX,
     parse::{ETH_LEN, ETH_P_8021Q_BE, Packet, VLAN_LEN, ptr_at},
 };
 
@@ -220,8 +220,9 @@ pub enum Hop {
         smac: [u8; 6],
         dmac: [u8; 6],
     },
-    /// Hand it to the tc program, which sends it out of `ifindex` through the kernel's
-    /// neighbour output; `reason` says why we could not send it ourselves.
+    /// Hand it to the tc program, which sends it on (out of `ifindex`, as it asks the FIB
+    /// too) through the kernel's neighbour output; `reason` says why we could not send it
+    /// ourselves.
     Handoff { ifindex: u32, reason: Reason },
     /// Leave it to the kernel's stack (MACs untouched, so the kernel still takes it as
     /// addressed to this host), for the given reason. `ifindex` is what the FIB said.
@@ -426,8 +427,8 @@ pub fn source_routes_back(ctx: &XdpContext, pkt: &Packet) -> bool {
 /// nothing, and pay for no call.
 #[inline(always)]
 pub fn prepare(ctx: &XdpContext, hop: &Hop) -> Result<(), Reason> {
-    if let Hop::Handoff { ifindex, .. } = *hop {
-        mark_handoff(ctx, ifindex)?;
+    if let Hop::Handoff { .. } = hop {
+        mark_handoff(ctx)?;
     }
     Ok(())
 }
@@ -498,11 +499,13 @@ fn untag(ctx: &XdpContext) -> Result<(), Reason> {
     Ok(())
 }
 
-/// Marks a frame for the tc program to send out of `ifindex` ([`handoff_mark`]). Not
-/// inlined: the mark is built in a frame of its own, not in the hot path's.
+/// Marks a frame for the tc program ([`handoff_mark`]): its destination MAC, and the data
+/// plane's secret as source MAC. Not inlined: the mark is built in a frame of its own, not
+/// in the hot path's.
 #[inline(never)]
-fn mark_handoff(ctx: &XdpContext, ifindex: u32) -> Result<(), Reason> {
-    set_macs(ctx, handoff_mark::smac(ifindex), handoff_mark::DMAC)
+fn mark_handoff(ctx: &XdpContext) -> Result<(), Reason> {
+    let settings = CONFIG.get(0).ok_or(Reason::DropInternal)?;
+    set_macs(ctx, settings.handoff_secret, handoff_mark::DMAC)
 }
 
 /// Writes the next hop's MACs into the frame's Ethernet header.

@@ -702,13 +702,15 @@ pub fn interface_addresses() -> anyhow::Result<Vec<(String, IpAddr)>> {
 }
 
 impl Checked {
-    /// The data path's settings, as the XDP program reads them from `CONFIG`.
+    /// The data path's settings, as the XDP program reads them from `CONFIG`, but for the
+    /// handoff secret, which is the maps' own (`Tables::set_settings` keeps or makes it).
     pub fn settings(&self) -> lb_common::maps::Settings {
         let dp = &self.dataplane;
         lb_common::maps::Settings {
             maglev_size: dp.maglev_table_size,
             hash_seed: dp.hash_seed,
             layout_version: lb_common::maps::LAYOUT_VERSION,
+            ..Default::default()
         }
     }
 

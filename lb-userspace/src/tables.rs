@@ -92,7 +92,16 @@ impl Tables {
         self.backends.len()
     }
 
-    pub fn set_settings(&mut self, settings: Settings) -> anyhow::Result<()> {
+    /// Writes `settings` to `CONFIG`, with the handoff secret the map holds already (its
+    /// programs mark and check frames with it, so it outlives a daemon's restart), or a new
+    /// random one for new maps.
+    pub fn set_settings(&mut self, mut settings: Settings) -> anyhow::Result<()> {
+        let held = self.settings.get(&0, 0).context("reading CONFIG")?;
+        settings.handoff_secret = if held.handoff_secret != [0; 6] {
+            held.handoff_secret
+        } else {
+            new_handoff_secret()?
+        };
         self.settings.set(0, settings, 0).context("writing CONFIG")
     }
 
@@ -419,4 +428,18 @@ impl GracePeriod {
         .context("waiting for an RCU grace period")?;
         Ok(())
     }
+}
+
+/// A random handoff secret: a locally administered unicast MAC (46 random bits), never zero.
+fn new_handoff_secret() -> anyhow::Result<[u8; 6]> {
+    let mut secret = [0u8; 6];
+    // SAFETY: `secret` is writable for the length passed.
+    let n = unsafe { libc::getrandom(secret.as_mut_ptr().cast(), secret.len(), 0) };
+    anyhow::ensure!(
+        n == secret.len() as isize,
+        "getrandom for the handoff secret: {}",
+        std::io::Error::last_os_error()
+    );
+    secret[0] = (secret[0] & 0xfc) | 0x02;
+    Ok(secret)
 }

@@ -331,21 +331,30 @@ impl Drop for Chain {
     }
 }
 
-/// Whether `e` is the kernel refusing BPF_PROG_TEST_RUN in live-frames mode (EPERM), as
-/// some kernels built for sandboxes do: there is then no generator to measure with.
+/// The generator's test run failed with EPERM: the kernel refuses BPF_PROG_TEST_RUN in
+/// live-frames mode, as some kernels built for sandboxes do, and there is no generator to
+/// measure with.
+#[derive(Debug)]
+struct LiveFramesRefused(String);
+
+impl std::fmt::Display for LiveFramesRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the kernel refuses live-frames test runs: {}", self.0)
+    }
+}
+
+impl std::error::Error for LiveFramesRefused {}
+
+/// Whether `e` is [`LiveFramesRefused`].
 fn refused_live_frames(e: &anyhow::Error) -> bool {
-    e.chain()
-        .filter_map(|c| c.downcast_ref::<std::io::Error>())
-        .any(|io| io.raw_os_error() == Some(libc::EPERM))
+    e.chain().any(|c| c.is::<LiveFramesRefused>())
 }
 
 /// Records and says that the forwarding rates could not be measured on this kernel, and
 /// why, instead of failing the whole benchmark run.
 fn not_measured(run: Run, e: &anyhow::Error) -> Result<()> {
-    let why = format!(
-        "not measured: this kernel refuses BPF_PROG_TEST_RUN in live-frames mode, the \
-         generator ({e:#})"
-    );
+    let why =
+        format!("not measured: the generator is BPF_PROG_TEST_RUN in live-frames mode ({e:#})");
     let json = serde_json::json!({
         "forwarding_mpps": {
             "command": run.command(),
@@ -374,6 +383,18 @@ fn measure(chain: &Chain, bench: &aya::Ebpf, frame: &[u8], frames: u32) -> Resul
             repeat: frames,
             attrs: TestRunAttrs::new().xdp_live_frames(64),
             ..Default::default()
+        })
+        .map_err(|e| {
+            let err = anyhow::Error::from(e);
+            let refused = err
+                .chain()
+                .filter_map(|c| c.downcast_ref::<std::io::Error>())
+                .any(|io| io.raw_os_error() == Some(libc::EPERM));
+            if refused {
+                anyhow::Error::new(LiveFramesRefused(format!("{err:#}")))
+            } else {
+                err
+            }
         })?;
         Ok(started.elapsed())
     })??;

@@ -32,7 +32,7 @@ use aya::{
 };
 use lb_common::{
     conntrack::{FlowState, REFRESH_NS},
-    maps::{FlowKey, Mapping, MappingKey, NatEntry, names},
+    maps::{FlowKey, Mapping, MappingKey, NatEntry, Settings, names},
     reason::Reason,
 };
 use lb_userspace::{config::Checked, registry::Registry};
@@ -79,11 +79,14 @@ pub const SNAT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x20, 0, 0, 0, 0, 1);
 /// from the code under test.
 pub const HANDOFF_DMAC: [u8; 6] = [0x02, 0x78, 0x6c, 0x62, 0x68, 0x6f];
 
-/// The MACs (source, destination) of a frame handed to the tc program to leave by
-/// `ifindex`: the source MAC carries the index, big-endian, behind 0x02 0x00.
-pub fn handoff_macs(ifindex: u32) -> ([u8; 6], [u8; 6]) {
-    let i = ifindex.to_be_bytes();
-    ([0x02, 0x00, i[0], i[1], i[2], i[3]], HANDOFF_DMAC)
+/// The handoff secret the lab's data plane gets (in place of the random one xlb makes),
+/// so the tests know a handed-off frame's source MAC.
+pub const HANDOFF_SECRET: [u8; 6] = [0x02, 0x5e, 0xc2, 0xe7, 0x11, 0xab];
+
+/// The MACs (source, destination) of a frame handed to the tc program: the secret, and
+/// [`HANDOFF_DMAC`].
+pub fn handoff_macs() -> ([u8; 6], [u8; 6]) {
+    (HANDOFF_SECRET, HANDOFF_DMAC)
 }
 
 /// The static IPv6 neighbours, as [`NEIGHBOURS`].
@@ -277,6 +280,7 @@ pub fn load(checked: &Checked) -> Result<Program> {
     };
     let mut ebpf = lb_userspace::loader::load(checked).context("loading the XDP program")?;
     Registry::load(&ebpf, checked).context("filling the maps")?;
+    set_handoff_secret(&mut ebpf)?;
     let mut devmap: DevMapHash<_> = ebpf
         .map_mut(names::DEVMAP)
         .context("map DEVMAP")?
@@ -285,6 +289,23 @@ pub fn load(checked: &Checked) -> Result<Program> {
         devmap.insert(i.ifindex, i.ifindex, None, 0)?;
     }
     Ok(Program { ebpf, fx0, fx1 })
+}
+
+/// Replaces the random handoff secret xlb gave the maps (checked to be there) with
+/// [`HANDOFF_SECRET`].
+fn set_handoff_secret(ebpf: &mut Ebpf) -> Result<()> {
+    let mut config: aya::maps::Array<_, Settings> = ebpf
+        .map_mut(names::CONFIG)
+        .context("map CONFIG")?
+        .try_into()?;
+    let mut settings = config.get(&0, 0)?;
+    ensure!(
+        settings.handoff_secret != [0; 6],
+        "xlb left the handoff secret zero"
+    );
+    settings.handoff_secret = HANDOFF_SECRET;
+    config.set(0, settings, 0)?;
+    Ok(())
 }
 
 /// The `REASONS` counters, summed over CPUs, in [`Reason::ALL`] order.

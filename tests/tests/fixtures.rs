@@ -1123,7 +1123,7 @@ fn services_cases(lab: &Lab) -> Vec<Case> {
     let syn_unresolved = lab.sent_by_client(tcp((CLIENT, 40014), (VIP_UNRESOLVED, 80), TCP_SYN));
     v.push(case(
         "11 backend without a neighbour entry: rewritten, TTL lowered, handed to tc: the \
-         handoff mark with the egress interface in place of the MACs",
+         handoff mark (its MAC, the data plane's secret) in place of the MACs",
         vec![],
         pkt(&syn_unresolved, fx0),
         Expect {
@@ -1132,7 +1132,7 @@ fn services_cases(lab: &Lab) -> Vec<Case> {
             output: rewritten(
                 &syn_unresolved,
                 unresolved.to_backend,
-                Some(lab::handoff_macs(fx1.ifindex)),
+                Some(lab::handoff_macs()),
                 1,
             ),
             state: Some(FlowState::New),
@@ -1906,7 +1906,7 @@ fn vlan_cases(lab: &Lab) -> Vec<Case> {
             output: rewritten(
                 &syn_unresolved,
                 unresolved.to_backend,
-                Some(lab::handoff_macs(fx1.ifindex)),
+                Some(lab::handoff_macs()),
                 1,
             ),
             state: Some(FlowState::New),
@@ -2762,7 +2762,7 @@ fn ipv6_cases(lab: &Lab) -> Vec<Case> {
             output: rewritten6(
                 &unresolved,
                 (unresolved_snat, unresolved_backend),
-                Some(lab::handoff_macs(fx1.ifindex)),
+                Some(lab::handoff_macs()),
                 1,
             ),
             state: Some(FlowState::New),
@@ -3042,7 +3042,7 @@ fn ipv6_cases(lab: &Lab) -> Vec<Case> {
             output: rewritten6(
                 &in_syn_ack,
                 (sa6(BACKEND6, 80), sa6(private, 5000)),
-                Some(lab::handoff_macs(fx0.ifindex)),
+                Some(lab::handoff_macs()),
                 1,
             ),
             state: Some(FlowState::New),
@@ -3131,7 +3131,7 @@ fn ipv6_cases(lab: &Lab) -> Vec<Case> {
             ),
         )
     };
-    let (smac, dmac) = lab::handoff_macs(fx0.ifindex);
+    let (smac, dmac) = lab::handoff_macs();
     let pong_back = pong_back.with_macs(smac, dmac).build();
     v.push(case(
         "v6-37 gateway: the echo reply comes back with the private host's identifier",
