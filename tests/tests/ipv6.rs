@@ -22,6 +22,7 @@ use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
+use lb_common::reason::Reason;
 use serde_json::Value;
 use xlb_tests::client::{self, TcpReply, UdpReply};
 use xlb_tests::nstat::Snapshot;
@@ -225,6 +226,10 @@ fn an_ipv6_vip_balances_tcp_and_udp_by_weight() {
             service(vip_udp, "udp", "fullnat", snat, &backends),
         ]);
         let before = Snapshot::take(&topo.namespaces())?;
+        // The load balancer forgets every neighbour, the client too: the first replies
+        // toward it meet an unresolved one and go by the tc program (xlb keeps only the
+        // backends resolved, with managed entries).
+        topo.lb.ip(&["-6", "neigh", "flush", "all"])?;
         let xlb = XlbProcess::start(&topo.lb, &config).context("starting xlb")?;
 
         // TCP: every connection answered, from the VIP, by a backend that saw the SNAT
@@ -293,6 +298,15 @@ fn an_ipv6_vip_balances_tcp_and_udp_by_weight() {
             );
         }
         no_drops(&stats)?;
+        let resolved = stats["reasons"][Reason::ForwardResolveNeighbour.name()]
+            .as_u64()
+            .unwrap_or(0);
+        let sent = stats["handoffs"]["sent"].as_u64().unwrap_or(0);
+        ensure!(
+            resolved > 0 && sent >= resolved,
+            "{resolved} packets met an unresolved neighbour, the tc program sent {sent}: {}",
+            stats["handoffs"]
+        );
         xlb.stop().context("stopping xlb")?;
         Ok(())
     });
