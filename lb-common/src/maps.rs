@@ -522,12 +522,6 @@ pub mod handoff_mark {
     /// The destination MAC of a handed-off frame: locally administered, unicast ("xlbho"),
     /// so without the tc program the kernel drops it as addressed to another host.
     pub const DMAC: [u8; 6] = [0x02, b'x', b'l', b'b', b'h', b'o'];
-
-    /// Whether a frame with these MACs is marked with `secret` (never a zero one).
-    #[inline(always)]
-    pub fn is_marked(dmac: &[u8; 6], smac: &[u8; 6], secret: &[u8; 6]) -> bool {
-        *dmac == DMAC && smac == secret && *secret != [0; 6]
-    }
 }
 
 /// Indexes of `HANDOFFS`: what the tc program did with handed-off frames.

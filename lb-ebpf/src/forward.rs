@@ -27,8 +27,8 @@ use crate::{
     parse::{ETH_LEN, ETH_P_8021Q_BE, Packet, VLAN_LEN, ptr_at},
 };
 
-const AF_INET: u8 = 2;
-const AF_INET6: u8 = 10;
+pub const AF_INET: u8 = 2;
+pub const AF_INET6: u8 = 10;
 
 /// How long a next hop the FIB gave is used without asking again: a route or neighbour
 /// change reaches flows' packets within this.
@@ -438,8 +438,7 @@ pub fn prepare(ctx: &XdpContext, hop: &Hop) -> Result<(), Reason> {
 #[inline(always)]
 pub fn send(ctx: &XdpContext, hop: Hop) -> Result<Reason, Reason> {
     let (ifindex, smac, dmac) = match hop {
-        Hop::Kernel { reason, .. } => return Ok(reason),
-        Hop::Handoff { reason, .. } => return Ok(reason),
+        Hop::Kernel { reason, .. } | Hop::Handoff { reason, .. } => return Ok(reason),
         Hop::TooBig { .. } => return Ok(Reason::PassFibOther),
         Hop::Direct {
             ifindex,

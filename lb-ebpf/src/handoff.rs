@@ -23,14 +23,14 @@ use aya_ebpf::{
 use lb_common::maps::{Handoff, PROTO_TCP, PROTO_UDP, handoff_mark};
 use network_types::eth::EthHdr;
 
-use crate::{CONFIG, HANDOFFS};
+use crate::{
+    CONFIG, HANDOFFS,
+    forward::{AF_INET, AF_INET6},
+    parse::{ETH_LEN, ETH_P_IP_BE, ETH_P_IPV6_BE},
+};
 
-const AF_INET: u8 = 2;
-const AF_INET6: u8 = 10;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
 /// Where the IP header starts: the XDP program took any VLAN tag off a handed-off frame.
-const L3: usize = EthHdr::LEN;
+const L3: usize = ETH_LEN;
 
 /// Returns the tc verdict: `TC_ACT_UNSPEC` (go on to the next program or the stack) for
 /// frames that are not handed off; for those that are, the helper's verdict
@@ -38,7 +38,7 @@ const L3: usize = EthHdr::LEN;
 #[inline(always)]
 pub fn send(ctx: &TcContext) -> i32 {
     let (start, end) = (ctx.data(), ctx.data_end());
-    if start + EthHdr::LEN > end {
+    if start + ETH_LEN > end {
         return TC_ACT_UNSPEC;
     }
     // SAFETY: the check above puts the whole Ethernet header inside the frame.
@@ -52,7 +52,9 @@ pub fn send(ctx: &TcContext) -> i32 {
     let Some(settings) = CONFIG.get(0) else {
         return TC_ACT_UNSPEC;
     };
-    if !handoff_mark::is_marked(&dmac, &smac, &settings.handoff_secret) {
+    // A zero secret is none: the maps' was never written.
+    let secret = settings.handoff_secret;
+    if smac != secret || secret == [0; 6] {
         return TC_ACT_UNSPEC;
     }
     let verdict = match next_hop(ctx) {
@@ -85,15 +87,15 @@ fn next_hop(ctx: &TcContext) -> Option<(u32, bpf_redir_neigh)> {
     let mut params: FibParams = unsafe { core::mem::zeroed() };
     // SAFETY: `ctx.skb.skb` is the program's context pointer, valid for this run.
     params.ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let (proto, l4) = match u16::from_be(ctx.load::<u16>(12).ok()?) {
-        ETH_P_IP => {
+    let (proto, l4) = match ctx.load::<u16>(12).ok()? {
+        ETH_P_IP_BE => {
             let ihl = usize::from(ctx.load::<u8>(L3).ok()? & 0x0f) * 4;
             params.family = AF_INET;
             params.__bindgen_anon_3.ipv4_src = ctx.load::<u32>(L3 + 12).ok()?;
             params.__bindgen_anon_4.ipv4_dst = ctx.load::<u32>(L3 + 16).ok()?;
             (ctx.load::<u8>(L3 + 9).ok()?, L3 + ihl)
         }
-        ETH_P_IPV6 => {
+        ETH_P_IPV6_BE => {
             params.family = AF_INET6;
             params.__bindgen_anon_3.ipv6_src = ctx.load::<[u32; 4]>(L3 + 8).ok()?;
             params.__bindgen_anon_4.ipv6_dst = ctx.load::<[u32; 4]>(L3 + 24).ok()?;

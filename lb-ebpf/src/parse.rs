@@ -32,9 +32,9 @@ use network_types::{
 use crate::icmp;
 
 /// EtherType of IPv4, as it sits in the frame (network byte order read as native u16).
-const ETH_P_IP_BE: u16 = u16::from_ne_bytes([0x08, 0x00]);
+pub const ETH_P_IP_BE: u16 = u16::from_ne_bytes([0x08, 0x00]);
 /// EtherType of IPv6, likewise.
-const ETH_P_IPV6_BE: u16 = u16::from_ne_bytes([0x86, 0xdd]);
+pub const ETH_P_IPV6_BE: u16 = u16::from_ne_bytes([0x86, 0xdd]);
 /// EtherType of an 802.1Q VLAN tag, likewise.
 pub const ETH_P_8021Q_BE: u16 = u16::from_ne_bytes([0x81, 0x00]);
 /// An 802.1Q tag: its EtherType's place holds 0x8100, then 2 bytes of tag, then the

@@ -28,6 +28,7 @@ pub const SNAPSHOT_START: &str = "stats begin";
 pub const SNAPSHOT_END: &str = "stats end";
 
 use anyhow::{Context, Result, anyhow};
+use lb_common::maps::Handoff;
 
 /// Packet and byte counters of one service or backend, in both directions.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -171,6 +172,11 @@ impl Stats {
     /// Packets counted under reason `name`; 0 if xlb did not print it.
     pub fn reason(&self, name: &str) -> u64 {
         self.reasons.get(name).copied().unwrap_or(0)
+    }
+
+    /// Frames the tc program counted under `outcome`; 0 if xlb did not print it.
+    pub fn handoff(&self, outcome: Handoff) -> u64 {
+        self.handoffs.get(outcome.name()).copied().unwrap_or(0)
     }
 
     /// Reasons starting with `prefix` (e.g. `drop/`) that counted packets.

@@ -20,7 +20,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use lb_common::reason::Reason;
+use lb_common::{maps::Handoff, reason::Reason};
 use xlb_tests::client;
 use xlb_tests::nstat::Snapshot;
 use xlb_tests::servers::BackendServers;
@@ -158,7 +158,7 @@ fn own_address_scenario(topo: &Topology, vip_on_lo: bool) -> Result<()> {
     // The first packets met unresolved neighbours and went by the tc program, whose path
     // the kernel's martian check (source = the host's own address) does not block.
     let resolved = stats.reason(Reason::ForwardResolveNeighbour.name());
-    let sent = stats.handoffs.get("sent").copied().unwrap_or(0);
+    let sent = stats.handoff(Handoff::Sent);
     ensure!(
         resolved > 0 && sent == resolved,
         "{resolved} packets met an unresolved neighbour, the tc program sent {sent}"
@@ -173,7 +173,7 @@ fn own_address_scenario(topo: &Topology, vip_on_lo: bool) -> Result<()> {
         "backends accepted {served} connections"
     );
     ensure!(
-        stats.handoffs.get("failed").copied().unwrap_or(0) == 0,
+        stats.handoff(Handoff::Failed) == 0,
         "the tc program could not send some frames: {:?}",
         stats.handoffs
     );
@@ -312,7 +312,7 @@ fn a_backend_behind_a_device_without_xlbs_program() {
         let drops = stats.nonzero_reasons("drop/");
         ensure!(drops.is_empty(), "xlb dropped packets: {drops:?}");
         let out = stats.reason(Reason::ForwardKernelOutput.name());
-        let sent = stats.handoffs.get("sent").copied().unwrap_or(0);
+        let sent = stats.handoff(Handoff::Sent);
         // Every packet toward b1 (at least a SYN, an ACK and the request per connection)
         // went out through the macvlan device by the tc program; the replies came back by
         // xlb itself.
@@ -326,7 +326,7 @@ fn a_backend_behind_a_device_without_xlbs_program() {
             stats.reasons
         );
         ensure!(
-            stats.handoffs.get("failed").copied().unwrap_or(0) == 0,
+            stats.handoff(Handoff::Failed) == 0,
             "the tc program could not send some frames: {:?}",
             stats.handoffs
         );
