@@ -18,7 +18,6 @@ use lb_common::{
     maps::programs::{NULL, XDP},
     reason::Reason,
 };
-use lb_userspace::config::Config;
 use xlb_tests::{
     figures::{Run, machine, today},
     lab::{self, CLIENT, CLIENT_MAC, FX0_MAC, VIP},
@@ -270,9 +269,7 @@ fn table_switch_cost(changes: usize, json: &mut serde_json::Value) -> Result<Str
             );
         }
     }
-    let checked = Config::parse(&text)?
-        .validate()
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let checked = lab::checked(&text)?;
     let ebpf = lb_userspace::loader::load(&checked)?;
     let started = Instant::now();
     let mut registry = Registry::load(&ebpf, &checked)?;
@@ -326,11 +323,9 @@ fn sweep_cost(flows: u32, json: &mut serde_json::Value) -> Result<String> {
     use lb_common::{conntrack::Timeouts, maps::names};
     use lb_userspace::conntrack::{Table, monotonic_ns};
 
-    let checked = Config::parse(&format!(
+    let checked = lab::checked(&format!(
         "[dataplane]\ninterfaces = [\"fx0\"]\nmaglev_table_size = 13\n[conntrack]\nentries = {flows}\n"
-    ))?
-    .validate()
-    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    ))?;
     let lab::Program { mut ebpf, .. } = lab::load(&checked)?;
     let memlock = |ebpf: &aya::Ebpf| -> Result<u64> {
         use std::os::fd::{AsFd as _, AsRawFd as _};
@@ -466,9 +461,7 @@ fn run(
     only: Option<&[String]>,
     json: &mut serde_json::Value,
 ) -> Result<String> {
-    let checked = Config::parse(&config(prefill))?
-        .validate()
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let checked = lab::checked(&config(prefill))?;
     for b in backends() {
         lab::set_neighbour(b.into(), lab::BACKEND_MAC, lab::FX1)?;
     }

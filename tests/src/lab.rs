@@ -35,7 +35,10 @@ use lb_common::{
     maps::{FlowKey, Mapping, MappingKey, NatEntry, Settings, names},
     reason::Reason,
 };
-use lb_userspace::{config::Checked, registry::Registry};
+use lb_userspace::{
+    config::{Checked, Config},
+    registry::Registry,
+};
 
 use crate::netns::{self, NetNs};
 
@@ -265,6 +268,14 @@ pub fn set_neighbour(addr: IpAddr, mac: [u8; 6], dev: &str) -> Result<()> {
         "ip neigh replace {addr} {mac}: {out:?}"
     );
     Ok(())
+}
+
+/// Parses and validates a config a test wrote, naming every problem in the error.
+pub fn checked(toml: &str) -> Result<Checked> {
+    Config::parse(toml)
+        .context("the test's config does not parse")?
+        .validate()
+        .context("the test's config is not valid")
 }
 
 /// Loads the program for BPF_PROG_TEST_RUN. Call it on a thread inside the lab's namespace

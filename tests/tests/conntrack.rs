@@ -29,7 +29,7 @@ use lb_common::{
     reason::Reason,
 };
 use lb_userspace::{
-    config::{Checked, Config},
+    config::Checked,
     conntrack::{PRESSURE_NEW_IDLE, Table, monotonic_ns},
 };
 use xlb_tests::{
@@ -42,7 +42,7 @@ use xlb_tests::{
 const PREFIX: &str = "xlbct";
 
 fn config(ports: [u16; 2], entries: u32) -> Checked {
-    Config::parse(&format!(
+    lab::checked(&format!(
         r#"
 [dataplane]
 interfaces = ["fx0", "fx1"]
@@ -65,14 +65,12 @@ address = "10.20.1.2:5353"
 "#,
         ports[0], ports[1]
     ))
-    .expect("parsing")
-    .validate()
     .expect("a valid config")
 }
 
 /// A NAT gateway for the client subnet, out as 10.20.0.5 with ports 40000 to `last`.
 fn gateway_config(last: u16) -> Checked {
-    Config::parse(&format!(
+    lab::checked(&format!(
         r#"
 [dataplane]
 interfaces = ["fx0", "fx1"]
@@ -85,8 +83,6 @@ to = "10.20.0.5"
 ports = [40000, {last}]
 "#
     ))
-    .expect("parsing")
-    .validate()
     .expect("a valid config")
 }
 

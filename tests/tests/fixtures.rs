@@ -34,7 +34,7 @@ use lb_common::{
     },
     reason::Reason,
 };
-use lb_userspace::config::{Checked, Config, SnatPorts};
+use lb_userspace::config::{Checked, SnatPorts};
 use xlb_tests::{
     lab::{
         self, BACKEND, BACKEND_MAC, CLIENT, CLIENT_MAC, Iface, NEAR_BACKEND, NEAR_BACKEND_MAC,
@@ -2127,10 +2127,7 @@ struct Report {
 /// Runs on a thread inside the fixtures' namespace: ifindexes, the devmap and the FIB are
 /// per namespace.
 fn run_suite(suite: &Suite) -> Result<Report> {
-    let checked = Config::parse(suite.config)
-        .context("parsing the suite's config")?
-        .validate()
-        .map_err(|e| anyhow::anyhow!("invalid config:\n{e}"))?;
+    let checked = lab::checked(suite.config)?;
     let lab::Program {
         mut ebpf, fx0, fx1, ..
     } = lab::load(&checked)?;

@@ -15,7 +15,6 @@ use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
 use lb_common::maps::{names, programs};
-use lb_userspace::config::Config;
 use xlb_tests::{
     lab::{
         self, BACKEND, BACKEND6, CLIENT, CLIENT_MAC, FX0, FX0_MAC, HANDOFF_DMAC, HANDOFF_SECRET,
@@ -50,9 +49,7 @@ address = "10.20.1.2:8080"
 #[test]
 fn only_marked_frames_are_sent_and_each_where_the_fib_says() -> Result<()> {
     lab::in_lab("xlbho", |_| {
-        let checked = Config::parse(CONFIG)?
-            .validate()
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let checked = lab::checked(CONFIG)?;
         let lab::Program { ebpf, .. } = lab::load(&checked)?;
         let fx0 = lab::ifindex(FX0)?;
         let marked = |f: Frame| f.with_macs(HANDOFF_SECRET, HANDOFF_DMAC).build();

@@ -15,7 +15,6 @@ use lb_common::{
     maps::{Endpoint, FlowKey, PROTO_TCP},
     reason::Reason,
 };
-use lb_userspace::config::Config;
 use xlb_tests::{
     lab::{
         self, BACKEND, BACKEND_MAC, BACKEND6, CLIENT, CLIENT_MAC, FX0, FX0_MAC, FX1_MAC, SNAT, VIP,
@@ -71,9 +70,7 @@ fn more_destinations_than_slots_each_leave_to_their_own_mac() -> Result<()> {
         std::fs::remove_file(&batch)?;
         added.context("adding the clients' neighbours")?;
 
-        let checked = Config::parse(CONFIG)?
-            .validate()
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let checked = lab::checked(CONFIG)?;
         let lab::Program { ebpf, fx0, fx1 } = lab::load(&checked)?;
         let vip = SocketAddrV6::new(VIP6, 80, 0, 0);
 
@@ -159,9 +156,7 @@ fn a_kept_hop_serves_every_length_its_way_takes() -> Result<()> {
              protocol = \"tcp\"\nsnat = \"{SNAT}\"\n[[service.backend]]\naddress = \
              \"{BACKEND}:8080\"\n"
         );
-        let checked = Config::parse(&config)?
-            .validate()
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let checked = lab::checked(&config)?;
         let lab::Program { ebpf, fx0, .. } = lab::load(&checked)?;
         let to_backend = |flags: u8, payload: usize| -> Result<[u8; 6]> {
             let mut frame = Frame::tcp((CLIENT, 40000), (VIP, 80), flags);

@@ -46,7 +46,6 @@ use lb_common::{
     maps::{DIR_TO_BACKEND, FlowKey, FlowStats, PROTO_TCP, PROTO_UDP, names},
     reason::Reason,
 };
-use lb_userspace::config::Config;
 use xlb_tests::{
     lab::{self, BACKEND_MAC, CLIENT, CLIENT_MAC, FX0_MAC, FX1_MAC, Iface, VIP, VIP_UNRESOLVED},
     model::{
@@ -238,9 +237,7 @@ fn env_u64(name: &str, default: u64) -> u64 {
 type Histogram = BTreeMap<&'static str, u64>;
 
 fn run(seed: u64, frames: u64) -> Result<(Histogram, Histogram)> {
-    let checked = Config::parse(CONFIG)?
-        .validate()
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let checked = lab::checked(CONFIG)?;
     let lab::Program { ebpf, fx0, fx1 } = lab::load(&checked)?;
     let mut rng = Rng(seed | 1);
     let mut model = FlowModel::new(&checked);
