@@ -8,7 +8,7 @@ use aya::util::KernelVersion;
 use crate::{
     client::Client,
     config::{Checked, DEFAULT_PIN_PATH, DEFAULT_SOCKET},
-    ethtool, loader, veth,
+    ethtool, loader, pins, veth,
 };
 
 /// How one check went.
@@ -98,29 +98,20 @@ pub async fn run(cfg: Option<&Checked>, socket: &Path) -> Vec<Check> {
 }
 
 fn bpffs(pin_path: &Path) -> Check {
-    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-    let dir = pin_path.parent().unwrap_or(Path::new("/sys/fs/bpf"));
-    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
-        return check(Verdict::Fail, "bpffs", "the pin path is not a valid path");
-    };
-    // SAFETY: statfs writes one struct statfs, which `st` is.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c` is a valid NUL-terminated path; `st` is writable.
-    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
-    if rc == 0 && st.f_type as i64 == BPF_FS_MAGIC {
+    if pins::on_bpffs(pin_path) {
         check(
             Verdict::Ok,
             "bpffs",
-            format!("{} is on bpffs", dir.display()),
+            format!("{} is on bpffs", pin_path.display()),
         )
     } else {
         check(
             Verdict::Fail,
             "bpffs",
             format!(
-                "{} is not on bpffs, so the data plane cannot be pinned: mount -t bpf bpf \
-                 /sys/fs/bpf",
-                dir.display()
+                "{} is not on bpffs, so the data plane cannot be pinned there: mount -t bpf \
+                 bpf /sys/fs/bpf, and give a pin_path under it",
+                pin_path.display()
             ),
         )
     }

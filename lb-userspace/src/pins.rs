@@ -42,6 +42,14 @@ impl PinDir {
     /// `cfg`.
     pub fn open(cfg: &Checked) -> anyhow::Result<PinDir> {
         let path = cfg.dataplane.pin_path.clone();
+        if !on_bpffs(&path) {
+            bail!(
+                "dataplane.pin_path {} is not on bpffs, where BPF maps and links can be \
+                 pinned: give a directory under /sys/fs/bpf (is bpffs mounted there? `mount \
+                 -t bpf bpf /sys/fs/bpf`; `xlb doctor` checks)",
+                path.display()
+            );
+        }
         std::fs::create_dir_all(&path).with_context(|| {
             format!(
                 "creating the pin directory {} (is bpffs mounted on /sys/fs/bpf? `mount -t \
@@ -92,7 +100,7 @@ impl PinDir {
             .with_context(|| format!("reading {}", self.path.display()))?;
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let Some((_, interface)) = name.split_once('@') else {
+            let Some(interface) = link_interface(&name) else {
                 continue;
             };
             if !interfaces.iter().any(|i| i == interface) {
@@ -105,17 +113,61 @@ impl PinDir {
         Ok(stale)
     }
 
-    /// Unpins everything: the links (which detaches the programs once our own handles
-    /// close) and the maps (freed once nothing uses them), and removes the directory.
+    /// Unpins what is xlb's: the links (which detaches the programs once our own handles
+    /// close) and the maps (freed once nothing uses them), and removes the directory if
+    /// that leaves it empty. Whatever else is there (a directory shared with other tools,
+    /// bpffs's root) is left alone.
     pub fn remove(&self) -> anyhow::Result<()> {
         let entries = std::fs::read_dir(&self.path)
             .with_context(|| format!("reading {}", self.path.display()))?;
+        let mut others = 0;
         for entry in entries.flatten() {
+            if !is_ours(&entry.file_name().to_string_lossy()) {
+                others += 1;
+                continue;
+            }
             std::fs::remove_file(entry.path())
                 .with_context(|| format!("unpinning {}", entry.path().display()))?;
         }
+        if others > 0 {
+            log::info!(
+                "left {}: it holds {others} file(s) that are not xlb's",
+                self.path.display()
+            );
+            return Ok(());
+        }
         std::fs::remove_dir(&self.path).with_context(|| format!("removing {}", self.path.display()))
     }
+}
+
+/// The interface a pinned link is for, from its name (`xdp@IF` or `tc@IF`); `None` for
+/// anything else.
+fn link_interface(name: &str) -> Option<&str> {
+    name.strip_prefix("xdp@")
+        .or_else(|| name.strip_prefix("tc@"))
+        .filter(|interface| !interface.is_empty())
+}
+
+/// Whether xlb pins a file of this name: one of its maps, or a link.
+fn is_ours(name: &str) -> bool {
+    names::PINNED.contains(&name) || link_interface(name).is_some()
+}
+
+/// Whether `path`, or where it would be made (its nearest existing ancestor), is on bpffs:
+/// the only file system the kernel pins BPF objects in.
+pub fn on_bpffs(path: &Path) -> bool {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    let Some(existing) = path.ancestors().find(|p| p.exists()) else {
+        return false;
+    };
+    let Ok(c) = std::ffi::CString::new(existing.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs writes one struct statfs, which `st` is.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated path; `st` is writable.
+    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    rc == 0 && st.f_type as i64 == BPF_FS_MAGIC
 }
 
 /// What a pinned map must be: key size, value size, capacity.
@@ -250,4 +302,35 @@ fn check(dir: &Path, cfg: &Checked) -> anyhow::Result<bool> {
         }
     }
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_xlbs_own_files_are_its_pins() {
+        for name in names::PINNED {
+            assert!(is_ours(name), "{name}");
+        }
+        assert_eq!(link_interface("xdp@eth1"), Some("eth1"));
+        assert_eq!(link_interface("tc@xlb0"), Some("xlb0"));
+        for other in ["xlb.toml", "xlb.sock", "cilium@eth0", "xdp@", "tc", "mymap"] {
+            assert!(!is_ours(other), "{other}");
+        }
+    }
+
+    #[test]
+    fn a_directory_off_bpffs_is_no_pin_path() {
+        let dir = std::env::temp_dir();
+        assert!(!on_bpffs(&dir));
+        assert!(!on_bpffs(&dir.join("not/made/yet")));
+        // Where bpffs is mounted (`cargo xtask setup` mounts it), a path under it is.
+        let bpf = Path::new("/sys/fs/bpf");
+        let mounted = std::fs::read_to_string("/proc/self/mounts")
+            .unwrap()
+            .lines()
+            .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf "));
+        assert_eq!(on_bpffs(&bpf.join("xlb-not-made-yet")), mounted);
+    }
 }
