@@ -18,7 +18,7 @@ use lb_common::{
     reason::Reason,
 };
 
-use std::path::Path;
+use std::{net::IpAddr, path::Path};
 
 use crate::{
     config::{Checked, XdpModeConfig},
@@ -245,8 +245,8 @@ pub fn check_kernel() -> anyhow::Result<()> {
 }
 
 /// Checks, before anything is loaded, that every configured interface exists and forwards
-/// IPv4, and IPv6 too when a service is IPv6, so a typo fails in milliseconds with the
-/// interface's name.
+/// IPv4, and IPv6 too when a service or NAT gateway is IPv6, so a typo fails in
+/// milliseconds with the interface's name.
 pub fn check_interfaces(cfg: &Checked) -> anyhow::Result<()> {
     for interface in &cfg.dataplane.interfaces {
         ifindex(interface)?;
@@ -258,13 +258,14 @@ pub fn check_interfaces(cfg: &Checked) -> anyhow::Result<()> {
 }
 
 /// The families whose forwarding the config needs, as their sysctls name them: "ipv4"
-/// always (NAT gateways, the handoff), "ipv6" too when a service is IPv6.
+/// always (the handoff), "ipv6" too when a service or a NAT gateway is IPv6.
 pub fn forwarded_families(cfg: &Checked) -> &'static [&'static str] {
-    if cfg.services.iter().any(|s| s.vip.is_ipv6()) {
-        &["ipv4", "ipv6"]
-    } else {
-        &["ipv4"]
-    }
+    let ipv6 = cfg.services.iter().any(|s| s.vip.is_ipv6())
+        || cfg
+            .gateways
+            .iter()
+            .any(|g| g.to.iter().any(IpAddr::is_ipv6));
+    if ipv6 { &["ipv4", "ipv6"] } else { &["ipv4"] }
 }
 
 /// Attaches the tc program that sends what the XDP program hands over, at the interface's
@@ -412,5 +413,14 @@ mod tests {
         assert_eq!(forwarded_families(&config(v4)), ["ipv4"]);
         let v6 = v4.replace("10.10.0.100:80", "[2001:db8::100]:80");
         assert_eq!(forwarded_families(&config(&v6)), ["ipv4", "ipv6"]);
+        let gateway = "[[nat_gateway]]\nsource = \"SOURCE\"\nto = \"TO\"\n";
+        let gateway4 = gateway
+            .replace("SOURCE", "10.30.0.0/24")
+            .replace("TO", "10.20.0.5");
+        assert_eq!(forwarded_families(&config(&gateway4)), ["ipv4"]);
+        let gateway6 = gateway
+            .replace("SOURCE", "2001:db8:30::/64")
+            .replace("TO", "2001:db8:51::10");
+        assert_eq!(forwarded_families(&config(&gateway6)), ["ipv4", "ipv6"]);
     }
 }

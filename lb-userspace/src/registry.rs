@@ -402,6 +402,7 @@ impl Registry {
     pub fn apply(&mut self, cfg: &Checked) -> Result<Changes, ApplyError> {
         self.check_fixed(cfg)?;
         self.check_room(cfg)?;
+        self.check_forwarding(cfg)?;
         let mut changes = Changes::default();
         let wanted: BTreeSet<ServiceName> = cfg.services.iter().map(ServiceName::of).collect();
         let gone: Vec<ServiceName> = self
@@ -526,6 +527,33 @@ impl Registry {
             self.service_ids.retired.len(),
             self.backend_ids.retired.len(),
         )
+    }
+
+    /// A change that brings the first IPv6 service or gateway needs the interfaces to
+    /// forward IPv6, as `xlb run` checks at start for the families its config has:
+    /// without it the FIB refuses every such packet, and the service would be dead with
+    /// only a counter to say so.
+    fn check_forwarding(&self, cfg: &Checked) -> Result<(), ApplyError> {
+        let running = crate::loader::forwarded_families(&self.running);
+        let errors: Vec<FieldError> = crate::loader::forwarded_families(cfg)
+            .iter()
+            .filter(|family| !running.contains(family))
+            .flat_map(|family| {
+                cfg.dataplane.interfaces.iter().filter_map(|interface| {
+                    crate::loader::check_forwarding(interface, family)
+                        .err()
+                        .map(|e| FieldError {
+                            field: "dataplane.interfaces".into(),
+                            problem: format!("{e:#}"),
+                        })
+                })
+            })
+            .collect();
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ApplyError::Invalid(ConfigErrors(errors)))
+        }
     }
 
     fn check_fixed(&self, cfg: &Checked) -> Result<(), ApplyError> {

@@ -8,13 +8,13 @@
 //! Needs root, the `xlb` binary (`$XLB_BIN`) and `ip`, `ethtool`, `ping`, `setpriv`.
 
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 use xlb_tests::echo::{self, EchoConn, EchoServer, raise_fd_limit};
-use xlb_tests::topology::{Options, SNAT, Topology, VIP, with_topology};
+use xlb_tests::topology::{Options, SNAT, SNAT6, Topology, VIP, VIP6, with_topology};
 use xlb_tests::xlb::{XlbProcess, xlb_command};
 
 const PREFIX: &str = "xlbcp";
@@ -420,6 +420,61 @@ fn apply_metrics_and_the_socket() {
             out.status
         );
         xlb.stop()?;
+        Ok(())
+    });
+}
+
+/// What cannot work is refused before anything changes: the first IPv6 service while the
+/// interfaces do not forward IPv6 (the FIB would refuse its every packet, and the service
+/// would be dead with only a counter to say so); and a daemon whose pin path is not on
+/// bpffs, which must leave what is there alone.
+#[test]
+fn what_cannot_work_is_refused_before_anything_changes() {
+    with_topology(PREFIX, Options::default(), |topo| {
+        let cfg = config(topo, &[(0, 1)], "");
+        let xlb = XlbProcess::start(&topo.lb, &cfg)?;
+        let vip6 = SocketAddrV6::new(VIP6, 80, 0, 0).to_string();
+        let add_v6 = ["service", "add", &vip6, "--snat", &SNAT6.to_string()];
+        topo.lb
+            .exec("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=0"])?;
+        let out = xlb.command(&add_v6)?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            !out.status.success() && stderr.contains("IPv6 forwarding is off"),
+            "an IPv6 service without IPv6 forwarding: {} {stderr}",
+            out.status
+        );
+        let services = json(&xlb, &["service", "ls"])?;
+        ensure!(
+            services.as_array().map(Vec::len) == Some(1),
+            "a refused service add changed the services: {services}"
+        );
+        topo.lb
+            .exec("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"])?;
+        run_ok(&xlb, &add_v6)?;
+        xlb.stop()?;
+
+        let dir = std::env::temp_dir().join(format!("xlbcp-pins-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let users = dir.join("xlb.toml");
+        std::fs::write(&users, "the user's own file")?;
+        let started = XlbProcess::start_on_pins(&topo.lb, &cfg, dir.clone());
+        let kept = std::fs::read_to_string(&users);
+        let _ = std::fs::remove_dir_all(&dir);
+        match started {
+            Ok(xlb) => {
+                xlb.stop()?;
+                bail!("xlb started with its pin path in {}", dir.display())
+            }
+            Err(e) => ensure!(
+                format!("{e:#}").contains("is not on bpffs"),
+                "the refusal does not say why: {e:#}"
+            ),
+        }
+        ensure!(
+            kept.ok().as_deref() == Some("the user's own file"),
+            "a failed start touched a file in its pin path"
+        );
         Ok(())
     });
 }
