@@ -621,6 +621,17 @@ fn run(
     };
     let mut totals = first;
     let mut refused = refusals()?;
+    // A failure (a map read refused, memory short) is logged once and the work tried again
+    // at the next turn: a sweeper that stopped would let the table fill for good.
+    let mut failing = false;
+    let failed = |what: &str, e: anyhow::Error, failing: &mut bool| {
+        if !std::mem::replace(failing, true) {
+            log::error!(
+                "the conntrack sweeper: {what} failed: {e:#}; trying again (no flow expires \
+                 meanwhile)"
+            );
+        }
+    };
     let mut pressure_until: Option<Instant> = None;
     let mut next = Instant::now() + Sweeper::INTERVAL;
     let mut sweep = |pressure: bool, totals: &mut SweepReport| -> anyhow::Result<Instant> {
@@ -650,7 +661,13 @@ fn run(
     while !stop.load(Ordering::SeqCst) {
         std::thread::sleep(Sweeper::TICK);
         let now = Instant::now();
-        let r = refusals()?;
+        let r = match refusals() {
+            Ok(r) => r,
+            Err(e) => {
+                failed("reading the refusal counters", e, &mut failing);
+                refused
+            }
+        };
         if r > refused {
             if pressure_until.is_none() {
                 log::warn!(
@@ -667,7 +684,18 @@ fn run(
             pressure_until = None;
         }
         if now >= next {
-            next = sweep(pressure, &mut totals)?;
+            next = match sweep(pressure, &mut totals) {
+                Ok(next) => {
+                    if std::mem::take(&mut failing) {
+                        log::info!("the conntrack sweeper works again");
+                    }
+                    next
+                }
+                Err(e) => {
+                    failed("a sweep", e, &mut failing);
+                    now + Sweeper::INTERVAL
+                }
+            };
         }
     }
     // A last sweep, so the final counts are current.
