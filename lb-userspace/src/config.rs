@@ -1184,11 +1184,24 @@ impl Config {
                 if h.rise == 0 || h.fall == 0 {
                     err(at("health"), "rise and fall must be at least 1".into());
                 }
-                if h.kind == HealthKind::Http && !h.path.starts_with('/') {
-                    err(
-                        at("health.path"),
-                        format!("{:?} must start with '/'", h.path),
-                    );
+                if h.kind == HealthKind::Http {
+                    // It goes into the request line as it is: a space or a line break
+                    // would make every check a bad request, and every backend down.
+                    if !h.path.starts_with('/') {
+                        err(
+                            at("health.path"),
+                            format!("{:?} must start with '/'", h.path),
+                        );
+                    } else if !h.path.bytes().all(|b| b.is_ascii_graphic() && b != b'#') {
+                        err(
+                            at("health.path"),
+                            format!(
+                                "{:?} is not an HTTP path: no spaces, controls, '#' or \
+                                 non-ASCII characters (write them as %XX)",
+                                h.path
+                            ),
+                        );
+                    }
                 }
                 if h.kind != HealthKind::None && s.protocol == Protocol::Udp {
                     err(
@@ -1545,6 +1558,35 @@ address = "10.20.0.12:8080"
         match Config::parse(text).unwrap().validate() {
             Ok(_) => Vec::new(),
             Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn a_health_path_is_one_that_fits_in_a_request_line() {
+        let with_path = |path: &str| {
+            GOOD.replacen(
+                "[[service.backend]]",
+                &format!("[service.health]\nkind = \"http\"\npath = {path:?}\n[[service.backend]]"),
+                1,
+            )
+        };
+        assert_eq!(
+            problems(&with_path("/healthz?full=1")),
+            Vec::<String>::new()
+        );
+        for bad in [
+            "healthz",
+            "/health check",
+            "/a\r\nX-Evil: 1",
+            "/é",
+            "/a#b",
+            "/\t",
+        ] {
+            let found = problems(&with_path(bad));
+            assert!(
+                found.len() == 1 && found[0].starts_with("service[0].health.path: "),
+                "{bad:?}: {found:?}"
+            );
         }
     }
 
