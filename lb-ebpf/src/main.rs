@@ -251,8 +251,11 @@ fn process(ctx: &XdpContext) -> Result<Reason, Reason> {
     } else {
         new_flow(ctx, pkt, rewrite, &mut hop)?;
     }
+    // (After a new flow's too-big first packet, which makes no flow, `rewrite` is all
+    // zeros: its source is rewritten as far as this test goes, and `new_flow` returned
+    // early only if `answers_too_big` said so.)
     if let Hop::TooBig { mtu, .. } = hop
-        && pkt.dont_fragment
+        && answers_too_big(pkt, rewrite.src.addr != pkt.key.src.addr)
     {
         return icmp::too_big(ctx, pkt, mtu);
     }
@@ -328,8 +331,9 @@ fn new_flow(
     if !gateway {
         forward::route(ctx, pkt, snat, to, hop)?;
     }
+    // A dnat flow keeps its source; fullnat and a gateway rewrite it.
     if let Hop::TooBig { .. } = hop
-        && pkt.dont_fragment
+        && answers_too_big(pkt, service.mode != MODE_DNAT)
     {
         // Answered with "fragmentation needed", not forwarded: no flow for it (its sender
         // sends again, smaller, and that packet makes the flow).
@@ -345,6 +349,19 @@ fn new_flow(
     conntrack::create(ctx, pkt, staged, reply_ifindex, rewrite)?;
     forward::route(ctx, pkt, &rewrite.src, &rewrite.dst, hop)?;
     Ok(())
+}
+
+/// Whether a packet too big for its way out is answered with "fragmentation needed" and not
+/// forwarded, rather than rewritten and left to the kernel to fragment: when its sender
+/// forbids fragmenting it (DF; IPv6 always), and when xlb rewrites its source. The kernel
+/// does not forward a packet from one of its own addresses (which the SNAT address, a VIP or
+/// a gateway's public address usually are), nor, with `rp_filter`, one whose source does
+/// not route back out of the interface it came in on: it would drop such a packet without a
+/// word. A non-DF sender that is told learns the way's MTU all the same, and fragments
+/// itself.
+#[inline(always)]
+fn answers_too_big(pkt: &parse::Packet, source_rewritten: bool) -> bool {
+    pkt.dont_fragment || source_rewritten
 }
 
 /// Whether a packet of ours can be rewritten and forwarded: its fragments cannot (later

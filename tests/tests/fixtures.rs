@@ -157,6 +157,13 @@ protocol = "tcp"
 snat = "10.20.0.1"
 [[service.backend]]
 address = "10.20.1.7:8080"
+
+[[service]]   # 10: dnat, backend behind a route of MTU 576
+vip = "10.10.0.109:80"
+protocol = "tcp"
+mode = "dnat"
+[[service.backend]]
+address = "10.20.1.7:8080"
 "#;
 
 /// A single SNAT port: the second flow toward the backend finds no free port.
@@ -1436,13 +1443,6 @@ fn icmp_and_dnat_cases(lab: &Lab) -> Vec<Case> {
 
     // A packet too big for the way to its backend (MTU 576).
     let vip_small = sa(Ipv4Addr::new(10, 10, 0, 108), 80);
-    let small = lab.ports().flow(
-        PROTO_TCP,
-        client,
-        vip_small,
-        SNAT,
-        sa(SMALL_MTU_BACKEND, 8080),
-    );
     let syn = lab.sent_by_client(tcp((CLIENT, 40000), (*vip_small.ip(), 80), TCP_SYN));
     let mut big = lab.sent_by_client(tcp((CLIENT, 40000), (*vip_small.ip(), 80), TCP_ACK));
     big.payload = vec![0x5a; 1000];
@@ -1485,15 +1485,42 @@ fn icmp_and_dnat_cases(lab: &Lab) -> Vec<Case> {
         pkt(&big_syn, fx0),
         answered_too_big(&big_syn, answer, to_client, None),
     ));
-    let unfragmentable = Frame { frags: 0, ..big };
+    // Without DF a router fragments; but the kernel would not forward this one, from the
+    // SNAT address (the host's own, or failing rp_filter): told instead, the client learns
+    // the way's MTU all the same.
+    let no_df = Frame { frags: 0, ..big };
+    let answer = icmp(
+        *vip_small.ip(),
+        CLIENT,
+        64,
+        icmp_error(
+            ICMP_DEST_UNREACH,
+            ICMP_FRAG_NEEDED,
+            SMALL_MTU,
+            &quote(&no_df, 28),
+        ),
+    );
     v.push(case(
-        "41 the same without DF: rewritten, to the kernel, which fragments it",
+        "41 the same without DF, fullnat: answered too, not left to a kernel that would \
+         drop a packet from the SNAT address",
         vec![pkt(&syn, fx0)],
-        pkt(&unfragmentable, fx0),
+        pkt(&no_df, fx0),
+        answered_too_big(&no_df, answer, to_client, Some(FlowState::New)),
+    ));
+    // dnat keeps the client's source, which the kernel forwards (and fragments).
+    let vip_small_dnat = Ipv4Addr::new(10, 10, 0, 109);
+    let syn = lab.sent_by_client(tcp((CLIENT, 40000), (vip_small_dnat, 80), TCP_SYN));
+    let mut no_df = lab.sent_by_client(tcp((CLIENT, 40000), (vip_small_dnat, 80), TCP_ACK));
+    no_df.payload = vec![0x5a; 1000];
+    no_df.frags = 0;
+    v.push(case(
+        "41b too big without DF, dnat: rewritten, to the kernel, which fragments it",
+        vec![pkt(&syn, fx0)],
+        pkt(&no_df, fx0),
         Expect {
             action: XDP_PASS,
             reason: Reason::PassFibOther,
-            output: rewritten(&unfragmentable, small.to_backend, None, 0),
+            output: rewritten(&no_df, (client, sa(SMALL_MTU_BACKEND, 8080)), None, 0),
             state: Some(FlowState::New),
         },
     ));
