@@ -114,7 +114,8 @@ pub fn lookup(
     };
     // SAFETY: a map value of this run's lookup, valid for the program run. Fields written
     // below are independent aligned stores of "now" or of 1 (or a full reset on a restart),
-    // which racing CPUs can only repeat, never undo.
+    // which racing CPUs can only repeat, never undo; the one count, `generation`, is added
+    // to atomically.
     let entry = unsafe { &mut *entry };
     // An echo's key holds its identifier in one port and 0 in the other, so a request and a
     // reply with identifier 0 have one key. A flow's requests go out and its replies come
@@ -152,8 +153,10 @@ pub fn lookup(
             crate::stats::count_new_flow(&entry.rewrite);
         }
         // Open again: one more start for the backend's open flows, which the sweeper
-        // takes off once it sees this start closed or removed.
-        entry.generation = entry.generation.wrapping_add(1);
+        // takes off once it sees this start closed or removed. Two CPUs that start the
+        // flow at once count two starts in both places: a plain increment would keep one
+        // of them, and leave the backend one open flow too many for good.
+        add_u32(&mut entry.generation, 1);
         count_start(entry.rewrite.backend_id);
     }
     if anew || entry.seen.dir(dir).lacks(&facts) || stale(entry.last_seen_ns, now) {
@@ -348,6 +351,22 @@ extern "C" fn least_step(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
         scan.best = id;
     }
     0
+}
+
+/// `*at += n`, wrapping, atomically (see [`count_add`]).
+#[inline(always)]
+fn add_u32(at: &mut u32, n: u32) {
+    #[cfg(target_arch = "bpf")]
+    // SAFETY: `at` is a valid, aligned u32 (in a map value), as the atomic add needs.
+    unsafe {
+        core::intrinsics::atomic_xadd::<u32, u32, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            at, n,
+        );
+    }
+    #[cfg(not(target_arch = "bpf"))]
+    // SAFETY: as above; nothing else reads it non-atomically meanwhile in this run.
+    unsafe { core::sync::atomic::AtomicU32::from_ptr(at) }
+        .fetch_add(n, core::sync::atomic::Ordering::Relaxed);
 }
 
 /// One more open flow for backend `id` (atomic: every CPU adds to the same counter).
