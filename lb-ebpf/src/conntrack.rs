@@ -164,12 +164,16 @@ pub fn lookup(
         // The twin carries the same record, so either entry tells the flow's state and age;
         // but only if it is still the twin (the sweeper removes the reverse entry first, and
         // its key may already belong to a new flow when the forward one is hit).
-        if let Some(twin) = CONNTRACK.get_ptr_mut(&entry.twin_key(proto)) {
-            // SAFETY: as for `entry`.
-            let twin = unsafe { &mut *twin };
-            if twin.twin_key(proto) == pkt.key {
-                record(twin, dir, &facts, anew, now);
+        match CONNTRACK.get_ptr_mut(&entry.twin_key(proto)) {
+            Some(twin) => {
+                // SAFETY: as for `entry`.
+                let twin = unsafe { &mut *twin };
+                if twin.twin_key(proto) == pkt.key {
+                    record(twin, dir, &facts, anew, now);
+                }
             }
+            None if dir == DIR_TO_BACKEND => restore_reverse(pkt, entry),
+            None => {}
         }
     } else if FlowState::of(proto, &entry.seen) == FlowState::New {
         // A flow that is still new keeps this entry's time exact, at a store per packet:
@@ -178,6 +182,41 @@ pub fn lookup(
         entry.last_seen_ns = now;
     }
     Ok(true)
+}
+
+/// Makes a flow's reverse entry again from its forward one (`forward`, hit by `pkt`), when
+/// it is gone while the forward one lives: withdrawn by another CPU that was creating the
+/// same flow and failed to store the forward entry, say, or removed by the sweeper a moment
+/// before the forward one. Without it the backend's replies would go to the kernel, and the
+/// flow's SNAT port would seem free to the next flow. Made only if the port is still free
+/// (`BPF_NOEXIST`): if another flow took it meanwhile, that flow keeps it. The interface
+/// replies arrive on is not known here (0): the first reply tells, as for a flow whose way
+/// out is not one of xlb's interfaces. Not inlined: rare, and off the hit's frame.
+#[inline(never)]
+fn restore_reverse(pkt: &Packet, forward: &NatEntry) {
+    let Some(scratch) = CREATE_SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's slot of a one-entry per-CPU array, as in `create` (which does not
+    // run during a lookup).
+    let Scratch {
+        reverse,
+        reverse_key,
+        ..
+    } = unsafe { &mut *scratch };
+    *reverse_key = forward.twin_key(pkt.key.proto);
+    // What `create` writes, from the packet the forward entry was made for.
+    reverse.rewrite.src = pkt.key.dst;
+    reverse.rewrite.dst = pkt.key.src;
+    reverse.rewrite.service_id = forward.rewrite.service_id;
+    reverse.rewrite.backend_id = forward.rewrite.backend_id;
+    reverse.rewrite.direction = DIR_TO_CLIENT;
+    reverse.rewrite._pad = [0; 3];
+    reverse.seen = forward.seen;
+    reverse.ifindex = 0;
+    reverse.generation = 0;
+    reverse.last_seen_ns = forward.last_seen_ns;
+    let _ = CONNTRACK.insert(&*reverse_key, &*reverse, BPF_NOEXIST as u64);
 }
 
 /// Older than the refresh interval (a timestamp a hair ahead of `now`, written by another

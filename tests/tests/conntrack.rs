@@ -856,6 +856,79 @@ fn a_flow_refused_a_forward_entry_keeps_its_reverse_one() {
     });
 }
 
+/// A flow whose reverse entry is gone while its forward one lives (another CPU creating the
+/// same flow withdrew it, say) gets it back at the client's next packet that tells
+/// something new, on the port it holds; the backend's replies reach the client again.
+#[test]
+fn a_lost_reverse_entry_is_made_again_from_the_forward_one() {
+    in_lab(|_| {
+        let checked = config([40000, 40000], 16);
+        let lab::Program { mut ebpf, fx0, fx1 } = lab::load(&checked)?;
+        let run = |ebpf: &Ebpf, frame: Frame, ingress: Iface| -> Result<lab::Run> {
+            lab::run(ebpf, &frame.build(), ingress.ifindex, None)
+        };
+        let client = |flags| Frame::tcp((CLIENT, 40000), (VIP, 80), flags);
+        let reply = || {
+            Frame::tcp((lab::BACKEND, 8080), (SNAT, 40000), TCP_SYN | TCP_ACK)
+                .with_macs(BACKEND_MAC, fx1.mac)
+        };
+        let reverse_key = key(sa(lab::BACKEND, 8080), sa(SNAT, 40000), PROTO_TCP);
+
+        let syn = run(&ebpf, client(TCP_SYN).with_macs(CLIENT_MAC, fx0.mac), fx0)?;
+        ensure!(
+            syn.counted == [(Reason::ForwardRedirect, 1)],
+            "{:?}",
+            syn.counted
+        );
+        remove(&mut ebpf, &reverse_key)?;
+        let lost = run(&ebpf, reply(), fx1)?;
+        ensure!(
+            lost.counted == [(Reason::PassNoService, 1)],
+            "a reply without its reverse entry: {:?}",
+            lost.counted
+        );
+
+        // The client's ACK tells something new (a segment without SYN).
+        let ack = run(&ebpf, client(TCP_ACK).with_macs(CLIENT_MAC, fx0.mac), fx0)?;
+        ensure!(
+            ack.counted == [(Reason::ForwardRedirect, 1)],
+            "{:?}",
+            ack.counted
+        );
+        let restored = lab::conntrack_entry(&ebpf, &reverse_key)?
+            .context("the reverse entry was not made again")?;
+        let want = lb_common::maps::Rewrite {
+            src: lb_common::maps::Endpoint::from_socket_v4(sa(VIP, 80)),
+            dst: lb_common::maps::Endpoint::from_socket_v4(sa(CLIENT, 40000)),
+            service_id: 0,
+            backend_id: 0,
+            direction: lb_common::maps::DIR_TO_CLIENT,
+            _pad: [0; 3],
+        };
+        ensure!(
+            restored.rewrite == want,
+            "restored as {:?}",
+            restored.rewrite
+        );
+        let back = run(&ebpf, reply(), fx1)?;
+        ensure!(
+            back.counted == [(Reason::ForwardRedirect, 1)],
+            "the reply after the restore: {:?}",
+            back.counted
+        );
+        let out = layout_v4(&back.frame)
+            .context("the forwarded reply parses")?
+            .flow_key(&back.frame);
+        ensure!(
+            out.dst == lb_common::maps::Endpoint::from_socket_v4(sa(CLIENT, 40000)),
+            "the reply went to {:?}",
+            out.dst
+        );
+        lab::check_whole_flows(&lab::conntrack(&ebpf)?)?;
+        Ok(())
+    });
+}
+
 /// The sweeper removes a flow's reverse entry first, and a new flow may take its key before
 /// the forward entry goes: a packet of the old flow must then not write into the new flow's
 /// entry.
