@@ -528,9 +528,9 @@ fn read_quote(ctx: &XdpContext, pkt: &Packet, quote: &mut Quote, key: &mut FlowK
     true
 }
 
-/// [`read_quote`] for an ICMPv6 error: its quote must be a TCP or UDP packet whose IPv6
-/// header is followed by the L4 header (no extension headers), and the error itself must
-/// have none either (so every offset stays within [`QUOTE_OFF_MASK`]).
+/// [`read_quote`] for an ICMPv6 error: its quote must be a TCP or UDP packet or an echo
+/// whose IPv6 header is followed by the L4 header (no extension headers), and the error
+/// itself must have none either (so every offset stays within [`QUOTE_OFF_MASK`]).
 #[inline(always)]
 fn read_quote_v6(ctx: &XdpContext, pkt: &Packet, quote: &mut Quote, key: &mut FlowKey) -> bool {
     if pkt.l4_off() != pkt.l3_off() + Ipv6Hdr::LEN {
@@ -549,23 +549,35 @@ fn read_quote_v6(ctx: &XdpContext, pkt: &Packet, quote: &mut Quote, key: &mut Fl
     let check_off = match inner.next_hdr {
         PROTO_TCP => TCP_CHECK_OFF,
         PROTO_UDP => UDP_CHECK_OFF,
+        PROTO_ICMPV6 => ICMP_CHECK_OFF,
         _ => return false,
     };
     let l4_off = (ip_off + Ipv6Hdr::LEN) & QUOTE_OFF_MASK;
     if l4_off + QUOTED_L4_MIN > end {
         return false;
     }
-    let Ok(ports) = ptr_at::<[u8; 4]>(ctx, l4_off) else {
+    let Ok(head) = ptr_at::<[u8; QUOTED_L4_MIN]>(ctx, l4_off) else {
         return false;
     };
-    // SAFETY: ptr_at checked the four port bytes are inside the frame.
-    let ports = unsafe { *ports };
+    // SAFETY: ptr_at checked the eight bytes are inside the frame.
+    let head = unsafe { *head };
+    // A quoted echo's "ports" are its identifier, as in IPv4's.
+    let mut echo_request = false;
+    let ports = match (inner.next_hdr, head[0], head[1]) {
+        (PROTO_ICMPV6, ECHO_REQUEST_V6, 0) => {
+            echo_request = true;
+            [head[4], head[5], 0, 0]
+        }
+        (PROTO_ICMPV6, ECHO_REPLY_V6, 0) => [0, 0, head[4], head[5]],
+        (PROTO_ICMPV6, ..) => return false,
+        _ => [head[0], head[1], head[2], head[3]],
+    };
     key.src.addr = inner.dst_addr;
     key.src.port = [ports[2], ports[3]];
     key.dst.addr = inner.src_addr;
     key.dst.port = [ports[0], ports[1]];
     key.proto = inner.next_hdr;
     key._pad = 0;
-    quote.set(ip_off, l4_off, check_off, end, inner.next_hdr, false);
+    quote.set(ip_off, l4_off, check_off, end, inner.next_hdr, echo_request);
     true
 }

@@ -279,22 +279,9 @@ pub fn rewrite_icmp_error(
     inner.check = replace(u16::from_be_bytes(inner.check), old_addrs, new_addrs).to_be_bytes();
     let mut new = new_addrs + sum_words(&inner.check);
 
-    // The quoted ports (a quoted echo's: its identifier, the request's source port or the
-    // reply's destination port), and the quoted L4 checksum when the quote reaches it.
-    let (old_ports, new_ports) = if quote.proto == PROTO_ICMP {
-        let id: *mut [u8; 2] = ptr_at(ctx, quote.l4_off() + ECHO_ID_OFF)?;
-        // SAFETY: ptr_at checked the identifier's two bytes are inside the frame.
-        let id = unsafe { &mut *id };
-        let old_id = sum_words(id);
-        *id = if quote.echo_request {
-            entry.dst.port
-        } else {
-            entry.src.port
-        };
-        (old_id, sum_words(id))
-    } else {
-        restore_quoted_ports(ctx, quote, entry)?
-    };
+    // The quoted ports (a quoted echo's: its identifier), and the quoted L4 checksum when
+    // the quote reaches it.
+    let (old_ports, new_ports) = restore_quoted_ports(ctx, quote, entry)?;
     old += old_ports;
     new += new_ports;
     // An ICMP checksum has no pseudo-header.
@@ -306,15 +293,28 @@ pub fn rewrite_icmp_error(
     finish_error_checksums(ctx, pkt, quote, quoted_l4, old, new)
 }
 
-/// Puts a quoted TCP/UDP packet's ports back as they were before xlb rewrote it (the
-/// rewrite's destination → source, either family); returns the unfolded sums of the old and
-/// the new ports.
+/// Puts a quoted packet's ports back as they were before xlb rewrote it (the rewrite's
+/// destination → source, either family), or a quoted echo's identifier (the request's
+/// source port, the reply's destination port); returns the unfolded sums of the old and the
+/// new ports.
 #[inline(always)]
 fn restore_quoted_ports(
     ctx: &XdpContext,
     quote: &Quote,
     entry: &Rewrite,
 ) -> Result<(u32, u32), Reason> {
+    if quote.proto == PROTO_ICMP || quote.proto == PROTO_ICMPV6 {
+        let id: *mut [u8; 2] = ptr_at(ctx, quote.l4_off() + ECHO_ID_OFF)?;
+        // SAFETY: ptr_at checked the identifier's two bytes are inside the frame.
+        let id = unsafe { &mut *id };
+        let old_id = sum_words(id);
+        *id = if quote.echo_request {
+            entry.dst.port
+        } else {
+            entry.src.port
+        };
+        return Ok((old_id, sum_words(id)));
+    }
     let ports: *mut [u8; 4] = ptr_at(ctx, quote.l4_off())?;
     // SAFETY: ptr_at checked the four port bytes are inside the frame.
     let ports = unsafe { &mut *ports };

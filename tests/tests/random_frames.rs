@@ -210,6 +210,7 @@ fn random_frames_match_the_reference_model() {
         ("(ipv6 flow packet)", 100),
         ("(icmpv6 echo answered)", 1000),
         ("(icmpv6 error translated)", 1000),
+        ("(icmpv6 error about a ping translated)", 10000),
         ("(ipv6 gateway flow packet)", 1000),
         ("(ipv6 gateway echo packet)", 10000),
     ] {
@@ -299,7 +300,10 @@ fn run(seed: u64, frames: u64) -> Result<(Histogram, Histogram)> {
         let icmp6 = v6.as_ref().is_some_and(|l| l.proto == PROTO_ICMPV6);
         let error6 = icmp6 && icmp_quote_v6(&input).is_some();
         if forwarded && icmp6 && !echo_flow {
-            let what = if error6 {
+            let what = if icmp_quote_v6(&input).is_some_and(|(.., proto, _)| proto == PROTO_ICMPV6)
+            {
+                "(icmpv6 error about a ping translated)"
+            } else if error6 {
                 "(icmpv6 error translated)"
             } else {
                 "(icmpv6 echo answered)"
@@ -1602,7 +1606,12 @@ fn check_icmp6_error(
     let mut checksums = Vec::with_capacity(2);
     checksums.push(at + 2..at + 4);
     if let Some((.., proto, q4)) = icmp_quote_v6(input) {
-        let off = q4 + if proto == PROTO_TCP { 16 } else { 6 };
+        let off = q4
+            + match proto {
+                PROTO_TCP => 16,
+                PROTO_UDP => 6,
+                _ => 2,
+            };
         let end = at + u16::from_be_bytes([input[ETH_HLEN + 4], input[ETH_HLEN + 5]]) as usize;
         if off + 2 <= end {
             checksums.push(off..off + 2);
@@ -1621,7 +1630,18 @@ fn random_icmp6_error(
     fx0: Iface,
     fx1: Iface,
 ) -> (Frame, Iface) {
-    let f = &tracked6[rng.below(tracked6.len() as u64) as usize];
+    let mut f = &tracked6[rng.below(tracked6.len() as u64) as usize];
+    // Pings through the gateway are few among the tracked flows: now and then, look for one
+    // (a bounded search), as for IPv4.
+    if rng.chance(30) {
+        for _ in 0..64 {
+            let g = &tracked6[rng.below(tracked6.len() as u64) as usize];
+            if g.l4.proto() == PROTO_ICMPV6 {
+                f = g;
+                break;
+            }
+        }
+    }
     let (client, vip) = f.v6.expect("an IPv6 frame");
     let client_router = Ipv6Addr::new(
         0x2001,
@@ -1643,6 +1663,8 @@ fn random_icmp6_error(
         0,
         0x200 + rng.below(50) as u16,
     );
+    // A quoted ping (a tracked echo through the gateway): its type and identifier.
+    let mut echo = None;
     let (quoted, router, to, client_side) = if rng.chance(50) {
         // xlb's reply toward the client, VIP → client, reported to the VIP.
         let q = Frame {
@@ -1651,6 +1673,10 @@ fn random_icmp6_error(
             dport: f.sport,
             ..f.clone()
         };
+        if f.l4.proto() == PROTO_ICMPV6 {
+            // The echo reply xlb sent the private host, with its own identifier.
+            echo = Some((ICMPV6_ECHO_REPLY, [f.payload[4], f.payload[5]]));
+        }
         (q, client_router, vip, true)
     } else {
         // xlb's packet toward the backend, reported to its source (SNAT, or the client's).
@@ -1666,6 +1692,10 @@ fn random_icmp6_error(
             dport: backend.port(),
             ..f.clone()
         };
+        if f.l4.proto() == PROTO_ICMPV6 {
+            // The echo request xlb sent out, with the public identifier.
+            echo = Some((ICMPV6_ECHO_REQUEST, snat.port().to_be_bytes()));
+        }
         (q, backend_router, s, false)
     };
     let mut quoted = Frame {
@@ -1679,14 +1709,16 @@ fn random_icmp6_error(
     };
     quoted.l4 = random_l4(rng, &quoted.l4);
     let len = rng.below(40) as usize;
-    // A quoted ping (a gateway's: no translation of errors about it yet) is raw bytes: 8 of
-    // them at least, as a TCP or UDP header would be.
-    let len = if matches!(quoted.l4, L4::Other { .. }) {
-        len.max(8)
-    } else {
-        len
-    };
     quoted.payload = rng.bytes(len);
+    match (echo, quoted.v6) {
+        (Some((kind, [i0, i1])), Some((qs, qd))) => {
+            let [s0, s1] = (rng.next() as u16).to_be_bytes();
+            quoted.payload = icmp6_message(qs, qd, kind, 0, [i0, i1, s0, s1], &quoted.payload);
+        }
+        // Raw bytes of another protocol: 8 at least, as a TCP or UDP header would be.
+        _ if matches!(quoted.l4, L4::Other { .. }) => quoted.payload = rng.bytes(len.max(8)),
+        _ => {}
+    }
     let whole = quoted.build()[ETH_HLEN..].to_vec();
     let cut = match rng.below(6) {
         0 | 1 => IPV6_HLEN + 8,

@@ -520,14 +520,21 @@ pub fn icmp_quote_v6(frame: &[u8]) -> Option<(SocketAddrV6, SocketAddrV6, u8, us
     }
     let proto = frame[q + 6];
     let q4 = q + IPV6_HLEN;
-    if !matches!(proto, PROTO_TCP | PROTO_UDP) || q4 + 8 > end {
+    if !matches!(proto, PROTO_TCP | PROTO_UDP | PROTO_ICMPV6) || q4 + 8 > end {
         return None;
     }
     let addr = |o: usize| Ipv6Addr::from(<[u8; 16]>::try_from(&frame[o..o + 16]).unwrap());
     let port = |o: usize| u16::from_be_bytes([frame[o], frame[o + 1]]);
+    // A quoted echo's identifier stands in for its ports, as in IPv4 (`icmp_quote_v4`).
+    let (sport, dport) = match (proto, frame[q4], frame[q4 + 1]) {
+        (PROTO_ICMPV6, ICMPV6_ECHO_REQUEST, 0) => (port(q4 + 4), 0),
+        (PROTO_ICMPV6, ICMPV6_ECHO_REPLY, 0) => (0, port(q4 + 4)),
+        (PROTO_ICMPV6, ..) => return None,
+        _ => (port(q4), port(q4 + 2)),
+    };
     Some((
-        SocketAddrV6::new(addr(q + 8), port(q4), 0, 0),
-        SocketAddrV6::new(addr(q + 24), port(q4 + 2), 0, 0),
+        SocketAddrV6::new(addr(q + 8), sport, 0, 0),
+        SocketAddrV6::new(addr(q + 24), dport, 0, 0),
         proto,
         q4,
     ))
@@ -561,9 +568,25 @@ pub fn icmp_error_v6(
     out[ip + 24..ip + 40].copy_from_slice(&outer_dst.octets());
     out[q + 8..q + 24].copy_from_slice(&inner_src.ip().octets());
     out[q + 24..q + 40].copy_from_slice(&inner_dst.ip().octets());
-    out[q4..q4 + 2].copy_from_slice(&inner_src.port().to_be_bytes());
-    out[q4 + 2..q4 + 4].copy_from_slice(&inner_dst.port().to_be_bytes());
-    let check_off = q4 + if proto == PROTO_TCP { 16 } else { 6 };
+    if proto == PROTO_ICMPV6 {
+        // The identifier: a request's source port, a reply's destination port.
+        let id = if frame[q4] == ICMPV6_ECHO_REQUEST {
+            inner_src.port()
+        } else {
+            inner_dst.port()
+        };
+        out[q4 + 4..q4 + 6].copy_from_slice(&id.to_be_bytes());
+    } else {
+        out[q4..q4 + 2].copy_from_slice(&inner_src.port().to_be_bytes());
+        out[q4 + 2..q4 + 4].copy_from_slice(&inner_dst.port().to_be_bytes());
+    }
+    // ICMPv6's checksum, like TCP's and UDP's, covers a pseudo-header.
+    let check_off = q4
+        + match proto {
+            PROTO_TCP => 16,
+            PROTO_UDP => 6,
+            _ => 2,
+        };
     if check_off + 2 <= end && !(proto == PROTO_UDP && frame[check_off..check_off + 2] == [0, 0]) {
         let seg_len = u16::from_be_bytes([frame[q + 4], frame[q + 5]]) as usize;
         let quoted = end - q4;
