@@ -21,7 +21,11 @@ pub fn backend(
     if service.flags & quic::SERVICE_QUIC == 0 || pkt.key.proto != PROTO_UDP {
         return None;
     }
-    // The UDP header is 8 bytes; the payload's first four follow (bounds-checked).
+    // The UDP header is 8 bytes; the payload's first four follow (bounds-checked), if the
+    // datagram has them: Ethernet padding after a shorter one is no part of it.
+    if pkt.l4_off() + 8 + 4 > pkt.l3_off() + pkt.tot_len as usize {
+        return None;
+    }
     let bytes = parse::ptr_at::<[u8; 4]>(ctx, pkt.l4_off() + 8).ok()?;
     // SAFETY: ptr_at checked the four bytes lie within the packet.
     let server = quic::server_id(unsafe { *bytes })?;
