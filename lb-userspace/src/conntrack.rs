@@ -620,18 +620,21 @@ fn run(
         Ok(sum)
     };
     let mut totals = first;
-    let mut refused = refusals()?;
-    // A failure (a map read refused, memory short) is logged once and the work tried again
-    // at the next turn: a sweeper that stopped would let the table fill for good.
-    let mut failing = false;
+    // A failure (a map read refused, memory short) is logged once, when it starts, and the
+    // work tried again at the next turn: a sweeper that stopped would let the table fill
+    // for good.
+    let (mut counting_fails, mut sweeping_fails) = (false, false);
     let failed = |what: &str, e: anyhow::Error, failing: &mut bool| {
         if !std::mem::replace(failing, true) {
-            log::error!(
-                "the conntrack sweeper: {what} failed: {e:#}; trying again (no flow expires \
-                 meanwhile)"
-            );
+            log::error!("the conntrack sweeper: {what}: {e:#}");
         }
     };
+    const COUNTING: &str = "reading the refusal counters failed; sweeping on, but not more \
+                            often when new flows are refused";
+    let mut refused = refusals().unwrap_or_else(|e| {
+        failed(COUNTING, e, &mut counting_fails);
+        0
+    });
     let mut pressure_until: Option<Instant> = None;
     let mut next = Instant::now() + Sweeper::INTERVAL;
     let mut sweep = |pressure: bool, totals: &mut SweepReport| -> anyhow::Result<Instant> {
@@ -662,9 +665,14 @@ fn run(
         std::thread::sleep(Sweeper::TICK);
         let now = Instant::now();
         let r = match refusals() {
-            Ok(r) => r,
+            Ok(r) => {
+                if std::mem::take(&mut counting_fails) {
+                    log::info!("the conntrack sweeper reads the refusal counters again");
+                }
+                r
+            }
             Err(e) => {
-                failed("reading the refusal counters", e, &mut failing);
+                failed(COUNTING, e, &mut counting_fails);
                 refused
             }
         };
@@ -686,14 +694,22 @@ fn run(
         if now >= next {
             next = match sweep(pressure, &mut totals) {
                 Ok(next) => {
-                    if std::mem::take(&mut failing) {
-                        log::info!("the conntrack sweeper works again");
+                    if std::mem::take(&mut sweeping_fails) {
+                        log::info!("the conntrack sweeper sweeps again");
                     }
                     next
                 }
                 Err(e) => {
-                    failed("a sweep", e, &mut failing);
-                    now + Sweeper::INTERVAL
+                    failed(
+                        "a sweep failed; trying again (no flow expires meanwhile)",
+                        e,
+                        &mut sweeping_fails,
+                    );
+                    now + if pressure {
+                        Sweeper::TICK
+                    } else {
+                        Sweeper::INTERVAL
+                    }
                 }
             };
         }

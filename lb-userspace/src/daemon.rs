@@ -55,19 +55,26 @@ pub async fn run(mut opts: RunOptions) -> anyhow::Result<()> {
     let mut sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
 
     // Everything that can fail without touching the data plane fails first: the
-    // interfaces, the kernel, the metrics port and the API socket (last: the one that
-    // leaves a file behind, removed on every failure after it).
+    // interfaces, the kernel, the API socket (first of the two: a second daemon started
+    // by mistake is told so by name) and the metrics port. The socket's file is removed on
+    // every failure after it.
     loader::check_interfaces(&cfg)?;
     loader::check_kernel()?;
-    let metrics_listener = match cfg.api.metrics.parse() {
-        Ok(addr) => Some(metrics::bind(addr).await?),
-        Err(_) => None,
-    };
     let socket = opts
         .socket
         .clone()
         .unwrap_or_else(|| cfg.api.socket.clone());
     let api_listener = api::bind(&socket).await?;
+    let metrics_listener = match cfg.api.metrics.parse() {
+        Ok(addr) => match metrics::bind(addr).await {
+            Ok(listener) => Some(listener),
+            Err(e) => {
+                let _ = std::fs::remove_file(&socket);
+                return Err(e);
+            }
+        },
+        Err(_) => None,
+    };
     let pins = match PinDir::open(&cfg) {
         Ok(pins) => pins,
         Err(e) => {

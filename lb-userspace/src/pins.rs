@@ -136,7 +136,11 @@ impl PinDir {
             );
             return Ok(());
         }
-        std::fs::remove_dir(&self.path).with_context(|| format!("removing {}", self.path.display()))
+        match std::fs::remove_dir(&self.path) {
+            // A mount point (bpffs's root itself) stays.
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Ok(()),
+            removed => removed.with_context(|| format!("removing {}", self.path.display())),
+        }
     }
 }
 
