@@ -130,7 +130,9 @@ pub fn lookup(
     if entry.ifindex != ingress {
         // Not known when the flow was made (its way out toward this side was not one of
         // xlb's interfaces: a VLAN device, say), the first packet from there tells.
-        if !forward::arrives_here(ctx, entry.ifindex) && !forward::source_routes_back(ctx, pkt) {
+        if !forward::arrives_here(ctx, entry.ifindex)
+            && !forward::source_routes_back(ctx, pkt)
+        {
             return Err(Reason::DropWrongInterface);
         }
         // The route moved: the flow's packets come in here now.
@@ -160,6 +162,7 @@ pub fn lookup(
         count_start(entry.rewrite.backend_id);
     }
     if anew || entry.seen.dir(dir).lacks(&facts) || stale(entry.last_seen_ns, now) {
+        let last_seen = entry.last_seen_ns;
         record(entry, dir, &facts, anew, now);
         // The twin carries the same record, so either entry tells the flow's state and age;
         // but only if it is still the twin (the sweeper removes the reverse entry first, and
@@ -172,7 +175,7 @@ pub fn lookup(
                     record(twin, dir, &facts, anew, now);
                 }
             }
-            None if dir == DIR_TO_BACKEND => restore_reverse(pkt, entry),
+            None if dir == DIR_TO_BACKEND => restore_reverse(pkt, entry, last_seen),
             None => {}
         }
     } else if FlowState::of(proto, &entry.seen) == FlowState::New {
@@ -189,11 +192,15 @@ pub fn lookup(
 /// same flow and failed to store the forward entry, say, or removed by the sweeper a moment
 /// before the forward one. Without it the backend's replies would go to the kernel, and the
 /// flow's SNAT port would seem free to the next flow. Made only if the port is still free
-/// (`BPF_NOEXIST`): if another flow took it meanwhile, that flow keeps it. The interface
-/// replies arrive on is not known here (0): the first reply tells, as for a flow whose way
-/// out is not one of xlb's interfaces. Not inlined: rare, and off the hit's frame.
+/// (`BPF_NOEXIST`): if another flow took it meanwhile, that flow keeps it. It is made with
+/// the time the flow was seen before this packet (`last_seen`): if the sweeper was removing
+/// the flow (reverse entry first), the forward entry goes next and the new reverse one is an
+/// orphan the next sweep removes, not one kept alive for a whole timeout; while the forward
+/// entry lives, the sweeper judges the pair by the fresher time, and keeps it. The
+/// interface replies arrive on is not known here (0): the first reply tells, as for a flow
+/// whose way out is not one of xlb's interfaces. Not inlined: rare, and off the hit's frame.
 #[inline(never)]
-fn restore_reverse(pkt: &Packet, forward: &NatEntry) {
+fn restore_reverse(pkt: &Packet, forward: &NatEntry, last_seen: u64) {
     let Some(scratch) = CREATE_SCRATCH.get_ptr_mut(0) else {
         return;
     };
@@ -205,18 +212,41 @@ fn restore_reverse(pkt: &Packet, forward: &NatEntry) {
         ..
     } = unsafe { &mut *scratch };
     *reverse_key = forward.twin_key(pkt.key.proto);
-    // What `create` writes, from the packet the forward entry was made for.
-    reverse.rewrite.src = pkt.key.dst;
-    reverse.rewrite.dst = pkt.key.src;
-    reverse.rewrite.service_id = forward.rewrite.service_id;
-    reverse.rewrite.backend_id = forward.rewrite.backend_id;
+    let rewrite = &forward.rewrite;
+    fill_reverse(
+        reverse,
+        &pkt.key,
+        (rewrite.service_id, rewrite.backend_id),
+        forward.seen,
+        0,
+        last_seen,
+    );
+    let _ = CONNTRACK.insert(&*reverse_key, &*reverse, BPF_NOEXIST as u64);
+}
+
+/// Writes the reverse entry of the flow whose first packet had `key`, field by field (a
+/// struct built whole would be built on the stack first): its replies are translated back
+/// to `key`'s addresses; `ids` are the service's and backend's; `ifindex` is where replies
+/// arrive (0: not known yet).
+#[inline(always)]
+fn fill_reverse(
+    reverse: &mut NatEntry,
+    key: &FlowKey,
+    (service_id, backend_id): (u32, u32),
+    seen: FlowSeen,
+    ifindex: u32,
+    now: u64,
+) {
+    reverse.rewrite.src = key.dst;
+    reverse.rewrite.dst = key.src;
+    reverse.rewrite.service_id = service_id;
+    reverse.rewrite.backend_id = backend_id;
     reverse.rewrite.direction = DIR_TO_CLIENT;
     reverse.rewrite._pad = [0; 3];
-    reverse.seen = forward.seen;
-    reverse.ifindex = 0;
+    reverse.seen = seen;
+    reverse.ifindex = ifindex;
     reverse.generation = 0;
-    reverse.last_seen_ns = forward.last_seen_ns;
-    let _ = CONNTRACK.insert(&*reverse_key, &*reverse, BPF_NOEXIST as u64);
+    reverse.last_seen_ns = now;
 }
 
 /// Older than the refresh interval (a timestamp a hair ahead of `now`, written by another
@@ -558,16 +588,14 @@ pub fn create(
     forward.ifindex = ctx.ingress_ifindex() as u32;
     forward.generation = 0;
     forward.last_seen_ns = now;
-    reverse.rewrite.src = key.dst;
-    reverse.rewrite.dst = key.src;
-    reverse.rewrite.service_id = flow.service.id;
-    reverse.rewrite.backend_id = flow.backend_id;
-    reverse.rewrite.direction = DIR_TO_CLIENT;
-    reverse.rewrite._pad = [0; 3];
-    reverse.seen = seen;
-    reverse.ifindex = reply_ifindex;
-    reverse.generation = 0;
-    reverse.last_seen_ns = now;
+    fill_reverse(
+        reverse,
+        key,
+        (flow.service.id, flow.backend_id),
+        seen,
+        reply_ifindex,
+        now,
+    );
 
     probe.hash = hash;
     probe.now = now;

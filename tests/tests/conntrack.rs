@@ -925,6 +925,35 @@ fn a_lost_reverse_entry_is_made_again_from_the_forward_one() {
             out.dst
         );
         lab::check_whole_flows(&lab::conntrack(&ebpf)?)?;
+
+        // The sweeper removing the flow, expired, takes the reverse entry first: a client
+        // packet between that and the forward entry's removal makes the reverse entry again,
+        // but as old as the flow was, so it is an orphan the next sweep removes, not one
+        // that keeps the port for a whole timeout.
+        let forward_key = key(sa(CLIENT, 40000), sa(VIP, 80), PROTO_TCP);
+        age(
+            &mut ebpf,
+            &forward_key,
+            Duration::from_secs(TIMEOUTS.tcp_established as u64 + 10),
+        )?;
+        remove(&mut ebpf, &reverse_key)?;
+        let late = run(&ebpf, client(TCP_ACK).with_macs(CLIENT_MAC, fx0.mac), fx0)?;
+        ensure!(
+            late.counted == [(Reason::ForwardRedirect, 1)],
+            "{:?}",
+            late.counted
+        );
+        ensure!(
+            lab::conntrack_entry(&ebpf, &reverse_key)?.is_some(),
+            "the late packet did not make the reverse entry again"
+        );
+        remove(&mut ebpf, &forward_key)?;
+        let report = Table::open(&ebpf)?.sweep(&TIMEOUTS, false)?;
+        let left = lab::conntrack(&ebpf)?;
+        ensure!(
+            report.orphans == 1 && left.is_empty(),
+            "the sweep after: {report:?}, left {left:?}"
+        );
         Ok(())
     });
 }
