@@ -131,7 +131,7 @@ pub fn lookup(
         // Not known when the flow was made (its way out toward this side was not one of
         // xlb's interfaces: a VLAN device, say), the first packet from there tells.
         if !forward::arrives_here(ctx, entry.ifindex)
-            && !forward::source_routes_back(ctx, pkt)
+            && !forward::routes_back(ctx, pkt, &pkt.key.src, &pkt.key.dst)
         {
             return Err(Reason::DropWrongInterface);
         }

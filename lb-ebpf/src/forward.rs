@@ -227,9 +227,10 @@ pub enum Hop {
     /// Leave it to the kernel's stack (MACs untouched, so the kernel still takes it as
     /// addressed to this host), for the given reason. `ifindex` is what the FIB said.
     Kernel { ifindex: u32, reason: Reason },
-    /// Larger than the MTU of the way out of `ifindex`. With DF set, the sender must hear
-    /// it (`icmp::too_big`); without, it goes to the kernel's stack, which fragments it, as
-    /// a `Kernel` hop does.
+    /// Larger than the MTU of the way out of `ifindex`. The sender hears it
+    /// (`icmp::too_big`) when DF is set or the kernel would not take the packet's new
+    /// source (`answers_too_big` in main.rs); else it goes to the kernel's stack, which
+    /// fragments it, as a `Kernel` hop does.
     TooBig { ifindex: u32, mtu: u16 },
 }
 
@@ -408,17 +409,20 @@ pub fn arrives_here(ctx: &XdpContext, ifindex: u32) -> bool {
     ifindex == 0 || ifindex == ctx.ingress_ifindex() as u32
 }
 
-/// Whether the packet's source routes back out of the interface it came in on: the strict
-/// reverse-path rule (rp_filter = 1), asked only when a tracked flow's packet arrives on
-/// another interface than the flow's packets did. No MTU check (`tot_len` 0): the way back
-/// may have a smaller MTU. With a multipath route the FIB names one of its paths, where
+/// Whether a packet from `src` to `dst` that came in where `pkt` did passes the strict
+/// reverse-path rule (rp_filter = 1): `src` routes back out of that interface. A host's own
+/// address does not (the FIB says "local", and the kernel drops such a source as a
+/// martian). Asked for a tracked flow's packet that arrives on another interface than the
+/// flow's packets did (its own addresses), and for a packet too big for its way out whose
+/// source xlb rewrites (the addresses it would have). No MTU check (`tot_len` 0): the way
+/// back may have a smaller MTU. With a multipath route the FIB names one of its paths, where
 /// rp_filter accepts any: a flow whose packets come in by several paths of one route may be
 /// refused on some.
 #[inline(never)]
-pub fn source_routes_back(ctx: &XdpContext, pkt: &Packet) -> bool {
+pub fn routes_back(ctx: &XdpContext, pkt: &Packet, src: &Endpoint, dst: &Endpoint) -> bool {
     // SAFETY: plain data, filled in by `fib`.
     let mut params: FibParams = unsafe { core::mem::zeroed() };
-    let rc = fib(ctx, pkt, &pkt.key.dst, &pkt.key.src, 0, &mut params);
+    let rc = fib(ctx, pkt, dst, src, 0, &mut params);
     matches!(rc, BPF_FIB_LKUP_RET_SUCCESS | BPF_FIB_LKUP_RET_NO_NEIGH)
         && params.ifindex == ctx.ingress_ifindex() as u32
 }

@@ -88,7 +88,7 @@ pub struct Quote {
     l4_off: usize,
     /// 0 when the quote ends before the L4 checksum (a TCP quote of 8 bytes, say).
     l4_check_off: usize,
-    /// The quoted packet's protocol: TCP, UDP, or ICMP (an echo).
+    /// The quoted packet's protocol: TCP, UDP, or ICMP or ICMPv6 (an echo).
     pub proto: u8,
     /// A quoted echo is a request (its identifier is its source port), not a reply.
     pub echo_request: bool,
@@ -273,7 +273,8 @@ fn error(ctx: &XdpContext, pkt: &Packet) -> Result<Reason, Reason> {
     Ok(sent)
 }
 
-/// Turns a packet too big for its way out (DF set, or IPv6; `mtu` is that way's) into ICMP
+/// Turns a packet too big for its way out (DF set, IPv6, or a source the kernel would not
+/// take; `mtu` is that way's) into ICMP
 /// "fragmentation needed" (ICMPv6 "packet too big") to its sender, from the address it sent
 /// to (the VIP, or the SNAT address for a backend's reply), quoting its IP header (options
 /// or extension headers included) and the 8 bytes after it as it sent them (before any
@@ -508,16 +509,8 @@ fn read_quote(ctx: &XdpContext, pkt: &Packet, quote: &mut Quote, key: &mut FlowK
     };
     // SAFETY: ptr_at checked the eight bytes are inside the frame.
     let head = unsafe { *head };
-    // A quoted echo's "ports" are its identifier (see `parse`); other ICMP is no flow's.
-    let mut echo_request = false;
-    let ports = match (inner.proto, head[0], head[1]) {
-        (PROTO_ICMP, ECHO_REQUEST, 0) => {
-            echo_request = true;
-            [head[4], head[5], 0, 0]
-        }
-        (PROTO_ICMP, ECHO_REPLY, 0) => [0, 0, head[4], head[5]],
-        (PROTO_ICMP, ..) => return false,
-        _ => [head[0], head[1], head[2], head[3]],
+    let Some((ports, echo_request)) = quoted_ports(inner.proto, &head) else {
+        return false;
     };
     // Field by field: a struct built whole would be built on the stack first.
     key.src = Endpoint::v4(inner.dst_addr, [ports[2], ports[3]]);
@@ -526,6 +519,24 @@ fn read_quote(ctx: &XdpContext, pkt: &Packet, quote: &mut Quote, key: &mut FlowK
     key._pad = 0;
     quote.set(ip_off, l4_off, check_off, end, inner.proto, echo_request);
     true
+}
+
+/// The ports of a quoted packet of protocol `proto`, from its first bytes `head`: a TCP or
+/// UDP header's, or a quoted echo's identifier, which stands in for them (see `parse`): a
+/// request's source port, a reply's destination port; and whether it is an echo request.
+/// `None` for other ICMP, which is no flow's.
+#[inline(always)]
+fn quoted_ports(proto: u8, head: &[u8; QUOTED_L4_MIN]) -> Option<([u8; 4], bool)> {
+    match (proto, head[0], head[1]) {
+        (PROTO_ICMP, ECHO_REQUEST, 0) | (PROTO_ICMPV6, ECHO_REQUEST_V6, 0) => {
+            Some(([head[4], head[5], 0, 0], true))
+        }
+        (PROTO_ICMP, ECHO_REPLY, 0) | (PROTO_ICMPV6, ECHO_REPLY_V6, 0) => {
+            Some(([0, 0, head[4], head[5]], false))
+        }
+        (PROTO_ICMP | PROTO_ICMPV6, ..) => None,
+        _ => Some(([head[0], head[1], head[2], head[3]], false)),
+    }
 }
 
 /// [`read_quote`] for an ICMPv6 error: its quote must be a TCP or UDP packet or an echo
@@ -561,16 +572,8 @@ fn read_quote_v6(ctx: &XdpContext, pkt: &Packet, quote: &mut Quote, key: &mut Fl
     };
     // SAFETY: ptr_at checked the eight bytes are inside the frame.
     let head = unsafe { *head };
-    // A quoted echo's "ports" are its identifier, as in IPv4's.
-    let mut echo_request = false;
-    let ports = match (inner.next_hdr, head[0], head[1]) {
-        (PROTO_ICMPV6, ECHO_REQUEST_V6, 0) => {
-            echo_request = true;
-            [head[4], head[5], 0, 0]
-        }
-        (PROTO_ICMPV6, ECHO_REPLY_V6, 0) => [0, 0, head[4], head[5]],
-        (PROTO_ICMPV6, ..) => return false,
-        _ => [head[0], head[1], head[2], head[3]],
+    let Some((ports, echo_request)) = quoted_ports(inner.next_hdr, &head) else {
+        return false;
     };
     key.src.addr = inner.dst_addr;
     key.src.port = [ports[2], ports[3]];

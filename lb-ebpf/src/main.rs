@@ -50,8 +50,8 @@ use lb_common::{
     hash::NEXT_HOP_SLOTS,
     maps::{
         BackendEntry, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAGLEV_SIZE, DEFAULT_MAX_BACKENDS,
-        DEFAULT_MAX_SERVICES, FlowKey, FlowStats, Handoff, MAX_INTERFACES, MODE_DNAT, Mapping,
-        MappingKey, NO_BACKEND, NatEntry, Rewrite, ServiceEntry, ServiceKey, Settings,
+        DEFAULT_MAX_SERVICES, Endpoint, FlowKey, FlowStats, Handoff, MAX_INTERFACES, MODE_DNAT,
+        Mapping, MappingKey, NO_BACKEND, NatEntry, Rewrite, ServiceEntry, ServiceKey, Settings,
     },
     reason::Reason,
 };
@@ -245,17 +245,16 @@ fn process(ctx: &XdpContext) -> Result<Reason, Reason> {
     *rewrite = Rewrite::default();
     let fwd = forwardable(pkt);
     let mut hop = Hop::NONE;
-    if conntrack::lookup(ctx, pkt, fwd.is_ok(), rewrite)? {
+    let tracked = if conntrack::lookup(ctx, pkt, fwd.is_ok(), rewrite)? {
         fwd?;
         forward::route(ctx, pkt, &rewrite.src, &rewrite.dst, &mut hop)?;
+        true
     } else {
-        new_flow(ctx, pkt, rewrite, &mut hop)?;
-    }
-    // (After a new flow's too-big first packet, which makes no flow, `rewrite` is all
-    // zeros: its source is rewritten as far as this test goes, and `new_flow` returned
-    // early only if `answers_too_big` said so.)
+        new_flow(ctx, pkt, rewrite, &mut hop)?
+    };
+    // A first packet too big made no flow (`new_flow` asked `answers_too_big`).
     if let Hop::TooBig { mtu, .. } = hop
-        && answers_too_big(pkt, rewrite.src.addr != pkt.key.src.addr)
+        && (!tracked || answers_too_big(ctx, pkt, &rewrite.src, &rewrite.dst))
     {
         return icmp::too_big(ctx, pkt, mtu);
     }
@@ -272,7 +271,8 @@ fn process(ctx: &XdpContext) -> Result<Reason, Reason> {
 /// The first packet of a flow, if it is addressed to a service (or comes from a NAT
 /// gateway's private network): picks the backend (a gateway's is the packet's own
 /// destination), routes to it (`hop`), and creates the flow, whose forward rewrite it
-/// writes to `rewrite`.
+/// writes to `rewrite`. Returns whether it made the flow: not for a packet too big for its
+/// way out that is to be answered.
 ///
 /// `hop` is written, not returned: returned by value, the result goes through memory and
 /// LLVM may leave a pointer into the caller's stack in R0 at the exit, which the verifier
@@ -283,7 +283,7 @@ fn new_flow(
     pkt: &parse::Packet,
     rewrite: &mut Rewrite,
     hop: &mut Hop,
-) -> Result<(), Reason> {
+) -> Result<bool, Reason> {
     // What is not ours goes to the kernel untouched.
     let not_ours = if pkt.is_icmp() {
         Reason::PassIcmp
@@ -331,13 +331,14 @@ fn new_flow(
     if !gateway {
         forward::route(ctx, pkt, snat, to, hop)?;
     }
-    // A dnat flow keeps its source; fullnat and a gateway rewrite it.
+    // (The source a fullnat or gateway flow gets is one of the pool's addresses, which
+    // share their way: the first stands for them.)
     if let Hop::TooBig { .. } = hop
-        && answers_too_big(pkt, service.mode != MODE_DNAT)
+        && answers_too_big(ctx, pkt, snat, to)
     {
         // Answered with "fragmentation needed", not forwarded: no flow for it (its sender
         // sends again, smaller, and that packet makes the flow).
-        return Ok(());
+        return Ok(false);
     }
     let reply_ifindex = forward::arrival_ifindex(hop.ifindex());
     // The hop is forgotten while the flow is made, and asked for again after: kept, each of
@@ -348,20 +349,20 @@ fn new_flow(
     *hop = Hop::NONE;
     conntrack::create(ctx, pkt, staged, reply_ifindex, rewrite)?;
     forward::route(ctx, pkt, &rewrite.src, &rewrite.dst, hop)?;
-    Ok(())
+    Ok(true)
 }
 
-/// Whether a packet too big for its way out is answered with "fragmentation needed" and not
-/// forwarded, rather than rewritten and left to the kernel to fragment: when its sender
-/// forbids fragmenting it (DF; IPv6 always), and when xlb rewrites its source. The kernel
-/// does not forward a packet from one of its own addresses (which the SNAT address, a VIP or
-/// a gateway's public address usually are), nor, with `rp_filter`, one whose source does
-/// not route back out of the interface it came in on: it would drop such a packet without a
-/// word. A non-DF sender that is told learns the way's MTU all the same, and fragments
-/// itself.
+/// Whether a packet too big for its way out, to be rewritten from `src` to `dst`, is
+/// answered with "fragmentation needed" and not forwarded, rather than rewritten and left to
+/// the kernel to fragment: when its sender forbids fragmenting it (DF; IPv6 always), and
+/// when xlb rewrites its source to one the kernel would not take from where the packet came
+/// in. The kernel drops a packet from one of its own addresses (which a SNAT address, a VIP
+/// or a gateway's public address often are) as a martian, and with `rp_filter` one whose
+/// source does not route back out of that interface, without a word; a routed address
+/// that does passes (the strict rule is asked: the looser ones cannot be read from here).
 #[inline(always)]
-fn answers_too_big(pkt: &parse::Packet, source_rewritten: bool) -> bool {
-    pkt.dont_fragment || source_rewritten
+fn answers_too_big(ctx: &XdpContext, pkt: &parse::Packet, src: &Endpoint, dst: &Endpoint) -> bool {
+    pkt.dont_fragment || (src.addr != pkt.key.src.addr && !forward::routes_back(ctx, pkt, src, dst))
 }
 
 /// Whether a packet of ours can be rewritten and forwarded: its fragments cannot (later

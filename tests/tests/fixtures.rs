@@ -164,6 +164,13 @@ protocol = "tcp"
 mode = "dnat"
 [[service.backend]]
 address = "10.20.1.7:8080"
+
+[[service]]   # 11: as 9, from a SNAT address routed toward the clients (not the host's)
+vip = "10.10.0.110:80"
+protocol = "tcp"
+snat = "10.10.1.50"
+[[service.backend]]
+address = "10.20.1.7:8080"
 "#;
 
 /// A single SNAT port: the second flow toward the backend finds no free port.
@@ -1485,9 +1492,9 @@ fn icmp_and_dnat_cases(lab: &Lab) -> Vec<Case> {
         pkt(&big_syn, fx0),
         answered_too_big(&big_syn, answer, to_client, None),
     ));
-    // Without DF a router fragments; but the kernel would not forward this one, from the
-    // SNAT address (the host's own, or failing rp_filter): told instead, the client learns
-    // the way's MTU all the same.
+    // Without DF a router fragments; but the kernel would not forward this one, from a
+    // SNAT address that does not route back out of fx0 (rp_filter; or the host's own, a
+    // martian): told instead, the client learns the way's MTU all the same.
     let no_df = Frame { frags: 0, ..big };
     let answer = icmp(
         *vip_small.ip(),
@@ -1521,6 +1528,31 @@ fn icmp_and_dnat_cases(lab: &Lab) -> Vec<Case> {
             action: XDP_PASS,
             reason: Reason::PassFibOther,
             output: rewritten(&no_df, (client, sa(SMALL_MTU_BACKEND, 8080)), None, 0),
+            state: Some(FlowState::New),
+        },
+    ));
+    // From a SNAT address that routes back out of fx0, the kernel takes it (and fragments).
+    let vip_routed = sa(Ipv4Addr::new(10, 10, 0, 110), 80);
+    let routed = lab.ports().flow(
+        PROTO_TCP,
+        client,
+        vip_routed,
+        Ipv4Addr::new(10, 10, 1, 50),
+        sa(SMALL_MTU_BACKEND, 8080),
+    );
+    let syn = lab.sent_by_client(tcp((CLIENT, 40000), (*vip_routed.ip(), 80), TCP_SYN));
+    let mut no_df = lab.sent_by_client(tcp((CLIENT, 40000), (*vip_routed.ip(), 80), TCP_ACK));
+    no_df.payload = vec![0x5a; 1000];
+    no_df.frags = 0;
+    v.push(case(
+        "41c the same from a SNAT address that routes back where it came in: rewritten, to \
+         the kernel, which fragments it",
+        vec![pkt(&syn, fx0)],
+        pkt(&no_df, fx0),
+        Expect {
+            action: XDP_PASS,
+            reason: Reason::PassFibOther,
+            output: rewritten(&no_df, routed.to_backend, None, 0),
             state: Some(FlowState::New),
         },
     ));

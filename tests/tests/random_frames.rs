@@ -51,7 +51,8 @@ use xlb_tests::{
     model::{
         FlowModel, echo_reply_v4, echo_reply_v6, echo_rewrite_v4, echo_rewrite_v6, echo_v6,
         flow_key, flows::key, icmp_error_v4, icmp_error_v6, icmp_layout_v4, icmp_quote_v4,
-        icmp_quote_v6, icmp_quoted_check_off, is_icmp_error, nat_rewrite, rewrite::IcmpLayout,
+        icmp_quote_v6, icmp_quoted_check_off, icmp6_quoted_check_off, is_icmp_error, nat_rewrite,
+        rewrite::IcmpLayout,
     },
     packet::{
         ETH_HLEN, ETH_P_IPV6, Frame, ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST,
@@ -1605,17 +1606,8 @@ fn check_icmp6_error(
     // The ICMPv6 checksum, and the quoted L4 one when quoted.
     let mut checksums = Vec::with_capacity(2);
     checksums.push(at + 2..at + 4);
-    if let Some((.., proto, q4)) = icmp_quote_v6(input) {
-        let off = q4
-            + match proto {
-                PROTO_TCP => 16,
-                PROTO_UDP => 6,
-                _ => 2,
-            };
-        let end = at + u16::from_be_bytes([input[ETH_HLEN + 4], input[ETH_HLEN + 5]]) as usize;
-        if off + 2 <= end {
-            checksums.push(off..off + 2);
-        }
+    if let Some(off) = icmp6_quoted_check_off(input) {
+        checksums.push(off..off + 2);
     }
     matches_reference(input, run, expected, &checksums)?;
     Ok(reason)

@@ -10,5 +10,6 @@ pub use flows::FlowModel;
 pub use rewrite::{
     echo_key_v6, echo_reply_v4, echo_reply_v6, echo_rewrite_v4, echo_rewrite_v6, echo_v6, flow_key,
     flow_key_v4, icmp_error_v4, icmp_error_v6, icmp_layout_v4, icmp_quote_v4, icmp_quote_v6,
-    icmp_quoted_check_off, is_icmp_error, nat_rewrite, nat_rewrite_v4, nat_rewrite_v6, too_big_v4,
+    icmp_quoted_check_off, icmp6_quoted_check_off, is_icmp_error, nat_rewrite, nat_rewrite_v4,
+    nat_rewrite_v6, too_big_v4,
 };

@@ -363,14 +363,27 @@ pub fn icmp_quoted_check_off(frame: &[u8]) -> Option<usize> {
     let l = icmp_layout_v4(frame)?;
     let (_, _, proto) = icmp_quote_v4(frame)?;
     let q = l.icmp_off + 8;
-    let off = q
-        + ((frame[q] & 0x0f) as usize) * 4
-        + match proto {
-            PROTO_TCP => 16,
-            PROTO_UDP => 6,
-            _ => 2,
-        };
+    let off = q + ((frame[q] & 0x0f) as usize) * 4 + l4_check_off(proto);
     (off + 2 <= l.end).then_some(off)
+}
+
+/// [`icmp_quoted_check_off`] for an ICMPv6 error ([`icmp_quote_v6`]).
+pub fn icmp6_quoted_check_off(frame: &[u8]) -> Option<usize> {
+    let (_, _, proto, q4) = icmp_quote_v6(frame)?;
+    let end = ETH_HLEN
+        + IPV6_HLEN
+        + u16::from_be_bytes([frame[ETH_HLEN + 4], frame[ETH_HLEN + 5]]) as usize;
+    let off = q4 + l4_check_off(proto);
+    (off + 2 <= end).then_some(off)
+}
+
+/// Where the checksum is in a TCP, UDP or ICMP(v6) header.
+fn l4_check_off(proto: u8) -> usize {
+    match proto {
+        PROTO_TCP => 16,
+        PROTO_UDP => 6,
+        _ => 2,
+    }
 }
 
 /// The reference translation of an ICMP error: the outer header to `outer_src` →
@@ -498,10 +511,11 @@ pub fn too_big_v4(frame: &[u8], mtu: u16) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// The quoted TCP/UDP packet of an ICMPv6 error, as the program reads it: `(source,
-/// destination, protocol, offset of its L4 header)`. `None` unless the error is an ICMPv6
-/// error (types 1 to 4) with no extension headers, quoting an IPv6 header followed at once
-/// by TCP or UDP, with the ports inside the error.
+/// The quoted TCP/UDP packet or echo of an ICMPv6 error, as the program reads it: `(source,
+/// destination, protocol, offset of its L4 header)`, an echo's identifier standing in for
+/// its ports. `None` unless the error is an ICMPv6 error (types 1 to 4) with no extension
+/// headers, quoting an IPv6 header followed at once by TCP, UDP or an echo, with its first
+/// 8 bytes inside the error.
 pub fn icmp_quote_v6(frame: &[u8]) -> Option<(SocketAddrV6, SocketAddrV6, u8, usize)> {
     let l = parse_v6(frame).ok()?;
     let at = l.l4_off;
@@ -581,13 +595,9 @@ pub fn icmp_error_v6(
         out[q4 + 2..q4 + 4].copy_from_slice(&inner_dst.port().to_be_bytes());
     }
     // ICMPv6's checksum, like TCP's and UDP's, covers a pseudo-header.
-    let check_off = q4
-        + match proto {
-            PROTO_TCP => 16,
-            PROTO_UDP => 6,
-            _ => 2,
-        };
-    if check_off + 2 <= end && !(proto == PROTO_UDP && frame[check_off..check_off + 2] == [0, 0]) {
+    if let Some(check_off) = icmp6_quoted_check_off(frame)
+        && !(proto == PROTO_UDP && frame[check_off..check_off + 2] == [0, 0])
+    {
         let seg_len = u16::from_be_bytes([frame[q + 4], frame[q + 5]]) as usize;
         let quoted = end - q4;
         let addr =
