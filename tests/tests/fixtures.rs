@@ -1449,112 +1449,108 @@ fn icmp_and_dnat_cases(lab: &Lab) -> Vec<Case> {
     ));
 
     // A packet too big for the way to its backend (MTU 576).
-    let vip_small = sa(Ipv4Addr::new(10, 10, 0, 108), 80);
-    let syn = lab.sent_by_client(tcp((CLIENT, 40000), (*vip_small.ip(), 80), TCP_SYN));
-    let mut big = lab.sent_by_client(tcp((CLIENT, 40000), (*vip_small.ip(), 80), TCP_ACK));
-    big.payload = vec![0x5a; 1000];
-    let too_big = icmp(
-        *vip_small.ip(),
-        CLIENT,
-        64,
-        icmp_error(
-            ICMP_DEST_UNREACH,
-            ICMP_FRAG_NEEDED,
-            SMALL_MTU,
-            &quote(&big, 28),
-        ),
-    );
+    let first = |vip: Ipv4Addr| lab.sent_by_client(tcp((CLIENT, 40000), (vip, 80), TCP_SYN));
+    // 1040 bytes from CLIENT:40000 to `vip`: 80, DF set or not.
+    let big = |vip: Ipv4Addr, df: bool| {
+        let mut f = lab.sent_by_client(tcp((CLIENT, 40000), (vip, 80), TCP_ACK));
+        f.payload = vec![0x5a; 1000];
+        if !df {
+            f.frags = 0;
+        }
+        f
+    };
+    // "Fragmentation needed" from `vip` to the client, quoting `quoted` bytes of `frame`.
+    let too_big = |vip: Ipv4Addr, frame: &Frame, quoted: usize| {
+        icmp(
+            vip,
+            CLIENT,
+            64,
+            icmp_error(
+                ICMP_DEST_UNREACH,
+                ICMP_FRAG_NEEDED,
+                SMALL_MTU,
+                &quote(frame, quoted),
+            ),
+        )
+    };
+    // Rewritten toward `to`, and left to the kernel, which fragments it.
+    let to_kernel = |frame: &Frame, to| Expect {
+        action: XDP_PASS,
+        reason: Reason::PassFibOther,
+        output: rewritten(frame, to, None, 0),
+        state: Some(FlowState::New),
+    };
+    let vip_small = Ipv4Addr::new(10, 10, 0, 108);
+    let df = big(vip_small, true);
     v.push(case(
         "40 too big for the way to the backend, DF set: ICMP fragmentation needed to the \
          client, from the VIP, quoting what it sent",
-        vec![pkt(&syn, fx0)],
-        pkt(&big, fx0),
-        answered_too_big(&big, too_big, to_client, Some(FlowState::New)),
+        vec![pkt(&first(vip_small), fx0)],
+        pkt(&df, fx0),
+        answered_too_big(
+            &df,
+            too_big(vip_small, &df, 28),
+            to_client,
+            Some(FlowState::New),
+        ),
     ));
     // A first packet too big, with IP options: the quote takes them in; no flow is made.
-    let mut big_syn = lab.sent_by_client(tcp((CLIENT, 40001), (*vip_small.ip(), 80), TCP_SYN));
+    let mut big_syn = lab.sent_by_client(tcp((CLIENT, 40001), (vip_small, 80), TCP_SYN));
     big_syn.payload = vec![0x5a; 1000];
     big_syn.ip_options = vec![1, 1, 1, 1, 1, 1, 1, 0];
-    let answer = icmp(
-        *vip_small.ip(),
-        CLIENT,
-        64,
-        icmp_error(
-            ICMP_DEST_UNREACH,
-            ICMP_FRAG_NEEDED,
-            SMALL_MTU,
-            &quote(&big_syn, 28 + 8),
-        ),
-    );
     v.push(case(
         "42 a first packet too big, with IP options: answered, quoting them too; no flow",
         vec![],
         pkt(&big_syn, fx0),
-        answered_too_big(&big_syn, answer, to_client, None),
+        answered_too_big(
+            &big_syn,
+            too_big(vip_small, &big_syn, 28 + 8),
+            to_client,
+            None,
+        ),
     ));
     // Without DF a router fragments; but the kernel would not forward this one, from a
     // SNAT address that does not route back out of fx0 (rp_filter; or the host's own, a
     // martian): told instead, the client learns the way's MTU all the same.
-    let no_df = Frame { frags: 0, ..big };
-    let answer = icmp(
-        *vip_small.ip(),
-        CLIENT,
-        64,
-        icmp_error(
-            ICMP_DEST_UNREACH,
-            ICMP_FRAG_NEEDED,
-            SMALL_MTU,
-            &quote(&no_df, 28),
-        ),
-    );
+    let no_df = big(vip_small, false);
     v.push(case(
         "41 the same without DF, fullnat: answered too, not left to a kernel that would \
          drop a packet from the SNAT address",
-        vec![pkt(&syn, fx0)],
+        vec![pkt(&first(vip_small), fx0)],
         pkt(&no_df, fx0),
-        answered_too_big(&no_df, answer, to_client, Some(FlowState::New)),
+        answered_too_big(
+            &no_df,
+            too_big(vip_small, &no_df, 28),
+            to_client,
+            Some(FlowState::New),
+        ),
     ));
     // dnat keeps the client's source, which the kernel forwards (and fragments).
     let vip_small_dnat = Ipv4Addr::new(10, 10, 0, 109);
-    let syn = lab.sent_by_client(tcp((CLIENT, 40000), (vip_small_dnat, 80), TCP_SYN));
-    let mut no_df = lab.sent_by_client(tcp((CLIENT, 40000), (vip_small_dnat, 80), TCP_ACK));
-    no_df.payload = vec![0x5a; 1000];
-    no_df.frags = 0;
     v.push(case(
         "41b too big without DF, dnat: rewritten, to the kernel, which fragments it",
-        vec![pkt(&syn, fx0)],
-        pkt(&no_df, fx0),
-        Expect {
-            action: XDP_PASS,
-            reason: Reason::PassFibOther,
-            output: rewritten(&no_df, (client, sa(SMALL_MTU_BACKEND, 8080)), None, 0),
-            state: Some(FlowState::New),
-        },
+        vec![pkt(&first(vip_small_dnat), fx0)],
+        pkt(&big(vip_small_dnat, false), fx0),
+        to_kernel(
+            &big(vip_small_dnat, false),
+            (client, sa(SMALL_MTU_BACKEND, 8080)),
+        ),
     ));
     // From a SNAT address that routes back out of fx0, the kernel takes it (and fragments).
-    let vip_routed = sa(Ipv4Addr::new(10, 10, 0, 110), 80);
+    let vip_routed = Ipv4Addr::new(10, 10, 0, 110);
     let routed = lab.ports().flow(
         PROTO_TCP,
         client,
-        vip_routed,
+        sa(vip_routed, 80),
         Ipv4Addr::new(10, 10, 1, 50),
         sa(SMALL_MTU_BACKEND, 8080),
     );
-    let syn = lab.sent_by_client(tcp((CLIENT, 40000), (*vip_routed.ip(), 80), TCP_SYN));
-    let mut no_df = lab.sent_by_client(tcp((CLIENT, 40000), (*vip_routed.ip(), 80), TCP_ACK));
-    no_df.payload = vec![0x5a; 1000];
-    no_df.frags = 0;
     v.push(case(
         "41c the same from a SNAT address that routes back where it came in: rewritten, to \
          the kernel, which fragments it",
-        vec![pkt(&syn, fx0)],
-        pkt(&no_df, fx0),
-        Expect {
-            action: XDP_PASS,
-            reason: Reason::PassFibOther,
-            output: rewritten(&no_df, routed.to_backend, None, 0),
-            state: Some(FlowState::New),
-        },
+        vec![pkt(&first(vip_routed), fx0)],
+        pkt(&big(vip_routed, false), fx0),
+        to_kernel(&big(vip_routed, false), routed.to_backend),
     ));
 
     // dnat: the backend sees the client; its replies come back through xlb.

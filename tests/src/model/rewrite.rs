@@ -377,6 +377,22 @@ pub fn icmp6_quoted_check_off(frame: &[u8]) -> Option<usize> {
     (off + 2 <= end).then_some(off)
 }
 
+/// Writes a quoted packet's ports (its L4 header at `q4`): a TCP or UDP header's, or an
+/// echo's identifier, which stands in for them: a request's source port, a reply's
+/// destination port.
+fn put_quoted_ports(out: &mut [u8], q4: usize, proto: u8, src: u16, dst: u16) {
+    match (proto, out[q4]) {
+        (PROTO_ICMP, ICMP_ECHO_REQUEST) | (PROTO_ICMPV6, ICMPV6_ECHO_REQUEST) => {
+            out[q4 + 4..q4 + 6].copy_from_slice(&src.to_be_bytes())
+        }
+        (PROTO_ICMP | PROTO_ICMPV6, _) => out[q4 + 4..q4 + 6].copy_from_slice(&dst.to_be_bytes()),
+        _ => {
+            out[q4..q4 + 2].copy_from_slice(&src.to_be_bytes());
+            out[q4 + 2..q4 + 4].copy_from_slice(&dst.to_be_bytes());
+        }
+    }
+}
+
 /// Where the checksum is in a TCP, UDP or ICMP(v6) header.
 fn l4_check_off(proto: u8) -> usize {
     match proto {
@@ -420,18 +436,7 @@ pub fn icmp_error_v4(
     out[q + 10..q + 12].copy_from_slice(&[0, 0]);
     let check = checksum(&out[q..q + ihl]);
     out[q + 10..q + 12].copy_from_slice(&check.to_be_bytes());
-    if proto == PROTO_ICMP {
-        // The identifier: a request's source port, a reply's destination port.
-        let id = if frame[q4] == ICMP_ECHO_REQUEST {
-            inner_src.port()
-        } else {
-            inner_dst.port()
-        };
-        out[q4 + 4..q4 + 6].copy_from_slice(&id.to_be_bytes());
-    } else {
-        out[q4..q4 + 2].copy_from_slice(&inner_src.port().to_be_bytes());
-        out[q4 + 2..q4 + 4].copy_from_slice(&inner_dst.port().to_be_bytes());
-    }
+    put_quoted_ports(&mut out, q4, proto, inner_src.port(), inner_dst.port());
 
     if let Some(check_off) = icmp_quoted_check_off(frame)
         && !(proto == PROTO_UDP && frame[check_off..check_off + 2] == [0, 0])
@@ -582,18 +587,7 @@ pub fn icmp_error_v6(
     out[ip + 24..ip + 40].copy_from_slice(&outer_dst.octets());
     out[q + 8..q + 24].copy_from_slice(&inner_src.ip().octets());
     out[q + 24..q + 40].copy_from_slice(&inner_dst.ip().octets());
-    if proto == PROTO_ICMPV6 {
-        // The identifier: a request's source port, a reply's destination port.
-        let id = if frame[q4] == ICMPV6_ECHO_REQUEST {
-            inner_src.port()
-        } else {
-            inner_dst.port()
-        };
-        out[q4 + 4..q4 + 6].copy_from_slice(&id.to_be_bytes());
-    } else {
-        out[q4..q4 + 2].copy_from_slice(&inner_src.port().to_be_bytes());
-        out[q4 + 2..q4 + 4].copy_from_slice(&inner_dst.port().to_be_bytes());
-    }
+    put_quoted_ports(&mut out, q4, proto, inner_src.port(), inner_dst.port());
     // ICMPv6's checksum, like TCP's and UDP's, covers a pseudo-header.
     if let Some(check_off) = icmp6_quoted_check_off(frame)
         && !(proto == PROTO_UDP && frame[check_off..check_off + 2] == [0, 0])
