@@ -79,7 +79,7 @@ const SERVICES_TOML: &str = r#"
 [dataplane]
 interfaces = ["fx0", "fx1"]
 maglev_table_size = 251
-max_services = 12
+max_services = 13
 max_backends = 16
 snat_port_range = [20000, 29999]
 hash_seed = 0x5eed1234
@@ -171,6 +171,19 @@ protocol = "tcp"
 snat = "10.10.1.50"
 [[service.backend]]
 address = "10.20.1.7:8080"
+
+[[service]]   # 12: QUIC; the scheduler sends new flows to 8444 (8443 takes none)
+vip = "10.10.0.111:443"
+protocol = "udp"
+snat = "10.20.0.1"
+quic = true
+[[service.backend]]
+address = "10.20.1.2:8443"
+quic_id = 1
+weight = 0
+[[service.backend]]
+address = "10.20.1.2:8444"
+quic_id = 2
 "#;
 
 /// A single SNAT port: the second flow toward the backend finds no free port.
@@ -1123,6 +1136,38 @@ fn services_cases(lab: &Lab) -> Vec<Case> {
         "10c UDP checksum that computes to 0 after the rewrite: sent as 0xffff",
         vec![],
         pkt(&qz, fx0),
+        expect,
+    ));
+
+    // QUIC: a short header's connection ID names the backend, but only from inside the
+    // datagram. One with a 2-byte payload, padded to Ethernet's minimum with bytes that
+    // would read as server id 1 (the backend that takes no new flows), goes by the
+    // scheduler.
+    let quic_vip = sa(Ipv4Addr::new(10, 10, 0, 111), 443);
+    let quic = lab.ports().flow(
+        PROTO_UDP,
+        sa(CLIENT, 5003),
+        quic_vip,
+        SNAT,
+        sa(BACKEND, 8444),
+    );
+    let short = lab.sent_by_client(Frame {
+        pad_to: Some(60),
+        ..Frame::udp((CLIENT, 5003), (*quic_vip.ip(), 443), &[0x40, 0x00])
+    });
+    // The payload ends at byte 44: its "bytes 2 and 3" are padding.
+    let id_in_padding = |bytes: &mut Vec<u8>| bytes[44..46].copy_from_slice(&[0, 1]);
+    let mut input = pkt(&short, fx0);
+    id_in_padding(&mut input.input);
+    let mut expect = lab.redirected_to_backend(&short, &quic, FlowState::New);
+    if let Output::Rewritten { built, reference } = &mut expect.output {
+        id_in_padding(built);
+        id_in_padding(reference);
+    }
+    v.push(case(
+        "10d QUIC: a server id read from the padding after a short datagram is no id",
+        vec![],
+        input,
         expect,
     ));
 
