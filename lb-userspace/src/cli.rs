@@ -122,11 +122,19 @@ pub struct ClientArgs {
     /// Print a table (for people) or the API's JSON (for scripts).
     #[arg(long, short, value_enum, default_value_t = Output::Table)]
     pub output: Output,
+    /// How long to wait for the daemon's answer before giving up.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = crate::client::DEFAULT_TIMEOUT.as_secs(),
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub timeout: u64,
 }
 
 impl ClientArgs {
     fn client(&self) -> Client {
-        Client::new(self.socket.clone())
+        Client::new(self.socket.clone()).with_timeout(std::time::Duration::from_secs(self.timeout))
     }
 }
 

@@ -6,6 +6,7 @@ use std::{
     io::ErrorKind,
     net::SocketAddr,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use anyhow::{Context as _, anyhow, bail};
@@ -30,18 +31,49 @@ pub enum Output {
     Json,
 }
 
+/// How long a command waits for the daemon's answer by default (`--timeout`): a change
+/// takes milliseconds, a `--cut` of a full table a few seconds.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// A connection to the daemon's API socket.
 pub struct Client {
     socket: PathBuf,
+    /// How long to wait for an answer: a daemon that is stopped (SIGSTOP) or stuck still
+    /// takes connections, which the kernel queues.
+    timeout: Duration,
 }
 
 impl Client {
     pub fn new(socket: PathBuf) -> Client {
-        Client { socket }
+        Client {
+            socket,
+            timeout: DEFAULT_TIMEOUT,
+        }
+    }
+
+    pub fn with_timeout(self, timeout: Duration) -> Client {
+        Client { timeout, ..self }
     }
 
     /// Sends one request; returns the answer's JSON, or the daemon's error message.
     pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<Value> {
+        match tokio::time::timeout(self.timeout, self.exchange(method, path, body)).await {
+            Ok(answer) => answer,
+            Err(_) => bail!(
+                "the xlb daemon at {} did not answer within {} s: is it stopped or stuck? \
+                 (`xlb doctor` checks; --timeout waits longer)",
+                self.socket.display(),
+                self.timeout.as_secs_f64()
+            ),
+        }
+    }
+
+    async fn exchange(
         &self,
         method: Method,
         path: &str,
@@ -83,8 +115,11 @@ impl Client {
             let message = json
                 .get("error")
                 .and_then(Value::as_str)
-                .unwrap_or("no message")
-                .to_string();
+                .filter(|m| !m.is_empty())
+                .map(str::to_string)
+                // An answer without a message (a path an older daemon does not know):
+                // its status says what happened.
+                .unwrap_or_else(|| format!("the daemon answered {status} to {path}"));
             bail!("{message}");
         }
         Ok(json)

@@ -197,6 +197,7 @@ fn rp_filter() -> Check {
 
 async fn daemon(socket: &Path) -> Check {
     match Client::new(socket.to_path_buf())
+        .with_timeout(std::time::Duration::from_secs(5))
         .call(hyper::Method::GET, "/v1/status", None)
         .await
     {
@@ -215,6 +216,15 @@ async fn daemon(socket: &Path) -> Check {
             format!(
                 "{} exists but this user may not use it (the API is root's): run doctor as \
                  root to know whether a daemon runs",
+                socket.display()
+            ),
+        ),
+        Err(e) if format!("{e:#}").contains("did not answer") => check(
+            Verdict::Fail,
+            "daemon",
+            format!(
+                "one on {} takes connections but does not answer: stopped (SIGSTOP; `kill \
+                 -CONT` it) or stuck (its log says why); `xlb run` would be refused",
                 socket.display()
             ),
         ),

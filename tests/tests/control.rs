@@ -550,6 +550,28 @@ fn commands_explain_bad_arguments_and_missing_daemons() -> Result<()> {
             "invalid value",
         ),
     ];
+    // A daemon that takes connections but never answers (stopped, or stuck): the kernel
+    // queues the connection, and only a timeout ends the wait.
+    let stuck = std::env::temp_dir().join(format!("xlbcp-stuck-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&stuck);
+    let _listener = std::os::unix::net::UnixListener::bind(&stuck)?;
+    let asked = Instant::now();
+    let out = xlb_command(&[
+        "status",
+        "--timeout",
+        "1",
+        "--socket",
+        stuck.to_str().context("path")?,
+    ])?;
+    let waited = asked.elapsed();
+    let _ = std::fs::remove_file(&stuck);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && stderr.contains("did not answer within 1 s"),
+        "xlb status on a daemon that never answers: {} {stderr}",
+        out.status
+    );
+    ensure!(waited < Duration::from_secs(10), "it waited {waited:?}");
     for (args, expect) in cases {
         let out = xlb_command(&args)?;
         let stderr = String::from_utf8_lossy(&out.stderr);
