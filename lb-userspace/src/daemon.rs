@@ -20,7 +20,7 @@ use crate::{
     conntrack::{self, Sweeper},
     ethtool::SendErrors,
     health, loader, metrics,
-    neighbours::ManagedNeighbours,
+    neighbours::{self, ManagedNeighbours, NextHop},
     pins::PinDir,
     registry::Registry,
     stats, veth,
@@ -158,7 +158,7 @@ pub async fn run(mut opts: RunOptions) -> anyhow::Result<()> {
                 .await
                 .unwrap_or_default();
                 checks.follow();
-                neighbours.cover(addresses).await;
+                neighbours.follow(addresses).await;
             }
         }
     }
@@ -242,7 +242,7 @@ async fn start(cfg: &Checked, opts: &RunOptions, pins: &PinDir) -> anyhow::Resul
         println!("warning: {problem}");
     }
     let mut neighbours = Neighbours::default();
-    neighbours.cover(registry.backend_addresses()).await;
+    neighbours.follow(registry.backend_addresses()).await;
 
     let accounting = Arc::new(Mutex::new(conntrack::Accounting::open(&loaded.ebpf)?));
     let sweeper = Sweeper::start(&loaded.ebpf, cfg.conntrack.timeouts(), accounting.clone())?;
@@ -326,23 +326,46 @@ fn forward_ebpf_logs(ebpf: &mut aya::Ebpf) -> anyhow::Result<()> {
 /// the first packet then.
 #[derive(Default)]
 struct Neighbours {
+    /// What each `install` set up, less the next hops let go of since.
     sets: Vec<ManagedNeighbours>,
+    /// The backends whose next hop is in `sets`.
     covered: HashSet<IpAddr>,
+    /// Backends without a route, warned about once; tried again every tick.
+    unroutable: HashSet<IpAddr>,
+    /// An install failed (and was logged); tried again every tick.
+    failing: bool,
+    /// The kernel has no managed entries: nothing to do, ever.
     unsupported: bool,
 }
 
 impl Neighbours {
-    async fn cover(&mut self, addresses: Vec<IpAddr>) {
-        let new: Vec<IpAddr> = addresses
-            .into_iter()
-            .filter(|a| !self.covered.contains(a))
-            .collect();
-        if self.unsupported || new.is_empty() {
+    /// Keeps the next hops of `backends` (every backend now) resolved: installs managed
+    /// entries for new backends and for those that had no route before, and lets go of the
+    /// next hops only gone backends used.
+    async fn follow(&mut self, backends: Vec<IpAddr>) {
+        if self.unsupported {
             return;
         }
+        let wanted: HashSet<IpAddr> = backends.iter().copied().collect();
+        self.release(&wanted).await;
+        self.unroutable.retain(|a| wanted.contains(a));
+        let mut new: Vec<IpAddr> = wanted
+            .iter()
+            .copied()
+            .filter(|a| !self.covered.contains(a))
+            .collect();
+        if new.is_empty() {
+            return;
+        }
+        new.sort();
         let managed = match ManagedNeighbours::install(&new).await {
-            Ok(managed) => managed,
-            Err(e) => {
+            Ok(managed) => {
+                if std::mem::take(&mut self.failing) {
+                    log::info!("the backends' next hops are kept resolved again");
+                }
+                managed
+            }
+            Err(e) if e.downcast_ref::<neighbours::Unsupported>().is_some() => {
                 println!(
                     "warning: the backends' next hops are not kept resolved ({e:#}); first \
                      packets to them wait for the kernel to resolve them"
@@ -350,10 +373,32 @@ impl Neighbours {
                 self.unsupported = true;
                 return;
             }
+            Err(e) => {
+                if !std::mem::replace(&mut self.failing, true) {
+                    println!(
+                        "warning: the backends' next hops are not kept resolved for now \
+                         ({e:#}); trying again every second"
+                    );
+                }
+                return;
+            }
         };
-        self.covered.extend(new);
+        for hop in managed.next_hops() {
+            for backend in &hop.backends {
+                self.covered.insert(*backend);
+                self.unroutable.remove(backend);
+            }
+        }
         for u in managed.unroutable() {
-            println!("warning: backend {} has no route: {}", u.address, u.reason);
+            if self.unroutable.insert(u.address) {
+                println!(
+                    "warning: backend {} has no route: {} (tried again every second)",
+                    u.address, u.reason
+                );
+            }
+        }
+        if managed.next_hops().is_empty() {
+            return;
         }
         match managed.wait_resolved(Duration::from_secs(1)).await {
             Ok(unresolved) => {
@@ -364,6 +409,30 @@ impl Neighbours {
             Err(e) => log::warn!("waiting for the backends' next hops: {e:#}"),
         }
         self.sets.push(managed);
+    }
+
+    /// Lets go of the next hops no backend of `wanted` uses: the entries made for them are
+    /// deleted, so the kernel stops probing hosts nobody sends to. A next hop one wanted
+    /// backend still uses stays in every set that has it (its entry may be another set's).
+    async fn release(&mut self, wanted: &HashSet<IpAddr>) {
+        let used = |hop: &NextHop| hop.backends.iter().any(|b| wanted.contains(b));
+        let needed: HashSet<(IpAddr, u32)> = self
+            .sets
+            .iter()
+            .flat_map(|set| set.next_hops())
+            .filter(|hop| used(hop))
+            .map(|hop| (hop.address, hop.ifindex))
+            .collect();
+        for set in &mut self.sets {
+            if let Err(e) = set
+                .retain(|hop| needed.contains(&(hop.address, hop.ifindex)))
+                .await
+            {
+                log::warn!("letting go of the next hops of removed backends: {e:#}");
+            }
+        }
+        self.sets.retain(|set| !set.next_hops().is_empty());
+        self.covered.retain(|b| wanted.contains(b));
     }
 
     async fn remove(self) {

@@ -318,6 +318,26 @@ impl ManagedNeighbours {
         }
     }
 
+    /// Keeps the next hops `keep` says to keep, and lets go of the others: deletes the
+    /// entries this instance created for them (as [`remove`](Self::remove) does), and
+    /// forgets them. For backends that are gone: a managed entry for a host nobody sends to
+    /// any more would be probed by the kernel for ever. Tries every entry, then reports
+    /// every failure.
+    pub async fn retain(&mut self, keep: impl Fn(&NextHop) -> bool) -> anyhow::Result<()> {
+        let (kept, gone): (Vec<NextHop>, Vec<NextHop>) = std::mem::take(&mut self.next_hops)
+            .into_iter()
+            .partition(|h| keep(h));
+        self.next_hops = kept;
+        if gone.is_empty() {
+            return Ok(());
+        }
+        let released = ManagedNeighbours {
+            next_hops: gone,
+            unroutable: Vec::new(),
+        };
+        released.remove().await
+    }
+
     /// What is managed, for logs: each next hop, its interface, the backends behind it and
     /// what `install` did about it (its `Display` prints all that on one line).
     pub fn next_hops(&self) -> &[NextHop] {
@@ -347,12 +367,13 @@ impl ManagedNeighbours {
         for hop in self.next_hops.iter().filter(|h| h.entry == Entry::Created) {
             match table.get(&NextHopKey::of(hop)) {
                 Some(entry) if entry.managed => {}
-                Some(_) => bail!(
-                    "the kernel installed the neighbour entry for {} dev {} without the managed \
-                     flag: managed neighbour entries (NTF_EXT_MANAGED) need Linux 5.16 or later",
-                    hop.address,
-                    hop.interface
-                ),
+                Some(_) => {
+                    return Err(anyhow::Error::new(Unsupported).context(format!(
+                        "the kernel installed the neighbour entry for {} dev {} without the \
+                         managed flag",
+                        hop.address, hop.interface
+                    )));
+                }
                 None => bail!(
                     "the managed neighbour entry for {} dev {} disappeared right after it was \
                      installed",
@@ -416,6 +437,12 @@ enum Leave {
     /// None.
     Nothing,
 }
+
+/// The error of [`ManagedNeighbours::install`] on a kernel that does not know managed
+/// entries: no use trying again.
+#[derive(Debug, thiserror::Error)]
+#[error("managed neighbour entries (NTF_EXT_MANAGED) need Linux 5.16 or later")]
+pub struct Unsupported;
 
 /// A next hop as the neighbour table knows it: an address on an interface.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

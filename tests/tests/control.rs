@@ -479,6 +479,44 @@ fn what_cannot_work_is_refused_before_anything_changes() {
     });
 }
 
+/// The managed neighbour entries follow the backends: a removed backend's entry goes (the
+/// kernel would probe a host nobody sends to for ever), one added again comes back.
+#[test]
+fn managed_neighbour_entries_follow_the_backends() {
+    with_topology(PREFIX, Options::default(), |topo| {
+        let xlb = XlbProcess::start(&topo.lb, &config(topo, &[(0, 1), (1, 1)], ""))?;
+        // Whether the LB's neighbour table holds a managed entry for backend `i`.
+        let managed = |i: usize| -> Result<bool> {
+            let table = topo.lb.ip(&["neigh", "show"])?.stdout;
+            let addr = topo.backends[i].addr.to_string();
+            Ok(table.lines().any(|l| {
+                l.split_whitespace().next() == Some(addr.as_str()) && l.contains("managed")
+            }))
+        };
+        let wait = |i: usize, want: bool, step: &str| -> Result<()> {
+            let since = Instant::now();
+            while managed(i)? != want {
+                ensure!(
+                    since.elapsed() < Duration::from_secs(10),
+                    "{step}: backend {i}'s entry is {}managed after 10 s",
+                    if want { "not " } else { "still " }
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Ok(())
+        };
+        wait(0, true, "at start")?;
+        wait(1, true, "at start")?;
+        run_ok(&xlb, &["backend", "rm", &vip(), &backend(topo, 1)])?;
+        wait(1, false, "backend rm")?;
+        ensure!(managed(0)?, "removing backend 1 took backend 0's entry");
+        run_ok(&xlb, &["backend", "add", &vip(), &backend(topo, 1)])?;
+        wait(1, true, "backend add")?;
+        xlb.stop()?;
+        Ok(())
+    });
+}
+
 /// GET /metrics over plain HTTP/1.0.
 fn scrape(addr: &str) -> Result<String> {
     use std::io::{Read, Write};
