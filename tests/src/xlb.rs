@@ -93,11 +93,17 @@ impl XlbProcess {
         Self::start_with(ns, config_toml, args, true)
     }
 
-    /// Like [`start`](Self::start), on the data plane a killed xlb left pinned at
-    /// `pin_path` (see [`kill_leaving_pins`](Self::kill_leaving_pins)), which this one then
-    /// owns.
-    pub fn start_on_pins(ns: &NetNs, config_toml: &str, pin_path: PathBuf) -> Result<XlbProcess> {
-        Self::spawn(ns, config_toml, &[], true, Some(pin_path))
+    /// Like [`start`](Self::start), on the data plane a killed xlb left pinned (see
+    /// [`kill_leaving_pins`](Self::kill_leaving_pins)), which this one then owns. If it
+    /// fails to start, `pins` keeps them (for another try, and to remove them in the end).
+    pub fn start_on_pins(ns: &NetNs, config_toml: &str, pins: &mut LeftPins) -> Result<XlbProcess> {
+        let path = pins
+            .0
+            .clone()
+            .context("an xlb took these pins over already")?;
+        let xlb = Self::spawn(ns, config_toml, &[], true, Some(path))?;
+        pins.0 = None;
+        Ok(xlb)
     }
 
     /// Like [`start`](Self::start), but without echoing xlb's output (for the demo, which
@@ -349,11 +355,11 @@ impl XlbProcess {
     }
 
     /// SIGKILLs xlb, as a crash or `kill -9` would, leaving its data plane pinned and
-    /// running; returns where it is pinned, for [`start_on_pins`](Self::start_on_pins).
-    pub fn kill_leaving_pins(mut self) -> PathBuf {
+    /// running; returns the pins, for [`start_on_pins`](Self::start_on_pins).
+    pub fn kill_leaving_pins(mut self) -> LeftPins {
         self.keep_pins = true;
         self.kill();
-        self.pin_path.clone()
+        LeftPins(Some(self.pin_path.clone()))
     }
 
     /// Runs `xlb ARGS --socket SOCKET`, a client command against this daemon (from this
@@ -472,20 +478,56 @@ impl Drop for XlbProcess {
     }
 }
 
+/// A data plane left pinned by a killed xlb ([`XlbProcess::kill_leaving_pins`]), or a pin
+/// directory a test made: removed when dropped, unless an xlb started on it
+/// ([`XlbProcess::start_on_pins`]) took it over. A test that fails in between leaves
+/// nothing pinned.
+#[derive(Debug)]
+pub struct LeftPins(Option<PathBuf>);
+
+impl LeftPins {
+    /// A pin directory of the test's own, removed on drop likewise.
+    pub fn at(path: PathBuf) -> LeftPins {
+        LeftPins(Some(path))
+    }
+
+    /// Where the pins are (or were, before an xlb took them over).
+    pub fn path(&self) -> Option<&std::path::Path> {
+        self.0.as_deref()
+    }
+}
+
+impl Drop for LeftPins {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            let _ = std::fs::remove_dir_all(path);
+        }
+    }
+}
+
 /// Where the tests' daemons pin their data planes, as `xlb-test-<pid>-<n>-<nanos>`.
 const BPFFS: &str = "/sys/fs/bpf";
 
 /// Config files are named `xlb-test-<pid>-<n>-<nanos>.toml`.
 const CONFIG_FILE_PREFIX: &str = "xlb-test-";
 
-/// Runs `xlb ARGS` and returns what it printed.
+/// How long a client command may take before the test gives up on it (and kills it).
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Runs `xlb ARGS` and returns what it printed; fails if it runs longer than
+/// [`COMMAND_TIMEOUT`].
 pub fn xlb_command<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Result<std::process::Output> {
     let bin = xlb_binary()?;
-    Command::new(&bin)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("running {}", bin.display()))
+    let args: Vec<&str> = args
+        .iter()
+        .map(|a| a.as_ref().to_str().context("a non-UTF-8 argument"))
+        .collect::<Result<_>>()?;
+    let out = crate::cmd::run_unchecked(&bin.to_string_lossy(), &args, COMMAND_TIMEOUT)?;
+    Ok(std::process::Output {
+        status: out.status,
+        stdout: out.stdout.into_bytes(),
+        stderr: out.stderr.into_bytes(),
+    })
 }
 
 /// Removes the config files, sockets and pinned data planes left by runs that were killed

@@ -2,15 +2,12 @@
 //! wrong and a non-zero exit, never a panic. `xlb check` needs no root; the `xlb run` cases
 //! fail before anything is loaded.
 
-use std::process::{Command, Output};
+use std::process::Output;
 
-use xlb_tests::{demo_config::CONFIG_TOML, xlb::xlb_binary};
+use xlb_tests::{demo_config::CONFIG_TOML, xlb::xlb_command};
 
 fn xlb(args: &[&str]) -> Output {
-    Command::new(xlb_binary().expect("the xlb binary"))
-        .args(args)
-        .output()
-        .expect("running xlb")
+    xlb_command(args).expect("running xlb")
 }
 
 fn config_file(name: &str, text: &str) -> std::path::PathBuf {

@@ -15,7 +15,7 @@ use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 use xlb_tests::echo::{self, EchoConn, EchoServer, raise_fd_limit};
 use xlb_tests::topology::{Options, SNAT, SNAT6, Topology, VIP, VIP6, with_topology};
-use xlb_tests::xlb::{XlbProcess, xlb_command};
+use xlb_tests::xlb::{LeftPins, XlbProcess, xlb_command};
 
 const PREFIX: &str = "xlbcp";
 const ECHO_PORT: u16 = 7007;
@@ -456,9 +456,10 @@ fn what_cannot_work_is_refused_before_anything_changes() {
 
         let dir = std::env::temp_dir().join(format!("xlbcp-pins-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
+        let mut pins = LeftPins::at(dir.clone());
         let users = dir.join("xlb.toml");
         std::fs::write(&users, "the user's own file")?;
-        let started = XlbProcess::start_on_pins(&topo.lb, &cfg, dir.clone());
+        let started = XlbProcess::start_on_pins(&topo.lb, &cfg, &mut pins);
         let kept = std::fs::read_to_string(&users);
         let _ = std::fs::remove_dir_all(&dir);
         match started {
@@ -599,10 +600,11 @@ fn commands_explain_bad_arguments_and_missing_daemons() -> Result<()> {
         "--timeout",
         "1",
         "--socket",
-        stuck.to_str().context("path")?,
-    ])?;
+        &stuck.to_string_lossy(),
+    ]);
     let waited = asked.elapsed();
     let _ = std::fs::remove_file(&stuck);
+    let out = out?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     ensure!(
         !out.status.success() && stderr.contains("did not answer within 1 s"),
@@ -652,7 +654,8 @@ fn a_killed_daemon_breaks_nothing_and_the_next_one_adopts_the_data_plane() {
         all_echo(&mut conns, "start")?;
         spread(topo, &servers, 60)?;
 
-        let pins = xlb.kill_leaving_pins();
+        let mut pins = xlb.kill_leaving_pins();
+        let pin_path = pins.path().context("the pins")?.to_path_buf();
         all_echo(&mut conns, "kill -9")?;
         let while_dead = spread(topo, &servers, 60)?;
         ensure!(
@@ -664,7 +667,7 @@ fn a_killed_daemon_breaks_nothing_and_the_next_one_adopts_the_data_plane() {
             "[dataplane]\n",
             "[conntrack]\nentries = 1000\n[dataplane]\n",
         );
-        match XlbProcess::start_on_pins(&topo.lb, &resized, pins.clone()) {
+        match XlbProcess::start_on_pins(&topo.lb, &resized, &mut pins) {
             Ok(_) => bail!("xlb adopted a data plane of another conntrack capacity"),
             Err(e) => {
                 let text = format!("{e:#}");
@@ -676,7 +679,7 @@ fn a_killed_daemon_breaks_nothing_and_the_next_one_adopts_the_data_plane() {
         }
         all_echo(&mut conns, "a refused start")?;
 
-        let xlb = XlbProcess::start_on_pins(&topo.lb, &cfg, pins.clone())?;
+        let xlb = XlbProcess::start_on_pins(&topo.lb, &cfg, &mut pins)?;
         ensure!(
             xlb.startup_lines()
                 .iter()
@@ -714,9 +717,9 @@ fn a_killed_daemon_breaks_nothing_and_the_next_one_adopts_the_data_plane() {
         drop(conns);
         xlb.stop()?;
         ensure!(
-            !pins.exists(),
+            !pin_path.exists(),
             "a clean stop left {} pinned",
-            pins.display()
+            pin_path.display()
         );
         Ok(())
     });
@@ -783,8 +786,8 @@ fn a_backend_down_before_a_restart_stays_down() {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        let pins = xlb.kill_leaving_pins();
-        let xlb = XlbProcess::start_on_pins(&topo.lb, &cfg, pins)?;
+        let mut pins = xlb.kill_leaving_pins();
+        let xlb = XlbProcess::start_on_pins(&topo.lb, &cfg, &mut pins)?;
         let state = backends(&xlb)?[&b2]["state"].clone();
         ensure!(state == "down", "b2 right after the restart: {state}");
         let target: SocketAddr = vip().parse()?;

@@ -412,13 +412,13 @@ fn a_nat_gateways_mappings_outlive_its_daemon() {
             public.ip() == std::net::IpAddr::from(FLAT_LB_ADDR),
             "seen as {public}"
         );
-        let pins = xlb.kill_leaving_pins();
+        let mut pins = xlb.kill_leaving_pins();
         let while_dead = seen_as(&socket, servers[1]).context("with the daemon dead")?;
         ensure!(
             while_dead == public,
             "with the daemon dead, seen as {while_dead}, not {public}"
         );
-        let xlb = XlbProcess::start_on_pins(&topo.lb, &config, pins)?;
+        let xlb = XlbProcess::start_on_pins(&topo.lb, &config, &mut pins)?;
         ensure!(
             xlb.startup_lines()
                 .iter()

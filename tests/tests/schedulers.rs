@@ -389,8 +389,8 @@ fn open_flow_counts_survive_a_restart() {
         wait_total(&xlb, 6, "six open")?;
         conns.truncate(3);
         wait_total(&xlb, 3, "three closed")?;
-        let pins = xlb.kill_leaving_pins();
-        let xlb = XlbProcess::start_on_pins(&topo.lb, &cfg, pins)?;
+        let mut pins = xlb.kill_leaving_pins();
+        let xlb = XlbProcess::start_on_pins(&topo.lb, &cfg, &mut pins)?;
         // Two sweeps' worth: a start taken off again would show by now.
         std::thread::sleep(Duration::from_millis(2500));
         ensure!(

@@ -15,6 +15,7 @@ use crate::run;
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "iproute2",
+    "procps",
     "ethtool",
     "iputils-ping",
     "nginx",
