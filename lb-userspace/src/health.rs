@@ -25,10 +25,12 @@ use crate::{
     registry::ServiceName,
 };
 
-/// The running checkers, kept in step with the registry by [`Checks::follow`].
+/// The running checkers, kept in step with the registry by [`Checks::follow`]: one per
+/// backend, by its service, address and id (a backend removed and added again between two
+/// follows is a new backend, with a new id: its checker starts afresh).
 pub struct Checks {
     shared: Arc<Shared>,
-    running: HashMap<(ServiceName, SocketAddr), (HealthConfig, JoinHandle<()>)>,
+    running: HashMap<(ServiceName, SocketAddr, u32), (HealthConfig, JoinHandle<()>)>,
 }
 
 impl Checks {
@@ -57,7 +59,7 @@ impl Checks {
                 for b in &s.backends {
                     match &s.config.health {
                         Some(h) => {
-                            wanted.insert((s.name, b.config.address), h.clone());
+                            wanted.insert((s.name, b.config.address, b.id), h.clone());
                         }
                         None if b.down => unchecked_down.push((s.name, b.config.address)),
                         None => {}
