@@ -126,6 +126,10 @@ pub struct Changed {
     pub changes: Changes,
     /// Flows removed (`backend rm --cut`).
     pub flows_cut: u64,
+    /// Why `--cut` failed, when the backend was removed but its flows could not be cut
+    /// (they then end by their timeouts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cut_failed: Option<String>,
 }
 
 /// One flow of `GET /v1/conntrack`.
@@ -403,6 +407,7 @@ fn changed(changes: Changes) -> Json<Changed> {
     Json(Changed {
         changes,
         flows_cut: 0,
+        cut_failed: None,
     })
 }
 
@@ -527,12 +532,20 @@ async fn remove_backend(
             Ok(())
         })?;
         // The backend is out of the table now: no new flow can reach it, so what is cut
-        // stays cut.
-        let flows_cut = match (q.cut, id) {
-            (true, Some(id)) => lock(&shared.conntrack).cut(id).map_err(internal)?,
-            _ => 0,
+        // stays cut. A cut that fails is said with the change, not as the request's error:
+        // the backend is gone either way, and a retry would only find it gone.
+        let (flows_cut, cut_failed) = match (q.cut, id) {
+            (true, Some(id)) => match lock(&shared.conntrack).cut(id) {
+                Ok(cut) => (cut, None),
+                Err(e) => (0, Some(format!("{e:#}"))),
+            },
+            _ => (0, None),
         };
-        Ok(Changed { changes, flows_cut })
+        Ok(Changed {
+            changes,
+            flows_cut,
+            cut_failed,
+        })
     })
     .await
     .map(Json)

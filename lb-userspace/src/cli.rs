@@ -503,5 +503,12 @@ async fn change(
 
 fn print_changed(output: Output, what: &str, json: &serde_json::Value) -> anyhow::Result<()> {
     let changed: Changed = serde_json::from_value(json.clone())?;
-    client::print(output, json, || client::changed_text(what, &changed))
+    client::print(output, json, || client::changed_text(what, &changed))?;
+    if let Some(why) = &changed.cut_failed {
+        anyhow::bail!(
+            "the backend was removed, but cutting its flows failed ({why}): they end by their \
+             timeouts"
+        );
+    }
+    Ok(())
 }
