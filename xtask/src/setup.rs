@@ -25,6 +25,8 @@ const APT_PACKAGES: &[&str] = &[
     "fonts-dejavu-core",
 ];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+/// The bpf-linker `setup` installs when none works: the one verified with LLVM 22.
+const BPF_LINKER_VERSION: &str = "0.13.0";
 /// The toolchain the eBPF crate builds with (`-Z build-std=core` needs nightly + rust-src).
 const EBPF_TOOLCHAIN: &str = "nightly";
 
@@ -104,13 +106,18 @@ fn bpf_linker() -> anyhow::Result<()> {
         return Ok(());
     }
     // The default build wants a newer LLVM than Debian has and finds LLVM 14 first; build it
-    // against LLVM 22 explicitly (see shared/toolchain.md).
-    eprintln!("setup: installing bpf-linker against LLVM 22 (takes a minute or two)");
+    // against LLVM 22 explicitly (see shared/toolchain.md), in the version known to work
+    // so (a later one may drop the feature).
+    eprintln!(
+        "setup: installing bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (a minute or two)"
+    );
     run(
         Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
             .args([
                 "install",
                 "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
                 "--no-default-features",
                 "--features",
                 "llvm-22",
