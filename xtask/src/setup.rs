@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 
 use crate::run;
 
@@ -75,10 +75,18 @@ fn rust_src() -> anyhow::Result<()> {
         .output()
         .context("running rustup (is Rust installed with rustup?)")?;
     if !installed.status.success() {
-        bail!(
-            "the {EBPF_TOOLCHAIN} toolchain is not installed; the eBPF crate needs it \
-             (rustup toolchain install {EBPF_TOOLCHAIN} --component rust-src)"
+        eprintln!(
+            "setup: installing the {EBPF_TOOLCHAIN} toolchain with rust-src (the eBPF crate's)"
         );
+        return run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            EBPF_TOOLCHAIN,
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
+        ]));
     }
     if String::from_utf8_lossy(&installed.stdout)
         .lines()
