@@ -65,8 +65,8 @@ impl Client {
         match tokio::time::timeout(self.timeout, self.exchange(method, path, body)).await {
             Ok(answer) => answer,
             Err(_) => bail!(
-                "the xlb daemon at {} did not answer within {} s: is it stopped or stuck? \
-                 (`xlb doctor` checks; --timeout waits longer)",
+                "the xlb daemon at {} is not answering: no answer within {} s (is it stopped \
+                 or stuck? `xlb doctor` checks; --timeout waits longer)",
                 self.socket.display(),
                 self.timeout.as_secs_f64()
             ),

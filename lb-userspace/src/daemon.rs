@@ -155,10 +155,13 @@ pub async fn run(mut opts: RunOptions) -> anyhow::Result<()> {
                     }
                     registry.backend_addresses()
                 })
-                .await
-                .unwrap_or_default();
+                .await;
                 checks.follow();
-                neighbours.follow(addresses).await;
+                // (Were the task to fail, an empty list would let go of every entry.)
+                match addresses {
+                    Ok(addresses) => neighbours.follow(addresses).await,
+                    Err(e) => log::warn!("listing the backends for their neighbours: {e}"),
+                }
             }
         }
     }
@@ -339,7 +342,8 @@ struct Neighbours {
 }
 
 impl Neighbours {
-    /// Keeps the next hops of `backends` (every backend now) resolved: installs managed
+    /// Keeps the next hops of `backends` (every backend packets may go to: those of the
+    /// services, and removed ones whose flows may still be open) resolved: installs managed
     /// entries for new backends and for those that had no route before, and lets go of the
     /// next hops only gone backends used.
     async fn follow(&mut self, backends: Vec<IpAddr>) {

@@ -219,7 +219,7 @@ async fn daemon(socket: &Path) -> Check {
                 socket.display()
             ),
         ),
-        Err(e) if format!("{e:#}").contains("did not answer") => check(
+        Err(e) if format!("{e:#}").contains("no answer within") => check(
             Verdict::Fail,
             "daemon",
             format!(

@@ -390,9 +390,20 @@ impl Registry {
 
     /// Every backend's address, of either family.
     pub fn backend_addresses(&self) -> Vec<IpAddr> {
-        self.services()
+        let mut addresses: Vec<IpAddr> = self
+            .services()
             .flat_map(|s| s.backends.iter().map(|b| b.config.address.ip()))
-            .collect()
+            .collect();
+        // Removed backends whose flows may still be open (their ids retired, not yet free)
+        // are still sent to.
+        for &id in self.backend_ids.retired.keys() {
+            if let Ok(entry) = self.tables.backend(id)
+                && entry != BackendEntry::default()
+            {
+                addresses.push(entry.endpoint.to_socket().ip());
+            }
+        }
+        addresses
     }
 
     /// Makes the maps run `cfg`: services and backends that are new get ids, those that are

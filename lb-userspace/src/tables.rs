@@ -122,6 +122,11 @@ impl Tables {
         Ok(used)
     }
 
+    /// Backend id `id`'s entry (all zeros: no one's).
+    pub fn backend(&self, id: u32) -> anyhow::Result<BackendEntry> {
+        Ok(self.backends.get(&id, 0)?)
+    }
+
     /// Gives backend id `id` to `entry` (all zeros: to no one), with its counters at zero.
     pub fn set_backend(&mut self, id: u32, entry: BackendEntry) -> anyhow::Result<()> {
         self.backends
