@@ -239,11 +239,12 @@ fn least_conn_fills_the_least_loaded_backend() {
     });
 }
 
-/// Least-response-time: b2 answers its HTTP health checks 100 ms late, b1 and b3 at once.
+/// Least-response-time: b2 answers its HTTP health checks 150 ms late, b1 and b3 at once.
 /// Of 30 connections held open, b2 gets at most a third of what the slower of the fast
-/// ones gets (none while the fast ones answer within 6 ms: 100 ms × 1 stays above
-/// 6 ms × 16; a loaded machine's checks may be slower). The clients' flows are told from
-/// the health checks by their source, the SNAT address.
+/// ones gets (none while the fast ones answer within 9 ms: 150 ms × 1 stays above
+/// 9 ms × 16; a loaded machine's checks may be slower, up to some 50 ms before b2's share
+/// grows past a third). The clients' flows are told from the health checks by their
+/// source, the SNAT address.
 #[test]
 fn least_response_time_avoids_the_slow_backend() {
     use xlb_tests::slow_http::SlowHttpServer;
@@ -254,7 +255,7 @@ fn least_response_time_avoids_the_slow_backend() {
             .iter()
             .enumerate()
             .map(|(i, b)| {
-                let delay = Duration::from_millis(if i == 1 { 100 } else { 0 });
+                let delay = Duration::from_millis(if i == 1 { 150 } else { 0 });
                 SlowHttpServer::start(&b.ns, SocketAddr::from((b.addr, PORT)), delay)
             })
             .collect::<Result<Vec<_>>>()?;
