@@ -861,16 +861,10 @@ fn random_icmp(
 
     let mut pick = (!tracked.is_empty() && rng.chance(85))
         .then(|| &tracked[rng.below(tracked.len() as u64) as usize]);
-    // Pings through the gateway are few among the tracked flows: now and then, look for one
-    // (a bounded search).
-    if pick.is_some() && rng.chance(30) {
-        for _ in 0..64 {
-            let f = &tracked[rng.below(tracked.len() as u64) as usize];
-            if f.l4.proto() == PROTO_ICMP {
-                pick = Some(f);
-                break;
-            }
-        }
+    if pick.is_some()
+        && let Some(ping) = now_and_then_a_ping(rng, tracked, PROTO_ICMP)
+    {
+        pick = Some(ping);
     }
     // A quoted ping (a tracked echo through the gateway): its type and identifier.
     let mut echo = None;
@@ -1613,6 +1607,17 @@ fn check_icmp6_error(
     Ok(reason)
 }
 
+/// Pings through the gateway are few among the tracked flows: now and then (30 in 100), a
+/// bounded search for one of `proto` (ICMP or ICMPv6) among `tracked`.
+fn now_and_then_a_ping<'a>(rng: &mut Rng, tracked: &'a [Frame], proto: u8) -> Option<&'a Frame> {
+    if !rng.chance(30) {
+        return None;
+    }
+    (0..64)
+        .map(|_| &tracked[rng.below(tracked.len() as u64) as usize])
+        .find(|f| f.l4.proto() == proto)
+}
+
 /// An ICMPv6 error from a router on either side about a packet xlb sent for a tracked IPv6
 /// flow, either way, cut anywhere; now and then from the wrong side or with hop limit 1.
 fn random_icmp6_error(
@@ -1623,16 +1628,8 @@ fn random_icmp6_error(
     fx1: Iface,
 ) -> (Frame, Iface) {
     let mut f = &tracked6[rng.below(tracked6.len() as u64) as usize];
-    // Pings through the gateway are few among the tracked flows: now and then, look for one
-    // (a bounded search), as for IPv4.
-    if rng.chance(30) {
-        for _ in 0..64 {
-            let g = &tracked6[rng.below(tracked6.len() as u64) as usize];
-            if g.l4.proto() == PROTO_ICMPV6 {
-                f = g;
-                break;
-            }
-        }
+    if let Some(ping) = now_and_then_a_ping(rng, tracked6, PROTO_ICMPV6) {
+        f = ping;
     }
     let (client, vip) = f.v6.expect("an IPv6 frame");
     let client_router = Ipv6Addr::new(
