@@ -329,10 +329,9 @@ fn forward_ebpf_logs(ebpf: &mut aya::Ebpf) -> anyhow::Result<()> {
 /// the first packet then.
 #[derive(Default)]
 struct Neighbours {
-    /// What each `install` set up, less the next hops let go of since.
+    /// What each `install` set up, less the next hops let go of since: the backends behind
+    /// their next hops are the ones covered.
     sets: Vec<ManagedNeighbours>,
-    /// The backends whose next hop is in `sets`.
-    covered: HashSet<IpAddr>,
     /// Backends without a route, warned about once; tried again every tick.
     unroutable: HashSet<IpAddr>,
     /// An install failed (and was logged); tried again every tick.
@@ -353,11 +352,13 @@ impl Neighbours {
         let wanted: HashSet<IpAddr> = backends.iter().copied().collect();
         self.release(&wanted).await;
         self.unroutable.retain(|a| wanted.contains(a));
-        let mut new: Vec<IpAddr> = wanted
+        let covered: HashSet<IpAddr> = self
+            .sets
             .iter()
-            .copied()
-            .filter(|a| !self.covered.contains(a))
+            .flat_map(|set| set.next_hops())
+            .flat_map(|hop| hop.backends.iter().copied())
             .collect();
+        let mut new: Vec<IpAddr> = wanted.difference(&covered).copied().collect();
         if new.is_empty() {
             return;
         }
@@ -389,7 +390,6 @@ impl Neighbours {
         };
         for hop in managed.next_hops() {
             for backend in &hop.backends {
-                self.covered.insert(*backend);
                 self.unroutable.remove(backend);
             }
         }
@@ -436,7 +436,6 @@ impl Neighbours {
             }
         }
         self.sets.retain(|set| !set.next_hops().is_empty());
-        self.covered.retain(|b| wanted.contains(b));
     }
 
     async fn remove(self) {
