@@ -522,20 +522,27 @@ fn read_quote(ctx: &XdpContext, pkt: &Packet, quote: &mut Quote, key: &mut FlowK
 }
 
 /// The ports of a quoted packet of protocol `proto`, from its first bytes `head`: a TCP or
-/// UDP header's, or a quoted echo's identifier, which stands in for them (see `parse`): a
-/// request's source port, a reply's destination port; and whether it is an echo request.
-/// `None` for other ICMP, which is no flow's.
+/// UDP header's, or a quoted echo's ([`echo_of`], [`Echo::ports`]); and whether it is an
+/// echo request. `None` for other ICMP, which is no flow's.
 #[inline(always)]
 fn quoted_ports(proto: u8, head: &[u8; QUOTED_L4_MIN]) -> Option<([u8; 4], bool)> {
+    if proto != PROTO_ICMP && proto != PROTO_ICMPV6 {
+        return Some(([head[0], head[1], head[2], head[3]], false));
+    }
+    match echo_of(proto, head) {
+        Echo::No => None,
+        echo => Some((echo.ports(head), echo == Echo::Request)),
+    }
+}
+
+/// Whether an ICMP or ICMPv6 (`proto`) message with header `head` is an echo request, an
+/// echo reply, or neither.
+#[inline(always)]
+pub fn echo_of(proto: u8, head: &[u8; ICMP_LEN]) -> Echo {
     match (proto, head[0], head[1]) {
-        (PROTO_ICMP, ECHO_REQUEST, 0) | (PROTO_ICMPV6, ECHO_REQUEST_V6, 0) => {
-            Some(([head[4], head[5], 0, 0], true))
-        }
-        (PROTO_ICMP, ECHO_REPLY, 0) | (PROTO_ICMPV6, ECHO_REPLY_V6, 0) => {
-            Some(([0, 0, head[4], head[5]], false))
-        }
-        (PROTO_ICMP | PROTO_ICMPV6, ..) => None,
-        _ => Some(([head[0], head[1], head[2], head[3]], false)),
+        (PROTO_ICMP, ECHO_REQUEST, 0) | (PROTO_ICMPV6, ECHO_REQUEST_V6, 0) => Echo::Request,
+        (PROTO_ICMP, ECHO_REPLY, 0) | (PROTO_ICMPV6, ECHO_REPLY_V6, 0) => Echo::Reply,
+        _ => Echo::No,
     }
 }
 
