@@ -229,6 +229,20 @@ pub fn ifindex(name: &str) -> Result<u32> {
     Ok(index)
 }
 
+/// Pins the calling thread to `cpu`.
+pub fn pin_to(cpu: usize) -> Result<()> {
+    // SAFETY: cpu_set_t is plain data; CPU_SET writes inside it; sched_setaffinity reads
+    // one cpu_set_t of the size passed.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(std::io::Error::last_os_error()).context(format!("pinning to CPU {cpu}"));
+        }
+    }
+    Ok(())
+}
+
 /// A `struct xdp_md` for BPF_PROG_TEST_RUN's ctx_in: data, data_end, data_meta,
 /// ingress_ifindex, rx_queue_index, egress_ifindex, as native-endian u32s. No metadata
 /// (data = data_meta = 0); `data_end` is the length of the linear part.

@@ -91,20 +91,6 @@ fn in_lab<T: Send>(test: impl FnOnce(&NetNs) -> Result<T> + Send) -> T {
     lab::in_lab(PREFIX, test).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
-/// Pins the calling thread to `cpu`.
-fn pin_to(cpu: usize) -> Result<()> {
-    // SAFETY: cpu_set_t is plain data; CPU_SET writes inside it; sched_setaffinity reads
-    // one cpu_set_t of the size passed.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
-            return Err(std::io::Error::last_os_error()).context(format!("pinning to CPU {cpu}"));
-        }
-    }
-    Ok(())
-}
-
 /// Each frame's reason and output, on one CPU.
 type Outcomes = Vec<(Reason, Vec<u8>)>;
 
@@ -121,7 +107,7 @@ fn from_two_cpus(
     let barrier = Barrier::new(2);
     let run_on = |cpu: usize, frames: &[Vec<u8>]| -> Result<Outcomes> {
         ns.enter(|| -> Result<Outcomes> {
-            pin_to(cpu)?;
+            lab::pin_to(cpu)?;
             let mut out = Vec::with_capacity(frames.len());
             for f in frames {
                 barrier.wait();
@@ -282,7 +268,7 @@ fn two_cpus_racing_for_freed_ports_get_one_each() {
             let barrier = Barrier::new(2);
             let run_on = |cpu: usize, frames: &[Vec<u8>]| -> Result<usize> {
                 ns.enter(|| -> Result<usize> {
-                    pin_to(cpu)?;
+                    lab::pin_to(cpu)?;
                     let mut won = 0;
                     for f in frames {
                         barrier.wait();
