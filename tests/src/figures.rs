@@ -131,6 +131,12 @@ pub fn summary_markdown(all: &serde_json::Value, name: &str) -> String {
         text("/command"),
         text("/machine"),
     );
+    if let Some(method) = all
+        .pointer("/forwarding_mpps/method")
+        .and_then(serde_json::Value::as_str)
+    {
+        out += &format!("Forwarding: {method}.\n\n");
+    }
     let ratio = |a: &str, b: &str| Some(figure(all, a)? / figure(all, b)?);
     // (goal, measured value, its unit, whether it meets the goal)
     type Goal = (&'static str, Option<f64>, &'static str, fn(f64) -> bool);
@@ -429,7 +435,8 @@ mod tests {
             "machine": "a test machine",
             "per_packet_ns": {"null": 100.0, "established": 250.0, "new_flow": 900.0},
             "forwarding_mpps": {"xlb_many_flows": 1.0, "null_forwarder_many_flows": 2.0,
-                                "nftables_many_flows": 0.1, "null_forwarder": null},
+                                "nftables_many_flows": 0.1, "null_forwarder": null,
+                                "method": "frames sent somehow"},
             "maglev": {"build_ms": {"n1000_m65537": 0.5}, "moved_pct_remove_1pct": 1.6},
         });
         let md = summary_markdown(&all, "2026-01-02.json");
@@ -443,6 +450,7 @@ mod tests {
             "| slots moved when 1% of backends go ≤ 1.5% | 1.60% | missed |",
             "| null forwarder, one flow | not measured |",
             "| established packet | 250 ns |",
+            "Forwarding: frames sent somehow.",
         ] {
             assert!(md.contains(line), "no {line:?} in\n{md}");
         }
