@@ -43,56 +43,55 @@ const _: () = assert!(size_of::<HopKey>() == 40 && size_of::<HopSlot>() == 64);
 /// source, destination and protocol, for a second at a time. The default policies hash
 /// addresses (and, for IPv6, the protocol), which the key holds.
 ///
-/// Eight-byte aligned, forty bytes, every byte written: hashed and compared as five words.
+/// Five words, in the order of [`next_hop_slot`]: the source address (two), the
+/// destination address (two), and `ingress | protocol << 32`. An empty slot's last word is
+/// 0, which no packet's is (no interface has index 0).
 #[repr(C, align(8))]
-pub struct HopKey {
-    src: [u8; 16],
-    dst: [u8; 16],
-    ingress: u32,
-    proto: u8,
-    _pad: [u8; 3],
-}
+#[derive(Clone, Copy)]
+pub struct HopKey([u64; 5]);
 
 impl HopKey {
-    /// Word `i` (of five) of the key, read from memory. Volatile: otherwise LLVM rebuilds
-    /// each word from the bytes `hop_key` has just stored, in registers and stack spills
-    /// (400 instructions and a hundred more bytes of stack, where five loads do).
+    /// The key of a lookup for `pkt` from `src` to `dst`, its words put together in
+    /// registers. (Written to memory a byte or two at a time and read back as words, as it
+    /// once was, each word's load waited for the stores before it to land, a
+    /// store-forwarding stall: a fifth of a tracked packet's time in `route`.)
     #[inline(always)]
-    fn word(&self, i: usize) -> u64 {
-        // SAFETY: HopKey is 40 bytes, 8-byte aligned, with no padding the code does not
-        // write (`_pad` is a field): five initialised words, and `i` is below 5 wherever
-        // this is called (constant after unrolling).
-        unsafe { (self as *const HopKey as *const u64).add(i).read_volatile() }
-    }
-
-    /// Whether `other` is the same key, word by word (an array compare would copy both
-    /// keys to the stack first).
-    #[inline(always)]
-    fn same_as(&self, other: &HopKey) -> bool {
-        (0..5).all(|i| self.word(i) == other.word(i))
-    }
-
-    /// Becomes `other`.
-    #[inline(always)]
-    fn copy_from(&mut self, other: &HopKey) {
-        let to = self as *mut HopKey as *mut u64;
-        for i in 0..5 {
-            // SAFETY: as in `word`; any five words are a valid HopKey.
-            unsafe { to.add(i).write(other.word(i)) };
-        }
-    }
-
-    /// The slot of `NEXT_HOPS` this key has ([`next_hop_slot`] of its words).
-    #[inline(always)]
-    fn slot(&self) -> u32 {
-        next_hop_slot([
-            self.word(0),
-            self.word(1),
-            self.word(2),
-            self.word(3),
-            self.word(4),
+    fn of(ctx: &XdpContext, pkt: &Packet, src: &Endpoint, dst: &Endpoint) -> HopKey {
+        let ingress = ctx.ingress_ifindex() as u32;
+        HopKey([
+            address_word(src, 0),
+            address_word(src, 1),
+            address_word(dst, 0),
+            address_word(dst, 1),
+            u64::from(ingress) | u64::from(pkt.key.proto) << 32,
         ])
     }
+
+    /// The slot of `NEXT_HOPS` this key has.
+    #[inline(always)]
+    fn slot(&self) -> u32 {
+        next_hop_slot(self.0)
+    }
+
+    /// Whether `other` is the same key, word by word.
+    #[inline(always)]
+    fn same_as(&self, other: &HopKey) -> bool {
+        (0..5).all(|i| self.0[i] == other.0[i])
+    }
+}
+
+/// Word `i` (0 or 1) of `at`'s address as memory holds it (little-endian), read two bytes
+/// at a time: an endpoint is 2-byte aligned, and the BPF target loads nothing wider from
+/// an address it cannot prove aligned.
+#[inline(always)]
+fn address_word(at: &Endpoint, i: usize) -> u64 {
+    let halves = at.addr.as_ptr() as *const u16;
+    (0..4).fold(0, |word, k| {
+        // SAFETY: `addr` is 16 bytes at the start of a 2-byte aligned Endpoint; `i` is 0
+        // or 1 and `k` below 4 (constants after unrolling), so half 4i + k is inside it.
+        let half = unsafe { halves.add(4 * i + k).read() };
+        word | u64::from(half) << (16 * k)
+    })
 }
 
 /// A direct hop the FIB gave, with its way's MTU (a longer packet asks the FIB, which
@@ -124,30 +123,12 @@ pub struct HopSlot {
     hop: CachedHop,
 }
 
-/// This CPU's `HOP_SCRATCH` key, written for a lookup for `pkt` from `src` to `dst`.
-#[inline(always)]
-fn hop_key(
-    ctx: &XdpContext,
-    pkt: &Packet,
-    src: &Endpoint,
-    dst: &Endpoint,
-) -> Option<&'static HopKey> {
-    let scratch = HOP_SCRATCH.get_ptr_mut(0)?;
-    // SAFETY: this CPU's slot of a one-entry per-CPU array; an XDP program runs to
-    // completion on its CPU, so no other run touches it meanwhile.
-    let key = unsafe { &mut *scratch };
-    key.src = src.addr;
-    key.dst = dst.addr;
-    key.ingress = ctx.ingress_ifindex() as u32;
-    key.proto = pkt.key.proto;
-    key._pad = [0; 3];
-    Some(key)
-}
-
 /// Writes this lookup's key into the CPU's `HOP_SCRATCH` (where [`remember_hop`] finds it
 /// after a miss), and to `hop` the direct hop kept for it, if one is kept, fresh, and its
-/// way's MTU takes the packet. Inlined into `route` (a subprogram call and return cost a
-/// tracked packet 15 ns, 4%); `remember_hop`, which only a miss needs, is not.
+/// way's MTU takes the packet. The key is written as whole words and read back as the same
+/// words, so each load takes its value straight from the store before it. Inlined into
+/// `route` (a subprogram call and return cost a tracked packet 15 ns, 4%);
+/// `remember_hop`, which only a miss needs, is not.
 #[inline(always)]
 fn cached_hop(
     ctx: &XdpContext,
@@ -156,9 +137,13 @@ fn cached_hop(
     dst: &Endpoint,
     hop: &mut Hop,
 ) -> bool {
-    let Some(key) = hop_key(ctx, pkt, src, dst) else {
+    let Some(scratch) = HOP_SCRATCH.get_ptr_mut(0) else {
         return false;
     };
+    // SAFETY: this CPU's slot of a one-entry per-CPU array; an XDP program runs to
+    // completion on its CPU, so no other run touches it meanwhile.
+    let key = unsafe { &mut *scratch };
+    *key = HopKey::of(ctx, pkt, src, dst);
     let Some(slot) = NEXT_HOPS.get_ptr_mut(key.slot()) else {
         return false;
     };
@@ -171,7 +156,7 @@ fn cached_hop(
     if cached.expires.wrapping_sub(ticks(pkt)) as i32 <= 0 {
         // Expired: forgotten, so that it cannot seem fresh again once the clock, in ticks,
         // has come round (2^31 ticks, some 26 days, on) while nothing took its slot.
-        slot.key.ingress = 0;
+        slot.key.0[4] = 0;
         return false;
     }
     if pkt.tot_len > cached.mtu {
@@ -192,14 +177,14 @@ fn remember_hop(pkt: &Packet, params: &FibParams) {
     let Some(scratch) = HOP_SCRATCH.get_ptr_mut(0) else {
         return;
     };
-    // SAFETY: as in `hop_key`: this CPU's slot, which nothing else touches meanwhile.
+    // SAFETY: as in `cached_hop`: this CPU's slot, which nothing else touches meanwhile.
     let key = unsafe { &*scratch };
     let Some(slot) = NEXT_HOPS.get_ptr_mut(key.slot()) else {
         return;
     };
     // SAFETY: this CPU's slot of a per-CPU array, as above.
     let slot = unsafe { &mut *slot };
-    slot.key.copy_from(key);
+    slot.key = *key;
     let hop = &mut slot.hop;
     hop.ifindex = params.ifindex;
     hop.smac = params.smac;
