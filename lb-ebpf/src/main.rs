@@ -240,9 +240,10 @@ fn process(ctx: &XdpContext) -> Result<Reason, Reason> {
         return icmp::handle(ctx, pkt);
     }
     let rewrite = REWRITE.get_ptr_mut(0).ok_or(Reason::DropInternal)?;
-    // SAFETY: this CPU's slot, as `pkt`'s.
+    // SAFETY: this CPU's slot, as `pkt`'s. It holds the previous packet's rewrite until
+    // `conntrack::lookup` or `new_flow` writes this one's, which every way on to the rewrite
+    // and the counters does.
     let rewrite = unsafe { &mut *rewrite };
-    *rewrite = Rewrite::default();
     let fwd = forwardable(pkt);
     let mut hop = Hop::NONE;
     let tracked = if conntrack::lookup(ctx, pkt, fwd.is_ok(), rewrite)? {
