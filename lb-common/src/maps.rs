@@ -120,6 +120,9 @@ pub mod programs {
     /// Benchmark only: swaps MACs and redirects to the interface in the global
     /// [`BENCH_FORWARD_TO`]: the ceiling of any XDP forwarder.
     pub const NULL_FORWARDER: &str = "xlb_null_forwarder";
+    /// Benchmark only: XDP_DROP for every frame: the forwarding benchmark's floor, what
+    /// its generator and the veth cost with nothing forwarded.
+    pub const DROP: &str = "xlb_drop";
     /// The global the null forwarder redirects to (an ifindex).
     pub const BENCH_FORWARD_TO: &str = "BENCH_FORWARD_TO";
     /// The global holding the 60-byte frame the generator sends.

@@ -212,6 +212,12 @@ pub fn xlb_null_forwarder(ctx: XdpContext) -> u32 {
     bench::forward(&ctx)
 }
 
+/// Benchmark only: drops every frame (`lb_common::maps::programs::DROP`).
+#[xdp]
+pub fn xlb_drop(_ctx: XdpContext) -> u32 {
+    aya_ebpf::bindings::xdp_action::XDP_DROP
+}
+
 /// Sends the frames the XDP program handed over (see [`handoff`]); lets everything else
 /// through to the next tc program or the stack.
 #[classifier]

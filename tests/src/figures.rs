@@ -238,6 +238,11 @@ pub fn summary_markdown(all: &serde_json::Value, name: &str) -> String {
         ("ICMP error translated", "per_packet_ns.icmp_error", "ns"),
         ("ping to a VIP answered", "per_packet_ns.echo", "ns"),
         (
+            "nothing forwarded (dropped on arrival)",
+            "forwarding_mpps.drop",
+            "Mpps",
+        ),
+        (
             "null forwarder, one flow",
             "forwarding_mpps.null_forwarder",
             "Mpps",
@@ -258,6 +263,21 @@ pub fn summary_markdown(all: &serde_json::Value, name: &str) -> String {
             "nftables, 16,384 flows",
             "forwarding_mpps.nftables_many_flows",
             "Mpps",
+        ),
+        (
+            "null forwarder's cost per frame over dropping it, 16,384 flows",
+            "forwarding_mpps.ns_per_frame_over_drop.null_forwarder_many_flows",
+            "ns",
+        ),
+        (
+            "xlb's cost per frame over dropping it, 16,384 flows",
+            "forwarding_mpps.ns_per_frame_over_drop.xlb_many_flows",
+            "ns",
+        ),
+        (
+            "nftables' cost per frame over dropping it, 16,384 flows",
+            "forwarding_mpps.ns_per_frame_over_drop.nftables_many_flows",
+            "ns",
         ),
         ("TCP connections through xlb", "tcp.xlb_conn_per_s", "/s"),
         (
