@@ -517,10 +517,11 @@ const BATCH: usize = 256;
 /// source port 1024 + i mod `flows` as `xlb_tx` does (`flows` a power of two; 0 or 1: the
 /// frame's own port); returns how long it took. The thread runs on CPU 0 only: a veth
 /// hands its frames to the peer's NAPI on the sending CPU, so the generator and the
-/// forwarding share one core, as with live frames. A frame the veth refuses (its ring
-/// full) is sent again.
+/// forwarding share one core, as with live frames. Frames the kernel refuses (ENOBUFS:
+/// the veth's ring full) are sent again; what the veth drops after taking it, the sink
+/// never counts.
 fn send_through_packet_socket(frame: &[u8], flows: u32, frames: u32) -> Result<Duration> {
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::fd::AsRawFd;
 
     const UDP_SOURCE_PORT_AT: usize = 14 + 20;
     ensure!(
@@ -529,50 +530,7 @@ fn send_through_packet_socket(frame: &[u8], flows: u32, frames: u32) -> Result<D
         frame.len()
     );
     lab::pin_to(0)?;
-    let g0 = lab::ifindex("g0")?;
-    // SAFETY: plain syscall; the descriptor is owned right after.
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
-    ensure!(
-        fd >= 0,
-        "a packet socket: {}",
-        std::io::Error::last_os_error()
-    );
-    // SAFETY: `fd` was just opened and nothing else owns it.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let one: libc::c_int = 1;
-    // SAFETY: an int option of the size passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_PACKET,
-            libc::PACKET_QDISC_BYPASS,
-            (&one as *const libc::c_int).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    ensure!(
-        rc == 0,
-        "PACKET_QDISC_BYPASS: {}",
-        std::io::Error::last_os_error()
-    );
-    // Protocol 0: the socket sends and receives nothing.
-    // SAFETY: sockaddr_ll is plain data; zero is a valid value of each field.
-    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    addr.sll_family = libc::AF_PACKET as u16;
-    addr.sll_ifindex = g0 as i32;
-    // SAFETY: a sockaddr_ll of the size passed.
-    let rc = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&addr as *const libc::sockaddr_ll).cast(),
-            size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-        )
-    };
-    ensure!(
-        rc == 0,
-        "binding a packet socket to g0: {}",
-        std::io::Error::last_os_error()
-    );
+    let fd = packet_socket(lab::ifindex("g0")?)?;
 
     let len = frame.len();
     let mut buffer: Vec<u8> = frame.repeat(BATCH);
@@ -626,4 +584,46 @@ fn send_through_packet_socket(frame: &[u8], flows: u32, frames: u32) -> Result<D
         sent += rc as u32;
     }
     Ok(started.elapsed())
+}
+
+/// A packet socket that sends out of interface `ifindex`, past its qdisc, and receives
+/// nothing (protocol 0).
+fn packet_socket(ifindex: u32) -> Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+    let check = |rc: libc::c_int, what: &str| {
+        ensure!(rc >= 0, "{what}: {}", std::io::Error::last_os_error());
+        Ok(())
+    };
+    // SAFETY: plain syscall; the descriptor is owned right after.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+    check(fd, "a packet socket")?;
+    // SAFETY: `fd` was just opened and nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let one: libc::c_int = 1;
+    // SAFETY: an int option of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_PACKET,
+            libc::PACKET_QDISC_BYPASS,
+            (&one as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    check(rc, "PACKET_QDISC_BYPASS")?;
+    // SAFETY: sockaddr_ll is plain data; zero is a valid value of each field.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_ifindex = ifindex as i32;
+    // SAFETY: a sockaddr_ll of the size passed.
+    let rc = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_ll).cast(),
+            size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    check(rc, "binding a packet socket")?;
+    Ok(fd)
 }

@@ -2,7 +2,7 @@
 //! the client namespace to three nginx backends, through xlb (full NAT in XDP), through the
 //! kernel's own NAT (nftables DNAT + SNAT, no XDP), and through HAProxy in TCP mode: one
 //! after another on the same topology, with the same backends and the same client (wrk), in
-//! rounds of all three in turn; each figure is the median round's.
+//! rounds of all three in turn; each figure is the median of its rounds'.
 //!
 //! * Connections: `wrk -c 32` with `Connection: close`, so every request is a new TCP
 //!   connection (and a new flow for xlb and nftables); requests per second = connections
@@ -75,8 +75,8 @@ impl Figures {
 
 fn main() -> Result<()> {
     let run = Run::from_args();
-    // Rounds of every way in turn, each measurement `secs` long: the median round's figure
-    // stands, so a spell when another tenant of the machine takes a core does not decide it.
+    // Rounds of every way in turn, each measurement `secs` long: each figure's median over
+    // the rounds stands, so a spell when another tenant of the machine takes a core does not decide it.
     let (rounds, secs) = match run {
         Run::Full => (3, 4),
         Run::Quick => (3, 1),
@@ -139,7 +139,7 @@ fn main() -> Result<()> {
                 "wrk from the client namespace to three nginx backends: {CONNECTION_CLIENTS} \
                  clients with Connection: close for connections, {BULK_CLIENTS} kept-alive \
                  clients fetching {} MiB for throughput, {secs} s each; {rounds} rounds of \
-                 the three ways in turn, the median round's figure",
+                 the three ways in turn, each figure the median over the rounds",
                 BIG_FILE_BYTES >> 20
             ),
             "xlb_conn_per_s": x.conn_per_s,
