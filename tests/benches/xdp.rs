@@ -45,6 +45,9 @@ fn config(prefill: u32) -> String {
 /// `enum xdp_action`'s XDP_PASS: what the null program returns.
 const XDP_PASS: u32 = 2;
 
+/// The first client port of the flows the many-flows path spreads its packets over.
+const SPREAD_PORT: u16 = 20_000;
+
 /// Backends of the per-packet scenarios' service.
 const BACKENDS: u8 = 100;
 
@@ -502,6 +505,33 @@ fn run(
     );
 
     let from_client = move |f: Frame| f.with_macs(CLIENT_MAC, FX0_MAC).build();
+    let wanted = |key: &str| only.is_none_or(|o| o.iter().any(|p| p == key));
+    // Many tracked flows, for the path that spreads its packets over them, each made by its
+    // SYN: from the client's ports `SPREAD_PORT` and up.
+    let spread = if wanted("established_many") {
+        if prefill >= 1 << 20 { 16_384 } else { 1_024 }
+    } else {
+        0
+    };
+    for p in 0..spread {
+        let syn = Frame::tcp((CLIENT, SPREAD_PORT + p), (VIP, 80), TCP_SYN);
+        lab::run(&ebpf, &from_client(syn), fx0, None)?;
+    }
+    for p in [0, spread.saturating_sub(1)]
+        .into_iter()
+        .filter(|_| spread > 0)
+    {
+        let key = xlb_tests::model::flows::key(
+            std::net::SocketAddrV4::new(CLIENT, SPREAD_PORT + p),
+            std::net::SocketAddrV4::new(VIP, 80),
+            lb_common::maps::PROTO_TCP,
+        );
+        ensure!(
+            lab::conntrack_entry(&ebpf, &key)?.is_some(),
+            "the flow from port {} was not made",
+            SPREAD_PORT + p
+        );
+    }
     // A router near the client says a reply of the tracked flow was too big: 576 bytes, as
     // Linux sends it, quoting the reply as xlb sent it (from the VIP).
     let mut reply = Frame::tcp((VIP, 80), (CLIENT, 40000), TCP_ACK);
@@ -563,6 +593,20 @@ fn run(
             nanos: Vec::new(),
         },
         Scenario {
+            name: "TCP, one of many tracked flows, another each run",
+            key: "established_many",
+            program: XDP,
+            reason: Some(Reason::ForwardRedirect),
+            frame: Box::new(move |i| {
+                // Odd steps through a power of two: every flow once per `spread` runs, and
+                // consecutive runs far apart in the table.
+                let p = (i.wrapping_mul(7919) % u32::from(spread.max(1))) as u16;
+                let f = Frame::tcp((CLIENT, SPREAD_PORT + p), (VIP, 80), TCP_ACK);
+                (from_client(f), fx0)
+            }),
+            nanos: Vec::new(),
+        },
+        Scenario {
             name: "TCP, a backend's reply (conntrack hit, rewrite, redirect)",
             key: "reply",
             program: XDP,
@@ -615,7 +659,7 @@ fn run(
     // `only` (keys of `per_packet_ns`): those paths and the null program.
     let mut scenarios: Vec<Scenario> = scenarios
         .into_iter()
-        .filter(|s| only.is_none_or(|o| s.key == "null" || o.iter().any(|p| p == s.key)))
+        .filter(|s| s.key == "null" || wanted(s.key))
         .collect();
     let mut run_index = 0u32;
     for _ in 0..rounds {
@@ -684,7 +728,7 @@ fn run(
     table.push_str(&format!(
         "\n{rounds} rounds × {per_round} runs per path, interleaved; one BPF_PROG_TEST_RUN \
          (repeat = 1) per run; a service of {BACKENDS} backends, {prefill} flows in the table \
-         before the first run.\n"
+         before the first run; the many-flows path spreads its runs over {spread} flows.\n"
     ));
     Ok(table)
 }

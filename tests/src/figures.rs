@@ -218,6 +218,11 @@ pub fn summary_markdown(all: &serde_json::Value, name: &str) -> String {
         ("null program, per packet", "per_packet_ns.null", "ns"),
         ("packet to no service", "per_packet_ns.pass", "ns"),
         ("established packet", "per_packet_ns.established", "ns"),
+        (
+            "established packet, one of 16,384 flows in turn",
+            "per_packet_ns.established_many",
+            "ns",
+        ),
         ("backend's reply", "per_packet_ns.reply", "ns"),
         ("new flow", "per_packet_ns.new_flow", "ns"),
         (
