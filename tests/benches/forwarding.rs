@@ -160,12 +160,9 @@ fn main() -> Result<()> {
             .context("program")?
             .try_into()?;
         let link = chain.lb.enter(|| p.attach("l0", XdpMode::Driver))??;
-        let first = measure(&chain, generator, &bench, 1, &frame, frames, Count::Sunk)?;
-        rates.push(("null_forwarder", first));
-        rates.push((
-            "null_forwarder_many_flows",
-            measure(&chain, generator, &many, FLOWS, &frame, frames, Count::Sunk)?,
-        ));
+        let (one, spread) = one_and_many(&chain, generator, (&bench, &many), &frame, frames)?;
+        rates.push(("null_forwarder", one));
+        rates.push(("null_forwarder_many_flows", spread));
         let p: &mut Xdp = bench
             .program_mut(NULL_FORWARDER)
             .context("program")?
@@ -181,14 +178,9 @@ fn main() -> Result<()> {
              [[service.backend]]\naddress = \"{BACKEND}:8080\"\n"
         );
         let xlb = XlbProcess::start_quiet(&chain.lb, &config)?;
-        rates.push((
-            "xlb",
-            measure(&chain, generator, &bench, 1, &frame, frames, Count::Sunk)?,
-        ));
-        rates.push((
-            "xlb_many_flows",
-            measure(&chain, generator, &many, FLOWS, &frame, frames, Count::Sunk)?,
-        ));
+        let (one, spread) = one_and_many(&chain, generator, (&bench, &many), &frame, frames)?;
+        rates.push(("xlb", one));
+        rates.push(("xlb_many_flows", spread));
         // The generator did spread its frames: xlb made a flow for every source port.
         let stats = xlb.json(&["stats"])?;
         let flows = stats["services"][0]["flows"].as_u64().unwrap_or(0);
@@ -210,14 +202,9 @@ fn main() -> Result<()> {
         std::fs::write(&file, rules)?;
         chain.lb.exec("nft", &["-f", &file.display().to_string()])?;
         let _ = std::fs::remove_file(&file);
-        rates.push((
-            "nftables",
-            measure(&chain, generator, &bench, 1, &frame, frames, Count::Sunk)?,
-        ));
-        rates.push((
-            "nftables_many_flows",
-            measure(&chain, generator, &many, FLOWS, &frame, frames, Count::Sunk)?,
-        ));
+        let (one, spread) = one_and_many(&chain, generator, (&bench, &many), &frame, frames)?;
+        rates.push(("nftables", one));
+        rates.push(("nftables_many_flows", spread));
     }
 
     let rate = |key: &str| {
@@ -429,6 +416,29 @@ impl Generator {
             }
         }
     }
+}
+
+/// The rates through the sink of one flow's frames (`programs.0` generates them with live
+/// frames) and of [`FLOWS`] flows' (`programs.1`).
+fn one_and_many(
+    chain: &Chain,
+    generator: Generator,
+    programs: (&aya::Ebpf, &aya::Ebpf),
+    frame: &[u8],
+    frames: u32,
+) -> Result<(f64, f64)> {
+    Ok((
+        measure(chain, generator, programs.0, 1, frame, frames, Count::Sunk)?,
+        measure(
+            chain,
+            generator,
+            programs.1,
+            FLOWS,
+            frame,
+            frames,
+            Count::Sunk,
+        )?,
+    ))
 }
 
 /// Where [`measure`] counts the frames that made it.

@@ -178,7 +178,7 @@ fn maglev_figures(bench: bool, json: &mut serde_json::Value) -> Result<String> {
     // runs on one machine.
     let timed = |n: usize, size: u32| -> f64 {
         let backends = entries(&names(n));
-        let mut times: Vec<f64> = (0..11)
+        let times: Vec<f64> = (0..11)
             .map(|_| {
                 let started = Instant::now();
                 let t = table(&backends, size);
