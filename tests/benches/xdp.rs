@@ -126,10 +126,12 @@ fn main() -> Result<()> {
     };
     let maglev = maglev_figures(bench, &mut json)?;
     let written = run_kind.record(&json)?;
-    if bench {
+    if run_kind != Run::Smoke {
         println!("machine: {}", machine());
         println!("{table}");
-        println!("The same with an empty table:\n{empty_table}");
+        if bench {
+            println!("The same with an empty table:\n{empty_table}");
+        }
         println!("{sweeps}");
         println!("{switches}");
         println!("{maglev}");
