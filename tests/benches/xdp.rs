@@ -45,8 +45,9 @@ fn config(prefill: u32) -> String {
 /// `enum xdp_action`'s XDP_PASS: what the null program returns.
 const XDP_PASS: u32 = 2;
 
-/// The first client port of the flows the many-flows path spreads its packets over.
-const SPREAD_PORT: u16 = 20_000;
+/// The first client port of the flows the many-flows path spreads its packets over (the
+/// hot tracked flow's is 40,000, above them all).
+const SPREAD_PORT: u16 = 1_024;
 
 /// Backends of the per-packet scenarios' service.
 const BACKENDS: u8 = 100;
@@ -509,32 +510,64 @@ fn run(
 
     let from_client = move |f: Frame| f.with_macs(CLIENT_MAC, FX0_MAC).build();
     let wanted = |key: &str| only.is_none_or(|o| o.iter().any(|p| p == key));
-    // Many tracked flows, for the path that spreads its packets over them, each made by its
-    // SYN: from the client's ports `SPREAD_PORT` and up.
-    let spread = if wanted("established_many") {
-        if prefill >= 1 << 20 { 16_384 } else { 1_024 }
-    } else {
+    // Many tracked flows, for the path that spreads its packets over them: from the
+    // client's ports `SPREAD_PORT` and up, each brought to established as a connection is
+    // (SYN, the backend's SYN-ACK, the client's ACK), so a measured packet tells its flow
+    // nothing new. Every one of those packets must be forwarded: else a measured ACK could
+    // find no flow and make one, which is forwarded too. As many flows as the full run has
+    // runs of that path or more, so none is measured twice, and half a second's wait after:
+    // every measured packet is then one of a flow idle for longer than
+    // `conntrack::REFRESH_NS`, which looks up both its entries and refreshes both, alike.
+    let spread: u16 = if !wanted("established_many") {
         0
+    } else if prefill >= 1 << 20 {
+        32_768
+    } else {
+        1_024
+    };
+    let forwarded = |frame: Vec<u8>, ingress: u32, what: &str| -> Result<()> {
+        let counted = lab::run(&ebpf, &frame, ingress, None)?.counted;
+        ensure!(
+            counted == [(Reason::ForwardRedirect, 1)],
+            "{what}: counted {counted:?}, not one forward/redirect"
+        );
+        Ok(())
     };
     for p in 0..spread {
-        let syn = Frame::tcp((CLIENT, SPREAD_PORT + p), (VIP, 80), TCP_SYN);
-        lab::run(&ebpf, &from_client(syn), fx0, None)?;
-    }
-    for p in [0, spread.saturating_sub(1)]
-        .into_iter()
-        .filter(|_| spread > 0)
-    {
+        let client = (CLIENT, SPREAD_PORT + p);
+        forwarded(
+            from_client(Frame::tcp(client, (VIP, 80), TCP_SYN)),
+            fx0,
+            "a SYN",
+        )?;
         let key = xlb_tests::model::flows::key(
-            std::net::SocketAddrV4::new(CLIENT, SPREAD_PORT + p),
+            std::net::SocketAddrV4::new(client.0, client.1),
             std::net::SocketAddrV4::new(VIP, 80),
             lb_common::maps::PROTO_TCP,
         );
-        ensure!(
-            lab::conntrack_entry(&ebpf, &key)?.is_some(),
-            "the flow from port {} was not made",
-            SPREAD_PORT + p
+        let entry = lab::conntrack_entry(&ebpf, &key)?
+            .ok_or_else(|| anyhow::anyhow!("the flow from port {} was not made", client.1))?;
+        let (to, from) = (
+            entry.rewrite.dst.to_socket_v4(),
+            entry.rewrite.src.to_socket_v4(),
         );
+        let syn_ack = Frame::tcp(
+            (*to.ip(), to.port()),
+            (*from.ip(), from.port()),
+            TCP_SYN | TCP_ACK,
+        )
+        .with_macs(lab::BACKEND_MAC, lab::FX1_MAC);
+        forwarded(syn_ack.build(), fx1, "a SYN-ACK")?;
+        forwarded(
+            from_client(Frame::tcp(client, (VIP, 80), TCP_ACK)),
+            fx0,
+            "an ACK",
+        )?;
     }
+    if spread > 0 {
+        std::thread::sleep(std::time::Duration::from_millis(600));
+    }
+
     // A router near the client says a reply of the tracked flow was too big: 576 bytes, as
     // Linux sends it, quoting the reply as xlb sent it (from the VIP).
     let mut reply = Frame::tcp((VIP, 80), (CLIENT, 40000), TCP_ACK);
@@ -596,13 +629,13 @@ fn run(
             nanos: Vec::new(),
         },
         Scenario {
-            name: "TCP, one of many tracked flows, another each run",
+            name: "TCP, one of many established flows, each idle 0.5 s or more",
             key: "established_many",
             program: XDP,
             reason: Some(Reason::ForwardRedirect),
             frame: Box::new(move |i| {
-                // Odd steps through a power of two: every flow once per `spread` runs, and
-                // consecutive runs far apart in the table.
+                // Odd steps through a power of two (`run_index` counts every scenario's
+                // runs): consecutive runs far apart in the table, every flow in turn.
                 let p = (i.wrapping_mul(7919) % u32::from(spread.max(1))) as u16;
                 let f = Frame::tcp((CLIENT, SPREAD_PORT + p), (VIP, 80), TCP_ACK);
                 (from_client(f), fx0)
@@ -731,7 +764,16 @@ fn run(
     table.push_str(&format!(
         "\n{rounds} rounds × {per_round} runs per path, interleaved; one BPF_PROG_TEST_RUN \
          (repeat = 1) per run; a service of {BACKENDS} backends, {prefill} flows in the table \
-         before the first run; the many-flows path spreads its runs over {spread} flows.\n"
+         before the first run{}.\n",
+        if spread > 0 {
+            format!(
+                "; the many-flows path spreads its {} runs over {spread} established flows, \
+                 idle for half a second or more",
+                rounds * per_round
+            )
+        } else {
+            String::new()
+        }
     ));
     Ok(table)
 }

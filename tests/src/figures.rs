@@ -219,7 +219,7 @@ pub fn summary_markdown(all: &serde_json::Value, name: &str) -> String {
         ("packet to no service", "per_packet_ns.pass", "ns"),
         ("established packet", "per_packet_ns.established", "ns"),
         (
-            "established packet, one of 16,384 flows in turn",
+            "established packet, one of 32,768 flows, each idle 0.5 s or more",
             "per_packet_ns.established_many",
             "ns",
         ),
