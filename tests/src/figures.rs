@@ -131,11 +131,16 @@ pub fn summary_markdown(all: &serde_json::Value, name: &str) -> String {
         text("/command"),
         text("/machine"),
     );
-    if let Some(method) = all
-        .pointer("/forwarding_mpps/method")
-        .and_then(serde_json::Value::as_str)
-    {
-        out += &format!("Forwarding: {method}.\n\n");
+    // Each benchmark merges its figures into the day's file when it runs, so each says how
+    // it measured (and the forwarding one, with which generator).
+    for (what, path) in [
+        ("Per packet", "/per_packet_method"),
+        ("Forwarding", "/forwarding_mpps/method"),
+        ("TCP", "/tcp/method"),
+    ] {
+        if let Some(method) = all.pointer(path).and_then(serde_json::Value::as_str) {
+            out += &format!("{what}: {method}.\n\n");
+        }
     }
     let ratio = |a: &str, b: &str| Some(figure(all, a)? / figure(all, b)?);
     // (goal, measured value, its unit, whether it meets the goal)
@@ -462,6 +467,7 @@ mod tests {
             "forwarding_mpps": {"xlb_many_flows": 1.0, "null_forwarder_many_flows": 2.0,
                                 "nftables_many_flows": 0.1, "null_forwarder": null,
                                 "method": "frames sent somehow"},
+            "tcp": {"method": "connections made somehow"},
             "maglev": {"build_ms": {"n1000_m65537": 0.5}, "moved_pct_remove_1pct": 1.6},
         });
         let md = summary_markdown(&all, "2026-01-02.json");
@@ -476,6 +482,7 @@ mod tests {
             "| null forwarder, one flow | not measured |",
             "| established packet | 250 ns |",
             "Forwarding: frames sent somehow.",
+            "TCP: connections made somehow.",
         ] {
             assert!(md.contains(line), "no {line:?} in\n{md}");
         }
