@@ -398,6 +398,18 @@ pub fn run(ebpf: &Ebpf, input: &[u8], ingress: u32, linear_len: Option<usize>) -
     })
 }
 
+/// [`run`] for a frame that must be forwarded: it fails unless the run counted exactly one
+/// `forward/redirect` and nothing else. `what` names the frame in the error.
+pub fn run_forwarded(ebpf: &Ebpf, input: &[u8], ingress: u32, what: &str) -> Result<Run> {
+    let run = run(ebpf, input, ingress, None)?;
+    ensure!(
+        run.counted == [(Reason::ForwardRedirect, 1)],
+        "{what}: counted {:?}, not one forward/redirect",
+        run.counted
+    );
+    Ok(run)
+}
+
 /// Runs the XDP program once on `input` arriving on `ingress`, and returns only its action
 /// and how long it ran: nothing else touches the caches between runs (no counters read, no
 /// context copied back), for timing.

@@ -220,12 +220,7 @@ fn two_cpus_racing_for_freed_ports_get_one_each() {
             for &p in &holders {
                 let syn =
                     Frame::tcp((CLIENT, p), (VIP, 80), TCP_SYN).with_macs(CLIENT_MAC, fx0.mac);
-                let run = lab::run(&ebpf, &syn.build(), fx0.ifindex, None)?;
-                ensure!(
-                    run.counted == [(Reason::ForwardRedirect, 1)],
-                    "holder {p}: {:?}",
-                    run.counted
-                );
+                lab::run_forwarded(&ebpf, &syn.build(), fx0.ifindex, &format!("holder {p}"))?;
                 age(
                     &mut ebpf,
                     &key(
@@ -496,13 +491,7 @@ fn the_sweeper_removes_what_has_expired_and_nothing_else() {
                     } else {
                         (frame.with_macs(BACKEND_MAC, fx1.mac), fx1)
                     };
-                    let run = lab::run(&ebpf, &frame.build(), ingress.ifindex, None)?;
-                    ensure!(
-                        run.counted == [(Reason::ForwardRedirect, 1)],
-                        "{}: {:?}",
-                        c.name,
-                        run.counted
-                    );
+                    let run = lab::run_forwarded(&ebpf, &frame.build(), ingress.ifindex, c.name)?;
                     if from_client {
                         let out = layout_v4(&run.frame)
                             .context("output")?
@@ -569,12 +558,7 @@ fn a_gateways_mapping_lives_as_long_as_its_flows() {
         // from.
         let send = |ebpf: &Ebpf, port: u16, to: Ipv4Addr| -> Result<SocketAddrV4> {
             let frame = Frame::udp((CLIENT, port), (to, 53), b"q").with_macs(CLIENT_MAC, fx0.mac);
-            let run = lab::run(ebpf, &frame.build(), fx0.ifindex, None)?;
-            ensure!(
-                run.counted == [(Reason::ForwardRedirect, 1)],
-                "{:?}",
-                run.counted
-            );
+            let run = lab::run_forwarded(ebpf, &frame.build(), fx0.ifindex, "a datagram")?;
             let out = layout_v4(&run.frame)
                 .context("output")?
                 .flow_key(&run.frame);
@@ -853,6 +837,9 @@ fn a_lost_reverse_entry_is_made_again_from_the_forward_one() {
         let run = |ebpf: &Ebpf, frame: Frame, ingress: Iface| -> Result<lab::Run> {
             lab::run(ebpf, &frame.build(), ingress.ifindex, None)
         };
+        let forwarded = |ebpf: &Ebpf, frame: Frame, ingress: Iface, what: &str| {
+            lab::run_forwarded(ebpf, &frame.build(), ingress.ifindex, what)
+        };
         let client = |flags| Frame::tcp((CLIENT, 40000), (VIP, 80), flags);
         let reply = || {
             Frame::tcp((lab::BACKEND, 8080), (SNAT, 40000), TCP_SYN | TCP_ACK)
@@ -860,12 +847,12 @@ fn a_lost_reverse_entry_is_made_again_from_the_forward_one() {
         };
         let reverse_key = key(sa(lab::BACKEND, 8080), sa(SNAT, 40000), PROTO_TCP);
 
-        let syn = run(&ebpf, client(TCP_SYN).with_macs(CLIENT_MAC, fx0.mac), fx0)?;
-        ensure!(
-            syn.counted == [(Reason::ForwardRedirect, 1)],
-            "{:?}",
-            syn.counted
-        );
+        forwarded(
+            &ebpf,
+            client(TCP_SYN).with_macs(CLIENT_MAC, fx0.mac),
+            fx0,
+            "the SYN",
+        )?;
         remove(&mut ebpf, &reverse_key)?;
         let lost = run(&ebpf, reply(), fx1)?;
         ensure!(
@@ -875,12 +862,12 @@ fn a_lost_reverse_entry_is_made_again_from_the_forward_one() {
         );
 
         // The client's ACK tells something new (a segment without SYN).
-        let ack = run(&ebpf, client(TCP_ACK).with_macs(CLIENT_MAC, fx0.mac), fx0)?;
-        ensure!(
-            ack.counted == [(Reason::ForwardRedirect, 1)],
-            "{:?}",
-            ack.counted
-        );
+        forwarded(
+            &ebpf,
+            client(TCP_ACK).with_macs(CLIENT_MAC, fx0.mac),
+            fx0,
+            "the ACK",
+        )?;
         let restored = lab::conntrack_entry(&ebpf, &reverse_key)?
             .context("the reverse entry was not made again")?;
         let want = lb_common::maps::Rewrite {
@@ -896,12 +883,7 @@ fn a_lost_reverse_entry_is_made_again_from_the_forward_one() {
             "restored as {:?}",
             restored.rewrite
         );
-        let back = run(&ebpf, reply(), fx1)?;
-        ensure!(
-            back.counted == [(Reason::ForwardRedirect, 1)],
-            "the reply after the restore: {:?}",
-            back.counted
-        );
+        let back = forwarded(&ebpf, reply(), fx1, "the reply after the restore")?;
         let out = layout_v4(&back.frame)
             .context("the forwarded reply parses")?
             .flow_key(&back.frame);
@@ -923,12 +905,12 @@ fn a_lost_reverse_entry_is_made_again_from_the_forward_one() {
             Duration::from_secs(TIMEOUTS.tcp_established as u64 + 10),
         )?;
         remove(&mut ebpf, &reverse_key)?;
-        let late = run(&ebpf, client(TCP_ACK).with_macs(CLIENT_MAC, fx0.mac), fx0)?;
-        ensure!(
-            late.counted == [(Reason::ForwardRedirect, 1)],
-            "{:?}",
-            late.counted
-        );
+        forwarded(
+            &ebpf,
+            client(TCP_ACK).with_macs(CLIENT_MAC, fx0.mac),
+            fx0,
+            "the late ACK",
+        )?;
         ensure!(
             lab::conntrack_entry(&ebpf, &reverse_key)?.is_some(),
             "the late packet did not make the reverse entry again"
@@ -953,12 +935,7 @@ fn a_flow_never_records_into_another_flows_entry() {
         let checked = config([40000, 40000], 16);
         let lab::Program { mut ebpf, fx0, fx1 } = lab::load(&checked)?;
         let send = |ebpf: &Ebpf, frame: Frame, ingress: Iface| -> Result<()> {
-            let run = lab::run(ebpf, &frame.build(), ingress.ifindex, None)?;
-            ensure!(
-                run.counted == [(Reason::ForwardRedirect, 1)],
-                "{:?}",
-                run.counted
-            );
+            lab::run_forwarded(ebpf, &frame.build(), ingress.ifindex, "a packet")?;
             Ok(())
         };
         let c =
@@ -1002,21 +979,16 @@ fn pressure_spares_a_new_flow_that_is_still_sending() {
         let forward = key(sa(CLIENT, 5000), sa(VIP, 53), lb_common::maps::PROTO_UDP);
         let timeouts = checked.conntrack.timeouts();
         for round in 0..5 {
-            let run = lab::run(&ebpf, &datagram.build(), fx0.ifindex, None)?;
-            ensure!(
-                run.counted == [(Reason::ForwardRedirect, 1)],
-                "{:?}",
-                run.counted
-            );
+            lab::run_forwarded(&ebpf, &datagram.build(), fx0.ifindex, "a datagram")?;
             // Both entries 300 ms old (under the half-second refresh), then one more
             // datagram: it refreshes the forward entry only.
             age(&mut ebpf, &forward, Duration::from_millis(300))?;
-            let run = lab::run(&ebpf, &datagram.build(), fx0.ifindex, None)?;
-            ensure!(
-                run.counted == [(Reason::ForwardRedirect, 1)],
-                "{:?}",
-                run.counted
-            );
+            lab::run_forwarded(
+                &ebpf,
+                &datagram.build(),
+                fx0.ifindex,
+                "a datagram 300 ms after the last",
+            )?;
             let report = Table::open(&ebpf)?.sweep(&timeouts, true)?;
             ensure!(
                 report.pruned == 0 && lab::conntrack_entry(&ebpf, &forward)?.is_some(),

@@ -11,10 +11,7 @@
 use std::net::{Ipv6Addr, SocketAddrV6};
 
 use anyhow::{Context as _, Result, ensure};
-use lb_common::{
-    maps::{Endpoint, FlowKey, PROTO_TCP},
-    reason::Reason,
-};
+use lb_common::maps::{Endpoint, FlowKey, PROTO_TCP};
 use xlb_tests::{
     lab::{
         self, BACKEND, BACKEND_MAC, BACKEND6, CLIENT, CLIENT_MAC, FX0, FX0_MAC, FX1_MAC, SNAT, VIP,
@@ -81,12 +78,7 @@ fn more_destinations_than_slots_each_leave_to_their_own_mac() -> Result<()> {
             let syn = Frame::tcp6((client(i), 40000), (VIP6, 80), TCP_SYN)
                 .with_macs(CLIENT_MAC, FX0_MAC)
                 .build();
-            let run = lab::run(&ebpf, &syn, fx0.ifindex, None)?;
-            ensure!(
-                run.counted == [(Reason::ForwardRedirect, 1)],
-                "client {i}'s SYN: {:?}",
-                run.counted
-            );
+            lab::run_forwarded(&ebpf, &syn, fx0.ifindex, &format!("client {i}'s SYN"))?;
             let key = FlowKey {
                 src: Endpoint::from_socket(from.into()),
                 dst: Endpoint::from_socket(vip.into()),
@@ -109,12 +101,12 @@ fn more_destinations_than_slots_each_leave_to_their_own_mac() -> Result<()> {
             let frame = Frame::tcp6((BACKEND6, 8080), (to_ip, to_port), TCP_ACK)
                 .with_macs(BACKEND_MAC, FX1_MAC)
                 .build();
-            let run = lab::run(&ebpf, &frame, fx1.ifindex, None)?;
-            ensure!(
-                run.counted == [(Reason::ForwardRedirect, 1)],
-                "the reply to client {i}: {:?}",
-                run.counted
-            );
+            let run = lab::run_forwarded(
+                &ebpf,
+                &frame,
+                fx1.ifindex,
+                &format!("the reply to client {i}"),
+            )?;
             let out = &run.frame;
             ensure!(out.len() > ETH_HLEN + 40, "the reply to client {i} is cut");
             let dmac: [u8; 6] = out[0..6].try_into()?;
@@ -161,17 +153,12 @@ fn a_kept_hop_serves_every_length_its_way_takes() -> Result<()> {
         let to_backend = |flags: u8, payload: usize| -> Result<[u8; 6]> {
             let mut frame = Frame::tcp((CLIENT, 40000), (VIP, 80), flags);
             frame.payload = vec![0x5a; payload];
-            let run = lab::run(
+            let run = lab::run_forwarded(
                 &ebpf,
                 &frame.with_macs(CLIENT_MAC, FX0_MAC).build(),
                 fx0.ifindex,
-                None,
+                &format!("a packet of {payload} bytes"),
             )?;
-            ensure!(
-                run.counted == [(Reason::ForwardRedirect, 1)],
-                "a packet of {payload} bytes: {:?}",
-                run.counted
-            );
             Ok(run.frame[0..6].try_into()?)
         };
         ensure!(to_backend(TCP_SYN, 0)? == BACKEND_MAC, "the SYN's MAC");
