@@ -138,37 +138,23 @@ fn main() -> Result<()> {
     let mut generator = Generator::LiveFrames;
     // (0) Nothing forwarded: l0 drops every frame, and counts what it took. The first
     // measurement finds out which generator this kernel allows.
-    {
-        let p: &mut Xdp = bench.program_mut(DROP).context("program")?.try_into()?;
-        let link = chain.lb.enter(|| p.attach("l0", XdpMode::Driver))??;
-        let dropped = match measure(&chain, generator, &bench, 1, &frame, frames, Count::Arrived) {
+    let dropped = on_l0(&chain, &mut bench, DROP, |bench| {
+        match measure(&chain, generator, bench, 1, &frame, frames, Count::Arrived) {
             Err(e) if refused_live_frames(&e) => {
                 println!("forwarding bench: {e:#}; the generator is a packet socket instead");
                 generator = Generator::PacketSocket;
-                measure(&chain, generator, &bench, 1, &frame, frames, Count::Arrived)?
+                measure(&chain, generator, bench, 1, &frame, frames, Count::Arrived)
             }
-            other => other?,
-        };
-        rates.push(("drop", dropped));
-        let p: &mut Xdp = bench.program_mut(DROP).context("program")?.try_into()?;
-        p.detach(link)?;
-    }
+            other => other,
+        }
+    })?;
+    rates.push(("drop", dropped));
     // (a) the null forwarder on l0.
-    {
-        let p: &mut Xdp = bench
-            .program_mut(NULL_FORWARDER)
-            .context("program")?
-            .try_into()?;
-        let link = chain.lb.enter(|| p.attach("l0", XdpMode::Driver))??;
-        let (one, spread) = one_and_many(&chain, generator, (&bench, &many), &frame, frames)?;
-        rates.push(("null_forwarder", one));
-        rates.push(("null_forwarder_many_flows", spread));
-        let p: &mut Xdp = bench
-            .program_mut(NULL_FORWARDER)
-            .context("program")?
-            .try_into()?;
-        p.detach(link)?;
-    }
+    let (one, spread) = on_l0(&chain, &mut bench, NULL_FORWARDER, |bench| {
+        one_and_many(&chain, generator, (bench, &many), &frame, frames)
+    })?;
+    rates.push(("null_forwarder", one));
+    rates.push(("null_forwarder_many_flows", spread));
     // (b) xlb.
     {
         let config = format!(
@@ -416,6 +402,27 @@ impl Generator {
             }
         }
     }
+}
+
+/// Runs `measure` with `bench`'s program `name` attached to l0 (native XDP), then detaches
+/// it, also when `measure` fails.
+fn on_l0<T>(
+    chain: &Chain,
+    bench: &mut aya::Ebpf,
+    name: &str,
+    measure: impl FnOnce(&aya::Ebpf) -> Result<T>,
+) -> Result<T> {
+    fn program<'a>(bench: &'a mut aya::Ebpf, name: &str) -> Result<&'a mut Xdp> {
+        Ok(bench
+            .program_mut(name)
+            .with_context(|| format!("program {name}"))?
+            .try_into()?)
+    }
+    let p = program(bench, name)?;
+    let link = chain.lb.enter(|| p.attach("l0", XdpMode::Driver))??;
+    let result = measure(bench);
+    program(bench, name)?.detach(link)?;
+    result
 }
 
 /// The rates through the sink of one flow's frames (`programs.0` generates them with live
