@@ -31,9 +31,9 @@ pub mod names {
     /// `Array<BackendEntry>`: backend endpoints by backend id; an id not in use is all zeros.
     pub const BACKENDS: &str = "BACKENDS";
     /// `HashMap<FlowKey, NatEntry>`: connection tracking, both directions of every flow. A
-    /// plain hash map, not an LRU one, and not preallocated: nothing is ever evicted to
-    /// make room; when it is full, new flows are refused. The control plane's sweeper
-    /// removes expired flows.
+    /// plain hash map, not an LRU one: nothing is ever evicted to make room; when it is
+    /// full, new flows are refused. The control plane's sweeper removes expired flows.
+    /// Preallocated: its whole capacity is kernel memory from the moment it is made.
     pub const CONNTRACK: &str = "CONNTRACK";
     /// `Array<Settings>` with one entry: data-path settings.
     pub const CONFIG: &str = "CONFIG";

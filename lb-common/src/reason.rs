@@ -66,7 +66,8 @@ pub enum Reason {
     /// ([`handoff_mark`](crate::maps::handoff_mark)): only the XDP program may make one, or
     /// any neighbour could have the tc program send its frames anywhere.
     DropForgedHandoff = 22,
-    /// A new flow, but the conntrack map could not allocate an entry (memory pressure).
+    /// A new flow, but a map could not allocate an entry for it (memory pressure): a NAT
+    /// gateway's UDP mapping (`MAPPINGS` grows with use; `CONNTRACK` is preallocated).
     DropConntrackNoMemory = 23,
     /// ICMP the data plane neither answers nor translates (an echo request to an address
     /// that is no VIP, a reply, a fragment, any other type): handed to the kernel untouched.

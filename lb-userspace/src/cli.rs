@@ -283,13 +283,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let cfg = load_config(&config, |_| {})?;
             let backends: usize = cfg.services.iter().map(|s| s.backends.len()).sum();
             println!(
-                "config {} is valid: {} service(s), {backends} backend(s), {} NAT gateway(s), \
-                 interfaces {:?}, SNAT ports {}",
+                "config {} is valid: {} service(s), {backends} backend(s), {} NAT \
+                 gateway(s), interfaces {:?}, SNAT ports {}, conntrack {} flows ({} MiB of \
+                 kernel memory, taken when xlb starts)",
                 config.display(),
                 cfg.services.len(),
                 cfg.gateways.len(),
                 cfg.dataplane.interfaces,
-                cfg.snat_ports
+                cfg.snat_ports,
+                cfg.conntrack.entries,
+                cfg.conntrack.table_bytes() >> 20
             );
             Ok(())
         }

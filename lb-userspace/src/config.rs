@@ -11,8 +11,8 @@ use std::{
 use lb_common::{
     conntrack::Timeouts,
     maps::{
-        DEFAULT_MAGLEV_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, MAX_INTERFACES,
-        MAX_SNAT_ADDRESSES, PROTO_TCP, PROTO_UDP,
+        DEFAULT_MAGLEV_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, FlowKey, MAX_INTERFACES,
+        MAX_SNAT_ADDRESSES, NatEntry, PROTO_TCP, PROTO_UDP,
     },
 };
 use serde::Deserialize;
@@ -168,6 +168,8 @@ pub const MAX_CONNTRACK_FLOWS: u32 = 1 << 27;
 pub struct ConntrackConfig {
     /// Flows tracked at most (each takes two map entries, one per direction). When the table
     /// is full, new flows are refused (`drop/conntrack_full`); no tracked flow is evicted.
+    /// The table's memory, some 350 bytes per flow, is taken in full when xlb starts
+    /// ([`ConntrackConfig::table_bytes`]).
     pub entries: u32,
     /// A TCP flow whose handshake has not completed.
     pub tcp_syn_timeout: u32,
@@ -208,6 +210,21 @@ impl ConntrackConfig {
     /// Entries of the `CONNTRACK` map: two per flow.
     pub fn map_entries(&self) -> u32 {
         self.entries * 2
+    }
+
+    /// The kernel memory the `CONNTRACK` map takes, in bytes: all of it from the moment it
+    /// is made, as it is preallocated. The kernel's hash map keeps each entry with a 48-byte
+    /// header (`struct htab_elem`), its key and value each rounded up to 8 bytes, and a
+    /// 16-byte bucket per entry, the buckets' number rounded up to a power of two. These are
+    /// the kernel's internals, not an interface: the suite compares the figure with the
+    /// kernel's own account of a loaded map (its `memlock`).
+    pub fn table_bytes(&self) -> u64 {
+        const ELEMENT_HEADER: u64 = 48;
+        const BUCKET: u64 = 16;
+        let padded = |size: usize| (size as u64).next_multiple_of(8);
+        let element = ELEMENT_HEADER + padded(size_of::<FlowKey>()) + padded(size_of::<NatEntry>());
+        let entries = u64::from(self.map_entries());
+        entries * element + entries.next_power_of_two() * BUCKET
     }
 }
 

@@ -21,7 +21,7 @@ use lb_common::{
 use std::{net::IpAddr, path::Path};
 
 use crate::{
-    config::{Checked, XdpModeConfig},
+    config::{Checked, ConntrackConfig, XdpModeConfig},
     pins::PinDir,
 };
 
@@ -66,6 +66,12 @@ pub fn load_pinned(cfg: &Checked, pins: &PinDir) -> anyhow::Result<Ebpf> {
 }
 
 fn load_with(cfg: &Checked, pins: Option<&PinDir>) -> anyhow::Result<Ebpf> {
+    // Adopted, the conntrack table is in memory already; made anew, it takes all of its
+    // memory now.
+    if !pins.is_some_and(|p| p.adopted) {
+        let meminfo = std::fs::read_to_string("/proc/meminfo").context("reading /proc/meminfo")?;
+        check_memory(&cfg.conntrack, &meminfo)?;
+    }
     let mut loader = EbpfLoader::new();
     if let Some(pins) = pins {
         for name in names::PINNED {
@@ -92,7 +98,13 @@ fn load_with(cfg: &Checked, pins: Option<&PinDir>) -> anyhow::Result<Ebpf> {
         // A pair per UDP flow of a NAT gateway at most.
         .map_max_entries(names::MAPPINGS, cfg.conntrack.map_entries())
         .load(XDP_OBJECT)
-        .context("loading the XDP object (are you root, with bpf() allowed?)")?;
+        .with_context(|| {
+            format!(
+                "loading the XDP object (are you root, with bpf() allowed? Its conntrack \
+                 table takes {} MiB now: lower [conntrack] entries if memory is short)",
+                cfg.conntrack.table_bytes() >> 20
+            )
+        })?;
     let program: &mut Xdp = ebpf
         .program_mut(PROGRAM)
         .context("the XDP object has no program named xlb")?
@@ -108,6 +120,30 @@ fn load_with(cfg: &Checked, pins: Option<&PinDir>) -> anyhow::Result<Ebpf> {
         .load()
         .context("the kernel verifier rejected the tc handoff program")?;
     Ok(ebpf)
+}
+
+/// Refuses a conntrack table bigger than the memory the host has available (`MemAvailable`
+/// in `meminfo`, the text of /proc/meminfo). Preallocated, the table is taken all at once:
+/// the kernel would first squeeze the page cache, then fail with a bare "out of memory".
+pub fn check_memory(conntrack: &ConntrackConfig, meminfo: &str) -> anyhow::Result<()> {
+    let available_kib: u64 = meminfo
+        .lines()
+        .find_map(|line| line.strip_prefix("MemAvailable:"))
+        .and_then(|value| value.trim().strip_suffix("kB"))
+        .and_then(|kib| kib.trim().parse().ok())
+        .context("/proc/meminfo has no MemAvailable line in kB")?;
+    let needed = conntrack.table_bytes();
+    if needed > available_kib * 1024 {
+        bail!(
+            "[conntrack] entries = {} flows needs {} MiB of kernel memory, taken in full when \
+             xlb starts (the table is preallocated), and this host has {} MiB available: \
+             lower entries",
+            conntrack.entries,
+            needed >> 20,
+            available_kib >> 10
+        );
+    }
+    Ok(())
 }
 
 /// Attaches the loaded program to every interface in `cfg` through links pinned in `pins` —
@@ -422,5 +458,33 @@ mod tests {
             .replace("SOURCE", "2001:db8:30::/64")
             .replace("TO", "2001:db8:51::10");
         assert_eq!(forwarded_families(&config(&gateway6)), ["ipv4", "ipv6"]);
+    }
+
+    #[test]
+    fn a_conntrack_table_larger_than_the_available_memory_is_refused() {
+        let conntrack = ConntrackConfig::default();
+        // A million flows: 2^21 entries of 160 bytes (48 + 40 + 72) and as many 16-byte
+        // buckets, 369,098,752 bytes or 352 MiB.
+        assert_eq!(conntrack.table_bytes(), 369_098_752);
+        let meminfo = |available: &str| {
+            format!("MemTotal:       24684000 kB\nMemFree:  1000 kB\nMemAvailable: {available}\n")
+        };
+        check_memory(&conntrack, &meminfo("400000 kB")).unwrap();
+        let refused = check_memory(&conntrack, &meminfo("300000 kB")).unwrap_err();
+        let message = format!("{refused:#}");
+        assert!(
+            message.contains("1048576 flows needs 352 MiB")
+                && message.contains("292 MiB available"),
+            "{message}"
+        );
+        for broken in ["", "MemAvailable: lots\n", "MemAvailable: 400000 MB\n"] {
+            check_memory(&conntrack, broken).unwrap_err();
+        }
+        // 6,000 entries, 8,192 buckets.
+        let small = ConntrackConfig {
+            entries: 3000,
+            ..ConntrackConfig::default()
+        };
+        assert_eq!(small.table_bytes(), 6000 * 160 + 8192 * 16);
     }
 }

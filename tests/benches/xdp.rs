@@ -320,13 +320,13 @@ fn table_switch_cost(changes: usize, json: &mut serde_json::Value) -> Result<Str
     ))
 }
 
-/// Fills `CONNTRACK` with `flows` established flows (both entries each, written from
-/// userspace), then times a sweep that finds nothing to remove and one that removes
-/// everything, and reads the map's kernel memory (`memlock` in its fdinfo).
+/// Fills `CONNTRACK`, made for `flows` flows, with as many established flows (both entries
+/// each, written from userspace), then times a sweep that finds nothing to remove and one
+/// that removes everything, and reads the map's kernel memory (`memlock` in its fdinfo),
+/// empty and full.
 fn sweep_cost(flows: u32, json: &mut serde_json::Value) -> Result<String> {
     use std::time::Instant;
 
-    use aya::maps::Map;
     use lb_common::{conntrack::Timeouts, maps::names};
     use lb_userspace::conntrack::{Table, monotonic_ns};
 
@@ -334,24 +334,12 @@ fn sweep_cost(flows: u32, json: &mut serde_json::Value) -> Result<String> {
         "[dataplane]\ninterfaces = [\"fx0\"]\nmaglev_table_size = 13\n[conntrack]\nentries = {flows}\n"
     ))?;
     let lab::Program { mut ebpf, .. } = lab::load(&checked)?;
-    let memlock = |ebpf: &aya::Ebpf| -> Result<u64> {
-        use std::os::fd::{AsFd as _, AsRawFd as _};
-        let Some(Map::HashMap(data)) = ebpf.map(names::CONNTRACK) else {
-            anyhow::bail!("no CONNTRACK hash map");
-        };
-        let fd = data.fd().as_fd().as_raw_fd();
-        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))?;
-        info.lines()
-            .find_map(|l| l.strip_prefix("memlock:"))
-            .and_then(|v| v.trim().parse().ok())
-            .ok_or_else(|| anyhow::anyhow!("no memlock in the map's fdinfo"))
-    };
-    let empty = memlock(&ebpf)?;
+    let empty = lab::memlock(&ebpf, names::CONNTRACK)?;
     let now = monotonic_ns();
     let started = Instant::now();
     fill_conntrack(&mut ebpf, flows, now)?;
     let filled = started.elapsed();
-    let full = memlock(&ebpf)?;
+    let full = lab::memlock(&ebpf, names::CONNTRACK)?;
     let timeouts = Timeouts::default();
     let mut table = Table::open(&ebpf)?;
     let kept = table.sweep(&timeouts, false)?;
@@ -369,9 +357,14 @@ fn sweep_cost(flows: u32, json: &mut serde_json::Value) -> Result<String> {
     let gone = table.sweep(&zero, false)?;
     let (removed, removing) = (gone.expired, gone.took);
     ensure!(removed == u64::from(flows), "removed {removed} of {flows}");
+    // The table holds `flows` at most and is full: what it takes over its capacity is what
+    // a flow costs, its share of the buckets included. (Preallocated, it takes as much empty.)
+    let per_flow = full as f64 / f64::from(flows);
     json["conntrack"] = serde_json::json!({
         "entries": flows,
-        "bytes_per_flow": (full - empty) as f64 / f64::from(flows),
+        "bytes_per_flow": per_flow,
+        "kernel_bytes_empty": empty,
+        "kernel_bytes_full": full,
         "sweep_ms": kept.took.as_secs_f64() * 1000.0,
         "remove_all_ms": removing.as_secs_f64() * 1000.0,
     });
@@ -381,11 +374,8 @@ fn sweep_cost(flows: u32, json: &mut serde_json::Value) -> Result<String> {
     Ok(format!(
         "conntrack: {flows} flows written in {filled:.1?}; a sweep that keeps them all took \
          {:.1?}; one that removes them all {removing:.1?}; kernel memory \
-         {} bytes empty, {} full: {:.0} bytes per flow",
+         {empty} bytes empty, {full} full: {per_flow:.0} bytes per flow at capacity",
         kept.took,
-        empty,
-        full,
-        (full - empty) as f64 / f64::from(flows)
     ))
 }
 
@@ -749,6 +739,7 @@ fn run(
         let med = median(&mut s.nanos);
         json["per_packet_ns"][s.key] = ((iqm * 10.0).round() / 10.0).into();
         json["per_packet_median_ns"][s.key] = med.into();
+        json["per_packet_mean_ns"][s.key] = mean.into();
         table.push_str(&format!(
             "| {} | {} | {iqm:.0} | {med} | {mean} | {:.2} |\n",
             s.name,

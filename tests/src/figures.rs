@@ -231,6 +231,11 @@ pub fn summary_markdown(all: &serde_json::Value, name: &str) -> String {
         ("backend's reply", "per_packet_ns.reply", "ns"),
         ("new flow", "per_packet_ns.new_flow", "ns"),
         (
+            "new flow, mean of all runs (the slow ones too)",
+            "per_packet_mean_ns.new_flow",
+            "ns",
+        ),
+        (
             "null program, in the empty-table run",
             "per_packet_ns_empty_table.null",
             "ns",

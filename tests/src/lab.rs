@@ -449,6 +449,23 @@ pub fn conntrack(ebpf: &Ebpf) -> Result<Vec<(FlowKey, NatEntry)>> {
     map.iter().map(|r| r.context("reading CONNTRACK")).collect()
 }
 
+/// The kernel memory the map `name` takes, by the kernel's own account (`memlock` in the
+/// map's fdinfo).
+pub fn memlock(ebpf: &Ebpf, name: &str) -> Result<u64> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let map = ebpf.map(name).with_context(|| format!("map {name}"))?;
+    let data: &MapData = match map {
+        aya::maps::Map::HashMap(data) | aya::maps::Map::LpmTrie(data) => data,
+        _ => bail!("map {name}: not a hash map or trie"),
+    };
+    let fd = data.fd().as_fd().as_raw_fd();
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("memlock:"))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("no memlock in map {name}'s fdinfo"))
+}
+
 /// The conntrack entry at `key`, if any.
 pub fn conntrack_entry(ebpf: &Ebpf, key: &FlowKey) -> Result<Option<NatEntry>> {
     let map: HashMap<&MapData, FlowKey, NatEntry> = ebpf

@@ -781,6 +781,46 @@ fn sa(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(ip, port)
 }
 
+/// The table takes its whole capacity's memory when it is made, as much as the config says
+/// (`table_bytes`, checked against the kernel's own account), and no more as it fills: every
+/// flow up to the configured number is taken, and the next one is refused as the table is
+/// full, not for want of memory.
+#[test]
+fn the_table_takes_its_memory_when_made_and_holds_its_capacity() {
+    in_lab(|_| {
+        const FLOWS: u16 = 100;
+        let checked = config([40000, 60000], FLOWS.into());
+        let lab::Program { ebpf, fx0, .. } = lab::load(&checked)?;
+        let made = lab::memlock(&ebpf, names::CONNTRACK)?;
+        // 200 entries of 160 bytes and 256 buckets of 16, by hand: 36,096 bytes; the kernel
+        // adds its map's own structure and an entry per CPU for replacing values.
+        let expected = checked.conntrack.table_bytes();
+        ensure!(expected == 200 * 160 + 256 * 16, "estimate {expected}");
+        ensure!(
+            (expected..expected + 4096 + 160 * 64).contains(&made),
+            "the kernel accounts {made} bytes for the table, the estimate is {expected}"
+        );
+        let syn = |port: u16| {
+            Frame::tcp((CLIENT, port), (VIP, 80), TCP_SYN)
+                .with_macs(CLIENT_MAC, fx0.mac)
+                .build()
+        };
+        for i in 0..FLOWS {
+            lab::run_forwarded(&ebpf, &syn(10000 + i), fx0.ifindex, "a SYN below capacity")?;
+        }
+        let run = lab::run(&ebpf, &syn(10000 + FLOWS), fx0.ifindex, None)?;
+        ensure!(
+            run.counted == [(Reason::DropConntrackFull, 1)],
+            "the flow over capacity: {:?}",
+            run.counted
+        );
+        let full = lab::memlock(&ebpf, names::CONNTRACK)?;
+        ensure!(full == made, "{made} bytes made, {full} full");
+        ensure!(lab::conntrack(&ebpf)?.len() == 2 * usize::from(FLOWS));
+        Ok(())
+    });
+}
+
 /// A flow whose reverse entry survived while its forward one was lost gets it back on its
 /// next packet; if the table is full, that packet is refused, and the reverse entry (the
 /// flow's port) must stay: this run did not insert it, so it is not this run's to withdraw.
