@@ -112,10 +112,13 @@ pub fn lookup(
     let Some(entry) = CONNTRACK.get_ptr_mut(&pkt.key) else {
         return Ok(false);
     };
-    // SAFETY: a map value of this run's lookup, valid for the program run. Fields written
-    // below are independent aligned stores of "now" or of 1 (or a full reset on a restart),
-    // which racing CPUs can only repeat, never undo; the one count, `generation`, is added
-    // to atomically.
+    // SAFETY: a map value of this run's lookup; its memory stays the map's for the program
+    // run. (Should the sweeper remove the entry meanwhile, its flow having expired, a new
+    // flow may take that memory at once, and this run's stores would land in the new
+    // flow's entry: a late packet racing its flow's removal, within this run's few hundred
+    // nanoseconds.) Fields written below are independent aligned stores of "now" or of 1
+    // (or a full reset on a restart), which racing CPUs can only repeat, never undo; the
+    // one count, `generation`, is added to atomically.
     let entry = unsafe { &mut *entry };
     // An echo's key holds its identifier in one port and 0 in the other, so a request and a
     // reply with identifier 0 have one key. A flow's requests go out and its replies come

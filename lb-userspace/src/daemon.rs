@@ -256,6 +256,9 @@ async fn start(cfg: &Checked, opts: &RunOptions, pins: &PinDir) -> anyhow::Resul
             "adopted the data plane pinned at {}: {flows} open flow(s) kept",
             pins.path().display()
         );
+        for warning in &pins.warnings {
+            println!("warning: {warning}");
+        }
     }
     let shared = Arc::new(Shared {
         registry: Mutex::new(registry),

@@ -68,7 +68,8 @@ pub fn load_pinned(cfg: &Checked, pins: &PinDir) -> anyhow::Result<Ebpf> {
 fn load_with(cfg: &Checked, pins: Option<&PinDir>) -> anyhow::Result<Ebpf> {
     // Adopted, the conntrack table is in memory already; made anew, it takes all of its
     // memory now.
-    if !pins.is_some_and(|p| p.adopted) {
+    let fresh = !pins.is_some_and(|p| p.adopted);
+    if fresh {
         let meminfo = std::fs::read_to_string("/proc/meminfo").context("reading /proc/meminfo")?;
         check_memory(&cfg.conntrack, &meminfo)?;
     }
@@ -99,11 +100,16 @@ fn load_with(cfg: &Checked, pins: Option<&PinDir>) -> anyhow::Result<Ebpf> {
         .map_max_entries(names::MAPPINGS, cfg.conntrack.map_entries())
         .load(XDP_OBJECT)
         .with_context(|| {
-            format!(
-                "loading the XDP object (are you root, with bpf() allowed? Its conntrack \
-                 table takes {} MiB now: lower [conntrack] entries if memory is short)",
-                cfg.conntrack.table_bytes() >> 20
-            )
+            let table = if fresh {
+                format!(
+                    " Its conntrack table takes {} MiB now: lower [conntrack] entries if \
+                     memory is short.",
+                    cfg.conntrack.table_bytes() >> 20
+                )
+            } else {
+                String::new()
+            };
+            format!("loading the XDP object (are you root, with bpf() allowed?{table})")
         })?;
     let program: &mut Xdp = ebpf
         .program_mut(PROGRAM)

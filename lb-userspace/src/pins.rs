@@ -7,8 +7,10 @@
 //!
 //! Before reusing pinned maps the daemon checks that they are the ones it would make: the
 //! layout version in `CONFIG`, and every map's key size, value size and capacity. A
-//! mismatch is refused with what to do, never misread. The directory is locked (`flock`)
-//! while a daemon owns it, so two daemons never drive one data plane.
+//! mismatch is refused with what to do, never misread; a difference that changes how well
+//! the maps work, not what they mean (a conntrack table that is not preallocated), is
+//! adopted with a warning. The directory is locked (`flock`) while a daemon owns it, so two
+//! daemons never drive one data plane.
 
 use std::{
     fs::File,
@@ -35,6 +37,8 @@ pub struct PinDir {
     _lock: File,
     /// Whether the maps were pinned already when the daemon started.
     pub adopted: bool,
+    /// What the adopted maps lack that this xlb would make, for the daemon to print.
+    pub warnings: Vec<String>,
 }
 
 impl PinDir {
@@ -67,10 +71,16 @@ impl PinDir {
             );
         }
         let adopted = check(&path, cfg)?;
+        let warnings = if adopted {
+            adopted_warnings(&path)?
+        } else {
+            Vec::new()
+        };
         Ok(PinDir {
             path,
             _lock: lock,
             adopted,
+            warnings,
         })
     }
 
@@ -306,6 +316,32 @@ fn check(dir: &Path, cfg: &Checked) -> anyhow::Result<bool> {
         }
     }
     Ok(true)
+}
+
+/// `BPF_F_NO_PREALLOC`, a hash map's flag (linux/bpf.h).
+const NO_PREALLOC: u32 = 1;
+
+/// What adopted maps (which [`check`] found fit) lack that a fresh start would make: a
+/// conntrack table made by an xlb from before it was preallocated grows with use. It works,
+/// and keeps its flows, but a new flow's inserts allocate (slower, and they can fail for want
+/// of memory below the capacity); only a data plane made afresh is preallocated.
+fn adopted_warnings(dir: &Path) -> anyhow::Result<Vec<String>> {
+    let path = dir.join(names::CONNTRACK);
+    let info = MapData::from_pin(&path)
+        .and_then(|map| map.info())
+        .with_context(|| format!("reading the pinned map {}", path.display()))?;
+    let mut warnings = Vec::new();
+    if info.map_flags() & NO_PREALLOC != 0 {
+        warnings.push(format!(
+            "the adopted conntrack table ({}) was made by an older xlb and is not \
+             preallocated: new flows allocate its entries, which is slower and can fail for \
+             want of memory. It keeps its flows; to have it preallocated, start afresh once \
+             the open flows may go (stop xlb with SIGTERM, which unpins the data plane, then \
+             start it)",
+            path.display()
+        ));
+    }
+    Ok(warnings)
 }
 
 #[cfg(test)]

@@ -357,8 +357,9 @@ fn sweep_cost(flows: u32, json: &mut serde_json::Value) -> Result<String> {
     let gone = table.sweep(&zero, false)?;
     let (removed, removing) = (gone.expired, gone.took);
     ensure!(removed == u64::from(flows), "removed {removed} of {flows}");
-    // The table holds `flows` at most and is full: what it takes over its capacity is what
-    // a flow costs, its share of the buckets included. (Preallocated, it takes as much empty.)
+    // The table, made for `flows` flows, is full: its memory over its capacity is what a
+    // tracked flow costs, its share of the buckets included. (Preallocated, the table takes
+    // as much empty.)
     let per_flow = full as f64 / f64::from(flows);
     json["conntrack"] = serde_json::json!({
         "entries": flows,
