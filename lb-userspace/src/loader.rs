@@ -132,24 +132,31 @@ fn load_with(cfg: &Checked, pins: Option<&PinDir>) -> anyhow::Result<Ebpf> {
 /// in `meminfo`, the text of /proc/meminfo). Preallocated, the table is taken all at once:
 /// the kernel would first squeeze the page cache, then fail with a bare "out of memory".
 pub fn check_memory(conntrack: &ConntrackConfig, meminfo: &str) -> anyhow::Result<()> {
-    let available_kib: u64 = meminfo
-        .lines()
-        .find_map(|line| line.strip_prefix("MemAvailable:"))
-        .and_then(|value| value.trim().strip_suffix("kB"))
-        .and_then(|kib| kib.trim().parse().ok())
-        .context("/proc/meminfo has no MemAvailable line in kB")?;
+    let available = available_memory(meminfo)?;
     let needed = conntrack.table_bytes();
-    if needed > available_kib * 1024 {
+    if needed > available {
         bail!(
             "[conntrack] entries = {} flows needs {} MiB of kernel memory, taken in full when \
              xlb starts (the table is preallocated), and this host has {} MiB available: \
              lower entries",
             conntrack.entries,
             needed >> 20,
-            available_kib >> 10
+            available >> 20
         );
     }
     Ok(())
+}
+
+/// The memory the host has available, in bytes: `MemAvailable` in `meminfo`, the text of
+/// /proc/meminfo.
+pub fn available_memory(meminfo: &str) -> anyhow::Result<u64> {
+    let kib: u64 = meminfo
+        .lines()
+        .find_map(|line| line.strip_prefix("MemAvailable:"))
+        .and_then(|value| value.trim().strip_suffix("kB"))
+        .and_then(|kib| kib.trim().parse().ok())
+        .context("/proc/meminfo has no MemAvailable line in kB")?;
+    Ok(kib * 1024)
 }
 
 /// Attaches the loaded program to every interface in `cfg` through links pinned in `pins` —

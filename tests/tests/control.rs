@@ -12,6 +12,7 @@ use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
+use lb_userspace::{config::MAX_CONNTRACK_FLOWS, loader};
 use serde_json::Value;
 use xlb_tests::echo::{self, EchoConn, EchoServer, raise_fd_limit};
 use xlb_tests::topology::{Options, SNAT, SNAT6, Topology, VIP, VIP6, with_topology};
@@ -426,8 +427,9 @@ fn apply_metrics_and_the_socket() {
 
 /// What cannot work is refused before anything changes: the first IPv6 service while the
 /// interfaces do not forward IPv6 (the FIB would refuse its every packet, and the service
-/// would be dead with only a counter to say so); and a daemon whose pin path is not on
-/// bpffs, which must leave what is there alone.
+/// would be dead with only a counter to say so); a daemon whose pin path is not on bpffs,
+/// which must leave what is there alone; and a conntrack table larger than the host's
+/// available memory.
 #[test]
 fn what_cannot_work_is_refused_before_anything_changes() {
     with_topology(PREFIX, Options::default(), |topo| {
@@ -476,6 +478,36 @@ fn what_cannot_work_is_refused_before_anything_changes() {
             kept.ok().as_deref() == Some("the user's own file"),
             "a failed start touched a file in its pin path"
         );
+
+        // A conntrack table twice the size of the host's available memory: refused before
+        // the kernel is asked for it, and nothing pinned. (The largest table there is, 2^27
+        // flows, takes 45 GiB: a host with more than that available cannot be asked.)
+        let available = loader::available_memory(&std::fs::read_to_string("/proc/meminfo")?)?;
+        let flows = (available * 2 / 352).min(u64::from(MAX_CONNTRACK_FLOWS));
+        if flows * 352 <= available {
+            eprintln!("skipped the memory refusal: {available} bytes available");
+            return Ok(());
+        }
+        let huge = cfg.replace(
+            "[dataplane]\n",
+            &format!("[conntrack]\nentries = {flows}\n[dataplane]\n"),
+        );
+        let dir = std::path::PathBuf::from(format!("/sys/fs/bpf/xlbcp-mem-{}", std::process::id()));
+        let mut pins = LeftPins::at(dir.clone());
+        match XlbProcess::start_on_pins(&topo.lb, &huge, &mut pins) {
+            Ok(xlb) => {
+                xlb.stop()?;
+                bail!("xlb started with {flows} flows of conntrack on {available} bytes")
+            }
+            Err(e) => ensure!(
+                format!("{e:#}").contains("MiB available: lower entries"),
+                "the refusal does not say why: {e:#}"
+            ),
+        }
+        let pinned: Vec<_> = std::fs::read_dir(&dir)
+            .map(|entries| entries.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        ensure!(pinned.is_empty(), "a refused start pinned {pinned:?}");
         Ok(())
     });
 }
