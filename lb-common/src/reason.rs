@@ -67,7 +67,8 @@ pub enum Reason {
     /// any neighbour could have the tc program send its frames anywhere.
     DropForgedHandoff = 22,
     /// A new flow, but a map could not allocate an entry for it (memory pressure): a NAT
-    /// gateway's UDP mapping (`MAPPINGS` grows with use; `CONNTRACK` is preallocated).
+    /// gateway's UDP mapping (`MAPPINGS` grows with use), or an entry of a conntrack table
+    /// pinned by an xlb from before `CONNTRACK` was preallocated.
     DropConntrackNoMemory = 23,
     /// ICMP the data plane neither answers nor translates (an echo request to an address
     /// that is no VIP, a reply, a fragment, any other type): handed to the kernel untouched.

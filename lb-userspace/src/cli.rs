@@ -284,15 +284,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let backends: usize = cfg.services.iter().map(|s| s.backends.len()).sum();
             println!(
                 "config {} is valid: {} service(s), {backends} backend(s), {} NAT \
-                 gateway(s), interfaces {:?}, SNAT ports {}, conntrack {} flows ({} MiB of \
-                 kernel memory, taken when xlb starts)",
+                 gateway(s), interfaces {:?}, SNAT ports {}, conntrack {} flows ({:.1} MiB \
+                 of kernel memory, taken when xlb starts)",
                 config.display(),
                 cfg.services.len(),
                 cfg.gateways.len(),
                 cfg.dataplane.interfaces,
                 cfg.snat_ports,
                 cfg.conntrack.entries,
-                cfg.conntrack.table_bytes() >> 20
+                cfg.conntrack.table_bytes() as f64 / f64::from(1 << 20)
             );
             Ok(())
         }

@@ -168,7 +168,7 @@ pub const MAX_CONNTRACK_FLOWS: u32 = 1 << 27;
 pub struct ConntrackConfig {
     /// Flows tracked at most (each takes two map entries, one per direction). When the table
     /// is full, new flows are refused (`drop/conntrack_full`); no tracked flow is evicted.
-    /// The table's memory, some 350 bytes per flow, is taken in full when xlb starts
+    /// The table's memory, 352 to 384 bytes per flow, is taken in full when xlb starts
     /// ([`ConntrackConfig::table_bytes`]).
     pub entries: u32,
     /// A TCP flow whose handshake has not completed.
@@ -223,8 +223,8 @@ impl ConntrackConfig {
         const BUCKET: u64 = 16;
         let padded = |size: usize| (size as u64).next_multiple_of(8);
         let element = ELEMENT_HEADER + padded(size_of::<FlowKey>()) + padded(size_of::<NatEntry>());
-        let entries = u64::from(self.map_entries());
-        entries * element + entries.next_power_of_two() * BUCKET
+        let map_entries = u64::from(self.map_entries());
+        map_entries * element + map_entries.next_power_of_two() * BUCKET
     }
 }
 

@@ -42,6 +42,7 @@ use xlb_tests::{
     model::flows::key,
     netns::NetNs,
     packet::{Frame, TCP_ACK, TCP_FIN, TCP_SYN, layout_v4},
+    xlb::LeftPins,
 };
 
 const PREFIX: &str = "xlbct";
@@ -799,7 +800,7 @@ fn the_table_takes_its_memory_when_made_and_holds_its_capacity() {
         let made = lab::memlock(&ebpf, names::CONNTRACK)?;
         // 200 entries of 160 bytes and 256 buckets of 16, by hand: 36,096 bytes. The kernel
         // adds its map's own structure (under 4 KiB) and, per possible CPU, a spare entry for
-        // replacing values, its pointer and four lock counters: 200 bytes.
+        // replacing values, its pointer and eight 4-byte lock counters: 200 bytes.
         let expected = checked.conntrack.table_bytes();
         ensure!(expected == 200 * 160 + 256 * 16, "estimate {expected}");
         let per_cpu = 200 * possible_cpus()?;
@@ -838,7 +839,7 @@ fn an_adopted_table_made_without_preallocation_is_kept_with_a_warning() {
     in_lab(|_| {
         let dir =
             std::path::PathBuf::from(format!("/sys/fs/bpf/{PREFIX}-pins-{}", std::process::id()));
-        let _cleanup = RemoveOnDrop(dir.clone());
+        let _cleanup = LeftPins::at(dir.clone());
         let mut checked = config([40000, 60000], 1000);
         checked.dataplane.pin_path = dir.clone();
 
@@ -910,15 +911,6 @@ fn possible_cpus() -> Result<u64> {
         .sum()
 }
 
-/// Removes a directory (a test's pins) when dropped, also when the test fails.
-struct RemoveOnDrop(std::path::PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// Makes a BPF hash map with these sizes and flags, and pins it at `path`.
 fn pin_hash_map(
     path: &std::path::Path,
@@ -927,20 +919,45 @@ fn pin_hash_map(
     max_entries: u32,
     flags: u32,
 ) -> Result<()> {
-    use std::os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _};
+    use std::os::{
+        fd::{AsRawFd as _, FromRawFd as _},
+        unix::ffi::OsStrExt as _,
+    };
     const BPF_MAP_CREATE: libc::c_long = 0;
     const BPF_OBJ_PIN: libc::c_long = 6;
     const BPF_MAP_TYPE_HASH: u32 = 1;
-    // `union bpf_attr`'s first fields for each command, the rest zero.
-    let mut attr = [0u32; 32];
-    attr[..5].copy_from_slice(&[BPF_MAP_TYPE_HASH, key_size, value_size, max_entries, flags]);
-    // SAFETY: the attribute buffer outlives the call, and its size is passed with it.
+    /// `union bpf_attr` for `BPF_MAP_CREATE`: its first fields, the rest zero.
+    #[repr(C)]
+    struct Create {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        map_flags: u32,
+        rest: [u8; 108],
+    }
+    /// `union bpf_attr` for `BPF_OBJ_PIN`: the path and the descriptor, the rest zero.
+    #[repr(C)]
+    struct Pin {
+        pathname: u64,
+        bpf_fd: u32,
+        rest: [u8; 116],
+    }
+    let create = Create {
+        map_type: BPF_MAP_TYPE_HASH,
+        key_size,
+        value_size,
+        max_entries,
+        map_flags: flags,
+        rest: [0; 108],
+    };
+    // SAFETY: the attribute outlives the call, and its size is passed with it.
     let fd = unsafe {
         libc::syscall(
             libc::SYS_bpf,
             BPF_MAP_CREATE,
-            attr.as_ptr(),
-            size_of_val(&attr),
+            &raw const create,
+            size_of::<Create>(),
         )
     };
     ensure!(
@@ -951,20 +968,14 @@ fn pin_hash_map(
     // SAFETY: a new descriptor, ours alone.
     let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
     let name = std::ffi::CString::new(path.as_os_str().as_bytes())?;
-    let mut attr = [0u32; 32];
-    let pointer = name.as_ptr() as u64;
-    attr[0] = pointer as u32;
-    attr[1] = (pointer >> 32) as u32;
-    attr[2] = std::os::fd::AsRawFd::as_raw_fd(&fd) as u32;
-    // SAFETY: as above; the path outlives the call.
-    let pinned = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_PIN,
-            attr.as_ptr(),
-            size_of_val(&attr),
-        )
+    let pin = Pin {
+        pathname: name.as_ptr() as u64,
+        bpf_fd: fd.as_raw_fd() as u32,
+        rest: [0; 116],
     };
+    // SAFETY: as above; the path outlives the call.
+    let pinned =
+        unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_PIN, &raw const pin, size_of::<Pin>()) };
     ensure!(
         pinned == 0,
         "BPF_OBJ_PIN: {}",

@@ -12,7 +12,10 @@ use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use lb_userspace::{config::MAX_CONNTRACK_FLOWS, loader};
+use lb_userspace::{
+    config::{ConntrackConfig, MAX_CONNTRACK_FLOWS},
+    loader,
+};
 use serde_json::Value;
 use xlb_tests::echo::{self, EchoConn, EchoServer, raise_fd_limit};
 use xlb_tests::topology::{Options, SNAT, SNAT6, Topology, VIP, VIP6, with_topology};
@@ -481,10 +484,15 @@ fn what_cannot_work_is_refused_before_anything_changes() {
 
         // A conntrack table twice the size of the host's available memory: refused before
         // the kernel is asked for it, and nothing pinned. (The largest table there is, 2^27
-        // flows, takes 45 GiB: a host with more than that available cannot be asked.)
+        // flows, takes 44 GiB: a host with more than that available cannot be asked.)
         let available = loader::available_memory(&std::fs::read_to_string("/proc/meminfo")?)?;
-        let flows = (available * 2 / 352).min(u64::from(MAX_CONNTRACK_FLOWS));
-        if flows * 352 <= available {
+        let flows = (available * 2 / 352).min(u64::from(MAX_CONNTRACK_FLOWS)) as u32;
+        let needed = ConntrackConfig {
+            entries: flows,
+            ..ConntrackConfig::default()
+        }
+        .table_bytes();
+        if needed <= available {
             eprintln!("skipped the memory refusal: {available} bytes available");
             return Ok(());
         }
