@@ -210,9 +210,7 @@ fn main() -> Result<()> {
     }
     let json = serde_json::json!({
         "forwarding_mpps": {
-            "command": run.command(),
-            "machine": machine(),
-            "date": today(),
+            "run": run.record_of_run(),
             "method": format!(
                 "{frames} frames of 60 bytes per way, one UDP flow and then {FLOWS} (source \
                  ports), {}, through the load balancer's namespace into a sink namespace, in \

@@ -19,7 +19,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail, ensure};
 use xlb_tests::cmd;
-use xlb_tests::figures::{Run, machine, today};
+use xlb_tests::figures::{Run, machine};
 use xlb_tests::netns::NetNs;
 use xlb_tests::topology::{
     BACKEND_PORT, LB_INTERFACES, Options, SNAT, Topology, VIP, VIP_TCP_PORT, with_topology,
@@ -132,9 +132,7 @@ fn main() -> Result<()> {
     let (x, n, h) = (f(Way::Xlb), f(Way::Nftables), f(Way::Haproxy));
     let json = serde_json::json!({
         "tcp": {
-            "command": run.command(),
-            "machine": machine(),
-            "date": today(),
+            "run": run.record_of_run(),
             "method": format!(
                 "wrk from the client namespace to three nginx backends: {CONNECTION_CLIENTS} \
                  clients with Connection: close for connections, {BULK_CLIENTS} kept-alive \

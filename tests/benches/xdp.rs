@@ -19,7 +19,7 @@ use lb_common::{
     reason::Reason,
 };
 use xlb_tests::{
-    figures::{Run, machine, today},
+    figures::{Run, machine},
     lab::{self, CLIENT, CLIENT_MAC, FX0_MAC, VIP},
     packet::{
         ETH_HLEN, Frame, ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, L4, PROTO_ICMP, TCP_ACK, TCP_SYN,
@@ -82,9 +82,7 @@ fn main() -> Result<()> {
     let flows = if bench { 1 << 20 } else { 10_000 };
     let changes = if bench { 50 } else { 3 };
     let mut json = serde_json::json!({
-        "command": run_kind.command(),
-        "machine": machine(),
-        "date": today(),
+        "per_packet_run": run_kind.record_of_run(),
         "per_packet_method": "BPF_PROG_TEST_RUN on the real program, repeat = 1, \
                               interquartile mean of interleaved runs",
     });

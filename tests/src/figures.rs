@@ -34,12 +34,39 @@ impl Run {
         }
     }
 
-    pub fn command(self) -> &'static str {
-        match self {
-            Run::Full => "cargo xtask bench",
-            Run::Quick => "cargo xtask bench --quick",
-            Run::Smoke => "cargo xtask test (the benchmarks' smoke run, a debug build)",
+    /// The command that ran this benchmark: `cargo xtask bench` says so in
+    /// `XLB_BENCH_COMMAND`; a benchmark binary run by hand names itself.
+    pub fn command(self) -> String {
+        if self == Run::Smoke {
+            return "cargo xtask test (the benchmarks' smoke run, a debug build)".into();
         }
+        if let Ok(command) = std::env::var("XLB_BENCH_COMMAND") {
+            return command;
+        }
+        let args: Vec<String> = std::env::args().collect();
+        let bench = args
+            .first()
+            .and_then(|path| Path::new(path).file_name())
+            .map(|name| name.to_string_lossy().into_owned())
+            .and_then(|name| name.split_once('-').map(|(bench, _)| bench.to_owned()))
+            .unwrap_or_else(|| "?".into());
+        format!(
+            "target/release/deps/{bench}-<hash> {}",
+            args.get(1..).unwrap_or_default().join(" ")
+        )
+    }
+
+    /// What one benchmark records about its run, beside its figures: the command, the
+    /// commit it measured, the machine and the day. Each benchmark merges its figures into
+    /// the day's file on its own, so the file may hold runs of several commits; the summary
+    /// names each one's.
+    pub fn record_of_run(self) -> serde_json::Value {
+        serde_json::json!({
+            "command": self.command(),
+            "commit": commit(),
+            "machine": machine(),
+            "date": today(),
+        })
     }
 
     /// The file this run's figures go to.
@@ -124,22 +151,31 @@ pub fn summary_markdown(all: &serde_json::Value, name: &str) -> String {
             .to_string()
     };
     let mut out = format!(
-        "## Summary of the latest full run ({})\n\nGenerated from `docs/benchmarks/{name}` by \
-         `{}` on {}. The sections below it are written by hand and say how each figure is \
-         measured and why a goal is missed.\n\n",
-        text("/date"),
-        text("/command"),
-        text("/machine"),
+        "## Summary of the latest runs ({})\n\nGenerated from `docs/benchmarks/{name}` by the \
+         benchmarks, each of which merges its figures into the day's file when it runs. The \
+         sections below it are written by hand and say how each figure is measured and why a \
+         goal is missed.\n\n",
+        text("/per_packet_run/date"),
     );
-    // Each benchmark merges its figures into the day's file when it runs, so each says how
-    // it measured (and the forwarding one, with which generator).
-    for (what, path) in [
-        ("Per packet", "/per_packet_method"),
-        ("Forwarding", "/forwarding_mpps/method"),
-        ("TCP", "/tcp/method"),
+    // Each benchmark says how it measured (the forwarding one, with which generator), and
+    // which command ran it, on which commit and machine.
+    for (what, method, run) in [
+        ("Per packet", "/per_packet_method", "/per_packet_run"),
+        (
+            "Forwarding",
+            "/forwarding_mpps/method",
+            "/forwarding_mpps/run",
+        ),
+        ("TCP", "/tcp/method", "/tcp/run"),
     ] {
-        if let Some(method) = all.pointer(path).and_then(serde_json::Value::as_str) {
-            out += &format!("{what}: {method}.\n\n");
+        if let Some(method) = all.pointer(method).and_then(serde_json::Value::as_str) {
+            out += &format!(
+                "{what} (`{}` at commit {}, {}, {}): {method}.\n\n",
+                text(&format!("{run}/command")),
+                text(&format!("{run}/commit")),
+                text(&format!("{run}/machine")),
+                text(&format!("{run}/date")),
+            );
         }
     }
     let ratio = |a: &str, b: &str| Some(figure(all, a)? / figure(all, b)?);
@@ -352,6 +388,38 @@ pub fn summary_markdown(all: &serde_json::Value, name: &str) -> String {
     out
 }
 
+/// The commit the benchmark measures: `git describe`'s short hash, with "+ changes" when
+/// files outside `docs/` (which the benchmarks write themselves) differ from it.
+pub fn commit() -> String {
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .arg("-C")
+            .arg(env!("CARGO_MANIFEST_DIR"))
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let Some(hash) = git(&["rev-parse", "--short", "HEAD"]) else {
+        return "unknown (not a git checkout)".into();
+    };
+    let changed = git(&[
+        "status",
+        "--porcelain",
+        "--untracked-files=no",
+        "--",
+        ":/",
+        ":(exclude,top)docs",
+    ])
+    .is_none_or(|s| !s.is_empty());
+    if changed {
+        format!("{hash} + changes")
+    } else {
+        hash
+    }
+}
+
 /// Today's date (UTC), YYYY-MM-DD.
 pub fn today() -> String {
     std::process::Command::new("date")
@@ -464,14 +532,17 @@ mod tests {
     /// The verdicts come from the goals' own thresholds, against figures made up here.
     #[test]
     fn the_summary_marks_each_goal_from_the_figures() {
+        let run = |commit: &str| {
+            serde_json::json!({"command": "cargo xtask bench", "commit": commit,
+                               "machine": "a test machine", "date": "2026-01-02"})
+        };
         let all = serde_json::json!({
-            "date": "2026-01-02",
-            "command": "cargo xtask bench",
-            "machine": "a test machine",
+            "per_packet_run": run("abc1234"),
+            "per_packet_method": "frames run somehow",
             "per_packet_ns": {"null": 100.0, "established": 250.0, "new_flow": 900.0},
             "forwarding_mpps": {"xlb_many_flows": 1.0, "null_forwarder_many_flows": 2.0,
                                 "nftables_many_flows": 0.1, "null_forwarder": null,
-                                "method": "frames sent somehow"},
+                                "method": "frames sent somehow", "run": run("def5678")},
             "tcp": {"method": "connections made somehow"},
             "maglev": {"build_ms": {"n1000_m65537": 0.5}, "moved_pct_remove_1pct": 1.6},
         });
@@ -486,14 +557,15 @@ mod tests {
             "| slots moved when 1% of backends go ≤ 1.5% | 1.60% | missed |",
             "| null forwarder, one flow | not measured |",
             "| established packet | 250 ns |",
-            "Forwarding: frames sent somehow.",
-            "TCP: connections made somehow.",
+            "Per packet (`cargo xtask bench` at commit abc1234, a test machine, 2026-01-02): \
+             frames run somehow.",
+            "Forwarding (`cargo xtask bench` at commit def5678, a test machine, 2026-01-02): \
+             frames sent somehow.",
+            "TCP (`not recorded` at commit not recorded, not recorded, not recorded): \
+             connections made somehow.",
         ] {
             assert!(md.contains(line), "no {line:?} in\n{md}");
         }
-        assert!(
-            md.contains("(2026-01-02)") && md.contains("on a test machine"),
-            "{md}"
-        );
+        assert!(md.contains("latest runs (2026-01-02)"), "{md}");
     }
 }

@@ -78,7 +78,15 @@ fn main() -> anyhow::Result<()> {
                 "--bench",
                 "tcp",
             ])
-            .env("XLB_BIN", root.join("target/debug/xlb"));
+            .env("XLB_BIN", root.join("target/debug/xlb"))
+            .env(
+                "XLB_BENCH_COMMAND",
+                if quick {
+                    "cargo xtask bench --quick"
+                } else {
+                    "cargo xtask bench"
+                },
+            );
             if quick {
                 cmd.args(["--", "--quick"]);
             }
