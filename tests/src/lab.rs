@@ -562,3 +562,77 @@ pub fn check_whole_flows(entries: &[(FlowKey, NatEntry)]) -> Result<()> {
     }
     Ok(())
 }
+
+/// Makes a BPF hash map with these sizes and flags, and pins it at `path`: a map another
+/// program (an older xlb, say) could have pinned.
+pub fn pin_hash_map(
+    path: &std::path::Path,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    flags: u32,
+) -> Result<()> {
+    use std::os::{
+        fd::{AsRawFd as _, FromRawFd as _},
+        unix::ffi::OsStrExt as _,
+    };
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    const BPF_MAP_TYPE_HASH: u32 = 1;
+    /// `union bpf_attr` for `BPF_MAP_CREATE`: its first fields, the rest zero.
+    #[repr(C)]
+    struct Create {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        map_flags: u32,
+        rest: [u8; 108],
+    }
+    /// `union bpf_attr` for `BPF_OBJ_PIN`: the path and the descriptor, the rest zero.
+    #[repr(C)]
+    struct Pin {
+        pathname: u64,
+        bpf_fd: u32,
+        rest: [u8; 116],
+    }
+    let create = Create {
+        map_type: BPF_MAP_TYPE_HASH,
+        key_size,
+        value_size,
+        max_entries,
+        map_flags: flags,
+        rest: [0; 108],
+    };
+    // SAFETY: the attribute outlives the call, and its size is passed with it.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_CREATE,
+            &raw const create,
+            size_of::<Create>(),
+        )
+    };
+    ensure!(
+        fd >= 0,
+        "BPF_MAP_CREATE: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a new descriptor, ours alone.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+    let name = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    let pin = Pin {
+        pathname: name.as_ptr() as u64,
+        bpf_fd: fd.as_raw_fd() as u32,
+        rest: [0; 116],
+    };
+    // SAFETY: as above; the path outlives the call.
+    let pinned =
+        unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_PIN, &raw const pin, size_of::<Pin>()) };
+    ensure!(
+        pinned == 0,
+        "BPF_OBJ_PIN: {}",
+        std::io::Error::last_os_error()
+    );
+    Ok(())
+}

@@ -12,12 +12,14 @@ use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
+use lb_common::maps::{FlowKey, NatEntry};
 use lb_userspace::{
     config::{ConntrackConfig, MAX_CONNTRACK_FLOWS},
     loader,
 };
 use serde_json::Value;
 use xlb_tests::echo::{self, EchoConn, EchoServer, raise_fd_limit};
+use xlb_tests::lab;
 use xlb_tests::topology::{Options, SNAT, SNAT6, Topology, VIP, VIP6, with_topology};
 use xlb_tests::xlb::{LeftPins, XlbProcess, xlb_command};
 
@@ -692,8 +694,9 @@ fn commands_explain_bad_arguments_and_missing_daemons() -> Result<()> {
 /// capacity is refused, naming the setting, and changes nothing; one with the same config
 /// adopts the pinned data plane: every open connection keeps working, the program is
 /// replaced in place (a new program id), and the counters carry on — each backend's flows
-/// counter still equals the connections its server accepted, across both daemons. A clean
-/// stop unpins everything.
+/// counter still equals the connections its server accepted, across both daemons. A
+/// conntrack table pinned by an xlb from before preallocation is adopted with a warning. A
+/// clean stop unpins everything.
 #[test]
 fn a_killed_daemon_breaks_nothing_and_the_next_one_adopts_the_data_plane() {
     with_topology(PREFIX, Options::default(), |topo| {
@@ -774,6 +777,27 @@ fn a_killed_daemon_breaks_nothing_and_the_next_one_adopts_the_data_plane() {
             );
         }
         drop(conns);
+
+        // A data plane an xlb from before preallocation left: adopted, with a warning. (Its
+        // table is a new, empty one here: the flows of this test are done.)
+        let mut pins = xlb.kill_leaving_pins();
+        let table = pin_path.join("CONNTRACK");
+        std::fs::remove_file(&table)?;
+        lab::pin_hash_map(
+            &table,
+            size_of::<FlowKey>() as u32,
+            size_of::<NatEntry>() as u32,
+            ConntrackConfig::default().map_entries(),
+            1, // BPF_F_NO_PREALLOC
+        )?;
+        let xlb = XlbProcess::start_on_pins(&topo.lb, &cfg, &mut pins)?;
+        ensure!(
+            xlb.startup_lines()
+                .iter()
+                .any(|l| l.starts_with("warning: the adopted conntrack table")),
+            "xlb did not warn of a table made without preallocation: {:?}",
+            xlb.startup_lines()
+        );
         xlb.stop()?;
         ensure!(
             !pin_path.exists(),
