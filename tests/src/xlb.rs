@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 
 use crate::netns::NetNs;
 
@@ -262,6 +262,17 @@ impl XlbProcess {
     /// `attached to xlb-c (ifindex 2) in native mode`.
     pub fn startup_lines(&self) -> &[String] {
         &self.startup
+    }
+
+    /// Fails unless one of the lines xlb printed before `ready:` starts with `prefix`;
+    /// `what` says what such a line means, for the error.
+    pub fn said_at_start(&self, prefix: &str, what: &str) -> Result<()> {
+        ensure!(
+            self.startup.iter().any(|l| l.starts_with(prefix)),
+            "xlb did not say {what}: {:?}",
+            self.startup
+        );
+        Ok(())
     }
 
     /// Reads xlb's stdout until a line for which `wanted` holds, and returns it; fails if

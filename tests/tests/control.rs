@@ -742,13 +742,7 @@ fn a_killed_daemon_breaks_nothing_and_the_next_one_adopts_the_data_plane() {
         all_echo(&mut conns, "a refused start")?;
 
         let xlb = XlbProcess::start_on_pins(&topo.lb, &cfg, &mut pins)?;
-        ensure!(
-            xlb.startup_lines()
-                .iter()
-                .any(|l| l.starts_with("adopted the data plane")),
-            "xlb did not say it adopted the data plane: {:?}",
-            xlb.startup_lines()
-        );
+        xlb.said_at_start("adopted the data plane", "it adopted the data plane")?;
         all_echo(&mut conns, "restart")?;
         spread(topo, &servers, 60)?;
         let status = json(&xlb, &["status"])?;
@@ -791,13 +785,10 @@ fn a_killed_daemon_breaks_nothing_and_the_next_one_adopts_the_data_plane() {
             1, // BPF_F_NO_PREALLOC
         )?;
         let xlb = XlbProcess::start_on_pins(&topo.lb, &cfg, &mut pins)?;
-        ensure!(
-            xlb.startup_lines()
-                .iter()
-                .any(|l| l.starts_with("warning: the adopted conntrack table")),
-            "xlb did not warn of a table made without preallocation: {:?}",
-            xlb.startup_lines()
-        );
+        xlb.said_at_start(
+            "warning: the adopted conntrack table",
+            "that the adopted table is not preallocated",
+        )?;
         xlb.stop()?;
         ensure!(
             !pin_path.exists(),

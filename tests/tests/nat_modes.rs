@@ -419,13 +419,7 @@ fn a_nat_gateways_mappings_outlive_its_daemon() {
             "with the daemon dead, seen as {while_dead}, not {public}"
         );
         let xlb = XlbProcess::start_on_pins(&topo.lb, &config, &mut pins)?;
-        ensure!(
-            xlb.startup_lines()
-                .iter()
-                .any(|l| l.starts_with("adopted the data plane")),
-            "xlb did not adopt the data plane: {:?}",
-            xlb.startup_lines()
-        );
+        xlb.said_at_start("adopted the data plane", "it adopted the data plane")?;
         let after = seen_as(&socket, servers[2]).context("after the restart")?;
         ensure!(
             after == public,
