@@ -30,11 +30,10 @@ use xlb_tests::{
 /// The per-packet scenarios' config: one service of `BACKENDS` backends (10.20.1.10 and
 /// up, behind fx1), with room for the flows `fill_conntrack` puts in first and those the
 /// new-flow scenario makes.
-fn config(prefill: u32) -> String {
+fn config(entries: u32) -> String {
     let mut text = format!(
-        "[dataplane]\ninterfaces = [\"fx0\", \"fx1\"]\n[conntrack]\nentries = {}\n\
-         [[service]]\nvip = \"10.10.0.100:80\"\nprotocol = \"tcp\"\nsnat = \"10.20.0.1\"\n",
-        prefill + 100_000
+        "[dataplane]\ninterfaces = [\"fx0\", \"fx1\"]\n[conntrack]\nentries = {entries}\n\
+         [[service]]\nvip = \"10.10.0.100:80\"\nprotocol = \"tcp\"\nsnat = \"10.20.0.1\"\n"
     );
     for b in backends() {
         text += &format!("[[service.backend]]\naddress = \"{b}:8080\"\n");
@@ -102,11 +101,12 @@ fn main() -> Result<()> {
         );
         return Ok(());
     }
-    let (table, sweeps, switches) = lab::in_lab("xlbbench", |_| {
+    let (table, sweeps, switches, refused) = lab::in_lab("xlbbench", |_| {
         Ok((
             run(rounds, per_round, prefill, None, &mut json)?,
             sweep_cost(flows, &mut json)?,
             table_switch_cost(changes, &mut json)?,
+            refused_cost(rounds, per_round, &mut json)?,
         ))
     })?;
     // The same paths with an empty table: what a new flow and a tracked packet cost when
@@ -133,12 +133,13 @@ fn main() -> Result<()> {
         }
         println!("{sweeps}");
         println!("{switches}");
+        println!("{refused}");
         println!("{maglev}");
         println!("figures written to {}", written.display());
     } else {
         println!(
             "bench smoke: every scenario ended with its expected reason; {sweeps}; {switches}; \
-             {maglev}; figures written to {}",
+             {refused}; {maglev}; figures written to {}",
             written.display()
         );
     }
@@ -248,6 +249,72 @@ fn maglev_figures(bench: bool, json: &mut serde_json::Value) -> Result<String> {
         text += &format!(" removing 1% of {n} backends moved {moved_pct:.2}% of {size} slots;");
     }
     Ok(text.trim_end_matches(';').to_string())
+}
+
+/// What a flood costs once the table is full: a SYN of a new flow, refused
+/// (`drop/conntrack_full`), against the null program, side by side as the paths of [`run`]
+/// are (`rounds` × `per_round` runs of each, interleaved). The table holds 1,024 flows,
+/// written from userspace, and every SYN comes from a client port of its own.
+fn refused_cost(rounds: u32, per_round: u32, json: &mut serde_json::Value) -> Result<String> {
+    const FLOWS: u32 = 1_024;
+    let checked = lab::checked(&config(FLOWS))?;
+    for b in backends() {
+        lab::set_neighbour(b.into(), lab::BACKEND_MAC, lab::FX1)?;
+    }
+    let lab::Program { mut ebpf, fx0, .. } = lab::load(&checked)?;
+    let null: &mut aya::programs::Xdp = ebpf
+        .program_mut(NULL)
+        .ok_or_else(|| anyhow::anyhow!("no program {NULL}"))?
+        .try_into()?;
+    null.load()?;
+    fill_conntrack(&mut ebpf, FLOWS, lb_userspace::conntrack::monotonic_ns())?;
+    let (mut refused, mut nothing) = (Vec::new(), Vec::new());
+    let mut port = 0u32;
+    for _ in 0..rounds {
+        let before = lab::reasons(&ebpf)?;
+        for _ in 0..per_round {
+            // Clients the table has no flow of: 10.12.x.1, a port each.
+            let client = Ipv4Addr::new(10, 12, (port >> 16) as u8, 1);
+            let syn = Frame::tcp((client, port as u16), (VIP, 80), TCP_SYN)
+                .with_macs(CLIENT_MAC, FX0_MAC)
+                .build();
+            port += 1;
+            let (action, took) = lab::run_timed_program(&ebpf, XDP, &syn, fx0.ifindex)?;
+            ensure!(
+                action == Reason::DropConntrackFull.xdp_action(),
+                "a SYN to a full table: action {action}; reasons: {:?}",
+                reason_counts(&ebpf)
+            );
+            refused.push(took.as_nanos() as u64);
+            let (_, took) = lab::run_timed_program(&ebpf, NULL, &syn, fx0.ifindex)?;
+            nothing.push(took.as_nanos() as u64);
+        }
+        let after = lab::reasons(&ebpf)?;
+        let full = Reason::DropConntrackFull as usize;
+        ensure!(
+            after[full] - before[full] == u64::from(per_round)
+                && after.iter().sum::<u64>() - before.iter().sum::<u64>() == u64::from(per_round),
+            "{per_round} SYNs to a full table should each count drop/conntrack_full; \
+             reasons: {:?}",
+            reason_counts(&ebpf)
+        );
+    }
+    let mean = refused.iter().sum::<u64>() / refused.len().max(1) as u64;
+    let (iqm, floor) = (
+        interquartile_mean(&mut refused),
+        interquartile_mean(&mut nothing).max(1.0),
+    );
+    json["full_table"] = serde_json::json!({
+        "flows": FLOWS,
+        "refused_syn_ns": (iqm * 10.0).round() / 10.0,
+        "refused_syn_mean_ns": mean,
+        "null_ns": (floor * 10.0).round() / 10.0,
+    });
+    Ok(format!(
+        "a SYN refused by a full table (drop/conntrack_full): {iqm:.0} ns (interquartile mean; \
+         mean {mean}), {:.2}x the null program's {floor:.0} ns in the same run",
+        iqm / floor
+    ))
 }
 
 /// What a change to one service costs with 32 services of 3 backends each and 65,537-slot
@@ -457,7 +524,7 @@ fn run(
     only: Option<&[String]>,
     json: &mut serde_json::Value,
 ) -> Result<String> {
-    let checked = lab::checked(&config(prefill))?;
+    let checked = lab::checked(&config(prefill + 100_000))?;
     for b in backends() {
         lab::set_neighbour(b.into(), lab::BACKEND_MAC, lab::FX1)?;
     }

@@ -272,6 +272,16 @@ pub fn summary_markdown(all: &serde_json::Value, name: &str) -> String {
             "ns",
         ),
         (
+            "a SYN refused by a full table (a flood's packet)",
+            "full_table.refused_syn_ns",
+            "ns",
+        ),
+        (
+            "null program, in the full-table run",
+            "full_table.null_ns",
+            "ns",
+        ),
+        (
             "null program, in the empty-table run",
             "per_packet_ns_empty_table.null",
             "ns",
