@@ -71,16 +71,11 @@ impl PinDir {
             );
         }
         let adopted = check(&path, cfg)?;
-        let warnings = if adopted {
-            adopted_warnings(&path)?
-        } else {
-            Vec::new()
-        };
         Ok(PinDir {
             path,
             _lock: lock,
-            adopted,
-            warnings,
+            adopted: adopted.is_some(),
+            warnings: adopted.unwrap_or_default(),
         })
     }
 
@@ -257,16 +252,16 @@ fn setting_of(name: &str) -> &'static str {
     }
 }
 
-/// Whether every map is pinned and fits `cfg` (true), or none is (false); anything else is
-/// refused.
-fn check(dir: &Path, cfg: &Checked) -> anyhow::Result<bool> {
+/// Whether every map is pinned and fits `cfg` (with what they lack that a fresh start would
+/// make, as warnings), or none is (`None`); anything else is refused.
+fn check(dir: &Path, cfg: &Checked) -> anyhow::Result<Option<Vec<String>>> {
     let present: Vec<&str> = names::PINNED
         .iter()
         .copied()
         .filter(|n| dir.join(n).exists())
         .collect();
     if present.is_empty() {
-        return Ok(false);
+        return Ok(None);
     }
     let refuse = |problem: String| -> anyhow::Error {
         anyhow::anyhow!(
@@ -285,6 +280,7 @@ fn check(dir: &Path, cfg: &Checked) -> anyhow::Result<bool> {
             .collect();
         return Err(refuse(format!("maps {missing:?} are missing")));
     }
+    let mut warnings = Vec::new();
     for (name, key, value, entries) in expected(cfg) {
         let map = MapData::from_pin(dir.join(name))
             .with_context(|| format!("opening the pinned map {}", dir.join(name).display()))?;
@@ -305,6 +301,20 @@ fn check(dir: &Path, cfg: &Checked) -> anyhow::Result<bool> {
                 setting_of(name)
             )));
         }
+        // A conntrack table made by an xlb from before it was preallocated grows with use.
+        // It works, and keeps its flows, but a new flow's inserts allocate (slower, and they
+        // can fail for want of memory below the capacity); only a data plane made afresh is
+        // preallocated.
+        if name == names::CONNTRACK && info.map_flags() & NO_PREALLOC != 0 {
+            warnings.push(format!(
+                "the adopted conntrack table ({}) was made by an older xlb and is not \
+                 preallocated: new flows allocate its entries, which is slower and can fail \
+                 for want of memory. It keeps its flows; to have it preallocated, start afresh \
+                 once the open flows may go (stop xlb with SIGTERM, which unpins the data \
+                 plane, then start it)",
+                dir.join(name).display()
+            ));
+        }
         if name == names::CONFIG {
             let settings: Array<MapData, Settings> = Map::Array(map).try_into()?;
             let version = settings.get(&0, 0)?.layout_version;
@@ -315,34 +325,11 @@ fn check(dir: &Path, cfg: &Checked) -> anyhow::Result<bool> {
             }
         }
     }
-    Ok(true)
+    Ok(Some(warnings))
 }
 
 /// `BPF_F_NO_PREALLOC`, a hash map's flag (linux/bpf.h).
 const NO_PREALLOC: u32 = 1;
-
-/// What adopted maps (which [`check`] found fit) lack that a fresh start would make: a
-/// conntrack table made by an xlb from before it was preallocated grows with use. It works,
-/// and keeps its flows, but a new flow's inserts allocate (slower, and they can fail for want
-/// of memory below the capacity); only a data plane made afresh is preallocated.
-fn adopted_warnings(dir: &Path) -> anyhow::Result<Vec<String>> {
-    let path = dir.join(names::CONNTRACK);
-    let info = MapData::from_pin(&path)
-        .and_then(|map| map.info())
-        .with_context(|| format!("reading the pinned map {}", path.display()))?;
-    let mut warnings = Vec::new();
-    if info.map_flags() & NO_PREALLOC != 0 {
-        warnings.push(format!(
-            "the adopted conntrack table ({}) was made by an older xlb and is not \
-             preallocated: new flows allocate its entries, which is slower and can fail for \
-             want of memory. It keeps its flows; to have it preallocated, start afresh once \
-             the open flows may go (stop xlb with SIGTERM, which unpins the data plane, then \
-             start it)",
-            path.display()
-        ));
-    }
-    Ok(warnings)
-}
 
 #[cfg(test)]
 mod tests {

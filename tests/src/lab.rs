@@ -563,15 +563,10 @@ pub fn check_whole_flows(entries: &[(FlowKey, NatEntry)]) -> Result<()> {
     Ok(())
 }
 
-/// Makes a BPF hash map with these sizes and flags, and pins it at `path`: a map another
-/// program (an older xlb, say) could have pinned.
-pub fn pin_hash_map(
-    path: &std::path::Path,
-    key_size: u32,
-    value_size: u32,
-    max_entries: u32,
-    flags: u32,
-) -> Result<()> {
+/// Pins at `path` a conntrack table of `max_entries` entries as an xlb from before
+/// preallocation made it: a hash map of `FlowKey`s and `NatEntry`s with
+/// `BPF_F_NO_PREALLOC`, made with bpf() directly.
+pub fn pin_conntrack_without_preallocation(path: &std::path::Path, max_entries: u32) -> Result<()> {
     use std::os::{
         fd::{AsRawFd as _, FromRawFd as _},
         unix::ffi::OsStrExt as _,
@@ -579,6 +574,7 @@ pub fn pin_hash_map(
     const BPF_MAP_CREATE: libc::c_long = 0;
     const BPF_OBJ_PIN: libc::c_long = 6;
     const BPF_MAP_TYPE_HASH: u32 = 1;
+    const BPF_F_NO_PREALLOC: u32 = 1;
     /// `union bpf_attr` for `BPF_MAP_CREATE`: its first fields, the rest zero.
     #[repr(C)]
     struct Create {
@@ -598,10 +594,10 @@ pub fn pin_hash_map(
     }
     let create = Create {
         map_type: BPF_MAP_TYPE_HASH,
-        key_size,
-        value_size,
+        key_size: size_of::<FlowKey>() as u32,
+        value_size: size_of::<NatEntry>() as u32,
         max_entries,
-        map_flags: flags,
+        map_flags: BPF_F_NO_PREALLOC,
         rest: [0; 108],
     };
     // SAFETY: the attribute outlives the call, and its size is passed with it.

@@ -866,13 +866,7 @@ fn an_adopted_table_made_without_preallocation_is_kept_with_a_warning() {
         // The older xlb's table: same key, value and capacity, allocated as flows come.
         let path = dir.join(names::CONNTRACK);
         std::fs::remove_file(&path)?;
-        lab::pin_hash_map(
-            &path,
-            size_of::<FlowKey>() as u32,
-            size_of::<NatEntry>() as u32,
-            checked.conntrack.map_entries(),
-            1, // BPF_F_NO_PREALLOC
-        )?;
+        lab::pin_conntrack_without_preallocation(&path, checked.conntrack.map_entries())?;
         let flow = key(sa(CLIENT, 40000), sa(VIP, 80), PROTO_TCP);
         let entry = NatEntry {
             last_seen_ns: monotonic_ns(),

@@ -12,7 +12,6 @@ use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use lb_common::maps::{FlowKey, NatEntry};
 use lb_userspace::{
     config::{ConntrackConfig, MAX_CONNTRACK_FLOWS},
     loader,
@@ -777,13 +776,7 @@ fn a_killed_daemon_breaks_nothing_and_the_next_one_adopts_the_data_plane() {
         let mut pins = xlb.kill_leaving_pins();
         let table = pin_path.join("CONNTRACK");
         std::fs::remove_file(&table)?;
-        lab::pin_hash_map(
-            &table,
-            size_of::<FlowKey>() as u32,
-            size_of::<NatEntry>() as u32,
-            ConntrackConfig::default().map_entries(),
-            1, // BPF_F_NO_PREALLOC
-        )?;
+        lab::pin_conntrack_without_preallocation(&table, ConntrackConfig::default().map_entries())?;
         let xlb = XlbProcess::start_on_pins(&topo.lb, &cfg, &mut pins)?;
         xlb.said_at_start(
             "warning: the adopted conntrack table",
