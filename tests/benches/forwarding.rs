@@ -33,7 +33,7 @@ use lb_common::maps::{
     names,
     programs::{BENCH_FLOWS, BENCH_FORWARD_TO, BENCH_FRAME, DROP, NULL_FORWARDER, TX},
 };
-use xlb_tests::figures::{Run, machine, today};
+use xlb_tests::figures::{Run, machine, median, today};
 use xlb_tests::lab;
 use xlb_tests::netns::{self, NetNs};
 use xlb_tests::packet::{Frame, L4};
@@ -492,8 +492,7 @@ fn measure(
         );
         rates.push(received as f64 / elapsed.as_secs_f64() / 1e6);
     }
-    rates.sort_by(f64::total_cmp);
-    Ok(rates[rates.len() / 2])
+    Ok(median(rates))
 }
 
 /// Transmits `frames` frames out of g0 with `program`'s `xlb_tx` in live-frames mode;

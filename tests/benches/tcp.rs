@@ -19,7 +19,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail, ensure};
 use xlb_tests::cmd;
-use xlb_tests::figures::{Run, machine};
+use xlb_tests::figures::{Run, machine, median};
 use xlb_tests::netns::NetNs;
 use xlb_tests::topology::{
     BACKEND_PORT, LB_INTERFACES, Options, SNAT, Topology, VIP, VIP_TCP_PORT, with_topology,
@@ -61,14 +61,10 @@ struct Figures {
 impl Figures {
     /// Each figure's median over `rounds` (not empty).
     fn median(rounds: &[Figures]) -> Figures {
-        let median = |figure: fn(&Figures) -> f64| {
-            let mut values: Vec<f64> = rounds.iter().map(figure).collect();
-            values.sort_by(f64::total_cmp);
-            values[values.len() / 2]
-        };
+        let of = |figure: fn(&Figures) -> f64| median(rounds.iter().map(figure).collect());
         Figures {
-            conn_per_s: median(|f| f.conn_per_s),
-            gbit_s: median(|f| f.gbit_s),
+            conn_per_s: of(|f| f.conn_per_s),
+            gbit_s: of(|f| f.gbit_s),
         }
     }
 }

@@ -430,6 +430,13 @@ pub fn commit() -> String {
     }
 }
 
+/// The median of `values` (not empty): the middle one, the upper of the two middle ones
+/// for an even count.
+pub fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
 /// Today's date (UTC), YYYY-MM-DD.
 pub fn today() -> String {
     std::process::Command::new("date")
