@@ -575,7 +575,8 @@ pub fn pin_conntrack_without_preallocation(path: &std::path::Path, max_entries: 
     const BPF_OBJ_PIN: libc::c_long = 6;
     const BPF_MAP_TYPE_HASH: u32 = 1;
     const BPF_F_NO_PREALLOC: u32 = 1;
-    /// `union bpf_attr` for `BPF_MAP_CREATE`: its first fields, the rest zero.
+    // The leading fields of `union bpf_attr` for each command; given the size of these
+    // only, the kernel reads the rest as zeros (as `lb_userspace::tables` relies on too).
     #[repr(C)]
     struct Create {
         map_type: u32,
@@ -583,14 +584,12 @@ pub fn pin_conntrack_without_preallocation(path: &std::path::Path, max_entries: 
         value_size: u32,
         max_entries: u32,
         map_flags: u32,
-        rest: [u8; 108],
     }
-    /// `union bpf_attr` for `BPF_OBJ_PIN`: the path and the descriptor, the rest zero.
     #[repr(C)]
     struct Pin {
         pathname: u64,
         bpf_fd: u32,
-        rest: [u8; 116],
+        file_flags: u32,
     }
     let create = Create {
         map_type: BPF_MAP_TYPE_HASH,
@@ -598,7 +597,6 @@ pub fn pin_conntrack_without_preallocation(path: &std::path::Path, max_entries: 
         value_size: size_of::<NatEntry>() as u32,
         max_entries,
         map_flags: BPF_F_NO_PREALLOC,
-        rest: [0; 108],
     };
     // SAFETY: the attribute outlives the call, and its size is passed with it.
     let fd = unsafe {
@@ -620,7 +618,7 @@ pub fn pin_conntrack_without_preallocation(path: &std::path::Path, max_entries: 
     let pin = Pin {
         pathname: name.as_ptr() as u64,
         bpf_fd: fd.as_raw_fd() as u32,
-        rest: [0; 116],
+        file_flags: 0,
     };
     // SAFETY: as above; the path outlives the call.
     let pinned =
