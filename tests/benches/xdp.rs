@@ -101,6 +101,8 @@ fn main() -> Result<()> {
         );
         return Ok(());
     }
+    // First, before this bench makes any map (see `maglev_figures`).
+    let maglev = maglev_figures(bench, &mut json)?;
     let (table, sweeps, switches, refused) = lab::in_lab("xlbbench", |_| {
         Ok((
             run(rounds, per_round, prefill, None, &mut json)?,
@@ -123,7 +125,6 @@ fn main() -> Result<()> {
     } else {
         String::new()
     };
-    let maglev = maglev_figures(bench, &mut json)?;
     let written = run_kind.record(&json)?;
     if run_kind != Run::Smoke {
         println!("machine: {}", machine());
@@ -175,13 +176,18 @@ fn maglev_figures(bench: bool, json: &mut serde_json::Value) -> Result<String> {
         build(&e, size)
     };
     // The fastest of eleven builds: a build does the same work every time, and what else
-    // this shared machine does (the kernel's clean-up after the per-packet runs' programs
-    // went, for one) only adds to it. The median of five varied from 1.2 to 1.9 ms between
-    // runs on one machine.
+    // this shared machine does only adds to it. The builds are spread over a second: once a
+    // big conntrack table's program is gone the kernel frees the table in a worker on one
+    // of the two cores, for a second or so, and eleven builds in a row that fell in that
+    // second took 1.7-1.9 ms each where they take 1.16 ms (so they also run before the
+    // per-packet runs make theirs; the TCP bench, run just before this one by `cargo xtask
+    // bench`, leaves one of its own).
+    let pause = std::time::Duration::from_millis(if bench { 100 } else { 0 });
     let timed = |n: usize, size: u32| -> f64 {
         let backends = entries(&names(n));
         let times: Vec<f64> = (0..11)
             .map(|_| {
+                std::thread::sleep(pause);
                 let started = Instant::now();
                 let t = table(&backends, size);
                 let ms = started.elapsed().as_secs_f64() * 1000.0;
