@@ -4,7 +4,8 @@
 //! the veth cost, over which each forwarder's cost per frame is reported), (a) the null
 //! forwarder (`xlb_null_forwarder`: swap the MACs, redirect; the ceiling of
 //! any XDP forwarder), (b) xlb (full NAT of a UDP flow), (c) the kernel alone with nftables
-//! DNAT + SNAT. One after another, the same frames, the same chain.
+//! DNAT + SNAT. The same frames, the same chain, in rounds of every way in turn; each
+//! figure, a ratio of two ways' rates too, is the median of its rounds'.
 //!
 //! ```text
 //!  ns gen                    ns lb                                   ns sink
@@ -134,79 +135,114 @@ fn main() -> Result<()> {
         .enter(|| devmap.insert(l1, l1, None, 0))?
         .context("putting l1 in the devmap")?;
 
-    let mut rates = Vec::new();
+    let xlb_config = format!(
+        "[dataplane]\ninterfaces = [\"l0\", \"l1\"]\nxdp_mode = \"native\"\n\
+         [conntrack]\nentries = 65536\n[api]\nmetrics = \"\"\n\
+         [[service]]\nvip = \"{VIP}:80\"\nprotocol = \"udp\"\nsnat = \"10.40.2.100\"\n\
+         [[service.backend]]\naddress = \"{BACKEND}:8080\"\n"
+    );
+    let rules = format!(
+        "table ip xlbfwd {{\nchain prerouting {{\ntype nat hook prerouting priority dstnat;\n\
+         ip daddr {VIP} udp dport 80 dnat to {BACKEND}:8080\n}}\n\
+         chain postrouting {{\ntype nat hook postrouting priority srcnat;\n\
+         ip daddr {BACKEND} snat to 10.40.2.100\n}}\n}}\n"
+    );
+    let rules_file = std::env::temp_dir().join(format!("{base}.nft"));
+
+    // Every way in turn, round after round, each round a part of each way's frames: a
+    // ratio is taken within a round, between ways measured a few seconds apart, and each
+    // figure is the median of its rounds'. (Measured way after way, each in one go, the
+    // machine's drift over minutes went into the ratios: in one such run the null
+    // forwarder, the ceiling, came out no faster than xlb.)
+    // (The smoke run's two rounds still go through every way twice, nftables' rules taken
+    // away and back.)
+    let rounds_run = if run == Run::Smoke { 2 } else { ROUNDS };
+    let part = (frames / rounds_run).max(1);
     let mut generator = Generator::LiveFrames;
-    // (0) Nothing forwarded: l0 drops every frame, and counts what it took. The first
-    // measurement finds out which generator this kernel allows.
-    let dropped = on_l0(&chain, &mut bench, DROP, |bench| {
-        match measure(&chain, generator, bench, 1, &frame, frames, Count::Arrived) {
-            Err(e) if refused_live_frames(&e) => {
-                println!("forwarding bench: {e:#}; the generator is a packet socket instead");
-                generator = Generator::PacketSocket;
-                measure(&chain, generator, bench, 1, &frame, frames, Count::Arrived)
+    let mut rounds: Vec<Rates> = Vec::new();
+    for round in 0..rounds_run {
+        let mut rates = Rates::new();
+        // (0) Nothing forwarded: l0 drops every frame, and counts what it took. The first
+        // measurement finds out which generator this kernel allows.
+        let dropped = on_l0(&chain, &mut bench, DROP, |bench| {
+            match measure(&chain, generator, bench, 1, &frame, part, Count::Arrived) {
+                Err(e) if round == 0 && refused_live_frames(&e) => {
+                    println!("forwarding bench: {e:#}; the generator is a packet socket instead");
+                    generator = Generator::PacketSocket;
+                    measure(&chain, generator, bench, 1, &frame, part, Count::Arrived)
+                }
+                other => other,
             }
-            other => other,
+        })?;
+        rates.insert("drop", dropped);
+        // (a) the null forwarder on l0.
+        let (one, spread) = on_l0(&chain, &mut bench, NULL_FORWARDER, |bench| {
+            one_and_many(&chain, generator, (bench, &many), &frame, part)
+        })?;
+        rates.insert("null_forwarder", one);
+        rates.insert("null_forwarder_many_flows", spread);
+        // (b) xlb, started afresh each round.
+        {
+            let xlb = XlbProcess::start_quiet(&chain.lb, &xlb_config)?;
+            let (one, spread) = one_and_many(&chain, generator, (&bench, &many), &frame, part)?;
+            rates.insert("xlb", one);
+            rates.insert("xlb_many_flows", spread);
+            // The generator did spread its frames: xlb made a flow for every source port.
+            let stats = xlb.json(&["stats"])?;
+            let flows = stats["services"][0]["flows"].as_u64().unwrap_or(0);
+            ensure!(
+                flows >= u64::from(FLOWS),
+                "xlb made {flows} flows; the generator should have spread over {FLOWS}"
+            );
+            xlb.stop()?;
         }
-    })?;
-    rates.push(("drop", dropped));
-    // (a) the null forwarder on l0.
-    let (one, spread) = on_l0(&chain, &mut bench, NULL_FORWARDER, |bench| {
-        one_and_many(&chain, generator, (bench, &many), &frame, frames)
-    })?;
-    rates.push(("null_forwarder", one));
-    rates.push(("null_forwarder_many_flows", spread));
-    // (b) xlb.
-    {
-        let config = format!(
-            "[dataplane]\ninterfaces = [\"l0\", \"l1\"]\nxdp_mode = \"native\"\n\
-             [conntrack]\nentries = 65536\n[api]\nmetrics = \"\"\n\
-             [[service]]\nvip = \"{VIP}:80\"\nprotocol = \"udp\"\nsnat = \"10.40.2.100\"\n\
-             [[service.backend]]\naddress = \"{BACKEND}:8080\"\n"
+        // (c) the kernel with nftables, whose rules go again before the next round.
+        {
+            std::fs::write(&rules_file, &rules)?;
+            let loaded = chain
+                .lb
+                .exec("nft", &["-f", &rules_file.display().to_string()]);
+            let _ = std::fs::remove_file(&rules_file);
+            loaded?;
+            let measured = one_and_many(&chain, generator, (&bench, &many), &frame, part);
+            chain.lb.exec("nft", &["delete", "table", "ip", "xlbfwd"])?;
+            let (one, spread) = measured?;
+            rates.insert("nftables", one);
+            rates.insert("nftables_many_flows", spread);
+        }
+        eprintln!(
+            "forwarding bench: round {} of {rounds_run}: {}",
+            round + 1,
+            rates
+                .iter()
+                .map(|(key, r)| format!("{key} {r:.2}"))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
-        let xlb = XlbProcess::start_quiet(&chain.lb, &config)?;
-        let (one, spread) = one_and_many(&chain, generator, (&bench, &many), &frame, frames)?;
-        rates.push(("xlb", one));
-        rates.push(("xlb_many_flows", spread));
-        // The generator did spread its frames: xlb made a flow for every source port.
-        let stats = xlb.json(&["stats"])?;
-        let flows = stats["services"][0]["flows"].as_u64().unwrap_or(0);
-        ensure!(
-            flows >= u64::from(FLOWS),
-            "xlb made {flows} flows; the generator should have spread over {FLOWS}"
-        );
-        xlb.stop()?;
-    }
-    // (c) the kernel with nftables.
-    {
-        let rules = format!(
-            "table ip xlbfwd {{\nchain prerouting {{\ntype nat hook prerouting priority dstnat;\n\
-             ip daddr {VIP} udp dport 80 dnat to {BACKEND}:8080\n}}\n\
-             chain postrouting {{\ntype nat hook postrouting priority srcnat;\n\
-             ip daddr {BACKEND} snat to 10.40.2.100\n}}\n}}\n"
-        );
-        let file = std::env::temp_dir().join(format!("{base}.nft"));
-        std::fs::write(&file, rules)?;
-        chain.lb.exec("nft", &["-f", &file.display().to_string()])?;
-        let _ = std::fs::remove_file(&file);
-        let (one, spread) = one_and_many(&chain, generator, (&bench, &many), &frame, frames)?;
-        rates.push(("nftables", one));
-        rates.push(("nftables_many_flows", spread));
+        rounds.push(rates);
     }
 
-    let rate = |key: &str| {
-        rates
-            .iter()
-            .find(|(k, _)| *k == key)
-            .map_or(0.0, |(_, r)| *r)
-    };
+    // Each figure the median of its rounds': a rate, a ratio of two rates of one round.
+    let of_rounds = |figure: &dyn Fn(&Rates) -> f64| median(rounds.iter().map(figure).collect());
+    let rate = |key: &str| of_rounds(&|r: &Rates| r[key]);
+    let ratio = |a: &str, b: &str| of_rounds(&|r: &Rates| r[a] / r[b]);
     // (Not named `null`: inside `json!` that is the JSON literal, not the variable.)
     let (null_forwarder, xlb, nft) = (rate("null_forwarder"), rate("xlb"), rate("nftables"));
-    // What forwarding a frame costs over dropping it: each run's time per frame less the
+    // What forwarding a frame costs over dropping it: each round's time per frame less its
     // drop run's, which is the generator's and the veth's share of every run's time.
-    let over_drop = |key: &str| 1e3 / rate(key) - 1e3 / rate("drop");
+    let over_drop = |key: &str| of_rounds(&|r: &Rates| 1e3 / r[key] - 1e3 / r["drop"]);
     let mut costs = serde_json::Map::new();
-    for (key, _) in rates.iter().filter(|(key, _)| *key != "drop") {
+    let mut ratios = serde_json::Map::new();
+    for key in FORWARDED {
         costs.insert(key.to_string(), over_drop(key).into());
+    }
+    for suffix in ["", "_many_flows"] {
+        for base in ["null_forwarder", "nftables"] {
+            ratios.insert(
+                format!("xlb_over_{base}{suffix}"),
+                ratio(&format!("xlb{suffix}"), &format!("{base}{suffix}")).into(),
+            );
+        }
     }
     let json = serde_json::json!({
         "forwarding_mpps": {
@@ -214,13 +250,15 @@ fn main() -> Result<()> {
             "method": format!(
                 "{frames} frames of 60 bytes per way, one UDP flow and then {FLOWS} (source \
                  ports), {}, through the load balancer's namespace into a sink namespace, in \
-                 {PARTS} parts; Mpps = frames the sink received (for `drop`, that l0 took \
-                 in) / seconds the generator ran, the median part's",
+                 {rounds_run} rounds of every way in turn; Mpps = frames the sink received (for \
+                 `drop`, that l0 took in) / seconds the generator ran, and each figure (a \
+                 rate, a ratio of two rates of one round) the median of its rounds'",
                 generator.describe()
             ),
             "generator": format!("{generator:?}"),
             "drop": rate("drop"),
             "ns_per_frame_over_drop": costs,
+            "ratios": ratios,
             "null_forwarder": null_forwarder,
             "xlb": xlb,
             "nftables": nft,
@@ -232,13 +270,13 @@ fn main() -> Result<()> {
     });
     let written = run.record(&json)?;
     let chart = run.chart_file("forwarding");
-    let bars: Vec<(String, f64)> = rates
-        .iter()
-        .map(|(key, r)| {
+    let bars: Vec<(String, f64)> = std::iter::once("drop")
+        .chain(FORWARDED)
+        .map(|key| {
             let label = key
                 .replace("null_forwarder", "null fwd")
                 .replace("_many_flows", " (16k)");
-            (label, *r)
+            (label, rate(key))
         })
         .collect();
     xlb_tests::figures::bar_chart(
@@ -267,19 +305,17 @@ fn main() -> Result<()> {
             "| drop (nothing forwarded) | {:.2} | - | - | - |",
             rate("drop")
         );
-        for (key, r) in rates.iter().filter(|(key, _)| *key != "drop") {
-            let (floor, kernel) = if key.ends_with("many_flows") {
-                (
-                    rate("null_forwarder_many_flows"),
-                    rate("nftables_many_flows"),
-                )
+        for key in FORWARDED {
+            let suffix = if key.ends_with("_many_flows") {
+                "_many_flows"
             } else {
-                (null_forwarder, nft)
+                ""
             };
             println!(
-                "| {key} | {r:.2} | {:.2} | {:.2} | {:.0} |",
-                r / floor,
-                r / kernel,
+                "| {key} | {:.2} | {:.2} | {:.2} | {:.0} |",
+                rate(key),
+                ratio(key, &format!("null_forwarder{suffix}")),
+                ratio(key, &format!("nftables{suffix}")),
                 over_drop(key)
             );
         }
@@ -455,13 +491,27 @@ enum Count {
     Arrived,
 }
 
-/// How many parts [`measure`] sends its frames in, each part timed and counted alone.
-const PARTS: u32 = 5;
+/// How many rounds of every way the frames of each are sent in (the smoke run's: 2).
+const ROUNDS: u32 = 5;
+
+/// What one round measured: frames per second in millions, by way (`drop`, and each of
+/// [`FORWARDED`]).
+type Rates = std::collections::BTreeMap<&'static str, f64>;
+
+/// The forwarders' keys in [`Rates`] and in the JSON, one flow's and many flows', in the
+/// order they are reported.
+const FORWARDED: [&str; 6] = [
+    "null_forwarder",
+    "null_forwarder_many_flows",
+    "xlb",
+    "xlb_many_flows",
+    "nftables",
+    "nftables_many_flows",
+];
 
 /// Sends `frames` frames like `frame` from g0 (`program` is the live-frames generator,
 /// which was loaded for `flows` flows) and returns the rate they were counted at (`count`),
-/// in Mpps: the median of [`PARTS`] parts' rates, so a moment when another tenant of the
-/// machine takes the core does not decide the figure.
+/// in Mpps.
 fn measure(
     chain: &Chain,
     generator: Generator,
@@ -475,24 +525,19 @@ fn measure(
         Count::Sunk => Chain::received(&chain.sink, "s0"),
         Count::Arrived => Chain::received(&chain.lb, "l0"),
     };
-    let part = (frames / PARTS).max(1);
-    let mut rates = Vec::new();
-    for _ in 0..PARTS {
-        let before = counted()?;
-        let elapsed = chain.generator.enter(|| match generator {
-            Generator::LiveFrames => send_live_frames(program, frame, part),
-            Generator::PacketSocket => send_through_packet_socket(frame, flows, part),
-        })??;
-        // What is still in flight arrives within moments.
-        std::thread::sleep(Duration::from_millis(100));
-        let received = counted()? - before;
-        ensure!(
-            received > 0,
-            "nothing of {part} frames was counted ({count:?})"
-        );
-        rates.push(received as f64 / elapsed.as_secs_f64() / 1e6);
-    }
-    Ok(median(rates))
+    let before = counted()?;
+    let elapsed = chain.generator.enter(|| match generator {
+        Generator::LiveFrames => send_live_frames(program, frame, frames),
+        Generator::PacketSocket => send_through_packet_socket(frame, flows, frames),
+    })??;
+    // What is still in flight arrives within moments.
+    std::thread::sleep(Duration::from_millis(100));
+    let received = counted()? - before;
+    ensure!(
+        received > 0,
+        "nothing of {frames} frames was counted ({count:?})"
+    );
+    Ok(received as f64 / elapsed.as_secs_f64() / 1e6)
 }
 
 /// Transmits `frames` frames out of g0 with `program`'s `xlb_tx` in live-frames mode;

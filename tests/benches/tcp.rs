@@ -2,7 +2,8 @@
 //! the client namespace to three nginx backends, through xlb (full NAT in XDP), through the
 //! kernel's own NAT (nftables DNAT + SNAT, no XDP), and through HAProxy in TCP mode: one
 //! after another on the same topology, with the same backends and the same client (wrk), in
-//! rounds of all three in turn; each figure is the median of its rounds'.
+//! rounds of all three in turn; each figure is the median of its rounds', and each ratio
+//! of two ways the median of the rounds' own ratios.
 //!
 //! * Connections: `wrk -c 32` with `Connection: close`, so every request is a new TCP
 //!   connection (and a new flow for xlb and nftables); requests per second = connections
@@ -74,7 +75,7 @@ fn main() -> Result<()> {
     // Rounds of every way in turn, each measurement `secs` long: each figure's median over
     // the rounds stands, so a spell when another tenant of the machine takes a core does not decide it.
     let (rounds, secs) = match run {
-        Run::Full => (3, 4),
+        Run::Full => (5, 3),
         Run::Quick => (3, 1),
         Run::Smoke => (1, 1),
     };
@@ -121,11 +122,23 @@ fn main() -> Result<()> {
     });
 
     let results: BTreeMap<Way, Figures> = rounds_of
-        .into_iter()
-        .map(|(way, figures)| (way, Figures::median(&figures)))
+        .iter()
+        .map(|(way, figures)| (*way, Figures::median(figures)))
         .collect();
     let f = |p: Way| results[&p];
     let (x, n, h) = (f(Way::Xlb), f(Way::Nftables), f(Way::Haproxy));
+    // Connections a second of `a` over `b`'s, the median of the rounds' own ratios: within a
+    // round the ways ran seconds apart, where the rounds' medians can come from rounds
+    // minutes apart, and the machine drifts in between.
+    let conn_ratio = |a: Way, b: Way| {
+        median(
+            rounds_of[&a]
+                .iter()
+                .zip(&rounds_of[&b])
+                .map(|(a, b)| a.conn_per_s / b.conn_per_s)
+                .collect(),
+        )
+    };
     let json = serde_json::json!({
         "tcp": {
             "run": run.record_of_run(),
@@ -133,7 +146,8 @@ fn main() -> Result<()> {
                 "wrk from the client namespace to three nginx backends: {CONNECTION_CLIENTS} \
                  clients with Connection: close for connections, {BULK_CLIENTS} kept-alive \
                  clients fetching {} MiB for throughput, {secs} s each; {rounds} rounds of \
-                 the three ways in turn, each figure the median over the rounds",
+                 the three ways in turn, each figure the median over the rounds, each ratio \
+                 the median of the rounds' ratios",
                 BIG_FILE_BYTES >> 20
             ),
             "xlb_conn_per_s": x.conn_per_s,
@@ -142,6 +156,8 @@ fn main() -> Result<()> {
             "xlb_gbit_s": x.gbit_s,
             "nftables_gbit_s": n.gbit_s,
             "haproxy_gbit_s": h.gbit_s,
+            "xlb_over_nftables_conn": conn_ratio(Way::Xlb, Way::Nftables),
+            "xlb_over_haproxy_conn": conn_ratio(Way::Xlb, Way::Haproxy),
         }
     });
     let written = run.record(&json)?;
@@ -154,8 +170,8 @@ fn main() -> Result<()> {
             "| {} | {:.0} | {:.2} | {:.2} | {:.2} |\n",
             p.key(),
             r.conn_per_s,
-            r.conn_per_s / n.conn_per_s,
-            r.conn_per_s / h.conn_per_s,
+            conn_ratio(p, Way::Nftables),
+            conn_ratio(p, Way::Haproxy),
             r.gbit_s
         );
     }
