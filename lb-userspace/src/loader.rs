@@ -70,8 +70,7 @@ fn load_with(cfg: &Checked, pins: Option<&PinDir>) -> anyhow::Result<Ebpf> {
     // memory now.
     let fresh = !pins.is_some_and(|p| p.adopted);
     if fresh {
-        let meminfo = std::fs::read_to_string("/proc/meminfo").context("reading /proc/meminfo")?;
-        check_memory(&cfg.conntrack, &meminfo)?;
+        check_memory(&cfg.conntrack, &crate::memory::room()?)?;
     }
     let mut loader = EbpfLoader::new();
     if let Some(pins) = pins {
@@ -128,35 +127,25 @@ fn load_with(cfg: &Checked, pins: Option<&PinDir>) -> anyhow::Result<Ebpf> {
     Ok(ebpf)
 }
 
-/// Refuses a conntrack table bigger than the memory the host has available (`MemAvailable`
-/// in `meminfo`, the text of /proc/meminfo). Preallocated, the table is taken all at once:
-/// the kernel would first squeeze the page cache, then fail with a bare "out of memory".
-pub fn check_memory(conntrack: &ConntrackConfig, meminfo: &str) -> anyhow::Result<()> {
-    let available = available_memory(meminfo)?;
+/// Refuses a conntrack table bigger than the memory xlb may take (`room`: the host's
+/// available memory, or its cgroup's room under a limit). Preallocated, the table is taken
+/// all at once: the kernel would first squeeze the page cache, then fail with a bare "out
+/// of memory" (or, under a cgroup's limit, kill xlb).
+pub fn check_memory(conntrack: &ConntrackConfig, room: &crate::memory::Room) -> anyhow::Result<()> {
     let needed = conntrack.table_bytes();
-    if needed > available {
+    if needed > room.bytes {
+        let remedy = match room.limit {
+            crate::memory::Limit::Host => "lower entries",
+            crate::memory::Limit::Cgroup { .. } => "lower entries, or raise the cgroup's limit",
+        };
         bail!(
             "[conntrack] entries = {} flows needs {} MiB of kernel memory, taken in full when \
-             xlb starts (the table is preallocated), and this host has {} MiB available: \
-             lower entries",
+             xlb starts (the table is preallocated), and {room}: {remedy}",
             conntrack.entries,
             needed >> 20,
-            available >> 20
         );
     }
     Ok(())
-}
-
-/// The memory the host has available, in bytes: `MemAvailable` in `meminfo`, the text of
-/// /proc/meminfo.
-pub fn available_memory(meminfo: &str) -> anyhow::Result<u64> {
-    let kib: u64 = meminfo
-        .lines()
-        .find_map(|line| line.strip_prefix("MemAvailable:"))
-        .and_then(|value| value.trim().strip_suffix("kB"))
-        .and_then(|kib| kib.trim().parse().ok())
-        .context("/proc/meminfo has no MemAvailable line in kB")?;
-    Ok(kib * 1024)
 }
 
 /// Attaches the loaded program to every interface in `cfg` through links pinned in `pins` —
@@ -475,24 +464,40 @@ mod tests {
 
     #[test]
     fn a_conntrack_table_larger_than_the_available_memory_is_refused() {
+        use crate::memory::{Limit, Room};
         let conntrack = ConntrackConfig::default();
         // A million flows: 2^21 entries of 160 bytes (48 + 40 + 72) and as many 16-byte
         // buckets, 369,098,752 bytes or 352 MiB.
         assert_eq!(conntrack.table_bytes(), 369_098_752);
-        let meminfo = |available: &str| {
-            format!("MemTotal:       24684000 kB\nMemFree:  1000 kB\nMemAvailable: {available}\n")
+        let host = |kib: u64| Room {
+            bytes: kib * 1024,
+            limit: Limit::Host,
         };
-        check_memory(&conntrack, &meminfo("400000 kB")).unwrap();
-        let refused = check_memory(&conntrack, &meminfo("300000 kB")).unwrap_err();
-        let message = format!("{refused:#}");
+        check_memory(&conntrack, &host(400_000)).unwrap();
+        let message = format!(
+            "{:#}",
+            check_memory(&conntrack, &host(300_000)).unwrap_err()
+        );
         assert!(
             message.contains("1048576 flows needs 352 MiB")
-                && message.contains("292 MiB available"),
+                && message.ends_with("this host has 292 MiB available: lower entries"),
             "{message}"
         );
-        for broken in ["", "MemAvailable: lots\n", "MemAvailable: 400000 MB\n"] {
-            check_memory(&conntrack, broken).unwrap_err();
-        }
+        let cgroup = Room {
+            bytes: 100 << 20,
+            limit: Limit::Cgroup {
+                dir: "/sys/fs/cgroup/xlb".into(),
+                bytes: 128 << 20,
+            },
+        };
+        let message = format!("{:#}", check_memory(&conntrack, &cgroup).unwrap_err());
+        assert!(
+            message.ends_with(
+                "xlb's memory cgroup (/sys/fs/cgroup/xlb) has 100 MiB left under its limit \
+                 of 128 MiB: lower entries, or raise the cgroup's limit"
+            ),
+            "{message}"
+        );
         // 6,000 entries, 8,192 buckets.
         let small = ConntrackConfig {
             entries: 3000,

@@ -18,12 +18,14 @@
 //! * [`packet`]: frames built from scratch, checksums, layouts and hex diffs.
 //! * [`model`]: the reference model of the XDP program's rewrite.
 //! * [`cmd`]: running a command with a time limit and an error that shows its stderr.
+//! * [`cgroup`]: a memory cgroup with a limit, for `xlb run` under one.
 //! * [`figures`]: where the benchmarks record their figures.
 //!
 //! Safety: nothing here touches the root namespace's interfaces. Every interface is created
 //! directly inside a namespace this crate made, and every namespace is deleted by a guard's
 //! `Drop`, also when a test panics.
 
+pub mod cgroup;
 pub mod client;
 pub mod cmd;
 pub mod demo_config;

@@ -12,10 +12,7 @@ use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use lb_userspace::{
-    config::{ConntrackConfig, MAX_CONNTRACK_FLOWS},
-    loader,
-};
+use lb_userspace::config::{ConntrackConfig, MAX_CONNTRACK_FLOWS};
 use serde_json::Value;
 use xlb_tests::echo::{self, EchoConn, EchoServer, raise_fd_limit};
 use xlb_tests::lab;
@@ -483,10 +480,11 @@ fn what_cannot_work_is_refused_before_anything_changes() {
             "a failed start touched a file in its pin path"
         );
 
-        // A conntrack table twice the size of the host's available memory: refused before
-        // the kernel is asked for it, and nothing pinned. (The largest table there is, 2^27
-        // flows, takes 44 GiB: a host with more than that available cannot be asked.)
-        let available = loader::available_memory(&std::fs::read_to_string("/proc/meminfo")?)?;
+        // A conntrack table twice the size of the memory xlb may take (the host's available
+        // memory, or its cgroup's room): refused before the kernel is asked for it, and
+        // nothing pinned. (The largest table there is, 2^27 flows, takes 44 GiB: a host with
+        // more than that available cannot be asked.)
+        let available = lb_userspace::memory::room()?.bytes;
         let flows = (available * 2 / 352).min(u64::from(MAX_CONNTRACK_FLOWS)) as u32;
         let needed = ConntrackConfig {
             entries: flows,
@@ -509,7 +507,7 @@ fn what_cannot_work_is_refused_before_anything_changes() {
                 bail!("xlb started with {flows} flows of conntrack on {available} bytes")
             }
             Err(e) => ensure!(
-                format!("{e:#}").contains("MiB available: lower entries"),
+                format!("{e:#}").contains("(the table is preallocated), and "),
                 "the refusal does not say why: {e:#}"
             ),
         }
@@ -524,6 +522,62 @@ fn what_cannot_work_is_refused_before_anything_changes() {
 /// The managed neighbour entries follow the backends: a removed backend's entry stays while
 /// its flows are open (they are still sent to it), then goes (the kernel would probe a host
 /// nobody sends to for ever); one added again comes back.
+/// Under a memory cgroup's limit (a systemd `MemoryMax`, a container's), the kernel charges
+/// the conntrack table to xlb's cgroup, whatever the host has free: `xlb run` refuses a
+/// table larger than the room under the limit, says which cgroup and limit, and pins
+/// nothing. Without the check the kernel would fail the map, or kill xlb.
+#[test]
+fn a_table_larger_than_its_memory_cgroup_allows_is_refused() {
+    xlb_tests::require_root().unwrap();
+    let run = || -> Result<()> {
+        const LIMIT: u64 = 64 << 20;
+        let base = xlb_tests::netns::unique_base("xlbcg");
+        let cgroup = xlb_tests::cgroup::MemoryCgroup::create(&base, LIMIT)?;
+        let ns = xlb_tests::netns::NetNs::create(&base)?;
+        ns.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+        // 262,144 flows: 524,288 entries of 160 bytes and as many 16-byte buckets, 88 MiB.
+        let config = std::env::temp_dir().join(format!("{base}.toml"));
+        std::fs::write(
+            &config,
+            "[dataplane]\ninterfaces = [\"lo\"]\n[conntrack]\nentries = 262144\n",
+        )?;
+        let pins = std::path::PathBuf::from(format!("/sys/fs/bpf/{base}"));
+        let xlb = xlb_tests::xlb::xlb_binary()?;
+        // The shell moves itself into the cgroup, then becomes xlb (same pid).
+        let script = format!(
+            "echo $$ > {} && exec nsenter --net={} -- {} run --config {} --pin-path {}",
+            cgroup.procs().display(),
+            ns.path().display(),
+            xlb.display(),
+            config.display(),
+            pins.display()
+        );
+        let out = xlb_tests::cmd::run_unchecked("sh", &["-c", &script], Duration::from_secs(30));
+        let _ = std::fs::remove_file(&config);
+        let pinned = pins.exists();
+        let _ = std::fs::remove_dir_all(&pins);
+        let out = out?;
+        let stderr = &out.stderr;
+        ensure!(
+            !out.status.success(),
+            "xlb ran under a 64 MiB limit: {stderr}"
+        );
+        let expected = format!("xlb's memory cgroup ({}) has ", cgroup.dir().display());
+        ensure!(
+            stderr.contains("262144 flows needs 88 MiB")
+                && stderr.contains(&expected)
+                && stderr.contains(
+                    "under its limit of 64 MiB: lower entries, or raise the \
+                                    cgroup's limit"
+                ),
+            "the refusal does not name the cgroup's limit: {stderr}"
+        );
+        ensure!(!pinned, "a refused start pinned {}", pins.display());
+        Ok(())
+    };
+    run().unwrap();
+}
+
 #[test]
 fn managed_neighbour_entries_follow_the_backends() {
     with_topology(PREFIX, Options::default(), |topo| {
