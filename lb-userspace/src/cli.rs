@@ -285,14 +285,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             println!(
                 "config {} is valid: {} service(s), {backends} backend(s), {} NAT \
                  gateway(s), interfaces {:?}, SNAT ports {}, conntrack {} flows ({:.1} MiB \
-                 of kernel memory, taken when xlb starts)",
+                 of kernel memory) and Maglev tables ({:.1} MiB), taken when xlb starts",
                 config.display(),
                 cfg.services.len(),
                 cfg.gateways.len(),
                 cfg.dataplane.interfaces,
                 cfg.snat_ports,
                 cfg.conntrack.entries,
-                cfg.conntrack.table_bytes() as f64 / f64::from(1 << 20)
+                cfg.conntrack.table_bytes() as f64 / f64::from(1 << 20),
+                cfg.dataplane.maglev_bytes() as f64 / f64::from(1 << 20)
             );
             Ok(())
         }

@@ -140,6 +140,17 @@ pub struct Dataplane {
     pub udp_idle_timeout: Option<u32>,
 }
 
+impl Dataplane {
+    /// The kernel memory of the Maglev tables (`MAGLEV`: two tables per service, an
+    /// array of `max_services × maglev_table_size` entries of two 4-byte slots, made in full
+    /// when xlb starts), in whole pages, as it is memory-mapped; the kernel adds a page for
+    /// the map itself.
+    pub fn maglev_bytes(&self) -> u64 {
+        (u64::from(self.max_services) * u64::from(self.maglev_table_size) * 8)
+            .next_multiple_of(4096)
+    }
+}
+
 impl Default for Dataplane {
     fn default() -> Self {
         Dataplane {

@@ -21,7 +21,7 @@ use lb_common::{
 use std::{net::IpAddr, path::Path};
 
 use crate::{
-    config::{Checked, ConntrackConfig, XdpModeConfig},
+    config::{Checked, XdpModeConfig},
     pins::PinDir,
 };
 
@@ -70,7 +70,7 @@ fn load_with(cfg: &Checked, pins: Option<&PinDir>) -> anyhow::Result<Ebpf> {
     // memory now.
     let fresh = !pins.is_some_and(|p| p.adopted);
     if fresh {
-        check_memory(&cfg.conntrack, &crate::memory::room()?)?;
+        check_memory(cfg, &crate::memory::room()?)?;
     }
     let mut loader = EbpfLoader::new();
     if let Some(pins) = pins {
@@ -127,22 +127,29 @@ fn load_with(cfg: &Checked, pins: Option<&PinDir>) -> anyhow::Result<Ebpf> {
     Ok(ebpf)
 }
 
-/// Refuses a conntrack table bigger than the memory xlb may take (`room`: the host's
-/// available memory, or its cgroup's room under a limit). Preallocated, the table is taken
-/// all at once: the kernel would first squeeze the page cache, then fail with a bare "out
-/// of memory" (or, under a cgroup's limit, kill xlb).
-pub fn check_memory(conntrack: &ConntrackConfig, room: &crate::memory::Room) -> anyhow::Result<()> {
-    let needed = conntrack.table_bytes();
-    if needed > room.bytes {
+/// Refuses a data plane whose big maps, made in full when xlb starts, take more than the
+/// memory xlb may (`room`: the host's available memory, or a memory cgroup's room under
+/// its limit): the conntrack table (preallocated) and the Maglev tables. The kernel would
+/// first squeeze the page cache, then fail with a bare "out of memory" (or, under a
+/// cgroup's limit, kill xlb).
+pub fn check_memory(cfg: &Checked, room: &crate::memory::Room) -> anyhow::Result<()> {
+    let (conntrack, maglev) = (cfg.conntrack.table_bytes(), cfg.dataplane.maglev_bytes());
+    if conntrack + maglev > room.bytes {
         let remedy = match room.limit {
-            crate::memory::Limit::Host => "lower entries",
-            crate::memory::Limit::Cgroup { .. } => "lower entries, or raise the cgroup's limit",
+            crate::memory::Limit::Host => "lower them",
+            crate::memory::Limit::Cgroup { .. } => "lower them, or raise the cgroup's limit",
         };
         bail!(
-            "[conntrack] entries = {} flows needs {} MiB of kernel memory, taken in full when \
-             xlb starts (the table is preallocated), and {room}: {remedy}",
-            conntrack.entries,
-            needed >> 20,
+            "the data plane's maps take {} MiB of kernel memory in full when xlb starts: {} \
+             MiB of conntrack table for [conntrack] entries = {} flows (it is preallocated) \
+             and {} MiB of Maglev tables for dataplane.max_services = {} × \
+             maglev_table_size = {}; and {room}: {remedy}",
+            (conntrack + maglev) >> 20,
+            conntrack >> 20,
+            cfg.conntrack.entries,
+            maglev >> 20,
+            cfg.dataplane.max_services,
+            cfg.dataplane.maglev_table_size,
         );
     }
     Ok(())
@@ -436,7 +443,7 @@ pub fn check_forwarding(interface: &str, family: &str) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
+    use crate::config::{Config, ConntrackConfig};
 
     #[test]
     fn an_ipv6_service_needs_ipv6_forwarding() {
@@ -463,38 +470,43 @@ mod tests {
     }
 
     #[test]
-    fn a_conntrack_table_larger_than_the_available_memory_is_refused() {
+    fn maps_larger_than_the_memory_xlb_may_take_are_refused() {
         use crate::memory::{Limit, Room};
-        let conntrack = ConntrackConfig::default();
+        let cfg = Config::parse("[dataplane]\ninterfaces = [\"xlb0\"]\n")
+            .unwrap()
+            .validate()
+            .unwrap();
         // A million flows: 2^21 entries of 160 bytes (48 + 40 + 72) and as many 16-byte
-        // buckets, 369,098,752 bytes or 352 MiB.
-        assert_eq!(conntrack.table_bytes(), 369_098_752);
+        // buckets, 369,098,752 bytes or 352 MiB; 64 services' two Maglev tables of 65,537
+        // slots, 4 bytes each, 33,554,944 bytes, in 8,193 pages: 33,558,528.
+        assert_eq!(cfg.conntrack.table_bytes(), 369_098_752);
+        assert_eq!(cfg.dataplane.maglev_bytes(), 33_558_528);
         let host = |kib: u64| Room {
             bytes: kib * 1024,
             limit: Limit::Host,
         };
-        check_memory(&conntrack, &host(400_000)).unwrap();
-        let message = format!(
-            "{:#}",
-            check_memory(&conntrack, &host(300_000)).unwrap_err()
-        );
+        check_memory(&cfg, &host(400_000)).unwrap();
+        let message = format!("{:#}", check_memory(&cfg, &host(380_000)).unwrap_err());
         assert!(
-            message.contains("1048576 flows needs 352 MiB")
-                && message.ends_with("this host has 292 MiB available: lower entries"),
+            message.starts_with(
+                "the data plane's maps take 384 MiB of kernel memory in full when xlb starts: \
+                 352 MiB of conntrack table for [conntrack] entries = 1048576 flows"
+            ) && message.contains("32 MiB of Maglev tables for dataplane.max_services = 64")
+                && message.ends_with("this host has 371 MiB available: lower them"),
             "{message}"
         );
         let cgroup = Room {
             bytes: 100 << 20,
             limit: Limit::Cgroup {
                 dir: "/sys/fs/cgroup/xlb".into(),
-                bytes: 128 << 20,
+                limit_bytes: 128 << 20,
             },
         };
-        let message = format!("{:#}", check_memory(&conntrack, &cgroup).unwrap_err());
+        let message = format!("{:#}", check_memory(&cfg, &cgroup).unwrap_err());
         assert!(
             message.ends_with(
                 "xlb's memory cgroup (/sys/fs/cgroup/xlb) has 100 MiB left under its limit \
-                 of 128 MiB: lower entries, or raise the cgroup's limit"
+                 of 128 MiB: lower them, or raise the cgroup's limit"
             ),
             "{message}"
         );

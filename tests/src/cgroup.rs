@@ -1,6 +1,8 @@
-//! A memory cgroup of the test's own, with a limit: a child of the cgroup the test process
-//! is in (cgroup v1's memory hierarchy, or v2's where it has the memory controller), removed
-//! by the guard's `Drop` once no process is left in it.
+//! A memory cgroup of the test's own, with a limit, removed by the guard's `Drop` once no
+//! process is left in it. Under cgroup v1 it is a child of the test process's memory
+//! cgroup. Under v2 a cgroup that holds processes cannot hand the memory controller down
+//! ("no internal processes"), so it is made under the nearest cgroup above that does (or
+//! the root, which may).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -14,28 +16,22 @@ pub struct MemoryCgroup {
 }
 
 impl MemoryCgroup {
-    /// Makes the cgroup `name` under this process's memory cgroup, limited to `limit`
+    /// Makes the memory cgroup `name` (see the module's doc for where), limited to `limit`
     /// bytes.
     pub fn create(name: &str, limit: u64) -> Result<MemoryCgroup> {
         let own = std::fs::read_to_string("/proc/self/cgroup").context("/proc/self/cgroup")?;
-        let read = |path: &Path| std::fs::read_to_string(path).ok();
-        let Some((_, parent)) = lb_userspace::memory::memory_cgroups(&own, &read)
-            .into_iter()
-            .next()
+        let mounts =
+            std::fs::read_to_string("/proc/self/mountinfo").context("/proc/self/mountinfo")?;
+        let hierarchies = lb_userspace::memory::memory_cgroups(&own, &mounts);
+        let Some((parent, limit_file)) =
+            hierarchies.iter().find_map(|(root, dir)| parent(root, dir))
         else {
-            bail!("this process is in no memory cgroup (/proc/self/cgroup: {own:?})");
+            bail!("no memory cgroup to make a child in (/proc/self/cgroup: {own:?})");
         };
         let dir = parent.join(name);
         std::fs::create_dir(&dir).with_context(|| format!("making {}", dir.display()))?;
         let cgroup = MemoryCgroup { dir };
-        // v2 names the limit memory.max (there if the parent hands the memory controller
-        // down); v1, memory.limit_in_bytes.
-        let file = if cgroup.dir.join("memory.max").exists() {
-            "memory.max"
-        } else {
-            "memory.limit_in_bytes"
-        };
-        let path = cgroup.dir.join(file);
+        let path = cgroup.dir.join(limit_file);
         std::fs::write(&path, limit.to_string())
             .with_context(|| format!("writing {}", path.display()))?;
         Ok(cgroup)
@@ -52,11 +48,41 @@ impl MemoryCgroup {
     }
 }
 
+/// Where in the hierarchy mounted at `root` to make a memory cgroup, for a process in
+/// `dir`, and the name of its limit's file there.
+fn parent(root: &Path, dir: &Path) -> Option<(PathBuf, &'static str)> {
+    if dir.join("memory.limit_in_bytes").exists() {
+        return Some((dir.to_path_buf(), "memory.limit_in_bytes"));
+    }
+    let lists_memory = |file: PathBuf| {
+        std::fs::read_to_string(file)
+            .is_ok_and(|text| text.split_whitespace().any(|c| c == "memory"))
+    };
+    let delegating = dir
+        .ancestors()
+        .take_while(|a| a.starts_with(root))
+        .find(|a| lists_memory(a.join("cgroup.subtree_control")));
+    let parent = match delegating {
+        Some(a) => a.to_path_buf(),
+        // The root may hand it down although it holds processes.
+        None if lists_memory(root.join("cgroup.controllers")) => {
+            std::fs::write(root.join("cgroup.subtree_control"), "+memory").ok()?;
+            root.to_path_buf()
+        }
+        None => return None,
+    };
+    Some((parent, "memory.max"))
+}
+
 impl Drop for MemoryCgroup {
     fn drop(&mut self) {
         // A process that just exited may take a moment to leave the cgroup.
         let until = Instant::now() + Duration::from_secs(5);
-        while std::fs::remove_dir(&self.dir).is_err() && Instant::now() < until {
+        while let Err(e) = std::fs::remove_dir(&self.dir) {
+            if Instant::now() >= until {
+                eprintln!("could not remove the cgroup {}: {e}", self.dir.display());
+                break;
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
     }

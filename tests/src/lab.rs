@@ -455,8 +455,10 @@ pub fn memlock(ebpf: &Ebpf, name: &str) -> Result<u64> {
     use std::os::fd::{AsFd as _, AsRawFd as _};
     let map = ebpf.map(name).with_context(|| format!("map {name}"))?;
     let data: &MapData = match map {
-        aya::maps::Map::HashMap(data) | aya::maps::Map::LpmTrie(data) => data,
-        _ => bail!("map {name}: not a hash map or trie"),
+        aya::maps::Map::HashMap(data)
+        | aya::maps::Map::LpmTrie(data)
+        | aya::maps::Map::Array(data) => data,
+        _ => bail!("map {name}: not a hash map, trie or array"),
     };
     let fd = data.fd().as_fd().as_raw_fd();
     let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))?;

@@ -10,8 +10,9 @@
 //!   table (state, idle time, timeouts), not from the program;
 //! * a NAT gateway's UDP mapping lives as long as a flow of its private endpoint does, and
 //!   no longer (unless taken after the sweep began);
-//! * the table takes its memory when made, as much as `xlb check` says, holds exactly its
-//!   capacity, and one pinned by an xlb from before preallocation is adopted with a warning.
+//! * the table takes its memory when made, as much as `xlb check` says (so do the Maglev
+//!   tables), holds exactly its capacity, and one pinned by an xlb from before
+//!   preallocation is adopted with a warning.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Barrier;
@@ -827,6 +828,18 @@ fn the_table_takes_its_memory_when_made_and_holds_its_capacity() {
         let full = lab::memlock(&ebpf, names::CONNTRACK)?;
         ensure!(full == made, "{made} bytes made, {full} full");
         ensure!(lab::conntrack(&ebpf)?.len() == 2 * usize::from(FLOWS));
+        // The Maglev tables, the other big map `xlb run` counts before it starts: 64
+        // services' two tables of 251 4-byte slots, 128,512 bytes, 32 pages by hand, and a
+        // page the kernel adds for the map itself.
+        let maglev = lab::memlock(&ebpf, names::MAGLEV)?;
+        let expected = checked.dataplane.maglev_bytes();
+        ensure!(
+            expected == 32 * 4096
+                && maglev
+                    .checked_sub(expected)
+                    .is_some_and(|rest| rest <= 4096),
+            "the kernel accounts {maglev} bytes for the Maglev tables, the estimate is {expected}"
+        );
         Ok(())
     });
 }

@@ -2,10 +2,12 @@
 //! added, weighted, drained and removed under 200 open connections that keep echoing, while
 //! new connections follow the new set in proportion; health checks that take a dead backend
 //! out and bring it back; the counters the API and the metrics report against what the
-//! servers saw; an invalid `xlb apply`; the API socket closed to other users; and every
-//! command's answer to a bad argument or a missing daemon.
+//! servers saw; an invalid `xlb apply`; the API socket closed to other users; every
+//! command's answer to a bad argument or a missing daemon; and a start refused for want of
+//! memory, the host's or a memory cgroup's.
 //!
-//! Needs root, the `xlb` binary (`$XLB_BIN`) and `ip`, `ethtool`, `ping`, `setpriv`.
+//! Needs root, the `xlb` binary (`$XLB_BIN`) and `ip`, `ethtool`, `ping`, `setpriv`, `sh`,
+//! `nsenter`.
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
@@ -429,8 +431,8 @@ fn apply_metrics_and_the_socket() {
 /// What cannot work is refused before anything changes: the first IPv6 service while the
 /// interfaces do not forward IPv6 (the FIB would refuse its every packet, and the service
 /// would be dead with only a counter to say so); a daemon whose pin path is not on bpffs,
-/// which must leave what is there alone; and a conntrack table larger than the host's
-/// available memory.
+/// which must leave what is there alone; and a conntrack table larger than the memory xlb
+/// may take.
 #[test]
 fn what_cannot_work_is_refused_before_anything_changes() {
     with_topology(PREFIX, Options::default(), |topo| {
@@ -484,15 +486,15 @@ fn what_cannot_work_is_refused_before_anything_changes() {
         // memory, or its cgroup's room): refused before the kernel is asked for it, and
         // nothing pinned. (The largest table there is, 2^27 flows, takes 44 GiB: a host with
         // more than that available cannot be asked.)
-        let available = lb_userspace::memory::room()?.bytes;
-        let flows = (available * 2 / 352).min(u64::from(MAX_CONNTRACK_FLOWS)) as u32;
+        let room = lb_userspace::memory::room()?.bytes;
+        let flows = (room * 2 / 352).min(u64::from(MAX_CONNTRACK_FLOWS)) as u32;
         let needed = ConntrackConfig {
             entries: flows,
             ..ConntrackConfig::default()
         }
         .table_bytes();
-        if needed <= available {
-            eprintln!("skipped the memory refusal: {available} bytes available");
+        if needed <= room {
+            eprintln!("skipped the memory refusal: xlb may take {room} bytes");
             return Ok(());
         }
         let huge = cfg.replace(
@@ -504,10 +506,10 @@ fn what_cannot_work_is_refused_before_anything_changes() {
         match XlbProcess::start_on_pins(&topo.lb, &huge, &mut pins) {
             Ok(xlb) => {
                 xlb.stop()?;
-                bail!("xlb started with {flows} flows of conntrack on {available} bytes")
+                bail!("xlb started with {flows} flows of conntrack where it may take {room} bytes")
             }
             Err(e) => ensure!(
-                format!("{e:#}").contains("(the table is preallocated), and "),
+                format!("{e:#}").contains("(it is preallocated) and "),
                 "the refusal does not say why: {e:#}"
             ),
         }
@@ -519,41 +521,48 @@ fn what_cannot_work_is_refused_before_anything_changes() {
     });
 }
 
-/// The managed neighbour entries follow the backends: a removed backend's entry stays while
-/// its flows are open (they are still sent to it), then goes (the kernel would probe a host
-/// nobody sends to for ever); one added again comes back.
 /// Under a memory cgroup's limit (a systemd `MemoryMax`, a container's), the kernel charges
-/// the conntrack table to xlb's cgroup, whatever the host has free: `xlb run` refuses a
-/// table larger than the room under the limit, says which cgroup and limit, and pins
-/// nothing. Without the check the kernel would fail the map, or kill xlb.
+/// the data plane's maps to xlb's cgroup, whatever the host has free: `xlb run` refuses a
+/// conntrack table larger than the room under the limit, says which cgroup and limit, and
+/// pins nothing. Without the check the kernel would fail the map, or kill xlb.
 #[test]
 fn a_table_larger_than_its_memory_cgroup_allows_is_refused() {
     xlb_tests::require_root().unwrap();
     let run = || -> Result<()> {
         const LIMIT: u64 = 64 << 20;
-        let base = xlb_tests::netns::unique_base("xlbcg");
+        xlb_tests::netns::cleanup_stale(PREFIX)?;
+        let base = format!("{}-cg", xlb_tests::netns::unique_base(PREFIX));
+        let xlb = xlb_tests::xlb::xlb_binary()?;
         let cgroup = xlb_tests::cgroup::MemoryCgroup::create(&base, LIMIT)?;
         let ns = xlb_tests::netns::NetNs::create(&base)?;
         ns.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
-        // 262,144 flows: 524,288 entries of 160 bytes and as many 16-byte buckets, 88 MiB.
+        // 262,144 flows: 524,288 entries of 160 bytes and as many 16-byte buckets, 88 MiB;
+        // one service's Maglev tables, 1 MiB.
         let config = std::env::temp_dir().join(format!("{base}.toml"));
         std::fs::write(
             &config,
-            "[dataplane]\ninterfaces = [\"lo\"]\n[conntrack]\nentries = 262144\n",
+            "[dataplane]\ninterfaces = [\"lo\"]\nmax_services = 2\n\
+             [conntrack]\nentries = 262144\n",
         )?;
+        let socket = config.with_extension("sock");
         let pins = std::path::PathBuf::from(format!("/sys/fs/bpf/{base}"));
-        let xlb = xlb_tests::xlb::xlb_binary()?;
         // The shell moves itself into the cgroup, then becomes xlb (same pid).
-        let script = format!(
-            "echo $$ > {} && exec nsenter --net={} -- {} run --config {} --pin-path {}",
-            cgroup.procs().display(),
-            ns.path().display(),
-            xlb.display(),
-            config.display(),
-            pins.display()
-        );
-        let out = xlb_tests::cmd::run_unchecked("sh", &["-c", &script], Duration::from_secs(30));
+        let script = "echo $$ > \"$1\" && exec nsenter --net=\"$2\" -- \"$3\" run \
+                      --config \"$4\" --socket \"$5\" --pin-path \"$6\"";
+        let args = [
+            cgroup.procs(),
+            ns.path(),
+            xlb,
+            config.clone(),
+            socket.clone(),
+            pins.clone(),
+        ]
+        .map(|p| p.display().to_string());
+        let mut argv = vec!["-c", script, "sh"];
+        argv.extend(args.iter().map(String::as_str));
+        let out = xlb_tests::cmd::run_unchecked("sh", &argv, Duration::from_secs(30));
         let _ = std::fs::remove_file(&config);
+        let _ = std::fs::remove_file(&socket);
         let pinned = pins.exists();
         let _ = std::fs::remove_dir_all(&pins);
         let out = out?;
@@ -564,12 +573,10 @@ fn a_table_larger_than_its_memory_cgroup_allows_is_refused() {
         );
         let expected = format!("xlb's memory cgroup ({}) has ", cgroup.dir().display());
         ensure!(
-            stderr.contains("262144 flows needs 88 MiB")
+            stderr.contains("88 MiB of conntrack table for [conntrack] entries = 262144 flows")
                 && stderr.contains(&expected)
-                && stderr.contains(
-                    "under its limit of 64 MiB: lower entries, or raise the \
-                                    cgroup's limit"
-                ),
+                && stderr
+                    .contains("under its limit of 64 MiB: lower them, or raise the cgroup's limit"),
             "the refusal does not name the cgroup's limit: {stderr}"
         );
         ensure!(!pinned, "a refused start pinned {}", pins.display());
@@ -578,6 +585,9 @@ fn a_table_larger_than_its_memory_cgroup_allows_is_refused() {
     run().unwrap();
 }
 
+/// The managed neighbour entries follow the backends: a removed backend's entry stays while
+/// its flows are open (they are still sent to it), then goes (the kernel would probe a host
+/// nobody sends to for ever); one added again comes back.
 #[test]
 fn managed_neighbour_entries_follow_the_backends() {
     with_topology(PREFIX, Options::default(), |topo| {
