@@ -195,6 +195,9 @@ fn main() -> Result<()> {
                 "xlb made {flows} flows; the generator should have spread over {FLOWS}"
             );
             xlb.stop()?;
+            // The kernel frees xlb's maps in a worker after it exits, on one of the two
+            // cores: not while nftables is measured.
+            std::thread::sleep(Duration::from_secs(1));
         }
         // (c) the kernel with nftables, whose rules go again before the next round.
         {

@@ -156,8 +156,10 @@ fn main() -> Result<()> {
             "xlb_gbit_s": x.gbit_s,
             "nftables_gbit_s": n.gbit_s,
             "haproxy_gbit_s": h.gbit_s,
-            "xlb_over_nftables_conn": conn_ratio(Way::Xlb, Way::Nftables),
-            "xlb_over_haproxy_conn": conn_ratio(Way::Xlb, Way::Haproxy),
+            "ratios": {
+                "xlb_over_nftables_conn_per_s": conn_ratio(Way::Xlb, Way::Nftables),
+                "xlb_over_haproxy_conn_per_s": conn_ratio(Way::Xlb, Way::Haproxy),
+            },
         }
     });
     let written = run.record(&json)?;

@@ -220,7 +220,7 @@ pub fn summary_markdown(all: &serde_json::Value, name: &str) -> String {
         (
             "TCP connections/s ≥ 1.5× nftables",
             paired(
-                "tcp.xlb_over_nftables_conn",
+                "tcp.ratios.xlb_over_nftables_conn_per_s",
                 "tcp.xlb_conn_per_s",
                 "tcp.nftables_conn_per_s",
             ),
@@ -230,7 +230,7 @@ pub fn summary_markdown(all: &serde_json::Value, name: &str) -> String {
         (
             "TCP connections/s ≥ 3× HAProxy",
             paired(
-                "tcp.xlb_over_haproxy_conn",
+                "tcp.ratios.xlb_over_haproxy_conn_per_s",
                 "tcp.xlb_conn_per_s",
                 "tcp.haproxy_conn_per_s",
             ),
@@ -608,7 +608,8 @@ mod tests {
                                 "nftables_many_flows": 0.5,
                                 "ratios": {"xlb_over_null_forwarder_many_flows": 0.7}},
             "tcp": {"xlb_conn_per_s": 30.0, "nftables_conn_per_s": 10.0,
-                    "haproxy_conn_per_s": 10.0, "xlb_over_nftables_conn": 1.2},
+                    "haproxy_conn_per_s": 10.0,
+                    "ratios": {"xlb_over_nftables_conn_per_s": 1.2}},
         });
         let md = summary_markdown(&all, "2026-01-02.json");
         for line in [
