@@ -292,7 +292,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 cfg.dataplane.interfaces,
                 cfg.snat_ports,
                 cfg.conntrack.entries,
-                cfg.conntrack.table_bytes() as f64 / f64::from(1 << 20),
+                cfg.conntrack.kernel_bytes() as f64 / f64::from(1 << 20),
                 cfg.dataplane.maglev_bytes() as f64 / f64::from(1 << 20)
             );
             Ok(())

@@ -231,12 +231,30 @@ impl ConntrackConfig {
     /// kernel's own account of a loaded map (its `memlock`).
     pub fn table_bytes(&self) -> u64 {
         const ELEMENT_HEADER: u64 = 48;
-        const BUCKET: u64 = 16;
         let padded = |size: usize| (size as u64).next_multiple_of(8);
         let element = ELEMENT_HEADER + padded(size_of::<FlowKey>()) + padded(size_of::<NatEntry>());
         let map_entries = u64::from(self.map_entries());
-        map_entries * element + map_entries.next_power_of_two() * BUCKET
+        map_entries * element + buckets_bytes(map_entries)
     }
+
+    /// The kernel memory of the two hash maps sized with the table that fill only as flows
+    /// come (`MAPPINGS`, a NAT gateway's UDP mappings, as many entries as the table;
+    /// `RELEASED`, one per flow): the kernel makes their buckets when it makes the maps.
+    pub fn companions_bytes(&self) -> u64 {
+        buckets_bytes(u64::from(self.map_entries())) + buckets_bytes(u64::from(self.entries))
+    }
+
+    /// What the conntrack takes of the kernel's memory when xlb starts: the table and the
+    /// buckets of the maps sized with it (what `xlb check` prints and `xlb run` checks).
+    pub fn kernel_bytes(&self) -> u64 {
+        self.table_bytes() + self.companions_bytes()
+    }
+}
+
+/// The buckets of a kernel hash map of `entries` entries: 16 bytes each, their number
+/// rounded up to a power of two.
+fn buckets_bytes(entries: u64) -> u64 {
+    entries.next_power_of_two() * 16
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, clap::ValueEnum)]

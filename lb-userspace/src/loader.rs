@@ -127,23 +127,24 @@ fn load_with(cfg: &Checked, pins: Option<&PinDir>) -> anyhow::Result<Ebpf> {
     Ok(ebpf)
 }
 
-/// Refuses a data plane whose big maps, made in full when xlb starts, take more than the
-/// memory xlb may (`room`: the host's available memory, or a memory cgroup's room under
-/// its limit): the conntrack table (preallocated) and the Maglev tables. The kernel would
-/// first squeeze the page cache, then fail with a bare "out of memory" (or, under a
-/// cgroup's limit, kill xlb).
+/// Refuses a data plane whose big maps, made when xlb starts, take more than the memory
+/// xlb may (`room`: the host's available memory, or a memory cgroup's room under its
+/// limit): the conntrack table (preallocated), the buckets of the maps sized with it, and
+/// the Maglev tables. The kernel would first squeeze the page cache, then fail with a bare
+/// "out of memory" (or, under a cgroup's limit, kill xlb). The small maps are not counted.
 pub fn check_memory(cfg: &Checked, room: &crate::memory::Room) -> anyhow::Result<()> {
-    let (conntrack, maglev) = (cfg.conntrack.table_bytes(), cfg.dataplane.maglev_bytes());
+    let conntrack = cfg.conntrack.kernel_bytes();
+    let maglev = cfg.dataplane.maglev_bytes();
     if conntrack + maglev > room.bytes {
         let remedy = match room.limit {
             crate::memory::Limit::Host => "lower them",
             crate::memory::Limit::Cgroup { .. } => "lower them, or raise the cgroup's limit",
         };
         bail!(
-            "the data plane's maps take {} MiB of kernel memory in full when xlb starts: {} \
-             MiB of conntrack table for [conntrack] entries = {} flows (it is preallocated) \
-             and {} MiB of Maglev tables for dataplane.max_services = {} × \
-             maglev_table_size = {}; and {room}: {remedy}",
+            "the data plane's maps take {} MiB of kernel memory when xlb starts: {} MiB of \
+             conntrack for [conntrack] entries = {} flows (the table is preallocated) and {} \
+             MiB of Maglev tables for dataplane.max_services = {} × maglev_table_size = {}; \
+             and {room}: {remedy}",
             (conntrack + maglev) >> 20,
             conntrack >> 20,
             cfg.conntrack.entries,
@@ -477,22 +478,24 @@ mod tests {
             .validate()
             .unwrap();
         // A million flows: 2^21 entries of 160 bytes (48 + 40 + 72) and as many 16-byte
-        // buckets, 369,098,752 bytes or 352 MiB; 64 services' two Maglev tables of 65,537
-        // slots, 4 bytes each, 33,554,944 bytes, in 8,193 pages: 33,558,528.
+        // buckets, 369,098,752 bytes or 352 MiB; the buckets of the 2^21-entry MAPPINGS and
+        // the 2^20-entry RELEASED, 48 MiB; 64 services' two Maglev tables of 65,537 slots,
+        // 4 bytes each, 33,554,944 bytes, in 8,193 pages: 33,558,528.
         assert_eq!(cfg.conntrack.table_bytes(), 369_098_752);
+        assert_eq!(cfg.conntrack.companions_bytes(), 48 << 20);
         assert_eq!(cfg.dataplane.maglev_bytes(), 33_558_528);
         let host = |kib: u64| Room {
             bytes: kib * 1024,
             limit: Limit::Host,
         };
-        check_memory(&cfg, &host(400_000)).unwrap();
-        let message = format!("{:#}", check_memory(&cfg, &host(380_000)).unwrap_err());
+        check_memory(&cfg, &host(450_000)).unwrap();
+        let message = format!("{:#}", check_memory(&cfg, &host(430_000)).unwrap_err());
         assert!(
             message.starts_with(
-                "the data plane's maps take 384 MiB of kernel memory in full when xlb starts: \
-                 352 MiB of conntrack table for [conntrack] entries = 1048576 flows"
+                "the data plane's maps take 432 MiB of kernel memory when xlb starts: 400 MiB \
+                 of conntrack for [conntrack] entries = 1048576 flows"
             ) && message.contains("32 MiB of Maglev tables for dataplane.max_services = 64")
-                && message.ends_with("this host has 371 MiB available: lower them"),
+                && message.ends_with("this host has 419 MiB available: lower them"),
             "{message}"
         );
         let cgroup = Room {
@@ -505,8 +508,8 @@ mod tests {
         let message = format!("{:#}", check_memory(&cfg, &cgroup).unwrap_err());
         assert!(
             message.ends_with(
-                "xlb's memory cgroup (/sys/fs/cgroup/xlb) has 100 MiB left under its limit \
-                 of 128 MiB: lower them, or raise the cgroup's limit"
+                "the memory cgroup that holds xlb (/sys/fs/cgroup/xlb) has 100 MiB left under \
+                 its limit of 128 MiB: lower them, or raise the cgroup's limit"
             ),
             "{message}"
         );

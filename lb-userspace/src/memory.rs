@@ -5,9 +5,9 @@
 //!
 //! Both cgroup versions are read, wherever they are mounted (/proc/self/mountinfo): v2's
 //! `memory.max` and `memory.current`, v1's `memory.limit_in_bytes` and
-//! `memory.usage_in_bytes`, at the process's cgroup and each one above it. As the host's
-//! `MemAvailable` does, a cgroup's room counts its inactive file cache as free: the kernel
-//! reclaims that before it fails a charge.
+//! `memory.usage_in_bytes`, at the process's cgroup and each one above it. A cgroup's room
+//! counts its inactive file cache as free (the kernel reclaims that first before it fails a
+//! charge); the host's `MemAvailable` counts more of the cache as free than that.
 
 use std::path::{Path, PathBuf};
 
@@ -36,7 +36,8 @@ impl std::fmt::Display for Room {
             Limit::Host => write!(f, "this host has {} MiB available", self.bytes >> 20),
             Limit::Cgroup { dir, limit_bytes } => write!(
                 f,
-                "xlb's memory cgroup ({}) has {} MiB left under its limit of {} MiB",
+                "the memory cgroup that holds xlb ({}) has {} MiB left under its limit of \
+                 {} MiB",
                 dir.display(),
                 self.bytes >> 20,
                 limit_bytes >> 20
@@ -131,7 +132,13 @@ pub fn memory_cgroups(self_cgroup: &str, mountinfo: &str) -> Vec<(PathBuf, PathB
             {
                 return None;
             }
-            Some((mount.point.clone(), mount.point.join(inside)))
+            // (Joined to an empty path, the mount point would gain a trailing slash.)
+            let dir = if inside.as_os_str().is_empty() {
+                mount.point.clone()
+            } else {
+                mount.point.join(inside)
+            };
+            Some((mount.point.clone(), dir))
         });
         dirs.extend(found);
     }
@@ -309,8 +316,8 @@ mod tests {
         assert_eq!(room.bytes, 200 << 20);
         assert_eq!(
             room.to_string(),
-            "xlb's memory cgroup (/sys/fs/cgroup/system.slice/xlb.service) has 200 MiB left \
-             under its limit of 256 MiB"
+            "the memory cgroup that holds xlb (/sys/fs/cgroup/system.slice/xlb.service) has \
+             200 MiB left under its limit of 256 MiB"
         );
         let unlimited_service = files(&[
             ("/sys/fs/cgroup/system.slice/memory.max", "536870912\n"),
@@ -388,6 +395,14 @@ mod tests {
         assert!(memory_cgroups("0::/../other\n", UNIFIED).is_empty());
         assert!(memory_cgroups("0::/elsewhere\n", mounts).is_empty());
         assert!(memory_cgroups("4:memory:/a\n", UNIFIED).is_empty());
+        // In the hierarchy's root, the mount point itself.
+        assert_eq!(
+            memory_cgroups("0::/\n", UNIFIED),
+            [(
+                PathBuf::from("/sys/fs/cgroup"),
+                PathBuf::from("/sys/fs/cgroup")
+            )]
+        );
     }
 
     #[test]

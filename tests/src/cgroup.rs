@@ -23,9 +23,14 @@ impl MemoryCgroup {
         let mounts =
             std::fs::read_to_string("/proc/self/mountinfo").context("/proc/self/mountinfo")?;
         let hierarchies = lb_userspace::memory::memory_cgroups(&own, &mounts);
-        let Some((parent, limit_file)) =
-            hierarchies.iter().find_map(|(root, dir)| parent(root, dir))
-        else {
+        let mut found = None;
+        for (root, dir) in &hierarchies {
+            found = parent(root, dir)?;
+            if found.is_some() {
+                break;
+            }
+        }
+        let Some((parent, limit_file)) = found else {
             bail!("no memory cgroup to make a child in (/proc/self/cgroup: {own:?})");
         };
         let dir = parent.join(name);
@@ -50,9 +55,9 @@ impl MemoryCgroup {
 
 /// Where in the hierarchy mounted at `root` to make a memory cgroup, for a process in
 /// `dir`, and the name of its limit's file there.
-fn parent(root: &Path, dir: &Path) -> Option<(PathBuf, &'static str)> {
+fn parent(root: &Path, dir: &Path) -> Result<Option<(PathBuf, &'static str)>> {
     if dir.join("memory.limit_in_bytes").exists() {
-        return Some((dir.to_path_buf(), "memory.limit_in_bytes"));
+        return Ok(Some((dir.to_path_buf(), "memory.limit_in_bytes")));
     }
     let lists_memory = |file: PathBuf| {
         std::fs::read_to_string(file)
@@ -64,14 +69,18 @@ fn parent(root: &Path, dir: &Path) -> Option<(PathBuf, &'static str)> {
         .find(|a| lists_memory(a.join("cgroup.subtree_control")));
     let parent = match delegating {
         Some(a) => a.to_path_buf(),
-        // The root may hand it down although it holds processes.
+        // The root may hand it down although it holds processes (and keeps handing it
+        // down: harmless, and what systemd hosts do anyway). A container's root, which is
+        // not the kernel's, may not: the kernel's EBUSY says so.
         None if lists_memory(root.join("cgroup.controllers")) => {
-            std::fs::write(root.join("cgroup.subtree_control"), "+memory").ok()?;
+            let control = root.join("cgroup.subtree_control");
+            std::fs::write(&control, "+memory")
+                .with_context(|| format!("enabling memory in {}", control.display()))?;
             root.to_path_buf()
         }
-        None => return None,
+        None => return Ok(None),
     };
-    Some((parent, "memory.max"))
+    Ok(Some((parent, "memory.max")))
 }
 
 impl Drop for MemoryCgroup {

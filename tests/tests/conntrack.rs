@@ -828,6 +828,20 @@ fn the_table_takes_its_memory_when_made_and_holds_its_capacity() {
         let full = lab::memlock(&ebpf, names::CONNTRACK)?;
         ensure!(full == made, "{made} bytes made, {full} full");
         ensure!(lab::conntrack(&ebpf)?.len() == 2 * usize::from(FLOWS));
+        // The maps sized with the table, which fill as flows come (none here): their
+        // buckets, 256 of 16 bytes for MAPPINGS' 200 entries and 128 for RELEASED's 100,
+        // with the same allowance as the table's.
+        let companions =
+            lab::memlock(&ebpf, names::MAPPINGS)? + lab::memlock(&ebpf, names::RELEASED)?;
+        let expected = checked.conntrack.companions_bytes();
+        ensure!(
+            expected == (256 + 128) * 16
+                && companions
+                    .checked_sub(expected)
+                    .is_some_and(|rest| rest < 2 * (4096 + per_cpu)),
+            "the kernel accounts {companions} bytes for MAPPINGS and RELEASED, the estimate is \
+             {expected}"
+        );
         // The Maglev tables, the other big map `xlb run` counts before it starts: 64
         // services' two tables of 251 4-byte slots, 128,512 bytes, 32 pages by hand, and a
         // page the kernel adds for the map itself.

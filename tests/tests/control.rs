@@ -536,8 +536,9 @@ fn a_table_larger_than_its_memory_cgroup_allows_is_refused() {
         let cgroup = xlb_tests::cgroup::MemoryCgroup::create(&base, LIMIT)?;
         let ns = xlb_tests::netns::NetNs::create(&base)?;
         ns.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
-        // 262,144 flows: 524,288 entries of 160 bytes and as many 16-byte buckets, 88 MiB;
-        // one service's Maglev tables, 1 MiB.
+        // 262,144 flows: 524,288 entries of 160 bytes and as many 16-byte buckets, 88 MiB,
+        // and 12 MiB of buckets of the maps sized with the table; two services' Maglev
+        // tables, 1 MiB.
         let config = std::env::temp_dir().join(format!("{base}.toml"));
         std::fs::write(
             &config,
@@ -571,9 +572,12 @@ fn a_table_larger_than_its_memory_cgroup_allows_is_refused() {
             !out.status.success(),
             "xlb ran under a 64 MiB limit: {stderr}"
         );
-        let expected = format!("xlb's memory cgroup ({}) has ", cgroup.dir().display());
+        let expected = format!(
+            "the memory cgroup that holds xlb ({}) has ",
+            cgroup.dir().display()
+        );
         ensure!(
-            stderr.contains("88 MiB of conntrack table for [conntrack] entries = 262144 flows")
+            stderr.contains("100 MiB of conntrack for [conntrack] entries = 262144 flows")
                 && stderr.contains(&expected)
                 && stderr
                     .contains("under its limit of 64 MiB: lower them, or raise the cgroup's limit"),
