@@ -816,7 +816,6 @@ fn paths_asked() -> Option<Vec<String>> {
     Some(paths.split(',').map(|p| p.trim().to_string()).collect())
 }
 
-/// Non-zero reason counters, for error messages.
 /// The reasons counted since the counters were `before` (`lab::reasons`), and how often.
 fn counted_since(ebpf: &Ebpf, before: &[u64]) -> Result<Vec<(&'static str, u64)>> {
     let after = lab::reasons(ebpf)?;
@@ -845,6 +844,7 @@ fn load_scenarios(entries: u32) -> Result<lab::Program> {
     Ok(program)
 }
 
+/// Non-zero reason counters, for error messages.
 fn reason_counts(ebpf: &Ebpf) -> Vec<(&'static str, u64)> {
     let counts = lab::reasons(ebpf).unwrap_or_default();
     Reason::ALL

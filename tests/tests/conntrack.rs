@@ -804,7 +804,9 @@ fn the_table_takes_its_memory_when_made_and_holds_its_capacity() {
         // replacing values, its pointer and eight 4-byte lock counters: 200 bytes.
         let expected = checked.conntrack.table_bytes();
         ensure!(expected == 200 * 160 + 256 * 16, "estimate {expected}");
-        let per_cpu = 200 * possible_cpus()?;
+        // Possible CPUs (/sys/devices/system/cpu/possible).
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+        let per_cpu = 200 * cpus as u64;
         ensure!(
             made.checked_sub(expected + per_cpu)
                 .is_some_and(|rest| rest < 4096),
@@ -918,18 +920,6 @@ fn an_adopted_table_made_without_preallocation_is_kept_with_a_warning() {
         );
         Ok(())
     });
-}
-
-/// How many CPUs the kernel could bring up (`/sys/devices/system/cpu/possible`, "0-3,8").
-fn possible_cpus() -> Result<u64> {
-    let text = std::fs::read_to_string("/sys/devices/system/cpu/possible")?;
-    text.trim()
-        .split(',')
-        .map(|range| {
-            let (first, last) = range.split_once('-').unwrap_or((range, range));
-            Ok(last.parse::<u64>()? - first.parse::<u64>()? + 1)
-        })
-        .sum()
 }
 
 /// A flow whose reverse entry survived while its forward one was lost gets it back on its
