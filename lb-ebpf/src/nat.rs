@@ -20,9 +20,11 @@ use crate::{
 /// the TTL by `ttl_decrement`. Precondition: `pkt` came from `parse` on this same frame, and
 /// `pkt.ttl > ttl_decrement`.
 ///
-/// Not inlined: its checksum arithmetic would otherwise spill into the hot path's frame,
-/// which the 512-byte BPF stack cannot spare (see `process` in main.rs).
-#[inline(never)]
+/// Inlined into `process`, its one caller: as a subprogram its call and return cost a
+/// tracked packet 3-5 ns (2-3%). Its arithmetic stays in registers: `xlb`'s frame is 160
+/// bytes either way, and the verifier checks 3,400 fewer instructions (see `process` in
+/// main.rs for the 512-byte stack).
+#[inline(always)]
 pub fn rewrite(
     ctx: &XdpContext,
     pkt: &Packet,
