@@ -19,6 +19,7 @@ use crate::{
     },
     daemon::{self, RunOptions},
     doctor,
+    footprint::Footprint,
     stats::Stats,
 };
 
@@ -282,18 +283,24 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Check { config } => {
             let cfg = load_config(&config, |_| {})?;
             let backends: usize = cfg.services.iter().map(|s| s.backends.len()).sum();
+            let footprint = Footprint::of(&cfg)?;
+            let mib = |bytes: u64| bytes as f64 / f64::from(1 << 20);
             println!(
                 "config {} is valid: {} service(s), {backends} backend(s), {} NAT \
-                 gateway(s), interfaces {:?}, SNAT ports {}, conntrack {} flows ({:.1} MiB \
-                 of kernel memory) and Maglev tables ({:.1} MiB), taken when xlb starts",
+                 gateway(s), interfaces {:?}, SNAT ports {}; its maps take {:.1} MiB of \
+                 kernel memory when xlb starts: conntrack for {} flows {:.1} MiB, Maglev \
+                 tables {:.1} MiB, the others {:.1} MiB on this host's {} possible CPUs",
                 config.display(),
                 cfg.services.len(),
                 cfg.gateways.len(),
                 cfg.dataplane.interfaces,
                 cfg.snat_ports,
+                mib(footprint.total()),
                 cfg.conntrack.entries,
-                cfg.conntrack.kernel_bytes() as f64 / f64::from(1 << 20),
-                cfg.dataplane.maglev_bytes() as f64 / f64::from(1 << 20)
+                mib(footprint.conntrack),
+                mib(footprint.maglev),
+                mib(footprint.others),
+                footprint.cpus,
             );
             Ok(())
         }

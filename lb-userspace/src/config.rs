@@ -12,10 +12,12 @@ use lb_common::{
     conntrack::Timeouts,
     maps::{
         DEFAULT_MAGLEV_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, FlowKey, MAX_INTERFACES,
-        MAX_SNAT_ADDRESSES, NatEntry, PROTO_TCP, PROTO_UDP,
+        MAX_SNAT_ADDRESSES, Mapping, MappingKey, NatEntry, PROTO_TCP, PROTO_UDP,
     },
 };
 use serde::Deserialize;
+
+use crate::footprint;
 
 /// The whole file.
 #[derive(Debug, Default, Deserialize)]
@@ -146,8 +148,11 @@ impl Dataplane {
     /// when xlb starts), in whole pages, as it is memory-mapped; the kernel adds a page for
     /// the map itself.
     pub fn maglev_bytes(&self) -> u64 {
-        (u64::from(self.max_services) * u64::from(self.maglev_table_size) * 8)
-            .next_multiple_of(4096)
+        footprint::array_bytes(
+            u64::from(self.max_services) * u64::from(self.maglev_table_size),
+            size_of::<[u32; 2]>() as u64,
+            true,
+        )
     }
 }
 
@@ -224,24 +229,32 @@ impl ConntrackConfig {
     }
 
     /// The kernel memory the `CONNTRACK` map takes, in bytes: all of it from the moment it
-    /// is made, as it is preallocated. The kernel's hash map keeps each entry with a 48-byte
-    /// header (`struct htab_elem`), its key and value each rounded up to 8 bytes, and a
-    /// 16-byte bucket per entry, the buckets' number rounded up to a power of two. These are
-    /// the kernel's internals, not an interface: the suite compares the figure with the
-    /// kernel's own account of a loaded map (its `memlock`).
+    /// is made, as it is preallocated: a 160-byte element per entry (a 48-byte header, the
+    /// key and the value) and a 16-byte bucket (see [`footprint`]).
     pub fn table_bytes(&self) -> u64 {
-        const ELEMENT_HEADER: u64 = 48;
-        let padded = |size: usize| (size as u64).next_multiple_of(8);
-        let element = ELEMENT_HEADER + padded(size_of::<FlowKey>()) + padded(size_of::<NatEntry>());
-        let map_entries = u64::from(self.map_entries());
-        map_entries * element + buckets_bytes(map_entries)
+        footprint::hash_map_bytes(
+            u64::from(self.map_entries()),
+            size_of::<FlowKey>() as u64,
+            size_of::<NatEntry>() as u64,
+            true,
+        )
     }
 
     /// The kernel memory of the two hash maps sized with the table that fill only as flows
     /// come (`MAPPINGS`, a NAT gateway's UDP mappings, as many entries as the table;
     /// `RELEASED`, one per flow): the kernel makes their buckets when it makes the maps.
     pub fn companions_bytes(&self) -> u64 {
-        buckets_bytes(u64::from(self.map_entries())) + buckets_bytes(u64::from(self.entries))
+        footprint::hash_map_bytes(
+            u64::from(self.map_entries()),
+            size_of::<MappingKey>() as u64,
+            size_of::<Mapping>() as u64,
+            false,
+        ) + footprint::hash_map_bytes(
+            u64::from(self.entries),
+            size_of::<FlowKey>() as u64,
+            size_of::<u32>() as u64,
+            false,
+        )
     }
 
     /// What the conntrack takes of the kernel's memory when xlb starts: the table and the
@@ -249,12 +262,6 @@ impl ConntrackConfig {
     pub fn kernel_bytes(&self) -> u64 {
         self.table_bytes() + self.companions_bytes()
     }
-}
-
-/// The buckets of a kernel hash map of `entries` entries: 16 bytes each, their number
-/// rounded up to a power of two.
-fn buckets_bytes(entries: u64) -> u64 {
-    entries.next_power_of_two() * 16
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, clap::ValueEnum)]

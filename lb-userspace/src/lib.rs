@@ -12,8 +12,9 @@
 //!   [`mapped`]: the arrays it and the sweeper reach through memory maps;
 //! * [`health`]: the daemon's health checks;
 //! * [`loader`]: the embedded XDP object, loading and attaching it; [`pins`]: the pinned
-//!   maps and links that let the data plane outlive the daemon; [`memory`]: how much memory
-//!   the conntrack table may take (the host's, the memory cgroup's);
+//!   maps and links that let the data plane outlive the daemon; [`footprint`]: the kernel
+//!   memory the maps take; [`memory`]: how much xlb may take (the host's, the memory
+//!   cgroup's);
 //! * [`conntrack`]: reading the conntrack table and the sweeper that expires flows;
 //! * [`neighbours`]: kernel-managed neighbour entries that keep the backends' next hops resolved;
 //! * [`netlink`]: route-netlink queries shared by those two;
@@ -28,6 +29,7 @@ pub mod conntrack;
 pub mod daemon;
 pub mod doctor;
 pub mod ethtool;
+pub mod footprint;
 pub mod health;
 pub mod loader;
 pub mod mapped;

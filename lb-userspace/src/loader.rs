@@ -22,6 +22,8 @@ use std::{net::IpAddr, path::Path};
 
 use crate::{
     config::{Checked, XdpModeConfig},
+    footprint::Footprint,
+    memory::{Limit, Room},
     pins::PinDir,
 };
 
@@ -70,7 +72,7 @@ fn load_with(cfg: &Checked, pins: Option<&PinDir>) -> anyhow::Result<Ebpf> {
     // memory now.
     let fresh = !pins.is_some_and(|p| p.adopted);
     if fresh {
-        check_memory(cfg, &crate::memory::room()?)?;
+        check_memory(cfg, &Footprint::of(cfg)?, &crate::memory::room()?)?;
     }
     let mut loader = EbpfLoader::new();
     if let Some(pins) = pins {
@@ -78,38 +80,21 @@ fn load_with(cfg: &Checked, pins: Option<&PinDir>) -> anyhow::Result<Ebpf> {
             loader.map_pin_path(name, pins.map(name));
         }
     }
-    let mut ebpf = loader
-        .map_max_entries(names::SERVICES, cfg.dataplane.max_services)
-        .map_max_entries(names::VIPS, cfg.dataplane.max_services)
-        .map_max_entries(
-            names::MAGLEV,
-            cfg.dataplane.max_services * cfg.dataplane.maglev_table_size,
-        )
-        .map_max_entries(names::BACKENDS, cfg.dataplane.max_backends)
-        .map_max_entries(names::CONNTRACK, cfg.conntrack.map_entries())
-        .map_max_entries(names::SERVICE_STATS, cfg.dataplane.max_services)
-        .map_max_entries(names::BACKEND_STATS, cfg.dataplane.max_backends)
-        .map_max_entries(names::REASONS, Reason::COUNT)
-        .map_max_entries(names::CURSORS, cfg.dataplane.max_services)
-        .map_max_entries(names::ACTIVE, cfg.dataplane.max_backends)
-        .map_max_entries(names::QUIC_SERVERS, cfg.dataplane.max_backends)
-        .map_max_entries(names::RELEASED, cfg.conntrack.entries)
-        .map_max_entries(names::GATEWAYS, cfg.dataplane.max_services)
-        // A pair per UDP flow of a NAT gateway at most.
-        .map_max_entries(names::MAPPINGS, cfg.conntrack.map_entries())
-        .load(XDP_OBJECT)
-        .with_context(|| {
-            let table = if fresh {
-                format!(
-                    " Its conntrack table takes {} MiB now: lower [conntrack] entries if \
+    for (name, entries) in map_sizes(cfg) {
+        loader.map_max_entries(name, entries);
+    }
+    let mut ebpf = loader.load(XDP_OBJECT).with_context(|| {
+        let table = if fresh {
+            format!(
+                " Its conntrack table takes {} MiB now: lower [conntrack] entries if \
                      memory is short.",
-                    cfg.conntrack.table_bytes() >> 20
-                )
-            } else {
-                String::new()
-            };
-            format!("loading the XDP object (are you root, with bpf() allowed?{table})")
-        })?;
+                cfg.conntrack.table_bytes() >> 20
+            )
+        } else {
+            String::new()
+        };
+        format!("loading the XDP object (are you root, with bpf() allowed?{table})")
+    })?;
     let program: &mut Xdp = ebpf
         .program_mut(PROGRAM)
         .context("the XDP object has no program named xlb")?
@@ -127,30 +112,58 @@ fn load_with(cfg: &Checked, pins: Option<&PinDir>) -> anyhow::Result<Ebpf> {
     Ok(ebpf)
 }
 
-/// Refuses a data plane whose big maps, made when xlb starts, take more than the memory
-/// xlb may (`room`: the host's available memory, or a memory cgroup's room under its
-/// limit): the conntrack table (preallocated), the buckets of the maps sized with it, and
-/// the Maglev tables. The kernel would first squeeze the page cache, then fail with a bare
-/// "out of memory" (or, under a cgroup's limit, kill xlb). The small maps are not counted.
-pub fn check_memory(cfg: &Checked, room: &crate::memory::Room) -> anyhow::Result<()> {
-    let conntrack = cfg.conntrack.kernel_bytes();
-    let maglev = cfg.dataplane.maglev_bytes();
-    if conntrack + maglev > room.bytes {
+/// The maps `cfg` sizes, with their entries; the others keep the object's sizes.
+pub fn map_sizes(cfg: &Checked) -> [(&'static str, u32); 14] {
+    let dataplane = &cfg.dataplane;
+    [
+        (names::SERVICES, dataplane.max_services),
+        (names::VIPS, dataplane.max_services),
+        (
+            names::MAGLEV,
+            dataplane.max_services * dataplane.maglev_table_size,
+        ),
+        (names::BACKENDS, dataplane.max_backends),
+        (names::CONNTRACK, cfg.conntrack.map_entries()),
+        (names::SERVICE_STATS, dataplane.max_services),
+        (names::BACKEND_STATS, dataplane.max_backends),
+        (names::REASONS, Reason::COUNT),
+        (names::CURSORS, dataplane.max_services),
+        (names::ACTIVE, dataplane.max_backends),
+        (names::QUIC_SERVERS, dataplane.max_backends),
+        (names::RELEASED, cfg.conntrack.entries),
+        (names::GATEWAYS, dataplane.max_services),
+        // A pair per UDP flow of a NAT gateway at most.
+        (names::MAPPINGS, cfg.conntrack.map_entries()),
+    ]
+}
+
+/// Refuses a data plane whose maps, made when xlb starts, take more than the memory xlb may
+/// (`room`: the host's available memory, or a memory cgroup's room under its limit): the
+/// conntrack table (preallocated) and the maps sized with it, the Maglev tables, and the
+/// others (`footprint`, the maps of `cfg`), among them per-CPU arrays taken once per
+/// possible CPU. The kernel would first squeeze the page cache, then fail with a bare "out
+/// of memory" (or, under a cgroup's limit, kill xlb).
+pub fn check_memory(cfg: &Checked, footprint: &Footprint, room: &Room) -> anyhow::Result<()> {
+    if footprint.total() > room.bytes {
         let remedy = match room.limit {
-            crate::memory::Limit::Host => "lower them",
-            crate::memory::Limit::Cgroup { .. } => "lower them, or raise the cgroup's limit",
+            Limit::Host => "lower them",
+            Limit::Cgroup { .. } => "lower them, or raise the cgroup's limit",
         };
         bail!(
             "the data plane's maps take {} MiB of kernel memory when xlb starts: {} MiB of \
-             conntrack for [conntrack] entries = {} flows (the table is preallocated) and {} \
-             MiB of Maglev tables for dataplane.max_services = {} × maglev_table_size = {}; \
-             and {room}: {remedy}",
-            (conntrack + maglev) >> 20,
-            conntrack >> 20,
+             conntrack for [conntrack] entries = {} flows (the table is preallocated), {} \
+             MiB of Maglev tables for dataplane.max_services = {} × maglev_table_size = {}, \
+             and {} MiB of other maps (for dataplane.max_backends = {} and the host's {} \
+             possible CPUs); and {room}: {remedy}",
+            footprint.total() >> 20,
+            footprint.conntrack >> 20,
             cfg.conntrack.entries,
-            maglev >> 20,
+            footprint.maglev >> 20,
             cfg.dataplane.max_services,
             cfg.dataplane.maglev_table_size,
+            footprint.others >> 20,
+            cfg.dataplane.max_backends,
+            footprint.cpus,
         );
     }
     Ok(())
@@ -472,7 +485,6 @@ mod tests {
 
     #[test]
     fn maps_larger_than_the_memory_xlb_may_take_are_refused() {
-        use crate::memory::{Limit, Room};
         let cfg = Config::parse("[dataplane]\ninterfaces = [\"xlb0\"]\n")
             .unwrap()
             .validate()
@@ -484,18 +496,32 @@ mod tests {
         assert_eq!(cfg.conntrack.table_bytes(), 369_098_752);
         assert_eq!(cfg.conntrack.companions_bytes(), 48 << 20);
         assert_eq!(cfg.dataplane.maglev_bytes(), 33_558_528);
+        // On 64 possible CPUs the other maps take under 28 MiB, 26 of it the next-hop
+        // cache's 4,096 slots of 64 bytes and the backends' counters, 4,096 of 40, per CPU.
+        let footprint = Footprint::on(&cfg, 64).unwrap();
+        assert!(
+            (26 << 20..28 << 20).contains(&footprint.others),
+            "{footprint:?}"
+        );
         let host = |kib: u64| Room {
             bytes: kib * 1024,
             limit: Limit::Host,
         };
-        check_memory(&cfg, &host(450_000)).unwrap();
-        let message = format!("{:#}", check_memory(&cfg, &host(430_000)).unwrap_err());
+        check_memory(&cfg, &footprint, &host(480_000)).unwrap();
+        let message = format!(
+            "{:#}",
+            check_memory(&cfg, &footprint, &host(450_000)).unwrap_err()
+        );
         assert!(
             message.starts_with(
-                "the data plane's maps take 432 MiB of kernel memory when xlb starts: 400 MiB \
+                "the data plane's maps take 458 MiB of kernel memory when xlb starts: 400 MiB \
                  of conntrack for [conntrack] entries = 1048576 flows"
             ) && message.contains("32 MiB of Maglev tables for dataplane.max_services = 64")
-                && message.ends_with("this host has 419 MiB available: lower them"),
+                && message.contains(
+                    "26 MiB of other maps (for dataplane.max_backends = 4096 and the host's 64 \
+                     possible CPUs)"
+                )
+                && message.ends_with("this host has 439 MiB available: lower them"),
             "{message}"
         );
         let cgroup = Room {
@@ -505,7 +531,7 @@ mod tests {
                 limit_bytes: 128 << 20,
             },
         };
-        let message = format!("{:#}", check_memory(&cfg, &cgroup).unwrap_err());
+        let message = format!("{:#}", check_memory(&cfg, &footprint, &cgroup).unwrap_err());
         assert!(
             message.ends_with(
                 "the memory cgroup that holds xlb (/sys/fs/cgroup/xlb) has 100 MiB left under \

@@ -457,8 +457,11 @@ pub fn memlock(ebpf: &Ebpf, name: &str) -> Result<u64> {
     let data: &MapData = match map {
         aya::maps::Map::HashMap(data)
         | aya::maps::Map::LpmTrie(data)
-        | aya::maps::Map::Array(data) => data,
-        _ => bail!("map {name}: not a hash map, trie or array"),
+        | aya::maps::Map::Array(data)
+        | aya::maps::Map::PerCpuArray(data)
+        | aya::maps::Map::DevMapHash(data)
+        | aya::maps::Map::RingBuf(data) => data,
+        _ => bail!("map {name}: not of a kind xlb's object has"),
     };
     let fd = data.fd().as_fd().as_raw_fd();
     let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))?;

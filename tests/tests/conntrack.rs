@@ -34,6 +34,7 @@ use lb_common::{
 use lb_userspace::{
     config::Checked,
     conntrack::{PRESSURE_NEW_IDLE, Table, monotonic_ns},
+    footprint::Footprint,
     loader,
     pins::PinDir,
     registry::Registry,
@@ -855,6 +856,34 @@ fn the_table_takes_its_memory_when_made_and_holds_its_capacity() {
                     .checked_sub(expected)
                     .is_some_and(|rest| rest <= 4096),
             "the kernel accounts {maglev} bytes for the Maglev tables, the estimate is {expected}"
+        );
+        // Every other map (two dozen, per-CPU arrays among them), by the kernel's account,
+        // against what `xlb run` counts for them, with the same allowance per map.
+        let footprint = Footprint::of(&checked)?;
+        ensure!(
+            footprint.cpus == cpus as u64,
+            "{footprint:?} on {cpus} CPUs"
+        );
+        let (mut others, mut maps) = (0, 0);
+        for (name, _) in ebpf.maps() {
+            let named = [
+                names::CONNTRACK,
+                names::MAPPINGS,
+                names::RELEASED,
+                names::MAGLEV,
+            ];
+            if !named.contains(&name) {
+                others += lab::memlock(&ebpf, name)?;
+                maps += 1;
+            }
+        }
+        ensure!(
+            maps > 20
+                && others
+                    .checked_sub(footprint.others)
+                    .is_some_and(|rest| rest < maps * 4096),
+            "the kernel accounts {others} bytes for the {maps} other maps, the estimate is {}",
+            footprint.others
         );
         Ok(())
     });

@@ -1,0 +1,179 @@
+//! What the data plane's maps take of the kernel's memory when xlb makes them: the figures
+//! `xlb check` prints and `xlb run` holds against the room it has ([`crate::memory`]).
+//!
+//! Each kind of map is counted as Linux accounts it (the kind's `map_mem_usage`, shown as
+//! `memlock` in a map's fdinfo), less the few hundred bytes of each map's own structure.
+//! These are the kernel's internals, not an interface: the suite compares the figures with
+//! the kernel's account of loaded maps (`tests/tests/conntrack.rs`).
+
+use anyhow::Context as _;
+use aya_obj::generated::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, bpf_map_type};
+use lb_common::maps::names;
+
+use crate::{config::Checked, loader};
+
+/// A page: memory-mapped arrays and ring buffers take whole ones.
+const PAGE: u64 = 4096;
+
+/// A hash map's element header (`struct htab_elem`).
+const HASH_ELEMENT_HEADER: u64 = 48;
+
+/// A hash map's bucket (`struct bucket`).
+const HASH_BUCKET: u64 = 16;
+
+/// The maps whose memory [`Footprint`] counts by name, with the config's settings that
+/// size them: the conntrack table, the maps sized with it, the Maglev tables.
+const NAMED: [&str; 4] = [
+    names::CONNTRACK,
+    names::MAPPINGS,
+    names::RELEASED,
+    names::MAGLEV,
+];
+
+/// A hash map of `entries` entries: a bucket per entry, their number rounded up to a
+/// power of two, made with the map; and, preallocated, every entry's element (a header,
+/// the key and the value each rounded up to 8 bytes).
+pub fn hash_map_bytes(entries: u64, key_size: u64, value_size: u64, preallocated: bool) -> u64 {
+    let buckets = entries.next_power_of_two() * HASH_BUCKET;
+    if !preallocated {
+        return buckets;
+    }
+    let element =
+        HASH_ELEMENT_HEADER + key_size.next_multiple_of(8) + value_size.next_multiple_of(8);
+    buckets + entries * element
+}
+
+/// An array of `entries` values, each rounded up to 8 bytes; memory-mappable, in whole
+/// pages.
+pub fn array_bytes(entries: u64, value_size: u64, mmapable: bool) -> u64 {
+    let values = entries * value_size.next_multiple_of(8);
+    if mmapable {
+        values.next_multiple_of(PAGE)
+    } else {
+        values
+    }
+}
+
+/// A per-CPU array of `entries` values: each value, rounded up to 8 bytes, once for each of
+/// `cpus` possible CPUs, and a pointer to them.
+pub fn per_cpu_array_bytes(entries: u64, value_size: u64, cpus: u64) -> u64 {
+    entries * (8 + value_size.next_multiple_of(8) * cpus)
+}
+
+/// What the data plane's maps take when xlb makes them, in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Footprint {
+    /// The conntrack table and the buckets of the maps sized with it
+    /// ([`ConntrackConfig::kernel_bytes`](crate::config::ConntrackConfig::kernel_bytes)).
+    pub conntrack: u64,
+    /// The Maglev tables ([`Dataplane::maglev_bytes`](crate::config::Dataplane::maglev_bytes)).
+    pub maglev: u64,
+    /// Every other map; a per-CPU one once for each possible CPU.
+    pub others: u64,
+    /// The possible CPUs the per-CPU maps were counted for.
+    pub cpus: u64,
+}
+
+impl Footprint {
+    /// The maps of the embedded object sized for `cfg`, on this host's possible CPUs.
+    pub fn of(cfg: &Checked) -> anyhow::Result<Footprint> {
+        let cpus =
+            aya::util::nr_cpus().map_err(|(path, e)| anyhow::anyhow!("reading {path}: {e}"))?;
+        Footprint::on(cfg, cpus as u64)
+    }
+
+    /// The maps of the embedded object sized for `cfg`, on `cpus` possible CPUs.
+    pub fn on(cfg: &Checked, cpus: u64) -> anyhow::Result<Footprint> {
+        let object =
+            aya_obj::Object::parse(loader::XDP_OBJECT).context("parsing the XDP object")?;
+        let sizes = loader::map_sizes(cfg);
+        let mut others = 0;
+        for (name, map) in &object.maps {
+            if NAMED.contains(&name.as_str()) {
+                continue;
+            }
+            let entries = sizes
+                .iter()
+                .find(|(sized, _)| sized == name)
+                .map_or(map.max_entries(), |&(_, entries)| entries);
+            others += map_bytes(map, u64::from(entries), cpus);
+        }
+        Ok(Footprint {
+            conntrack: cfg.conntrack.kernel_bytes(),
+            maglev: cfg.dataplane.maglev_bytes(),
+            others,
+            cpus,
+        })
+    }
+
+    pub fn total(&self) -> u64 {
+        self.conntrack + self.maglev + self.others
+    }
+}
+
+/// What `map`, made with `entries` entries, takes when it is made, on `cpus` possible CPUs.
+fn map_bytes(map: &aya_obj::Map, entries: u64, cpus: u64) -> u64 {
+    let (key, value) = (u64::from(map.key_size()), u64::from(map.value_size()));
+    let flags = map.map_flags();
+    match map.map_type() {
+        t if t == bpf_map_type::BPF_MAP_TYPE_HASH as u32 => {
+            hash_map_bytes(entries, key, value, flags & BPF_F_NO_PREALLOC == 0)
+        }
+        t if t == bpf_map_type::BPF_MAP_TYPE_ARRAY as u32 => {
+            array_bytes(entries, value, flags & BPF_F_MMAPABLE != 0)
+        }
+        t if t == bpf_map_type::BPF_MAP_TYPE_PERCPU_ARRAY as u32 => {
+            per_cpu_array_bytes(entries, value, cpus)
+        }
+        // Its entries are its size in bytes; three pages hold its positions and header.
+        t if t == bpf_map_type::BPF_MAP_TYPE_RINGBUF as u32 => entries + 3 * PAGE,
+        // Buckets of 8 bytes; the interfaces come later.
+        t if t == bpf_map_type::BPF_MAP_TYPE_DEVMAP_HASH as u32 => entries.next_power_of_two() * 8,
+        // Its prefixes come later.
+        t if t == bpf_map_type::BPF_MAP_TYPE_LPM_TRIE as u32 => 0,
+        // No other kind is in the object today; a new one is counted in full.
+        _ => entries * (key + value).next_multiple_of(8),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    #[test]
+    fn each_kind_of_map_is_counted_as_the_kernel_does() {
+        // 1,000 entries: 1,024 buckets of 16 bytes; elements of 48 + 16 + 8 bytes.
+        assert_eq!(hash_map_bytes(1000, 12, 4, true), 1024 * 16 + 1000 * 72);
+        assert_eq!(hash_map_bytes(1000, 12, 4, false), 1024 * 16);
+        assert_eq!(array_bytes(10, 4, false), 80);
+        assert_eq!(array_bytes(10, 4, true), 4096);
+        assert_eq!(array_bytes(1025, 4, true), 3 * 4096);
+        // 4,096 values of 40 bytes on 128 CPUs, and their pointers: 20 MiB.
+        assert_eq!(
+            per_cpu_array_bytes(4096, 40, 128),
+            4096 * 8 + 4096 * 40 * 128
+        );
+    }
+
+    #[test]
+    fn per_cpu_maps_grow_with_the_cpus() {
+        let cfg = Config::parse("[dataplane]\ninterfaces = [\"xlb0\"]\n")
+            .unwrap()
+            .validate()
+            .unwrap();
+        let (two, many) = (
+            Footprint::on(&cfg, 2).unwrap(),
+            Footprint::on(&cfg, 128).unwrap(),
+        );
+        assert_eq!((two.conntrack, two.maglev), (many.conntrack, many.maglev));
+        // The next-hop cache alone is 4,096 slots of 64 bytes per CPU, and the backends'
+        // counters 4,096 of 40.
+        let per_cpu = 4096 * 64 + 4096 * 40;
+        assert!(
+            many.others - two.others >= 126 * per_cpu,
+            "{two:?} against {many:?}"
+        );
+        assert_eq!(many.total(), many.conntrack + many.maglev + many.others);
+    }
+}
