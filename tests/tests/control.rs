@@ -509,7 +509,7 @@ fn what_cannot_work_is_refused_before_anything_changes() {
                 bail!("xlb started with {flows} flows of conntrack where it may take {room} bytes")
             }
             Err(e) => ensure!(
-                format!("{e:#}").contains("(the table is preallocated) and "),
+                format!("{e:#}").contains("(the table is preallocated), "),
                 "the refusal does not say why: {e:#}"
             ),
         }
