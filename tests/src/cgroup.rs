@@ -17,8 +17,9 @@ pub struct MemoryCgroup {
 
 impl MemoryCgroup {
     /// Makes the memory cgroup `name` (see the module's doc for where), limited to `limit`
-    /// bytes.
-    pub fn create(name: &str, limit: u64) -> Result<MemoryCgroup> {
+    /// bytes. `name` is one [`unique_base`](crate::netns::unique_base) made from `prefix`:
+    /// cgroups of the same prefix that a killed run left there are removed first.
+    pub fn create(prefix: &str, name: &str, limit: u64) -> Result<MemoryCgroup> {
         let own = std::fs::read_to_string("/proc/self/cgroup").context("/proc/self/cgroup")?;
         let mounts =
             std::fs::read_to_string("/proc/self/mountinfo").context("/proc/self/mountinfo")?;
@@ -33,6 +34,7 @@ impl MemoryCgroup {
         let Some((parent, limit_file)) = found else {
             bail!("no memory cgroup to make a child in (/proc/self/cgroup: {own:?})");
         };
+        remove_stale(&parent, prefix)?;
         let dir = parent.join(name);
         std::fs::create_dir(&dir).with_context(|| format!("making {}", dir.display()))?;
         let cgroup = MemoryCgroup { dir };
@@ -51,6 +53,24 @@ impl MemoryCgroup {
     pub fn procs(&self) -> PathBuf {
         self.dir.join("cgroup.procs")
     }
+}
+
+/// Removes the cgroups in `parent` named from `prefix` by a process that no longer exists.
+/// A killed run's cgroup is empty once its processes are gone (the kernel moves no process
+/// out of it, but they all exited); one that still holds a process is reported, not
+/// removed.
+fn remove_stale(parent: &Path, prefix: &str) -> Result<()> {
+    let entries =
+        std::fs::read_dir(parent).with_context(|| format!("listing {}", parent.display()))?;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if entry.path().is_dir() && crate::netns::is_stale(name, prefix) {
+            std::fs::remove_dir(entry.path())
+                .with_context(|| format!("removing the stale cgroup {}", entry.path().display()))?;
+        }
+    }
+    Ok(())
 }
 
 /// Where in the hierarchy mounted at `root` to make a memory cgroup, for a process in

@@ -224,20 +224,25 @@ pub fn list() -> Result<Vec<String>> {
         .collect())
 }
 
+/// Whether `name` is `<prefix>-<pid>-...` (a name [`unique_base`] made) of a process that
+/// no longer exists.
+pub fn is_stale(name: &str, prefix: &str) -> bool {
+    let Some(rest) = name.strip_prefix(prefix).and_then(|r| r.strip_prefix('-')) else {
+        return false;
+    };
+    let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+        return false;
+    };
+    pid != std::process::id() && !PathBuf::from(format!("/proc/{pid}")).exists()
+}
+
 /// Deletes namespaces named `<prefix>-<pid>-...` whose creating process `pid` no longer
 /// exists: leftovers of runs that were killed before their guards could clean up. Returns
 /// the names it deleted. Namespaces of live processes (including this one) are left alone.
 pub fn cleanup_stale(prefix: &str) -> Result<Vec<String>> {
-    let lead = format!("{prefix}-");
     let mut deleted = Vec::new();
     for name in list()? {
-        let Some(rest) = name.strip_prefix(&lead) else {
-            continue;
-        };
-        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
-            continue;
-        };
-        if pid == std::process::id() || PathBuf::from(format!("/proc/{pid}")).exists() {
+        if !is_stale(&name, prefix) {
             continue;
         }
         if !exists(&name) {

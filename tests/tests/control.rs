@@ -533,7 +533,7 @@ fn a_table_larger_than_its_memory_cgroup_allows_is_refused() {
         xlb_tests::netns::cleanup_stale(PREFIX)?;
         let base = format!("{}-cg", xlb_tests::netns::unique_base(PREFIX));
         let xlb = xlb_tests::xlb::xlb_binary()?;
-        let cgroup = xlb_tests::cgroup::MemoryCgroup::create(&base, LIMIT)?;
+        let cgroup = xlb_tests::cgroup::MemoryCgroup::create(PREFIX, &base, LIMIT)?;
         let ns = xlb_tests::netns::NetNs::create(&base)?;
         ns.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
         // 262,144 flows: 524,288 entries of 160 bytes and as many 16-byte buckets, 88 MiB,
