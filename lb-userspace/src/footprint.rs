@@ -2,9 +2,12 @@
 //! `xlb check` prints and `xlb run` holds against the room it has ([`crate::memory`]).
 //!
 //! Each kind of map is counted as Linux accounts it (the kind's `map_mem_usage`, shown as
-//! `memlock` in a map's fdinfo), less the few hundred bytes of each map's own structure.
-//! These are the kernel's internals, not an interface: the suite compares the figures with
-//! the kernel's account of loaded maps (`tests/tests/conntrack.rs`).
+//! `memlock` in a map's fdinfo), less what does not grow with the map: its own structure,
+//! the page that holds it when it is memory-mapped, and a preallocated hash map's spare
+//! element and lock counters per CPU (a few hundred bytes each). Pages are taken to be
+//! 4 KiB. These are the kernel's internals, not an interface: the suite compares the
+//! figures with the kernel's account of loaded maps, map by map
+//! (`tests/tests/conntrack.rs`).
 
 use anyhow::Context as _;
 use aya_obj::generated::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, bpf_map_type};
@@ -23,7 +26,7 @@ const HASH_BUCKET: u64 = 16;
 
 /// The maps whose memory [`Footprint`] counts by name, with the config's settings that
 /// size them: the conntrack table, the maps sized with it, the Maglev tables.
-const NAMED: [&str; 4] = [
+pub const NAMED: [&str; 4] = [
     names::CONNTRACK,
     names::MAPPINGS,
     names::RELEASED,
@@ -77,31 +80,15 @@ pub struct Footprint {
 impl Footprint {
     /// The maps of the embedded object sized for `cfg`, on this host's possible CPUs.
     pub fn of(cfg: &Checked) -> anyhow::Result<Footprint> {
-        let cpus =
-            aya::util::nr_cpus().map_err(|(path, e)| anyhow::anyhow!("reading {path}: {e}"))?;
-        Footprint::on(cfg, cpus as u64)
+        Footprint::on(cfg, possible_cpus()?)
     }
 
     /// The maps of the embedded object sized for `cfg`, on `cpus` possible CPUs.
     pub fn on(cfg: &Checked, cpus: u64) -> anyhow::Result<Footprint> {
-        let object =
-            aya_obj::Object::parse(loader::XDP_OBJECT).context("parsing the XDP object")?;
-        let sizes = loader::map_sizes(cfg);
-        let mut others = 0;
-        for (name, map) in &object.maps {
-            if NAMED.contains(&name.as_str()) {
-                continue;
-            }
-            let entries = sizes
-                .iter()
-                .find(|(sized, _)| sized == name)
-                .map_or(map.max_entries(), |&(_, entries)| entries);
-            others += map_bytes(map, u64::from(entries), cpus);
-        }
         Ok(Footprint {
             conntrack: cfg.conntrack.kernel_bytes(),
             maglev: cfg.dataplane.maglev_bytes(),
-            others,
+            others: other_maps(cfg, cpus)?.iter().map(|(_, bytes)| bytes).sum(),
             cpus,
         })
     }
@@ -109,6 +96,36 @@ impl Footprint {
     pub fn total(&self) -> u64 {
         self.conntrack + self.maglev + self.others
     }
+}
+
+/// The host's possible CPUs, each of which has its own copy of a per-CPU map's values.
+pub fn possible_cpus() -> anyhow::Result<u64> {
+    let cpus = aya::util::nr_cpus().map_err(|(path, e)| {
+        anyhow::anyhow!(
+            "reading {path}, the host's possible CPUs, each of which takes its own copy of \
+             the per-CPU maps: {e}"
+        )
+    })?;
+    Ok(cpus as u64)
+}
+
+/// Each map of the embedded object but the [`NAMED`] ones, with what it takes when made
+/// with the sizes `cfg` gives, on `cpus` possible CPUs.
+pub fn other_maps(cfg: &Checked, cpus: u64) -> anyhow::Result<Vec<(String, u64)>> {
+    let object = aya_obj::Object::parse(loader::XDP_OBJECT).context("parsing the XDP object")?;
+    let sizes = loader::map_sizes(cfg);
+    Ok(object
+        .maps
+        .iter()
+        .filter(|(name, _)| !NAMED.contains(&name.as_str()))
+        .map(|(name, map)| {
+            let entries = sizes
+                .iter()
+                .find(|(sized, _)| sized == name)
+                .map_or(map.max_entries(), |&(_, entries)| entries);
+            (name.clone(), map_bytes(map, u64::from(entries), cpus))
+        })
+        .collect())
 }
 
 /// What `map`, made with `entries` entries, takes when it is made, on `cpus` possible CPUs.
@@ -154,6 +171,35 @@ mod tests {
             per_cpu_array_bytes(4096, 40, 128),
             4096 * 8 + 4096 * 40 * 128
         );
+    }
+
+    /// The named maps' figures, which `config.rs` computes from the types and flags it
+    /// knows them by, are what their definitions in the object give; and every map the
+    /// loader sizes is in the object, under that name.
+    #[test]
+    fn the_named_maps_figures_follow_the_objects_definitions() {
+        let cfg = Config::parse("[dataplane]\ninterfaces = [\"xlb0\"]\n")
+            .unwrap()
+            .validate()
+            .unwrap();
+        let object = aya_obj::Object::parse(loader::XDP_OBJECT).unwrap();
+        let sizes = loader::map_sizes(&cfg);
+        for name in sizes.iter().map(|(name, _)| *name).chain(NAMED) {
+            assert!(
+                object.maps.contains_key(name),
+                "no map {name} in the object"
+            );
+        }
+        let made = |name: &str| {
+            let (_, entries) = sizes.iter().find(|(sized, _)| *sized == name).unwrap();
+            map_bytes(&object.maps[name], u64::from(*entries), 2)
+        };
+        assert_eq!(made(names::CONNTRACK), cfg.conntrack.table_bytes());
+        assert_eq!(
+            made(names::MAPPINGS) + made(names::RELEASED),
+            cfg.conntrack.companions_bytes()
+        );
+        assert_eq!(made(names::MAGLEV), cfg.dataplane.maglev_bytes());
     }
 
     #[test]
