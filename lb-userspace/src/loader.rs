@@ -73,6 +73,14 @@ fn load_with(cfg: &Checked, pins: Option<&PinDir>) -> anyhow::Result<Ebpf> {
     let fresh = !pins.is_some_and(|p| p.adopted);
     if fresh {
         check_memory(cfg, &Footprint::of(cfg)?, &crate::memory::room()?)?;
+    } else {
+        let cpus = crate::footprint::possible_cpus()?;
+        let unpinned = crate::footprint::other_maps(cfg, cpus)?
+            .into_iter()
+            .filter(|(name, _)| !names::PINNED.contains(&name.as_str()))
+            .map(|(_, bytes)| bytes)
+            .sum();
+        check_unpinned_memory(unpinned, cpus, &crate::memory::room()?)?;
     }
     let mut loader = EbpfLoader::new();
     if let Some(pins) = pins {
@@ -164,6 +172,26 @@ pub fn check_memory(cfg: &Checked, footprint: &Footprint, room: &Room) -> anyhow
             footprint.others >> 20,
             cfg.dataplane.max_backends,
             footprint.cpus,
+        );
+    }
+    Ok(())
+}
+
+/// Refuses a restart that adopts the pinned maps when the maps it makes anew, `unpinned`
+/// bytes on `cpus` possible CPUs (the next-hop cache, the per-CPU scratch, the log buffer:
+/// those of one program), take more than `room`. Nothing has changed yet: the running data
+/// plane goes on as it is.
+pub fn check_unpinned_memory(unpinned: u64, cpus: u64, room: &Room) -> anyhow::Result<()> {
+    if unpinned > room.bytes {
+        let remedy = match room.limit {
+            Limit::Host => "free some memory",
+            Limit::Cgroup { .. } => "free some memory, or raise the cgroup's limit",
+        };
+        bail!(
+            "adopting the pinned data plane, xlb makes its other maps anew, which take {:.1} \
+             MiB of kernel memory on the host's {cpus} possible CPUs; and {room}: {remedy} \
+             (the running data plane is left as it is)",
+            unpinned as f64 / f64::from(1 << 20),
         );
     }
     Ok(())
@@ -539,6 +567,21 @@ mod tests {
             ),
             "{message}"
         );
+        // A restart that adopts the pinned maps makes the others anew (on 64 CPUs the
+        // next-hop cache alone is 16 MiB of them), and is refused when they do not fit.
+        let message = format!(
+            "{:#}",
+            check_unpinned_memory(120 << 20, 64, &cgroup).unwrap_err()
+        );
+        assert!(
+            message.starts_with(
+                "adopting the pinned data plane, xlb makes its other maps anew, which take \
+                 120.0 MiB of kernel memory on the host's 64 possible CPUs; and the memory \
+                 cgroup that holds xlb (/sys/fs/cgroup/xlb) has 100 MiB left"
+            ) && message.ends_with("(the running data plane is left as it is)"),
+            "{message}"
+        );
+        check_unpinned_memory(20 << 20, 64, &cgroup).unwrap();
         // 6,000 entries, 8,192 buckets.
         let small = ConntrackConfig {
             entries: 3000,
