@@ -34,7 +34,7 @@ use lb_common::maps::{
     names,
     programs::{BENCH_FLOWS, BENCH_FORWARD_TO, BENCH_FRAME, DROP, NULL_FORWARDER, TX},
 };
-use xlb_tests::figures::{Run, machine, median, today};
+use xlb_tests::figures::{CpuTime, Run, machine, median, today};
 use xlb_tests::lab;
 use xlb_tests::netns::{self, NetNs};
 use xlb_tests::packet::{Frame, L4};
@@ -160,6 +160,7 @@ fn main() -> Result<()> {
     let part = (frames / rounds_run).max(1);
     let mut generator = Generator::LiveFrames;
     let mut rounds: Vec<Rates> = Vec::new();
+    let cpu = CpuTime::now();
     for round in 0..rounds_run {
         let mut rates = Rates::new();
         // (0) Nothing forwarded: l0 drops every frame, and counts what it took. The first
@@ -224,6 +225,8 @@ fn main() -> Result<()> {
         );
         rounds.push(rates);
     }
+    let steal = CpuTime::now().steal_pct_since(&cpu);
+    println!("forwarding bench: the hypervisor took {steal}% of the CPUs' time meanwhile (steal)");
 
     // Each figure the median of its rounds': a rate, a ratio of two rates of one round.
     let of_rounds = |figure: &dyn Fn(&Rates) -> f64| median(rounds.iter().map(figure).collect());
@@ -250,6 +253,7 @@ fn main() -> Result<()> {
     let json = serde_json::json!({
         "forwarding_mpps": {
             "run": run.record_of_run(),
+            "steal_pct": steal,
             "method": format!(
                 "{frames} frames of 60 bytes per way, one UDP flow and then {FLOWS} (source \
                  ports), {}, through the load balancer's namespace into a sink namespace, in \

@@ -20,7 +20,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail, ensure};
 use xlb_tests::cmd;
-use xlb_tests::figures::{Run, machine, median};
+use xlb_tests::figures::{CpuTime, Run, machine, median};
 use xlb_tests::netns::NetNs;
 use xlb_tests::topology::{
     BACKEND_PORT, LB_INTERFACES, Options, SNAT, Topology, VIP, VIP_TCP_PORT, with_topology,
@@ -88,6 +88,7 @@ fn main() -> Result<()> {
         cmd::require_tool(tool, package).context("run cargo xtask setup")?;
     }
     let mut rounds_of: BTreeMap<Way, Vec<Figures>> = BTreeMap::new();
+    let cpu = CpuTime::now();
     with_topology(PREFIX, Options::default(), |topo| {
         topo.check_connectivity()?;
         // The client is a load generator and is set up as one: it reuses a port whose
@@ -120,6 +121,8 @@ fn main() -> Result<()> {
         }
         Ok(())
     });
+    let steal = CpuTime::now().steal_pct_since(&cpu);
+    eprintln!("tcp bench: the hypervisor took {steal}% of the CPUs' time meanwhile (steal)");
 
     let results: BTreeMap<Way, Figures> = rounds_of
         .iter()
@@ -142,6 +145,7 @@ fn main() -> Result<()> {
     let json = serde_json::json!({
         "tcp": {
             "run": run.record_of_run(),
+            "steal_pct": steal,
             "method": format!(
                 "wrk from the client namespace to three nginx backends: {CONNECTION_CLIENTS} \
                  clients with Connection: close for connections, {BULK_CLIENTS} kept-alive \

@@ -19,7 +19,7 @@ use lb_common::{
     reason::Reason,
 };
 use xlb_tests::{
-    figures::{Run, machine},
+    figures::{CpuTime, Run, machine},
     lab::{self, CLIENT, CLIENT_MAC, FX0_MAC, VIP},
     packet::{
         ETH_HLEN, Frame, ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, L4, PROTO_ICMP, TCP_ACK, TCP_SYN,
@@ -734,6 +734,7 @@ fn run(
         .filter(|s| s.key == "null" || wanted(s.key))
         .collect();
     let mut run_index = 0u32;
+    let cpu = CpuTime::now();
     for _ in 0..rounds {
         for s in &mut scenarios {
             let before = lab::reasons(&ebpf)?;
@@ -769,6 +770,9 @@ fn run(
         }
     }
 
+    let steal = CpuTime::now().steal_pct_since(&cpu);
+    json["per_packet_steal_pct"] = steal.into();
+
     // The figure is the interquartile mean: the kernel reports run times in steps of about
     // 10 ns here, so a median jumps by a whole step between runs (a tenth of the null
     // program's cost), and a mean follows the slowest runs (interrupts, a new flow's
@@ -795,7 +799,8 @@ fn run(
     table.push_str(&format!(
         "\n{rounds} rounds × {per_round} runs per path, interleaved; one BPF_PROG_TEST_RUN \
          (repeat = 1) per run; a service of {BACKENDS} backends, {prefill} flows in the table \
-         before the first run{}.\n",
+         before the first run{}; the hypervisor took {steal}% of the CPUs' time meanwhile \
+         (steal).\n",
         if spread > 0 {
             format!(
                 "; the many-flows path spreads its {} runs over {spread} established flows, \

@@ -461,6 +461,55 @@ pub fn today() -> String {
         .unwrap_or_else(|| "undated".into())
 }
 
+/// The CPUs' time so far, from the first line of /proc/stat (in clock ticks): all of it, and
+/// the share the hypervisor gave other guests (steal). A benchmark records the steal over
+/// its runs: on these shared machines it tells a part slowed by a neighbour's load on the
+/// host's CPUs from one slowed by something else.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CpuTime {
+    total: u64,
+    steal: u64,
+}
+
+impl CpuTime {
+    /// Now. (All zero where /proc/stat cannot be read: no share then.)
+    pub fn now() -> CpuTime {
+        std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|stat| CpuTime::parse(&stat))
+            .unwrap_or(CpuTime { total: 0, steal: 0 })
+    }
+
+    /// From the text of /proc/stat: its `cpu` line's user, nice, system, idle, iowait, irq,
+    /// softirq and steal (the guest times after them are counted in user already).
+    fn parse(stat: &str) -> Option<CpuTime> {
+        let fields: Vec<u64> = stat
+            .lines()
+            .next()?
+            .strip_prefix("cpu ")?
+            .split_whitespace()
+            .take(8)
+            .map(|f| f.parse().ok())
+            .collect::<Option<_>>()?;
+        (fields.len() == 8).then(|| CpuTime {
+            total: fields.iter().sum(),
+            steal: fields[7],
+        })
+    }
+
+    /// The share of the CPUs' time since `earlier` that went to steal, in percent (0 when
+    /// no time passed).
+    pub fn steal_pct_since(&self, earlier: &CpuTime) -> f64 {
+        let total = self.total.saturating_sub(earlier.total);
+        let steal = self.steal.saturating_sub(earlier.steal);
+        if total == 0 {
+            0.0
+        } else {
+            (1000.0 * steal as f64 / total as f64).round() / 10.0
+        }
+    }
+}
+
 /// What the numbers were measured on: "CPU, N cores, Linux VERSION".
 pub fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
@@ -557,6 +606,18 @@ pub fn bar_chart(path: &Path, title: &str, unit: &str, bars: &[(String, f64)]) -
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn steal_is_its_share_of_all_the_cpu_time_between_two_readings() {
+        // Fields: user nice system idle iowait irq softirq steal guest guest_nice.
+        let before = CpuTime::parse("cpu  100 0 50 800 10 0 20 20 0 0\ncpu0 1 2 3\n").unwrap();
+        let after = CpuTime::parse("cpu  130 0 60 850 10 0 20 30 5 0\n").unwrap();
+        // 100 ticks passed (30 + 10 + 50 + 10 of steal), 10 of them stolen.
+        assert_eq!(after.steal_pct_since(&before), 10.0);
+        assert_eq!(before.steal_pct_since(&before), 0.0);
+        assert_eq!(CpuTime::parse("intr 1 2 3\n"), None);
+        assert_eq!(CpuTime::parse("cpu  1 2 3\n"), None);
+    }
+
     use super::*;
 
     /// The verdicts come from the goals' own thresholds, against figures made up here.
