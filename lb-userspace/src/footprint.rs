@@ -128,6 +128,16 @@ pub fn other_maps(cfg: &Checked, cpus: u64) -> anyhow::Result<Vec<(String, u64)>
         .collect())
 }
 
+/// What the maps a restart that adopts the pinned ones makes anew take (those not in
+/// `names::PINNED`, all among [`other_maps`]), on `cpus` possible CPUs.
+pub fn unpinned_bytes(cfg: &Checked, cpus: u64) -> anyhow::Result<u64> {
+    Ok(other_maps(cfg, cpus)?
+        .into_iter()
+        .filter(|(name, _)| !names::PINNED.contains(&name.as_str()))
+        .map(|(_, bytes)| bytes)
+        .sum())
+}
+
 /// What `map`, made with `entries` entries, takes when it is made, on `cpus` possible CPUs.
 fn map_bytes(map: &aya_obj::Map, entries: u64, cpus: u64) -> u64 {
     let (key, value) = (u64::from(map.key_size()), u64::from(map.value_size()));
@@ -200,6 +210,30 @@ mod tests {
             cfg.conntrack.companions_bytes()
         );
         assert_eq!(made(names::MAGLEV), cfg.dataplane.maglev_bytes());
+    }
+
+    /// A restart that adopts the pinned maps makes the others anew: the named maps are all
+    /// pinned, so the others hold every unpinned one; the next-hop cache (4,096 slots of
+    /// 64 bytes per CPU) and the QUIC server ids (a preallocated hash map of 4,096) are
+    /// among them, the pinned counters are not.
+    #[test]
+    fn a_restart_counts_the_maps_it_makes_anew() {
+        assert!(NAMED.iter().all(|name| names::PINNED.contains(name)));
+        let cfg = Config::parse("[dataplane]\ninterfaces = [\"xlb0\"]\n")
+            .unwrap()
+            .validate()
+            .unwrap();
+        let unpinned = |cpus| unpinned_bytes(&cfg, cpus).unwrap();
+        let others = other_maps(&cfg, 2).unwrap();
+        let of = |name: &str| others.iter().find(|(n, _)| n == name).unwrap().1;
+        assert!(unpinned(2) >= of(names::QUIC_SERVERS) + 2 * 4096 * 64);
+        assert!(unpinned(2) < Footprint::on(&cfg, 2).unwrap().others - of(names::BACKEND_STATS));
+        // Per CPU: the next-hop cache and a few KiB of scratch.
+        let per_cpu = unpinned(3) - unpinned(2);
+        assert!(
+            (4096 * 64..4096 * 64 + 8192).contains(&per_cpu),
+            "{per_cpu}"
+        );
     }
 
     #[test]

@@ -75,11 +75,7 @@ fn load_with(cfg: &Checked, pins: Option<&PinDir>) -> anyhow::Result<Ebpf> {
         check_memory(cfg, &Footprint::of(cfg)?, &crate::memory::room()?)?;
     } else {
         let cpus = crate::footprint::possible_cpus()?;
-        let unpinned = crate::footprint::other_maps(cfg, cpus)?
-            .into_iter()
-            .filter(|(name, _)| !names::PINNED.contains(&name.as_str()))
-            .map(|(_, bytes)| bytes)
-            .sum();
+        let unpinned = crate::footprint::unpinned_bytes(cfg, cpus)?;
         check_unpinned_memory(unpinned, cpus, &crate::memory::room()?)?;
     }
     let mut loader = EbpfLoader::new();
@@ -178,8 +174,9 @@ pub fn check_memory(cfg: &Checked, footprint: &Footprint, room: &Room) -> anyhow
 }
 
 /// Refuses a restart that adopts the pinned maps when the maps it makes anew, `unpinned`
-/// bytes on `cpus` possible CPUs (the next-hop cache, the per-CPU scratch, the log buffer:
-/// those of one program), take more than `room`. Nothing has changed yet: the running data
+/// bytes on `cpus` possible CPUs (those of one program: the next-hop cache, the QUIC
+/// server ids, the per-CPU scratch, the log buffer; `footprint::unpinned_bytes`), take
+/// more than `room`. Nothing has changed yet: the running data
 /// plane goes on as it is.
 pub fn check_unpinned_memory(unpinned: u64, cpus: u64, room: &Room) -> anyhow::Result<()> {
     if unpinned > room.bytes {

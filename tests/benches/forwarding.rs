@@ -34,7 +34,7 @@ use lb_common::maps::{
     names,
     programs::{BENCH_FLOWS, BENCH_FORWARD_TO, BENCH_FRAME, DROP, NULL_FORWARDER, TX},
 };
-use xlb_tests::figures::{CpuTime, Run, machine, median, today};
+use xlb_tests::figures::{CpuTime, Run, machine, median, steal_pct_since, steal_words, today};
 use xlb_tests::lab;
 use xlb_tests::netns::{self, NetNs};
 use xlb_tests::packet::{Frame, L4};
@@ -225,8 +225,8 @@ fn main() -> Result<()> {
         );
         rounds.push(rates);
     }
-    let steal = CpuTime::now().steal_pct_since(&cpu);
-    println!("forwarding bench: the hypervisor took {steal}% of the CPUs' time meanwhile (steal)");
+    let steal = steal_pct_since(&cpu);
+    println!("forwarding bench: {}", steal_words(steal));
 
     // Each figure the median of its rounds': a rate, a ratio of two rates of one round.
     let of_rounds = |figure: &dyn Fn(&Rates) -> f64| median(rounds.iter().map(figure).collect());

@@ -20,7 +20,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail, ensure};
 use xlb_tests::cmd;
-use xlb_tests::figures::{CpuTime, Run, machine, median};
+use xlb_tests::figures::{CpuTime, Run, machine, median, steal_pct_since, steal_words};
 use xlb_tests::netns::NetNs;
 use xlb_tests::topology::{
     BACKEND_PORT, LB_INTERFACES, Options, SNAT, Topology, VIP, VIP_TCP_PORT, with_topology,
@@ -88,7 +88,7 @@ fn main() -> Result<()> {
         cmd::require_tool(tool, package).context("run cargo xtask setup")?;
     }
     let mut rounds_of: BTreeMap<Way, Vec<Figures>> = BTreeMap::new();
-    let cpu = CpuTime::now();
+    let mut steal = None;
     with_topology(PREFIX, Options::default(), |topo| {
         topo.check_connectivity()?;
         // The client is a load generator and is set up as one: it reuses a port whose
@@ -106,6 +106,7 @@ fn main() -> Result<()> {
         for b in &topo.backends {
             start_nginx(&b.ns, &b.name, dir.path())?;
         }
+        let cpu = CpuTime::now();
         for _ in 0..rounds {
             for path in Way::ALL {
                 let figures = through(topo, path, dir.path(), secs)
@@ -119,10 +120,10 @@ fn main() -> Result<()> {
                 rounds_of.entry(path).or_default().push(figures);
             }
         }
+        steal = steal_pct_since(&cpu);
         Ok(())
     });
-    let steal = CpuTime::now().steal_pct_since(&cpu);
-    eprintln!("tcp bench: the hypervisor took {steal}% of the CPUs' time meanwhile (steal)");
+    eprintln!("tcp bench: {}", steal_words(steal));
 
     let results: BTreeMap<Way, Figures> = rounds_of
         .iter()

@@ -19,7 +19,7 @@ use lb_common::{
     reason::Reason,
 };
 use xlb_tests::{
-    figures::{CpuTime, Run, machine},
+    figures::{CpuTime, Run, machine, steal_pct_since, steal_words},
     lab::{self, CLIENT, CLIENT_MAC, FX0_MAC, VIP},
     packet::{
         ETH_HLEN, Frame, ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, L4, PROTO_ICMP, TCP_ACK, TCP_SYN,
@@ -770,7 +770,7 @@ fn run(
         }
     }
 
-    let steal = CpuTime::now().steal_pct_since(&cpu);
+    let steal = steal_pct_since(&cpu);
     json["per_packet_steal_pct"] = steal.into();
 
     // The figure is the interquartile mean: the kernel reports run times in steps of about
@@ -799,8 +799,7 @@ fn run(
     table.push_str(&format!(
         "\n{rounds} rounds × {per_round} runs per path, interleaved; one BPF_PROG_TEST_RUN \
          (repeat = 1) per run; a service of {BACKENDS} backends, {prefill} flows in the table \
-         before the first run{}; the hypervisor took {steal}% of the CPUs' time meanwhile \
-         (steal).\n",
+         before the first run{}; {}.\n",
         if spread > 0 {
             format!(
                 "; the many-flows path spreads its {} runs over {spread} established flows, \
@@ -809,7 +808,8 @@ fn run(
             )
         } else {
             String::new()
-        }
+        },
+        steal_words(steal)
     ));
     Ok(table)
 }
