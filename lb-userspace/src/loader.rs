@@ -23,7 +23,7 @@ use std::{net::IpAddr, path::Path};
 use crate::{
     config::{Checked, XdpModeConfig},
     footprint::Footprint,
-    memory::{Limit, Room},
+    memory::Room,
     pins::PinDir,
 };
 
@@ -149,16 +149,12 @@ pub fn map_sizes(cfg: &Checked) -> [(&'static str, u32); 14] {
 /// of memory" (or, under a cgroup's limit, kill xlb).
 pub fn check_memory(cfg: &Checked, footprint: &Footprint, room: &Room) -> anyhow::Result<()> {
     if footprint.total() > room.bytes {
-        let remedy = match room.limit {
-            Limit::Host => "lower them",
-            Limit::Cgroup { .. } => "lower them, or raise the cgroup's limit",
-        };
         bail!(
             "the data plane's maps take {} MiB of kernel memory when xlb starts: {} MiB of \
              conntrack for [conntrack] entries = {} flows (the table is preallocated), {} \
              MiB of Maglev tables for dataplane.max_services = {} × maglev_table_size = {}, \
              and {} MiB of other maps (for dataplane.max_backends = {} and the host's {} \
-             possible CPUs); and {room}: {remedy}",
+             possible CPUs); and {room}: lower them{}",
             footprint.total() >> 20,
             footprint.conntrack >> 20,
             cfg.conntrack.entries,
@@ -168,6 +164,7 @@ pub fn check_memory(cfg: &Checked, footprint: &Footprint, room: &Room) -> anyhow
             footprint.others >> 20,
             cfg.dataplane.max_backends,
             footprint.cpus,
+            room.limit.or_raise_it(),
         );
     }
     Ok(())
@@ -180,15 +177,12 @@ pub fn check_memory(cfg: &Checked, footprint: &Footprint, room: &Room) -> anyhow
 /// plane goes on as it is.
 pub fn check_unpinned_memory(unpinned: u64, cpus: u64, room: &Room) -> anyhow::Result<()> {
     if unpinned > room.bytes {
-        let remedy = match room.limit {
-            Limit::Host => "free some memory",
-            Limit::Cgroup { .. } => "free some memory, or raise the cgroup's limit",
-        };
         bail!(
             "adopting the pinned data plane, xlb makes its other maps anew, which take {:.1} \
-             MiB of kernel memory on the host's {cpus} possible CPUs; and {room}: {remedy} \
-             (the running data plane is left as it is)",
+             MiB of kernel memory on the host's {cpus} possible CPUs; and {room}: free some \
+             memory{} (the running data plane is left as it is)",
             unpinned as f64 / f64::from(1 << 20),
+            room.limit.or_raise_it(),
         );
     }
     Ok(())
@@ -483,6 +477,7 @@ pub fn check_forwarding(interface: &str, family: &str) -> anyhow::Result<()> {
 mod tests {
     use super::*;
     use crate::config::{Config, ConntrackConfig};
+    use crate::memory::Limit;
 
     #[test]
     fn an_ipv6_service_needs_ipv6_forwarding() {

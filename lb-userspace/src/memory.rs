@@ -30,6 +30,17 @@ pub enum Limit {
     Cgroup { dir: PathBuf, limit_bytes: u64 },
 }
 
+impl Limit {
+    /// The second remedy for a shortfall under this limit, to follow the first: under a
+    /// cgroup's, raising it.
+    pub fn or_raise_it(&self) -> &'static str {
+        match self {
+            Limit::Host => "",
+            Limit::Cgroup { .. } => ", or raise the cgroup's limit",
+        }
+    }
+}
+
 impl std::fmt::Display for Room {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.limit {
