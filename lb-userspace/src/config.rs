@@ -1528,12 +1528,20 @@ fn parse_address(text: &str) -> Result<IpAddr, String> {
 
 /// Refuses an address (written `text`) that a service, backend or pool cannot use.
 fn usable(text: &str, addr: IpAddr) -> Result<(), String> {
+    // IPv4's "this network" (0/8) and reserved (240/4, with the broadcast address) ones
+    // are never a host's, and the kernel drops packets from or to them as martians.
     let unicast = match addr {
-        IpAddr::V4(a) => !a.is_unspecified() && !a.is_broadcast(),
+        IpAddr::V4(a) => !a.is_multicast() && a.octets()[0] != 0 && a.octets()[0] < 240,
         IpAddr::V6(a) => !a.is_unspecified() && !a.is_multicast(),
     };
     if !unicast {
         return Err(format!("{text:?}: not a unicast address"));
+    }
+    if addr.is_loopback() {
+        return Err(format!(
+            "{text:?} is a loopback address: packets to or from it never leave a host, \
+             and the kernel drops those that come in from outside"
+        ));
     }
     let IpAddr::V6(v6) = addr else {
         return Ok(());
@@ -1929,6 +1937,59 @@ address = "10.20.0.11:8080"
     }
 
     #[test]
+    fn ipv4_addresses_a_service_cannot_use_are_refused() {
+        for (from, to, problem) in [
+            (
+                "10.10.0.100:80",
+                "224.0.0.5:80",
+                "service[0].vip: \"224.0.0.5:80\": not a unicast address",
+            ),
+            (
+                "10.10.0.100:80",
+                "0.1.2.3:80",
+                "service[0].vip: \"0.1.2.3:80\": not a unicast address",
+            ),
+            (
+                "10.10.0.100:80",
+                "0.0.0.0:80",
+                "service[0].vip: \"0.0.0.0:80\": not a unicast address",
+            ),
+            (
+                "10.10.0.100:80",
+                "127.0.0.1:80",
+                "service[0].vip: \"127.0.0.1:80\" is a loopback address",
+            ),
+            (
+                "10.20.0.11:8080",
+                "127.0.0.53:8080",
+                "service[0].backend[0].address: \"127.0.0.53:8080\" is a loopback address",
+            ),
+            (
+                "\"10.20.0.1\"",
+                "\"239.1.1.1\"",
+                "service[0].snat: \"239.1.1.1\": not a unicast address",
+            ),
+            (
+                "\"10.20.0.1\"",
+                "\"240.0.0.1\"",
+                "service[0].snat: \"240.0.0.1\": not a unicast address",
+            ),
+            (
+                "\"10.20.0.1\"",
+                "\"255.255.255.255\"",
+                "service[0].snat: \"255.255.255.255\": not a unicast address",
+            ),
+        ] {
+            assert!(GOOD.contains(from), "{from}");
+            let p = problems(&GOOD.replace(from, to));
+            assert!(
+                p.iter().any(|p| p.starts_with(problem)),
+                "{problem:?} not in {p:#?}"
+            );
+        }
+    }
+
+    #[test]
     fn ipv6_addresses_a_service_cannot_use_are_refused() {
         let vip = "[2001:db8::100]:80";
         for (from, to, problem) in [
@@ -1952,6 +2013,11 @@ address = "10.20.0.11:8080"
                 vip,
                 "[fe80::1]:80",
                 "service[0].vip: \"[fe80::1]:80\" is link-local",
+            ),
+            (
+                vip,
+                "[::1]:80",
+                "service[0].vip: \"[::1]:80\" is a loopback address",
             ),
             (
                 vip,
