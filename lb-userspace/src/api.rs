@@ -185,6 +185,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// An error answer: a status and a message for the person at the CLI.
 pub struct ApiError(StatusCode, String);
 
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.1)
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
@@ -371,19 +377,33 @@ fn change(
     edit(&mut wanted)?;
     let mut config = wanted.to_config();
     shared.overrides.apply(&mut config);
-    let checked = revalidate(config)?;
+    let checked = revalidate(config, registry.running())?;
     Ok(registry.apply(&checked)?)
 }
 
-/// Validates a config (in file form) as `xlb check` does, and fits it to this host.
-fn revalidate(config: Config) -> Result<Checked, ApiError> {
+/// Makes `config` (in file form, with the run's overrides) the running config: `xlb apply`
+/// and SIGHUP.
+pub fn apply_config(shared: &Shared, config: Config) -> Result<Changes, ApiError> {
+    let mut registry = lock(&shared.registry);
+    let checked = revalidate(config, registry.running())?;
+    Ok(registry.apply(&checked)?)
+}
+
+/// Validates a config (in file form) as `xlb check` does, and fits it to this host as a
+/// change of the `running` one ([`Checked::fit_change_to_host`]).
+fn revalidate(config: Config, running: &Checked) -> Result<Checked, ApiError> {
     let mut checked = config
         .validate()
         .map_err(|e| ApiError::from(ApplyError::Invalid(e)))?;
     let host = HostFacts::read().map_err(internal)?;
-    checked
-        .fit_to_host(&host)
-        .map_err(|e| ApiError::from(ApplyError::Invalid(e)))?;
+    if let Some(conflict) = checked
+        .fit_change_to_host(running, &host)
+        .map_err(|e| ApiError::from(ApplyError::Invalid(e)))?
+    {
+        log::warn!(
+            "applying a change although the running config conflicts with the host: {conflict}"
+        );
+    }
     Ok(checked)
 }
 
@@ -595,11 +615,9 @@ async fn apply(
         let mut config =
             Config::parse(&req.text).map_err(|e| bad(format!("config {}: {e}", req.source)))?;
         shared.overrides.apply(&mut config);
-        let checked = revalidate(config).map_err(|ApiError(s, m)| {
+        apply_config(&shared, config).map_err(|ApiError(s, m)| {
             ApiError(s, format!("config {} is not valid:\n{m}", req.source))
-        })?;
-        let changes = lock(&shared.registry).apply(&checked)?;
-        Ok(changes)
+        })
     })
     .await
     .map(changed)

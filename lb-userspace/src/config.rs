@@ -827,6 +827,71 @@ impl Checked {
         gateway.ports.unwrap_or(self.snat_ports)
     }
 
+    /// [`fit_to_host`](Self::fit_to_host) for a change of the running config, `running`. A
+    /// conflict with the host that `running` has as well does not refuse the change, and is
+    /// returned to be logged: the host's ephemeral ports can change under a running daemon
+    /// (or the host take a SNAT address), whose SNAT range is fixed while it runs; the data
+    /// plane goes on with that range either way, and refusing would refuse every change, a
+    /// dead backend's removal too, until a restart. A change that adds an address to the
+    /// conflict is refused.
+    pub fn fit_change_to_host(
+        &mut self,
+        running: &Checked,
+        host: &HostFacts,
+    ) -> Result<Option<ConfigErrors>, ConfigErrors> {
+        let conflict = match self.fit_to_host(host) {
+            Ok(()) => return Ok(None),
+            Err(conflict) => conflict,
+        };
+        if running.clone().fit_to_host(host).is_ok() {
+            return Err(conflict);
+        }
+        let before = running.host_addresses_in_ephemeral_ports(host);
+        let added: Vec<String> = self
+            .host_addresses_in_ephemeral_ports(host)
+            .into_iter()
+            .filter(|a| !before.contains(a))
+            .map(|a| a.to_string())
+            .collect();
+        if added.is_empty() {
+            return Ok(Some(conflict));
+        }
+        let [lo, hi] = host.ephemeral_ports;
+        Err(ConfigErrors(vec![FieldError {
+            field: "dataplane.snat_port_range".into(),
+            problem: format!(
+                "the change would give xlb's ports that overlap the host's ephemeral ports \
+                 {lo}-{hi} (net.ipv4.ip_local_port_range) to {}, an address of this host: \
+                 replies to the host's own connections would be taken for a client's. The \
+                 running config has such addresses already (the host's ports or addresses \
+                 changed since xlb started), so its changes are not refused for them, but \
+                 no more are taken on. Use a SNAT address the host does not own",
+                added.join(", ")
+            ),
+        }]))
+    }
+
+    /// The host's own addresses that SNAT or a NAT gateway would give ports in the host's
+    /// ephemeral range: the conflict [`fit_to_host`](Self::fit_to_host) refuses.
+    fn host_addresses_in_ephemeral_ports(&self, host: &HostFacts) -> Vec<IpAddr> {
+        let [lo, hi] = host.ephemeral_ports;
+        let services = self
+            .services
+            .iter()
+            .filter(|_| self.snat_ports.overlaps(lo, hi))
+            .flat_map(|s| s.snat.iter());
+        let gateways = self
+            .gateways
+            .iter()
+            .filter(|g| self.gateway_ports(g).overlaps(lo, hi))
+            .flat_map(|g| g.to.iter());
+        services
+            .chain(gateways)
+            .copied()
+            .filter(|a| host.addresses.contains(a))
+            .collect()
+    }
+
     /// Checks the config against the host it runs on. When a SNAT address is one of the
     /// host's own, the host's own connections use it too, with ports from its ephemeral
     /// range: a SNAT port in that range would make the replies to the host's connections look
@@ -2164,6 +2229,68 @@ address = "10.20.0.11:8080"
         let mut c = Config::parse(&ok).unwrap().validate().unwrap();
         c.fit_to_host(&host("10.20.0.1", 32768, 60999)).unwrap();
         assert_eq!((c.snat_ports.first, c.snat_ports.last), (61000, 65535));
+    }
+
+    /// A running daemon's SNAT range is fixed (explicit): when the host's ephemeral ports
+    /// move over it, changes that bring no conflict of their own still go through, with
+    /// the conflict to log; one that makes a SNAT address the host's is refused.
+    #[test]
+    fn a_change_is_not_refused_for_a_conflict_the_running_config_has_too() {
+        let fixed = |text: &str| {
+            let text = text.replace(
+                "[dataplane]",
+                "[dataplane]\nsnat_port_range = [1024, 32767]",
+            );
+            Config::parse(&text).unwrap().validate().unwrap()
+        };
+        let running = fixed(GOOD);
+        let before = host("10.20.0.1", 32768, 60999);
+        running.clone().fit_to_host(&before).unwrap();
+        // `ip_local_port_range` set to 10000-65000 while xlb runs.
+        let after = host("10.20.0.1", 10000, 65000);
+        let mut drop_backend =
+            fixed(&GOOD.replace("\n[[service.backend]]\naddress = \"10.20.0.12:8080\"\n", ""));
+        assert_eq!(drop_backend.services[0].backends.len(), 1);
+        let warning = drop_backend
+            .fit_change_to_host(&running, &after)
+            .unwrap()
+            .expect("the conflict, to log");
+        assert!(
+            warning
+                .to_string()
+                .starts_with("dataplane.snat_port_range: [1024, 32767] overlaps"),
+            "{warning}"
+        );
+        assert!(matches!(
+            drop_backend.fit_change_to_host(&running, &before),
+            Ok(None)
+        ));
+        // Not the host's SNAT address before: a change that makes it so is refused.
+        let elsewhere = fixed(&GOOD.replace("snat = \"10.20.0.1\"", "snat = \"10.20.0.2\""));
+        let mut onto_host = fixed(GOOD);
+        assert!(onto_host.fit_change_to_host(&elsewhere, &after).is_err());
+        // Nor is one that adds an address of the host to those the running config has.
+        let second = format!(
+            "{GOOD}\n[[service]]\nvip = \"10.10.0.101:80\"\nprotocol = \"tcp\"\nsnat = \"10.20.0.5\"\n\
+             [[service.backend]]\naddress = \"10.20.0.11:8080\"\n"
+        );
+        let two_own = HostFacts {
+            addresses: vec!["10.20.0.1".parse().unwrap(), "10.20.0.5".parse().unwrap()],
+            ephemeral_ports: [10000, 65000],
+        };
+        let e = fixed(&second)
+            .fit_change_to_host(&running, &two_own)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("to 10.20.0.5, an address of this host"), "{e}");
+        // The same service added with an address the host does not own goes through.
+        let other = second.replace("10.20.0.5", "10.20.0.6");
+        assert!(
+            fixed(&other)
+                .fit_change_to_host(&running, &two_own)
+                .unwrap()
+                .is_some()
+        );
     }
 
     const GATEWAY: &str = r#"

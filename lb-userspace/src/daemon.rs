@@ -16,7 +16,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     api::{self, Shared},
-    config::{Checked, Overrides},
+    config::{Checked, Config, Overrides},
     conntrack::{self, Sweeper},
     ethtool::SendErrors,
     health, loader, metrics,
@@ -281,28 +281,19 @@ async fn start(cfg: &Checked, opts: &RunOptions, pins: &PinDir) -> anyhow::Resul
 /// SIGHUP: makes the config file the truth again, as `xlb apply` does; a bad file changes
 /// nothing and is logged.
 async fn reload(opts: &RunOptions, shared: &Arc<Shared>) {
-    let cfg = match opts.load() {
-        Ok(cfg) => cfg,
+    let path = opts.config_path.display();
+    let mut config = match Config::from_file(&opts.config_path) {
+        Ok(config) => config,
         Err(e) => {
             log::error!("SIGHUP: not applied: {e:#}");
             return;
         }
     };
+    opts.overrides.apply(&mut config);
     let shared = shared.clone();
-    let applied = tokio::task::spawn_blocking(move || {
-        shared
-            .registry
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .apply(&cfg)
-    })
-    .await;
-    match applied {
-        Ok(Ok(changes)) => log::info!(
-            "SIGHUP: applied {}: {changes:?}",
-            opts.config_path.display()
-        ),
-        Ok(Err(e)) => log::error!("SIGHUP: not applied: {e}"),
+    match tokio::task::spawn_blocking(move || api::apply_config(&shared, config)).await {
+        Ok(Ok(changes)) => log::info!("SIGHUP: applied {path}: {changes:?}"),
+        Ok(Err(e)) => log::error!("SIGHUP: not applied: config {path} is not valid:\n{e}"),
         Err(e) => log::error!("SIGHUP: {e}"),
     }
 }

@@ -387,6 +387,33 @@ fn apply_metrics_and_the_socket() {
             "service ls after add and rm: {services}"
         );
 
+        // The host takes the SNAT address while xlb runs (an operator adds it to an
+        // interface): the running SNAT ports, fixed while xlb runs, now overlap the host's
+        // ephemeral ones. Changes that add no address to that conflict still go through
+        // (refused, even a dead backend would stay until a restart); one that adds an
+        // address of the host is refused, naming it.
+        let snat_on_lo = format!("{SNAT}/32");
+        topo.lb.ip(&["addr", "add", &snat_on_lo, "dev", "lo"])?;
+        let under_conflict = (|| -> Result<()> {
+            run_ok(&xlb, &["backend", "add", &vip(), &backend(topo, 2)])?;
+            run_ok(&xlb, &["backend", "rm", &vip(), &backend(topo, 2)])?;
+            let out = xlb.command(&["service", "add", "10.10.0.100:9999"])?;
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            ensure!(
+                !out.status.success() && stderr.contains("an address of this host"),
+                "service add with the host's address as SNAT, the running one the host's \
+                 too: {} {stderr}",
+                out.status
+            );
+            Ok(())
+        })();
+        topo.lb.ip(&["addr", "del", &snat_on_lo, "dev", "lo"])?;
+        under_conflict?;
+        ensure!(
+            backends(&xlb)?.len() == 2,
+            "the backends after the conflict"
+        );
+
         // Traffic, then the metrics against the servers.
         let counts = spread(topo, &servers, 60)?;
         let metrics = topo.lb.enter(|| scrape("127.0.0.1:9641"))??;
