@@ -774,13 +774,18 @@ impl Registry {
             self.write_table(&live)?;
             changes.tables_rebuilt += 1;
         }
-        // Retired only once the new table is in place: no new flow can take them now.
+        // The new table is live: the ids the change took are the service's now, whatever
+        // fails next, and those it gave up are retired (no new flow can take them now).
+        *taken = Taken::default();
         for id in retired {
             self.backend_ids.retire(id);
             changes.backends_removed += 1;
         }
+        // Every apply, changed or not, so that one whose QUIC writes failed part way is
+        // made good by the next. After the switch: the backends' entries are in place.
+        let quic = self.sync_quic(&live);
         self.services.insert(name, live);
-        Ok(())
+        quic
     }
 
     fn remove_service(&mut self, name: &ServiceName) -> anyhow::Result<()> {
@@ -881,8 +886,6 @@ impl Registry {
             )
         };
         self.tables.switch_table(&live.name.key(), entry, &table)?;
-        // After the switch: its backends' entries are in place by now.
-        self.sync_quic(live)?;
         self.rebuilds += 1;
         Ok(())
     }
