@@ -450,7 +450,9 @@ impl ServiceEntry {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BackendEntry {
     pub endpoint: Endpoint,
-    pub _pad: [u8; 2],
+    /// [`BACKEND_RETIRED`] or 0; the data plane does not read it.
+    pub flags: u8,
+    pub _pad: u8,
     /// The service this backend belongs to.
     pub service_id: u32,
     /// Its weight (for the least-* schedulers).
@@ -460,6 +462,11 @@ pub struct BackendEntry {
     pub latency_us: u32,
 }
 const _: () = assert!(size_of::<BackendEntry>() == 32);
+
+/// [`BackendEntry::flags`]: the backend was removed from its service, and its id waits for
+/// the flows still on it to end. A restart that finds two ids for one address in a service
+/// (the backend added again meanwhile) keeps the other.
+pub const BACKEND_RETIRED: u8 = 1;
 
 /// The single entry of `CONFIG`.
 #[repr(C)]

@@ -23,8 +23,8 @@ use std::{
 use lb_common::{
     maglev,
     maps::{
-        BackendEntry, Endpoint, MAX_SNAT_ADDRESSES, MODE_GATEWAY, NO_BACKEND, ServiceEntry,
-        ServiceKey,
+        BACKEND_RETIRED, BackendEntry, Endpoint, FlowStats, MAX_SNAT_ADDRESSES, MODE_GATEWAY,
+        NO_BACKEND, ServiceEntry, ServiceKey,
     },
     scheduler,
 };
@@ -254,9 +254,11 @@ impl Registry {
     /// weight 0 until `apply` gives them the config's (and rebuilds their tables, which come
     /// out as before when the config is the same: the table depends on the set alone). A
     /// backend missing from its service's table in use was down (or drained): it starts
-    /// down, and its health checks bring it back. Where two ids hold one address (a backend
-    /// removed, its id retired with flows still on it, then added again), the one the
-    /// table uses is kept and the other retired.
+    /// down, and its health checks bring it back. A backend removed from its service whose
+    /// id waits for its flows stays retired (its entry says so). Where two ids still hold
+    /// one address, the one the table uses is kept and the other retired. So are ids of
+    /// objects gone but for their flows: a removed service's backends' (whose entries
+    /// name a service that is no more) and a removed NAT gateway's (by its counters).
     fn adopt(&mut self, cfg: &Checked) -> anyhow::Result<()> {
         let now = Instant::now();
         for (addr, prefix_len, entry) in self.tables.gateways()? {
@@ -326,6 +328,11 @@ impl Registry {
                 }
                 continue;
             }
+            if entry.flags & BACKEND_RETIRED != 0 {
+                // Removed from its service, the id waiting for its flows: still so.
+                self.backend_ids.retired.insert(id, now);
+                continue;
+            }
             let listed = in_table
                 .get(&entry.service_id)
                 .is_some_and(|t| t.contains(&id));
@@ -335,6 +342,17 @@ impl Registry {
                 listed,
                 entry.latency_us,
             ));
+        }
+        // A NAT gateway removed before leaves no entry behind, only its flows, which count
+        // against its id: a service id that has counted traffic and that nothing holds is
+        // retired, and freed once a sweep finds no flow on it.
+        for id in 0..self.service_ids.capacity {
+            if !self.service_ids.used.contains(&id)
+                && !self.service_ids.retired.contains_key(&id)
+                && self.tables.service_stats(id)? != FlowStats::default()
+            {
+                self.service_ids.retired.insert(id, now);
+            }
         }
         let checked: BTreeSet<ServiceName> = cfg
             .services
@@ -525,7 +543,11 @@ impl Registry {
         let Some(started) = sweep.started else {
             return Ok(());
         };
-        self.service_ids.release(&sweep.by_service, started);
+        // Counters cleared as ids are freed: at a restart, a service id that has counted
+        // traffic and that nothing holds is one still waiting for its flows (`adopt`).
+        for id in self.service_ids.release(&sweep.by_service, started) {
+            self.tables.clear_service_stats(id)?;
+        }
         for id in self.backend_ids.release(&sweep.by_backend, started) {
             self.tables.set_backend(id, BackendEntry::default())?;
         }
@@ -735,7 +757,7 @@ impl Registry {
                 .iter()
                 .any(|c| c.address == b.config.address);
             if !keep {
-                retired.push(b.id);
+                retired.push(b.clone());
             }
             keep
         });
@@ -777,15 +799,24 @@ impl Registry {
         // The new table is live: the ids the change took are the service's now, whatever
         // fails next, and those it gave up are retired (no new flow can take them now).
         *taken = Taken::default();
-        for id in retired {
-            self.backend_ids.retire(id);
+        for b in &retired {
+            self.backend_ids.retire(b.id);
             changes.backends_removed += 1;
         }
+        // Marked in the map too, for a restart (`adopt`); should that fail, the registry
+        // knows them retired all the same.
+        let marked = retired.iter().try_for_each(|b| {
+            let entry = BackendEntry {
+                flags: BACKEND_RETIRED,
+                ..backend_entry(live.id, b)
+            };
+            self.tables.update_backend(b.id, entry)
+        });
         // Every apply, changed or not, so that one whose QUIC writes failed part way is
         // made good by the next. After the switch: the backends' entries are in place.
         let quic = self.sync_quic(&live);
         self.services.insert(name, live);
-        quic
+        marked.and(quic)
     }
 
     fn remove_service(&mut self, name: &ServiceName) -> anyhow::Result<()> {
@@ -1041,7 +1072,8 @@ fn network_of(addr: [u8; 16], prefix_len: u32) -> Option<Network> {
 fn backend_entry(service_id: u32, b: &LiveBackend) -> BackendEntry {
     BackendEntry {
         endpoint: Endpoint::from_socket(b.config.address),
-        _pad: [0; 2],
+        flags: 0,
+        _pad: 0,
         service_id,
         weight: b.config.weight,
         latency_us: b.latency_us,
