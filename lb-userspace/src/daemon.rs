@@ -85,8 +85,11 @@ pub async fn run(mut opts: RunOptions) -> anyhow::Result<()> {
     let daemon = match start(&cfg, &opts, &pins).await {
         Ok(daemon) => daemon,
         Err(e) => {
-            // A fresh start that failed leaves nothing attached or pinned behind; an
-            // adopted data plane is left as it was, running.
+            // A fresh start that failed leaves nothing attached or pinned behind. An
+            // adopted data plane keeps running, its program the old one; but should the
+            // start fail after `Registry::load` (in attaching, say), the pinned maps hold
+            // this config's services while the old program's own VIPS and QUIC_SERVERS
+            // hold the old config's, until a start that succeeds.
             if !pins.adopted
                 && let Err(cleanup) = pins.remove()
             {
