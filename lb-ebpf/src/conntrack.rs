@@ -798,9 +798,11 @@ fn probe<const MAPPED: bool>(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
                 if held.rewrite == reverse.rewrite
                     && (!MAPPED || public_is_ours(p, mapping_key, mapping, forward))
                 {
-                    // The flow goes on: its record, plus this packet.
+                    // The flow goes on: its record, plus this packet, which starts it
+                    // anew if it is a client's SYN on a closed flow (as in `lookup`).
                     let facts = Seen::of_packet(p.proto, p.tcp_flags);
-                    record(held, DIR_TO_BACKEND, &facts, false, p.now);
+                    let anew = starts_anew(p.proto, DIR_TO_BACKEND, p.tcp_flags, &held.seen);
+                    record(held, DIR_TO_BACKEND, &facts, anew, p.now);
                     forward.seen = held.seen;
                     outcome.found = PROBE_FOUND_OURS;
                     return 1;

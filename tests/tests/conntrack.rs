@@ -42,7 +42,7 @@ use xlb_tests::{
     lab::{self, BACKEND_MAC, CLIENT, CLIENT_MAC, Iface, SNAT, VIP},
     model::flows::key,
     netns::NetNs,
-    packet::{Frame, TCP_ACK, TCP_FIN, TCP_SYN, layout_v4},
+    packet::{Frame, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, layout_v4},
     xlb::LeftPins,
 };
 
@@ -1084,6 +1084,55 @@ fn a_lost_reverse_entry_is_made_again_from_the_forward_one() {
             report.orphans == 1 && left.is_empty(),
             "the sweep after: {report:?}, left {left:?}"
         );
+        Ok(())
+    });
+}
+
+/// A closed flow whose forward entry is gone while its reverse one is left (the sweeper
+/// between its two removals, or a creation that lost a race) is made again by the client's
+/// next SYN over that reverse entry: a SYN on a closed flow starts it anew, as on a flow
+/// whose entries both live, so the new connection is tracked as new, not as the old one's
+/// close (whose short timeout, and ended start in the open-flow count, it would get).
+#[test]
+fn a_syn_over_a_closed_flows_surviving_reverse_entry_starts_it_anew() {
+    in_lab(|_| {
+        let checked = config([40000, 40000], 16);
+        let lab::Program { mut ebpf, fx0, .. } = lab::load(&checked)?;
+        let client = |flags| {
+            Frame::tcp((CLIENT, 40000), (VIP, 80), flags)
+                .with_macs(CLIENT_MAC, fx0.mac)
+                .build()
+        };
+        let forward_key = key(sa(CLIENT, 40000), sa(VIP, 80), PROTO_TCP);
+        let reverse_key = key(sa(lab::BACKEND, 8080), sa(SNAT, 40000), PROTO_TCP);
+        let state = |ebpf: &Ebpf, key: &FlowKey| -> Result<FlowState> {
+            let entry = lab::conntrack_entry(ebpf, key)?.context("no entry")?;
+            Ok(FlowState::of(PROTO_TCP, &entry.seen))
+        };
+
+        lab::run_forwarded(&ebpf, &client(TCP_SYN), fx0.ifindex, "the SYN")?;
+        lab::run_forwarded(&ebpf, &client(TCP_RST), fx0.ifindex, "the RST")?;
+        ensure!(
+            state(&ebpf, &reverse_key)? == FlowState::Closed,
+            "after the RST: {:?}",
+            state(&ebpf, &reverse_key)?
+        );
+        remove(&mut ebpf, &forward_key)?;
+
+        lab::run_forwarded(&ebpf, &client(TCP_SYN), fx0.ifindex, "the new SYN")?;
+        let forward = lab::conntrack_entry(&ebpf, &forward_key)?.context("no forward entry")?;
+        ensure!(
+            forward.rewrite.src == lb_common::maps::Endpoint::from_socket_v4(sa(SNAT, 40000)),
+            "the new connection left from {:?}, not over the reverse entry left",
+            forward.rewrite.src
+        );
+        for (which, k) in [("forward", &forward_key), ("reverse", &reverse_key)] {
+            let now = state(&ebpf, k)?;
+            ensure!(
+                now == FlowState::New,
+                "the new connection's {which} entry says {now:?}, not New"
+            );
+        }
         Ok(())
     });
 }
