@@ -94,9 +94,12 @@ const ENOMEM: i32 = 12;
 const EEXIST: i32 = 17;
 
 /// Whether the packet belongs to a tracked flow direction; if so, writes its rewrite to
-/// `rewrite`, and, when the packet will be forwarded (`forwarded`), records what it tells
+/// `rewrite`, and, when the packet is to be forwarded (`forwarded`), records what it tells
 /// about the flow. (A packet that only goes to the kernel, say with its TTL about to expire,
-/// must not close or restart the flow.)
+/// must not close or restart the flow. One that is recorded and then fails on its way on,
+/// its route gone or too big for it, has told what its sender's next try will tell again:
+/// recording only what leaves would keep the entry's pointer until the packet is sent, in
+/// the hot path's full frame.)
 ///
 /// Errors: `DropWrongInterface` when the packet arrived on another interface than its
 /// flow direction's packets do, and its source does not route back out of it.
