@@ -481,8 +481,16 @@ pub struct Settings {
     /// The source MAC of the frames the XDP program hands to the tc program
     /// ([`handoff_mark`]): random, made once with the maps and kept with them, never zero.
     pub handoff_secret: [u8; 6],
-    pub _pad: [u8; 2],
+    /// [`FREED_IDS_CLEARED`] or 0 (maps an older daemon wrote); the data plane does not
+    /// read it.
+    pub flags: u8,
+    pub _pad: u8,
 }
+
+/// [`Settings::flags`]: the daemon that wrote the maps clears a service id's counters when
+/// it frees the id, so a restart can take counters under an id that nothing holds for flows
+/// of a removed object that still run (a NAT gateway's).
+pub const FREED_IDS_CLEARED: u8 = 1;
 const _: () = assert!(size_of::<Settings>() == 20);
 
 /// Value of `SERVICE_STATS` and `BACKEND_STATS` (per CPU; userspace sums the CPUs).

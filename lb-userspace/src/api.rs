@@ -381,11 +381,12 @@ fn change(
     Ok(registry.apply(&checked)?)
 }
 
-/// Makes `config` (in file form, with the run's overrides) the running config: `xlb apply`
-/// and SIGHUP.
-pub fn apply_config(shared: &Shared, config: Config) -> Result<Changes, ApiError> {
+/// Makes `config` (in file form, with the run's overrides), read from `source`, the
+/// running config: `xlb apply` and SIGHUP.
+pub fn apply_config(shared: &Shared, config: Config, source: &str) -> Result<Changes, ApiError> {
     let mut registry = lock(&shared.registry);
-    let checked = revalidate(config, registry.running())?;
+    let checked = revalidate(config, registry.running())
+        .map_err(|ApiError(s, m)| ApiError(s, format!("config {source} is not valid:\n{m}")))?;
     Ok(registry.apply(&checked)?)
 }
 
@@ -401,7 +402,9 @@ fn revalidate(config: Config, running: &Checked) -> Result<Checked, ApiError> {
         .map_err(|e| ApiError::from(ApplyError::Invalid(e)))?
     {
         log::warn!(
-            "applying a change although the running config conflicts with the host: {conflict}"
+            "the change is applied: the running config conflicts with this host as well, \
+             and the change adds nothing to that (a restart fits xlb's ports to the host \
+             again): {conflict}"
         );
     }
     Ok(checked)
@@ -615,9 +618,7 @@ async fn apply(
         let mut config =
             Config::parse(&req.text).map_err(|e| bad(format!("config {}: {e}", req.source)))?;
         shared.overrides.apply(&mut config);
-        apply_config(&shared, config).map_err(|ApiError(s, m)| {
-            ApiError(s, format!("config {} is not valid:\n{m}", req.source))
-        })
+        apply_config(&shared, config, &req.source)
     })
     .await
     .map(changed)

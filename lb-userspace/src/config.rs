@@ -763,6 +763,7 @@ impl Checked {
             maglev_size: dp.maglev_table_size,
             hash_seed: dp.hash_seed,
             layout_version: lb_common::maps::LAYOUT_VERSION,
+            flags: lb_common::maps::FREED_IDS_CLEARED,
             ..Default::default()
         }
     }
@@ -833,7 +834,7 @@ impl Checked {
     /// (or the host take a SNAT address), whose SNAT range is fixed while it runs; the data
     /// plane goes on with that range either way, and refusing would refuse every change, a
     /// dead backend's removal too, until a restart. A change that adds an address to the
-    /// conflict is refused.
+    /// conflict is refused, naming it.
     pub fn fit_change_to_host(
         &mut self,
         running: &Checked,
@@ -843,52 +844,59 @@ impl Checked {
             Ok(()) => return Ok(None),
             Err(conflict) => conflict,
         };
-        if running.clone().fit_to_host(host).is_ok() {
+        // The running ranges as they are (a range fitted at start is not moved again).
+        let before = running.host_addresses_in_ephemeral_ports(host);
+        if before.is_empty() {
             return Err(conflict);
         }
-        let before = running.host_addresses_in_ephemeral_ports(host);
-        let added: Vec<String> = self
-            .host_addresses_in_ephemeral_ports(host)
-            .into_iter()
-            .filter(|a| !before.contains(a))
-            .map(|a| a.to_string())
-            .collect();
-        if added.is_empty() {
-            return Ok(Some(conflict));
-        }
         let [lo, hi] = host.ephemeral_ports;
-        Err(ConfigErrors(vec![FieldError {
-            field: "dataplane.snat_port_range".into(),
-            problem: format!(
-                "the change would give xlb's ports that overlap the host's ephemeral ports \
-                 {lo}-{hi} (net.ipv4.ip_local_port_range) to {}, an address of this host: \
-                 replies to the host's own connections would be taken for a client's. The \
-                 running config has such addresses already (the host's ports or addresses \
-                 changed since xlb started), so its changes are not refused for them, but \
-                 no more are taken on. Use a SNAT address the host does not own",
-                added.join(", ")
-            ),
-        }]))
+        let mut added: Vec<FieldError> = Vec::new();
+        for (field, addr, ports) in self.host_addresses_in_ephemeral_ports(host) {
+            if before.iter().any(|(_, a, _)| *a == addr) || added.iter().any(|e| e.field == field) {
+                continue;
+            }
+            added.push(FieldError {
+                field,
+                problem: format!(
+                    "{addr} is an address of this host, and the ports {ports} overlap its \
+                     ephemeral ports {lo}-{hi} (net.ipv4.ip_local_port_range): replies to the \
+                     host's own connections would be taken for a client's. The running config \
+                     has such addresses already (the host's ports or addresses changed since \
+                     xlb started), so its changes are not refused for them, but no more are \
+                     taken on: use an address the host does not own, or restart xlb, which \
+                     fits its ports to the host again"
+                ),
+            });
+        }
+        if added.is_empty() {
+            Ok(Some(conflict))
+        } else {
+            Err(ConfigErrors(added))
+        }
     }
 
     /// The host's own addresses that SNAT or a NAT gateway would give ports in the host's
-    /// ephemeral range: the conflict [`fit_to_host`](Self::fit_to_host) refuses.
-    fn host_addresses_in_ephemeral_ports(&self, host: &HostFacts) -> Vec<IpAddr> {
+    /// ephemeral range, as they run now: the conflict [`fit_to_host`](Self::fit_to_host)
+    /// refuses. Each with the field that holds it and the ports.
+    fn host_addresses_in_ephemeral_ports(
+        &self,
+        host: &HostFacts,
+    ) -> Vec<(String, IpAddr, SnatPorts)> {
         let [lo, hi] = host.ephemeral_ports;
-        let services = self
-            .services
-            .iter()
-            .filter(|_| self.snat_ports.overlaps(lo, hi))
-            .flat_map(|s| s.snat.iter());
-        let gateways = self
-            .gateways
-            .iter()
-            .filter(|g| self.gateway_ports(g).overlaps(lo, hi))
-            .flat_map(|g| g.to.iter());
+        let services = self.services.iter().enumerate().flat_map(|(i, s)| {
+            let field = format!("service[{i}].snat");
+            s.snat
+                .iter()
+                .map(move |&a| (field.clone(), a, self.snat_ports))
+        });
+        let gateways = self.gateways.iter().enumerate().flat_map(|(i, g)| {
+            let field = format!("nat_gateway[{i}].to");
+            g.to.iter()
+                .map(move |&a| (field.clone(), a, self.gateway_ports(g)))
+        });
         services
             .chain(gateways)
-            .copied()
-            .filter(|a| host.addresses.contains(a))
+            .filter(|(_, a, ports)| ports.overlaps(lo, hi) && host.addresses.contains(a))
             .collect()
     }
 
@@ -2265,6 +2273,16 @@ address = "10.20.0.11:8080"
             drop_backend.fit_change_to_host(&running, &before),
             Ok(None)
         ));
+        // A range fitted at start (not explicit, as `xlb run` runs it) stays as it was.
+        let mut fitted = Config::parse(GOOD).unwrap().validate().unwrap();
+        fitted.fit_to_host(&before).unwrap();
+        assert!(!fitted.snat_ports.explicit);
+        assert!(
+            fixed(GOOD)
+                .fit_change_to_host(&fitted, &after)
+                .unwrap()
+                .is_some()
+        );
         // Not the host's SNAT address before: a change that makes it so is refused.
         let elsewhere = fixed(&GOOD.replace("snat = \"10.20.0.1\"", "snat = \"10.20.0.2\""));
         let mut onto_host = fixed(GOOD);
@@ -2282,7 +2300,10 @@ address = "10.20.0.11:8080"
             .fit_change_to_host(&running, &two_own)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("to 10.20.0.5, an address of this host"), "{e}");
+        assert!(
+            e.starts_with("service[1].snat: 10.20.0.5 is an address of this host"),
+            "{e}"
+        );
         // The same service added with an address the host does not own goes through.
         let other = second.replace("10.20.0.5", "10.20.0.6");
         assert!(

@@ -284,7 +284,7 @@ async fn start(cfg: &Checked, opts: &RunOptions, pins: &PinDir) -> anyhow::Resul
 /// SIGHUP: makes the config file the truth again, as `xlb apply` does; a bad file changes
 /// nothing and is logged.
 async fn reload(opts: &RunOptions, shared: &Arc<Shared>) {
-    let path = opts.config_path.display();
+    let path = opts.config_path.display().to_string();
     let mut config = match Config::from_file(&opts.config_path) {
         Ok(config) => config,
         Err(e) => {
@@ -294,9 +294,10 @@ async fn reload(opts: &RunOptions, shared: &Arc<Shared>) {
     };
     opts.overrides.apply(&mut config);
     let shared = shared.clone();
-    match tokio::task::spawn_blocking(move || api::apply_config(&shared, config)).await {
+    let source = path.clone();
+    match tokio::task::spawn_blocking(move || api::apply_config(&shared, config, &source)).await {
         Ok(Ok(changes)) => log::info!("SIGHUP: applied {path}: {changes:?}"),
-        Ok(Err(e)) => log::error!("SIGHUP: not applied: config {path} is not valid:\n{e}"),
+        Ok(Err(e)) => log::error!("SIGHUP: not applied: {e}"),
         Err(e) => log::error!("SIGHUP: {e}"),
     }
 }

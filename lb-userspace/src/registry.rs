@@ -23,8 +23,8 @@ use std::{
 use lb_common::{
     maglev,
     maps::{
-        BACKEND_RETIRED, BackendEntry, Endpoint, FlowStats, MAX_SNAT_ADDRESSES, MODE_GATEWAY,
-        NO_BACKEND, ServiceEntry, ServiceKey,
+        BACKEND_RETIRED, BackendEntry, Endpoint, FREED_IDS_CLEARED, FlowStats, MAX_SNAT_ADDRESSES,
+        MODE_GATEWAY, NO_BACKEND, ServiceEntry, ServiceKey,
     },
     scheduler,
 };
@@ -230,7 +230,7 @@ impl Registry {
     /// before this one filled — with their ids, then applies `cfg`: what it keeps keeps
     /// its id, counters and flows; what it drops is retired like any removed object.
     pub fn start(mut tables: Tables, cfg: &Checked) -> Result<Registry, ApplyError> {
-        tables.set_settings(cfg.settings())?;
+        let held = tables.set_settings(cfg.settings())?;
         let mut registry = Registry {
             service_ids: IdPool::new(tables.max_services()),
             backend_ids: IdPool::new(tables.max_backends()),
@@ -245,7 +245,7 @@ impl Registry {
             rebuilds: 0,
             quic: BTreeMap::new(),
         };
-        registry.adopt(cfg)?;
+        registry.adopt(cfg, held.flags & FREED_IDS_CLEARED != 0)?;
         registry.apply(cfg)?;
         Ok(registry)
     }
@@ -258,8 +258,11 @@ impl Registry {
     /// id waits for its flows stays retired (its entry says so). Where two ids still hold
     /// one address, the one the table uses is kept and the other retired. So are ids of
     /// objects gone but for their flows: a removed service's backends' (whose entries
-    /// name a service that is no more) and a removed NAT gateway's (by its counters).
-    fn adopt(&mut self, cfg: &Checked) -> anyhow::Result<()> {
+    /// name a service that is no more) and a removed NAT gateway's, by its counters, if
+    /// the daemon before cleared the counters of the ids it freed (`freed_ids_cleared`);
+    /// if not (an older xlb's maps), the counters of the service ids nothing holds are
+    /// cleared now, so that a later restart can trust them.
+    fn adopt(&mut self, cfg: &Checked, freed_ids_cleared: bool) -> anyhow::Result<()> {
         let now = Instant::now();
         for (addr, prefix_len, entry) in self.tables.gateways()? {
             let Some(source) = network_of(addr, prefix_len) else {
@@ -347,11 +350,16 @@ impl Registry {
         // against its id: a service id that has counted traffic and that nothing holds is
         // retired, and freed once a sweep finds no flow on it.
         for id in 0..self.service_ids.capacity {
-            if !self.service_ids.used.contains(&id)
-                && !self.service_ids.retired.contains_key(&id)
-                && self.tables.service_stats(id)? != FlowStats::default()
+            if self.service_ids.used.contains(&id)
+                || self.service_ids.retired.contains_key(&id)
+                || self.tables.service_stats(id)? == FlowStats::default()
             {
+                continue;
+            }
+            if freed_ids_cleared {
                 self.service_ids.retired.insert(id, now);
+            } else {
+                self.tables.clear_service_stats(id)?;
             }
         }
         let checked: BTreeSet<ServiceName> = cfg

@@ -94,15 +94,18 @@ impl Tables {
 
     /// Writes `settings` to `CONFIG`, with the handoff secret the map holds already (its
     /// programs mark and check frames with it, so it outlives a daemon's restart), or a new
-    /// random one for new maps.
-    pub fn set_settings(&mut self, mut settings: Settings) -> anyhow::Result<()> {
+    /// random one for new maps. Returns what the map held before (all zero for new maps).
+    pub fn set_settings(&mut self, mut settings: Settings) -> anyhow::Result<Settings> {
         let held = self.settings.get(&0, 0).context("reading CONFIG")?;
         settings.handoff_secret = if held.handoff_secret != [0; 6] {
             held.handoff_secret
         } else {
             new_handoff_secret()?
         };
-        self.settings.set(0, settings, 0).context("writing CONFIG")
+        self.settings
+            .set(0, settings, 0)
+            .context("writing CONFIG")?;
+        Ok(held)
     }
 
     /// The services in the map, as the data path sees them.

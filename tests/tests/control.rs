@@ -400,7 +400,7 @@ fn apply_metrics_and_the_socket() {
             let out = xlb.command(&["service", "add", "10.10.0.100:9999"])?;
             let stderr = String::from_utf8_lossy(&out.stderr);
             ensure!(
-                !out.status.success() && stderr.contains("an address of this host"),
+                !out.status.success() && stderr.contains("no more are taken on"),
                 "service add with the host's address as SNAT, the running one the host's \
                  too: {} {stderr}",
                 out.status

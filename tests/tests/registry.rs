@@ -7,6 +7,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
+use aya::maps::{Array, PerCpuArray, PerCpuValues};
+use lb_common::maps::{FlowStats, Settings, names};
 use lb_userspace::{
     config::Checked,
     conntrack::SweepReport,
@@ -157,6 +159,63 @@ fn a_restart_does_not_give_a_removed_gateways_id_to_a_new_service() {
         ensure!(
             again.retired().0 == 0,
             "a freed id is retired again after a restart"
+        );
+        Ok(())
+    });
+}
+
+/// Maps an older xlb wrote: it left a freed id's counters as they were. Adopting them must
+/// not take such counters for a removed gateway's flows (retired, that id and every other
+/// would wait for a sweep, and a config that needs them all would be refused), but clear
+/// them, so that the next restart, under this xlb, can trust what it finds.
+#[test]
+fn an_older_xlbs_counters_under_free_ids_are_cleared_not_taken_for_flows() {
+    in_lab(|_| {
+        let one = service(&["address = \"10.20.1.2:8080\""]);
+        let lab::Program { mut ebpf, .. } = lab::load(&one)?;
+        let held = Registry::load(&ebpf, &one)?
+            .service(&name(&one))
+            .context("the service")?
+            .id;
+        let stale = held + 1;
+        // What the older xlb left: counters under an id it freed, and no flag.
+        {
+            let mut stats: PerCpuArray<_, FlowStats> = ebpf
+                .map_mut(names::SERVICE_STATS)
+                .context("SERVICE_STATS")?
+                .try_into()?;
+            let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+            let counted = FlowStats {
+                packets_in: 7,
+                ..FlowStats::default()
+            };
+            stats.set(stale, PerCpuValues::try_from(vec![counted; cpus])?, 0)?;
+            let mut config: Array<_, Settings> =
+                ebpf.map_mut(names::CONFIG).context("CONFIG")?.try_into()?;
+            let settings = config.get(&0, 0)?;
+            config.set(
+                0,
+                Settings {
+                    flags: 0,
+                    ..settings
+                },
+                0,
+            )?;
+        }
+        let adopted = Registry::load(&ebpf, &one)?;
+        ensure!(
+            adopted.retired().0 == 0,
+            "an older xlb's stale counters retired {} id(s)",
+            adopted.retired().0
+        );
+        ensure!(
+            adopted.tables().service_stats(stale)? == FlowStats::default(),
+            "the stale counters were not cleared"
+        );
+        drop(adopted);
+        ensure!(
+            Registry::load(&ebpf, &one)?.retired().0 == 0,
+            "the next restart retired an id"
         );
         Ok(())
     });
