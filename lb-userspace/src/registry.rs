@@ -553,13 +553,21 @@ impl Registry {
         };
         // Counters cleared as ids are freed: at a restart, a service id that has counted
         // traffic and that nothing holds is one still waiting for its flows (`adopt`).
+        // An id whose write fails stays retired, for the next sweep to free.
+        let mut written = Ok(());
         for id in self.service_ids.release(&sweep.by_service, started) {
-            self.tables.clear_service_stats(id)?;
+            if let Err(e) = self.tables.clear_service_stats(id) {
+                self.service_ids.retired.insert(id, started);
+                written = written.and(Err(e));
+            }
         }
         for id in self.backend_ids.release(&sweep.by_backend, started) {
-            self.tables.set_backend(id, BackendEntry::default())?;
+            if let Err(e) = self.tables.set_backend(id, BackendEntry::default()) {
+                self.backend_ids.retired.insert(id, started);
+                written = written.and(Err(e));
+            }
         }
-        Ok(())
+        written
     }
 
     /// Ids retired and not yet free: (services, backends).
@@ -811,15 +819,7 @@ impl Registry {
             self.backend_ids.retire(b.id);
             changes.backends_removed += 1;
         }
-        // Marked in the map too, for a restart (`adopt`); should that fail, the registry
-        // knows them retired all the same.
-        let marked = retired.iter().try_for_each(|b| {
-            let entry = BackendEntry {
-                flags: BACKEND_RETIRED,
-                ..backend_entry(live.id, b)
-            };
-            self.tables.update_backend(b.id, entry)
-        });
+        let marked = self.mark_retired(live.id, &retired);
         // Every apply, changed or not, so that one whose QUIC writes failed part way is
         // made good by the next. After the switch: the backends' entries are in place.
         let quic = self.sync_quic(&live);
@@ -840,8 +840,24 @@ impl Registry {
         for b in &live.backends {
             self.backend_ids.retire(b.id);
         }
+        // Their entries name a service that is gone, which tells a restart as much; marked
+        // all the same, should the service's id be freed first.
+        let marked = self.mark_retired(live.id, &live.backends);
         live.config.quic = false;
-        self.sync_quic(&live)
+        let quic = self.sync_quic(&live);
+        marked.and(quic)
+    }
+
+    /// Marks the entries of backends retired from service `service_id`, for a restart
+    /// (`adopt`); should that fail, the registry knows them retired all the same.
+    fn mark_retired(&mut self, service_id: u32, backends: &[LiveBackend]) -> anyhow::Result<()> {
+        backends.iter().try_for_each(|b| {
+            let entry = BackendEntry {
+                flags: BACKEND_RETIRED,
+                ..backend_entry(service_id, b)
+            };
+            self.tables.update_backend(b.id, entry)
+        })
     }
 
     /// Makes `VIPS` list the addresses of the services, and no others.
