@@ -9,9 +9,9 @@ use crate::run;
 
 /// Debian packages: LLVM 22 for bpf-linker (the LLVM of our rustc), the tools the tests and
 /// the demo drive (ip, nstat, ethtool, ping), what the benchmarks compare xlb with and
-/// measure it by (nginx backends, nftables, HAProxy, wrk), and the charts' font. Installing
-/// nginx and HAProxy starts no daemon where no init system runs them; the benchmark runs its
-/// own.
+/// measure it by (nginx backends, nftables, HAProxy, wrk), and the charts' font. The
+/// benchmarks run nginx and HAProxy themselves, in their namespaces: installed, their
+/// system services stay off ([`SERVICES`]).
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "iproute2",
@@ -24,6 +24,13 @@ const APT_PACKAGES: &[&str] = &[
     "wrk",
     "fonts-dejavu-core",
 ];
+/// The packages of [`APT_PACKAGES`] whose Debian install enables and starts a system
+/// service, with the service's unit. Left running, nginx's default site would listen on
+/// port 80 of every address of the host.
+const SERVICES: &[(&str, &str)] = &[("nginx", "nginx.service"), ("haproxy", "haproxy.service")];
+/// Debian's hook that the packages' install scripts ask before they start a service: exit
+/// code 101 says no.
+const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 /// The bpf-linker `setup` installs when none works: the one verified with LLVM 22.
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -49,10 +56,58 @@ fn apt_packages() -> anyhow::Result<()> {
     }
     eprintln!("setup: installing Debian packages {missing:?}");
     run(Command::new("apt-get").arg("update").arg("-q"))?;
-    run(Command::new("apt-get")
-        .args(["install", "-y", "-q", "--no-install-recommends"])
-        .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive"))
+    let installed = {
+        let _no_starts = NoServiceStarts::install()?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))
+    };
+    // Enabled by their install even so (they would start at the next boot): disabled, if
+    // this setup installed them and systemd runs.
+    if std::path::Path::new("/run/systemd/system").exists() {
+        for (package, unit) in SERVICES.iter().filter(|(p, _)| missing.contains(p)) {
+            eprintln!(
+                "setup: leaving {package}'s system service off (the benchmarks run their own)"
+            );
+            if let Err(e) =
+                run(Command::new("systemctl").args(["disable", "--now", "--quiet", unit]))
+            {
+                eprintln!("setup: warning: {e:#}");
+            }
+        }
+    }
+    installed
+}
+
+/// While it lives, the packages' install scripts start no service: a `policy-rc.d` that
+/// says no, unless the host has one of its own (which then decides).
+struct NoServiceStarts(bool);
+
+impl NoServiceStarts {
+    fn install() -> anyhow::Result<NoServiceStarts> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let path = std::path::Path::new(POLICY_RC_D);
+        if path.exists() {
+            return Ok(NoServiceStarts(false));
+        }
+        std::fs::write(
+            path,
+            "#!/bin/sh\n# cargo xtask setup: no service starts while it installs\nexit 101\n",
+        )
+        .with_context(|| format!("writing {POLICY_RC_D}"))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("making {POLICY_RC_D} executable"))?;
+        Ok(NoServiceStarts(true))
+    }
+}
+
+impl Drop for NoServiceStarts {
+    fn drop(&mut self) {
+        if self.0 {
+            let _ = std::fs::remove_file(POLICY_RC_D);
+        }
+    }
 }
 
 fn dpkg_installed(package: &str) -> bool {
