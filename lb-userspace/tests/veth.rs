@@ -15,6 +15,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
+mod common;
+
 use lb_userspace::ethtool;
 use lb_userspace::veth::{self, VethProblem, VethProblemKind};
 
@@ -35,7 +37,7 @@ impl Ns {
     fn new(role: &str) -> Ns {
         require_root();
         static CLEANUP: std::sync::Once = std::sync::Once::new();
-        CLEANUP.call_once(remove_stale_namespaces);
+        CLEANUP.call_once(|| common::remove_stale_namespaces("xlbvt"));
         let n = NEXT_NS.fetch_add(1, Ordering::Relaxed);
         let name = format!("xlbvt-{}-{n}-{role}", std::process::id());
         run("ip", &["netns", "add", &name]);
@@ -114,29 +116,6 @@ impl Drop for Ns {
             .status();
         if !matches!(status, Ok(s) if s.success()) {
             eprintln!("warning: could not delete namespace {}", self.name);
-        }
-    }
-}
-
-/// Deletes the `xlbvt-<pid>-...` namespaces of test runs that are gone (killed before
-/// their guards could run).
-fn remove_stale_namespaces() {
-    let Ok(entries) = std::fs::read_dir("/run/netns") else {
-        return;
-    };
-    for name in entries
-        .flatten()
-        .filter_map(|e| e.file_name().into_string().ok())
-    {
-        let Some(pid) = name
-            .strip_prefix("xlbvt-")
-            .and_then(|rest| rest.split('-').next())
-            .and_then(|pid| pid.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
-            let _ = Command::new("ip").args(["netns", "del", &name]).status();
         }
     }
 }

@@ -462,7 +462,11 @@ fn on_l0<T>(
     let p = program(bench, name)?;
     let link = chain.lb.enter(|| p.attach("l0", XdpMode::Driver))??;
     let result = measure(bench);
-    program(bench, name)?.detach(link)?;
+    // In l0's namespace too: were the link a netlink attachment (aya's fallback), its
+    // detach would name l0 by its ifindex, which in the root namespace is another
+    // interface's.
+    let p = program(bench, name)?;
+    chain.lb.enter(|| p.detach(link))??;
     result
 }
 

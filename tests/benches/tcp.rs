@@ -372,7 +372,8 @@ struct Scratch(std::path::PathBuf);
 
 impl Scratch {
     fn new() -> Result<Scratch> {
-        let path = std::env::temp_dir().join(format!("xlb-tcp-bench-{}", std::process::id()));
+        xlb_tests::xlb::remove_stale_configs();
+        let path = xlb_tests::xlb::test_path(&std::env::temp_dir(), "tcp-bench");
         std::fs::create_dir_all(&path)?;
         Ok(Scratch(path))
     }

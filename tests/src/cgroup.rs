@@ -13,6 +13,9 @@ use anyhow::{Context, Result, bail};
 #[derive(Debug)]
 pub struct MemoryCgroup {
     dir: PathBuf,
+    /// The `cgroup.subtree_control` this guard added the memory controller to (cgroup v2's
+    /// root, when nothing handed it down yet), to take it out again on drop.
+    enabled: Option<PathBuf>,
 }
 
 impl MemoryCgroup {
@@ -31,13 +34,13 @@ impl MemoryCgroup {
                 break;
             }
         }
-        let Some((parent, limit_file)) = found else {
+        let Some((parent, limit_file, enabled)) = found else {
             bail!("no memory cgroup to make a child in (/proc/self/cgroup: {own:?})");
         };
         remove_stale(&parent, prefix)?;
         let dir = parent.join(name);
         std::fs::create_dir(&dir).with_context(|| format!("making {}", dir.display()))?;
-        let cgroup = MemoryCgroup { dir };
+        let cgroup = MemoryCgroup { dir, enabled };
         let path = cgroup.dir.join(limit_file);
         std::fs::write(&path, limit.to_string())
             .with_context(|| format!("writing {}", path.display()))?;
@@ -79,10 +82,13 @@ fn remove_stale(parent: &Path, prefix: &str) -> Result<()> {
 }
 
 /// Where in the hierarchy mounted at `root` to make a memory cgroup, for a process in
-/// `dir`, and the name of its limit's file there.
-fn parent(root: &Path, dir: &Path) -> Result<Option<(PathBuf, &'static str)>> {
+/// `dir`, the name of its limit's file there, and the `cgroup.subtree_control` it enabled
+/// the memory controller in to get there, if it did.
+type Place = (PathBuf, &'static str, Option<PathBuf>);
+
+fn parent(root: &Path, dir: &Path) -> Result<Option<Place>> {
     if dir.join("memory.limit_in_bytes").exists() {
-        return Ok(Some((dir.to_path_buf(), "memory.limit_in_bytes")));
+        return Ok(Some((dir.to_path_buf(), "memory.limit_in_bytes", None)));
     }
     let lists_memory = |file: PathBuf| {
         std::fs::read_to_string(file)
@@ -92,20 +98,19 @@ fn parent(root: &Path, dir: &Path) -> Result<Option<(PathBuf, &'static str)>> {
         .ancestors()
         .take_while(|a| a.starts_with(root))
         .find(|a| lists_memory(a.join("cgroup.subtree_control")));
-    let parent = match delegating {
-        Some(a) => a.to_path_buf(),
-        // The root may hand it down although it holds processes (and keeps handing it
-        // down: harmless, and what systemd hosts do anyway). A container's root, which is
-        // not the kernel's, may not: the kernel's EBUSY says so.
+    match delegating {
+        Some(a) => Ok(Some((a.to_path_buf(), "memory.max", None))),
+        // The root may hand it down although it holds processes; the guard takes it out
+        // again. A container's root, which is not the kernel's, may not: the kernel's EBUSY
+        // says so.
         None if lists_memory(root.join("cgroup.controllers")) => {
             let control = root.join("cgroup.subtree_control");
             std::fs::write(&control, "+memory")
                 .with_context(|| format!("enabling memory in {}", control.display()))?;
-            root.to_path_buf()
+            Ok(Some((root.to_path_buf(), "memory.max", Some(control))))
         }
-        None => return Ok(None),
-    };
-    Ok(Some((parent, "memory.max")))
+        None => Ok(None),
+    }
 }
 
 impl Drop for MemoryCgroup {
@@ -118,6 +123,10 @@ impl Drop for MemoryCgroup {
                 break;
             }
             std::thread::sleep(Duration::from_millis(50));
+        }
+        // As it was, unless another cgroup has taken to the controller meanwhile (EBUSY).
+        if let Some(control) = &self.enabled {
+            let _ = std::fs::write(control, "-memory");
         }
     }
 }

@@ -541,10 +541,26 @@ pub fn xlb_command<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Result<std::process
     })
 }
 
-/// Removes the config files, sockets and pinned data planes left by runs that were killed
-/// before `Drop` could delete them (their pid no longer exists). Best effort: errors are
-/// ignored.
-fn remove_stale_configs() {
+/// A path of this test process's own under `dir` (the temp dir, or bpffs for pins):
+/// `xlb-test-<pid>-<label>`. Should the process be killed before it removes it, the next
+/// run that starts an xlb does (`remove_stale_configs`), as it does an xlb's own config,
+/// socket and pins.
+pub fn test_path(dir: &std::path::Path, label: &str) -> PathBuf {
+    dir.join(format!(
+        "{CONFIG_FILE_PREFIX}{}-{label}",
+        std::process::id()
+    ))
+}
+
+/// [`test_path`] on bpffs, for pinned data planes.
+pub fn test_pin_path(label: &str) -> PathBuf {
+    test_path(std::path::Path::new(BPFFS), label)
+}
+
+/// Removes the files, directories and pinned data planes (named by [`test_path`], as xlb's
+/// own are) left by runs that were killed before they could delete them (their pid no
+/// longer exists). Best effort: errors are ignored.
+pub fn remove_stale_configs() {
     remove_stale(&std::env::temp_dir());
     remove_stale(std::path::Path::new(BPFFS));
 }
@@ -564,12 +580,10 @@ fn remove_stale(dir: &std::path::Path) {
         let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
             continue;
         };
-        let pinned = entry.path().starts_with(BPFFS);
-        let ours = rest.ends_with(".toml") || rest.ends_with(".sock") || pinned;
-        if !ours || PathBuf::from(format!("/proc/{pid}")).exists() {
+        if PathBuf::from(format!("/proc/{pid}")).exists() {
             continue;
         }
-        if pinned {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
             let _ = std::fs::remove_dir_all(entry.path());
         } else {
             let _ = std::fs::remove_file(entry.path());

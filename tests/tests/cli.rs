@@ -159,15 +159,34 @@ fn moved_conntrack_keys_name_their_new_place() {
 
 #[test]
 fn run_on_a_missing_interface_fails_before_loading_anything() {
-    let path = config_file("noiface", CONFIG_TOML);
+    // Its own socket and pins, and no metrics port: should the check ever come too late,
+    // this xlb (in the root namespace) still touches nothing a real one uses.
+    let path = config_file(
+        "noiface",
+        &format!("{CONFIG_TOML}\n[api]\nmetrics = \"\"\n"),
+    );
+    let socket = xlb_tests::xlb::test_path(&std::env::temp_dir(), "noiface.sock");
+    let pins = xlb_tests::xlb::test_pin_path("noiface");
     let out = xlb(&[
         "run",
         "--config",
         path.to_str().unwrap(),
         "--iface",
         "xlb-nosuch0",
+        "--socket",
+        socket.to_str().unwrap(),
+        "--pin-path",
+        pins.to_str().unwrap(),
     ]);
     let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_file(&socket);
+    let pinned = pins.exists();
+    let _ = std::fs::remove_dir_all(&pins);
+    assert!(
+        !pinned,
+        "a run that failed its checks pinned {}",
+        pins.display()
+    );
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(
         stderr(&out).contains("interface \"xlb-nosuch0\" does not exist"),

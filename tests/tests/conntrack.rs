@@ -887,8 +887,7 @@ fn the_table_takes_its_memory_when_made_and_holds_its_capacity() {
 #[test]
 fn an_adopted_table_made_without_preallocation_is_kept_with_a_warning() {
     in_lab(|_| {
-        let dir =
-            std::path::PathBuf::from(format!("/sys/fs/bpf/{PREFIX}-pins-{}", std::process::id()));
+        let dir = xlb_tests::xlb::test_pin_path("ct-pins");
         let _cleanup = LeftPins::at(dir.clone());
         let mut checked = config([40000, 60000], 1000);
         checked.dataplane.pin_path = dir.clone();

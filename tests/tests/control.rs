@@ -486,7 +486,7 @@ fn what_cannot_work_is_refused_before_anything_changes() {
         run_ok(&xlb, &add_v6)?;
         xlb.stop()?;
 
-        let dir = std::env::temp_dir().join(format!("xlbcp-pins-{}", std::process::id()));
+        let dir = xlb_tests::xlb::test_path(&std::env::temp_dir(), "pins-off-bpffs");
         std::fs::create_dir_all(&dir)?;
         let mut pins = LeftPins::at(dir.clone());
         let users = dir.join("xlb.toml");
@@ -528,7 +528,7 @@ fn what_cannot_work_is_refused_before_anything_changes() {
             "[dataplane]\n",
             &format!("[conntrack]\nentries = {flows}\n[dataplane]\n"),
         );
-        let dir = std::path::PathBuf::from(format!("/sys/fs/bpf/xlbcp-mem-{}", std::process::id()));
+        let dir = xlb_tests::xlb::test_pin_path("mem");
         let mut pins = LeftPins::at(dir.clone());
         match XlbProcess::start_on_pins(&topo.lb, &huge, &mut pins) {
             Ok(xlb) => {
@@ -566,14 +566,14 @@ fn a_table_larger_than_its_memory_cgroup_allows_is_refused() {
         // 262,144 flows: 524,288 entries of 160 bytes and as many 16-byte buckets, 88 MiB,
         // and 12 MiB of buckets of the maps sized with the table; two services' Maglev
         // tables, 1 MiB.
-        let config = std::env::temp_dir().join(format!("{base}.toml"));
+        let config = xlb_tests::xlb::test_path(&std::env::temp_dir(), &format!("{base}.toml"));
         std::fs::write(
             &config,
             "[dataplane]\ninterfaces = [\"lo\"]\nmax_services = 2\n\
              [conntrack]\nentries = 262144\n",
         )?;
         let socket = config.with_extension("sock");
-        let pins = std::path::PathBuf::from(format!("/sys/fs/bpf/{base}"));
+        let pins = xlb_tests::xlb::test_pin_path(&base);
         // The shell moves itself into the cgroup, then becomes xlb (same pid).
         let script = "echo $$ > \"$1\" && exec nsenter --net=\"$2\" -- \"$3\" run \
                       --config \"$4\" --socket \"$5\" --pin-path \"$6\"";

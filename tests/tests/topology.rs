@@ -181,10 +181,17 @@ fn enter_binds_sockets_inside_the_namespace() {
 #[test]
 fn cleanup_stale_removes_only_dead_owners() {
     let _serial = setup();
-    // Own prefix, so this test never touches another run's namespaces.
+    // Own prefix, so this test never touches another run's namespaces. A pid no process
+    // has, whose namespace no other run of this test has made (each run starts its search
+    // at a place of its own).
     let prefix = "xlbtstale";
-    let dead_pid = (4_000_000u32..4_194_000)
-        .find(|p| !std::path::Path::new(&format!("/proc/{p}")).exists())
+    let taken = netns::list().unwrap();
+    let start = 4_000_000 + std::process::id() % 100_000;
+    let dead_pid = (start..4_194_000)
+        .find(|p| {
+            !std::path::Path::new(&format!("/proc/{p}")).exists()
+                && !taken.contains(&format!("{prefix}-{p}-0-probe"))
+        })
         .expect("some unused pid");
     let stale = format!("{prefix}-{dead_pid}-0-probe");
     let live = format!("{}-probe", netns::unique_base(prefix));
