@@ -41,6 +41,9 @@ pub struct PinDir {
     pub warnings: Vec<String>,
 }
 
+/// How long [`PinDir::open`] waits for the pin directory's lock.
+const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_millis(500);
+
 impl PinDir {
     /// Creates (or opens) the directory, locks it, and checks what is pinned there against
     /// `cfg`.
@@ -62,13 +65,19 @@ impl PinDir {
             )
         })?;
         let lock = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+        // Asked again for a moment before giving up: a lock let go of stays held while a
+        // process forked in the meantime (to exec a command) still shares its file.
+        let until = std::time::Instant::now() + LOCK_PATIENCE;
         // SAFETY: flock on an fd we own.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            bail!(
-                "another xlb daemon owns the data plane pinned at {} (stop it first, or give \
-                 this one another dataplane.pin_path)",
-                path.display()
-            );
+        while unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            if std::time::Instant::now() >= until {
+                bail!(
+                    "another xlb daemon owns the data plane pinned at {} (stop it first, or \
+                     give this one another dataplane.pin_path)",
+                    path.display()
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
         }
         let adopted = check(&path, cfg)?;
         Ok(PinDir {

@@ -12,6 +12,9 @@ use anyhow::{Context, Result, bail};
 /// Default time limit for a helper command. All of them finish in milliseconds normally.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a command's output may stay open after it exited.
+const PIPES_GRACE: Duration = Duration::from_secs(5);
+
 /// What a finished command printed.
 #[derive(Debug, Clone)]
 pub struct Output {
@@ -62,6 +65,18 @@ pub fn run_unchecked(program: &str, args: &[&str], timeout: Duration) -> Result<
         }
         thread::sleep(Duration::from_millis(5));
     };
+    // The pipes close when the last process holding them does: a daemon the command started
+    // that kept them would hold the readers forever.
+    let closed_by = Instant::now() + PIPES_GRACE;
+    while !(out_reader.is_finished() && err_reader.is_finished()) {
+        if Instant::now() >= closed_by {
+            bail!(
+                "`{shown}` exited ({status}), but something it started still holds its \
+                 output open after {PIPES_GRACE:?} (a daemon that did not let go of it?)"
+            );
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
     let stdout = String::from_utf8_lossy(&out_reader.join().unwrap_or_default()).into_owned();
     let stderr = String::from_utf8_lossy(&err_reader.join().unwrap_or_default()).into_owned();
     Ok(Output {

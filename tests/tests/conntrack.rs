@@ -942,6 +942,33 @@ fn an_adopted_table_made_without_preallocation_is_kept_with_a_warning() {
     });
 }
 
+/// A pin directory has one owner at a time: a second daemon on it is refused, saying why,
+/// after a moment's patience (a lock let go of stays held while a process forked meanwhile
+/// shares it); once the first lets go, the next may take it.
+#[test]
+fn a_pin_directory_has_one_owner_at_a_time() {
+    let dir = xlb_tests::xlb::test_pin_path("owner");
+    let _cleanup = LeftPins::at(dir.clone());
+    let mut checked = config([40000, 60000], 1000);
+    checked.dataplane.pin_path = dir.clone();
+    let first = PinDir::open(&checked).expect("the first owner");
+    let asked = std::time::Instant::now();
+    let refused = PinDir::open(&checked).err().expect("a second owner");
+    assert!(
+        refused
+            .to_string()
+            .starts_with("another xlb daemon owns the data plane pinned at"),
+        "{refused:#}"
+    );
+    assert!(
+        asked.elapsed() >= Duration::from_millis(400),
+        "refused after {:?}, without waiting",
+        asked.elapsed()
+    );
+    drop(first);
+    PinDir::open(&checked).expect("the next owner, once the first let go");
+}
+
 /// A flow whose reverse entry survived while its forward one was lost gets it back on its
 /// next packet; if the table is full, that packet is refused, and the reverse entry (the
 /// flow's port) must stay: this run did not insert it, so it is not this run's to withdraw.
