@@ -28,7 +28,7 @@ use anyhow::{Context, Result, ensure};
 use aya::{
     EbpfLoader,
     maps::DevMapHash,
-    programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode},
+    programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode, links::FdLink},
 };
 use lb_common::maps::{
     names,
@@ -460,13 +460,18 @@ fn on_l0<T>(
             .try_into()?)
     }
     let p = program(bench, name)?;
-    let link = chain.lb.enter(|| p.attach("l0", XdpMode::Driver))??;
+    // Held as a kernel link, whose fd's close detaches it from any namespace, also when
+    // `measure` panics. A netlink attachment (aya's fallback) would be detached by l0's
+    // ifindex, which in the root namespace is another interface's: refused, and dropped
+    // here, in l0's namespace.
+    let link: FdLink = chain.lb.enter(|| -> Result<FdLink> {
+        let id = p.attach("l0", XdpMode::Driver)?;
+        p.take_link(id)?
+            .try_into()
+            .context("l0's XDP attachment is not a kernel link")
+    })??;
     let result = measure(bench);
-    // In l0's namespace too: were the link a netlink attachment (aya's fallback), its
-    // detach would name l0 by its ifindex, which in the root namespace is another
-    // interface's.
-    let p = program(bench, name)?;
-    chain.lb.enter(|| p.detach(link))??;
+    drop(link);
     result
 }
 
