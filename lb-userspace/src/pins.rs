@@ -70,6 +70,10 @@ impl PinDir {
         let until = std::time::Instant::now() + LOCK_PATIENCE;
         // SAFETY: flock on an fd we own.
         while unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::WouldBlock {
+                return Err(e).with_context(|| format!("locking {}", path.display()));
+            }
             if std::time::Instant::now() >= until {
                 bail!(
                     "another xlb daemon owns the data plane pinned at {} (stop it first, or \

@@ -819,12 +819,12 @@ impl Registry {
             self.backend_ids.retire(b.id);
             changes.backends_removed += 1;
         }
-        let marked = self.mark_retired(live.id, &retired);
+        self.mark_retired(live.id, &retired);
         // Every apply, changed or not, so that one whose QUIC writes failed part way is
         // made good by the next. After the switch: the backends' entries are in place.
         let quic = self.sync_quic(&live);
         self.services.insert(name, live);
-        marked.and(quic)
+        quic
     }
 
     fn remove_service(&mut self, name: &ServiceName) -> anyhow::Result<()> {
@@ -842,22 +842,25 @@ impl Registry {
         }
         // Their entries name a service that is gone, which tells a restart as much; marked
         // all the same, should the service's id be freed first.
-        let marked = self.mark_retired(live.id, &live.backends);
+        self.mark_retired(live.id, &live.backends);
         live.config.quic = false;
-        let quic = self.sync_quic(&live);
-        marked.and(quic)
+        self.sync_quic(&live)
     }
 
     /// Marks the entries of backends retired from service `service_id`, for a restart
-    /// (`adopt`); should that fail, the registry knows them retired all the same.
-    fn mark_retired(&mut self, service_id: u32, backends: &[LiveBackend]) -> anyhow::Result<()> {
-        backends.iter().try_for_each(|b| {
+    /// (`adopt`). Should that fail, the registry knows them retired all the same, and the
+    /// change goes on: only a restart's choice between two ids of one address is less
+    /// sure.
+    fn mark_retired(&mut self, service_id: u32, backends: &[LiveBackend]) {
+        for b in backends {
             let entry = BackendEntry {
                 flags: BACKEND_RETIRED,
                 ..backend_entry(service_id, b)
             };
-            self.tables.update_backend(b.id, entry)
-        })
+            if let Err(e) = self.tables.update_backend(b.id, entry) {
+                log::warn!("marking backend {} retired in BACKENDS: {e:#}", b.id);
+            }
+        }
     }
 
     /// Makes `VIPS` list the addresses of the services, and no others.

@@ -28,7 +28,7 @@ use anyhow::{Context, Result, ensure};
 use aya::{
     EbpfLoader,
     maps::DevMapHash,
-    programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode, links::FdLink},
+    programs::{Link as _, TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode, xdp::XdpLink},
 };
 use lb_common::maps::{
     names,
@@ -460,19 +460,39 @@ fn on_l0<T>(
             .try_into()?)
     }
     let p = program(bench, name)?;
-    // Held as a kernel link, whose fd's close detaches it from any namespace, also when
-    // `measure` panics. A netlink attachment (aya's fallback) would be detached by l0's
-    // ifindex, which in the root namespace is another interface's: refused, and dropped
-    // here, in l0's namespace.
-    let link: FdLink = chain.lb.enter(|| -> Result<FdLink> {
+    let link = chain.lb.enter(|| -> Result<XdpLink> {
         let id = p.attach("l0", XdpMode::Driver)?;
-        p.take_link(id)?
-            .try_into()
-            .context("l0's XDP attachment is not a kernel link")
+        Ok(p.take_link(id)?)
     })??;
-    let result = measure(bench);
-    drop(link);
-    result
+    let _attached = OnL0 {
+        chain,
+        link: Some(link),
+    };
+    measure(bench)
+}
+
+/// An attachment to l0, detached on drop (also when a measurement panics) from l0's
+/// namespace: a netlink attachment (aya's fallback to a kernel link) is detached by l0's
+/// ifindex, which in the root namespace is another interface's.
+struct OnL0<'a> {
+    chain: &'a Chain,
+    link: Option<XdpLink>,
+}
+
+impl Drop for OnL0<'_> {
+    fn drop(&mut self) {
+        let Some(link) = self.link.take() else {
+            return;
+        };
+        let detached = self
+            .chain
+            .lb
+            .enter(|| link.detach())
+            .and_then(|detached| Ok(detached?));
+        if let Err(e) = detached {
+            eprintln!("forwarding bench: detaching from l0: {e:#}");
+        }
+    }
 }
 
 /// The rates through the sink of one flow's frames (`programs.0` generates them with live

@@ -13,9 +13,6 @@ use anyhow::{Context, Result, bail};
 #[derive(Debug)]
 pub struct MemoryCgroup {
     dir: PathBuf,
-    /// The `cgroup.subtree_control` this guard added the memory controller to (cgroup v2's
-    /// root, when nothing handed it down yet), to take it out again on drop.
-    enabled: Option<PathBuf>,
 }
 
 impl MemoryCgroup {
@@ -34,13 +31,13 @@ impl MemoryCgroup {
                 break;
             }
         }
-        let Some((parent, limit_file, enabled)) = found else {
+        let Some((parent, limit_file)) = found else {
             bail!("no memory cgroup to make a child in (/proc/self/cgroup: {own:?})");
         };
         remove_stale(&parent, prefix)?;
         let dir = parent.join(name);
         std::fs::create_dir(&dir).with_context(|| format!("making {}", dir.display()))?;
-        let cgroup = MemoryCgroup { dir, enabled };
+        let cgroup = MemoryCgroup { dir };
         let path = cgroup.dir.join(limit_file);
         std::fs::write(&path, limit.to_string())
             .with_context(|| format!("writing {}", path.display()))?;
@@ -82,13 +79,10 @@ fn remove_stale(parent: &Path, prefix: &str) -> Result<()> {
 }
 
 /// Where in the hierarchy mounted at `root` to make a memory cgroup, for a process in
-/// `dir`, the name of its limit's file there, and the `cgroup.subtree_control` it enabled
-/// the memory controller in to get there, if it did.
-type Place = (PathBuf, &'static str, Option<PathBuf>);
-
-fn parent(root: &Path, dir: &Path) -> Result<Option<Place>> {
+/// `dir`, and the name of its limit's file there.
+fn parent(root: &Path, dir: &Path) -> Result<Option<(PathBuf, &'static str)>> {
     if dir.join("memory.limit_in_bytes").exists() {
-        return Ok(Some((dir.to_path_buf(), "memory.limit_in_bytes", None)));
+        return Ok(Some((dir.to_path_buf(), "memory.limit_in_bytes")));
     }
     let lists_memory = |file: PathBuf| {
         std::fs::read_to_string(file)
@@ -98,19 +92,20 @@ fn parent(root: &Path, dir: &Path) -> Result<Option<Place>> {
         .ancestors()
         .take_while(|a| a.starts_with(root))
         .find(|a| lists_memory(a.join("cgroup.subtree_control")));
-    match delegating {
-        Some(a) => Ok(Some((a.to_path_buf(), "memory.max", None))),
-        // The root may hand it down although it holds processes; the guard takes it out
-        // again. A container's root, which is not the kernel's, may not: the kernel's EBUSY
-        // says so.
+    let parent = match delegating {
+        Some(a) => a.to_path_buf(),
+        // The root may hand it down although it holds processes (and keeps handing it
+        // down: harmless, and what systemd hosts do anyway). A container's root, which is
+        // not the kernel's, may not: the kernel's EBUSY says so.
         None if lists_memory(root.join("cgroup.controllers")) => {
             let control = root.join("cgroup.subtree_control");
             std::fs::write(&control, "+memory")
                 .with_context(|| format!("enabling memory in {}", control.display()))?;
-            Ok(Some((root.to_path_buf(), "memory.max", Some(control))))
+            root.to_path_buf()
         }
-        None => Ok(None),
-    }
+        None => return Ok(None),
+    };
+    Ok(Some((parent, "memory.max")))
 }
 
 impl Drop for MemoryCgroup {
@@ -123,10 +118,6 @@ impl Drop for MemoryCgroup {
                 break;
             }
             std::thread::sleep(Duration::from_millis(50));
-        }
-        // As it was, unless another cgroup has taken to the controller meanwhile (EBUSY).
-        if let Some(control) = &self.enabled {
-            let _ = std::fs::write(control, "-memory");
         }
     }
 }

@@ -46,6 +46,10 @@ pub fn ensure() -> anyhow::Result<()> {
 }
 
 fn apt_packages() -> anyhow::Result<()> {
+    // One that a setup killed while it installed left behind.
+    if std::fs::read_to_string(POLICY_RC_D).is_ok_and(|text| text == NO_STARTS_SCRIPT) {
+        std::fs::remove_file(POLICY_RC_D).with_context(|| format!("removing {POLICY_RC_D}"))?;
+    }
     let missing: Vec<&str> = APT_PACKAGES
         .iter()
         .copied()
@@ -56,6 +60,14 @@ fn apt_packages() -> anyhow::Result<()> {
     }
     eprintln!("setup: installing Debian packages {missing:?}");
     run(Command::new("apt-get").arg("update").arg("-q"))?;
+    // The units that exist already are the host's own (an nginx built by hand, say):
+    // left as they are.
+    let systemd = std::path::Path::new("/run/systemd/system").exists();
+    let new_units: Vec<(&str, &str)> = SERVICES
+        .iter()
+        .filter(|(p, unit)| systemd && missing.contains(p) && !unit_exists(unit))
+        .copied()
+        .collect();
     let installed = {
         let _no_starts = NoServiceStarts::install()?;
         run(Command::new("apt-get")
@@ -63,49 +75,65 @@ fn apt_packages() -> anyhow::Result<()> {
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"))
     };
-    // Enabled by their install even so (they would start at the next boot): disabled, if
-    // this setup installed them and systemd runs.
-    if std::path::Path::new("/run/systemd/system").exists() {
-        for (package, unit) in SERVICES.iter().filter(|(p, _)| missing.contains(p)) {
-            eprintln!(
-                "setup: leaving {package}'s system service off (the benchmarks run their own)"
-            );
-            if let Err(e) =
-                run(Command::new("systemctl").args(["disable", "--now", "--quiet", unit]))
-            {
-                eprintln!("setup: warning: {e:#}");
-            }
+    // Enabled by their install even so (they would start at the next boot): disabled.
+    for (package, unit) in new_units {
+        eprintln!("setup: leaving {package}'s system service off (the benchmarks run their own)");
+        if let Err(e) = run(Command::new("systemctl").args(["disable", "--now", "--quiet", unit])) {
+            eprintln!("setup: warning: {e:#}");
         }
     }
     installed
 }
 
-/// While it lives, the packages' install scripts start no service: a `policy-rc.d` that
-/// says no, unless the host has one of its own (which then decides).
-struct NoServiceStarts(bool);
+/// Whether systemd knows `unit`.
+fn unit_exists(unit: &str) -> bool {
+    Command::new("systemctl")
+        .args(["list-unit-files", "--no-legend", unit])
+        .output()
+        .is_ok_and(|o| !String::from_utf8_lossy(&o.stdout).trim().is_empty())
+}
+
+/// The `policy-rc.d` [`NoServiceStarts`] writes: its text tells it from the host's own.
+const NO_STARTS_SCRIPT: &str =
+    "#!/bin/sh\n# cargo xtask setup: no service starts while it installs packages\nexit 101\n";
+
+/// While it lives, the packages' install scripts start no service: a `policy-rc.d` (at the
+/// path it holds, if it made it) that says no, unless the host has one of its own (which
+/// then decides).
+struct NoServiceStarts(Option<std::path::PathBuf>);
 
 impl NoServiceStarts {
     fn install() -> anyhow::Result<NoServiceStarts> {
-        use std::os::unix::fs::PermissionsExt as _;
-        let path = std::path::Path::new(POLICY_RC_D);
-        if path.exists() {
-            return Ok(NoServiceStarts(false));
-        }
-        std::fs::write(
-            path,
-            "#!/bin/sh\n# cargo xtask setup: no service starts while it installs\nexit 101\n",
-        )
-        .with_context(|| format!("writing {POLICY_RC_D}"))?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))
-            .with_context(|| format!("making {POLICY_RC_D} executable"))?;
-        Ok(NoServiceStarts(true))
+        NoServiceStarts::install_at(std::path::Path::new(POLICY_RC_D))
+    }
+
+    fn install_at(path: &std::path::Path) -> anyhow::Result<NoServiceStarts> {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        // The host's own file (or link) stays, and is never written through.
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o755)
+            .open(path);
+        let mut file = match file {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Ok(NoServiceStarts(None));
+            }
+            Err(e) => return Err(e).with_context(|| format!("creating {}", path.display())),
+        };
+        let guard = NoServiceStarts(Some(path.to_path_buf()));
+        file.write_all(NO_STARTS_SCRIPT.as_bytes())
+            .with_context(|| format!("writing {}", path.display()))?;
+        Ok(guard)
     }
 }
 
 impl Drop for NoServiceStarts {
     fn drop(&mut self) {
-        if self.0 {
-            let _ = std::fs::remove_file(POLICY_RC_D);
+        if let Some(path) = &self.0 {
+            let _ = std::fs::remove_file(path);
         }
     }
 }
@@ -200,4 +228,35 @@ fn bpffs() -> anyhow::Result<()> {
     }
     eprintln!("setup: mounting bpffs on /sys/fs/bpf");
     run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The hook is made, says no, and goes with the guard; a file or link of the host's at
+    /// its place is left as it is, and not written through.
+    #[test]
+    fn no_service_starts_only_while_it_lives_and_leaves_the_hosts_own() {
+        let dir = std::env::temp_dir().join(format!("xlb-setup-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let hook = dir.join("policy-rc.d");
+        {
+            let _guard = NoServiceStarts::install_at(&hook).unwrap();
+            let status = Command::new(&hook).status().unwrap();
+            assert_eq!(status.code(), Some(101));
+        }
+        assert!(!hook.exists(), "the hook outlived its guard");
+
+        let theirs = dir.join("theirs");
+        std::fs::write(&theirs, "#!/bin/sh\nexit 0\n").unwrap();
+        std::os::unix::fs::symlink(&theirs, &hook).unwrap();
+        drop(NoServiceStarts::install_at(&hook).unwrap());
+        assert_eq!(
+            std::fs::read_to_string(&theirs).unwrap(),
+            "#!/bin/sh\nexit 0\n"
+        );
+        assert!(hook.is_symlink(), "the host's link was removed");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
