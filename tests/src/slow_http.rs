@@ -24,6 +24,9 @@ pub struct SlowHttpServer {
     thread: Option<JoinHandle<()>>,
 }
 
+/// How long a connection may take to send its request, or to take the answer.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+
 impl SlowHttpServer {
     /// Listens on `addr` in `ns`, answering each request `delay` after it came.
     pub fn start(ns: &NetNs, addr: SocketAddr, delay: Duration) -> Result<SlowHttpServer> {
@@ -68,6 +71,10 @@ impl SlowHttpServer {
 
 fn answer(mut stream: TcpStream, delay: Duration) {
     let _ = stream.set_nonblocking(false);
+    // Bounded, so a client that never finishes its request cannot keep the thread, and
+    // with it the socket and its namespace, once the test is over.
+    let _ = stream.set_read_timeout(Some(ANSWER_TIMEOUT));
+    let _ = stream.set_write_timeout(Some(ANSWER_TIMEOUT));
     let mut request = Vec::new();
     let mut buf = [0u8; 512];
     while !request.windows(4).any(|w| w == b"\r\n\r\n") {

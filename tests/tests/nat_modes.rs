@@ -685,8 +685,25 @@ impl DownloadServer {
         let listener = ns
             .enter(|| TcpListener::bind(addr))?
             .with_context(|| format!("binding {addr} in {}", ns.name()))?;
+        // Not blocking, so a test that fails before it connects does not leave the thread
+        // (and the socket, and its namespace) waiting for good: it gives up in time.
+        listener.set_nonblocking(true)?;
         let thread = std::thread::spawn(move || -> Result<()> {
-            let (mut conn, _) = listener.accept()?;
+            let until = Instant::now() + DOWNLOAD_TIMEOUT;
+            let mut conn = loop {
+                match listener.accept() {
+                    Ok((conn, _)) => break conn,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        ensure!(
+                            Instant::now() < until,
+                            "no connection within {DOWNLOAD_TIMEOUT:?}"
+                        );
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            };
+            conn.set_nonblocking(false)?;
             conn.set_write_timeout(Some(DOWNLOAD_TIMEOUT))?;
             let chunk = vec![0x5a; 64 << 10];
             let mut left = bytes;
@@ -705,8 +722,8 @@ impl DownloadServer {
 
 impl Drop for DownloadServer {
     fn drop(&mut self) {
-        // The thread ends once its one connection is served; a test that failed before
-        // connecting leaves it in accept, and it ends with the process.
+        // The thread ends once its one connection is served, or once it gave up waiting
+        // for it; a test that failed before connecting does not wait for that.
         if let Some(t) = self.thread.take()
             && t.is_finished()
         {
