@@ -202,6 +202,25 @@ impl IdPool {
         }
         done
     }
+
+    /// [`release`](Self::release), with each id's entries cleared by `clear` before it is
+    /// free: an id whose clearing fails stays retired, for the next sweep. Returns the
+    /// first failure.
+    fn release_cleared(
+        &mut self,
+        flows: &BTreeMap<u32, u64>,
+        sweep_started: Instant,
+        mut clear: impl FnMut(u32) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        let mut cleared = Ok(());
+        for id in self.release(flows, sweep_started) {
+            if let Err(e) = clear(id) {
+                self.retired.insert(id, sweep_started);
+                cleared = cleared.and(Err(e));
+            }
+        }
+        cleared
+    }
 }
 
 /// The running services, the ids, and the maps they are written to.
@@ -553,21 +572,18 @@ impl Registry {
         };
         // Counters cleared as ids are freed: at a restart, a service id that has counted
         // traffic and that nothing holds is one still waiting for its flows (`adopt`).
-        // An id whose write fails stays retired, for the next sweep to free.
-        let mut written = Ok(());
-        for id in self.service_ids.release(&sweep.by_service, started) {
-            if let Err(e) = self.tables.clear_service_stats(id) {
-                self.service_ids.retired.insert(id, started);
-                written = written.and(Err(e));
-            }
-        }
-        for id in self.backend_ids.release(&sweep.by_backend, started) {
-            if let Err(e) = self.tables.set_backend(id, BackendEntry::default()) {
-                self.backend_ids.retired.insert(id, started);
-                written = written.and(Err(e));
-            }
-        }
-        written
+        let tables = &mut self.tables;
+        let services = self
+            .service_ids
+            .release_cleared(&sweep.by_service, started, |id| {
+                tables.clear_service_stats(id)
+            });
+        let backends = self
+            .backend_ids
+            .release_cleared(&sweep.by_backend, started, |id| {
+                tables.set_backend(id, BackendEntry::default())
+            });
+        services.and(backends)
     }
 
     /// Ids retired and not yet free: (services, backends).
