@@ -519,8 +519,9 @@ impl Drop for LeftPins {
 /// Where the tests' daemons pin their data planes, as `xlb-test-<pid>-<n>-<nanos>`.
 const BPFFS: &str = "/sys/fs/bpf";
 
-/// Config files are named `xlb-test-<pid>-<n>-<nanos>.toml`.
-const CONFIG_FILE_PREFIX: &str = "xlb-test-";
+/// What the tests' config files, sockets, pins and scratch paths are named from:
+/// `xlb-test-<pid>-...` (a config `xlb-test-<pid>-<n>-<nanos>.toml`).
+const CONFIG_FILE_PREFIX: &str = "xlb-test";
 
 /// How long a client command may take before the test gives up on it (and kills it).
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
@@ -547,7 +548,7 @@ pub fn xlb_command<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Result<std::process
 /// socket and pins.
 pub fn test_path(dir: &std::path::Path, label: &str) -> PathBuf {
     dir.join(format!(
-        "{CONFIG_FILE_PREFIX}{}-{label}",
+        "{CONFIG_FILE_PREFIX}-{}-{label}",
         std::process::id()
     ))
 }
@@ -571,16 +572,10 @@ fn remove_stale(dir: &std::path::Path) {
     };
     for entry in dir.flatten() {
         let name = entry.file_name();
-        let Some(rest) = name
+        if !name
             .to_str()
-            .and_then(|n| n.strip_prefix(CONFIG_FILE_PREFIX))
-        else {
-            continue;
-        };
-        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
-            continue;
-        };
-        if PathBuf::from(format!("/proc/{pid}")).exists() {
+            .is_some_and(|n| crate::netns::is_stale(n, CONFIG_FILE_PREFIX))
+        {
             continue;
         }
         if entry.file_type().is_ok_and(|t| t.is_dir()) {
@@ -599,8 +594,7 @@ fn write_config(config_toml: &str) -> Result<PathBuf> {
         .map(|d| d.as_nanos())
         .unwrap_or(0);
     let n = NEXT_CONFIG.fetch_add(1, Ordering::Relaxed);
-    let path =
-        std::env::temp_dir().join(format!("xlb-test-{}-{n}-{nanos}.toml", std::process::id()));
+    let path = test_path(&std::env::temp_dir(), &format!("{n}-{nanos}.toml"));
     let mut file = OpenOptions::new()
         .write(true)
         .create_new(true)
