@@ -348,12 +348,23 @@ fn install_leaves_others_entries_alone_and_reports_what_it_cannot_route() {
     // remove deletes what install created, and only that.
     ns.in_lb(async move || neighbours.remove().await.expect("remove"));
     let after = ns.lb_neighbours();
-    for gone in ["10.77.1.2", "10.77.3.2", "10.77.1.98", "10.77.1.99"] {
+    for gone in ["10.77.1.2", "10.77.3.2"] {
         assert_eq!(
             after.get(&gone.parse().unwrap()),
             None,
             "{gone} still there"
         );
+    }
+    // A dead next hop's managed entry is gone too; the kernel may have made a plain
+    // INCOMPLETE one for it again by then (seen once in seven runs, for 10.77.1.98, to
+    // which the test sent a datagram before install), which is not ours to delete.
+    for gone in ["10.77.1.98", "10.77.1.99"] {
+        if let Some(l) = after.get(&gone.parse().unwrap()) {
+            assert!(
+                !l.contains(" managed ") && ["INCOMPLETE", "FAILED"].contains(&state(l)),
+                "{gone} still there: {l}"
+            );
+        }
     }
     assert_eq!(
         after.get(&"10.77.1.4".parse().unwrap()),
