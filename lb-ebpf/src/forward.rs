@@ -110,7 +110,7 @@ pub struct CachedHop {
 /// 52 days, so times are compared by their wrapping difference.
 #[inline(always)]
 fn ticks(pkt: &Packet) -> u32 {
-    (pkt.now() >> 20) as u32
+    (pkt.now_or_coarse() >> 20) as u32
 }
 
 /// A slot of `NEXT_HOPS`: a direct-mapped cache, one per CPU. A key whose slot another

@@ -121,6 +121,11 @@ static NEW_FLOW: PerCpuArray<conntrack::Staged> = PerCpuArray::with_max_entries(
 #[map]
 static PACKET: PerCpuArray<parse::Packet> = PerCpuArray::with_max_entries(1, 0);
 
+/// The data plane's clock as this CPU last read it, and the jiffy it read it in
+/// (`parse::Packet::now`): one read of the clock per CPU per timer tick.
+#[map]
+static CLOCK: PerCpuArray<parse::Clock> = PerCpuArray::with_max_entries(1, 0);
+
 /// How the packet being processed is rewritten (its flow's `Rewrite` for its direction),
 /// one slot per CPU: off the stack, so `parse` fits inline in `xlb`'s frame.
 #[map]

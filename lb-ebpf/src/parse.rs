@@ -29,7 +29,7 @@ use network_types::{
     ip::{Ipv4Hdr, Ipv6Hdr},
 };
 
-use crate::icmp;
+use crate::{CLOCK, icmp};
 
 /// EtherType of IPv4, as it sits in the frame (network byte order read as native u16).
 pub const ETH_P_IP_BE: u16 = u16::from_ne_bytes([0x08, 0x00]);
@@ -150,6 +150,47 @@ struct CpuCell<T>(Cell<T>);
 // program run on that CPU touches, and it runs to completion: never two at once.
 unsafe impl<T> Sync for CpuCell<T> {}
 
+/// The clock as this CPU last read it (its slot of `CLOCK`): the coarse clock
+/// (`bpf_ktime_get_coarse_ns`, CLOCK_MONOTONIC as of the last timer tick), and the jiffy,
+/// the count of timer ticks, it was read in. Within one jiffy the reading is used again:
+/// the jiffies are a load of a kernel variable (the verifier inlines `bpf_jiffies64`),
+/// where the coarse clock is a helper call into the timekeeping code, which cost a tracked
+/// packet 30-45 ns of 300 on an AMD EPYC whose calls and returns go through the kernel's
+/// return thunks (`docs/benchmarks.md`, "One read of the clock per tick"). The reading is
+/// at most a tick older than one taken now, and the coarse clock is itself a tick behind.
+#[repr(C)]
+#[derive(Default)]
+pub struct Clock {
+    jiffies: u64,
+    ns: u64,
+}
+
+impl Clock {
+    /// The data plane's clock (see [`Packet::now`]).
+    #[inline(always)]
+    fn read() -> u64 {
+        // SAFETY: bpf_jiffies64 and bpf_ktime_get_coarse_ns have no preconditions.
+        let jiffies = unsafe { aya_ebpf::helpers::bpf_jiffies64() };
+        let Some(slot) = CLOCK.get_ptr_mut(0) else {
+            // SAFETY: as above.
+            return unsafe { aya_ebpf::helpers::bpf_ktime_get_coarse_ns() };
+        };
+        // SAFETY: this CPU's slot of a one-entry per-CPU array; an XDP or tc program runs
+        // to completion on its CPU, so no other run touches it meanwhile.
+        let clock = unsafe { &mut *slot };
+        // A slot never written holds 0 ns: the jiffies pass through 0 once, five minutes
+        // after boot, and must not find it.
+        if clock.jiffies == jiffies && clock.ns != 0 {
+            return clock.ns;
+        }
+        // SAFETY: as above.
+        let ns = unsafe { aya_ebpf::helpers::bpf_ktime_get_coarse_ns() };
+        clock.jiffies = jiffies;
+        clock.ns = ns;
+        ns
+    }
+}
+
 /// [`Packet::echo`].
 #[repr(u8)]
 #[derive(Clone, Copy, Default, PartialEq, Eq)]
@@ -202,14 +243,29 @@ impl Packet {
         self.l3_off as usize & 0x1f
     }
 
-    /// The data plane's clock, in nanoseconds: CLOCK_MONOTONIC as of the last timer tick (at
-    /// most a tick, 1-10 ms, behind), the clock of `NatEntry::last_seen_ns` and of the
-    /// next-hop cache. Every time these keep is coarser than a tick, and the coarse read
-    /// costs a third of an exact one (`bpf_ktime_get_ns` reads the TSC: 8% of a tracked
-    /// packet's samples in a profile, the coarse read 3%). Read once per packet: the
-    /// conntrack and the next-hop cache share the reading.
+    /// The data plane's clock, in nanoseconds: CLOCK_MONOTONIC as of a recent timer tick
+    /// (at most two ticks, 2-20 ms, behind), the clock of `NatEntry::last_seen_ns` and of
+    /// the next-hop cache. Every time these keep is coarser than a tick. Read once per
+    /// packet: the conntrack and the next-hop cache share the reading.
     #[inline(always)]
     pub fn now(&self) -> u64 {
+        let now = self.now_ns.0.get();
+        if now != 0 {
+            return now;
+        }
+        let now = Clock::read();
+        self.now_ns.0.set(now);
+        now
+    }
+
+    /// [`Packet::now`] for `forward::route`, whose frame must not grow (the chain `xlb` →
+    /// `too_big` → `route` → `remember_hop` is at the 512-byte limit): when this packet
+    /// has no reading yet, the coarse clock's helper is called directly, without
+    /// [`Clock`]'s per-CPU reading. A tracked packet's conntrack lookup has read the clock
+    /// already; the packets without a reading (an answer to a packet too big, a handoff
+    /// in the tc program) are few.
+    #[inline(always)]
+    pub fn now_or_coarse(&self) -> u64 {
         let now = self.now_ns.0.get();
         if now != 0 {
             return now;
