@@ -155,8 +155,8 @@ unsafe impl<T> Sync for CpuCell<T> {}
 /// the count of timer ticks, it was read in. Within one jiffy the reading is used again:
 /// the jiffies are a load of a kernel variable (the verifier inlines `bpf_jiffies64`),
 /// where the coarse clock is a helper call into the timekeeping code, which cost a tracked
-/// packet 30-45 ns of 300 on an AMD EPYC whose calls and returns go through the kernel's
-/// return thunks (`docs/benchmarks.md`, "One read of the clock per tick"). The reading is
+/// packet 27-34 ns of 300 on an AMD EPYC whose returns go through the kernel's return
+/// thunks (`docs/benchmarks.md`, "Fewer calls on the tracked path"). The reading is
 /// at most a tick older than one taken now, and the coarse clock is itself a tick behind.
 #[repr(C)]
 #[derive(Default)]
