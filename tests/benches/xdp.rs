@@ -180,8 +180,8 @@ fn maglev_figures(bench: bool, json: &mut serde_json::Value) -> Result<String> {
     // big conntrack table's program is gone the kernel frees the table in a worker on one
     // of the two cores, for a second or so, and eleven builds in a row that fell in that
     // second took 1.7-1.9 ms each where they take 1.16 ms (so they also run before the
-    // per-packet runs make theirs; the TCP bench, run just before this one by `cargo xtask
-    // bench`, leaves one of its own).
+    // per-packet runs make theirs; `cargo xtask bench` runs this benchmark before the
+    // forwarding and TCP ones, which leave maps of their own).
     let pause = std::time::Duration::from_millis(if bench { 100 } else { 0 });
     let timed = |n: usize, size: u32| -> f64 {
         let backends = entries(&names(n));
