@@ -514,38 +514,32 @@ impl CpuTime {
     /// (a benchmark keeps one CPU busy, and an idle one is hardly stolen from: the
     /// machine's average would halve what the busy one lost).
     pub fn steal_pct_since(&self, earlier: &CpuTime) -> f64 {
-        let most = self
-            .0
-            .iter()
-            .zip(&earlier.0)
-            .map(|(now, before)| {
-                let total = now.total.saturating_sub(before.total);
-                let steal = now.steal.saturating_sub(before.steal);
-                if total == 0 {
-                    0.0
-                } else {
-                    steal as f64 / total as f64
-                }
-            })
-            .fold(0.0, f64::max);
-        (1000.0 * most).round() / 10.0
+        self.largest_pct_since(earlier, |d| d.steal)
     }
 
     /// The largest share of one CPU's time since `earlier` that it was busy (neither idle
     /// nor stolen), in percent.
     fn busy_pct_since(&self, earlier: &CpuTime) -> f64 {
+        self.largest_pct_since(earlier, |d| d.total.saturating_sub(d.idle + d.steal))
+    }
+
+    /// The largest share, in percent, that `part` takes of one CPU's time since `earlier`
+    /// (`part` is given the CPU's ticks since then).
+    fn largest_pct_since(&self, earlier: &CpuTime, part: impl Fn(Ticks) -> u64) -> f64 {
         let most = self
             .0
             .iter()
             .zip(&earlier.0)
             .map(|(now, before)| {
-                let total = now.total.saturating_sub(before.total);
-                let idle = now.idle.saturating_sub(before.idle);
-                let steal = now.steal.saturating_sub(before.steal);
-                if total == 0 {
+                let since = Ticks {
+                    total: now.total.saturating_sub(before.total),
+                    idle: now.idle.saturating_sub(before.idle),
+                    steal: now.steal.saturating_sub(before.steal),
+                };
+                if since.total == 0 {
                     0.0
                 } else {
-                    total.saturating_sub(idle + steal) as f64 / total as f64
+                    part(since) as f64 / since.total as f64
                 }
             })
             .fold(0.0, f64::max);
