@@ -331,8 +331,8 @@ pub struct NatEntry {
     /// How many times the flow has started anew (a client's SYN on a closed flow): the
     /// sweeper's count of its starts, for `ACTIVE`.
     pub generation: u32,
-    /// When the flow last carried a packet, either way (`bpf_ktime_get_coarse_ns`:
-    /// CLOCK_MONOTONIC at most a tick behind), to within
+    /// When the flow last carried a packet, either way (`bpf_ktime_get_coarse_ns`, read
+    /// once per CPU per tick: CLOCK_MONOTONIC up to two ticks behind), to within
     /// [`REFRESH_NS`](crate::conntrack::REFRESH_NS).
     pub last_seen_ns: u64,
 }

@@ -15,7 +15,8 @@
 //!    directions with a SNAT port (or, in `dnat` mode, the client's own);
 //!    ICMP instead goes to [`icmp::handle`], which answers pings to a VIP and translates
 //!    errors about tracked flows;
-//! 3. [`forward::route`] asks the kernel FIB for the next hop of the rewritten packet;
+//! 3. the next-hop cache (`forward::cached_hop`), or on a miss [`forward::route`], which
+//!    asks the kernel FIB, gives the next hop of the rewritten packet;
 //! 4. [`nat::rewrite`] rewrites addresses, ports, TTL and checksums;
 //! 5. [`forward::send`] sets the MACs and sends by XDP_TX or a devmap redirect, or hands the
 //!    frame to [`handoff`]'s tc program (next hop not resolved yet, or an interface without
@@ -122,7 +123,8 @@ static NEW_FLOW: PerCpuArray<conntrack::Staged> = PerCpuArray::with_max_entries(
 static PACKET: PerCpuArray<parse::Packet> = PerCpuArray::with_max_entries(1, 0);
 
 /// The data plane's clock as this CPU last read it, and the jiffy it read it in
-/// (`parse::Packet::now`): one read of the clock per CPU per timer tick.
+/// (`parse::Clock`): a tracked packet's or a new flow's clock is read once per CPU per
+/// timer tick.
 #[map]
 static CLOCK: PerCpuArray<parse::Clock> = PerCpuArray::with_max_entries(1, 0);
 
@@ -139,15 +141,15 @@ static ICMP_SCRATCH: PerCpuArray<icmp::Scratch> = PerCpuArray::with_max_entries(
 static DEVMAP: DevMapHash = DevMapHash::with_max_entries(MAX_INTERFACES, 0);
 
 /// Next hops the FIB gave, by source, destination, protocol and ingress interface, for a
-/// second (`forward::route`): a flow's packets skip the lookup. A direct-mapped cache per
+/// second (`forward::cached_hop`, `forward::route`): a flow's packets skip the lookup. A direct-mapped cache per
 /// CPU (`forward::HopSlot`, 4096 × 64 bytes, a quarter of a MiB per CPU): a slot's read
 /// and write never race, and a hit costs an inlined array lookup and five compares where a
 /// hash map's hashed 40 bytes and walked a bucket.
 #[map]
 static NEXT_HOPS: PerCpuArray<forward::HopSlot> = PerCpuArray::with_max_entries(NEXT_HOP_SLOTS, 0);
 
-/// Where `forward::route` builds a lookup's `NEXT_HOPS` key, one per CPU, which
-/// `forward::remember_hop` stores if the FIB gives a direct hop.
+/// Where `forward::cached_hop` builds a lookup's `NEXT_HOPS` key, one per CPU, which
+/// `forward::remember_hop` stores if the FIB then gives a direct hop.
 #[map]
 static HOP_SCRATCH: PerCpuArray<forward::HopKey> = PerCpuArray::with_max_entries(1, 0);
 
@@ -266,7 +268,7 @@ fn process(ctx: &XdpContext) -> Result<Reason, Reason> {
         fwd?;
         // A tracked packet's hop is nearly always in the next-hop cache: checked here,
         // without the call to `route` (which checks it again on a miss, before it asks
-        // the FIB). A call and return cost 20-25 ns on a CPU whose returns go through the
+        // the FIB). A call and return cost some 20 ns on a CPU whose returns go through the
         // kernel's return thunks (`docs/benchmarks.md`, "Fewer calls on the tracked path").
         if !forward::cached_hop(ctx, pkt, &rewrite.src, &rewrite.dst, &mut hop) {
             forward::route(ctx, pkt, &rewrite.src, &rewrite.dst, &mut hop)?;
@@ -307,6 +309,9 @@ fn new_flow(
     rewrite: &mut Rewrite,
     hop: &mut Hop,
 ) -> Result<bool, Reason> {
+    // The clock, read here through this CPU's reading of the tick (`parse::Clock`), so that
+    // `route` below finds it and calls no helper: a flood's packets come this way.
+    pkt.now();
     // What is not ours goes to the kernel untouched.
     let not_ours = if pkt.is_icmp() {
         Reason::PassIcmp

@@ -155,9 +155,15 @@ unsafe impl<T> Sync for CpuCell<T> {}
 /// the count of timer ticks, it was read in. Within one jiffy the reading is used again:
 /// the jiffies are a load of a kernel variable (the verifier inlines `bpf_jiffies64`),
 /// where the coarse clock is a helper call into the timekeeping code, which cost a tracked
-/// packet 27-34 ns of 300 on an AMD EPYC whose returns go through the kernel's return
-/// thunks (`docs/benchmarks.md`, "Fewer calls on the tracked path"). The reading is
-/// at most a tick older than one taken now, and the coarse clock is itself a tick behind.
+/// packet 25-36 ns of 300 on an AMD EPYC whose returns go through the kernel's return
+/// thunks (`docs/benchmarks.md`, "Fewer calls on the tracked path").
+///
+/// The reading is at most a tick older than one taken now, and the coarse clock is itself
+/// a tick behind. The kernel adds a tick to the jiffies a moment before it moves the clock
+/// on: a reading taken in that moment, the clock unchanged since this CPU's last one, is
+/// not kept, and the next packet reads again. (One taken there after every CPU idled for
+/// a while, by a CPU whose last reading is older still, is kept for a tick: that tick's
+/// times are then as old as the idle time. The sweeper's timeouts are seconds.)
 #[repr(C)]
 #[derive(Default)]
 pub struct Clock {
@@ -175,18 +181,20 @@ impl Clock {
             // SAFETY: as above.
             return unsafe { aya_ebpf::helpers::bpf_ktime_get_coarse_ns() };
         };
-        // SAFETY: this CPU's slot of a one-entry per-CPU array; an XDP or tc program runs
-        // to completion on its CPU, so no other run touches it meanwhile.
+        // SAFETY: this CPU's slot of a one-entry per-CPU array; an XDP program runs to
+        // completion on its CPU, so no other run touches it meanwhile.
         let clock = unsafe { &mut *slot };
-        // A slot never written holds 0 ns: the jiffies pass through 0 once, five minutes
-        // after boot, and must not find it.
-        if clock.jiffies == jiffies && clock.ns != 0 {
+        // A slot never written has jiffy 0, which the 64-bit jiffies never are (they start
+        // near 2^32, five minutes before the 32-bit count wraps, and only grow).
+        if clock.jiffies == jiffies {
             return clock.ns;
         }
         // SAFETY: as above.
         let ns = unsafe { aya_ebpf::helpers::bpf_ktime_get_coarse_ns() };
-        clock.jiffies = jiffies;
-        clock.ns = ns;
+        if ns != clock.ns {
+            clock.jiffies = jiffies;
+            clock.ns = ns;
+        }
         ns
     }
 }
@@ -244,7 +252,7 @@ impl Packet {
     }
 
     /// The data plane's clock, in nanoseconds: CLOCK_MONOTONIC as of a recent timer tick
-    /// (at most two ticks, 2-20 ms, behind), the clock of `NatEntry::last_seen_ns` and of
+    /// (at most two ticks, 2-20 ms, behind; see [`Clock`] for the rare exception), the clock of `NatEntry::last_seen_ns` and of
     /// the next-hop cache. Every time these keep is coarser than a tick. Read once per
     /// packet: the conntrack and the next-hop cache share the reading.
     #[inline(always)]
@@ -261,9 +269,9 @@ impl Packet {
     /// [`Packet::now`] for `forward::route`, whose frame must not grow (the chain `xlb` →
     /// `too_big` → `route` → `remember_hop` is at the 512-byte limit): when this packet
     /// has no reading yet, the coarse clock's helper is called directly, without
-    /// [`Clock`]'s per-CPU reading. A tracked packet's conntrack lookup has read the clock
-    /// already; the packets without a reading (an answer to a packet too big, a handoff
-    /// in the tc program) are few.
+    /// [`Clock`]'s per-CPU reading. A tracked packet's conntrack lookup and a new flow's
+    /// `new_flow` read the clock before `route`; the ICMP paths (a ping to a VIP, an error
+    /// translated, an answer to a packet too big) call the helper.
     #[inline(always)]
     pub fn now_or_coarse(&self) -> u64 {
         let now = self.now_ns.0.get();

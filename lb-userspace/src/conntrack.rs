@@ -110,8 +110,8 @@ impl SweepReport {
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock the XDP program stamps entries with, which
-/// reads it coarse (`bpf_ktime_get_coarse_ns`: as of the last timer tick, at most 10 ms
-/// behind; every timeout and margin here is far longer).
+/// reads it coarse (`bpf_ktime_get_coarse_ns`, once per CPU per timer tick: up to two
+/// ticks, 20 ms, behind; every timeout and margin here is far longer).
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
