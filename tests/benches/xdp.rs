@@ -19,7 +19,7 @@ use lb_common::{
     reason::Reason,
 };
 use xlb_tests::{
-    figures::{CpuTime, Run, machine, steal_pct_since, steal_words, wait_quiet},
+    figures::{CpuTime, Run, machine, steal_pct_since, steal_words},
     lab::{self, CLIENT, CLIENT_MAC, FX0_MAC, VIP},
     packet::{
         ETH_HLEN, Frame, ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, L4, PROTO_ICMP, TCP_ACK, TCP_SYN,
@@ -733,15 +733,6 @@ fn run(
         .into_iter()
         .filter(|s| s.key == "null" || wanted(s.key))
         .collect();
-    // The kernel may still be freeing what came before (an earlier part's table of a
-    // million flows, another benchmark's namespaces) on the other core: first, a quiet
-    // machine, for up to half a minute.
-    let (waited, quiet) = wait_quiet(std::time::Duration::from_secs(30));
-    json["per_packet_quiet_wait_s"] = if quiet {
-        ((waited.as_secs_f64() * 10.0).round() / 10.0).into()
-    } else {
-        serde_json::Value::Null
-    };
     let mut run_index = 0u32;
     let cpu = CpuTime::now();
     for _ in 0..rounds {
@@ -808,7 +799,7 @@ fn run(
     table.push_str(&format!(
         "\n{rounds} rounds × {per_round} runs per path, interleaved; one BPF_PROG_TEST_RUN \
          (repeat = 1) per run; a service of {BACKENDS} backends, {prefill} flows in the table \
-         before the first run{}; {}; {}.\n",
+         before the first run{}; {}.\n",
         if spread > 0 {
             format!(
                 "; the many-flows path spreads its {} runs over {spread} established flows, \
@@ -817,17 +808,6 @@ fn run(
             )
         } else {
             String::new()
-        },
-        if quiet {
-            format!(
-                "the runs began once no CPU was busy ({:.1} s of waiting)",
-                waited.as_secs_f64()
-            )
-        } else {
-            format!(
-                "the runs began with a CPU still busy after {:.0} s of waiting",
-                waited.as_secs_f64()
-            )
         },
         steal_words(steal)
     ));

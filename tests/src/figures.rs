@@ -461,21 +461,12 @@ pub fn today() -> String {
         .unwrap_or_else(|| "undated".into())
 }
 
-/// Each CPU's time so far, from /proc/stat's `cpuN` lines (in clock ticks): all of it, what
-/// it spent idle (waiting for I/O included), and what the hypervisor gave other guests
-/// (steal). A benchmark records the steal over its runs: on these shared machines it tells
-/// a part slowed by a neighbour's load on the host's CPUs from one slowed by something
-/// else.
+/// Each CPU's time so far, from /proc/stat's `cpuN` lines (in clock ticks): all of it, and
+/// what the hypervisor gave other guests (steal). A benchmark records the steal over its
+/// runs: on these shared machines it tells a part slowed by a neighbour's load on the
+/// host's CPUs from one slowed by something else.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CpuTime(Vec<Ticks>);
-
-/// One CPU's line of [`CpuTime`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Ticks {
-    total: u64,
-    idle: u64,
-    steal: u64,
-}
+pub struct CpuTime(Vec<(u64, u64)>);
 
 impl CpuTime {
     /// Now; `None` where /proc/stat cannot be read.
@@ -487,7 +478,7 @@ impl CpuTime {
     /// irq, softirq and steal (the guest times after them are counted in user and nice
     /// already).
     fn parse(stat: &str) -> Option<CpuTime> {
-        let cpus: Vec<Ticks> = stat
+        let cpus: Vec<(u64, u64)> = stat
             .lines()
             .filter_map(|line| {
                 let (name, times) = line.split_once(' ')?;
@@ -500,11 +491,7 @@ impl CpuTime {
                     .take(8)
                     .map(|f| f.parse().ok())
                     .collect::<Option<_>>()?;
-                (fields.len() == 8).then(|| Ticks {
-                    total: fields.iter().sum(),
-                    idle: fields[3] + fields[4],
-                    steal: fields[7],
-                })
+                (fields.len() == 8).then(|| (fields.iter().sum(), fields[7]))
             })
             .collect::<Option<_>>()?;
         (!cpus.is_empty()).then_some(CpuTime(cpus))
@@ -514,62 +501,21 @@ impl CpuTime {
     /// (a benchmark keeps one CPU busy, and an idle one is hardly stolen from: the
     /// machine's average would halve what the busy one lost).
     pub fn steal_pct_since(&self, earlier: &CpuTime) -> f64 {
-        self.largest_pct_since(earlier, |d| d.steal)
-    }
-
-    /// The largest share of one CPU's time since `earlier` that it was busy (neither idle
-    /// nor stolen), in percent.
-    fn busy_pct_since(&self, earlier: &CpuTime) -> f64 {
-        self.largest_pct_since(earlier, |d| d.total.saturating_sub(d.idle + d.steal))
-    }
-
-    /// The largest share, in percent, that `part` takes of one CPU's time since `earlier`
-    /// (`part` is given the CPU's ticks since then).
-    fn largest_pct_since(&self, earlier: &CpuTime, part: impl Fn(Ticks) -> u64) -> f64 {
         let most = self
             .0
             .iter()
             .zip(&earlier.0)
-            .map(|(now, before)| {
-                let since = Ticks {
-                    total: now.total.saturating_sub(before.total),
-                    idle: now.idle.saturating_sub(before.idle),
-                    steal: now.steal.saturating_sub(before.steal),
-                };
-                if since.total == 0 {
+            .map(|(&(total, steal), &(total_before, steal_before))| {
+                let total = total.saturating_sub(total_before);
+                let steal = steal.saturating_sub(steal_before);
+                if total == 0 {
                     0.0
                 } else {
-                    part(since) as f64 / since.total as f64
+                    steal as f64 / total as f64
                 }
             })
             .fold(0.0, f64::max);
         (1000.0 * most).round() / 10.0
-    }
-}
-
-/// Waits until no CPU is busy, for at most `limit`: until, over a quarter of a second, every
-/// CPU was busy less than a tenth of it (the caller sleeping meanwhile). Returns how long
-/// it waited, and whether the machine went quiet (not if /proc/stat cannot be read). A
-/// per-packet benchmark calls it before its timed runs: the kernel frees a big map, or a
-/// deleted network namespace, in a worker on another core, and while it does a tracked
-/// packet took a third longer.
-pub fn wait_quiet(limit: std::time::Duration) -> (std::time::Duration, bool) {
-    let started = std::time::Instant::now();
-    let window = std::time::Duration::from_millis(250);
-    loop {
-        let Some(before) = CpuTime::now() else {
-            return (started.elapsed(), false);
-        };
-        std::thread::sleep(window);
-        let Some(after) = CpuTime::now() else {
-            return (started.elapsed(), false);
-        };
-        if after.busy_pct_since(&before) < 10.0 {
-            return (started.elapsed(), true);
-        }
-        if started.elapsed() >= limit {
-            return (started.elapsed(), false);
-        }
     }
 }
 
@@ -706,9 +652,6 @@ mod tests {
         // ticks, none stolen. The machine's average would say 2.5%.
         assert_eq!(after.steal_pct_since(&before), 10.0);
         assert_eq!(before.steal_pct_since(&before), 0.0);
-        // Busy: cpu0 30 + 10 of its 100 ticks (idle 50, iowait 0, steal 10); cpu1 none of
-        // its 300 (idle 300).
-        assert_eq!(after.busy_pct_since(&before), 40.0);
         assert_eq!(CpuTime::parse("intr 1 2 3\n"), None);
         assert_eq!(CpuTime::parse("cpu0 1 2 3\n"), None);
     }
