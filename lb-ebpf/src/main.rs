@@ -141,10 +141,10 @@ static ICMP_SCRATCH: PerCpuArray<icmp::Scratch> = PerCpuArray::with_max_entries(
 static DEVMAP: DevMapHash = DevMapHash::with_max_entries(MAX_INTERFACES, 0);
 
 /// Next hops the FIB gave, by source, destination, protocol and ingress interface, for a
-/// second (`forward::cached_hop`, `forward::route`): a flow's packets skip the lookup. A direct-mapped cache per
-/// CPU (`forward::HopSlot`, 4096 × 64 bytes, a quarter of a MiB per CPU): a slot's read
-/// and write never race, and a hit costs an inlined array lookup and five compares where a
-/// hash map's hashed 40 bytes and walked a bucket.
+/// second (`forward::cached_hop`, `forward::route`): a flow's packets skip the lookup. A
+/// direct-mapped cache per CPU (`forward::HopSlot`, 4096 × 64 bytes, a quarter of a MiB
+/// per CPU): a slot's read and write never race, and a hit costs an inlined array lookup
+/// and five compares where a hash map's hashed 40 bytes and walked a bucket.
 #[map]
 static NEXT_HOPS: PerCpuArray<forward::HopSlot> = PerCpuArray::with_max_entries(NEXT_HOP_SLOTS, 0);
 
@@ -309,9 +309,6 @@ fn new_flow(
     rewrite: &mut Rewrite,
     hop: &mut Hop,
 ) -> Result<bool, Reason> {
-    // The clock, read here through this CPU's reading of the tick (`parse::Clock`), so that
-    // `route` below finds it and calls no helper: a flood's packets come this way.
-    pkt.now();
     // What is not ours goes to the kernel untouched.
     let not_ours = if pkt.is_icmp() {
         Reason::PassIcmp
@@ -322,6 +319,9 @@ fn new_flow(
         Some(service) => (service, false),
         None => (conntrack::gateway(pkt).ok_or(not_ours)?, true),
     };
+    // Ours: the clock, read here through this CPU's reading of the tick (`parse::Clock`),
+    // so that `route` below finds it and calls no helper (a flood's packets come this way).
+    pkt.now();
     // A gateway's packet to where the FIB leaves it to the kernel (the host itself, no
     // route) is not the gateway's, whatever else it is: asked first.
     if gateway {

@@ -163,7 +163,8 @@ unsafe impl<T> Sync for CpuCell<T> {}
 /// on: a reading taken in that moment, the clock unchanged since this CPU's last one, is
 /// not kept, and the next packet reads again. (One taken there after every CPU idled for
 /// a while, by a CPU whose last reading is older still, is kept for a tick: that tick's
-/// times are then as old as the idle time. The sweeper's timeouts are seconds.)
+/// times are then as old as the idle time. The sweeper's timeouts are seconds, but for new
+/// flows under pressure, 100 ms, which such a flow's next packet stamps anew.)
 #[repr(C)]
 #[derive(Default)]
 pub struct Clock {
@@ -252,9 +253,10 @@ impl Packet {
     }
 
     /// The data plane's clock, in nanoseconds: CLOCK_MONOTONIC as of a recent timer tick
-    /// (at most two ticks, 2-20 ms, behind; see [`Clock`] for the rare exception), the clock of `NatEntry::last_seen_ns` and of
-    /// the next-hop cache. Every time these keep is coarser than a tick. Read once per
-    /// packet: the conntrack and the next-hop cache share the reading.
+    /// (at most two ticks, 2-20 ms, behind; see [`Clock`] for the rare exception), the
+    /// clock of `NatEntry::last_seen_ns` and of the next-hop cache. Every time these keep
+    /// is coarser than a tick. Read once per packet: the conntrack and the next-hop cache
+    /// share the reading.
     #[inline(always)]
     pub fn now(&self) -> u64 {
         let now = self.now_ns.0.get();

@@ -74,7 +74,8 @@ fn main() -> anyhow::Result<()> {
             }
             run(&mut compile)?;
             // One at a time, in this order (cargo would run them by name): the per-packet
-            // benchmark first, on a quiet machine. Run right after the TCP benchmark, its
+            // benchmark first, before the others leave maps and namespaces for the kernel
+            // to free. Run right after the TCP benchmark, its
             // part with a million flows in the table took 35% longer per tracked packet,
             // and 19% for the null program, than the same benchmark's later part or a run
             // of it alone (the kernel cleaning up the namespaces and maps the others leave).
