@@ -176,11 +176,10 @@ impl Clock {
     /// The data plane's clock (see [`Packet::now`]).
     #[inline(always)]
     fn read() -> u64 {
-        // SAFETY: bpf_jiffies64 and bpf_ktime_get_coarse_ns have no preconditions.
+        // SAFETY: bpf_jiffies64 has no preconditions.
         let jiffies = unsafe { aya_ebpf::helpers::bpf_jiffies64() };
         let Some(slot) = CLOCK.get_ptr_mut(0) else {
-            // SAFETY: as above.
-            return unsafe { aya_ebpf::helpers::bpf_ktime_get_coarse_ns() };
+            return coarse_clock();
         };
         // SAFETY: this CPU's slot of a one-entry per-CPU array; an XDP program runs to
         // completion on its CPU, so no other run touches it meanwhile.
@@ -190,14 +189,20 @@ impl Clock {
         if clock.jiffies == jiffies {
             return clock.ns;
         }
-        // SAFETY: as above.
-        let ns = unsafe { aya_ebpf::helpers::bpf_ktime_get_coarse_ns() };
+        let ns = coarse_clock();
         if ns != clock.ns {
             clock.jiffies = jiffies;
             clock.ns = ns;
         }
         ns
     }
+}
+
+/// The coarse clock itself: CLOCK_MONOTONIC as of the last timer tick.
+#[inline(always)]
+fn coarse_clock() -> u64 {
+    // SAFETY: bpf_ktime_get_coarse_ns has no preconditions.
+    unsafe { aya_ebpf::helpers::bpf_ktime_get_coarse_ns() }
 }
 
 /// [`Packet::echo`].
@@ -259,13 +264,7 @@ impl Packet {
     /// share the reading.
     #[inline(always)]
     pub fn now(&self) -> u64 {
-        let now = self.now_ns.0.get();
-        if now != 0 {
-            return now;
-        }
-        let now = Clock::read();
-        self.now_ns.0.set(now);
-        now
+        self.now_from(Clock::read)
     }
 
     /// [`Packet::now`] for `forward::route`, whose frame must not grow (the chain `xlb` →
@@ -276,12 +275,17 @@ impl Packet {
     /// translated, an answer to a packet too big) call the helper.
     #[inline(always)]
     pub fn now_or_coarse(&self) -> u64 {
+        self.now_from(coarse_clock)
+    }
+
+    /// This packet's reading of the clock, read by `read` if it has none yet.
+    #[inline(always)]
+    fn now_from(&self, read: fn() -> u64) -> u64 {
         let now = self.now_ns.0.get();
         if now != 0 {
             return now;
         }
-        // SAFETY: bpf_ktime_get_coarse_ns has no preconditions.
-        let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_coarse_ns() };
+        let now = read();
         self.now_ns.0.set(now);
         now
     }
