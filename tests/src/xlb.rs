@@ -521,7 +521,7 @@ const BPFFS: &str = "/sys/fs/bpf";
 
 /// What the tests' config files, sockets, pins and scratch paths are named from:
 /// `xlb-test-<pid>-...` (a config `xlb-test-<pid>-<n>-<nanos>.toml`).
-const CONFIG_FILE_PREFIX: &str = "xlb-test";
+const TEST_PATH_PREFIX: &str = "xlb-test";
 
 /// How long a client command may take before the test gives up on it (and kills it).
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
@@ -547,10 +547,7 @@ pub fn xlb_command<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Result<std::process
 /// run that starts an xlb does (`remove_stale_configs`), as it does an xlb's own config,
 /// socket and pins.
 pub fn test_path(dir: &std::path::Path, label: &str) -> PathBuf {
-    dir.join(format!(
-        "{CONFIG_FILE_PREFIX}-{}-{label}",
-        std::process::id()
-    ))
+    dir.join(format!("{TEST_PATH_PREFIX}-{}-{label}", std::process::id()))
 }
 
 /// [`test_path`] on bpffs, for pinned data planes.
@@ -574,7 +571,7 @@ fn remove_stale(dir: &std::path::Path) {
         let name = entry.file_name();
         if !name
             .to_str()
-            .is_some_and(|n| crate::netns::is_stale(n, CONFIG_FILE_PREFIX))
+            .is_some_and(|n| crate::netns::is_stale(n, TEST_PATH_PREFIX))
         {
             continue;
         }
