@@ -75,22 +75,19 @@ fn main() -> anyhow::Result<()> {
             run(&mut compile)?;
             // One at a time, in this order (cargo would run them by name): the per-packet
             // benchmark first, before the others leave maps and namespaces for the kernel
-            // to free. Run right after the TCP benchmark, its
-            // part with a million flows in the table took 35% longer per tracked packet,
-            // and 19% for the null program, than the same benchmark's later part or a run
-            // of it alone (the kernel cleaning up the namespaces and maps the others leave).
+            // to free. Run right after the TCP benchmark, its part with a million flows in
+            // the table took 35% longer per tracked packet, and 19% for the null program,
+            // than the same benchmark's later part or a run of it alone.
+            let command = if quick {
+                "cargo xtask bench --quick"
+            } else {
+                "cargo xtask bench"
+            };
             for bench in benches {
                 let mut cmd = cargo();
                 cmd.args(["bench", "-p", "xlb-tests", "--bench", bench])
                     .env("XLB_BIN", root.join("target/debug/xlb"))
-                    .env(
-                        "XLB_BENCH_COMMAND",
-                        if quick {
-                            "cargo xtask bench --quick"
-                        } else {
-                            "cargo xtask bench"
-                        },
-                    );
+                    .env("XLB_BENCH_COMMAND", command);
                 if quick {
                     cmd.args(["--", "--quick"]);
                 }
