@@ -104,8 +104,9 @@ const EEXIST: i32 = 17;
 /// Errors: `DropWrongInterface` when the packet arrived on another interface than its
 /// flow direction's packets do, and its source does not route back out of it.
 ///
-/// Not inlined: a frame of its own, off the hot path's (see `process` in main.rs).
-#[inline(never)]
+/// Inlined into `process`: a hit with nothing new to record (nearly every packet of a
+/// flow) makes no call of its own; the rest is `settle`'s, out of line.
+#[inline(always)]
 pub fn lookup(
     ctx: &XdpContext,
     pkt: &Packet,
@@ -119,9 +120,9 @@ pub fn lookup(
     // run. (Should the sweeper remove the entry meanwhile, its flow having expired, a new
     // flow may take that memory at once, and this run's stores would land in the new
     // flow's entry: a late packet racing its flow's removal, within this run's few hundred
-    // nanoseconds.) Fields written below are independent aligned stores of "now" or of 1
-    // (or a full reset on a restart), which racing CPUs can only repeat, never undo; the
-    // one count, `generation`, is added to atomically.
+    // nanoseconds.) Fields written here and in `settle` are independent aligned stores of
+    // "now" or of 1 (or a full reset on a restart), which racing CPUs can only repeat, never
+    // undo; the one count, `generation`, is added to atomically.
     let entry = unsafe { &mut *entry };
     // An echo's key holds its identifier in one port and 0 in the other, so a request and a
     // reply with identifier 0 have one key. A flow's requests go out and its replies come
@@ -132,6 +133,39 @@ pub fn lookup(
     {
         return Ok(false);
     }
+    if entry.ifindex != ctx.ingress_ifindex() as u32 {
+        return settle(ctx, pkt, forwarded, entry, rewrite);
+    }
+    if forwarded {
+        // Read the clock only on a hit: most packets that miss are not ours.
+        let now = pkt.now();
+        let proto = pkt.key.proto;
+        let dir = entry.rewrite.direction;
+        if starts_anew(proto, dir, pkt.tcp_flags, &entry.seen)
+            || needs_record(entry, dir, &Seen::of_packet(proto, pkt.tcp_flags), now)
+        {
+            return settle(ctx, pkt, forwarded, entry, rewrite);
+        }
+        keep_new_exact(entry, proto, now);
+    }
+    *rewrite = entry.rewrite;
+    Ok(true)
+}
+
+/// `lookup`'s hit when there is more to do than to read the rewrite: the packet came in
+/// on another interface than the flow's, or tells something its entry has not recorded
+/// (a restart, a flag, or a refresh due).
+///
+/// Not inlined: rare, and with a frame of its own, off the hot path's (see `process` in
+/// main.rs).
+#[inline(never)]
+fn settle(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    forwarded: bool,
+    entry: &mut NatEntry,
+    rewrite: &mut Rewrite,
+) -> Result<bool, Reason> {
     let ingress = ctx.ingress_ifindex() as u32;
     if entry.ifindex != ingress {
         // Not known when the flow was made (its way out toward this side was not one of
@@ -167,7 +201,7 @@ pub fn lookup(
         add_u32(&mut entry.generation, 1);
         count_start(entry.rewrite.backend_id);
     }
-    if anew || entry.seen.dir(dir).lacks(&facts) || stale(entry.last_seen_ns, now) {
+    if anew || needs_record(entry, dir, &facts, now) {
         let last_seen = entry.last_seen_ns;
         record(entry, dir, &facts, anew, now);
         // The twin carries the same record, so either entry tells the flow's state and age;
@@ -184,13 +218,27 @@ pub fn lookup(
             None if dir == DIR_TO_BACKEND => restore_reverse(pkt, entry, last_seen),
             None => {}
         }
-    } else if FlowState::of(proto, &entry.seen) == FlowState::New {
-        // A flow that is still new keeps this entry's time exact, at a store per packet:
-        // under pressure the sweeper removes new flows idle for a mere 100 ms, and judges
-        // them by the fresher of their two entries.
-        entry.last_seen_ns = now;
+    } else {
+        keep_new_exact(entry, proto, now);
     }
     Ok(true)
+}
+
+/// Whether a packet of the flow going `dir` with `facts` is to be recorded (besides a
+/// restart): it tells its direction something new, or the entry's time is due a refresh.
+#[inline(always)]
+fn needs_record(entry: &NatEntry, dir: u8, facts: &Seen, now: u64) -> bool {
+    entry.seen.dir(dir).lacks(facts) || stale(entry.last_seen_ns, now)
+}
+
+/// A flow that is still new keeps its entry's time exact, at a store per packet: under
+/// pressure the sweeper removes new flows idle for a mere 100 ms, and judges them by the
+/// fresher of their two entries.
+#[inline(always)]
+fn keep_new_exact(entry: &mut NatEntry, proto: u8, now: u64) {
+    if FlowState::of(proto, &entry.seen) == FlowState::New {
+        entry.last_seen_ns = now;
+    }
 }
 
 /// Makes a flow's reverse entry again from its forward one (`forward`, hit by `pkt`), when
