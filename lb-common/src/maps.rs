@@ -481,8 +481,8 @@ pub struct Settings {
     /// The source MAC of the frames the XDP program hands to the tc program
     /// ([`handoff_mark`]): random, made once with the maps and kept with them, never zero.
     pub handoff_secret: [u8; 6],
-    /// [`FREED_IDS_CLEARED`] or 0 (maps an older daemon wrote); the data plane does not
-    /// read it.
+    /// [`FREED_IDS_CLEARED`] (0 in maps an older daemon wrote) and [`NO_GATEWAYS`]; the
+    /// data plane reads only the latter.
     pub flags: u8,
     pub _pad: u8,
 }
@@ -491,6 +491,11 @@ pub struct Settings {
 /// it frees the id, so a restart can take counters under an id that nothing holds for flows
 /// of a removed object that still run (a NAT gateway's).
 pub const FREED_IDS_CLEARED: u8 = 1;
+/// [`Settings::flags`]: `GATEWAYS` holds no NAT gateway, so the data plane skips its two
+/// longest-prefix lookups for each packet that is no service's. The daemon clears it before
+/// it adds a gateway and sets it once the last is gone; maps an older daemon wrote lack it,
+/// and the lookups are made.
+pub const NO_GATEWAYS: u8 = 2;
 const _: () = assert!(size_of::<Settings>() == 20);
 
 /// Value of `SERVICE_STATS` and `BACKEND_STATS` (per CPU; userspace sums the CPUs).

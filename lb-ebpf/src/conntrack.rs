@@ -19,7 +19,8 @@ use lb_common::{
     maps::{
         BackendEntry, DIR_TO_BACKEND, DIR_TO_CLIENT, Endpoint, FlowKey, MAPPING_PRIVATE,
         MAPPING_PUBLIC, MAX_SNAT_ADDRESSES, MODE_DNAT, MODE_GATEWAY, Mapping, MappingKey,
-        NO_BACKEND, NatEntry, PROTO_UDP, Rewrite, SNAT_PORT_PROBES, ServiceEntry, ServiceKey,
+        NO_BACKEND, NO_GATEWAYS, NatEntry, PROTO_UDP, Rewrite, SNAT_PORT_PROBES, ServiceEntry,
+        ServiceKey,
     },
     reason::Reason,
     scheduler,
@@ -320,10 +321,17 @@ fn record(entry: &mut NatEntry, dir: u8, facts: &Seen, anew: bool, now: u64) {
 
 /// The NAT gateway whose private network the packet comes from, if any, and if it is not
 /// addressed to that network too (private hosts talk among themselves untranslated). Of
-/// ICMP, only an echo request starts a flow.
+/// ICMP, only an echo request starts a flow. With no gateway at all (`NO_GATEWAYS`), none,
+/// without a lookup.
 #[inline(always)]
 pub fn gateway(pkt: &Packet) -> Option<&'static ServiceEntry> {
     if pkt.is_icmp() && pkt.echo != Echo::Request {
+        return None;
+    }
+    if CONFIG
+        .get(0)
+        .is_some_and(|cfg| cfg.flags & NO_GATEWAYS != 0)
+    {
         return None;
     }
     // The address's full length: the trie finds the longest prefix that covers it.

@@ -1004,7 +1004,8 @@ impl Registry {
 
 impl Registry {
     /// Makes `GATEWAYS` run `cfg`'s NAT gateways: the gone ones removed (ids retired), the
-    /// new ones given ids, every entry written (a write replaces a whole entry at once).
+    /// new ones given ids, every entry written (a write replaces a whole entry at once);
+    /// then tells the data plane whether there are any (`Tables::note_gateways`).
     fn apply_gateways(&mut self, cfg: &Checked, changes: &mut Changes) -> anyhow::Result<()> {
         let gone: Vec<Network> = self
             .gateways
@@ -1054,7 +1055,7 @@ impl Registry {
                 },
             );
         }
-        Ok(())
+        self.tables.note_gateways()
     }
 
     /// The NAT gateways running.

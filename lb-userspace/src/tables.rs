@@ -25,7 +25,9 @@ use aya::{
     },
     util::nr_cpus,
 };
-use lb_common::maps::{BackendEntry, FlowStats, ServiceEntry, ServiceKey, Settings, names};
+use lb_common::maps::{
+    BackendEntry, FlowStats, NO_GATEWAYS, ServiceEntry, ServiceKey, Settings, names,
+};
 
 use crate::{loader::map_handle, mapped::MappedArray};
 
@@ -263,6 +265,8 @@ impl Tables {
         prefix_len: u32,
         entry: ServiceEntry,
     ) -> anyhow::Result<()> {
+        // Before the entry, so that no packet of the new gateway's skips the lookup.
+        self.set_flag(NO_GATEWAYS, false)?;
         let key = Key::new(prefix_len, addr);
         let replaced = self.gateways.get(&key, 0).is_ok();
         self.gateways
@@ -282,6 +286,36 @@ impl Tables {
             Err(e) => return Err(e).context("removing a NAT gateway entry"),
         }
         self.grace.wait();
+        Ok(())
+    }
+
+    /// Tells the data plane whether `GATEWAYS` is empty ([`NO_GATEWAYS`]), so that it
+    /// skips the lookups in an empty one. Called once a change to the gateways is done.
+    pub fn note_gateways(&mut self) -> anyhow::Result<()> {
+        let none = match self.gateways.keys().next() {
+            None => true,
+            Some(key) => {
+                key.context("reading GATEWAYS")?;
+                false
+            }
+        };
+        self.set_flag(NO_GATEWAYS, none)
+    }
+
+    /// Sets (`on`) or clears one of `CONFIG`'s flags.
+    fn set_flag(&mut self, flag: u8, on: bool) -> anyhow::Result<()> {
+        let mut settings = self.settings.get(&0, 0).context("reading CONFIG")?;
+        let flags = if on {
+            settings.flags | flag
+        } else {
+            settings.flags & !flag
+        };
+        if flags != settings.flags {
+            settings.flags = flags;
+            self.settings
+                .set(0, settings, 0)
+                .context("writing CONFIG")?;
+        }
         Ok(())
     }
 

@@ -8,7 +8,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use aya::maps::{Array, PerCpuArray, PerCpuValues};
-use lb_common::maps::{FlowStats, Settings, names};
+use lb_common::{
+    maps::{FlowStats, NO_GATEWAYS, Settings, names},
+    reason::Reason,
+};
 use lb_userspace::{
     config::Checked,
     conntrack::SweepReport,
@@ -160,6 +163,72 @@ fn a_restart_does_not_give_a_removed_gateways_id_to_a_new_service() {
             again.retired().0 == 0,
             "a freed id is retired again after a restart"
         );
+        Ok(())
+    });
+}
+
+/// The data plane skips the NAT gateways' lookups while there are none: a gateway added to
+/// a daemon that ran none must take its private hosts' packets from the next one on, once
+/// the last is gone they must pass untouched again, and a daemon started over such maps
+/// with a gateway in its config must take them too.
+#[test]
+fn gateways_added_and_removed_live_are_seen_at_once() {
+    in_lab(|_| {
+        let none = checked("");
+        let gateway = checked(
+            "[[nat_gateway]]\nsource = \"10.10.1.0/24\"\nto = \"10.20.0.5\"\n\
+             ports = [40000, 40999]\n",
+        );
+        let lab::Program { ebpf, fx0, .. } = lab::load(&none)?;
+        let datagram = |port: u16| {
+            Frame::udp((CLIENT, port), (lab::BACKEND, 53), b"q")
+                .with_macs(CLIENT_MAC, fx0.mac)
+                .build()
+        };
+        let passes = |port: u16, when: &str| -> Result<()> {
+            let run = lab::run(&ebpf, &datagram(port), fx0.ifindex, None)?;
+            ensure!(
+                run.counted == [(Reason::PassNoService, 1)],
+                "{when}: counted {:?}, not one pass/no_service",
+                run.counted
+            );
+            Ok(())
+        };
+        let translated = |port: u16, when: &str| -> Result<()> {
+            let run = lab::run_forwarded(&ebpf, &datagram(port), fx0.ifindex, when)?;
+            // The IPv4 source, after the 14-byte Ethernet header and 12 bytes of IPv4's.
+            ensure!(
+                run.frame[26..30] == [10, 20, 0, 5],
+                "{when}: the datagram left from {:?}, not the gateway's 10.20.0.5",
+                &run.frame[26..30]
+            );
+            Ok(())
+        };
+        // And the lookups are skipped exactly while the config has no gateway.
+        let noted = |gateways: bool, when: &str| -> Result<()> {
+            let config: Array<_, Settings> =
+                Array::try_from(ebpf.map(names::CONFIG).context("CONFIG")?)?;
+            let flags = config.get(&0, 0)?.flags;
+            ensure!(
+                (flags & NO_GATEWAYS == 0) == gateways,
+                "{when}: CONFIG's flags are {flags:#x}, with {} gateway",
+                if gateways { "a" } else { "no" }
+            );
+            Ok(())
+        };
+        let mut registry = Registry::load(&ebpf, &none)?;
+        passes(5000, "no gateway")?;
+        noted(false, "no gateway")?;
+        registry.apply(&gateway)?;
+        translated(5001, "the gateway added")?;
+        noted(true, "the gateway added")?;
+        registry.apply(&none)?;
+        passes(5002, "the gateway removed")?;
+        noted(false, "the gateway removed")?;
+        drop(registry);
+        let _restarted = Registry::load(&ebpf, &gateway)?;
+        translated(5003, "a daemon started again with the gateway")?;
+        noted(true, "a daemon started again with the gateway")?;
         Ok(())
     });
 }
