@@ -242,8 +242,9 @@ pub fn xlb_handoff(ctx: TcContext) -> i32 {
 ///
 /// The BPF stack is 512 bytes for a whole chain of calls, so what this frame holds is kept
 /// small (the next hop and `parse`'s work; the packet is in `PACKET`, its rewrite in
-/// `REWRITE`) and the two conntrack paths are separate subprograms with frames of their
-/// own.
+/// `REWRITE`): a conntrack hit with nothing to record is handled here, and what else a hit
+/// must do (`conntrack::settle`) and the new flow's path are subprograms with frames of
+/// their own.
 #[inline(always)]
 fn process(ctx: &XdpContext) -> Result<Reason, Reason> {
     let pkt = PACKET.get_ptr_mut(0).ok_or(Reason::DropInternal)?;

@@ -756,7 +756,9 @@ pub fn interface_addresses() -> anyhow::Result<Vec<(String, IpAddr)>> {
 
 impl Checked {
     /// The data path's settings, as the XDP program reads them from `CONFIG`, but for the
-    /// handoff secret, which is the maps' own (`Tables::set_settings` keeps or makes it).
+    /// handoff secret, which is the maps' own (`Tables::set_settings` keeps or makes it),
+    /// and `NO_GATEWAYS`, clear here, which the registry sets once it knows there is no
+    /// gateway (`Tables::note_gateways`).
     pub fn settings(&self) -> lb_common::maps::Settings {
         let dp = &self.dataplane;
         lb_common::maps::Settings {

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use aya::maps::{Array, PerCpuArray, PerCpuValues};
+use aya::maps::{Array, MapData, PerCpuArray, PerCpuValues};
 use lb_common::{
     maps::{FlowStats, NO_GATEWAYS, Settings, names},
     reason::Reason,
@@ -170,7 +170,7 @@ fn a_restart_does_not_give_a_removed_gateways_id_to_a_new_service() {
 /// The data plane skips the NAT gateways' lookups while there are none: a gateway added to
 /// a daemon that ran none must take its private hosts' packets from the next one on, once
 /// the last is gone they must pass untouched again, and a daemon started over such maps
-/// with a gateway in its config must take them too.
+/// with a gateway in its config must take them too, even over maps that say there is none.
 #[test]
 fn gateways_added_and_removed_live_are_seen_at_once() {
     in_lab(|_| {
@@ -226,9 +226,30 @@ fn gateways_added_and_removed_live_are_seen_at_once() {
         passes(5002, "the gateway removed")?;
         noted(false, "the gateway removed")?;
         drop(registry);
-        let _restarted = Registry::load(&ebpf, &gateway)?;
+        let restarted = Registry::load(&ebpf, &gateway)?;
         translated(5003, "a daemon started again with the gateway")?;
         noted(true, "a daemon started again with the gateway")?;
+        drop(restarted);
+
+        // The data plane reads the flag: set by hand beside the gateway, the gateway's
+        // packets pass. And a daemon that starts over such maps clears it, the gateway
+        // unchanged (adopted, not written again).
+        let mut config: Array<MapData, Settings> = Array::try_from(aya::maps::Map::Array(
+            lb_userspace::loader::map_handle(&ebpf, names::CONFIG)?,
+        ))?;
+        let settings = config.get(&0, 0)?;
+        config.set(
+            0,
+            Settings {
+                flags: settings.flags | NO_GATEWAYS,
+                ..settings
+            },
+            0,
+        )?;
+        passes(5004, "the flag set by hand beside the gateway")?;
+        let _restarted = Registry::load(&ebpf, &gateway)?;
+        translated(5005, "a daemon started again over the flag set by hand")?;
+        noted(true, "a daemon started again over the flag set by hand")?;
         Ok(())
     });
 }
