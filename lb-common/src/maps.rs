@@ -361,6 +361,28 @@ pub struct ServiceKey {
 }
 const _: () = assert!(size_of::<ServiceKey>() == 20);
 
+// A flow key ends with a service key: its destination, protocol and padding.
+const _: () = assert!(
+    core::mem::offset_of!(FlowKey, dst) + size_of::<ServiceKey>() == size_of::<FlowKey>()
+        && core::mem::offset_of!(FlowKey, proto) - core::mem::offset_of!(FlowKey, dst)
+            == core::mem::offset_of!(ServiceKey, proto)
+        && core::mem::offset_of!(FlowKey, dst) % core::mem::align_of::<ServiceKey>() == 0
+        && core::mem::align_of::<ServiceKey>() <= core::mem::align_of::<FlowKey>()
+);
+
+impl FlowKey {
+    /// The `SERVICES` key of the service this key's packet is addressed to, if any: the
+    /// key's own last 20 bytes, read in place (the data plane's lookup copies nothing onto
+    /// its stack). The padding is the flow key's, which every key keeps zero.
+    #[inline(always)]
+    pub fn service_key(&self) -> &ServiceKey {
+        // SAFETY: `dst`, `proto` and `_pad` are laid out as a `ServiceKey`'s `vip`, `proto`
+        // and `_pad` (both `repr(C)`), at an offset aligned for one (checked above), and
+        // live as long as self.
+        unsafe { &*(core::ptr::addr_of!(self.dst) as *const ServiceKey) }
+    }
+}
+
 /// [`ServiceEntry::mode`]: full NAT — rewrite the destination to the backend and the source to
 /// the service's SNAT address and an allocated port.
 pub const MODE_FULLNAT: u32 = 1;
@@ -611,5 +633,21 @@ mod tests {
         assert_eq!(e.addr[14..], [0x01, 0x00]);
         assert!(!e.is_v4());
         assert_eq!(e.to_socket(), v6);
+    }
+
+    #[test]
+    fn a_flow_keys_service_key_is_its_destination_and_protocol() {
+        let key = FlowKey {
+            src: Endpoint::v4([10, 10, 1, 2], [0x9c, 0x40]),
+            dst: Endpoint::v4([10, 10, 0, 100], [0, 80]),
+            proto: PROTO_TCP,
+            _pad: 0,
+        };
+        let expected = ServiceKey {
+            vip: Endpoint::v4([10, 10, 0, 100], [0, 80]),
+            proto: PROTO_TCP,
+            _pad: 0,
+        };
+        assert_eq!(*key.service_key(), expected);
     }
 }

@@ -20,7 +20,6 @@ use lb_common::{
         BackendEntry, DIR_TO_BACKEND, DIR_TO_CLIENT, Endpoint, FlowKey, MAPPING_PRIVATE,
         MAPPING_PUBLIC, MAX_SNAT_ADDRESSES, MODE_DNAT, MODE_GATEWAY, Mapping, MappingKey,
         NO_BACKEND, NO_GATEWAYS, NatEntry, PROTO_UDP, Rewrite, SNAT_PORT_PROBES, ServiceEntry,
-        ServiceKey,
     },
     reason::Reason,
     scheduler,
@@ -334,6 +333,13 @@ pub fn gateway(pkt: &Packet) -> Option<&'static ServiceEntry> {
     {
         return None;
     }
+    gateway_of(pkt)
+}
+
+/// `gateway`'s lookups. Not inlined: their keys take a frame of their own, off the hot
+/// path's.
+#[inline(never)]
+fn gateway_of(pkt: &Packet) -> Option<&'static ServiceEntry> {
     // The address's full length: the trie finds the longest prefix that covers it.
     let dst = Key::new(128, pkt.key.dst.addr);
     if GATEWAYS.get(&dst).is_some() {
@@ -357,13 +363,8 @@ pub fn hash(key: &FlowKey) -> u64 {
 /// The service a packet is addressed to (its destination and protocol), if any.
 #[inline(always)]
 pub fn service(key: &FlowKey) -> Option<&'static ServiceEntry> {
-    let skey = ServiceKey {
-        vip: key.dst,
-        proto: key.proto,
-        _pad: 0,
-    };
     // SAFETY: a map value, valid for the program run; userspace replaces services whole.
-    unsafe { SERVICES.get(&skey) }
+    unsafe { SERVICES.get(key.service_key()) }
 }
 
 /// The backend a new flow to `service` goes to: the slot of the service's table in use that

@@ -275,6 +275,11 @@ fn process(ctx: &XdpContext) -> Result<Reason, Reason> {
             forward::route(ctx, pkt, &rewrite.src, &rewrite.dst, &mut hop)?;
         }
         true
+    } else if conntrack::service(&pkt.key).is_none() && conntrack::gateway(pkt).is_none() {
+        // Not ours (most of a host's own traffic): told here, without the call to
+        // `new_flow`. (Which looks the service up again: passed to it, the entry or the
+        // fact that it is a gateway's led LLVM to pointer arithmetic the verifier refuses.)
+        return Err(not_ours(pkt));
     } else {
         new_flow(ctx, pkt, rewrite, &mut hop)?
     };
@@ -310,12 +315,7 @@ fn new_flow(
     rewrite: &mut Rewrite,
     hop: &mut Hop,
 ) -> Result<bool, Reason> {
-    // What is not ours goes to the kernel untouched.
-    let not_ours = if pkt.is_icmp() {
-        Reason::PassIcmp
-    } else {
-        Reason::PassNoService
-    };
+    let not_ours = not_ours(pkt);
     let (service, gateway) = match conntrack::service(&pkt.key) {
         Some(service) => (service, false),
         None => (conntrack::gateway(pkt).ok_or(not_ours)?, true),
@@ -379,6 +379,16 @@ fn new_flow(
     conntrack::create(ctx, pkt, staged, reply_ifindex, rewrite)?;
     forward::route(ctx, pkt, &rewrite.src, &rewrite.dst, hop)?;
     Ok(true)
+}
+
+/// Why a packet that is no service's or gateway's goes to the kernel untouched.
+#[inline(always)]
+fn not_ours(pkt: &parse::Packet) -> Reason {
+    if pkt.is_icmp() {
+        Reason::PassIcmp
+    } else {
+        Reason::PassNoService
+    }
 }
 
 /// Whether a packet too big for its way out, to be rewritten from `src` to `dst`, is
