@@ -712,21 +712,29 @@ pub fn create(
             Reason::DropSnatPortsExhausted
         });
     };
-    if probe.mapped != 0 && probe.fixed == 0 && inserted {
-        // The private side of the mapping whose public side `probe_step` took: the private
-        // endpoint's next flows take the same. If another CPU mapped the private endpoint
-        // meanwhile (its first packets to two destinations at once), this packet gives its
-        // candidate back and is dropped: one private endpoint, one public endpoint.
+    if probe.mapped != 0 && probe.fixed == 0 {
+        // The private side of the mapping whose public side `probe_step` took, or found
+        // taken for this very flow by another CPU making it at this moment (which may not
+        // have written the private side yet): the private endpoint's next flows take the
+        // same. If another CPU mapped the private endpoint to another public one meanwhile
+        // (its first packets to two destinations at once), this packet gives its candidate
+        // back if it took it, and is dropped: one private endpoint, one public endpoint.
+        // (A packet that found the candidate taken and went on without this check made its
+        // flow on a public endpoint the CPU that took it then gave back.)
         mapping_key.endpoint = key.src;
         mapping_key.side = MAPPING_PRIVATE;
         mapping.endpoint = forward.rewrite.src;
         match MAPPINGS.insert(&*mapping_key, &*mapping, BPF_NOEXIST as u64) {
             Ok(()) => {}
+            // The CPU making the same flow wrote it first.
+            Err(e) if e == -EEXIST && maps_to(mapping_key, &mapping.endpoint) => {}
             Err(e) => {
-                let _ = CONNTRACK.remove(&*reverse_key);
-                mapping_key.endpoint = forward.rewrite.src;
-                mapping_key.side = MAPPING_PUBLIC;
-                let _ = MAPPINGS.remove(&*mapping_key);
+                if inserted {
+                    let _ = CONNTRACK.remove(&*reverse_key);
+                    mapping_key.endpoint = forward.rewrite.src;
+                    mapping_key.side = MAPPING_PUBLIC;
+                    let _ = MAPPINGS.remove(&*mapping_key);
+                }
                 return Err(if e == -EEXIST {
                     Reason::DropMappingRace
                 } else {
@@ -903,8 +911,14 @@ fn public_is_ours(p: &Probe, key: &mut MappingKey, mapping: &Mapping, forward: &
     key.endpoint = forward.rewrite.src;
     key.proto = p.proto;
     key.side = MAPPING_PUBLIC;
+    maps_to(key, &mapping.endpoint)
+}
+
+/// Whether the mapping at `key` holds `endpoint`.
+#[inline(always)]
+fn maps_to(key: &MappingKey, endpoint: &Endpoint) -> bool {
     // SAFETY: a map value, read in place and compared at once.
-    unsafe { MAPPINGS.get(&*key) }.is_some_and(|m| m.endpoint == mapping.endpoint)
+    unsafe { MAPPINGS.get(key) }.is_some_and(|m| m.endpoint == *endpoint)
 }
 
 /// The reason for a failed conntrack insert (other than EEXIST, which callers handle).

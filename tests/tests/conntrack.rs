@@ -26,8 +26,8 @@ use aya::{
 use lb_common::{
     conntrack::{FlowState, Timeouts},
     maps::{
-        DIR_TO_BACKEND, FlowKey, MAPPING_PRIVATE, MAPPING_PUBLIC, Mapping, MappingKey, NatEntry,
-        PROTO_TCP, PROTO_UDP, names,
+        DIR_TO_BACKEND, Endpoint, FlowKey, MAPPING_PRIVATE, MAPPING_PUBLIC, Mapping, MappingKey,
+        NatEntry, PROTO_TCP, PROTO_UDP, names,
     },
     reason::Reason,
 };
@@ -760,6 +760,63 @@ fn two_cpus_mapping_one_private_endpoint_give_it_one_public_endpoint() {
             "{dropped} datagrams dropped, {races} counted as races"
         );
         println!("{dropped} of {ENDPOINTS} endpoints met the other CPU mapping them");
+        lab::check_whole_flows(&lab::conntrack(&ebpf)?)?;
+        Ok(())
+    });
+}
+
+/// A gateway's first datagram that finds its candidate taken for this very flow by another
+/// CPU (the reverse entry and the public side of the mapping there, but no private side
+/// and no forward entry yet: that CPU between its probe and its private side) writes the
+/// private side itself. Had the private endpoint been mapped to another public one
+/// meanwhile, both would give up the candidate; here it is not, so the flow is made on the
+/// candidate, with both sides of its mapping.
+#[test]
+fn a_flow_found_half_made_gets_its_private_side() {
+    in_lab(|_| {
+        let checked = gateway_config(40999);
+        let lab::Program { mut ebpf, fx0, .. } = lab::load(&checked)?;
+        let frame = Frame::udp((CLIENT, 5000), (lab::BACKEND, 53), b"q")
+            .with_macs(CLIENT_MAC, fx0.mac)
+            .build();
+        let source = |out: &[u8]| -> Result<Endpoint> {
+            Ok(layout_v4(out).context("output")?.flow_key(out).src)
+        };
+        let first = lab::run_forwarded(&ebpf, &frame, fx0.ifindex, "the first datagram")?;
+        let public = source(&first.frame)?;
+        // Back to the state the other CPU leaves between its probe and its private side.
+        remove(
+            &mut ebpf,
+            &key(sa(CLIENT, 5000), sa(lab::BACKEND, 53), PROTO_UDP),
+        )?;
+        let private = Endpoint::from_socket_v4(sa(CLIENT, 5000));
+        {
+            let mut map: HashMap<&mut MapData, MappingKey, Mapping> = ebpf
+                .map_mut(names::MAPPINGS)
+                .context("MAPPINGS")?
+                .try_into()?;
+            map.remove(&MappingKey {
+                endpoint: private,
+                proto: PROTO_UDP,
+                side: MAPPING_PRIVATE,
+            })?;
+        }
+        let again = lab::run_forwarded(&ebpf, &frame, fx0.ifindex, "the datagram again")?;
+        ensure!(
+            source(&again.frame)? == public,
+            "the flow left from {:?}, not the candidate {public:?}",
+            source(&again.frame)?
+        );
+        let all = lab::mappings(&ebpf)?;
+        let has = |side: u8, from: Endpoint, to: Endpoint| {
+            all.iter()
+                .any(|(k, m)| k.side == side && k.endpoint == from && m.endpoint == to)
+        };
+        ensure!(
+            has(MAPPING_PRIVATE, private, public) && has(MAPPING_PUBLIC, public, private),
+            "the mapping's two sides are not both there: {all:?}"
+        );
+        ensure!(all.len() == 2, "mappings: {all:?}");
         lab::check_whole_flows(&lab::conntrack(&ebpf)?)?;
         Ok(())
     });
