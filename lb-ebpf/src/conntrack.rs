@@ -717,8 +717,8 @@ pub fn create(
         // taken for this very flow by another CPU making it at this moment (which may not
         // have written the private side yet): the private endpoint's next flows take the
         // same. If another CPU mapped the private endpoint to another public one meanwhile
-        // (its first packets to two destinations at once), this packet gives its candidate
-        // back if it took it, and is dropped: one private endpoint, one public endpoint.
+        // (its first packets to two destinations at once), this packet is dropped, and
+        // gives the candidate back if it took it: one private endpoint, one public endpoint.
         // (A packet that found the candidate taken and went on without this check made its
         // flow on a public endpoint the CPU that took it then gave back.)
         mapping_key.endpoint = key.src;

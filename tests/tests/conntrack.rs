@@ -769,8 +769,8 @@ fn two_cpus_mapping_one_private_endpoint_give_it_one_public_endpoint() {
 /// CPU (the reverse entry and the public side of the mapping there, but no private side
 /// and no forward entry yet: that CPU between its probe and its private side) writes the
 /// private side itself. Had the private endpoint been mapped to another public one
-/// meanwhile, both would give up the candidate; here it is not, so the flow is made on the
-/// candidate, with both sides of its mapping.
+/// meanwhile, the other CPU would give the candidate back and this packet be dropped; here
+/// it is not, so the flow is made on the candidate, with both sides of its mapping.
 #[test]
 fn a_flow_found_half_made_gets_its_private_side() {
     in_lab(|_| {
