@@ -89,8 +89,11 @@ fn main() -> Result<()> {
     // ten thousand).
     let prefill = if bench { 1 << 20 } else { 10_000 };
     if let Some(only) = paths_asked() {
-        // Rounds from XLB_BENCH_ROUNDS (default 20) of 1,500 runs each.
+        // Rounds from XLB_BENCH_ROUNDS (default 20) of 1,500 runs each, against a table of
+        // XLB_BENCH_FLOWS flows (default as above; 0 for the empty table, whose caches
+        // hold all of it and whose runs differ less).
         let rounds = std::env::var("XLB_BENCH_ROUNDS").map_or(Ok(20), |r| r.parse())?;
+        let prefill = std::env::var("XLB_BENCH_FLOWS").map_or(Ok(prefill), |f| f.parse())?;
         let table = lab::in_lab("xlbbench", |_| {
             run(rounds, 1_500, prefill, Some(&only), &mut json)
         })?;
