@@ -106,8 +106,8 @@ pub struct CachedHop {
     _pad: [u8; 2],
 }
 
-/// [`Packet::now_or_coarse`] in units of 2^20 ns (about a millisecond), in 32 bits: it wraps every
-/// 52 days, so times are compared by their wrapping difference.
+/// [`Packet::now_or_coarse`] in units of 2^20 ns (about a millisecond), in 32 bits: it
+/// wraps every 52 days, so times are compared by their wrapping difference.
 #[inline(always)]
 fn ticks(pkt: &Packet) -> u32 {
     (pkt.now_or_coarse() >> 20) as u32

@@ -49,6 +49,14 @@ fn service(backends: &[&str]) -> Checked {
     checked(&text)
 }
 
+/// A NAT gateway for the client subnet, out as 10.20.0.5 with ports 40000 to 40999.
+fn gateway_config() -> Checked {
+    checked(
+        "[[nat_gateway]]\nsource = \"10.10.1.0/24\"\nto = \"10.20.0.5\"\n\
+         ports = [40000, 40999]\n",
+    )
+}
+
 fn name(cfg: &Checked) -> ServiceName {
     ServiceName::of(&cfg.services[0])
 }
@@ -123,10 +131,7 @@ fn a_restart_keeps_the_live_id_of_a_backend_added_again() {
 #[test]
 fn a_restart_does_not_give_a_removed_gateways_id_to_a_new_service() {
     in_lab(|_| {
-        let gateway = checked(
-            "[[nat_gateway]]\nsource = \"10.10.1.0/24\"\nto = \"10.20.0.5\"\n\
-             ports = [40000, 40999]\n",
-        );
+        let gateway = gateway_config();
         let lab::Program { ebpf, fx0, .. } = lab::load(&gateway)?;
         let mut registry = Registry::load(&ebpf, &gateway)?;
         let old = registry.gateways().next().context("the gateway")?.id;
@@ -175,10 +180,7 @@ fn a_restart_does_not_give_a_removed_gateways_id_to_a_new_service() {
 fn gateways_added_and_removed_live_are_seen_at_once() {
     in_lab(|_| {
         let none = checked("");
-        let gateway = checked(
-            "[[nat_gateway]]\nsource = \"10.10.1.0/24\"\nto = \"10.20.0.5\"\n\
-             ports = [40000, 40999]\n",
-        );
+        let gateway = gateway_config();
         let lab::Program { ebpf, fx0, .. } = lab::load(&none)?;
         let datagram = |port: u16| {
             Frame::udp((CLIENT, port), (lab::BACKEND, 53), b"q")
