@@ -233,10 +233,11 @@ pub fn starts_anew(proto: u8, dir: u8, tcp_flags: u8, seen: &FlowSeen) -> bool {
         )
 }
 
-/// The XDP program refreshes an entry's `last_seen_ns` (and its twin's) only when it is at
-/// least this old, or when the packet records something new: most packets then write
-/// nothing. Both entries of a flow so carry the time of the flow's last packet, either way,
-/// to within this much.
+/// The XDP program refreshes an entry's `last_seen_ns` only when it is at least this old, or
+/// when the packet records something new: most packets then write nothing. The twin's time
+/// is refreshed with it only when the packet records something new, or while the flow is
+/// `New`: the fresher of a flow's two entries so carries the time of its last packet, either
+/// way, to within this much.
 pub const REFRESH_NS: u64 = 500_000_000;
 
 /// Idle timeouts per state, in seconds (the `[conntrack]` config section).

@@ -201,11 +201,19 @@ fn settle(
         add_u32(&mut entry.generation, 1);
         count_start(entry.rewrite.backend_id);
     }
-    if anew || needs_record(entry, dir, &facts, now) {
+    let tells = anew || entry.seen.dir(dir).lacks(&facts);
+    if tells || stale(entry.last_seen_ns, now) {
         let last_seen = entry.last_seen_ns;
         record(entry, dir, &facts, anew, now);
-        // The twin carries the same record, so either entry tells the flow's state and age;
-        // but only if it is still the twin (the sweeper removes the reverse entry first, and
+        // A packet that only refreshes the time of a flow past `New` leaves the twin alone:
+        // its entry and bucket are out of every cache in a big table, and the sweeper judges
+        // a flow by the fresher of its two times (`lb_userspace::conntrack`). What a packet
+        // tells, and a new flow's time, go to both.
+        if !tells && FlowState::of(proto, &entry.seen) != FlowState::New {
+            return Ok(true);
+        }
+        // The twin carries the same record, so either entry tells the flow's state; but
+        // only if it is still the twin (the sweeper removes the reverse entry first, and
         // its key may already belong to a new flow when the forward one is hit).
         match CONNTRACK.get_ptr_mut(&entry.twin_key(proto)) {
             Some(twin) => {

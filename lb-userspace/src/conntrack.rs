@@ -10,6 +10,12 @@
 //! fresher timestamp, and removed: the reverse entry first (that frees the SNAT port), then
 //! the forward one.
 //!
+//! The two timestamps differ: the XDP program refreshes the time of the entry a packet hits,
+//! and its twin's only when the packet tells something new (or while the flow is new). So
+//! an entry of a flow that talks one way only looks done by its own time while its twin
+//! lives on. Read again and kept, it is judged by the twin's time from then on, without
+//! reading the twin again, until that time has run out too ([`SweepReport::kept_by_twin`]).
+//!
 //! A NAT gateway's UDP mappings (`MAPPINGS`) live as long as a flow uses them: each sweep
 //! removes those whose public endpoint no flow it read uses, unless a flow took them after
 //! the sweep began (it may not have read that flow).
@@ -91,6 +97,12 @@ pub struct SweepReport {
     pub pruned: u64,
     /// Entries removed because their flow's other entry was gone.
     pub orphans: u64,
+    /// Entries done by their own time that were read again with their twin and kept, the
+    /// twin having been seen later (a flow that talks one way only: the XDP program
+    /// refreshes the time of the entry a packet hits, and its twin's only when the packet
+    /// tells something new). The next sweeps judge such an entry by the twin's time read
+    /// here, without reading it again, until that has run out too.
+    pub kept_by_twin: u64,
     /// NAT gateway mappings left, and removed (each counts both of its sides).
     pub mappings: u64,
     pub mappings_removed: u64,
@@ -135,6 +147,9 @@ pub struct Table {
     /// Who takes ended flows off the backends' open-flow counts; `None` where nothing
     /// counts (the BPF_PROG_TEST_RUN labs).
     accounting: Option<Arc<Mutex<Accounting>>>,
+    /// The entries the last sweep kept for their twin's time ([`SweepReport::kept_by_twin`]),
+    /// with that time.
+    twin_seen: StdHashMap<FlowKey, u64>,
 }
 
 impl Table {
@@ -149,6 +164,7 @@ impl Table {
             mappings: Map::HashMap(mappings).try_into()?,
             mappings_fd,
             accounting: None,
+            twin_seen: StdHashMap::new(),
         })
     }
 
@@ -173,6 +189,9 @@ impl Table {
         let mut ended = Vec::new();
         // The public endpoints NAT gateways' UDP flows use (their mappings stay).
         let mut mapped = HashSet::new();
+        // Entries kept for their twin's time, by the last sweep and by this one.
+        let twin_seen = std::mem::take(&mut self.twin_seen);
+        let mut still_twin_seen = StdHashMap::new();
         for_each_batch(
             self.fd,
             names::CONNTRACK,
@@ -181,7 +200,20 @@ impl Table {
                 // Once per batch, not per entry: a cut waits at most a batch.
                 let acc = self.accounting.as_deref().map(lock);
                 for (key, entry) in keys.iter().zip(entries) {
-                    let doomed = judge(key, entry, timeouts, now, pressure) != Verdict::Keep;
+                    let mut doomed = judge(key, entry, timeouts, now, pressure) != Verdict::Keep;
+                    // Its twin's time, as the last sweep read it, may keep it still. (Should
+                    // the twin be gone since, the entry goes as an orphan once that time has
+                    // run out: at most a timeout late.)
+                    if doomed && let Some(&seen) = twin_seen.get(key) {
+                        let twin_time = NatEntry {
+                            last_seen_ns: entry.last_seen_ns.max(seen),
+                            ..*entry
+                        };
+                        if judge(key, &twin_time, timeouts, now, pressure) == Verdict::Keep {
+                            doomed = false;
+                            still_twin_seen.insert(*key, seen);
+                        }
+                    }
                     if entry.rewrite.direction == DIR_TO_BACKEND
                         && !doomed
                         && let Some(acc) = &acc
@@ -231,9 +263,14 @@ impl Table {
                 self.accounting.as_deref(),
             )?;
             let entries = match removed {
-                // Kept after all (a packet came meanwhile): a gateway's flow keeps its
-                // mapping too.
-                Removed::Nothing => {
+                Removed::Nothing => continue,
+                // Kept after all (a packet came meanwhile, to it or to its twin): a gateway's
+                // flow keeps its mapping too.
+                Removed::Kept { twin_seen } => {
+                    if let Some(seen) = twin_seen {
+                        report.kept_by_twin += 1;
+                        still_twin_seen.insert(*key, seen);
+                    }
                     if let Some((_, rewrite)) = counted {
                         keeps_mapping(&mut mapped, key, rewrite);
                     }
@@ -268,6 +305,7 @@ impl Table {
                 }
             }
         }
+        self.twin_seen = still_twin_seen;
         self.sweep_mappings(&mapped, now, &mut report)?;
         report.took = started.elapsed();
         Ok(report)
@@ -376,8 +414,9 @@ impl Table {
         Ok(cut)
     }
 
-    /// Up to `limit` flows, by their forward entries (client → VIP), with their state and
-    /// idle time, in the map's order.
+    /// Up to `limit` flows, by their forward entries (client → VIP), in the map's order; each
+    /// last seen when its forward or its reverse entry was (the XDP program refreshes the
+    /// time of the entry a packet hits, and its twin's only when the packet tells something).
     pub fn flows(&self, limit: usize) -> anyhow::Result<Vec<(FlowKey, NatEntry)>> {
         let mut flows = Vec::new();
         for_each_batch(
@@ -391,6 +430,13 @@ impl Table {
                 }
             },
         )?;
+        for (key, entry) in &mut flows {
+            if let Some(twin) = get(&self.map, &entry.twin_key(key.proto))?
+                && twin.twin_key(key.proto) == *key
+            {
+                entry.last_seen_ns = entry.last_seen_ns.max(twin.last_seen_ns);
+            }
+        }
         Ok(flows)
     }
 }
@@ -752,15 +798,19 @@ enum Removed {
     Flow(Verdict),
     /// An entry whose twin was gone.
     Orphan,
-    /// Nothing: gone already, or no longer doomed (a packet refreshed it meanwhile).
+    /// Nothing, the entry being gone already.
     Nothing,
+    /// Nothing, the flow being no longer done: a packet came meanwhile, or its twin was seen
+    /// later (`twin_seen`, that time) than the entry itself.
+    Kept { twin_seen: Option<u64> },
 }
 
 /// Removes the flow of the entry at `key`, if it is still doomed when read again now, with
-/// its twin: judged by the fresher of the two timestamps (the XDP program refreshes a new
-/// flow's entry at every packet, its twin less often). The reverse entry goes first, so the
-/// SNAT port is free only once nothing can send to it, then the forward one. An entry whose
-/// twin is missing (or belongs to another flow) is removed alone.
+/// its twin: judged by the fresher of the two timestamps (the XDP program refreshes the
+/// entry a packet hits, and its twin only when the packet tells something new, or while the
+/// flow is new). The reverse entry goes first, so the SNAT port is free only once nothing
+/// can send to it, then the forward one. An entry whose twin is missing (or belongs to
+/// another flow) is removed alone.
 fn remove_flow(
     table: &mut HashMap<MapData, FlowKey, NatEntry>,
     fd: RawFd,
@@ -776,13 +826,20 @@ fn remove_flow(
     };
     let twin_key = entry.twin_key(key.proto);
     let twin = get(table, &twin_key)?.filter(|t| t.twin_key(key.proto) == *key);
+    let own = entry;
     if let Some(t) = &twin {
         entry.last_seen_ns = entry.last_seen_ns.max(t.last_seen_ns);
     }
     // Judged again on a fresh read, at a fresh time: the batch may be a little old.
-    let verdict = judge(key, &entry, timeouts, monotonic_ns(), pressure);
+    let now = monotonic_ns();
+    let verdict = judge(key, &entry, timeouts, now, pressure);
     if verdict == Verdict::Keep {
-        return Ok(Removed::Nothing);
+        // Kept by the twin's time, if its own would not have kept it.
+        let by_twin = entry.last_seen_ns > own.last_seen_ns
+            && judge(key, &own, timeouts, now, pressure) != Verdict::Keep;
+        return Ok(Removed::Kept {
+            twin_seen: by_twin.then_some(entry.last_seen_ns),
+        });
     }
     let forward_key = if entry.rewrite.direction == DIR_TO_BACKEND {
         Some(*key)

@@ -8,6 +8,8 @@
 //! * the sweeper removes exactly the flows whose state's timeout has passed, both halves,
 //!   and under pressure the idle new ones too. Which flows must go comes from the case
 //!   table (state, idle time, timeouts), not from the program;
+//! * a packet that only refreshes a flow's time leaves the twin entry's alone, and the
+//!   sweeper keeps a flow that talks one way for its twin's time, reading the twin once;
 //! * a NAT gateway's UDP mapping lives as long as a flow of its private endpoint does, and
 //!   no longer (unless taken after the sweep began);
 //! * the table takes its memory when made, as much as `xlb check` says (so do the Maglev
@@ -1140,9 +1142,10 @@ fn a_lost_reverse_entry_is_made_again_from_the_forward_one() {
         lab::check_whole_flows(&lab::conntrack(&ebpf)?)?;
 
         // The sweeper removing the flow, expired, takes the reverse entry first: a client
-        // packet between that and the forward entry's removal makes the reverse entry again,
-        // but as old as the flow was, so it is an orphan the next sweep removes, not one
-        // that keeps the port for a whole timeout.
+        // packet that tells something new (a FIN; one that only refreshes the time does not
+        // look for the twin) between that and the forward entry's removal makes the reverse
+        // entry again, but as old as the flow was, so it is an orphan the next sweep
+        // removes, not one that keeps the port for a whole timeout.
         let forward_key = key(sa(CLIENT, 40000), sa(VIP, 80), PROTO_TCP);
         age(
             &mut ebpf,
@@ -1152,9 +1155,9 @@ fn a_lost_reverse_entry_is_made_again_from_the_forward_one() {
         remove(&mut ebpf, &reverse_key)?;
         forwarded(
             &ebpf,
-            client(TCP_ACK).with_macs(CLIENT_MAC, fx0.mac),
+            client(TCP_FIN | TCP_ACK).with_macs(CLIENT_MAC, fx0.mac),
             fx0,
-            "the late ACK",
+            "the late FIN",
         )?;
         ensure!(
             lab::conntrack_entry(&ebpf, &reverse_key)?.is_some(),
@@ -1293,6 +1296,152 @@ fn pressure_spares_a_new_flow_that_is_still_sending() {
         age(&mut ebpf, &forward, Duration::from_millis(300))?;
         let report = Table::open(&ebpf)?.sweep(&timeouts, true)?;
         ensure!(report.pruned == 1, "{report:?}");
+        Ok(())
+    });
+}
+
+/// Sets the time of the one entry at `key` to `age` ago, and returns that time.
+fn age_entry(ebpf: &mut Ebpf, key: &FlowKey, age: Duration) -> Result<u64> {
+    let mut ct: HashMap<&mut MapData, FlowKey, NatEntry> = ebpf
+        .map_mut(names::CONNTRACK)
+        .context("map CONNTRACK")?
+        .try_into()?;
+    let mut e = ct.get(key, 0).context("aging an entry that is not there")?;
+    e.last_seen_ns = monotonic_ns().saturating_sub(age.as_nanos() as u64);
+    ct.insert(key, e, 0)?;
+    Ok(e.last_seen_ns)
+}
+
+/// The time of the entry at `key`.
+fn seen_at(ebpf: &Ebpf, key: &FlowKey) -> Result<u64> {
+    Ok(lab::conntrack_entry(ebpf, key)?
+        .with_context(|| format!("no entry at {key:?}"))?
+        .last_seen_ns)
+}
+
+/// A packet that only refreshes its entry's time (idle past the refresh interval, nothing
+/// new to record) leaves the twin's time alone once the flow is past `New`; one that tells
+/// something new stamps both; and while the flow is new, every refresh stamps both.
+#[test]
+fn a_refresh_stamps_the_twin_only_when_the_packet_tells_something() {
+    in_lab(|_| {
+        let checked = config([40000, 40000], 16);
+        let lab::Program { mut ebpf, fx0, fx1 } = lab::load(&checked)?;
+        let from_client = |flags| {
+            Frame::tcp((CLIENT, 7000), (VIP, 80), flags)
+                .with_macs(CLIENT_MAC, fx0.mac)
+                .build()
+        };
+        let forward = key(sa(CLIENT, 7000), sa(VIP, 80), PROTO_TCP);
+        let reverse = key(sa(lab::BACKEND, 8080), sa(SNAT, 40000), PROTO_TCP);
+        lab::run_forwarded(&ebpf, &from_client(TCP_SYN), fx0.ifindex, "the SYN")?;
+        let syn_ack = Frame::tcp((lab::BACKEND, 8080), (SNAT, 40000), TCP_SYN | TCP_ACK)
+            .with_macs(BACKEND_MAC, fx1.mac);
+        lab::run_forwarded(&ebpf, &syn_ack.build(), fx1.ifindex, "the SYN-ACK")?;
+        lab::run_forwarded(&ebpf, &from_client(TCP_ACK), fx0.ifindex, "the ACK")?;
+        let entry = lab::conntrack_entry(&ebpf, &forward)?.context("the flow")?;
+        ensure!(
+            FlowState::of(PROTO_TCP, &entry.seen) == FlowState::Established,
+            "set up as {:?}",
+            FlowState::of(PROTO_TCP, &entry.seen)
+        );
+
+        // Both entries two seconds old; an ACK, which tells nothing new.
+        let old = Duration::from_secs(2);
+        let forward_then = age_entry(&mut ebpf, &forward, old)?;
+        let reverse_then = age_entry(&mut ebpf, &reverse, old)?;
+        lab::run_forwarded(&ebpf, &from_client(TCP_ACK), fx0.ifindex, "a later ACK")?;
+        let refreshed = forward_then + old.as_nanos() as u64 / 2;
+        ensure!(
+            seen_at(&ebpf, &forward)? > refreshed,
+            "the ACK did not refresh its own entry"
+        );
+        ensure!(
+            seen_at(&ebpf, &reverse)? == reverse_then,
+            "an ACK that tells nothing new stamped the twin"
+        );
+
+        // A FIN tells something new: both.
+        lab::run_forwarded(&ebpf, &from_client(TCP_FIN | TCP_ACK), fx0.ifindex, "a FIN")?;
+        ensure!(
+            seen_at(&ebpf, &reverse)? > reverse_then + old.as_nanos() as u64 / 2,
+            "the FIN did not stamp the twin"
+        );
+        lab::check_whole_flows(&lab::conntrack(&ebpf)?)?;
+
+        // A new UDP flow (no answer yet): a refresh stamps both.
+        let datagram = Frame::udp((CLIENT, 7001), (VIP, 53), b"q").with_macs(CLIENT_MAC, fx0.mac);
+        lab::run_forwarded(&ebpf, &datagram.build(), fx0.ifindex, "a datagram")?;
+        let udp_forward = key(sa(CLIENT, 7001), sa(VIP, 53), PROTO_UDP);
+        let udp_reverse = lab::conntrack_entry(&ebpf, &udp_forward)?
+            .context("the UDP flow")?
+            .twin_key(PROTO_UDP);
+        age_entry(&mut ebpf, &udp_forward, old)?;
+        let reverse_then = age_entry(&mut ebpf, &udp_reverse, old)?;
+        lab::run_forwarded(&ebpf, &datagram.build(), fx0.ifindex, "a later datagram")?;
+        ensure!(
+            seen_at(&ebpf, &udp_reverse)? > reverse_then + old.as_nanos() as u64 / 2,
+            "a new flow's refresh did not stamp the twin"
+        );
+        Ok(())
+    });
+}
+
+/// A flow that talks one way only (here the backend, to a silent client) has an entry
+/// that looks done by its own time: the sweeper reads its twin, keeps the flow, and judges
+/// the entry by the twin's time from then on without reading it again; the flow goes once
+/// that time has run out too. `xlb flows` shows the flow as last seen when its twin was.
+#[test]
+fn a_flow_that_talks_one_way_is_judged_by_its_twins_time() {
+    in_lab(|_| {
+        let checked = config([40000, 40000], 16);
+        let lab::Program { mut ebpf, fx0, fx1 } = lab::load(&checked)?;
+        let timeouts = Timeouts { udp: 2, ..TIMEOUTS };
+        let datagram = Frame::udp((CLIENT, 7002), (VIP, 53), b"q").with_macs(CLIENT_MAC, fx0.mac);
+        lab::run_forwarded(
+            &ebpf,
+            &datagram.build(),
+            fx0.ifindex,
+            "the client's datagram",
+        )?;
+        let answer =
+            Frame::udp((lab::BACKEND, 5353), (SNAT, 40000), b"a").with_macs(BACKEND_MAC, fx1.mac);
+        lab::run_forwarded(&ebpf, &answer.build(), fx1.ifindex, "the backend's answer")?;
+        let forward = key(sa(CLIENT, 7002), sa(VIP, 53), PROTO_UDP);
+        let reverse = key(sa(lab::BACKEND, 5353), sa(SNAT, 40000), PROTO_UDP);
+        // The client fell silent 3 s ago; the backend still sends (its entry is fresh).
+        age_entry(&mut ebpf, &forward, Duration::from_secs(3))?;
+        let backend_seen = seen_at(&ebpf, &reverse)?;
+
+        let mut table = Table::open(&ebpf)?;
+        let listed = table.flows(10)?;
+        ensure!(
+            listed.len() == 1 && listed[0].0 == forward && listed[0].1.last_seen_ns == backend_seen,
+            "xlb flows: {listed:?}, the backend last seen at {backend_seen}"
+        );
+        let first = table.sweep(&timeouts, false)?;
+        ensure!(
+            first.kept_by_twin == 1 && first.expired == 0 && first.orphans == 0,
+            "the first sweep: {first:?}"
+        );
+        let second = table.sweep(&timeouts, false)?;
+        ensure!(
+            second.kept_by_twin == 0 && second.expired == 0 && second.total_flows() == 1,
+            "the second sweep read the twin again, or removed the flow: {second:?}"
+        );
+        ensure!(
+            lab::conntrack(&ebpf)?.len() == 2,
+            "the flow lost an entry to the sweeps"
+        );
+
+        // The backend falls silent too: once its time has run out (the timeout, and the
+        // refresh's slack), the flow goes, both entries.
+        let out = Duration::from_secs(2) + Duration::from_millis(600);
+        let wait = (backend_seen + out.as_nanos() as u64).saturating_sub(monotonic_ns());
+        std::thread::sleep(Duration::from_nanos(wait));
+        let last = table.sweep(&timeouts, false)?;
+        ensure!(last.expired == 1 && last.total_flows() == 0, "{last:?}");
+        ensure!(lab::conntrack(&ebpf)?.is_empty(), "entries left");
         Ok(())
     });
 }
