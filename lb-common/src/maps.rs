@@ -331,9 +331,11 @@ pub struct NatEntry {
     /// How many times the flow has started anew (a client's SYN on a closed flow): the
     /// sweeper's count of its starts, for `ACTIVE`.
     pub generation: u32,
-    /// When the flow last carried a packet, either way (`bpf_ktime_get_coarse_ns`, read
-    /// once per CPU per tick: CLOCK_MONOTONIC up to two ticks behind), to within
-    /// [`REFRESH_NS`](crate::conntrack::REFRESH_NS).
+    /// When this direction last carried a packet, or the other direction one that told
+    /// something new (`bpf_ktime_get_coarse_ns`, read once per CPU per tick:
+    /// CLOCK_MONOTONIC up to two ticks behind), to within
+    /// [`REFRESH_NS`](crate::conntrack::REFRESH_NS); the fresher of a flow's two entries
+    /// tells when the flow last carried a packet, either way.
     pub last_seen_ns: u64,
 }
 const _: () = assert!(size_of::<NatEntry>() == 72);

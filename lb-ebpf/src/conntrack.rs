@@ -252,7 +252,9 @@ fn keep_new_exact(entry: &mut NatEntry, proto: u8, now: u64) {
 /// Makes a flow's reverse entry again from its forward one (`forward`, hit by `pkt`), when
 /// it is gone while the forward one lives: withdrawn by another CPU that was creating the
 /// same flow and failed to store the forward entry, say, or removed by the sweeper a moment
-/// before the forward one. Without it the backend's replies would go to the kernel, and the
+/// before the forward one. (Looked for when a packet tells something new, and at every
+/// refresh while the flow is new: a flow whose reverse entry was withdrawn at its creation
+/// has had no reply, so it is new until the entry is back.) Without it the backend's replies would go to the kernel, and the
 /// flow's SNAT port would seem free to the next flow. Made only if the port is still free
 /// (`BPF_NOEXIST`): if another flow took it meanwhile, that flow keeps it. It is made with
 /// the time the flow was seen before this packet (`last_seen`): if the sweeper was removing

@@ -101,7 +101,9 @@ pub struct SweepReport {
     /// twin having been seen later (a flow that talks one way only: the XDP program
     /// refreshes the time of the entry a packet hits, and its twin's only when the packet
     /// tells something new). The next sweeps judge such an entry by the twin's time read
-    /// here, without reading it again, until that has run out too.
+    /// here, without reading it again, for as long as that time keeps it. (Under pressure
+    /// a new flow idle 100 ms goes, so a new flow's entry kept so is read again at every
+    /// sweep, as before.)
     pub kept_by_twin: u64,
     /// NAT gateway mappings left, and removed (each counts both of its sides).
     pub mappings: u64,
@@ -189,8 +191,8 @@ impl Table {
         let mut ended = Vec::new();
         // The public endpoints NAT gateways' UDP flows use (their mappings stay).
         let mut mapped = HashSet::new();
-        // Entries kept for their twin's time, by the last sweep and by this one.
-        let twin_seen = std::mem::take(&mut self.twin_seen);
+        // Entries this sweep keeps for their twin's time (the last sweep's are in
+        // `self.twin_seen`, kept should this sweep fail).
         let mut still_twin_seen = StdHashMap::new();
         for_each_batch(
             self.fd,
@@ -204,7 +206,7 @@ impl Table {
                     // Its twin's time, as the last sweep read it, may keep it still. (Should
                     // the twin be gone since, the entry goes as an orphan once that time has
                     // run out: at most a timeout late.)
-                    if doomed && let Some(&seen) = twin_seen.get(key) {
+                    if doomed && let Some(&seen) = self.twin_seen.get(key) {
                         let twin_time = NatEntry {
                             last_seen_ns: entry.last_seen_ns.max(seen),
                             ..*entry
@@ -685,12 +687,14 @@ fn run(
     let mut next = Instant::now() + Sweeper::INTERVAL;
     let mut sweep = |pressure: bool, totals: &mut SweepReport| -> anyhow::Result<Instant> {
         let mut report = table.sweep(&timeouts, pressure)?;
-        if report.expired + report.pruned + report.orphans > 0 {
+        if report.expired + report.pruned + report.orphans + report.kept_by_twin > 0 {
             log::debug!(
-                "sweep: {} flows expired, {} pruned, {} orphan entries, {} flows left, {:?}",
+                "sweep: {} flows expired, {} pruned, {} orphan entries, {} entries kept for \
+                 their twin's time, {} flows left, {:?}",
                 report.expired,
                 report.pruned,
                 report.orphans,
+                report.kept_by_twin,
                 report.total_flows(),
                 report.took
             );

@@ -9,7 +9,8 @@
 //!   and under pressure the idle new ones too. Which flows must go comes from the case
 //!   table (state, idle time, timeouts), not from the program;
 //! * a packet that only refreshes a flow's time leaves the twin entry's alone, and the
-//!   sweeper keeps a flow that talks one way for its twin's time, reading the twin once;
+//!   sweeper keeps a flow that talks one way (either way; a NAT gateway's with its
+//!   mapping) for its twin's time, reading the twin once;
 //! * a NAT gateway's UDP mapping lives as long as a flow of its private endpoint does, and
 //!   no longer (unless taken after the sweep began);
 //! * the table takes its memory when made, as much as `xlb check` says (so do the Maglev
@@ -1387,61 +1388,131 @@ fn a_refresh_stamps_the_twin_only_when_the_packet_tells_something() {
     });
 }
 
-/// A flow that talks one way only (here the backend, to a silent client) has an entry
-/// that looks done by its own time: the sweeper reads its twin, keeps the flow, and judges
-/// the entry by the twin's time from then on without reading it again; the flow goes once
-/// that time has run out too. `xlb flows` shows the flow as last seen when its twin was.
+/// A flow that talks one way only has an entry that looks done by its own time: the
+/// sweeper reads its twin, keeps the flow, and judges the entry by the twin's time from
+/// then on without reading it again; the flow goes once that time has run out too. Both
+/// ways: a backend talking to a silent client (the forward entry is the stale one), and a
+/// client talking to a silent backend (the reverse one). `xlb flows` shows a flow as last
+/// seen when its fresher entry was.
 #[test]
 fn a_flow_that_talks_one_way_is_judged_by_its_twins_time() {
     in_lab(|_| {
-        let checked = config([40000, 40000], 16);
+        let checked = config([40000, 40001], 16);
         let lab::Program { mut ebpf, fx0, fx1 } = lab::load(&checked)?;
         let timeouts = Timeouts { udp: 2, ..TIMEOUTS };
-        let datagram = Frame::udp((CLIENT, 7002), (VIP, 53), b"q").with_macs(CLIENT_MAC, fx0.mac);
-        lab::run_forwarded(
-            &ebpf,
-            &datagram.build(),
-            fx0.ifindex,
-            "the client's datagram",
-        )?;
-        let answer =
-            Frame::udp((lab::BACKEND, 5353), (SNAT, 40000), b"a").with_macs(BACKEND_MAC, fx1.mac);
-        lab::run_forwarded(&ebpf, &answer.build(), fx1.ifindex, "the backend's answer")?;
-        let forward = key(sa(CLIENT, 7002), sa(VIP, 53), PROTO_UDP);
-        let reverse = key(sa(lab::BACKEND, 5353), sa(SNAT, 40000), PROTO_UDP);
-        // The client fell silent 3 s ago; the backend still sends (its entry is fresh).
-        age_entry(&mut ebpf, &forward, Duration::from_secs(3))?;
-        let backend_seen = seen_at(&ebpf, &reverse)?;
+        // A UDP flow from CLIENT:`port`, answered: its forward and reverse keys.
+        let answered = |ebpf: &Ebpf, port: u16| -> Result<(FlowKey, FlowKey)> {
+            let datagram =
+                Frame::udp((CLIENT, port), (VIP, 53), b"q").with_macs(CLIENT_MAC, fx0.mac);
+            let run = lab::run_forwarded(ebpf, &datagram.build(), fx0.ifindex, "a datagram")?;
+            let snat = layout_v4(&run.frame)
+                .context("output")?
+                .flow_key(&run.frame)
+                .src
+                .to_socket_v4();
+            let answer = Frame::udp((lab::BACKEND, 5353), (*snat.ip(), snat.port()), b"a")
+                .with_macs(BACKEND_MAC, fx1.mac);
+            lab::run_forwarded(ebpf, &answer.build(), fx1.ifindex, "an answer")?;
+            Ok((
+                key(sa(CLIENT, port), sa(VIP, 53), PROTO_UDP),
+                key(sa(lab::BACKEND, 5353), snat, PROTO_UDP),
+            ))
+        };
+        let (pushed, pushed_reverse) = answered(&ebpf, 7002)?;
+        let (streamed, streamed_reverse) = answered(&ebpf, 7003)?;
+        // One client fell silent 3 s ago while its backend still sends; the other backend
+        // fell silent while its client still sends.
+        age_entry(&mut ebpf, &pushed, Duration::from_secs(3))?;
+        age_entry(&mut ebpf, &streamed_reverse, Duration::from_secs(3))?;
+        let fresh = [seen_at(&ebpf, &pushed_reverse)?, seen_at(&ebpf, &streamed)?];
 
         let mut table = Table::open(&ebpf)?;
-        let listed = table.flows(10)?;
+        let mut listed: Vec<(FlowKey, u64)> = table
+            .flows(10)?
+            .into_iter()
+            .map(|(k, e)| (k, e.last_seen_ns))
+            .collect();
+        listed.sort_by_key(|(k, _)| k.src.port);
         ensure!(
-            listed.len() == 1 && listed[0].0 == forward && listed[0].1.last_seen_ns == backend_seen,
-            "xlb flows: {listed:?}, the backend last seen at {backend_seen}"
+            listed == [(pushed, fresh[0]), (streamed, fresh[1])],
+            "xlb flows: {listed:?}, the fresher entries last seen at {fresh:?}"
         );
         let first = table.sweep(&timeouts, false)?;
         ensure!(
-            first.kept_by_twin == 1 && first.expired == 0 && first.orphans == 0,
+            first.kept_by_twin == 2 && first.expired == 0 && first.orphans == 0,
             "the first sweep: {first:?}"
         );
         let second = table.sweep(&timeouts, false)?;
         ensure!(
-            second.kept_by_twin == 0 && second.expired == 0 && second.total_flows() == 1,
-            "the second sweep read the twin again, or removed the flow: {second:?}"
+            second.kept_by_twin == 0 && second.expired == 0 && second.total_flows() == 2,
+            "the second sweep read a twin again, or removed a flow: {second:?}"
         );
         ensure!(
-            lab::conntrack(&ebpf)?.len() == 2,
-            "the flow lost an entry to the sweeps"
+            lab::conntrack(&ebpf)?.len() == 4,
+            "a flow lost an entry to the sweeps"
         );
 
-        // The backend falls silent too: once its time has run out (the timeout, and the
-        // refresh's slack), the flow goes, both entries.
+        // The talking sides fall silent too: once their times have run out (the timeout,
+        // and the refresh's slack), the flows go, both entries.
         let out = Duration::from_secs(2) + Duration::from_millis(600);
-        let wait = (backend_seen + out.as_nanos() as u64).saturating_sub(monotonic_ns());
+        let last_seen = fresh[0].max(fresh[1]);
+        let wait = (last_seen + out.as_nanos() as u64).saturating_sub(monotonic_ns());
         std::thread::sleep(Duration::from_nanos(wait));
         let last = table.sweep(&timeouts, false)?;
-        ensure!(last.expired == 1 && last.total_flows() == 0, "{last:?}");
+        ensure!(last.expired == 2 && last.total_flows() == 0, "{last:?}");
         ensure!(lab::conntrack(&ebpf)?.is_empty(), "entries left");
+        Ok(())
+    });
+}
+
+/// A NAT gateway's UDP flow whose private host fell silent while the far end still sends:
+/// the sweeps that judge it by its twin's time keep its mapping too.
+#[test]
+fn a_one_way_gateway_flow_keeps_its_mapping() {
+    in_lab(|_| {
+        let checked = gateway_config(40999);
+        let lab::Program { mut ebpf, fx0, fx1 } = lab::load(&checked)?;
+        let timeouts = Timeouts { udp: 2, ..TIMEOUTS };
+        let datagram =
+            Frame::udp((CLIENT, 5100), (lab::BACKEND, 53), b"q").with_macs(CLIENT_MAC, fx0.mac);
+        let run = lab::run_forwarded(&ebpf, &datagram.build(), fx0.ifindex, "a datagram")?;
+        let public = layout_v4(&run.frame)
+            .context("output")?
+            .flow_key(&run.frame)
+            .src
+            .to_socket_v4();
+        let answer = Frame::udp((lab::BACKEND, 53), (*public.ip(), public.port()), b"a")
+            .with_macs(BACKEND_MAC, fx1.mac);
+        lab::run_forwarded(&ebpf, &answer.build(), fx1.ifindex, "the answer")?;
+        // Mappings taken long ago, as a long flow's are (see
+        // `a_gateways_mapping_lives_as_long_as_its_flows`).
+        let mappings = lab::mappings(&ebpf)?;
+        ensure!(mappings.len() == 2, "the mapping's two sides: {mappings:?}");
+        {
+            let mut map: HashMap<&mut MapData, MappingKey, Mapping> = ebpf
+                .map_mut(names::MAPPINGS)
+                .context("MAPPINGS")?
+                .try_into()?;
+            for (k, mut m) in mappings.clone() {
+                m.taken_ns = 1;
+                map.insert(k, m, 0)?;
+            }
+        }
+        let forward = key(sa(CLIENT, 5100), sa(lab::BACKEND, 53), PROTO_UDP);
+        age_entry(&mut ebpf, &forward, Duration::from_secs(3))?;
+        let mut table = Table::open(&ebpf)?;
+        for sweep in ["first", "second"] {
+            let report = table.sweep(&timeouts, false)?;
+            ensure!(
+                report.total_flows() == 1 && report.mappings_removed == 0,
+                "the {sweep} sweep: {report:?}"
+            );
+            let left: Vec<MappingKey> = lab::mappings(&ebpf)?.into_iter().map(|(k, _)| k).collect();
+            ensure!(
+                left.len() == 2,
+                "after the {sweep} sweep, the mapping's sides left: {left:?}"
+            );
+        }
         Ok(())
     });
 }
