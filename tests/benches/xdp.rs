@@ -267,7 +267,8 @@ fn maglev_figures(bench: bool, json: &mut serde_json::Value) -> Result<String> {
 fn refused_cost(rounds: u32, per_round: u32, json: &mut serde_json::Value) -> Result<String> {
     const FLOWS: u32 = 1_024;
     let lab::Program { mut ebpf, fx0, .. } = load_scenarios(FLOWS)?;
-    fill_conntrack(&mut ebpf, FLOWS, lb_userspace::conntrack::monotonic_ns())?;
+    let now = lb_userspace::conntrack::monotonic_ns();
+    fill_conntrack(&mut ebpf, FLOWS, now, now)?;
     let (mut refused, mut nothing) = (Vec::new(), Vec::new());
     let mut port = 0u32;
     for _ in 0..rounds {
@@ -383,9 +384,11 @@ fn table_switch_cost(changes: usize, json: &mut serde_json::Value) -> Result<Str
 }
 
 /// Fills `CONNTRACK`, made for `flows` flows, with as many established flows (both entries
-/// each, written from userspace), then times a sweep that finds nothing to remove and one
-/// that removes everything, and reads the map's kernel memory (`memlock` in its fdinfo),
-/// empty and full.
+/// each, written from userspace), then times a sweep that finds nothing to remove; the same
+/// flows talking one way (each reverse entry idle past its timeout, each forward one fresh),
+/// swept twice: the first sweep reads every twin and keeps the flow, the next reads none;
+/// and a sweep that removes everything. Reads the map's kernel memory (`memlock` in its
+/// fdinfo), empty and full.
 fn sweep_cost(flows: u32, json: &mut serde_json::Value) -> Result<String> {
     use std::time::Instant;
 
@@ -399,15 +402,34 @@ fn sweep_cost(flows: u32, json: &mut serde_json::Value) -> Result<String> {
     let empty = lab::memlock(&ebpf, names::CONNTRACK)?;
     let now = monotonic_ns();
     let started = Instant::now();
-    fill_conntrack(&mut ebpf, flows, now)?;
+    fill_conntrack(&mut ebpf, flows, now, now)?;
     let filled = started.elapsed();
     let full = lab::memlock(&ebpf, names::CONNTRACK)?;
     let timeouts = Timeouts::default();
     let mut table = Table::open(&ebpf)?;
     let kept = table.sweep(&timeouts, false)?;
     ensure!(kept.total_flows() == u64::from(flows), "{kept:?}");
-    // Everything was last seen at `now`: once the refresh slack has passed, with timeouts
-    // of 0 every flow has expired.
+    // One way: the backends fell silent 20 s ago, past a 10 s timeout, while the clients
+    // still send. (A short timeout, so a machine up for less than the default's two hours
+    // can stamp an entry that old.)
+    let one_way = Timeouts {
+        tcp_established: 10,
+        ..timeouts
+    };
+    let now = monotonic_ns();
+    fill_conntrack(&mut ebpf, flows, now, now.saturating_sub(20_000_000_000))?;
+    let first = table.sweep(&one_way, false)?;
+    let next = table.sweep(&one_way, false)?;
+    ensure!(
+        first.kept_by_twin == u64::from(flows) && first.total_flows() == u64::from(flows),
+        "one-way flows, the first sweep: {first:?}"
+    );
+    ensure!(
+        next.kept_by_twin == 0 && next.total_flows() == u64::from(flows),
+        "one-way flows, the next sweep: {next:?}"
+    );
+    // Every flow was last seen at `now` (its forward entry): once the refresh slack has
+    // passed, with timeouts of 0 every flow has expired.
     std::thread::sleep(std::time::Duration::from_millis(600));
     let zero = Timeouts {
         tcp_syn: 0,
@@ -429,6 +451,8 @@ fn sweep_cost(flows: u32, json: &mut serde_json::Value) -> Result<String> {
         "kernel_bytes_empty": empty,
         "kernel_bytes_full": full,
         "sweep_ms": kept.took.as_secs_f64() * 1000.0,
+        "one_way_first_sweep_ms": first.took.as_secs_f64() * 1000.0,
+        "one_way_next_sweep_ms": next.took.as_secs_f64() * 1000.0,
         "remove_all_ms": removing.as_secs_f64() * 1000.0,
     });
     if flows == 1 << 20 {
@@ -436,16 +460,17 @@ fn sweep_cost(flows: u32, json: &mut serde_json::Value) -> Result<String> {
     }
     Ok(format!(
         "conntrack: {flows} flows written in {filled:.1?}; a sweep that keeps them all took \
+         {:.1?}; talking one way, the first sweep (which reads every twin) {:.1?}, the next \
          {:.1?}; one that removes them all {removing:.1?}; kernel memory \
          {empty} bytes empty, {full} full: {per_flow:.0} bytes per flow at capacity",
-        kept.took,
+        kept.took, first.took, next.took,
     ))
 }
 
 /// Writes `flows` established flows (both entries each) into `CONNTRACK` from userspace,
-/// last seen at `now`: clients 10.11.x.2, backends 10.21.x.2, addresses the benchmark's
-/// own traffic never uses.
-fn fill_conntrack(ebpf: &mut Ebpf, flows: u32, now: u64) -> Result<()> {
+/// their forward entries last seen at `now` and their reverse ones at `reverse_seen`:
+/// clients 10.11.x.2, backends 10.21.x.2, addresses the benchmark's own traffic never uses.
+fn fill_conntrack(ebpf: &mut Ebpf, flows: u32, now: u64, reverse_seen: u64) -> Result<()> {
     use aya::maps::{HashMap, MapData};
     use lb_common::{
         conntrack::{FlowSeen, Seen},
@@ -479,7 +504,7 @@ fn fill_conntrack(ebpf: &mut Ebpf, flows: u32, now: u64) -> Result<()> {
             );
             let backend = Endpoint::v4([10, 21, (i / 60_000) as u8, 2], 8080u16.to_be_bytes());
             let snat = Endpoint::v4([10, 20, 0, 1], ((1024 + i % 60_000) as u16).to_be_bytes());
-            let entry = |src, dst, direction| NatEntry {
+            let entry = |src, dst, direction, last_seen_ns| NatEntry {
                 rewrite: Rewrite {
                     src,
                     dst,
@@ -491,7 +516,7 @@ fn fill_conntrack(ebpf: &mut Ebpf, flows: u32, now: u64) -> Result<()> {
                 seen,
                 ifindex: 0,
                 generation: 0,
-                last_seen_ns: now,
+                last_seen_ns,
             };
             let forward = FlowKey {
                 src: client,
@@ -505,8 +530,8 @@ fn fill_conntrack(ebpf: &mut Ebpf, flows: u32, now: u64) -> Result<()> {
                 proto: 6,
                 _pad: 0,
             };
-            ct.insert(forward, entry(snat, backend, DIR_TO_BACKEND), 0)?;
-            ct.insert(reverse, entry(vip, client, DIR_TO_CLIENT), 0)?;
+            ct.insert(forward, entry(snat, backend, DIR_TO_BACKEND, now), 0)?;
+            ct.insert(reverse, entry(vip, client, DIR_TO_CLIENT, reverse_seen), 0)?;
         }
     }
     Ok(())
@@ -531,7 +556,8 @@ fn run(
     if let Some(n) = xlb.info()?.verified_instruction_count() {
         json["verifier"]["verified_instructions"] = n.into();
     }
-    fill_conntrack(&mut ebpf, prefill, lb_userspace::conntrack::monotonic_ns())?;
+    let now = lb_userspace::conntrack::monotonic_ns();
+    fill_conntrack(&mut ebpf, prefill, now, now)?;
     let (fx0, fx1) = (fx0.ifindex, fx1.ifindex);
 
     // The tracked flow, made before the rounds: its reply comes from the backend it got,
