@@ -150,8 +150,10 @@ pub struct Table {
     /// counts (the BPF_PROG_TEST_RUN labs).
     accounting: Option<Arc<Mutex<Accounting>>>,
     /// The entries the last sweep kept for their twin's time ([`SweepReport::kept_by_twin`]),
-    /// with that time.
-    twin_seen: StdHashMap<FlowKey, u64>,
+    /// with that time and the number of the sweep that kept them.
+    twin_seen: StdHashMap<FlowKey, (u64, u64)>,
+    /// Sweeps begun.
+    sweeps: u64,
 }
 
 impl Table {
@@ -167,6 +169,7 @@ impl Table {
             mappings_fd,
             accounting: None,
             twin_seen: StdHashMap::new(),
+            sweeps: 0,
         })
     }
 
@@ -191,9 +194,10 @@ impl Table {
         let mut ended = Vec::new();
         // The public endpoints NAT gateways' UDP flows use (their mappings stay).
         let mut mapped = HashSet::new();
-        // Entries this sweep keeps for their twin's time (the last sweep's are in
-        // `self.twin_seen`, kept should this sweep fail).
-        let mut still_twin_seen = StdHashMap::new();
+        // Entries this sweep keeps for their twin's time are marked with its number; the
+        // others leave `twin_seen` at its end (not before: should it fail, they stay).
+        self.sweeps += 1;
+        let this_sweep = self.sweeps;
         for_each_batch(
             self.fd,
             names::CONNTRACK,
@@ -206,14 +210,14 @@ impl Table {
                     // Its twin's time, as the last sweep read it, may keep it still. (Should
                     // the twin be gone since, the entry goes as an orphan once that time has
                     // run out: at most a timeout late.)
-                    if doomed && let Some(&seen) = self.twin_seen.get(key) {
+                    if doomed && let Some((seen, mark)) = self.twin_seen.get_mut(key) {
                         let twin_time = NatEntry {
-                            last_seen_ns: entry.last_seen_ns.max(seen),
+                            last_seen_ns: entry.last_seen_ns.max(*seen),
                             ..*entry
                         };
                         if judge(key, &twin_time, timeouts, now, pressure) == Verdict::Keep {
                             doomed = false;
-                            still_twin_seen.insert(*key, seen);
+                            *mark = this_sweep;
                         }
                     }
                     if entry.rewrite.direction == DIR_TO_BACKEND
@@ -271,7 +275,7 @@ impl Table {
                 Removed::Kept { twin_seen } => {
                     if let Some(seen) = twin_seen {
                         report.kept_by_twin += 1;
-                        still_twin_seen.insert(*key, seen);
+                        self.twin_seen.insert(*key, (seen, this_sweep));
                     }
                     if let Some((_, rewrite)) = counted {
                         keeps_mapping(&mut mapped, key, rewrite);
@@ -307,7 +311,7 @@ impl Table {
                 }
             }
         }
-        self.twin_seen = still_twin_seen;
+        self.twin_seen.retain(|_, (_, mark)| *mark == this_sweep);
         self.sweep_mappings(&mapped, now, &mut report)?;
         report.took = started.elapsed();
         Ok(report)
