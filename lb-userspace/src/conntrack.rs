@@ -312,6 +312,10 @@ impl Table {
             }
         }
         self.twin_seen.retain(|_, (_, mark)| *mark == this_sweep);
+        // The memory of a burst of one-way flows is given back once they are gone.
+        if self.twin_seen.len() < self.twin_seen.capacity() / 4 {
+            self.twin_seen.shrink_to(self.twin_seen.len() * 2);
+        }
         self.sweep_mappings(&mapped, now, &mut report)?;
         report.took = started.elapsed();
         Ok(report)
