@@ -2,7 +2,7 @@
 //!
 //! Frames that XDP sends out of a veth skip the stack: they go straight into the *peer's*
 //! receive ring, and only the peer's NAPI takes them out. What that needs, as measured by
-//! sending frames on Linux 6.18 (`tests/veth.rs` does it again on every run):
+//! sending frames on Linux 6.18 (`tests/tests/veth.rs` does it again on every run):
 //!
 //! | peer has | XDP_REDIRECT into the veth | XDP_TX out of the veth |
 //! | --- | --- | --- |

@@ -20,8 +20,6 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-mod common;
-
 use lb_userspace::neighbours::{Entry, ManagedNeighbours, NextHop, NudState};
 
 /// The two namespaces of one test, deleted on drop.
@@ -34,7 +32,10 @@ impl Namespaces {
     /// Creates the namespaces and the topology above.
     fn new() -> Namespaces {
         static CLEANUP: std::sync::Once = std::sync::Once::new();
-        CLEANUP.call_once(|| common::remove_stale_namespaces("xlbnb"));
+        CLEANUP.call_once(|| {
+            // Best effort: a namespace a concurrent run is deleting may be gone already.
+            let _ = xlb_tests::netns::cleanup_stale("xlbnb");
+        });
         static COUNT: AtomicU32 = AtomicU32::new(0);
         let n = COUNT.fetch_add(1, Ordering::Relaxed);
         let pid = std::process::id();

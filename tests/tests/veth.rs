@@ -15,8 +15,6 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-mod common;
-
 use lb_userspace::ethtool;
 use lb_userspace::veth::{self, VethProblem, VethProblemKind};
 
@@ -37,7 +35,10 @@ impl Ns {
     fn new(role: &str) -> Ns {
         require_root();
         static CLEANUP: std::sync::Once = std::sync::Once::new();
-        CLEANUP.call_once(|| common::remove_stale_namespaces("xlbvt"));
+        CLEANUP.call_once(|| {
+            // Best effort: a namespace a concurrent run is deleting may be gone already.
+            let _ = xlb_tests::netns::cleanup_stale("xlbvt");
+        });
         let n = NEXT_NS.fetch_add(1, Ordering::Relaxed);
         let name = format!("xlbvt-{}-{n}-{role}", std::process::id());
         run("ip", &["netns", "add", &name]);
