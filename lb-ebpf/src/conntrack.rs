@@ -254,15 +254,16 @@ fn keep_new_exact(entry: &mut NatEntry, proto: u8, now: u64) {
 /// same flow and failed to store the forward entry, say, or removed by the sweeper a moment
 /// before the forward one. (Looked for when a packet tells something new, and at every
 /// refresh while the flow is new: a flow whose reverse entry was withdrawn at its creation
-/// has had no reply, so it is new until the entry is back.) Without it the backend's replies would go to the kernel, and the
-/// flow's SNAT port would seem free to the next flow. Made only if the port is still free
-/// (`BPF_NOEXIST`): if another flow took it meanwhile, that flow keeps it. It is made with
-/// the time the flow was seen before this packet (`last_seen`): if the sweeper was removing
-/// the flow (reverse entry first), the forward entry goes next and the new reverse one is an
-/// orphan the next sweep removes, not one kept alive for a whole timeout; while the forward
-/// entry lives, the sweeper judges the pair by the fresher time, and keeps it. The
-/// interface replies arrive on is not known here (0): the first reply tells, as for a flow
-/// whose way out is not one of xlb's interfaces. Not inlined: rare, and off the hit's frame.
+/// has had no reply, so it is new until the entry is back.) Without it the backend's
+/// replies would go to the kernel, and the flow's SNAT port would seem free to the next
+/// flow. Made only if the port is still free (`BPF_NOEXIST`): if another flow took it
+/// meanwhile, that flow keeps it. It is made with the time the flow was seen before this
+/// packet (`last_seen`): if the sweeper was removing the flow (reverse entry first), the
+/// forward entry goes next and the new reverse one is an orphan the next sweep removes, not
+/// one kept alive for a whole timeout; while the forward entry lives, the sweeper judges
+/// the pair by the fresher time, and keeps it. The interface replies arrive on is not known
+/// here (0): the first reply tells, as for a flow whose way out is not one of xlb's
+/// interfaces. Not inlined: rare, and off the hit's frame.
 #[inline(never)]
 fn restore_reverse(pkt: &Packet, forward: &NatEntry, last_seen: u64) {
     let Some(scratch) = CREATE_SCRATCH.get_ptr_mut(0) else {
