@@ -197,21 +197,28 @@ fn two_cpus_creating_the_same_flows_agree() {
 
 /// Ages both entries of the flow whose forward key is `forward` by `age`.
 fn age(ebpf: &mut Ebpf, forward: &FlowKey, age: Duration) -> Result<()> {
-    let mut ct: HashMap<&mut MapData, FlowKey, NatEntry> = ebpf
-        .map_mut(names::CONNTRACK)
-        .context("map CONNTRACK")?
-        .try_into()?;
-    let entry = ct
-        .get(forward, 0)
-        .context("aging a flow that is not there")?;
-    let twin_key = entry.twin_key(forward.proto);
+    let twin_key = lab::conntrack_entry(ebpf, forward)?
+        .context("aging a flow that is not there")?
+        .twin_key(forward.proto);
     let when = monotonic_ns().saturating_sub(age.as_nanos() as u64);
     for k in [*forward, twin_key] {
-        let mut e = ct.get(&k, 0).context("aging a flow with one half")?;
-        e.last_seen_ns = when;
-        ct.insert(k, e, 0)?;
+        stamp(ebpf, &k, when).context("aging a flow with one half")?;
     }
     Ok(())
+}
+
+/// Sets the time of the one entry at `key` to `age` ago, and returns that time.
+fn age_entry(ebpf: &mut Ebpf, key: &FlowKey, age: Duration) -> Result<u64> {
+    let when = monotonic_ns().saturating_sub(age.as_nanos() as u64);
+    stamp(ebpf, key, when)?;
+    Ok(when)
+}
+
+/// Sets the time of the entry at `key` to `when`.
+fn stamp(ebpf: &mut Ebpf, key: &FlowKey, when: u64) -> Result<()> {
+    let mut e = lab::conntrack_entry(ebpf, key)?.with_context(|| format!("no entry at {key:?}"))?;
+    e.last_seen_ns = when;
+    put(ebpf, *key, e)
 }
 
 /// Every SNAT port held by a flow the sweeper has just removed: two CPUs send the first
@@ -1299,18 +1306,6 @@ fn pressure_spares_a_new_flow_that_is_still_sending() {
         ensure!(report.pruned == 1, "{report:?}");
         Ok(())
     });
-}
-
-/// Sets the time of the one entry at `key` to `age` ago, and returns that time.
-fn age_entry(ebpf: &mut Ebpf, key: &FlowKey, age: Duration) -> Result<u64> {
-    let mut ct: HashMap<&mut MapData, FlowKey, NatEntry> = ebpf
-        .map_mut(names::CONNTRACK)
-        .context("map CONNTRACK")?
-        .try_into()?;
-    let mut e = ct.get(key, 0).context("aging an entry that is not there")?;
-    e.last_seen_ns = monotonic_ns().saturating_sub(age.as_nanos() as u64);
-    ct.insert(key, e, 0)?;
-    Ok(e.last_seen_ns)
 }
 
 /// The time of the entry at `key`.
