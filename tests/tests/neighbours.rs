@@ -136,18 +136,11 @@ impl Drop for Namespaces {
     }
 }
 
-/// Runs `ip ARGS`, which must succeed; returns its output.
+/// Runs `ip ARGS`, which must succeed (within `cmd::COMMAND_TIMEOUT`); returns its output.
 fn ip(args: &[&str]) -> String {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("running ip {args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "ip {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("ip prints UTF-8")
+    xlb_tests::cmd::run("ip", args)
+        .unwrap_or_else(|e| panic!("{e:#}"))
+        .stdout
 }
 
 fn v4(s: &str) -> IpAddr {

@@ -130,19 +130,12 @@ fn require_root() {
     );
 }
 
-/// Runs a command, fails the test unless it exits 0, and returns its stdout.
+/// Runs a command, fails the test unless it exits 0 (within `cmd::COMMAND_TIMEOUT`), and
+/// returns its stdout.
 fn run(program: &str, args: &[&str]) -> String {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{program} {args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    xlb_tests::cmd::run(program, args)
+        .unwrap_or_else(|e| panic!("{e:#}"))
+        .stdout
 }
 
 /// `sh -c command` (the fix command a problem suggests), in the root namespace.
